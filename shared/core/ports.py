@@ -1,0 +1,325 @@
+"""Ports (typing.Protocol) between the pure core and its adapters: state, queue, record sinks and sources."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal, Protocol, runtime_checkable
+
+from shared.core.envelope import QueueMessage, ReceivedMessage
+from shared.core.errors import SyncError
+
+GEOMETRY_KEY = "@geometry"
+"""Reserved payload key holding a record's geometry (ArcGIS JSON geometry) next to its attributes."""
+ATTACHMENTS_KEY = "@attachments"
+"""Reserved payload key listing a record's attachments (see `AttachmentRef`), when the source has them."""
+
+
+# --------------------------------------------------------------------------------------------- state
+
+
+@dataclass(frozen=True)
+class Link:
+    """A cross-reference: record `key_a` in `system_a` is the same business record as `key_b` in `system_b`."""
+
+    entity: str
+    system_a: str
+    key_a: str
+    system_b: str
+    key_b: str
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The last in-sync state Syncline knows of one record in one system (drives echo and conflicts)."""
+
+    system: str
+    table: str
+    key: str
+    values: Mapping[str, Any]
+    """Field values in that system's own representation, as last written or read by Syncline."""
+    hash: str
+    """sha256 of the canonical JSON of `values`."""
+    modified: datetime | None
+    """Logical modification time of those values in that system (the source change's modified time)."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A named cursor (e.g. an ArcGIS serverGen) with an opaque etag for optimistic concurrency."""
+
+    name: str
+    value: str
+    etag: str
+    updated_at: datetime
+
+
+class CheckpointConflictError(Exception):
+    """Another controller moved the checkpoint since it was read; re-read and decide again."""
+
+
+AuditDecision = Literal[
+    "written", "skipped_echo", "skipped_noop", "conflict_resolved", "deferred", "dead_lettered",
+    "retry_scheduled", "replayed", "id_propagated", "cascaded", "deleted", "enqueued", "duplicate_dropped",
+]
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    """One decision Syncline took about one record; the ledger is append-only."""
+
+    at: datetime
+    correlation_id: str
+    flow: str
+    decision: AuditDecision
+    system: str
+    table: str
+    key: str
+    detail: str = ""
+    reason: str | None = None
+
+
+@runtime_checkable
+class StateStore(Protocol):
+    """Cross-references, record snapshots, checkpoints, dedup keys and the audit ledger."""
+
+    async def get_links(self, entity: str, system: str, keys: Sequence[str], other_system: str) -> dict[str, str]:
+        """Map each of `keys` (in `system`) to its linked key in `other_system`; unknown keys are absent."""
+        ...
+
+    async def put_links(self, links: Sequence[Link]) -> None:
+        """Store links (both directions are resolvable afterwards); re-putting a link is a no-op."""
+        ...
+
+    async def get_snapshots(self, system: str, table: str, keys: Sequence[str]) -> dict[str, Snapshot]:
+        """Return the snapshots that exist for `keys`."""
+        ...
+
+    async def put_snapshots(self, snapshots: Sequence[Snapshot]) -> None:
+        """Insert or replace snapshots."""
+        ...
+
+    async def delete_snapshots(self, system: str, table: str, keys: Sequence[str]) -> None:
+        """Forget snapshots (after a delete)."""
+        ...
+
+    async def get_checkpoint(self, name: str) -> Checkpoint | None:
+        """Read a checkpoint, or None when it was never set."""
+        ...
+
+    async def put_checkpoint(self, name: str, value: str, *, expected_etag: str | None) -> Checkpoint:
+        """Compare-and-set: `expected_etag=None` means "must not exist yet"; raises CheckpointConflictError."""
+        ...
+
+    async def remember(self, namespace: str, keys: Sequence[str]) -> set[str]:
+        """Record dedup keys; return the subset that had already been remembered before this call."""
+        ...
+
+    async def append_audit(self, entries: Sequence[AuditEntry]) -> None:
+        """Append decisions to the ledger."""
+        ...
+
+    async def read_audit(
+        self, *, limit: int = 100, correlation_id: str | None = None, decision: str | None = None
+    ) -> list[AuditEntry]:
+        """Newest first."""
+        ...
+
+    async def close(self) -> None:
+        """Release resources."""
+        ...
+
+
+# --------------------------------------------------------------------------------------------- queue
+
+
+@dataclass(frozen=True)
+class QueueDepth:
+    """Message counts of the inbound queue and its dead-letter sub-queue."""
+
+    active: int
+    scheduled: int
+    dead_letter: int
+
+
+@runtime_checkable
+class InboundQueue(Protocol):
+    """The inbound queue with Azure Service Bus semantics (peek-lock, delivery count, DLQ, scheduling).
+
+    A message is delivered under a lock; `complete` removes it, `abandon` releases it for redelivery (its
+    delivery count already went up when it was received), and when a received message's delivery count
+    would exceed `max_delivery_count` it is moved to the dead-letter sub-queue with reason
+    `MAX_DELIVERY_EXCEEDED` instead of being delivered. A lock that expires counts as an abandon. While a
+    message of a session is locked, later messages of the same session are not delivered (per-record order).
+    """
+
+    max_delivery_count: int
+
+    async def send(self, messages: Sequence[QueueMessage], *, scheduled_at: datetime | None = None) -> None:
+        """Enqueue messages, visible now or at `scheduled_at`."""
+        ...
+
+    async def receive(self, max_messages: int, *, max_wait_seconds: float = 0.0) -> list[ReceivedMessage]:
+        """Peek-lock up to `max_messages` deliverable messages in sequence order."""
+        ...
+
+    async def complete(self, message: ReceivedMessage) -> None:
+        """Settle: done, remove the message. Raises `LockLostError` if the lock expired."""
+        ...
+
+    async def abandon(self, message: ReceivedMessage) -> None:
+        """Settle: release the lock so the message is delivered again."""
+        ...
+
+    async def dead_letter(self, message: ReceivedMessage, *, reason: str, description: str) -> None:
+        """Settle: move to the dead-letter sub-queue with `DeadLetterReason` / `DeadLetterErrorDescription`."""
+        ...
+
+    async def renew_lock(self, message: ReceivedMessage) -> datetime:
+        """Extend the lock; returns the new `locked_until`."""
+        ...
+
+    async def peek_dead_letters(self, max_messages: int = 100) -> list[ReceivedMessage]:
+        """Browse the dead-letter sub-queue without locking."""
+        ...
+
+    async def receive_dead_letters(self, max_messages: int) -> list[ReceivedMessage]:
+        """Peek-lock messages from the dead-letter sub-queue (to replay them: send a copy, then complete)."""
+        ...
+
+    async def depth(self) -> QueueDepth:
+        """Counts of active, scheduled and dead-lettered messages."""
+        ...
+
+    async def close(self) -> None:
+        """Release resources."""
+        ...
+
+
+class LockLostError(Exception):
+    """The message lock expired (or the message was settled already) before settlement."""
+
+
+# ---------------------------------------------------------------------------------------- connectors
+
+
+@dataclass(frozen=True)
+class AttachmentRef:
+    """An attachment of a source record (an ArcGIS attachment, a Dataverse note)."""
+
+    id: str
+    name: str
+    content_type: str
+    size: int
+
+
+@dataclass
+class Attachment:
+    """Attachment content to write to a target record."""
+
+    name: str
+    content_type: str
+    data: bytes
+    source_id: str
+    """The attachment's id in the source system (makes re-sending idempotent)."""
+
+
+@dataclass
+class SourceRecord:
+    """A record as read from a system: key, values (geometry under GEOMETRY_KEY) and change metadata."""
+
+    key: str
+    values: dict[str, Any]
+    modified: datetime | None = None
+    version: str | None = None
+    deleted: bool = False
+    attachments: list[AttachmentRef] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Bind:
+    """A Dataverse lookup binding: navigation property -> /entityset(id)."""
+
+    entity_set: str
+    key: str
+
+
+WriteAction = Literal["upsert", "update", "delete"]
+
+
+@dataclass
+class WriteOp:
+    """One write to one target record. The sink decides how (batch, changeset, applyEdits)."""
+
+    op_id: str
+    action: WriteAction
+    table: str
+    key: str | None = None
+    """The target's primary key (Dataverse GUID, ArcGIS GlobalID) when Syncline knows it."""
+    match: dict[str, str] | None = None
+    """How to find the record when `key` is unknown: {field: value} (Dataverse alternate key / ArcGIS field)."""
+    values: dict[str, Any] = field(default_factory=dict)
+    """Target field values in the target's representation (geometry under GEOMETRY_KEY)."""
+    binds: dict[str, Bind] = field(default_factory=dict)
+    attachments: list[Attachment] = field(default_factory=list)
+    correlation_id: str = ""
+
+
+@dataclass
+class WriteResult:
+    """The outcome of one WriteOp: the target key on success, or the error that failed only this op."""
+
+    op_id: str
+    ok: bool
+    key: str | None = None
+    created: bool = False
+    error: SyncError | None = None
+
+
+@runtime_checkable
+class RecordSink(Protocol):
+    """Writes records into one system."""
+
+    system: str
+
+    async def write(self, ops: Sequence[WriteOp]) -> list[WriteResult]:
+        """Apply ops (in batches); one result per op, in order. One bad record fails only itself.
+
+        Raises a `SyncError` only when the whole call failed (e.g. auth, throttling that outlived the
+        short in-call retry); per-record failures come back as results with `ok=False`.
+        """
+        ...
+
+    async def select(
+        self,
+        table: str,
+        *,
+        equals: Mapping[str, Any],
+        not_in: Mapping[str, Sequence[Any]] | None = None,
+    ) -> list[SourceRecord]:
+        """Records whose fields equal `equals` and are not in `not_in` (every value escaped by the sink)."""
+        ...
+
+    async def fetch(self, table: str, keys: Sequence[str]) -> dict[str, SourceRecord]:
+        """Read records by primary key (missing keys are absent)."""
+        ...
+
+
+@runtime_checkable
+class ChangeSource(Protocol):
+    """Reads changes of one system since a checkpoint, and the records themselves."""
+
+    system: str
+
+    def changes_since(self, table: str, checkpoint: str | None) -> AsyncIterator[tuple[list[SourceRecord], str]]:
+        """Yield pages of changed records (deletes flagged), each with the checkpoint valid after it."""
+        ...
+
+    def scan(self, table: str) -> AsyncIterator[list[SourceRecord]]:
+        """Yield every record of a table, page by page (for reconciliation and initial loads)."""
+        ...
+
+    async def fetch_attachment(self, table: str, key: str, attachment_id: str) -> bytes:
+        """Download one attachment's content."""
+        ...
