@@ -13,6 +13,8 @@ from pydantic import ValidationError as PydanticValidationError
 from shared.core.errors import SpecError
 
 Scalar = str | int | float | bool
+OperationName = Literal["create", "update", "delete"]
+ALL_OPERATIONS: tuple[OperationName, ...] = ("create", "update", "delete")
 
 
 class _Strict(BaseModel):
@@ -99,9 +101,7 @@ class FlowSpec(_Strict):
     target: Side
     mode: Literal["direct", "queue"]
     """direct: outbound write in the webhook invocation; queue: staged on the inbound queue."""
-    operations: list[Literal["create", "update", "delete"]] = Field(
-        default_factory=lambda: ["create", "update", "delete"]
-    )
+    operations: list[OperationName] = Field(default_factory=lambda: list(ALL_OPERATIONS))
     link: LinkSpec
     fields: list[FieldMap]
     geometry: GeometryMap | None = None
@@ -238,7 +238,8 @@ class FlowSet(_Strict):
     def reverse_of(self, flow: FlowSpec) -> FlowSpec | None:
         """The flow of the same entity running the other way, if any."""
         for f in self.flows:
-            if f.entity == flow.entity and f.source.system == flow.target.system and f.target.system == flow.source.system:
+            reverse = f.source.system == flow.target.system and f.target.system == flow.source.system
+            if f.entity == flow.entity and reverse:
                 return f
         return None
 

@@ -1,0 +1,170 @@
+"""Composition root: builds settings, connectors, state, queue, engine and controller into one `Services`."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from shared.connectors._http import CallCounter, RetryPolicy
+from shared.core.controller import Controller
+from shared.core.engine import SyncEngine
+from shared.core.errors import SpecError
+from shared.core.ports import ChangeSource, InboundQueue, RecordSink, StateStore
+from shared.mapping.spec import FlowSet, load_spec, parse_spec
+from shared.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Services:
+    """Everything a trigger or the CLI needs, built once per process."""
+
+    settings: Settings
+    flowset: FlowSet
+    state: StateStore
+    queue: InboundQueue
+    engine: SyncEngine
+    controller: Controller
+    sinks: dict[str, RecordSink]
+    sources: dict[str, ChangeSource]
+    counter: CallCounter
+    clients: list[httpx.AsyncClient] = field(default_factory=list)
+
+    async def aclose(self) -> None:
+        """Close HTTP clients, the queue and the state store."""
+        for client in self.clients:
+            await client.aclose()
+        await self.queue.close()
+        await self.state.close()
+
+
+def load_flows(path: str | Path) -> FlowSet:
+    """Load a spec file, or merge every *.yaml of a directory into one flow set."""
+    p = Path(path)
+    if p.is_file():
+        return load_spec(p)
+    files = sorted(p.glob("*.yaml")) + sorted(p.glob("*.yml"))
+    if not files:
+        raise SpecError(f"{p}: no flow spec (*.yaml) found")
+    if len(files) == 1:
+        return load_spec(files[0])
+    specs = [load_spec(f) for f in files]
+    merged = {
+        "spec_version": 1,
+        "name": "+".join(s.name for s in specs),
+        "systems": sorted({sys for s in specs for sys in s.systems}),
+        "value_maps": {k: v for s in specs for k, v in s.value_maps.items()},
+        "flows": [f.model_dump() for s in specs for f in s.flows],
+        "cascades": [c.model_dump() for s in specs for c in s.cascades],
+    }
+    import yaml
+
+    return parse_spec(yaml.safe_dump(merged), source=str(p))
+
+
+def _client(system: str, counter: CallCounter, settings: Settings,
+            transports: Mapping[str, httpx.AsyncBaseTransport] | None) -> httpx.AsyncClient:
+    transport = (transports or {}).get(system)
+    verify: str | bool = settings.syncline_ca_bundle or True
+    return httpx.AsyncClient(
+        transport=transport,
+        verify=verify,
+        timeout=httpx.Timeout(30.0, connect=10.0),
+        limits=httpx.Limits(max_connections=32, max_keepalive_connections=16),
+        event_hooks={"request": [counter.hook(system)]},
+        trust_env=False,
+    )
+
+
+def build_services(
+    settings: Settings | None = None,
+    *,
+    transports: Mapping[str, httpx.AsyncBaseTransport] | None = None,
+    state: StateStore | None = None,
+    queue: InboundQueue | None = None,
+) -> Services:
+    """Wire the application. Tests pass their own transports, state or queue; nothing else is patched."""
+    settings = settings or Settings()
+    flowset = load_flows(settings.syncline_flows)
+    counter = CallCounter()
+    clients: list[httpx.AsyncClient] = []
+    sinks: dict[str, RecordSink] = {}
+    sources: dict[str, ChangeSource] = {}
+    policy = RetryPolicy()
+
+    if settings.dataverse.url:
+        from shared.connectors.dataverse import DataverseClient, dataverse_token_provider
+
+        http = _client("dataverse", counter, settings, transports)
+        clients.append(http)
+        dv = DataverseClient(
+            settings.dataverse.url,
+            http,
+            dataverse_token_provider(settings.dataverse, ca_bundle=settings.syncline_ca_bundle or None),
+            batch_size=settings.dataverse.batch_size,
+            policy=policy,
+            max_concurrency=settings.dataverse.max_concurrency,
+        )
+        sinks["dataverse"] = dv
+        sources["dataverse"] = dv
+
+    if settings.arcgis.service_url:
+        from shared.connectors.arcgis import (
+            ApiKeyAuth,
+            AppCredentialsAuth,
+            ArcGISAuth,
+            ArcGISFeatureServiceClient,
+        )
+
+        http = _client("arcgis", counter, settings, transports)
+        clients.append(http)
+        auth: ArcGISAuth
+        if settings.arcgis.api_key.get_secret_value():
+            auth = ApiKeyAuth(settings.arcgis.api_key.get_secret_value())
+        else:
+            auth = AppCredentialsAuth(settings.arcgis.token_url, settings.arcgis.client_id,
+                                      settings.arcgis.client_secret.get_secret_value(), http)
+        ag = ArcGISFeatureServiceClient(settings.arcgis.service_url, http, auth,
+                                        batch_size=settings.arcgis.batch_size, policy=policy,
+                                        max_concurrency=settings.arcgis.max_concurrency)
+        sinks["arcgis"] = ag
+        sources["arcgis"] = ag
+
+    if state is None or queue is None:
+        if settings.syncline_runtime == "azure":
+            raise SpecError("SYNCLINE_RUNTIME=azure needs the Azure adapters, which are not part of this build yet")
+        from shared.runtime.sqlite_queue import SqliteQueue
+        from shared.runtime.sqlite_state import SqliteStateStore
+
+        state_dir = Path(settings.syncline_state_dir)
+        state_dir.mkdir(parents=True, exist_ok=True)
+        state = state or SqliteStateStore(state_dir / "state.db")
+        queue = queue or SqliteQueue(state_dir / "queue.db", name=settings.syncline_inbound_queue,
+                                     max_delivery_count=settings.syncline_max_delivery_count)
+
+    engine = SyncEngine(flowset, sinks=sinks, state=state, sources=sources)
+    controller = Controller(flowset, engine=engine, queue=queue, state=state, sources=sources,
+                            batch_size=settings.syncline_batch_size)
+    return Services(settings, flowset, state, queue, engine, controller, sinks, sources, counter, clients)
+
+
+_services: Services | None = None
+
+
+def get_services() -> Services:
+    """The process-wide services (built on first use, reused across invocations)."""
+    global _services
+    if _services is None:
+        _services = build_services()
+    return _services
+
+
+def set_services(services: Services | None) -> None:
+    """Install (or clear) the process-wide services; used by tests and the local host."""
+    global _services
+    _services = services

@@ -1,0 +1,172 @@
+"""The `syncline` command line: demo, run, status, dlq list/replay, validate."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from shared.core.errors import SyncError
+
+app = typer.Typer(help="Syncline: governed sync between Dynamics 365, ArcGIS Online, Salesforce and SAP.",
+                  no_args_is_help=True, add_completion=False)
+dlq_app = typer.Typer(help="Inspect and replay the dead-letter queue.", no_args_is_help=True)
+app.add_typer(dlq_app, name="dlq")
+console = Console()
+T = TypeVar("T")
+
+
+def _run(factory: Callable[[], Awaitable[T]]) -> T:
+    """Run a coroutine; a SyncError or a settings error becomes a one-line message and exit code 2."""
+    try:
+        return asyncio.run(factory())  # type: ignore[arg-type]
+    except SyncError as exc:
+        console.print(f"[red]error[/red] {exc.reason}: {exc.detail}")
+        raise typer.Exit(2) from None
+    except ValueError as exc:  # pydantic settings errors are ValueErrors
+        console.print(f"[red]configuration error[/red] {exc}")
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def demo(
+    report: Path = typer.Option(Path("reports/demo-report.json"), help="Where to write the JSON report."),
+    signs: int = typer.Option(2000, min=10, help="Sign assets to seed."),
+    work_orders: int = typer.Option(500, min=5, help="Work orders to seed."),
+) -> None:
+    """Start the simulators, seed, deliver webhooks, run controller cycles, reconcile and report."""
+    from sandbox.demo import run_demo
+
+    ok = asyncio.run(run_demo(console, report_path=report, signs=signs, work_orders=work_orders))
+    raise typer.Exit(0 if ok else 1)
+
+
+@app.command()
+def run(no_poll: bool = typer.Option(False, "--no-poll", help="Only drain the queue.")) -> None:
+    """Run one controller cycle against the configured systems."""
+
+    async def go() -> dict[str, Any]:
+        from shared.bootstrap import build_services
+
+        services = build_services()
+        with _progress() as progress:
+            task = progress.add_task("messages", total=None)
+            services.controller.progress = lambda phase, n: progress.update(task, advance=n, description=phase)
+            try:
+                report = await services.controller.run_cycle(poll=not no_poll)
+            finally:
+                await services.aclose()
+        return report.__dict__
+
+    result = _run(go)
+    console.print_json(json.dumps(result))
+    raise typer.Exit(0 if result["outcome"] == "ok" else 1)
+
+
+@app.command()
+def status() -> None:
+    """Health of the configured systems, queue depths and the last cycle."""
+
+    async def go() -> dict[str, Any]:
+        from shared.bootstrap import build_services
+        from shared.intake import health
+
+        services = build_services()
+        try:
+            return await health(services)
+        finally:
+            await services.aclose()
+
+    console.print_json(json.dumps(_run(go), default=str))
+
+
+@dlq_app.command("list")
+def dlq_list(limit: int = typer.Option(50, min=1, max=1000)) -> None:
+    """List dead-lettered messages with their reasons."""
+
+    async def go() -> list[dict[str, Any]]:
+        from shared.bootstrap import build_services
+
+        services = build_services()
+        try:
+            messages = await services.queue.peek_dead_letters(limit)
+        finally:
+            await services.aclose()
+        return [{"message_id": m.message_id, "flow": m.application_properties.get("flow"),
+                 "key": m.application_properties.get("key"), "reason": m.dead_letter_reason,
+                 "description": m.dead_letter_description, "enqueued_at": m.enqueued_at.isoformat()}
+                for m in messages]
+
+    rows = _run(go)
+    table = Table("message id", "flow", "key", "reason", "description", title=f"dead letters ({len(rows)})")
+    for r in rows:
+        table.add_row(r["message_id"], str(r["flow"]), str(r["key"]), str(r["reason"]), str(r["description"]))
+    console.print(table)
+
+
+@dlq_app.command("replay")
+def dlq_replay(
+    message_id: str = typer.Argument(None, help="Replay one message by id."),
+    all_: bool = typer.Option(False, "--all", help="Replay every dead-lettered message."),
+) -> None:
+    """Send dead-lettered messages back to the queue; the next cycle processes them idempotently."""
+    if not message_id and not all_:
+        console.print("[red]error[/red] give a message id or --all")
+        raise typer.Exit(2)
+
+    async def go() -> list[str]:
+        from shared.bootstrap import build_services
+        from shared.intake import replay_dead_letters
+
+        services = build_services()
+        try:
+            return await replay_dead_letters(services, message_id=None if all_ else message_id)
+        finally:
+            await services.aclose()
+
+    replayed = _run(go)
+    if message_id and not all_ and not replayed:
+        console.print(f"[red]error[/red] no dead-lettered message with id {message_id}")
+        raise typer.Exit(2)
+    console.print(f"replayed {len(replayed)} message(s): {', '.join(replayed) or '-'}")
+
+
+@app.command()
+def validate(path: Path = typer.Argument(Path("flows"), help="A spec file or a directory of specs.")) -> None:
+    """Check flow specs: schema, references, transforms, value maps and field ownership."""
+    from shared.bootstrap import load_flows
+
+    try:
+        flowset = load_flows(path)
+    except SyncError as exc:
+        console.print(f"[red]invalid[/red]\n{exc.detail}")
+        raise typer.Exit(1) from None
+    table = Table("flow", "entity", "source", "target", "mode", "fields", title=f"{flowset.name}: valid")
+    for f in flowset.flows:
+        table.add_row(f.name, f.entity, f"{f.source.system}:{f.source.table}", f"{f.target.system}:{f.target.table}",
+                      f.mode, str(len(f.fields)))
+    console.print(table)
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console, transient=True)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    app()
+
+
+if __name__ == "__main__":
+    main()

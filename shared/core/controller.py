@@ -1,0 +1,312 @@
+"""The controller: polls change feeds into the queue, drains the queue through the engine, settles every message."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from shared.core.engine import Outcome, SyncEngine
+from shared.core.envelope import ChangeEnvelope, Origin, ReceivedMessage
+from shared.core.errors import EnvelopeError, SyncError, ThrottledError
+from shared.core.ports import (
+    ATTACHMENTS_KEY,
+    AuditEntry,
+    ChangeSource,
+    CheckpointConflictError,
+    InboundQueue,
+    LockLostError,
+    SourceRecord,
+    StateStore,
+)
+from shared.mapping.spec import FlowSet
+
+log = logging.getLogger(__name__)
+
+LAST_CYCLE = "controller:last_cycle"
+POLL_HINT = "poll-hint"
+"""Application property `kind` of a queue message that asks the controller to read a change feed."""
+
+
+def envelopes_for(
+    flowset: FlowSet,
+    system: str,
+    table: str,
+    records: Iterable[SourceRecord],
+    *,
+    origin: Origin,
+    mode: str | None = None,
+    operation: str | None = None,
+    correlation_id: str | None = None,
+) -> list[ChangeEnvelope]:
+    """One envelope per (record, flow reading that table), optionally only flows of one mode."""
+    flows = [f for f in flowset.flows_from(system, table) if mode is None or f.mode == mode]
+    out: list[ChangeEnvelope] = []
+    for record in records:
+        payload = dict(record.values)
+        if record.attachments:
+            payload[ATTACHMENTS_KEY] = [asdict(a) for a in record.attachments]
+        for flow in flows:
+            op = "delete" if record.deleted else (operation or "upsert")
+            kwargs: dict[str, Any] = {}
+            if correlation_id:
+                kwargs["correlation_id"] = correlation_id
+            out.append(ChangeEnvelope(
+                flow=flow.name, operation=op,
+                source_system=system, source_table=table, source_key=record.key,
+                source_version=record.version, source_modified=record.modified,
+                payload=payload, origin=origin, **kwargs,
+            ))
+    return out
+
+
+@dataclass
+class CycleReport:
+    """What one controller cycle did (also stored as the health endpoint's "last cycle")."""
+
+    started_at: str
+    finished_at: str = ""
+    duration_seconds: float = 0.0
+    outcome: str = "running"
+    polled: int = 0
+    received: int = 0
+    statuses: dict[str, int] = field(default_factory=dict)
+    dead_lettered: dict[str, int] = field(default_factory=dict)
+    retried: int = 0
+    deferred: int = 0
+    error: str | None = None
+
+
+class Controller:
+    """Runs one sync cycle: backfill poll -> enqueue, then drain -> engine -> settle."""
+
+    def __init__(
+        self,
+        flowset: FlowSet,
+        *,
+        engine: SyncEngine,
+        queue: InboundQueue,
+        state: StateStore,
+        sources: Mapping[str, ChangeSource],
+        batch_size: int = 500,
+        lock_renew_seconds: float = 20.0,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        parent_wait_seconds: float = 60.0,
+        progress: Callable[[str, int], None] | None = None,
+    ) -> None:
+        self.flowset = flowset
+        self.engine = engine
+        self.queue = queue
+        self.state = state
+        self.sources = sources
+        self.batch_size = batch_size
+        self.lock_renew_seconds = lock_renew_seconds
+        self.clock = clock
+        self.parent_wait_seconds = parent_wait_seconds
+        self.progress = progress
+
+    # -------------------------------------------------------------------------------- the cycle
+
+    async def run_cycle(self, *, poll: bool = True, max_messages: int | None = None) -> CycleReport:
+        """Poll (backfill) and drain once; the report is stored for /api/health."""
+        started = time.monotonic()
+        report = CycleReport(started_at=self.clock().isoformat())
+        try:
+            if poll:
+                report.polled = await self.poll()
+            await self.drain(report, max_messages=max_messages)
+            report.outcome = "ok"
+        except SyncError as exc:
+            report.outcome, report.error = "failed", str(exc)
+            log.error("controller cycle failed: %s", exc)
+        finally:
+            report.duration_seconds = round(time.monotonic() - started, 3)
+            report.finished_at = self.clock().isoformat()
+            await self._store_report(report)
+        return report
+
+    async def poll(self, only: set[tuple[str, str]] | None = None) -> int:
+        """Read each queue-mode source table's change feed since its checkpoint and enqueue the changes.
+
+        The checkpoint moves only after the page's messages are on the queue (compare-and-set, so two
+        controllers can never move it backwards); a crash in between re-reads the page, and the
+        envelopes' deterministic message ids plus echo suppression make that harmless.
+        """
+        total = 0
+        tables = sorted({(f.source.system, f.source.table) for f in self.flowset.flows if f.mode == "queue"})
+        for system, table in tables:
+            if only is not None and (system, table) not in only:
+                continue
+            source = self.sources.get(system)
+            if source is None:
+                continue
+            name = f"poll:{system}:{table}"
+            current = await self.state.get_checkpoint(name)
+            etag = current.etag if current else None
+            async for records, next_checkpoint in source.changes_since(table, current.value if current else None):
+                envelopes = envelopes_for(self.flowset, system, table, records, origin="poll", mode="queue")
+                if envelopes:
+                    await self.queue.send([e.to_message() for e in envelopes])
+                    await self.state.append_audit([
+                        AuditEntry(self.clock(), e.correlation_id, e.flow, "enqueued", system, table, e.source_key,
+                                   "change feed backfill") for e in envelopes])
+                total += len(envelopes)
+                try:
+                    etag = (await self.state.put_checkpoint(name, next_checkpoint, expected_etag=etag)).etag
+                except CheckpointConflictError:
+                    log.warning("checkpoint %s moved by another controller; stopping this poll", name)
+                    break
+                if self.progress:
+                    self.progress("poll", len(envelopes))
+        return total
+
+    async def drain(self, report: CycleReport | None = None, *, max_messages: int | None = None) -> CycleReport:
+        """Receive in batches until the queue is empty (or only already-tried messages come back)."""
+        report = report or CycleReport(started_at=self.clock().isoformat())
+        seen: set[int] = set()
+        statuses: Counter[str] = Counter(report.statuses)
+        dead: Counter[str] = Counter(report.dead_lettered)
+        while max_messages is None or report.received < max_messages:
+            want = self.batch_size if max_messages is None else min(self.batch_size, max_messages - report.received)
+            batch = await self.queue.receive(want)
+            if not batch:
+                break
+            fresh = [m for m in batch if m.sequence_number not in seen]
+            # Messages abandoned earlier in this cycle come straight back: leave them for the next cycle.
+            for m in batch:
+                if m.sequence_number in seen:
+                    await self._settle_quietly(self.queue.abandon, m)
+            if not fresh:
+                break
+            seen.update(m.sequence_number for m in fresh)
+            report.received += len(fresh)
+            await self._process_batch(fresh, report, statuses, dead)
+            if self.progress:
+                self.progress("drain", len(fresh))
+        report.statuses, report.dead_lettered = dict(statuses), dict(dead)
+        return report
+
+    # ------------------------------------------------------------------------------- internals
+
+    async def _process_batch(self, messages: Sequence[ReceivedMessage], report: CycleReport,
+                             statuses: Counter[str], dead: Counter[str]) -> None:
+        parsed: list[tuple[ReceivedMessage, ChangeEnvelope]] = []
+        hints: list[ReceivedMessage] = []
+        for msg in messages:
+            if msg.application_properties.get("kind") == POLL_HINT:
+                hints.append(msg)
+                continue
+            try:
+                parsed.append((msg, ChangeEnvelope.from_body(msg.body)))
+            except EnvelopeError as exc:
+                await self._dead_letter(msg, exc, None)
+                dead[exc.reason] += 1
+                statuses["failed"] += 1
+        if hints:
+            # A feature-service webhook only says "something changed": read the change feed for it now.
+            wanted = {(str(m.application_properties.get("system")), str(m.application_properties.get("table")))
+                      for m in hints}
+            await self.poll(only=wanted)
+            await self._complete(hints)
+            statuses["poll_hint"] += len(hints)
+        if not parsed:
+            return
+        renewer = asyncio.create_task(self._renew_locks([m for m, _ in parsed]))  # noqa: RUF006 - awaited below
+        try:
+            outcomes = await self.engine.process([env for _, env in parsed])
+        finally:
+            renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewer
+        by_env = {id(o.envelope): o for o in outcomes}
+        to_complete: list[ReceivedMessage] = []
+        for msg, env in parsed:
+            outcome = by_env[id(env)]
+            statuses[outcome.status] += 1
+            if outcome.status == "deferred":
+                await self._defer(env)
+                report.deferred += 1
+                to_complete.append(msg)
+            elif outcome.status == "failed":
+                assert outcome.error is not None
+                if outcome.error.retriable:
+                    report.retried += 1
+                    await self._retry(msg, env, outcome)
+                else:
+                    await self._dead_letter(msg, outcome.error, env)
+                    dead[outcome.error.reason] += 1
+            else:
+                if env.origin == "replay":
+                    await self.state.append_audit([AuditEntry(
+                        self.clock(), env.correlation_id, env.flow, "replayed", env.source_system,
+                        env.source_table, env.source_key, f"replayed message {msg.message_id}: {outcome.status}")])
+                to_complete.append(msg)
+        await self._complete(to_complete)
+
+    async def _complete(self, messages: list[ReceivedMessage]) -> None:
+        many = getattr(self.queue, "complete_many", None)
+        if many is not None and messages:
+            try:
+                await many(messages)
+            except LockLostError as exc:
+                log.warning("locks lost before completion (the messages will be redelivered): %s", exc)
+            return
+        for m in messages:
+            await self._settle_quietly(self.queue.complete, m)
+
+    async def _retry(self, msg: ReceivedMessage, env: ChangeEnvelope, outcome: Outcome) -> None:
+        error = outcome.error
+        assert error is not None
+        if msg.delivery_count >= self.queue.max_delivery_count:
+            # The queue would move it on the next receive anyway; doing it now keeps the real reason.
+            await self._dead_letter(msg, error, env, exhausted=True)
+            return
+        if isinstance(error, ThrottledError) and error.retry_after and error.retry_after > 1:
+            log.info("flow %s key %s throttled; retry after %ss", env.flow, env.source_key, error.retry_after)
+        await self._settle_quietly(self.queue.abandon, msg)
+
+    async def _defer(self, env: ChangeEnvelope) -> None:
+        waited = env.model_copy(update={"waits": env.waits + 1, "origin": "resubmit"})
+        delay = self.parent_wait_seconds * min(env.waits + 1, 15)
+        await self.queue.send([waited.to_message()], scheduled_at=self.clock() + timedelta(seconds=delay))
+
+    async def _dead_letter(self, msg: ReceivedMessage, error: SyncError, env: ChangeEnvelope | None,
+                           *, exhausted: bool = False) -> None:
+        reason = "MAX_DELIVERY_EXCEEDED" if exhausted else error.reason
+        description = error.detail if not exhausted else (
+            f"failed on all {msg.delivery_count} deliveries; last error {error.reason}: {error.detail}")
+        await self._settle_quietly(self.queue.dead_letter, msg, reason=reason, description=description[:4000])
+        await self.state.append_audit([AuditEntry(
+            self.clock(), env.correlation_id if env else (msg.correlation_id or msg.message_id),
+            env.flow if env else str(msg.application_properties.get("flow", "?")), "dead_lettered",
+            env.source_system if env else "?", env.source_table if env else "?",
+            env.source_key if env else msg.message_id, description[:1000], reason)])
+        log.warning("dead-lettered message %s (%s): %s", msg.message_id, reason, description)
+
+    async def _settle_quietly(self, fn: Callable[..., Any], msg: ReceivedMessage, **kwargs: Any) -> None:
+        try:
+            await fn(msg, **kwargs)
+        except LockLostError:
+            log.warning("lock lost on message %s; it will be delivered again", msg.message_id)
+
+    async def _renew_locks(self, messages: Sequence[ReceivedMessage]) -> None:
+        while True:
+            await asyncio.sleep(self.lock_renew_seconds)
+            for m in messages:
+                with contextlib.suppress(LockLostError):
+                    await self.queue.renew_lock(m)
+
+    async def _store_report(self, report: CycleReport) -> None:
+        current = await self.state.get_checkpoint(LAST_CYCLE)
+        try:
+            await self.state.put_checkpoint(LAST_CYCLE, json.dumps(asdict(report)),
+                                            expected_etag=current.etag if current else None)
+        except CheckpointConflictError:
+            log.info("another controller stored its cycle report concurrently")

@@ -1,0 +1,512 @@
+"""The sync engine: turns change envelopes into governed writes (order, echo, conflicts, ids, cascades, audit)."""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from shared.core.envelope import ChangeEnvelope
+from shared.core.errors import (
+    ParentMissingError,
+    ParentPendingError,
+    SyncError,
+    TransientError,
+    ValidationError,
+)
+from shared.core.ports import (
+    ATTACHMENTS_KEY,
+    Attachment,
+    AttachmentRef,
+    AuditEntry,
+    Bind,
+    ChangeSource,
+    Link,
+    RecordSink,
+    Snapshot,
+    StateStore,
+    WriteOp,
+    WriteResult,
+)
+from shared.mapping.engine import MappedValues, Mapper, normalize, same, values_hash
+from shared.mapping.spec import CascadeSpec, FlowSet, FlowSpec
+
+log = logging.getLogger(__name__)
+
+Status = Literal["written", "skipped_echo", "skipped_noop", "deferred", "failed", "deleted"]
+
+
+@dataclass
+class Outcome:
+    """What happened to one envelope."""
+
+    envelope: ChangeEnvelope
+    status: Status
+    target_key: str | None = None
+    created: bool = False
+    error: SyncError | None = None
+    detail: str = ""
+
+
+@dataclass
+class _Plan:
+    index: int
+    env: ChangeEnvelope
+    flow: FlowSpec
+    target_key: str | None
+    op: WriteOp
+    mapped: MappedValues | None = None
+    is_create: bool = False
+
+
+@dataclass
+class _Work:
+    """Everything one flow group of a batch loads once from state."""
+
+    links: dict[str, str] = field(default_factory=dict)
+    src_snaps: dict[str, Snapshot] = field(default_factory=dict)
+    tgt_snaps: dict[str, Snapshot] = field(default_factory=dict)
+    parents: dict[str, dict[str, str]] = field(default_factory=dict)
+
+
+class SyncEngine:
+    """Processes batches of change envelopes against the configured systems.
+
+    Parents are processed before children (flows ordered by lookup depth), a child whose parent has no
+    target id yet is deferred, changes equal to the last in-sync state are dropped as echoes, ownership
+    and last-writer-wins decide conflicts, new target ids are written back to the source, cascades run
+    on both sides, and every decision lands in the audit ledger.
+    """
+
+    def __init__(
+        self,
+        flowset: FlowSet,
+        *,
+        sinks: Mapping[str, RecordSink],
+        state: StateStore,
+        sources: Mapping[str, ChangeSource] | None = None,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        max_parent_waits: int = 48,
+    ) -> None:
+        self.flowset = flowset
+        self.mapper = Mapper(flowset)
+        self.sinks = sinks
+        self.sources = sources or {}
+        self.state = state
+        self.clock = clock
+        self.max_parent_waits = max_parent_waits
+
+    # ------------------------------------------------------------------------------------ public
+
+    async def process(self, envelopes: Sequence[ChangeEnvelope]) -> list[Outcome]:
+        """Process a batch; returns one outcome per envelope, in input order."""
+        outcomes: list[Outcome | None] = [None] * len(envelopes)
+        groups: dict[str, list[int]] = defaultdict(list)
+        for i, env in enumerate(envelopes):
+            try:
+                self.flowset.flow(env.flow)
+            except SyncError as exc:
+                outcomes[i] = Outcome(env, "failed", error=exc)
+                continue
+            groups[env.flow].append(i)
+        ordered = sorted(groups, key=lambda name: self.flowset.depth(self.flowset.flow(name)))
+        for name in ordered:
+            flow = self.flowset.flow(name)
+            indexes = self._collapse(envelopes, groups[name], outcomes)
+            try:
+                await self._process_flow(flow, envelopes, indexes, outcomes)
+            except SyncError as exc:
+                # A whole-call failure (auth, throttling beyond the in-call budget): every pending change
+                # of this flow keeps its message and is retried or dead-lettered as a unit.
+                for i in indexes:
+                    if outcomes[i] is None:
+                        outcomes[i] = Outcome(envelopes[i], "failed", error=exc)
+        audit = [self._audit_for(o) for o in outcomes if o is not None and o.status in ("failed", "deferred")]
+        if audit:
+            await self.state.append_audit(audit)
+        return [o for o in outcomes if o is not None]
+
+    # ---------------------------------------------------------------------------------- internals
+
+    def _collapse(
+        self, envelopes: Sequence[ChangeEnvelope], indexes: list[int], outcomes: list[Outcome | None]
+    ) -> list[int]:
+        # Payloads carry full record state, so only the newest change of a record in a batch is written.
+        last: dict[str, int] = {}
+        for i in indexes:
+            last[envelopes[i].source_key] = i
+        keep = set(last.values())
+        for i in indexes:
+            if i not in keep:
+                outcomes[i] = Outcome(envelopes[i], "skipped_noop", detail="superseded by a later change in the batch")
+        return [i for i in indexes if i in keep]
+
+    async def _load(self, flow: FlowSpec, envs: Sequence[ChangeEnvelope]) -> _Work:
+        work = _Work()
+        keys = [e.source_key for e in envs]
+        src, tgt = flow.source, flow.target
+        work.links = await self.state.get_links(flow.entity, src.system, keys, tgt.system)
+        for env in envs:
+            known = env.payload.get(flow.link.write_back) if flow.link.write_back else None
+            if env.source_key not in work.links and isinstance(known, str) and known.strip():
+                work.links[env.source_key] = _canonical_key(tgt.system, known)
+        work.src_snaps = await self.state.get_snapshots(src.system, src.table, keys)
+        work.tgt_snaps = await self.state.get_snapshots(tgt.system, tgt.table, list(set(work.links.values())))
+        for lk in flow.lookups:
+            parent = self.flowset.flow(lk.parent_flow)
+            parent_keys = sorted({str(e.payload[lk.source]) for e in envs if not _blank(e.payload.get(lk.source))})
+            parent_keys = [_canonical_key(src.system, k) for k in parent_keys]
+            work.parents[lk.source] = await self.state.get_links(parent.entity, src.system, parent_keys, tgt.system)
+        return work
+
+    async def _process_flow(
+        self,
+        flow: FlowSpec,
+        envelopes: Sequence[ChangeEnvelope],
+        indexes: list[int],
+        outcomes: list[Outcome | None],
+    ) -> None:
+        envs = [envelopes[i] for i in indexes]
+        work = await self._load(flow, envs)
+        plans: list[_Plan] = []
+        for i in indexes:
+            env = envelopes[i]
+            try:
+                plan_or_outcome = await self._plan(flow, i, env, work)
+            except SyncError as exc:
+                status: Status = "deferred" if isinstance(exc, ParentPendingError) else "failed"
+                outcomes[i] = Outcome(env, status, error=exc)
+                continue
+            if isinstance(plan_or_outcome, Outcome):
+                outcomes[i] = plan_or_outcome
+            else:
+                plans.append(plan_or_outcome)
+        if not plans:
+            await self._record_skips(flow, [o for o in outcomes if o is not None and o.envelope.flow == flow.name])
+            return
+        sink = self.sinks[flow.target.system]
+        results = await sink.write([p.op for p in plans])
+        by_op = {r.op_id: r for r in results}
+        await self._settle(flow, plans, by_op, work, outcomes)
+        await self._record_skips(flow, [outcomes[i] for i in indexes if outcomes[i] is not None])  # type: ignore[misc]
+
+    async def _plan(self, flow: FlowSpec, index: int, env: ChangeEnvelope, work: _Work) -> _Plan | Outcome:
+        src, tgt = flow.source, flow.target
+        target_key = work.links.get(env.source_key)
+        op_id = f"{index}:{env.source_key}"
+        if env.operation == "delete":
+            if "delete" not in flow.operations:
+                return Outcome(env, "skipped_noop", detail=f"flow {flow.name} does not propagate deletes")
+            if target_key is None:
+                return Outcome(env, "skipped_noop", detail="deleted before it was ever synced")
+            op = WriteOp(op_id, "delete", tgt.table, key=target_key, correlation_id=env.correlation_id)
+            return _Plan(index, env, flow, target_key, op)
+        is_create = target_key is None
+        wanted = "create" if is_create else "update"
+        if wanted not in flow.operations:
+            return Outcome(env, "skipped_noop", detail=f"flow {flow.name} does not sync {wanted}s from {src.system}")
+        projection = self.mapper.project(flow, env.payload)
+        snap = work.src_snaps.get(env.source_key)
+        if not is_create and snap is not None and _covers(snap.values, projection):
+            return Outcome(env, "skipped_echo", target_key=target_key,
+                           detail="equal to the last in-sync state (Syncline's own write or no mapped change)")
+        tsnap = work.tgt_snaps.get(target_key) if target_key else None
+        target_newer = bool(
+            tsnap is not None and tsnap.modified is not None and env.source_modified is not None
+            and tsnap.modified > env.source_modified
+        )
+        mapped = self.mapper.map_values(flow, env.payload, is_create=is_create, target_newer=target_newer,
+                                        record=f"{src.system}:{src.table}:{env.source_key}")
+        binds: dict[str, Bind] = {}
+        for lk in flow.lookups:
+            parent_src_key = env.payload.get(lk.source)
+            if _blank(parent_src_key):
+                if lk.required and (is_create or lk.source in env.payload):
+                    raise ValidationError(
+                        f"flow {flow.name} record {env.source_key}: required relationship {lk.source} is empty; link "
+                        f"the record to its parent in {src.system}, then replay."
+                    )
+                if lk.source in env.payload and lk.bind_entity_set is None:
+                    mapped.values[lk.target] = None
+                continue
+            parent_key = work.parents.get(lk.source, {}).get(_canonical_key(src.system, str(parent_src_key)))
+            if parent_key is None:
+                if env.waits >= self.max_parent_waits:
+                    raise ParentMissingError(
+                        f"flow {flow.name} record {env.source_key}: parent {parent_src_key} (flow {lk.parent_flow}) "
+                        f"was never synced after {env.waits} waits. Sync or fix the parent, then replay this message."
+                    )
+                raise ParentPendingError(
+                    f"flow {flow.name} record {env.source_key}: waiting for parent {parent_src_key} "
+                    f"(flow {lk.parent_flow}) to be synced first"
+                )
+            if lk.bind_entity_set is not None:
+                binds[lk.target] = Bind(lk.bind_entity_set, parent_key)
+            else:
+                mapped.values[lk.target] = parent_key
+        if tsnap is not None and not binds and _covers(tsnap.values, mapped.values) and not _new_attachments(env, snap):
+            return Outcome(env, "skipped_noop", target_key=target_key, detail="target already holds these values")
+        attachments = await self._attachments(flow, env, snap)
+        op = WriteOp(
+            op_id,
+            "upsert",
+            tgt.table,
+            key=target_key,
+            match=None if target_key else {flow.link.target_field: env.source_key},
+            values=mapped.values,
+            binds=binds,
+            attachments=attachments,
+            correlation_id=env.correlation_id,
+        )
+        return _Plan(index, env, flow, target_key, op, mapped=mapped, is_create=is_create)
+
+    async def _attachments(self, flow: FlowSpec, env: ChangeEnvelope, snap: Snapshot | None) -> list[Attachment]:
+        if flow.attachments is None or not flow.attachments.enabled:
+            return []
+        refs = [_attachment_ref(a) for a in env.payload.get(ATTACHMENTS_KEY) or []]
+        done = {str(a.get("id")) for a in (snap.values.get(ATTACHMENTS_KEY) or [])} if snap else set()
+        source = self.sources.get(flow.source.system)
+        out: list[Attachment] = []
+        for ref in refs:
+            if ref.id in done or ref.content_type not in flow.attachments.content_types:
+                continue
+            if ref.size > flow.attachments.max_bytes:
+                log.warning("flow %s: attachment %s of %s is %d bytes, over the %d limit; not copied",
+                            flow.name, ref.id, env.source_key, ref.size, flow.attachments.max_bytes)
+                continue
+            if source is None:
+                raise TransientError(f"no {flow.source.system} source configured to read attachments")
+            data = await source.fetch_attachment(flow.source.table, env.source_key, ref.id)
+            out.append(Attachment(ref.name, ref.content_type, data, source_id=ref.id))
+        return out
+
+    async def _settle(
+        self,
+        flow: FlowSpec,
+        plans: list[_Plan],
+        results: Mapping[str, WriteResult],
+        work: _Work,
+        outcomes: list[Outcome | None],
+    ) -> None:
+        now = self.clock()
+        src, tgt = flow.source, flow.target
+        links: list[Link] = []
+        snaps: list[Snapshot] = []
+        audit: list[AuditEntry] = []
+        writebacks: list[tuple[_Plan, WriteOp]] = []
+        forget: list[str] = []
+        written: list[tuple[_Plan, str]] = []
+        for plan in plans:
+            env = plan.env
+            result = results.get(plan.op.op_id)
+            if result is None:
+                result = WriteResult(plan.op.op_id, False, error=TransientError("the sink returned no result"))
+            if not result.ok:
+                outcomes[plan.index] = Outcome(env, "failed", error=result.error)
+                continue
+            key = result.key or plan.target_key
+            if plan.op.action == "delete":
+                outcomes[plan.index] = Outcome(env, "deleted", target_key=key)
+                forget.append(env.source_key)
+                if key:
+                    await self.state.delete_snapshots(tgt.system, tgt.table, [key])
+                audit.append(AuditEntry(now, env.correlation_id, flow.name, "deleted", tgt.system, tgt.table,
+                                        key or "", f"deleted after {src.system} delete of {env.source_key}"))
+                continue
+            assert key is not None
+            assert plan.mapped is not None
+            links.append(Link(flow.entity, src.system, env.source_key, tgt.system, key))
+            prev_t = work.tgt_snaps.get(key)
+            tvalues = {**(dict(prev_t.values) if prev_t else {}), **plan.op.values}
+            for nav, bind in plan.op.binds.items():
+                tvalues[nav] = bind.key
+            tmod = _latest(prev_t.modified if prev_t else None, env.source_modified)
+            snaps.append(Snapshot(tgt.system, tgt.table, key, tvalues, values_hash(tvalues), tmod))
+            prev_s = work.src_snaps.get(env.source_key)
+            svalues = {**(dict(prev_s.values) if prev_s else {}), **self.mapper.project(flow, env.payload)}
+            snaps.append(Snapshot(src.system, src.table, env.source_key, svalues, values_hash(svalues),
+                                  _latest(prev_s.modified if prev_s else None, env.source_modified)))
+            how = "created" if result.created else "updated"
+            detail = f"{how} {tgt.system}:{tgt.table}:{key}"
+            if plan.mapped.owned_by_target:
+                detail += f"; left target-owned fields {sorted(plan.mapped.owned_by_target)}"
+            audit.append(AuditEntry(now, env.correlation_id, flow.name, "written", tgt.system, tgt.table, key, detail))
+            if plan.mapped.conflicts:
+                audit.append(AuditEntry(
+                    now, env.correlation_id, flow.name, "conflict_resolved", tgt.system, tgt.table, key,
+                    f"{tgt.system} changed after this {src.system} change; kept target values of "
+                    f"{sorted(plan.mapped.conflicts)} (last writer wins)"))
+            outcomes[plan.index] = Outcome(env, "written", target_key=key, created=result.created)
+            written.append((plan, key))
+            wb = flow.link.write_back
+            if wb and not same(env.payload.get(wb), key):
+                writebacks.append((plan, WriteOp(f"wb:{plan.op.op_id}", "update", src.table, key=env.source_key,
+                                                 values={wb: key}, correlation_id=env.correlation_id)))
+        if links:
+            await self.state.put_links(links)
+        if snaps:
+            await self.state.put_snapshots(snaps)
+        if forget:
+            await self.state.delete_snapshots(src.system, src.table, forget)
+        if writebacks:
+            await self._write_back(flow, writebacks, outcomes, audit, now)
+        if written:
+            await self._cascade(flow, written, audit, now)
+        if audit:
+            await self.state.append_audit(audit)
+
+    async def _write_back(
+        self,
+        flow: FlowSpec,
+        writebacks: list[tuple[_Plan, WriteOp]],
+        outcomes: list[Outcome | None],
+        audit: list[AuditEntry],
+        now: datetime,
+    ) -> None:
+        src = flow.source
+        try:
+            results = await self.sinks[src.system].write([op for _, op in writebacks])
+        except SyncError as exc:
+            results = [WriteResult(op.op_id, False, error=exc) for _, op in writebacks]
+        by_op = {r.op_id: r for r in results}
+        for plan, op in writebacks:
+            res = by_op.get(op.op_id)
+            if res is not None and res.ok:
+                audit.append(AuditEntry(now, plan.env.correlation_id, flow.name, "id_propagated", src.system,
+                                        src.table, plan.env.source_key, f"{op.values} written back to the source"))
+                continue
+            # The link is stored, so a retry is an idempotent update that also retries the write-back.
+            error = res.error if res is not None and res.error else TransientError("write-back returned no result")
+            current = outcomes[plan.index]
+            outcomes[plan.index] = Outcome(
+                plan.env, "failed", target_key=current.target_key if current else None,
+                error=type(error)(f"record written, but writing the new id back to {src.system} failed: "
+                                  f"{error.detail}", reason=error.reason) if isinstance(error, SyncError) else error,
+            )
+
+    async def _cascade(self, flow: FlowSpec, written: list[tuple[_Plan, str]], audit: list[AuditEntry],
+                       now: datetime) -> None:
+        for cascade in self.flowset.cascades:
+            if cascade.parent_entity != flow.entity:
+                continue
+            for plan, target_key in written:
+                sides = (
+                    (flow.source.system, plan.env.source_key, plan.env.payload),
+                    (flow.target.system, target_key, plan.op.values),
+                )
+                for system, parent_key, values in sides:
+                    if _triggers(cascade, system, values):
+                        await self._cascade_side(cascade, system, parent_key, plan.env, flow, audit, now)
+
+    async def _cascade_side(self, cascade: CascadeSpec, system: str, parent_key: str, env: ChangeEnvelope,
+                            flow: FlowSpec, audit: list[AuditEntry], now: datetime) -> None:
+        table = self._table_of(cascade.child_entity, system)
+        if table is None or system not in cascade.child_parent_field or system not in cascade.set:
+            return
+        sink = self.sinks[system]
+        children = await sink.select(table, equals={cascade.child_parent_field[system]: parent_key},
+                                     not_in=cascade.unless.get(system))
+        if not children:
+            return
+        values = dict(cascade.set[system])
+        ops = [WriteOp(f"cascade:{c.key}", "update", table, key=c.key, values=values,
+                       correlation_id=env.correlation_id) for c in children]
+        results = await sink.write(ops)
+        done = [c for c, r in zip(children, results, strict=True) if r.ok]
+        prev = await self.state.get_snapshots(system, table, [c.key for c in done])
+        snaps = []
+        for child in done:
+            merged = {**(dict(prev[child.key].values) if child.key in prev else {}), **values}
+            before = prev[child.key].modified if child.key in prev else None
+            snaps.append(Snapshot(system, table, child.key, merged, values_hash(merged),
+                                  _latest(before, env.source_modified)))
+            audit.append(AuditEntry(now, env.correlation_id, flow.name, "cascaded", system, table, child.key,
+                                    f"{cascade.name}: parent {parent_key} closed; set {values}"))
+        if snaps:
+            await self.state.put_snapshots(snaps)
+        for child, res in zip(children, results, strict=True):
+            if not res.ok:
+                log.warning("cascade %s: %s %s failed: %s", cascade.name, system, child.key, res.error)
+
+    def _table_of(self, entity: str, system: str) -> str | None:
+        for f in self.flowset.flows:
+            if f.entity != entity:
+                continue
+            if f.source.system == system:
+                return f.source.table
+            if f.target.system == system:
+                return f.target.table
+        return None
+
+    async def _record_skips(self, flow: FlowSpec, outcomes: Sequence[Outcome]) -> None:
+        audit = [self._audit_for(o) for o in outcomes if o.status in ("skipped_echo", "skipped_noop")]
+        if audit:
+            await self.state.append_audit(audit)
+
+    def _audit_for(self, outcome: Outcome) -> AuditEntry:
+        env = outcome.envelope
+        decision = {
+            "skipped_echo": "skipped_echo",
+            "skipped_noop": "skipped_noop",
+            "deferred": "deferred",
+            "failed": "retry_scheduled" if outcome.error is not None and outcome.error.retriable else "dead_lettered",
+        }.get(outcome.status, "written")
+        detail = outcome.error.detail if outcome.error is not None else outcome.detail
+        return AuditEntry(
+            self.clock(), env.correlation_id, env.flow, decision,  # type: ignore[arg-type]
+            env.source_system, env.source_table, env.source_key, detail,
+            outcome.error.reason if outcome.error is not None else None,
+        )
+
+
+def _blank(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and not value.strip())
+
+
+def _canonical_key(system: str, key: str) -> str:
+    """Keys as the connectors emit them: ArcGIS GlobalIDs braced upper case, Dataverse GUIDs lower case."""
+    text = key.strip()
+    bare = text.strip("{}")
+    if len(bare) == 36 and bare.count("-") == 4:
+        return "{" + bare.upper() + "}" if system == "arcgis" else bare.lower()
+    return text
+
+
+def _covers(snapshot: Mapping[str, Any], projection: Mapping[str, Any]) -> bool:
+    # A field absent from the snapshot is empty there (Dataverse images omit null columns).
+    return all(same(snapshot.get(k), v) for k, v in projection.items())
+
+
+def _latest(a: datetime | None, b: datetime | None) -> datetime | None:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return max(a, b)
+
+
+def _attachment_ref(raw: Any) -> AttachmentRef:
+    if isinstance(raw, AttachmentRef):
+        return raw
+    if not isinstance(raw, Mapping):
+        raise ValidationError(f"attachment entry must be an object, got {raw!r}")
+    return AttachmentRef(str(raw.get("id")), str(raw.get("name") or raw.get("id")),
+                         str(raw.get("content_type") or raw.get("contentType") or "application/octet-stream"),
+                         int(raw.get("size") or 0))
+
+
+def _new_attachments(env: ChangeEnvelope, snap: Snapshot | None) -> bool:
+    refs = env.payload.get(ATTACHMENTS_KEY) or []
+    done = {str(a.get("id")) for a in (snap.values.get(ATTACHMENTS_KEY) or [])} if snap else set()
+    return any(str(_attachment_ref(r).id) not in done for r in refs)
+
+
+def _triggers(cascade: CascadeSpec, system: str, values: Mapping[str, Any]) -> bool:
+    rules = cascade.when.get(system, {})
+    return any(
+        name in values and normalize(values[name]) in {normalize(v) for v in allowed}
+        for name, allowed in rules.items()
+    )

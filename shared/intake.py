@@ -1,0 +1,211 @@
+"""Application services behind the triggers: webhook intake, outbound direct writes, health, DLQ replay."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from shared.bootstrap import Services
+from shared.core.controller import LAST_CYCLE, POLL_HINT, envelopes_for
+from shared.core.envelope import ChangeEnvelope, QueueMessage
+from shared.core.errors import EnvelopeError, SyncError
+from shared.core.ports import AuditEntry
+
+log = logging.getLogger(__name__)
+
+
+class Unauthorized(Exception):
+    """The caller did not present the configured shared secret."""
+
+
+def check_shared_secret(services: Services, presented: str | None) -> None:
+    """Constant-time check of the x-syncline-key header when a webhook secret is configured.
+
+    With no secret configured the Functions host's function key (auth level FUNCTION) is the guard.
+    """
+    expected = services.settings.syncline_webhook_secret.get_secret_value()
+    if expected and not hmac.compare_digest(expected.encode(), (presented or "").encode()):
+        raise Unauthorized("missing or wrong x-syncline-key header")
+
+
+@dataclass
+class IntakeResult:
+    """What a webhook invocation did, returned to the caller as JSON."""
+
+    accepted: int = 0
+    written: int = 0
+    skipped: int = 0
+    queued: int = 0
+    statuses: dict[str, int] = field(default_factory=dict)
+    correlation_id: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"accepted": self.accepted, "written": self.written, "skipped": self.skipped,
+                "queued": self.queued, "statuses": self.statuses, "correlation_id": self.correlation_id}
+
+
+def _json_body(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise EnvelopeError(f"request body is not valid JSON: {exc}") from exc
+
+
+async def handle_dataverse_webhook(services: Services, body: bytes) -> IntakeResult:
+    """Dataverse RemoteExecutionContext -> direct writes for direct flows, queue for the rest.
+
+    A transient failure is retried briefly in the invocation, then scheduled on the queue; a permanent
+    one is put on the queue too, where the controller dead-letters it with its reason. Nothing is lost.
+    """
+    from shared.connectors.dataverse import DataverseClient, parse_remote_execution_context
+
+    change = parse_remote_execution_context(_json_body(body))
+    dv = services.sinks.get("dataverse")
+    if not isinstance(dv, DataverseClient):
+        raise EnvelopeError("Dataverse is not configured (DATAVERSE__URL is empty)")
+    table = await dv.entity_set_for(change.entity)
+    operation = {"Create": "create", "Update": "update", "Delete": "delete"}[change.message_name]
+    correlation = change.correlation_id or None
+    result = IntakeResult(correlation_id=correlation)
+    direct = envelopes_for(services.flowset, "dataverse", table, [change.record], origin="webhook", mode="direct",
+                           operation=operation, correlation_id=correlation)
+    queued = envelopes_for(services.flowset, "dataverse", table, [change.record], origin="webhook", mode="queue",
+                           operation=operation, correlation_id=correlation)
+    result.accepted = len(direct) + len(queued)
+    if queued:
+        await enqueue(services, queued)
+        result.queued += len(queued)
+    if direct:
+        await write_direct(services, direct, result)
+    return result
+
+
+async def write_direct(services: Services, envelopes: list[ChangeEnvelope], result: IntakeResult) -> None:
+    """Outbound direct write with short inline retries; leftovers go to the queue (never lost)."""
+    pending = envelopes
+    statuses: Counter[str] = Counter()
+    for attempt in range(services.settings.syncline_inline_retries + 1):
+        outcomes = await services.engine.process(pending)
+        retry: list[ChangeEnvelope] = []
+        for o in outcomes:
+            statuses[o.status] += 1
+            if o.status in ("written", "deleted"):
+                result.written += 1
+            elif o.status in ("skipped_echo", "skipped_noop"):
+                result.skipped += 1
+            elif o.status == "failed" and o.error is not None and o.error.retriable and \
+                    attempt < services.settings.syncline_inline_retries:
+                retry.append(o.envelope)
+            else:
+                # Deferred, permanent, or out of inline retries: the queue takes it from here.
+                delay = 0 if o.error is not None and not o.error.retriable else 30
+                env = o.envelope.model_copy(update={"origin": "resubmit"})
+                await enqueue(services, [env], delay_seconds=delay)
+                result.queued += 1
+        if not retry:
+            break
+        pending = retry
+        await asyncio.sleep(0.2 * (attempt + 1))
+    result.statuses = dict(statuses)
+
+
+async def enqueue(services: Services, envelopes: list[ChangeEnvelope], *, delay_seconds: float = 0) -> None:
+    """Put envelopes on the inbound queue (optionally scheduled) and audit it."""
+    when = datetime.now(UTC) + timedelta(seconds=delay_seconds) if delay_seconds > 0 else None
+    await services.queue.send([e.to_message() for e in envelopes], scheduled_at=when)
+    now = datetime.now(UTC)
+    await services.state.append_audit([
+        AuditEntry(now, e.correlation_id, e.flow, "enqueued", e.source_system, e.source_table, e.source_key,
+                   f"origin {e.origin}" + (f", due in {delay_seconds:.0f}s" if delay_seconds else ""))
+        for e in envelopes])
+
+
+async def handle_arcgis_webhook(services: Services, body: bytes, content_type: str,
+                                signature: str | None, shared_key: str | None) -> IntakeResult:
+    """Feature-service and Survey123 webhooks: authenticate, validate, enqueue. Nothing more."""
+    from shared.connectors.arcgis import parse_webhook, verify_signature
+
+    sig_key = services.settings.arcgis.webhook_signature_key.get_secret_value()
+    if signature is not None and sig_key:
+        if not verify_signature(body, signature, sig_key):
+            raise Unauthorized("x-esriHook-Signature does not match the body")
+    else:
+        check_shared_secret(services, shared_key)
+        if not services.settings.syncline_webhook_secret.get_secret_value() and sig_key:
+            raise Unauthorized("a signed feature-service webhook (x-esriHook-Signature) is required")
+    hook = parse_webhook(body, content_type)
+    result = IntakeResult()
+    if hook.record is not None and hook.table is not None:
+        envelopes = envelopes_for(services.flowset, "arcgis", hook.table, [hook.record], origin="webhook",
+                                  mode="queue")
+        await enqueue(services, envelopes)
+        result.accepted = result.queued = len(envelopes)
+        return result
+    hints = [QueueMessage(
+        body=json.dumps({"kind": POLL_HINT, "system": "arcgis", "table": table, "detail": hook.describe()}).encode(),
+        session_id=f"poll:arcgis:{table}",
+        application_properties={"kind": POLL_HINT, "system": "arcgis", "table": table},
+    ) for table in hook.tables]
+    if hints:
+        await services.queue.send(hints)
+    result.accepted = result.queued = len(hints)
+    return result
+
+
+async def health(services: Services) -> dict[str, Any]:
+    """Reachability of each configured system, queue and dead-letter depth, the last cycle."""
+    systems: dict[str, Any] = {}
+    for name, sink in services.sinks.items():
+        ping = getattr(sink, "ping", None)
+        try:
+            if ping is not None:
+                await asyncio.wait_for(ping(), timeout=10)
+            systems[name] = {"reachable": True}
+        except (SyncError, TimeoutError) as exc:
+            systems[name] = {"reachable": False, "error": str(exc)}
+    depth = await services.queue.depth()
+    last = await services.state.get_checkpoint(LAST_CYCLE)
+    last_cycle = json.loads(last.value) if last else None
+    healthy = all(s["reachable"] for s in systems.values()) and (last_cycle is None or last_cycle["outcome"] == "ok")
+    return {
+        "status": "healthy" if healthy else "degraded",
+        "systems": systems,
+        "queue": {"active": depth.active, "scheduled": depth.scheduled, "dead_letter": depth.dead_letter},
+        "last_cycle": last_cycle,
+    }
+
+
+async def replay_dead_letters(services: Services, *, message_id: str | None = None,
+                              limit: int = 1000) -> list[str]:
+    """Send dead-lettered messages back to the queue (all, or one by message id); returns the ids replayed."""
+    replayed: list[str] = []
+    while len(replayed) < limit:
+        batch = await services.queue.receive_dead_letters(min(100, limit - len(replayed)))
+        if not batch:
+            break
+        keep = []
+        for msg in batch:
+            if message_id is not None and msg.message_id != message_id:
+                keep.append(msg)
+                continue
+            try:
+                env = ChangeEnvelope.from_body(msg.body)
+                out = env.model_copy(update={"origin": "replay", "waits": 0}).to_message()
+            except EnvelopeError:
+                out = QueueMessage(body=msg.body, message_id=msg.message_id, session_id=msg.session_id,
+                                   correlation_id=msg.correlation_id,
+                                   application_properties=dict(msg.application_properties))
+            await services.queue.send([out])
+            await services.queue.complete(msg)
+            replayed.append(msg.message_id)
+        for msg in keep:
+            await services.queue.abandon(msg)
+        if message_id is not None and (replayed or keep):
+            break
+    return replayed

@@ -1,0 +1,83 @@
+"""Application settings (pydantic-settings), shaped like Azure app settings with `__` nesting."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class DataverseSettings(BaseModel):
+    """Dynamics 365 CE / Dataverse Web API."""
+
+    url: str = ""
+    """Organisation URL, e.g. https://contoso.crm.dynamics.com (empty: Dataverse not configured)."""
+    tenant_id: str = ""
+    client_id: str = ""
+    client_secret: SecretStr = SecretStr("")
+    """Leave empty to use the managed identity / DefaultAzureCredential chain."""
+    authority_host: str = ""
+    """Entra ID authority (default login.microsoftonline.com); the sandbox points it at its token endpoint."""
+    batch_size: int = Field(default=500, ge=1, le=1000)
+    max_concurrency: int = Field(default=4, ge=1, le=52)
+
+
+class ArcGISSettings(BaseModel):
+    """ArcGIS Online hosted feature service."""
+
+    service_url: str = ""
+    """FeatureServer URL (empty: ArcGIS not configured)."""
+    token_url: str = "https://www.arcgis.com/sharing/rest/oauth2/token"  # noqa: S105 - a URL, not a secret
+    client_id: str = ""
+    client_secret: SecretStr = SecretStr("")
+    api_key: SecretStr = SecretStr("")
+    """Used instead of app credentials when set."""
+    webhook_signature_key: SecretStr = SecretStr("")
+    """Shared secret of feature-service webhooks (x-esriHook-Signature)."""
+    batch_size: int = Field(default=250, ge=1, le=2000)
+    max_concurrency: int = Field(default=2, ge=1, le=16)
+
+
+class Settings(BaseSettings):
+    """Every setting Syncline reads. Names map to app settings: `DATAVERSE__URL`, `SYNCLINE_RUNTIME`, ..."""
+
+    model_config = SettingsConfigDict(env_nested_delimiter="__", extra="ignore", case_sensitive=False)
+
+    syncline_runtime: Literal["embedded", "azure"] = "embedded"
+    """embedded: SQLite state and queue on local disk; azure: Service Bus and Table Storage."""
+    syncline_state_dir: str = ".syncline"
+    """Directory of the embedded runtime's SQLite files."""
+    syncline_flows: str = str(REPO_ROOT / "flows")
+    """A flow spec file, or a directory of *.yaml specs."""
+    syncline_schedule: str = "0 */15 * * * *"
+    """NCRONTAB schedule of the controller timer (the trigger reads it as %SYNCLINE_SCHEDULE%)."""
+    syncline_webhook_secret: SecretStr = SecretStr("")
+    """Shared secret the webhooks must present in the x-syncline-key header (function keys work too)."""
+    syncline_batch_size: int = Field(default=500, ge=1, le=5000)
+    syncline_max_delivery_count: int = Field(default=10, ge=1, le=2000)
+    syncline_inline_retries: int = Field(default=2, ge=0, le=5)
+    """Short retries of an outbound direct write before it is scheduled on the queue."""
+    syncline_ca_bundle: str = ""
+    """Extra CA bundle to trust (the sandbox's test CA); empty in production."""
+    syncline_inbound_queue: str = "syncline-inbound"
+    dataverse: DataverseSettings = Field(default_factory=DataverseSettings)
+    arcgis: ArcGISSettings = Field(default_factory=ArcGISSettings)
+
+    @field_validator("syncline_flows")
+    @classmethod
+    def _flows_exist(cls, value: str) -> str:
+        if not Path(value).exists():
+            raise ValueError(f"flow spec path {value!r} does not exist")
+        return value
+
+    def secrets(self) -> list[str]:
+        """Every configured secret value (for log-redaction checks)."""
+        values = [
+            self.syncline_webhook_secret, self.dataverse.client_secret, self.arcgis.client_secret,
+            self.arcgis.api_key, self.arcgis.webhook_signature_key,
+        ]
+        return [v.get_secret_value() for v in values if v.get_secret_value()]
