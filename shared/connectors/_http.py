@@ -39,7 +39,7 @@ class RetryPolicy:
     def backoff(self, attempt: int) -> float:
         """Delay before attempt `attempt + 1` (attempt counts from 1)."""
         base = min(self.max_backoff, self.initial_backoff * (2 ** (attempt - 1)))
-        return float(base * (0.5 + random.random() / 2))  # noqa: S311 - jitter, not crypto
+        return float(base * (0.5 + random.random() / 2))
 
 
 def retry_after_seconds(response: httpx.Response) -> float | None:
