@@ -71,7 +71,7 @@ async def test_create_translates_values_geometry_and_propagates_the_new_id(world
     assert feature["MOUNT_HEIGHT_M"] == pytest.approx(2.134, abs=1e-3)
     assert feature["DV_ID"] == SIGN_ID
     assert feature["INSTALL_DATE"] == int(datetime(2019, 5, 1, tzinfo=UTC).timestamp() * 1000)
-    assert feature[GEOMETRY_KEY]["x"] == pytest.approx(-8735986.28, abs=0.05)  # -78.4767° × 111319.49 m/°
+    assert feature[GEOMETRY_KEY]["x"] == pytest.approx(-8735986.28, abs=0.05)  # -78.4767 deg * 111319.49 m/°
     # identifier propagation: the GlobalID is written back to the Dataverse record
     assert dv.tables["dot_signassets"][SIGN_ID]["dot_arcgisglobalid"] == outcome.target_key
     links = await state.get_links("sign_asset", "dataverse", [SIGN_ID], "arcgis")

@@ -50,7 +50,8 @@ def test_web_mercator_round_trip_is_centimetre_exact():
     point = point_from_latlon(38.8977, -77.0365, 102100)
     assert point is not None
     assert latlon_from_point(point) == (pytest.approx(38.8977, abs=1e-7), pytest.approx(-77.0365, abs=1e-7))
-    assert point_from_latlon(38.8977, -77.0365, 4326) == {"x": -77.0365, "y": 38.8977, "spatialReference": {"wkid": 4326}}
+    wgs84 = point_from_latlon(38.8977, -77.0365, 4326)
+    assert wgs84 == {"x": -77.0365, "y": 38.8977, "spatialReference": {"wkid": 4326}}
 
 
 def test_bad_geometry_is_a_mapping_error():
