@@ -1,0 +1,300 @@
+"""Contract of `StateStore` that every state adapter must pass."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta, timezone
+
+import pytest
+
+from shared.core.ports import AuditEntry, CheckpointConflictError, Link, Snapshot
+from tests.contract.conftest import StateFactory
+
+T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
+
+
+def snapshot(key: str, *, table: str = "parcels", system: str = "arcgis", version: int = 1) -> Snapshot:
+    values = {"name": f"parcel {key}", "area": 12.5 * version, "tags": ["a", "b"], "owner": None, "ok": True}
+    return Snapshot(system, table, key, values, f"hash-{key}-{version}", T0 + timedelta(minutes=version))
+
+
+def audit(n: int, *, at: datetime, correlation_id: str = "corr-1", decision: str = "written") -> AuditEntry:
+    return AuditEntry(
+        at=at,
+        correlation_id=correlation_id,
+        flow="parcels",
+        decision=decision,  # type: ignore[arg-type]
+        system="dataverse",
+        table="account",
+        key=f"key-{n}",
+        detail=f"entry {n}",
+        reason="TARGET_REJECTED" if decision == "dead_lettered" else None,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- links
+
+
+async def test_links_resolve_in_both_directions(state_factory: StateFactory) -> None:
+    store = await state_factory()
+    await store.put_links([
+        Link("parcel", "arcgis", "g-1", "dataverse", "d-1"),
+        Link("parcel", "dataverse", "d-2", "arcgis", "g-2"),
+    ])
+
+    forward = await store.get_links("parcel", "arcgis", ["g-1", "g-2", "g-unknown"], "dataverse")
+    backward = await store.get_links("parcel", "dataverse", ["d-1", "d-2", "d-unknown"], "arcgis")
+
+    assert forward == {"g-1": "d-1", "g-2": "d-2"}
+    assert backward == {"d-1": "g-1", "d-2": "g-2"}
+
+
+async def test_links_are_scoped_by_entity_and_system_pair(state_factory: StateFactory) -> None:
+    store = await state_factory()
+    await store.put_links([
+        Link("parcel", "arcgis", "k", "dataverse", "parcel-d"),
+        Link("owner", "arcgis", "k", "dataverse", "owner-d"),
+        Link("parcel", "arcgis", "k", "salesforce", "parcel-s"),
+    ])
+
+    assert await store.get_links("parcel", "arcgis", ["k"], "dataverse") == {"k": "parcel-d"}
+    assert await store.get_links("owner", "arcgis", ["k"], "dataverse") == {"k": "owner-d"}
+    assert await store.get_links("parcel", "arcgis", ["k"], "salesforce") == {"k": "parcel-s"}
+    assert await store.get_links("parcel", "dataverse", ["k"], "arcgis") == {}
+
+
+async def test_putting_a_link_again_is_a_no_op(state_factory: StateFactory) -> None:
+    store = await state_factory()
+    link = Link("parcel", "arcgis", "g-1", "dataverse", "d-1")
+    await store.put_links([link])
+
+    await store.put_links([link, link])
+    await store.put_links([Link("parcel", "dataverse", "d-1", "arcgis", "g-1")])  # the same link, reversed
+
+    assert await store.get_links("parcel", "arcgis", ["g-1"], "dataverse") == {"g-1": "d-1"}
+    assert await store.get_links("parcel", "dataverse", ["d-1"], "arcgis") == {"d-1": "g-1"}
+
+
+async def test_get_links_of_no_keys_is_empty(state_factory: StateFactory) -> None:
+    store = await state_factory()
+    await store.put_links([Link("parcel", "arcgis", "g-1", "dataverse", "d-1")])
+
+    assert await store.get_links("parcel", "arcgis", [], "dataverse") == {}
+
+
+async def test_many_links_in_one_batch(state_factory: StateFactory) -> None:
+    store = await state_factory()
+    keys = [f"g-{i}" for i in range(1000)]
+    await store.put_links([Link("parcel", "arcgis", k, "dataverse", f"d-{k}") for k in keys])
+
+    assert await store.get_links("parcel", "arcgis", keys, "dataverse") == {k: f"d-{k}" for k in keys}
+    backward = await store.get_links("parcel", "dataverse", [f"d-{k}" for k in keys], "arcgis")
+    assert backward == {f"d-{k}": k for k in keys}
+
+
+# ------------------------------------------------------------------------------------------ snapshots
+
+
+async def test_snapshots_round_trip_in_batches(state_factory: StateFactory) -> None:
+    store = await state_factory()
+    snaps = [snapshot(f"k-{i}") for i in range(3)]
+    await store.put_snapshots(snaps)
+
+    got = await store.get_snapshots("arcgis", "parcels", ["k-0", "k-2", "k-missing"])
+
+    assert set(got) == {"k-0", "k-2"}
+    assert got["k-0"] == snaps[0]
+    assert got["k-2"] == snaps[2]
+    modified = got["k-0"].modified
+    assert modified is not None
+    assert modified.utcoffset() == timedelta(0)
+
+
+async def test_put_snapshots_replaces(state_factory: StateFactory) -> None:
+    store = await state_factory()
+    await store.put_snapshots([snapshot("k", version=1)])
+
+    await store.put_snapshots([snapshot("k", version=2)])
+
+    got = (await store.get_snapshots("arcgis", "parcels", ["k"]))["k"]
+    assert got == snapshot("k", version=2)
+
+
+async def test_snapshots_are_scoped_by_system_and_table(state_factory: StateFactory) -> None:
+    store = await state_factory()
+    await store.put_snapshots([snapshot("k", table="parcels"), snapshot("k", table="owners", version=2)])
+    await store.put_snapshots([snapshot("k", system="dataverse", version=3)])
+
+    assert (await store.get_snapshots("arcgis", "parcels", ["k"]))["k"].hash == "hash-k-1"
+    assert (await store.get_snapshots("arcgis", "owners", ["k"]))["k"].hash == "hash-k-2"
+    assert (await store.get_snapshots("dataverse", "parcels", ["k"]))["k"].hash == "hash-k-3"
+
+
+async def test_snapshot_modified_may_be_unknown_and_keeps_its_instant(state_factory: StateFactory) -> None:
+    store = await state_factory()
+    plus_two = timezone(timedelta(hours=2))
+    await store.put_snapshots([
+        Snapshot("arcgis", "parcels", "none", {"a": 1}, "h1", None),
+        Snapshot("arcgis", "parcels", "cest", {"a": 1}, "h2", datetime(2025, 6, 1, 14, 0, tzinfo=plus_two)),
+    ])
+
+    got = await store.get_snapshots("arcgis", "parcels", ["none", "cest"])
+
+    assert got["none"].modified is None
+    assert got["cest"].modified == datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
+
+
+async def test_delete_snapshots_forgets_only_the_given_keys(state_factory: StateFactory) -> None:
+    store = await state_factory()
+    await store.put_snapshots([snapshot("a"), snapshot("b"), snapshot("c"), snapshot("a", table="owners")])
+
+    await store.delete_snapshots("arcgis", "parcels", ["a", "c", "never-existed"])
+
+    assert set(await store.get_snapshots("arcgis", "parcels", ["a", "b", "c"])) == {"b"}
+    assert set(await store.get_snapshots("arcgis", "owners", ["a"])) == {"a"}
+
+
+# ---------------------------------------------------------------------------------------- checkpoints
+
+
+async def test_a_checkpoint_never_set_reads_as_none(state_factory: StateFactory) -> None:
+    store = await state_factory()
+
+    assert await store.get_checkpoint("arcgis:parcels") is None
+
+
+async def test_checkpoint_compare_and_set(state_factory: StateFactory) -> None:
+    store = await state_factory()
+
+    created = await store.put_checkpoint("arcgis:parcels", "100", expected_etag=None)
+    assert await store.get_checkpoint("arcgis:parcels") == created
+    assert created.value == "100"
+    assert created.updated_at.utcoffset() == timedelta(0)
+
+    moved = await store.put_checkpoint("arcgis:parcels", "200", expected_etag=created.etag)
+    assert moved.etag != created.etag
+    assert await store.get_checkpoint("arcgis:parcels") == moved
+
+    with pytest.raises(CheckpointConflictError):
+        await store.put_checkpoint("arcgis:parcels", "300", expected_etag=created.etag)  # stale etag
+    with pytest.raises(CheckpointConflictError):
+        await store.put_checkpoint("arcgis:parcels", "300", expected_etag=None)  # exists already
+    assert await store.get_checkpoint("arcgis:parcels") == moved
+
+
+async def test_an_etag_for_a_missing_checkpoint_conflicts(state_factory: StateFactory) -> None:
+    store = await state_factory()
+
+    with pytest.raises(CheckpointConflictError):
+        await store.put_checkpoint("arcgis:parcels", "1", expected_etag="made-up")
+    assert await store.get_checkpoint("arcgis:parcels") is None
+
+
+async def test_concurrent_writers_of_a_checkpoint_exactly_one_wins(state_factory: StateFactory) -> None:
+    first, second = await state_factory(), await state_factory()
+    base = await first.put_checkpoint("arcgis:parcels", "100", expected_etag=None)
+    seen = await second.get_checkpoint("arcgis:parcels")
+    assert seen == base
+
+    results = await asyncio.gather(
+        first.put_checkpoint("arcgis:parcels", "from-first", expected_etag=base.etag),
+        second.put_checkpoint("arcgis:parcels", "from-second", expected_etag=base.etag),
+        return_exceptions=True,
+    )
+
+    conflicts = [r for r in results if isinstance(r, CheckpointConflictError)]
+    winners = [r for r in results if not isinstance(r, BaseException)]
+    assert len(conflicts) == 1
+    assert len(winners) == 1
+    assert await first.get_checkpoint("arcgis:parcels") == winners[0]
+    assert await second.get_checkpoint("arcgis:parcels") == winners[0]
+
+
+async def test_concurrent_creators_of_a_checkpoint_exactly_one_wins(state_factory: StateFactory) -> None:
+    first, second = await state_factory(), await state_factory()
+
+    results = await asyncio.gather(
+        first.put_checkpoint("arcgis:parcels", "a", expected_etag=None),
+        second.put_checkpoint("arcgis:parcels", "b", expected_etag=None),
+        return_exceptions=True,
+    )
+
+    assert sum(isinstance(r, CheckpointConflictError) for r in results) == 1
+    stored = await first.get_checkpoint("arcgis:parcels")
+    assert stored is not None
+    assert stored in results
+
+
+# ---------------------------------------------------------------------------------------------- dedup
+
+
+async def test_remember_returns_the_keys_seen_before(state_factory: StateFactory) -> None:
+    store = await state_factory()
+
+    assert await store.remember("webhook", ["a", "b"]) == set()
+    assert await store.remember("webhook", ["b", "c", "a"]) == {"a", "b"}
+    assert await store.remember("webhook", ["c"]) == {"c"}
+
+
+async def test_remember_namespaces_are_separate(state_factory: StateFactory) -> None:
+    store = await state_factory()
+    await store.remember("webhook", ["a"])
+
+    assert await store.remember("poll", ["a"]) == set()
+    assert await store.remember("webhook", ["a"]) == {"a"}
+
+
+async def test_remember_a_key_twice_in_one_call_is_not_seen_before(state_factory: StateFactory) -> None:
+    store = await state_factory()
+
+    assert await store.remember("webhook", ["a", "a"]) == set()
+    assert await store.remember("webhook", ["a"]) == {"a"}
+
+
+async def test_remember_is_shared_by_clients_of_the_same_store(state_factory: StateFactory) -> None:
+    first, second = await state_factory(), await state_factory()
+    await first.remember("webhook", ["a"])
+
+    assert await second.remember("webhook", ["a", "b"]) == {"a"}
+
+
+# ---------------------------------------------------------------------------------------------- audit
+
+
+async def test_audit_reads_newest_first_with_every_field(state_factory: StateFactory) -> None:
+    store = await state_factory()
+    entries = [audit(1, at=T0), audit(2, at=T0 + timedelta(seconds=2)), audit(3, at=T0 + timedelta(seconds=1))]
+    await store.append_audit(entries)
+
+    got = await store.read_audit()
+
+    assert got == [entries[1], entries[2], entries[0]]
+
+
+async def test_audit_filters_and_limit(state_factory: StateFactory) -> None:
+    store = await state_factory()
+    await store.append_audit([
+        audit(1, at=T0, correlation_id="c-1", decision="written"),
+        audit(2, at=T0 + timedelta(seconds=1), correlation_id="c-1", decision="dead_lettered"),
+        audit(3, at=T0 + timedelta(seconds=2), correlation_id="c-2", decision="written"),
+        audit(4, at=T0 + timedelta(seconds=3), correlation_id="c-2", decision="skipped_echo"),
+    ])
+
+    def keys(entries: list[AuditEntry]) -> list[str]:
+        return [e.key for e in entries]
+
+    assert keys(await store.read_audit(correlation_id="c-1")) == ["key-2", "key-1"]
+    assert keys(await store.read_audit(decision="written")) == ["key-3", "key-1"]
+    assert keys(await store.read_audit(correlation_id="c-2", decision="written")) == ["key-3"]
+    assert keys(await store.read_audit(limit=2)) == ["key-4", "key-3"]
+    assert keys(await store.read_audit(correlation_id="c-3")) == []
+    [dead] = await store.read_audit(decision="dead_lettered")
+    assert dead.reason == "TARGET_REJECTED"
+
+
+async def test_audit_appends_accumulate(state_factory: StateFactory) -> None:
+    store = await state_factory()
+    await store.append_audit([audit(1, at=T0)])
+    await store.append_audit([audit(1, at=T0)])  # the very same decision twice is two ledger lines
+
+    assert len(await store.read_audit()) == 2
