@@ -36,6 +36,9 @@ from shared.mapping.spec import CascadeSpec, FlowSet, FlowSpec
 
 log = logging.getLogger(__name__)
 
+SEEN_MODIFIED = "@seen_modified"
+"""Snapshot key: modified time of the newest change that came *from* this record's own system."""
+
 Status = Literal["written", "skipped_echo", "skipped_noop", "deferred", "failed", "deleted"]
 
 
@@ -210,6 +213,11 @@ class SyncEngine:
             return Outcome(env, "skipped_noop", detail=f"flow {flow.name} does not sync {wanted}s from {src.system}")
         projection = self.mapper.project(flow, env.payload)
         snap = work.src_snaps.get(env.source_key)
+        seen = snap.values.get(SEEN_MODIFIED) if snap is not None else None
+        if seen and env.source_modified is not None and _iso(env.source_modified) < str(seen):
+            # A retried or scheduled copy of an older change: the newer state of this record already synced.
+            return Outcome(env, "skipped_noop", target_key=target_key,
+                           detail=f"older than the last synced change of this record ({seen})")
         if not is_create and snap is not None and _covers(snap.values, projection):
             return Outcome(env, "skipped_echo", target_key=target_key,
                            detail="equal to the last in-sync state (Syncline's own write or no mapped change)")
@@ -327,6 +335,8 @@ class SyncEngine:
             snaps.append(Snapshot(tgt.system, tgt.table, key, tvalues, values_hash(tvalues), tmod))
             prev_s = work.src_snaps.get(env.source_key)
             svalues = {**(dict(prev_s.values) if prev_s else {}), **self.mapper.project(flow, env.payload)}
+            if env.source_modified is not None:
+                svalues[SEEN_MODIFIED] = _iso(env.source_modified)
             snaps.append(Snapshot(src.system, src.table, env.source_key, svalues, values_hash(svalues),
                                   _latest(prev_s.modified if prev_s else None, env.source_modified)))
             how = "created" if result.created else "updated"
@@ -510,3 +520,9 @@ def _triggers(cascade: CascadeSpec, system: str, values: Mapping[str, Any]) -> b
         name in values and normalize(values[name]) in {normalize(v) for v in allowed}
         for name, allowed in rules.items()
     )
+
+
+def _iso(moment: datetime) -> str:
+    """UTC ISO-8601 text, so comparisons of stored times are plain string comparisons."""
+    aware = moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+    return aware.astimezone(UTC).isoformat()

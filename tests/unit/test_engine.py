@@ -231,3 +231,14 @@ async def test_replaying_a_create_after_lost_state_updates_instead_of_duplicatin
     assert again.status == "written"
     assert len(ag.tables["SignAssets"]) == 1
     assert next(iter(ag.tables["SignAssets"].values()))["ROUTE"] == "US-33"
+
+
+async def test_an_older_change_retried_after_a_newer_one_is_not_applied(world):
+    engine, _, ag, _ = world
+    older = env("sign_assets_to_field", SIGN_ID, sign_payload(dot_route="OLD"), modified=T0)
+    newer = env("sign_assets_to_field", SIGN_ID, sign_payload(dot_route="NEW"), modified=T0 + timedelta(minutes=1))
+    await engine.process([newer])
+    [late] = await engine.process([older])
+    assert late.status == "skipped_noop"
+    assert "older than" in late.detail
+    assert next(iter(ag.tables["SignAssets"].values()))["ROUTE"] == "NEW"
