@@ -11,8 +11,6 @@ from typing import Protocol
 import pytest
 
 from shared.core.ports import InboundQueue, StateStore
-from shared.runtime.sqlite_queue import SqliteQueue
-from shared.runtime.sqlite_state import SqliteStateStore
 
 
 class FakeClock:
@@ -50,43 +48,20 @@ StateFactory = Callable[[], Awaitable[StateStore]]
 """Each call opens one more client on the same, initially empty, backing store of the test."""
 
 
-# To add an adapter (Service Bus, Table Storage): add a param whose branch builds it, e.g. skipped unless
-# its connection settings are present, and give it an `advance` that really waits.
-@pytest.fixture(params=["embedded"], ids=["embedded"])
+# Each adapter set registers a builder in tests/contract/adapters/ (one module per backend); a builder
+# returns None when its backend is not available here, and its params are then skipped with the reason.
+from tests.contract.adapters import QUEUE_BUILDERS, STATE_BUILDERS  # noqa: E402
+
+
+@pytest.fixture(params=sorted(QUEUE_BUILDERS), ids=sorted(QUEUE_BUILDERS))
 async def queue_factory(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[QueueFactory]:
-    opened: list[InboundQueue] = []
-
-    async def make(*, lock_duration_seconds: float = 30.0, max_delivery_count: int = 3) -> QueueHarness:
-        assert request.param == "embedded"
-        clock = FakeClock()
-        queue = SqliteQueue(
-            tmp_path / f"queue-{len(opened)}.db",
-            lock_duration_seconds=lock_duration_seconds,
-            max_delivery_count=max_delivery_count,
-            clock=clock,
-        )
-        opened.append(queue)
-
-        async def advance(seconds: float) -> None:
-            clock.advance(seconds)
-
-        return QueueHarness(queue, lock_duration_seconds, clock, advance)
-
-    yield make
-    for queue in opened:
-        await queue.close()
+    builder = QUEUE_BUILDERS[request.param]
+    async with builder(request, tmp_path) as make:
+        yield make
 
 
-@pytest.fixture(params=["embedded"], ids=["embedded"])
+@pytest.fixture(params=sorted(STATE_BUILDERS), ids=sorted(STATE_BUILDERS))
 async def state_factory(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[StateFactory]:
-    opened: list[StateStore] = []
-
-    async def make() -> StateStore:
-        assert request.param == "embedded"
-        store = SqliteStateStore(tmp_path / "state.db")
-        opened.append(store)
-        return store
-
-    yield make
-    for store in opened:
-        await store.close()
+    builder = STATE_BUILDERS[request.param]
+    async with builder(request, tmp_path) as make:
+        yield make
