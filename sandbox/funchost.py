@@ -30,7 +30,7 @@ def http_routes() -> dict[str, tuple[Any, list[str]]]:
     for fn in registered_functions().values():
         trigger = fn.get_trigger().get_dict_repr()
         if trigger.get("type") == "httpTrigger":
-            methods = [str(m).upper() for m in trigger.get("methods") or ["GET", "POST"]]
+            methods = [str(getattr(m, "value", m)).upper() for m in trigger.get("methods") or ["GET", "POST"]]
             routes[trigger["route"]] = (fn.get_user_function(), methods)
     return routes
 

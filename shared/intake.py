@@ -7,6 +7,7 @@ import hmac
 import json
 import logging
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -112,7 +113,32 @@ async def write_direct(services: Services, envelopes: list[ChangeEnvelope], resu
             break
         pending = retry
         await asyncio.sleep(0.2 * (attempt + 1))
-    result.statuses = dict(statuses)
+    for name, count in statuses.items():
+        result.statuses[name] = result.statuses.get(name, 0) + count
+
+
+async def initial_load(services: Services, *, progress: Callable[[str, int], None] | None = None) -> IntakeResult:
+    """Push every record of the direct flows' source tables through the engine, parents first.
+
+    This is the bulk form of the outbound direct write (first go-live, or after a long outage): the
+    same engine, batched; anything that fails lands on the queue exactly like a webhook would.
+    """
+    result = IntakeResult()
+    flows = sorted((f for f in services.flowset.flows if f.mode == "direct"), key=services.flowset.depth)
+    for flow in flows:
+        source = services.sources.get(flow.source.system)
+        if source is None:
+            continue
+        async for page in source.scan(flow.source.table):
+            envelopes = [e for e in envelopes_for(services.flowset, flow.source.system, flow.source.table, page,
+                                                  origin="initial", mode="direct") if e.flow == flow.name]
+            for start in range(0, len(envelopes), services.settings.syncline_batch_size):
+                chunk = envelopes[start:start + services.settings.syncline_batch_size]
+                result.accepted += len(chunk)
+                await write_direct(services, chunk, result)
+                if progress:
+                    progress(flow.name, len(chunk))
+    return result
 
 
 async def enqueue(services: Services, envelopes: list[ChangeEnvelope], *, delay_seconds: float = 0) -> None:

@@ -15,7 +15,7 @@ from shared.core.errors import EnvelopeError
 SCHEMA_VERSION = 1
 
 Operation = Literal["create", "update", "upsert", "delete"]
-Origin = Literal["webhook", "poll", "resubmit", "replay", "cascade", "demo", "bench", "manual"]
+Origin = Literal["webhook", "poll", "initial", "resubmit", "replay", "cascade", "demo", "bench", "manual"]
 
 
 class ParentRef(BaseModel):

@@ -1,0 +1,76 @@
+"""The Functions app: registration, and each trigger invoked through azure-functions with real requests."""
+
+from __future__ import annotations
+
+import json
+
+import azure.functions as func
+from azure.functions.timer import TimerRequest
+
+from shared.core.envelope import ChangeEnvelope
+
+
+def test_functions_are_registered_with_the_expected_triggers(functions):
+    assert set(functions) == {"dataverse_webhook", "arcgis_webhook", "sync_controller", "health"}
+    timer = functions["sync_controller"].get_trigger().get_dict_repr()
+    assert timer["type"] == "timerTrigger"
+    assert timer["schedule"] == "%SYNCLINE_SCHEDULE%"
+    routes = {n: functions[n].get_trigger().get_dict_repr() for n in ("dataverse_webhook", "arcgis_webhook", "health")}
+    assert routes["dataverse_webhook"]["route"] == "webhooks/dataverse"
+    assert [str(getattr(m, "value", m)).upper() for m in routes["dataverse_webhook"]["methods"]] == ["POST"]
+    assert routes["arcgis_webhook"]["route"] == "webhooks/arcgis"
+    assert routes["health"]["route"] == "health"
+    assert all(str(getattr(r["authLevel"], "value", r["authLevel"])).upper() == "FUNCTION" for r in routes.values())
+
+
+def post(route: str, body: bytes, headers: dict[str, str] | None = None) -> func.HttpRequest:
+    return func.HttpRequest(method="POST", url=f"http://localhost/api/{route}", headers=headers or {}, params={},
+                            route_params={}, body=body)
+
+
+async def test_dataverse_webhook_without_the_shared_secret_is_401_and_writes_nothing(user_function, bare_services):
+    resp = await user_function("dataverse_webhook")(post("webhooks/dataverse", b"{}", {"x-syncline-key": "wrong"}))
+    assert resp.status_code == 401
+    assert (await bare_services.queue.depth()).active == 0
+
+
+async def test_dataverse_webhook_with_a_malformed_body_is_400_with_a_specific_message(user_function, bare_services):
+    headers = {"x-syncline-key": "s3cret-webhook-key"}
+    resp = await user_function("dataverse_webhook")(post("webhooks/dataverse", b"{not json", headers))
+    assert resp.status_code == 400
+    body = json.loads(resp.get_body())
+    assert body["error"] == "ENVELOPE_INVALID"
+    assert "not valid JSON" in body["detail"]
+    resp = await user_function("dataverse_webhook")(post("webhooks/dataverse", b'{"MessageName": "Update"}', headers))
+    assert resp.status_code == 400
+    assert json.loads(resp.get_body())["error"] == "ENVELOPE_INVALID"
+    depth = await bare_services.queue.depth()
+    assert (depth.active, depth.dead_letter) == (0, 0)
+
+
+async def test_arcgis_webhook_rejects_wrong_secret_and_malformed_bodies(user_function, bare_services):
+    fn = user_function("arcgis_webhook")
+    assert (await fn(post("webhooks/arcgis", b"[]", {"x-syncline-key": "nope"}))).status_code == 401
+    resp = await fn(post("webhooks/arcgis", b"{\"hello\": 1}", {"x-syncline-key": "s3cret-webhook-key",
+                                                                 "content-type": "application/json"}))
+    assert resp.status_code == 400
+    assert (await bare_services.queue.depth()).active == 0
+
+
+async def test_timer_runs_a_cycle_and_health_reports_it(user_function, bare_services):
+    env = ChangeEnvelope(flow="no_such_flow", operation="update", source_system="arcgis", source_table="X",
+                         source_key="{A}", payload={})
+    await bare_services.queue.send([env.to_message()])
+    await user_function("sync_controller")(TimerRequest(past_due=False))
+    depth = await bare_services.queue.depth()
+    assert (depth.active, depth.dead_letter) == (0, 1)
+    [dead] = await bare_services.queue.peek_dead_letters()
+    assert dead.dead_letter_reason == "UNKNOWN_FLOW"
+    req = func.HttpRequest(method="GET", url="http://localhost/api/health", headers={}, params={}, route_params={},
+                           body=b"")
+    resp = await user_function("health")(req)
+    report = json.loads(resp.get_body())
+    assert resp.status_code == 200
+    assert report["queue"]["dead_letter"] == 1
+    assert report["last_cycle"]["outcome"] == "ok"
+    assert report["last_cycle"]["dead_lettered"] == {"UNKNOWN_FLOW": 1}
