@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from shared.bootstrap import Services
-from shared.core.controller import LAST_CYCLE, POLL_HINT, envelopes_for
+from shared.core.controller import LAST_CYCLE, POLL_HINT, drop_duplicates, envelopes_for
 from shared.core.envelope import ChangeEnvelope, QueueMessage
 from shared.core.errors import EnvelopeError, SyncError
 from shared.core.ports import AuditEntry
@@ -79,6 +79,7 @@ async def handle_dataverse_webhook(services: Services, body: bytes) -> IntakeRes
     queued = envelopes_for(services.flowset, "dataverse", table, [change.record], origin="webhook", mode="queue",
                            operation=operation, correlation_id=correlation)
     result.accepted = len(direct) + len(queued)
+    queued = await drop_duplicates(services.state, queued, datetime.now(UTC))
     if queued:
         await enqueue(services, queued)
         result.queued += len(queued)
@@ -170,6 +171,7 @@ async def handle_arcgis_webhook(services: Services, body: bytes, content_type: s
     if hook.record is not None and hook.table is not None:
         envelopes = envelopes_for(services.flowset, "arcgis", hook.table, [hook.record], origin="webhook",
                                   mode="queue")
+        envelopes = await drop_duplicates(services.state, envelopes, datetime.now(UTC))
         await enqueue(services, envelopes)
         result.accepted = result.queued = len(envelopes)
         return result

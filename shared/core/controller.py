@@ -67,6 +67,33 @@ def envelopes_for(
     return out
 
 
+async def drop_duplicates(
+    state: StateStore, envelopes: Sequence[ChangeEnvelope], now: datetime
+) -> list[ChangeEnvelope]:
+    """Keep envelopes whose message id was never enqueued before (a webhook and a poll can report one change).
+
+    Message ids are derived from the record, operation and source version, so the same change seen twice
+    has the same id; a later change of the record has a new version and passes.
+    """
+    if not envelopes:
+        return []
+    seen = await state.remember("enqueued", [e.message_id() for e in envelopes])
+    fresh: list[ChangeEnvelope] = []
+    batch_ids: set[str] = set()
+    dropped: list[AuditEntry] = []
+    for env in envelopes:
+        mid = env.message_id()
+        if mid in seen or mid in batch_ids:
+            dropped.append(AuditEntry(now, env.correlation_id, env.flow, "duplicate_dropped", env.source_system,
+                                      env.source_table, env.source_key, f"change already enqueued as {mid}"))
+            continue
+        batch_ids.add(mid)
+        fresh.append(env)
+    if dropped:
+        await state.append_audit(dropped)
+    return fresh
+
+
 @dataclass
 class CycleReport:
     """What one controller cycle did (also stored as the health endpoint's "last cycle")."""
@@ -152,6 +179,7 @@ class Controller:
             etag = current.etag if current else None
             async for records, next_checkpoint in source.changes_since(table, current.value if current else None):
                 envelopes = envelopes_for(self.flowset, system, table, records, origin="poll", mode="queue")
+                envelopes = await drop_duplicates(self.state, envelopes, self.clock())
                 if envelopes:
                     await self.queue.send([e.to_message() for e in envelopes])
                     await self.state.append_audit([
