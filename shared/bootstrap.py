@@ -145,11 +145,13 @@ def build_services(
         state_dir.mkdir(parents=True, exist_ok=True)
         state = state or SqliteStateStore(state_dir / "state.db")
         queue = queue or SqliteQueue(state_dir / "queue.db", name=settings.syncline_inbound_queue,
-                                     max_delivery_count=settings.syncline_max_delivery_count)
+                                     max_delivery_count=settings.syncline_max_delivery_count,
+                                     lock_duration_seconds=settings.syncline_lock_seconds)
 
     engine = SyncEngine(flowset, sinks=sinks, state=state, sources=sources)
     controller = Controller(flowset, engine=engine, queue=queue, state=state, sources=sources,
-                            batch_size=settings.syncline_batch_size)
+                            batch_size=settings.syncline_batch_size,
+                            lock_renew_seconds=max(1.0, settings.syncline_lock_seconds / 3))
     return Services(settings, flowset, state, queue, engine, controller, sinks, sources, counter, clients)
 
 

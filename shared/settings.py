@@ -59,6 +59,8 @@ class Settings(BaseSettings):
     """Shared secret the webhooks must present in the x-syncline-key header (function keys work too)."""
     syncline_batch_size: int = Field(default=500, ge=1, le=5000)
     syncline_max_delivery_count: int = Field(default=10, ge=1, le=2000)
+    syncline_lock_seconds: float = Field(default=60.0, gt=0, le=300)
+    """Peek-lock duration of the embedded queue (Service Bus: the queue's LockDuration)."""
     syncline_inline_retries: int = Field(default=2, ge=0, le=5)
     """Short retries of an outbound direct write before it is scheduled on the queue."""
     syncline_ca_bundle: str = ""
