@@ -1,0 +1,2272 @@
+"""Protocol-faithful simulator of the Dataverse Web API v9.2 and its Entra ID token endpoint (Starlette ASGI)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import math
+import re
+import secrets
+import threading
+import time
+import uuid
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
+
+import httpx
+import yaml
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+API_PREFIX = "/api/data/v9.2/"
+XRM_CONTRACTS = "http://schemas.microsoft.com/xrm/2011/Contracts"
+MAX_BATCH_REQUESTS = 1000
+MAX_PAGE_SIZE = 5000
+
+DEFAULT_TENANT_ID = "9b1c3f0e-5d2a-4e7b-8c61-0f4a2d9e7b31"
+DEFAULT_CLIENT_ID = "5f0e8a4c-2b1d-4c3e-9a7f-6d8b0c1e2f3a"
+DEFAULT_CLIENT_SECRET = "sim-secret-Syncline~0123456789"  # a fixed test secret
+APP_USER_ID = "2a6f1d4e-8b3c-4f5a-9e7d-1c0b2a3d4e5f"
+"""systemuserid of the application user behind the default client (Syncline's own writes)."""
+OFFICE_USER_ID = "7c3e9b1a-4d2f-4a6e-8b5c-0d1e2f3a4b5c"
+"""systemuserid of the 'office user' used by `apply_change` (edits made in the D365 UI)."""
+ORGANIZATION_ID = "4ef5b371-e89e-e711-8122-000d3aa2331c"
+BUSINESS_UNIT_ID = "e2b9dd85-e89e-e711-8122-000d3aa2331c"
+
+_GUID_RE = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
+_DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+FLOWS_FILE = Path(__file__).resolve().parent.parent / "flows" / "dot-signs.yaml"
+
+EDM = {
+    "guid": "Edm.Guid", "string": "Edm.String", "memo": "Edm.String", "int": "Edm.Int32",
+    "decimal": "Edm.Decimal", "money": "Edm.Decimal", "float": "Edm.Double", "bool": "Edm.Boolean",
+    "date": "Edm.Date", "datetime": "Edm.DateTimeOffset", "choice": "Edm.Int32", "lookup": "Edm.Guid",
+}
+ATTRIBUTE_TYPES = {
+    "guid": "Uniqueidentifier", "string": "String", "memo": "Memo", "int": "Integer", "decimal": "Decimal",
+    "money": "Money", "float": "Double", "bool": "Boolean", "date": "DateTime", "datetime": "DateTime",
+    "choice": "Picklist", "lookup": "Lookup",
+}
+URL_UNSAFE_KEY_CHARS = frozenset("/<>*%&:\\?+")
+SYSTEM_READONLY = frozenset({"createdon", "modifiedon", "createdby", "modifiedby", "ownerid", "versionnumber"})
+
+
+# ============================================================================================ errors
+
+
+class ODataError(Exception):
+    """An error the Web API answers with `{"error": {"code", "message"}}`."""
+
+    def __init__(self, status: int, code: str, message: str, headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = dict(headers or {})
+
+
+def _not_found(logical: str, key: str) -> ODataError:
+    return ODataError(404, "0x80040217", f"{logical} With Id = {key} Does Not Exist")
+
+
+def _bad_property(logical: str, name: str) -> ODataError:
+    return ODataError(
+        400, "0x80060888",
+        f"The property '{name}' does not exist on type 'Microsoft.Dynamics.CRM.{logical}'. Make sure to only use "
+        "property names that are defined by the type.",
+    )
+
+
+def _cannot_convert(value: Any, edm: str) -> ODataError:
+    return ODataError(400, "0x80060888", f"Cannot convert the literal '{value}' to the expected type '{edm}'.")
+
+
+# ============================================================================================ schema
+
+
+@dataclass(frozen=True)
+class ChoiceColumn:
+    """A local choice (picklist) column: option value -> label."""
+
+    options: dict[int, str]
+    option_set_name: str = ""
+
+
+@dataclass(frozen=True)
+class LookupColumn:
+    """A lookup column: single-valued navigation property name(s) -> target entity set (several = polymorphic)."""
+
+    navs: dict[str, str]
+
+
+@dataclass
+class TableSchema:
+    """One table: names, typed columns, alternate keys, lookups, choices and required columns."""
+
+    entity_set: str
+    logical_name: str
+    primary_id: str
+    primary_name: str | None = None
+    columns: dict[str, str] = field(default_factory=dict)
+    """logical name -> type: guid string memo int decimal money float bool date datetime choice lookup."""
+    alternate_keys: list[tuple[str, ...]] = field(default_factory=list)
+    lookups: dict[str, LookupColumn] = field(default_factory=dict)
+    choices: dict[str, ChoiceColumn] = field(default_factory=dict)
+    required: frozenset[str] = frozenset()
+    max_length: dict[str, int] = field(default_factory=dict)
+    computed: frozenset[str] = frozenset()
+    """Columns the platform fills in (ignored when written)."""
+    change_tracking: bool = True
+
+    def __post_init__(self) -> None:
+        cols = {self.primary_id: "guid"}
+        cols.update(self.columns)
+        for name in self.lookups:
+            cols[name] = "lookup"
+        for name in self.choices:
+            cols[name] = "choice"
+        cols.update({"createdon": "datetime", "modifiedon": "datetime", "versionnumber": "int"})
+        self.columns = cols
+        for sys_lookup in ("createdby", "modifiedby", "ownerid"):
+            self.lookups.setdefault(sys_lookup, LookupColumn({sys_lookup: "systemusers"}))
+            self.columns[sys_lookup] = "lookup"
+
+    def read_name(self, column: str) -> str:
+        """The Web API property name of a column (`_x_value` for lookups)."""
+        return f"_{column}_value" if self.columns.get(column) == "lookup" else column
+
+    def read_types(self) -> dict[str, str]:
+        """Web API property name -> column type."""
+        return {self.read_name(c): t for c, t in self.columns.items()}
+
+    def nav_index(self) -> dict[str, tuple[str, str]]:
+        """Navigation property -> (lookup column, target entity set)."""
+        out: dict[str, tuple[str, str]] = {}
+        for col, lk in self.lookups.items():
+            if col in SYSTEM_READONLY:
+                continue
+            for nav, target in lk.navs.items():
+                out[nav] = (col, target)
+        return out
+
+
+def _flow_choices(flows_file: Path) -> dict[tuple[str, str], ChoiceColumn]:
+    """(entity set, column) -> choice options, read from the value maps of the flow spec (single source of truth)."""
+    data = yaml.safe_load(flows_file.read_text(encoding="utf-8"))
+    value_maps: dict[str, list[dict[str, Any]]] = data.get("value_maps", {})
+    out: dict[tuple[str, str], ChoiceColumn] = {}
+    for flow in data.get("flows", []):
+        for side_name, column_key in (("source", "source"), ("target", "target")):
+            side = flow[side_name]
+            if side["system"] != "dataverse":
+                continue
+            for fm in flow.get("fields", []):
+                if fm.get("transform") != "choice":
+                    continue
+                entries = value_maps[fm["value_map"]]
+                options = {int(e["dataverse"]): str(e["label"]) for e in entries}
+                out[(side["table"], fm[column_key])] = ChoiceColumn(options, option_set_name=fm["value_map"])
+    return out
+
+
+def dot_schema(flows_file: Path = FLOWS_FILE) -> dict[str, TableSchema]:
+    """The DOT sign-program tables of flows/dot-signs.yaml, keyed by entity set (choices from its value maps)."""
+    choices = _flow_choices(flows_file)
+
+    def ch(entity_set: str, *cols: str) -> dict[str, ChoiceColumn]:
+        return {c: choices[(entity_set, c)] for c in cols}
+
+    geo = {"dot_latitude": "float", "dot_longitude": "float"}
+    gid_key = ("dot_arcgisglobalid",)
+    tables = [
+        TableSchema(
+            "dot_signassets", "dot_signasset", "dot_signassetid", "dot_name",
+            columns={"dot_name": "string", "dot_assettag": "string", "dot_mutcdcode": "string",
+                     "dot_route": "string", "dot_milepost": "decimal", "dot_mountheightft": "decimal",
+                     "dot_installdate": "date", "dot_retroreflectivity": "decimal",
+                     "dot_lastinspectedon": "datetime", **geo, "dot_arcgisglobalid": "string"},
+            alternate_keys=[("dot_assettag",), gid_key],
+            choices=ch("dot_signassets", "dot_signtype", "dot_condition"),
+            required=frozenset({"dot_assettag", "dot_mutcdcode", "dot_signtype"}),
+            max_length={"dot_name": 200, "dot_assettag": 20, "dot_mutcdcode": 20, "dot_route": 50,
+                        "dot_arcgisglobalid": 50},
+        ),
+        TableSchema(
+            "dot_workorders", "dot_workorder", "dot_workorderid", "dot_name",
+            columns={"dot_name": "string", "dot_description": "memo", "dot_duedate": "date",
+                     "dot_completionnotes": "memo", **geo, "dot_arcgisglobalid": "string"},
+            alternate_keys=[gid_key],
+            lookups={"dot_signassetid": LookupColumn({"dot_SignAssetId": "dot_signassets"})},
+            choices=ch("dot_workorders", "dot_worktype", "dot_priority", "dot_status"),
+            required=frozenset({"dot_name", "dot_worktype", "dot_status"}),
+            max_length={"dot_name": 100, "dot_description": 2000, "dot_completionnotes": 4000,
+                        "dot_arcgisglobalid": 50},
+        ),
+        TableSchema(
+            "dot_workordertasks", "dot_workordertask", "dot_workordertaskid", "dot_name",
+            columns={"dot_name": "string", "dot_sequence": "int", "dot_arcgisglobalid": "string"},
+            alternate_keys=[gid_key],
+            lookups={"dot_workorderid": LookupColumn({"dot_WorkOrderId": "dot_workorders"})},
+            choices=ch("dot_workordertasks", "dot_tasktype", "dot_status"),
+            required=frozenset({"dot_name", "dot_tasktype", "dot_status"}),
+            max_length={"dot_name": 100, "dot_arcgisglobalid": 50},
+        ),
+        TableSchema(
+            "dot_fieldassignments", "dot_fieldassignment", "dot_fieldassignmentid", "dot_name",
+            columns={"dot_name": "string", "dot_crew": "string", "dot_scheduledstart": "datetime",
+                     "dot_declinedcomment": "memo", **geo, "dot_arcgisglobalid": "string"},
+            alternate_keys=[gid_key],
+            lookups={"dot_workorderid": LookupColumn({"dot_WorkOrderId": "dot_workorders"})},
+            choices=ch("dot_fieldassignments", "dot_priority", "dot_status"),
+            required=frozenset({"dot_name", "dot_crew", "dot_status"}),
+            max_length={"dot_name": 200, "dot_crew": 20, "dot_declinedcomment": 2000, "dot_arcgisglobalid": 50},
+        ),
+        TableSchema(
+            "dot_inspections", "dot_inspection", "dot_inspectionid", "dot_name",
+            columns={"dot_name": "string", "dot_inspectedon": "datetime", "dot_inspector": "string",
+                     "dot_retroreflectivity": "decimal", "dot_notes": "memo", **geo,
+                     "dot_arcgisglobalid": "string"},
+            alternate_keys=[gid_key],
+            lookups={"dot_signassetid": LookupColumn({"dot_SignAssetId": "dot_signassets"})},
+            choices=ch("dot_inspections", "dot_condition"),
+            required=frozenset({"dot_inspectedon", "dot_inspector", "dot_condition"}),
+            max_length={"dot_name": 200, "dot_inspector": 100, "dot_notes": 2000, "dot_arcgisglobalid": 50},
+        ),
+        TableSchema(
+            "annotations", "annotation", "annotationid", "subject",
+            columns={"subject": "string", "notetext": "memo", "filename": "string", "mimetype": "string",
+                     "documentbody": "memo", "filesize": "int", "isdocument": "bool", "objecttypecode": "string"},
+            lookups={"objectid": LookupColumn({
+                "objectid_dot_inspection": "dot_inspections", "objectid_dot_signasset": "dot_signassets",
+                "objectid_dot_workorder": "dot_workorders",
+            })},
+            max_length={"subject": 500, "notetext": 100000, "filename": 255, "mimetype": 256},
+            computed=frozenset({"filesize", "isdocument", "objecttypecode"}),
+        ),
+    ]
+    return {t.entity_set: t for t in tables}
+
+
+# ============================================================================================ values
+
+
+def _utc_text(dt: datetime) -> str:
+    return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _now_text() -> str:
+    return _utc_text(datetime.now(UTC))
+
+
+def _parse_datetime(text: str) -> datetime:
+    dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    return dt
+
+
+def _coerce(schema: TableSchema, column: str, value: Any) -> Any:
+    """Validate a written value against the column type; returns the stored form."""
+    typ = schema.columns[column]
+    edm = EDM[typ]
+    if value is None:
+        return None
+    if typ in ("string", "memo"):
+        if not isinstance(value, str):
+            raise _cannot_convert(value, edm)
+        limit = schema.max_length.get(column)
+        if limit is not None and len(value) > limit:
+            raise ODataError(
+                400, "0x80044331",
+                f"A validation error occurred.  The length of the '{column}' attribute of the '{schema.logical_name}' "
+                f"entity exceeded the maximum allowed length of '{limit}'.",
+            )
+        return value or None  # Dataverse stores empty text as null
+    if typ in ("int", "choice"):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _cannot_convert(value, edm)
+        if typ == "choice":
+            options = schema.choices[column].options
+            if value not in options:
+                accepted = ",".join(str(v) for v in sorted(options))
+                raise ODataError(
+                    400, "0x8004431A",
+                    f"A validation error occurred. The value {value} of '{column}' on record of type "
+                    f"'{schema.logical_name}' is outside the valid range. Accepted Values: {accepted}",
+                )
+        return value
+    if typ in ("decimal", "money", "float"):
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise _cannot_convert(value, edm)
+        return float(value)
+    if typ == "bool":
+        if not isinstance(value, bool):
+            raise _cannot_convert(value, edm)
+        return value
+    if typ == "date":
+        if not isinstance(value, str) or not _DATE_RE.match(value):
+            raise _cannot_convert(value, edm)
+        try:
+            date.fromisoformat(value)
+        except ValueError as exc:
+            raise _cannot_convert(value, edm) from exc
+        return value
+    if typ == "datetime":
+        if not isinstance(value, str):
+            raise _cannot_convert(value, edm)
+        try:
+            return _utc_text(_parse_datetime(value))
+        except ValueError as exc:
+            raise _cannot_convert(value, edm) from exc
+    if typ == "guid":
+        if not isinstance(value, str) or not _GUID_RE.match(value):
+            raise _cannot_convert(value, edm)
+        return value.lower()
+    raise _cannot_convert(value, edm)
+
+
+# ============================================================================================ OData text
+
+
+def _split_segments(path: str) -> list[str]:
+    """Split a decoded resource path on '/', ignoring slashes inside quoted literals."""
+    segments: list[str] = []
+    buf: list[str] = []
+    in_quote = False
+    for ch in path:
+        if ch == "'":
+            in_quote = not in_quote
+        if ch == "/" and not in_quote:
+            segments.append("".join(buf))
+            buf = []
+        else:
+            buf.append(ch)
+    segments.append("".join(buf))
+    return [s for s in segments if s != ""]
+
+
+_SEGMENT_RE = re.compile(r"^(?P<name>[A-Za-z_$][\w.$]*)(?:\((?P<key>.*)\))?$", re.S)
+
+
+def _parse_key_predicate(text: str) -> str | dict[str, Any]:
+    """`guid` -> guid; `a='x',b=3` -> {a: 'x', b: 3}. Raises ODataError on bad syntax."""
+    text = text.strip()
+    if _GUID_RE.match(text):
+        return text.lower()
+    tokens = _tokenize(text)
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(tokens):
+        if (i + 2 >= len(tokens) or tokens[i].kind != "ident" or tokens[i + 1].text != "="
+                or tokens[i + 2].kind not in ("string", "number", "guid", "keyword")):
+            raise ODataError(400, "0x80060888", f"Bad Request - Error in query syntax: key '({text})'.")
+        out[tokens[i].text] = tokens[i + 2].value
+        i += 3
+        if i < len(tokens):
+            if tokens[i].text != ",":
+                raise ODataError(400, "0x80060888", f"Bad Request - Error in query syntax: key '({text})'.")
+            i += 1
+    if not out:
+        raise ODataError(400, "0x80060888", f"Bad Request - Error in query syntax: key '({text})'.")
+    return out
+
+
+@dataclass
+class _Tok:
+    kind: str  # string number guid datetime date ident keyword punct
+    text: str
+    value: Any
+    pos: int
+
+
+_TOKEN_RE = re.compile(
+    r"""
+     (?P<ws>\s+)
+    |(?P<string>'(?:[^']|'')*')
+    |(?P<guid>[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}(?![\w-]))
+    |(?P<datetime>\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?(?:Z|[+-]\d{2}:\d{2}))
+    |(?P<date>\d{4}-\d{2}-\d{2}(?![\w:]))
+    |(?P<number>-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?(?![\w.]))
+    |(?P<ident>[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*)
+    |(?P<punct>[()\[\],=])
+    """,
+    re.X,
+)
+_KEYWORDS = {"null": None, "true": True, "false": False}
+
+
+def _tokenize(text: str) -> list[_Tok]:
+    toks: list[_Tok] = []
+    pos = 0
+    while pos < len(text):
+        m = _TOKEN_RE.match(text, pos)
+        if not m:
+            raise ODataError(400, "0x80060888", f"Syntax error at position {pos} in '{text}'.")
+        kind = m.lastgroup or ""
+        raw = m.group()
+        pos = m.end()
+        if kind == "ws":
+            continue
+        value: Any = raw
+        if kind == "string":
+            value = raw[1:-1].replace("''", "'")
+        elif kind == "number":
+            value = float(raw) if any(c in raw for c in ".eE") else int(raw)
+        elif kind == "guid":
+            value = raw.lower()
+        elif kind == "ident" and raw in _KEYWORDS:
+            kind, value = "keyword", _KEYWORDS[raw]
+        toks.append(_Tok(kind, raw, value, m.start()))
+    return toks
+
+
+# ---- filter AST: tuples; evaluated against a dict of Web API property values
+
+
+_CMP_OPS = {"eq", "ne", "gt", "ge", "lt", "le"}
+_STRING_FUNCS = {"contains", "startswith", "endswith"}
+_IN_FUNCS = {"Microsoft.Dynamics.CRM.In": False, "Microsoft.Dynamics.CRM.NotIn": True}
+
+
+class _FilterParser:
+    """Recursive-descent parser for the $filter subset Syncline and demos use (never eval)."""
+
+    def __init__(self, text: str, prop_types: Mapping[str, str], type_name: str) -> None:
+        self.text = text
+        self.toks = _tokenize(text)
+        self.i = 0
+        self.prop_types = prop_types
+        self.type_name = type_name
+
+    def error(self, tok: _Tok | None = None) -> ODataError:
+        pos = tok.pos if tok else len(self.text)
+        return ODataError(400, "0x80060888", f"Syntax error at position {pos} in '{self.text}'.")
+
+    def peek(self) -> _Tok | None:
+        return self.toks[self.i] if self.i < len(self.toks) else None
+
+    def take(self, text: str | None = None) -> _Tok:
+        tok = self.peek()
+        if tok is None or (text is not None and tok.text != text):
+            raise self.error(tok)
+        self.i += 1
+        return tok
+
+    def parse(self) -> tuple[Any, ...]:
+        node = self.parse_or()
+        if self.peek() is not None:
+            raise self.error(self.peek())
+        return node
+
+    def parse_or(self) -> tuple[Any, ...]:
+        node = self.parse_and()
+        while (tok := self.peek()) is not None and tok.text == "or":
+            self.i += 1
+            node = ("or", node, self.parse_and())
+        return node
+
+    def parse_and(self) -> tuple[Any, ...]:
+        node = self.parse_unary()
+        while (tok := self.peek()) is not None and tok.text == "and":
+            self.i += 1
+            node = ("and", node, self.parse_unary())
+        return node
+
+    def parse_unary(self) -> tuple[Any, ...]:
+        tok = self.peek()
+        if tok is not None and tok.text == "not":
+            self.i += 1
+            return ("not", self.parse_unary())
+        if tok is not None and tok.text == "(":
+            self.i += 1
+            node = self.parse_or()
+            self.take(")")
+            return node
+        left = self.parse_operand()
+        if left[0] == "bool":
+            return left
+        op = self.peek()
+        if op is None or op.text not in _CMP_OPS:
+            raise self.error(op)
+        self.i += 1
+        right = self.parse_operand()
+        if right[0] == "bool":
+            raise self.error(op)
+        self.check_types(left, right, op.text)
+        return ("cmp", op.text, left, right)
+
+    def parse_operand(self) -> tuple[Any, ...]:
+        tok = self.take()
+        if tok.kind == "ident":
+            nxt = self.peek()
+            if nxt is not None and nxt.text == "(":
+                return self.parse_function(tok)
+            if tok.text in ("and", "or", "not") or tok.text in _CMP_OPS:
+                raise self.error(tok)
+            if tok.text not in self.prop_types:
+                raise ODataError(400, "0x80060888",
+                                 f"Could not find a property named '{tok.text}' on type '{self.type_name}'.")
+            return ("prop", tok.text)
+        if tok.kind in ("string", "number", "guid", "keyword"):
+            return ("lit", tok.value, tok.kind)
+        if tok.kind in ("date", "datetime"):
+            return ("lit", tok.text, tok.kind)
+        raise self.error(tok)
+
+    def parse_function(self, name_tok: _Tok) -> tuple[Any, ...]:
+        name = name_tok.text
+        self.take("(")
+        if name in _STRING_FUNCS:
+            prop = self.parse_operand()
+            self.take(",")
+            lit = self.parse_operand()
+            self.take(")")
+            if prop[0] != "prop" or lit[0] != "lit" or lit[2] != "string":
+                raise self.error(name_tok)
+            return ("bool", ("strfunc", name, prop[1], lit[1]))
+        if name in _IN_FUNCS:
+            args: dict[str, Any] = {}
+            while True:
+                key = self.take()
+                self.take("=")
+                if key.text == "PropertyName":
+                    args["PropertyName"] = self.take().value
+                elif key.text == "PropertyValues":
+                    self.take("[")
+                    values: list[Any] = []
+                    while (tok := self.peek()) is not None and tok.text != "]":
+                        if tok.kind not in ("string", "number", "guid"):
+                            raise self.error(tok)
+                        values.append(tok.value)
+                        self.i += 1
+                        if (sep := self.peek()) is not None and sep.text == ",":
+                            self.i += 1
+                    self.take("]")
+                    args["PropertyValues"] = values
+                else:
+                    raise self.error(key)
+                if (sep := self.peek()) is not None and sep.text == ",":
+                    self.i += 1
+                    continue
+                self.take(")")
+                break
+            prop_name = args.get("PropertyName")
+            if not isinstance(prop_name, str) or "PropertyValues" not in args:
+                raise self.error(name_tok)
+            if prop_name not in self.prop_types:
+                raise ODataError(400, "0x80060888",
+                                 f"Could not find a property named '{prop_name}' on type '{self.type_name}'.")
+            typ = self.prop_types[prop_name]
+            wanted: set[Any] = set()
+            for raw in args["PropertyValues"]:
+                if typ in ("int", "choice") and isinstance(raw, str) and re.fullmatch(r"-?\d+", raw):
+                    raw = int(raw)
+                try:
+                    wanted.add(_norm(raw, typ))
+                except ValueError as exc:
+                    raise ODataError(400, "0x80060888", f"Cannot convert the literal '{raw}' to the expected type "
+                                     f"'{EDM.get(typ, 'Edm.String')}'.") from exc
+            return ("bool", ("in", prop_name, frozenset(wanted), _IN_FUNCS[name]))
+        raise ODataError(400, "0x80060888", f"An unknown function with name '{name}' was found. This may also be a "
+                         "function import or a key lookup on a navigation property, which is not allowed.")
+
+    def check_types(self, left: tuple[Any, ...], right: tuple[Any, ...], op: str) -> None:
+        def edm(node: tuple[Any, ...]) -> str | None:
+            if node[0] == "prop":
+                return EDM.get(self.prop_types[node[1]], "Edm.String")
+            kind = node[2]
+            if kind == "keyword":
+                return None if node[1] is None else "Edm.Boolean"
+            return {"string": "Edm.String", "guid": "Edm.Guid", "date": "Edm.Date",
+                    "datetime": "Edm.DateTimeOffset"}.get(kind) or (
+                "Edm.Int32" if isinstance(node[1], int) else "Edm.Double")
+
+        a, b = edm(left), edm(right)
+        if a is None or b is None:
+            return
+        numeric = {"Edm.Int32", "Edm.Double", "Edm.Decimal"}
+        if a == b or (a in numeric and b in numeric) or {a, b} == {"Edm.Date", "Edm.DateTimeOffset"}:
+            return
+        kind = {"eq": "Equal", "ne": "NotEqual", "gt": "GreaterThan", "ge": "GreaterThanOrEqual",
+                "lt": "LessThan", "le": "LessThanOrEqual"}[op]
+        raise ODataError(400, "0x80060888", f"A binary operator with incompatible types was detected. Found operand "
+                         f"types '{a}' and '{b}' for operator kind '{kind}'.")
+
+
+def _norm(value: Any, typ: str | None) -> Any:
+    """Comparable form: strings case-insensitive (Dataverse collation), dates as date/datetime objects."""
+    if value is None:
+        return None
+    if typ == "datetime" and isinstance(value, str):
+        return _parse_datetime(value)
+    if typ == "date" and isinstance(value, str):
+        return date.fromisoformat(value[:10])
+    if isinstance(value, str):
+        return value.casefold()
+    return value
+
+
+def _evaluate(node: tuple[Any, ...], row: Mapping[str, Any] | _RowView, types: Mapping[str, str]) -> bool:
+    kind = node[0]
+    if kind == "or":
+        return _evaluate(node[1], row, types) or _evaluate(node[2], row, types)
+    if kind == "and":
+        return _evaluate(node[1], row, types) and _evaluate(node[2], row, types)
+    if kind == "not":
+        return not _evaluate(node[1], row, types)
+    if kind == "bool":
+        inner = node[1]
+        if inner[0] == "strfunc":
+            value = row.get(inner[2])
+            if not isinstance(value, str):
+                return False
+            v, needle = value.casefold(), str(inner[3]).casefold()
+            return {"contains": needle in v, "startswith": v.startswith(needle),
+                    "endswith": v.endswith(needle)}[inner[1]]
+        _, prop, wanted, negate = inner
+        current = _norm(row.get(prop), types.get(prop))
+        hit = current is not None and current in wanted
+        return bool(hit != negate)
+    if kind == "cmp":
+        _, op, left, right = node
+        ltype = types.get(left[1]) if left[0] == "prop" else (right[0] == "prop" and types.get(right[1])) or None
+        rtype = types.get(right[1]) if right[0] == "prop" else ltype
+
+        def val(n: tuple[Any, ...], typ: str | None) -> Any:
+            return _norm(row.get(n[1]) if n[0] == "prop" else n[1], typ or None)
+
+        a, b = val(left, ltype), val(right, rtype)
+        if op == "eq":
+            return bool(a == b)
+        if op == "ne":
+            return bool(a != b)
+        if a is None or b is None:
+            return False
+        try:
+            return bool({"gt": a > b, "ge": a >= b, "lt": a < b, "le": a <= b}[op])
+        except TypeError:
+            return False
+    raise ValueError(f"bad filter node {kind}")
+
+
+def _sort_key(col: str, typ: str) -> Callable[[Row], tuple[bool, Any]]:
+    def key(row: Row) -> tuple[bool, Any]:
+        value = row.values.get(col)
+        return (value is not None, _norm(value, typ) if value is not None else 0)
+
+    return key
+
+
+def parse_filter(text: str, prop_types: Mapping[str, str], type_name: str) -> tuple[Any, ...]:
+    """Parse `$filter` text into an AST (raises ODataError 400 on anything unknown)."""
+    return _FilterParser(text, prop_types, type_name).parse()
+
+
+# ============================================================================================ runtime pieces
+
+
+@dataclass
+class Row:
+    """A stored record: values keyed by logical column name (lookups hold the target GUID)."""
+
+    values: dict[str, Any]
+    version: int
+    lookup_types: dict[str, str] = field(default_factory=dict)
+    """lookup column -> target logical name (needed for polymorphic lookups and EntityReferences)."""
+
+
+class _RowView:
+    """Read a stored row by Web API property name (`_x_value` -> x) without rendering it."""
+
+    __slots__ = ("names", "values")
+
+    def __init__(self, values: Mapping[str, Any], names: Mapping[str, str]) -> None:
+        self.values = values
+        self.names = names
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self.values.get(self.names.get(name, name), default)
+
+
+@dataclass
+class WebhookRegistration:
+    """A registered service endpoint (webhook)."""
+
+    url: str
+    headers: dict[str, str]
+    tables: set[str] | None
+
+
+@dataclass
+class WebhookFailure:
+    """A webhook that was not accepted (after the one retry the service makes on 502/503/504)."""
+
+    url: str
+    message_name: str
+    entity: str
+    key: str
+    status: int | None
+    error: str
+
+
+@dataclass
+class ServiceProtection:
+    """Service protection limits (per user): request budget per sliding window and a concurrency budget."""
+
+    max_requests: int | None = None
+    window_seconds: float = 300.0
+    max_concurrent: int | None = None
+    concurrency_retry_after: float = 1.0
+
+
+@dataclass
+class _Fault:
+    remaining: int
+    status: int = 0
+    path_contains: str | None = None
+    retry_after: float | None = None
+    seconds: float = 0.0
+
+
+class Faults:
+    """Fault knobs for tests: failures, slow responses, applied-then-504 writes, token expiry."""
+
+    def __init__(self, sim: DataverseSimulator) -> None:
+        self._sim = sim
+        self._lock = threading.Lock()
+        self._fail: list[_Fault] = []
+        self._timeouts: list[_Fault] = []
+        self._ambiguous: list[_Fault] = []
+
+    def fail_next(self, n: int, status: int, path_contains: str | None = None,
+                  retry_after: float | None = None) -> None:
+        """Answer the next `n` API requests (whose path contains `path_contains`) with `status`."""
+        with self._lock:
+            self._fail.append(_Fault(n, status, path_contains, retry_after))
+
+    def timeout_next(self, n: int, seconds: float, path_contains: str | None = None) -> None:
+        """Delay the next `n` API requests by `seconds` before they are processed."""
+        with self._lock:
+            self._timeouts.append(_Fault(n, path_contains=path_contains, seconds=seconds))
+
+    def apply_then_504(self, n: int, path_contains: str | None = None) -> None:
+        """Apply the next `n` write requests (POST/PATCH/DELETE, $batch), then answer 504 Gateway Timeout."""
+        with self._lock:
+            self._ambiguous.append(_Fault(n, 504, path_contains))
+
+    def expire_tokens(self) -> None:
+        """Make every access token issued so far invalid (the next API call gets 401)."""
+        self._sim._expire_tokens()
+
+    def clear(self) -> None:
+        """Drop every pending fault."""
+        with self._lock:
+            self._fail.clear()
+            self._timeouts.clear()
+            self._ambiguous.clear()
+
+    def _take(self, bucket: list[_Fault], path: str) -> _Fault | None:
+        with self._lock:
+            for fault in bucket:
+                if fault.remaining > 0 and (fault.path_contains is None or fault.path_contains in path):
+                    fault.remaining -= 1
+                    if fault.remaining == 0:
+                        bucket.remove(fault)
+                    return fault
+        return None
+
+    def _take_part(self, bucket: list[_Fault], path: str) -> _Fault | None:
+        # Inside a $batch only faults aimed at a path apply (unscoped ones hit the outer request).
+        with self._lock:
+            for fault in bucket:
+                if fault.remaining > 0 and fault.path_contains is not None and fault.path_contains in path:
+                    fault.remaining -= 1
+                    if fault.remaining == 0:
+                        bucket.remove(fault)
+                    return fault
+        return None
+
+
+@dataclass
+class _ApiRequest:
+    method: str
+    path: str
+    """Decoded resource path after /api/data/v9.2/."""
+    query: dict[str, str]
+    headers: dict[str, str]
+    body: bytes
+    base: str
+
+
+@dataclass
+class _ApiResponse:
+    status: int
+    headers: dict[str, str] = field(default_factory=dict)
+    body: bytes = b""
+
+
+@dataclass
+class _Event:
+    message: str
+    entity_set: str
+    key: str
+    target: dict[str, Any]
+    post: dict[str, Any] | None
+    pre: dict[str, Any] | None
+    lookup_types: dict[str, str]
+    user_id: str
+    correlation_id: str
+    at: datetime
+
+
+@dataclass
+class _Txn:
+    undo: list[Callable[[], None]] = field(default_factory=list)
+    events: list[_Event] = field(default_factory=list)
+
+    def rollback(self) -> None:
+        for action in reversed(self.undo):
+            action()
+        self.undo.clear()
+        self.events.clear()
+
+
+@dataclass
+class _Caller:
+    user_id: str
+    correlation_id: str
+
+
+def _prefer(headers: Mapping[str, str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for part in headers.get("prefer", "").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        name, _, value = part.partition("=")
+        out[name.strip().lower()] = value.strip().strip('"')
+    return out
+
+
+def _json_body(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def _error_response(err: ODataError) -> _ApiResponse:
+    headers = {"Content-Type": "application/json; odata.metadata=minimal", "OData-Version": "4.0", **err.headers}
+    return _ApiResponse(err.status, headers, _json_body({"error": {"code": err.code, "message": err.message}}))
+
+
+_REASONS = {200: "OK", 201: "Created", 204: "No Content", 304: "Not Modified", 400: "Bad Request",
+            401: "Unauthorized", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
+            412: "Precondition Failed", 413: "Payload Too Large", 429: "Too Many Requests",
+            500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout"}
+
+
+# ============================================================================================ simulator
+
+
+class DataverseSimulator:
+    """In-memory Dataverse environment with the Web API, Entra ID token endpoint, webhooks and fault knobs.
+
+    Serve `.app` with `sandbox.server.RunningServer(sim.app, ca=TestCA...)` (TLS is needed for MSAL); the
+    org URL and the token authority are then both `server.url`.
+    """
+
+    def __init__(
+        self,
+        schema: Mapping[str, TableSchema] | None = None,
+        *,
+        tenant_id: str = DEFAULT_TENANT_ID,
+        client_id: str = DEFAULT_CLIENT_ID,
+        client_secret: str = DEFAULT_CLIENT_SECRET,
+        app_user_id: str = APP_USER_ID,
+        office_user_id: str = OFFICE_USER_ID,
+        org_url: str | None = None,
+        token_lifetime_seconds: int = 3599,
+        latency_ms: float = 0.0,
+        webhook_verify: Any = True,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.schema: dict[str, TableSchema] = dict(schema if schema is not None else dot_schema())
+        self.tenant_id = tenant_id
+        self.client_id = client_id
+        self.client_secret = client_secret
+        self.app_user_id = app_user_id
+        self.office_user_id = office_user_id
+        self.org_url = org_url.rstrip("/") if org_url else None
+        """Resource of the token scope (`{org_url}/.default`); None = the URL the simulator is served on."""
+        self.token_lifetime_seconds = token_lifetime_seconds
+        self.latency_ms = latency_ms
+        self.clock = clock
+        self.limits = ServiceProtection()
+        self.faults = Faults(self)
+        self.request_counts: Counter[str] = Counter()
+        self.status_counts: Counter[int] = Counter()
+        self.webhook_failures: list[WebhookFailure] = []
+        self.webhooks_delivered = 0
+        self._apps: dict[str, tuple[str, str]] = {client_id: (client_secret, app_user_id)}
+        self._tokens: dict[str, tuple[str, float]] = {}
+        self._lock = threading.RLock()
+        self._tables: dict[str, dict[str, Row]] = {s: {} for s in self.schema}
+        self._key_index: dict[str, dict[tuple[str, ...], dict[tuple[Any, ...], str]]] = self._empty_index()
+        self._deleted: dict[str, list[tuple[int, str]]] = {s: [] for s in self.schema}
+        self._version = 1000
+        self._window: deque[float] = deque()
+        self._in_flight = 0
+        self._webhooks: list[WebhookRegistration] = []
+        self._webhook_verify = webhook_verify
+        self._pending = 0
+        self._deliverer_loop: asyncio.AbstractEventLoop | None = None
+        self._deliverer_thread: threading.Thread | None = None
+        self._deliverer_client: httpx.AsyncClient | None = None
+        self.app = Starlette(routes=[
+            Route("/{tenant}/v2.0/.well-known/openid-configuration", self._openid_configuration, methods=["GET"]),
+            Route("/{tenant}/oauth2/v2.0/token", self._token, methods=["POST"]),
+            Route("/api/data/v9.2/{rest:path}", self._api,
+                  methods=["GET", "POST", "PATCH", "PUT", "DELETE"]),
+        ])
+
+    # ------------------------------------------------------------------------------------ counters
+
+    @property
+    def request_count(self) -> int:
+        """Web API requests received (a $batch counts once; token endpoint calls are not included)."""
+        return self.request_counts["api"]
+
+    @property
+    def in_flight(self) -> int:
+        """Web API requests being processed right now (counts against the concurrency limit)."""
+        return self._in_flight
+
+    def reset(self) -> None:
+        """Forget records, faults, limits, webhooks and counters (issued tokens stay valid)."""
+        with self._lock:
+            self._tables = {s: {} for s in self.schema}
+            self._key_index = self._empty_index()
+            self._deleted = {s: [] for s in self.schema}
+            self._window.clear()
+        self.faults.clear()
+        self.limits = ServiceProtection()
+        self.latency_ms = 0.0
+        self.request_counts.clear()
+        self.status_counts.clear()
+        self._webhooks.clear()
+        self.webhook_failures.clear()
+        self.webhooks_delivered = 0
+
+    # ------------------------------------------------------------------------------------ direct helpers
+
+    def add_application(self, client_id: str, client_secret: str, *, user_id: str | None = None) -> str:
+        """Register another app registration + application user; returns its systemuserid."""
+        uid = user_id or str(uuid.uuid4())
+        self._apps[client_id] = (client_secret, uid)
+        return uid
+
+    def table(self, entity_set: str) -> TableSchema:
+        """The schema of an entity set (KeyError if unknown)."""
+        return self.schema[entity_set]
+
+    def insert(self, entity_set: str, values: Mapping[str, Any]) -> str:
+        """Store a record as-is (no validation, no webhook): lookups as logical name -> GUID. Returns the id."""
+        schema = self.schema[entity_set]
+        vals = dict(values)
+        key = str(vals.get(schema.primary_id) or uuid.uuid4()).lower()
+        vals[schema.primary_id] = key
+        now = _now_text()
+        vals.setdefault("createdon", now)
+        vals.setdefault("modifiedon", vals["createdon"])
+        vals.setdefault("createdby", self.office_user_id)
+        vals.setdefault("modifiedby", vals["createdby"])
+        vals.setdefault("ownerid", vals["createdby"])
+        lookup_types = {c: self._target_logical(schema, c, vals) for c in schema.lookups if vals.get(c)}
+        with self._lock:
+            version = self._next_version()
+            vals["versionnumber"] = version
+            self._put_row(schema, key, Row(vals, version, lookup_types))
+        return key
+
+    def get(self, entity_set: str, key: str) -> dict[str, Any] | None:
+        """A copy of a record's stored values (logical names), or None."""
+        with self._lock:
+            row = self._tables[entity_set].get(key.lower())
+            return dict(row.values) if row else None
+
+    def all(self, entity_set: str) -> list[dict[str, Any]]:
+        """Copies of every record of an entity set."""
+        with self._lock:
+            return [dict(r.values) for r in self._tables[entity_set].values()]
+
+    def apply_change(
+        self,
+        entity_set: str,
+        values: Mapping[str, Any] | None = None,
+        *,
+        key: str | None = None,
+        delete: bool = False,
+        user_id: str | None = None,
+    ) -> str:
+        """Emulate a user editing in the D365 UI: create / update / delete one record and fire webhooks.
+
+        `values` use logical names (lookups as logical name -> GUID) and are validated like API writes.
+        """
+        schema = self.schema[entity_set]
+        caller = _Caller(user_id or self.office_user_id, str(uuid.uuid4()))
+        txn = _Txn()
+        with self._lock:
+            if delete:
+                if key is None or key.lower() not in self._tables[entity_set]:
+                    raise _not_found(schema.logical_name, str(key))
+                self._delete(schema, key.lower(), caller, txn)
+                result = key.lower()
+            else:
+                vals: dict[str, Any] = {}
+                lookup_types: dict[str, str] = {}
+                for col, v in (values or {}).items():
+                    if col not in schema.columns:
+                        raise _bad_property(schema.logical_name, col)
+                    if schema.columns[col] == "lookup":
+                        vals[col] = None if v is None else str(v).lower()
+                        if v is not None:
+                            lookup_types[col] = self._target_logical(schema, col, {col: v})
+                    elif col not in SYSTEM_READONLY and col not in schema.computed:
+                        vals[col] = _coerce(schema, col, v)
+                existing = self._tables[entity_set].get(key.lower()) if key else None
+                if existing is None:
+                    result = self._create(schema, vals, lookup_types, key, caller, txn)
+                else:
+                    self._update(schema, existing, vals, lookup_types, caller, txn)
+                    result = existing.values[schema.primary_id]
+        self._emit(txn.events)
+        return result
+
+    # ------------------------------------------------------------------------------------ webhooks
+
+    def register_webhook(self, url: str, *, headers: Mapping[str, str] | None = None,
+                         tables: set[str] | None = None) -> None:
+        """Register a service endpoint for Create/Update/Delete of `tables` (entity sets or logical names)."""
+        self._webhooks.append(WebhookRegistration(url, dict(headers or {}), set(tables) if tables else None))
+
+    async def flush_webhooks(self, timeout: float = 10.0) -> None:
+        """Wait until every queued webhook delivery has finished (delivered or failed)."""
+        deadline = time.monotonic() + timeout
+        while self._pending > 0:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self._pending} webhook deliveries still pending after {timeout}s")
+            await asyncio.sleep(0.005)
+
+    def close(self) -> None:
+        """Stop the webhook delivery thread."""
+        loop, thread = self._deliverer_loop, self._deliverer_thread
+        if loop is None or thread is None:
+            return
+        client = self._deliverer_client
+        if client is not None:
+            asyncio.run_coroutine_threadsafe(client.aclose(), loop).result(timeout=5)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=5)
+        self._deliverer_loop = self._deliverer_thread = self._deliverer_client = None
+
+    def _ensure_deliverer(self) -> asyncio.AbstractEventLoop:
+        # Deliveries run on their own loop/thread: independent of whichever loop served the API request.
+        with self._lock:
+            if self._deliverer_loop is None:
+                loop = asyncio.new_event_loop()
+                ready = threading.Event()
+
+                def run() -> None:
+                    asyncio.set_event_loop(loop)
+                    loop.call_soon(ready.set)
+                    loop.run_forever()
+                    loop.close()
+
+                thread = threading.Thread(target=run, name="dataverse-sim-webhooks", daemon=True)
+                thread.start()
+                ready.wait(5)
+                self._deliverer_loop, self._deliverer_thread = loop, thread
+            return self._deliverer_loop
+
+    def _emit(self, events: Iterable[_Event]) -> None:
+        for event in events:
+            schema = self.schema[event.entity_set]
+            for reg in self._webhooks:
+                if reg.tables is not None and not ({event.entity_set, schema.logical_name} & reg.tables):
+                    continue
+                body = self._remote_execution_context(event)
+                with self._lock:
+                    self._pending += 1
+                loop = self._ensure_deliverer()
+                asyncio.run_coroutine_threadsafe(self._deliver(reg, event, body), loop)
+
+    async def _deliver(self, reg: WebhookRegistration, event: _Event, body: bytes) -> None:
+        try:
+            if self._deliverer_client is None:
+                self._deliverer_client = httpx.AsyncClient(verify=self._webhook_verify, timeout=60.0)
+            headers = {
+                "Content-Type": "application/json",
+                "x-ms-dynamics-organization": self._org_host(),
+                "x-ms-dynamics-entity-name": self.schema[event.entity_set].logical_name,
+                "x-ms-dynamics-request-name": event.message,
+                "x-ms-correlation-request-id": event.correlation_id,
+                **reg.headers,
+            }
+            status: int | None = None
+            error = ""
+            for attempt in (1, 2):
+                try:
+                    resp = await self._deliverer_client.post(reg.url, content=body, headers=headers)
+                    status = resp.status_code
+                    error = "" if resp.is_success else resp.text[:500]
+                except httpx.HTTPError as exc:
+                    status, error = None, f"{type(exc).__name__}: {exc}"
+                    break
+                # The real service retries once, and only on 502/503/504.
+                if status in (502, 503, 504) and attempt == 1:
+                    continue
+                break
+            if status is not None and 200 <= status < 300:
+                self.webhooks_delivered += 1
+            else:
+                self.webhook_failures.append(WebhookFailure(
+                    reg.url, event.message, self.schema[event.entity_set].logical_name, event.key, status, error))
+        finally:
+            with self._lock:
+                self._pending -= 1
+
+    def _org_host(self) -> str:
+        return urlsplit(self.org_url).netloc if self.org_url else "syncline-sim.crm.dynamics.com"
+
+    def _remote_execution_context(self, event: _Event) -> bytes:
+        """Serialise an event as Microsoft.Xrm.Sdk.RemoteExecutionContext JSON (DataContract style, `\\/`)."""
+        schema = self.schema[event.entity_set]
+        target: dict[str, Any]
+        if event.message == "Delete":
+            target = {"__type": f"EntityReference:{XRM_CONTRACTS}", "Id": event.key, "KeyAttributes": [],
+                      "LogicalName": schema.logical_name, "Name": None, "RowVersion": None}
+        else:
+            target = {"__type": f"Entity:{XRM_CONTRACTS}",
+                      **self._entity_contract(schema, event.key, event.target, event.lookup_types)}
+
+        def image(name: str, values: dict[str, Any] | None) -> list[dict[str, Any]]:
+            if values is None:
+                return []
+            return [{"key": name, "value": self._entity_contract(schema, event.key, values, event.lookup_types)}]
+
+        ms = int(event.at.timestamp() * 1000)
+        context = {
+            "BusinessUnitId": BUSINESS_UNIT_ID,
+            "CorrelationId": event.correlation_id,
+            "Depth": 1,
+            "InitiatingUserId": event.user_id,
+            "InputParameters": [{"key": "Target", "value": target}],
+            "IsExecutingOffline": False,
+            "IsInTransaction": False,
+            "IsOfflinePlayback": False,
+            "IsolationMode": 1,
+            "MessageName": event.message,
+            "Mode": 1,
+            "OperationCreatedOn": f"/Date({ms})/",
+            "OperationId": str(uuid.uuid4()),
+            "OrganizationId": ORGANIZATION_ID,
+            "OrganizationName": self._org_host().split(".")[0],
+            "OutputParameters": ([{"key": "id", "value": event.key}] if event.message == "Create" else []),
+            "OwningExtension": {"Id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"step:{schema.logical_name}")),
+                                "KeyAttributes": [], "LogicalName": "sdkmessageprocessingstep", "Name": None,
+                                "RowVersion": None},
+            "ParentContext": None,
+            "PostEntityImages": image("PostImage", event.post),
+            "PreEntityImages": image("PreImage", event.pre),
+            "PrimaryEntityId": event.key,
+            "PrimaryEntityName": schema.logical_name,
+            "RequestId": None,
+            "SecondaryEntityName": "none",
+            "SharedVariables": [],
+            "Stage": 40,
+            "UserId": event.user_id,
+        }
+        # DataContractJsonSerializer escapes every '/' as '\/' ("\/Date(...)\/", "http:\/\/...").
+        return json.dumps(context).replace("/", "\\/").encode()
+
+    def _entity_contract(self, schema: TableSchema, key: str, values: Mapping[str, Any],
+                         lookup_types: Mapping[str, str]) -> dict[str, Any]:
+        attrs: list[dict[str, Any]] = []
+        formatted: list[dict[str, Any]] = []
+        version = values.get("versionnumber")
+        for col, v in values.items():
+            typ = schema.columns.get(col)
+            if typ is None or col == "versionnumber":
+                continue
+            out: Any = v
+            if v is not None:
+                if typ == "lookup":
+                    target = lookup_types.get(col) or self._target_logical(schema, col, values)
+                    out = {"__type": f"EntityReference:{XRM_CONTRACTS}", "Id": v, "KeyAttributes": [],
+                           "LogicalName": target, "Name": None, "RowVersion": None}
+                elif typ == "choice":
+                    out = {"__type": f"OptionSetValue:{XRM_CONTRACTS}", "Value": v}
+                    formatted.append({"key": col, "value": schema.choices[col].options.get(v, str(v))})
+                elif typ == "money":
+                    out = {"__type": f"Money:{XRM_CONTRACTS}", "Value": v}
+                elif typ == "datetime":
+                    out = f"/Date({int(_parse_datetime(v).timestamp() * 1000)})/"
+                elif typ == "date":
+                    midnight = datetime.fromisoformat(v).replace(tzinfo=UTC)
+                    out = f"/Date({int(midnight.timestamp() * 1000)})/"
+            attrs.append({"key": col, "value": out})
+        return {"Attributes": attrs, "EntityState": None, "FormattedValues": formatted, "Id": key,
+                "KeyAttributes": [], "LogicalName": schema.logical_name, "RelatedEntities": [],
+                "RowVersion": str(version) if version is not None else None}
+
+    # ------------------------------------------------------------------------------------ Entra ID
+
+    def _expire_tokens(self) -> None:
+        with self._lock:
+            for token, (client, _exp) in list(self._tokens.items()):
+                self._tokens[token] = (client, 0.0)
+
+    async def _openid_configuration(self, request: Request) -> Response:
+        self.request_counts["openid"] += 1
+        tenant = request.path_params["tenant"]
+        if tenant not in (self.tenant_id, "organizations", "common"):
+            return JSONResponse(self._aad_error("invalid_tenant", 90002, f"Tenant '{tenant}' not found. Check to "
+                                "make sure you have the correct tenant ID and are signing into the correct cloud."),
+                                status_code=400)
+        base = str(request.base_url).rstrip("/")
+        root = f"{base}/{self.tenant_id}"
+        return JSONResponse({
+            "token_endpoint": f"{root}/oauth2/v2.0/token",
+            "token_endpoint_auth_methods_supported": ["client_secret_post", "private_key_jwt", "client_secret_basic"],
+            "jwks_uri": f"{base}/{self.tenant_id}/discovery/v2.0/keys",
+            "response_modes_supported": ["query", "fragment", "form_post"],
+            "subject_types_supported": ["pairwise"],
+            "id_token_signing_alg_values_supported": ["RS256"],
+            "response_types_supported": ["code", "id_token", "code id_token", "id_token token"],
+            "scopes_supported": ["openid", "profile", "email", "offline_access"],
+            "issuer": f"{root}/v2.0",
+            "request_uri_parameter_supported": False,
+            "userinfo_endpoint": "https://graph.microsoft.com/oidc/userinfo",
+            "authorization_endpoint": f"{root}/oauth2/v2.0/authorize",
+            "device_authorization_endpoint": f"{root}/oauth2/v2.0/devicecode",
+            "http_logout_supported": True,
+            "frontchannel_logout_supported": True,
+            "end_session_endpoint": f"{root}/oauth2/v2.0/logout",
+            "claims_supported": ["sub", "iss", "aud", "exp", "iat", "auth_time", "acr", "nonce", "tid", "ver"],
+            "kerberos_endpoint": f"{root}/kerberos",
+            "tenant_region_scope": "NA",
+            "cloud_instance_name": "microsoftonline.com",
+            "cloud_graph_host_name": "graph.windows.net",
+            "msgraph_host": "graph.microsoft.com",
+            "rbac_url": "https://pas.windows.net",
+        })
+
+    def _aad_error(self, error: str, code: int, description: str) -> dict[str, Any]:
+        trace, corr = str(uuid.uuid4()), str(uuid.uuid4())
+        stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+        return {"error": error,
+                "error_description": f"AADSTS{code}: {description} Trace ID: {trace} Correlation ID: {corr} "
+                                     f"Timestamp: {stamp}",
+                "error_codes": [code], "timestamp": stamp, "trace_id": trace, "correlation_id": corr}
+
+    async def _token(self, request: Request) -> Response:
+        self.request_counts["token"] += 1
+        tenant = request.path_params["tenant"]
+        form = dict(parse_qsl((await request.body()).decode()))
+        if tenant != self.tenant_id:
+            return JSONResponse(self._aad_error("invalid_request", 90002, f"Tenant '{tenant}' not found."),
+                                status_code=400)
+        if form.get("grant_type") != "client_credentials":
+            return JSONResponse(self._aad_error("unsupported_grant_type", 70003,
+                                "The app requested an unsupported grant type ."), status_code=400)
+        client_id = form.get("client_id", "")
+        app = self._apps.get(client_id)
+        if app is None:
+            return JSONResponse(self._aad_error(
+                "unauthorized_client", 700016,
+                f"Application with identifier '{client_id}' was not found in the directory '{tenant}'. This can "
+                "happen if the application has not been installed by the administrator of the tenant."),
+                status_code=400)
+        if not secrets.compare_digest(form.get("client_secret", ""), app[0]):
+            return JSONResponse(self._aad_error(
+                "invalid_client", 7000215,
+                "Invalid client secret provided. Ensure the secret being sent in the request is the client secret "
+                f"value, not the client secret ID, for a secret added to app '{client_id}'."), status_code=401)
+        resource = (self.org_url or str(request.base_url)).rstrip("/").lower()
+        scope = form.get("scope", "").strip()
+        if not scope.endswith("/.default"):
+            return JSONResponse(self._aad_error(
+                "invalid_scope", 1002012,
+                f"The provided value for scope {scope} is not valid. Client credential flows must have a scope value "
+                "with /.default suffixed to the resource identifier (application ID URI)."), status_code=400)
+        if scope[: -len("/.default")].rstrip("/").lower() != resource:
+            return JSONResponse(self._aad_error(
+                "invalid_scope", 70011,
+                f"The provided value for the input parameter 'scope' is not valid. The scope {scope} is not valid."),
+                status_code=400)
+        now = int(time.time())
+        claims = {"aud": resource, "iss": f"https://sts.windows.net/{self.tenant_id}/", "iat": now, "nbf": now,
+                  "exp": now + self.token_lifetime_seconds, "appid": client_id, "oid": app[1],
+                  "tid": self.tenant_id, "idtyp": "app", "jti": secrets.token_hex(8)}
+
+        def b64(obj: Any) -> str:
+            return base64.urlsafe_b64encode(json.dumps(obj).encode()).rstrip(b"=").decode()
+
+        token = ".".join([b64({"typ": "JWT", "alg": "RS256", "kid": "sim"}), b64(claims),
+                          base64.urlsafe_b64encode(secrets.token_bytes(32)).rstrip(b"=").decode()])
+        with self._lock:
+            self._tokens[token] = (client_id, time.time() + self.token_lifetime_seconds)
+        return JSONResponse({"token_type": "Bearer", "expires_in": self.token_lifetime_seconds,
+                             "ext_expires_in": self.token_lifetime_seconds, "access_token": token})
+
+    def _authenticate(self, headers: Mapping[str, str]) -> str | None:
+        auth = headers.get("authorization", "")
+        if not auth.startswith("Bearer "):
+            return None
+        with self._lock:
+            entry = self._tokens.get(auth[7:])
+        if entry is None or entry[1] <= time.time():
+            return None
+        return self._apps[entry[0]][1]
+
+    # ------------------------------------------------------------------------------------ HTTP entry
+
+    async def _api(self, request: Request) -> Response:
+        raw_path = request.scope.get("raw_path") or request.url.path.encode()
+        full = unquote(raw_path.decode("latin-1"))
+        path = full[len(API_PREFIX):] if full.startswith(API_PREFIX) else full.lstrip("/")
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        query = dict(parse_qsl(request.url.query, keep_blank_values=True))
+        req = _ApiRequest(request.method, path, query, headers, await request.body(),
+                          str(request.base_url).rstrip("/"))
+        resp = await self._handle(req)
+        return Response(resp.body, status_code=resp.status, headers=resp.headers)
+
+    async def _handle(self, req: _ApiRequest) -> _ApiResponse:
+        """Everything an outer Web API request goes through: auth, limits, faults, latency, dispatch."""
+        self.request_counts["api"] += 1
+        resp = await self._handle_outer(req)
+        self.status_counts[resp.status] += 1
+        return resp
+
+    async def _handle_outer(self, req: _ApiRequest) -> _ApiResponse:
+        user_id = self._authenticate(req.headers)
+        if user_id is None:
+            self.request_counts["401"] += 1
+            resource = self.org_url or req.base
+            return _ApiResponse(401, {
+                "WWW-Authenticate": f'Bearer error=invalid_token, error_description="Error during token '
+                                    f'validation!", authorization_uri=https://login.microsoftonline.com/'
+                                    f'{self.tenant_id}/oauth2/authorize, resource_id={resource}'})
+        throttled = self._check_limits()
+        if throttled is not None:
+            self.request_counts["429"] += 1
+            return _error_response(throttled)
+        self._in_flight += 1
+        try:
+            path_for_faults = API_PREFIX + req.path
+            slow = self.faults._take(self.faults._timeouts, path_for_faults)
+            if slow is not None:
+                await asyncio.sleep(slow.seconds)
+            fault = self.faults._take(self.faults._fail, path_for_faults)
+            if fault is not None:
+                return self._fault_response(fault)
+            if self.latency_ms:
+                await asyncio.sleep(self.latency_ms / 1000)
+            caller = _Caller(user_id, req.headers.get("x-ms-correlation-request-id") or str(uuid.uuid4()))
+            events: list[_Event] = []
+            if req.path == "$batch" and req.method == "POST":
+                self.request_counts["batch"] += 1
+                resp = self._batch(req, caller, events)
+            else:
+                txn = _Txn()
+                resp = self._dispatch_safely(req, caller, txn)
+                events.extend(txn.events)
+            self._emit(events)
+            if req.method in ("POST", "PATCH", "PUT", "DELETE"):
+                ambiguous = self.faults._take(self.faults._ambiguous, path_for_faults)
+                if ambiguous is not None:
+                    return _error_response(ODataError(504, "0x80040216", "The request timed out at the gateway "
+                                                      "(the operation may have completed)."))
+            return resp
+        finally:
+            self._in_flight -= 1
+
+    def _check_limits(self) -> ODataError | None:
+        limits = self.limits
+        if limits.max_concurrent is not None and self._in_flight >= limits.max_concurrent:
+            return ODataError(429, "0x80072326",
+                              f"Number of concurrent requests exceeded the limit of {limits.max_concurrent}.",
+                              {"Retry-After": str(math.ceil(limits.concurrency_retry_after))})
+        if limits.max_requests is not None:
+            now = self.clock()
+            with self._lock:
+                while self._window and self._window[0] <= now - limits.window_seconds:
+                    self._window.popleft()
+                if len(self._window) >= limits.max_requests:
+                    wait = max(1, math.ceil(self._window[0] + limits.window_seconds - now))
+                    return ODataError(
+                        429, "0x80072322",
+                        f"Number of requests exceeded the limit of {limits.max_requests} over time window of "
+                        f"{int(limits.window_seconds)} seconds.", {"Retry-After": str(wait)})
+                self._window.append(now)
+        return None
+
+    def _fault_response(self, fault: _Fault) -> _ApiResponse:
+        status = fault.status
+        headers = {"Retry-After": f"{fault.retry_after:g}"} if fault.retry_after is not None else {}
+        if status == 429:
+            err = ODataError(429, "0x80072322", "Number of requests exceeded the limit of 6000 over time window of "
+                             "300 seconds.", headers)
+        elif status == 401:
+            return _ApiResponse(401, {"WWW-Authenticate": "Bearer error=invalid_token", **headers})
+        elif status >= 500:
+            message = {503: "Service Unavailable", 504: "The request timed out at the gateway.",
+                       502: "Bad Gateway"}.get(status, "An unexpected error occurred.")
+            err = ODataError(status, "0x80040216", message, headers)
+        else:
+            err = ODataError(status, "0x80040265", f"Simulated failure (HTTP {status}).", headers)
+        return _error_response(err)
+
+    def _dispatch_safely(self, req: _ApiRequest, caller: _Caller, txn: _Txn) -> _ApiResponse:
+        try:
+            with self._lock:
+                return self._dispatch(req, caller, txn)
+        except ODataError as err:
+            txn.rollback()
+            return _error_response(err)
+
+    # ------------------------------------------------------------------------------------ routing
+
+    def _dispatch(self, req: _ApiRequest, caller: _Caller, txn: _Txn) -> _ApiResponse:
+        segments = _split_segments(req.path)
+        if not segments:
+            raise ODataError(404, "0x8006088a", "Resource not found for the segment ''.")
+        head = _SEGMENT_RE.match(segments[0])
+        if head is None:
+            raise ODataError(404, "0x8006088a", f"Resource not found for the segment '{segments[0]}'.")
+        name, key_text = head.group("name"), head.group("key")
+        if name == "WhoAmI":
+            self.request_counts["whoami"] += 1
+            return self._json(200, {"@odata.context": f"{req.base}{API_PREFIX}$metadata#Microsoft.Dynamics.CRM."
+                                    "WhoAmIResponse", "BusinessUnitId": BUSINESS_UNIT_ID,
+                                    "UserId": caller.user_id, "OrganizationId": ORGANIZATION_ID})
+        if name == "EntityDefinitions":
+            self.request_counts["metadata"] += 1
+            return self._metadata(req, key_text, segments[1:])
+        schema = self.schema.get(name)
+        if schema is None:
+            raise ODataError(404, "0x8006088a", f"Resource not found for the segment '{name}'.")
+        if len(segments) > 1:
+            raise ODataError(400, "0x80060888", "The simulator supports only entity set and single record URLs.")
+        if key_text is None:
+            if req.method == "GET":
+                self.request_counts["collection"] += 1
+                return self._query(req, schema)
+            if req.method == "POST":
+                self.request_counts["write"] += 1
+                return self._post(req, schema, caller, txn)
+            raise ODataError(405, "0x80060888", f"The HTTP method '{req.method}' is not allowed on a collection.")
+        key = _parse_key_predicate(key_text)
+        if isinstance(key, dict) and any(isinstance(v, str) and set(v) & URL_UNSAFE_KEY_CHARS for v in key.values()):
+            # IIS/ASP.NET refuse these characters in a path even percent-encoded (documented for alternate keys).
+            raise ODataError(400, "0x80060888", "A potentially dangerous Request.Path value was detected from the "
+                             "client. Alternate key values used in a URL cannot contain / < > * % & : \\ ? +")
+        if req.method == "GET":
+            self.request_counts["record"] += 1
+            return self._get_one(req, schema, key)
+        if req.method == "PATCH":
+            self.request_counts["write"] += 1
+            return self._patch(req, schema, key, caller, txn)
+        if req.method == "DELETE":
+            self.request_counts["write"] += 1
+            return self._delete_request(req, schema, key, caller, txn)
+        raise ODataError(405, "0x80060888", f"The HTTP method '{req.method}' is not supported by the simulator.")
+
+    def _json(self, status: int, obj: Any, headers: Mapping[str, str] | None = None) -> _ApiResponse:
+        return _ApiResponse(status, {"Content-Type": "application/json; odata.metadata=minimal",
+                                     "OData-Version": "4.0", **(headers or {})}, _json_body(obj))
+
+    # ------------------------------------------------------------------------------------ reads
+
+    def _render(self, schema: TableSchema, row: Row, select: list[str] | None, annotate: bool) -> dict[str, Any]:
+        out: dict[str, Any] = {"@odata.etag": f'W/"{row.version}"'}
+        for col, typ in schema.columns.items():
+            name = schema.read_name(col)
+            if select is not None and name not in select and col != schema.primary_id:
+                continue
+            value = row.values.get(col)
+            out[name] = value
+            if annotate and value is not None:
+                if typ == "choice":
+                    label = schema.choices[col].options.get(value, str(value))
+                    out[f"{name}@OData.Community.Display.V1.FormattedValue"] = label
+                elif typ == "lookup":
+                    out[f"{name}@Microsoft.Dynamics.CRM.lookuplogicalname"] = (
+                        row.lookup_types.get(col) or self._target_logical(schema, col, row.values))
+        return out
+
+    def _select(self, schema: TableSchema, req: _ApiRequest) -> list[str] | None:
+        raw = req.query.get("$select")
+        if not raw:
+            return None
+        names = [n.strip() for n in raw.split(",") if n.strip()]
+        valid = schema.read_types()
+        for n in names:
+            if n not in valid:
+                raise ODataError(400, "0x80060888", f"Could not find a property named '{n}' on type "
+                                 f"'Microsoft.Dynamics.CRM.{schema.logical_name}'.")
+        return names
+
+    def _find(self, schema: TableSchema, key: str | dict[str, Any]) -> Row | None:
+        rows = self._tables[schema.entity_set]
+        if isinstance(key, str):
+            return rows.get(key)
+        if set(key) == {schema.primary_id} and isinstance(key[schema.primary_id], str):
+            return rows.get(key[schema.primary_id].lower())
+        cols = tuple(sorted(key))
+        if cols not in [tuple(sorted(k)) for k in schema.alternate_keys]:
+            raise ODataError(
+                400, "0x80060888",
+                f"The key in the request URI is not valid for resource 'Microsoft.Dynamics.CRM.{schema.logical_name}'. "
+                "Ensure that the names and number of key properties match the declared or alternate key properties "
+                f"for the resource 'Microsoft.Dynamics.CRM.{schema.logical_name}'.")
+        declared = next(k for k in schema.alternate_keys if tuple(sorted(k)) == cols)
+        wanted = tuple(_norm(_coerce(schema, c, key[c]), schema.columns[c]) for c in declared)
+        pk = self._key_index[schema.entity_set][declared].get(wanted)
+        return rows.get(pk) if pk is not None else None
+
+    @staticmethod
+    def _key_text(key: str | dict[str, Any]) -> str:
+        if isinstance(key, str):
+            return key
+        return ",".join(f"{k}:{v}" for k, v in key.items())
+
+    def _get_one(self, req: _ApiRequest, schema: TableSchema, key: str | dict[str, Any]) -> _ApiResponse:
+        row = self._find(schema, key)
+        if row is None:
+            raise _not_found(schema.logical_name, self._key_text(key))
+        etag = f'W/"{row.version}"'
+        if req.headers.get("if-none-match") == etag:
+            return _ApiResponse(304, {"ETag": etag})
+        select = self._select(schema, req)
+        annotate = "odata.include-annotations" in _prefer(req.headers)
+        body = {"@odata.context": f"{req.base}{API_PREFIX}$metadata#{schema.entity_set}/$entity",
+                **self._render(schema, row, select, annotate)}
+        return self._json(200, body, {"ETag": etag})
+
+    def _query(self, req: _ApiRequest, schema: TableSchema) -> _ApiResponse:
+        prefer = _prefer(req.headers)
+        select = self._select(schema, req)
+        annotate = "odata.include-annotations" in prefer
+        tracking = "odata.track-changes" in prefer
+        if "$expand" in req.query or "$apply" in req.query:
+            raise ODataError(400, "0x80060888", "The simulator does not implement $expand / $apply.")
+        page_size = MAX_PAGE_SIZE
+        if "odata.maxpagesize" in prefer:
+            try:
+                page_size = max(1, min(MAX_PAGE_SIZE, int(prefer["odata.maxpagesize"])))
+            except ValueError as exc:
+                raise ODataError(400, "0x80060888", "Invalid value for odata.maxpagesize.") from exc
+        cookie = self._parse_skiptoken(req.query.get("$skiptoken"))
+        delta_token = req.query.get("$deltatoken")
+        types = schema.read_types()
+        ctx_select = f"({','.join(select)})" if select else ""
+        context = f"{req.base}{API_PREFIX}$metadata#{schema.entity_set}{ctx_select}"
+        headers: dict[str, str] = {}
+        applied = []
+        if "odata.maxpagesize" in prefer:
+            applied.append(f"odata.maxpagesize={page_size}")
+
+        if tracking or delta_token is not None:
+            if any(k in req.query for k in ("$filter", "$orderby", "$top")):
+                raise ODataError(400, "0x80060888", "$filter, $orderby, $top and $expand are not supported with "
+                                 "change tracking (Prefer: odata.track-changes).")
+            if not schema.change_tracking:
+                raise ODataError(400, "0x80060888", f"Entity '{schema.logical_name}' is not enabled for change "
+                                 "tracking.")
+            applied.append("odata.track-changes")
+            headers["Preference-Applied"] = ",".join(applied)
+            return self._delta(req, schema, select, annotate, page_size, cookie, delta_token, context, headers)
+
+        rows = list(self._tables[schema.entity_set].values())
+        if "$filter" in req.query:
+            ast = parse_filter(req.query["$filter"], types, f"Microsoft.Dynamics.CRM.{schema.logical_name}")
+            names = {schema.read_name(c): c for c in schema.columns}
+            table = self._tables[schema.entity_set]
+            if ast[0] == "bool" and ast[1][0] == "in" and ast[1][1] == schema.primary_id and not ast[1][3]:
+                # Primary-key lookups (the connector's fetch) use the table's dict, like an index seek.
+                found = (table.get(k) for k in ast[1][2] if isinstance(k, str))
+                rows = [r for r in found if r is not None]
+            else:
+                rows = [r for r in rows if _evaluate(ast, _RowView(r.values, names), types)]
+        orderby = req.query.get("$orderby")
+        if orderby:
+            keys: list[tuple[str, bool]] = []
+            for part in orderby.split(","):
+                bits = part.split()
+                if not bits or bits[0] not in types or len(bits) > 2 or (
+                        len(bits) == 2 and bits[1] not in ("asc", "desc")):
+                    raise ODataError(400, "0x80060888", f"Syntax error in $orderby '{orderby}'.")
+                keys.append((bits[0], len(bits) == 2 and bits[1] == "desc"))
+            rows.sort(key=lambda r: r.values[schema.primary_id])
+            for name, desc in reversed(keys):
+                col = name[1:-6] if name.startswith("_") and name.endswith("_value") else name
+                typ = types[name]
+                rows.sort(key=_sort_key(col, typ), reverse=desc)
+        else:
+            rows.sort(key=lambda r: r.values[schema.primary_id])
+        if "$top" in req.query and "odata.maxpagesize" not in prefer:
+            try:
+                rows = rows[: int(req.query["$top"])]
+            except ValueError as exc:
+                raise ODataError(400, "0x80060888", "Invalid $top.") from exc
+        page_no = cookie["pagenumber"] if cookie else 1
+        if cookie and cookie.get("last") and not orderby:
+            start = next((i for i, r in enumerate(rows) if r.values[schema.primary_id] > cookie["last"]), len(rows))
+        else:
+            start = (page_no - 1) * page_size
+        page = rows[start:start + page_size]
+        body: dict[str, Any] = {"@odata.context": context,
+                                "value": [self._render(schema, r, select, annotate) for r in page]}
+        if start + page_size < len(rows) and page:
+            token = self._skiptoken(schema, page_no + 1, page, tracking=False, version=None)
+            body["@odata.nextLink"] = self._link(req, schema, {"$skiptoken": token})
+        if applied:
+            headers["Preference-Applied"] = ",".join(applied)
+        return self._json(200, body, headers)
+
+    def _delta(self, req: _ApiRequest, schema: TableSchema, select: list[str] | None, annotate: bool,
+               page_size: int, cookie: dict[str, Any] | None, delta_token: str | None, context: str,
+               headers: dict[str, str]) -> _ApiResponse:
+        since: int | None = None
+        if delta_token is not None:
+            try:
+                since = int(delta_token.split("!", 1)[0])
+            except ValueError as exc:
+                raise ODataError(400, "0x80060888", f"Invalid delta token '{delta_token}'.") from exc
+        upper = cookie["version"] if cookie and cookie.get("version") else self._version
+        entries: list[dict[str, Any]] = []
+        rows = sorted(self._tables[schema.entity_set].values(), key=lambda r: (r.version, r.values[schema.primary_id]))
+        for row in rows:
+            if row.version <= upper and (since is None or row.version > since):
+                entries.append(self._render(schema, row, select, annotate))
+        if since is not None:
+            for version, key in self._deleted[schema.entity_set]:
+                if since < version <= upper:
+                    entries.append({"@odata.context": f"{req.base}{API_PREFIX}$metadata#{schema.entity_set}/"
+                                    "$deletedEntity", "id": key, "reason": "deleted"})
+        page_no = cookie["pagenumber"] if cookie else 1
+        start = (page_no - 1) * page_size
+        page = entries[start:start + page_size]
+        body: dict[str, Any] = {"@odata.context": context + ("/$delta" if since is not None else ""), "value": page}
+        if start + page_size < len(entries):
+            token = self._skiptoken(schema, page_no + 1, [], tracking=True, version=upper)
+            extra = {"$skiptoken": token}
+            if delta_token is not None:
+                extra["$deltatoken"] = delta_token
+            body["@odata.nextLink"] = self._link(req, schema, extra)
+        else:
+            stamp = datetime.now(UTC).strftime("%m/%d/%Y %H:%M:%S")
+            body["@odata.deltaLink"] = self._link(req, schema, {"$deltatoken": f"{upper}!{stamp}"})
+        return self._json(200, body, headers)
+
+    def _link(self, req: _ApiRequest, schema: TableSchema, extra: Mapping[str, str]) -> str:
+        params = {k: v for k, v in req.query.items() if k not in ("$skiptoken", "$deltatoken")}
+        params.update(extra)
+        return f"{req.base}{API_PREFIX}{schema.entity_set}?{urlencode(params, quote_via=quote, safe='$,()')}"
+
+    def _skiptoken(self, schema: TableSchema, page_no: int, page: list[Row], *, tracking: bool,
+                   version: int | None) -> str:
+        # Shape of the real paging cookie: <cookie pagenumber=".." pagingcookie="<cookie page=..>...</cookie>" ...>
+        inner = f'<cookie page="{page_no - 1}"'
+        if version is not None:
+            inner += f' trackingversion="{version}"'
+        inner += ">"
+        if page:
+            first, last = page[0].values[schema.primary_id], page[-1].values[schema.primary_id]
+            inner += f'<{schema.primary_id} last="{{{last}}}" first="{{{first}}}" />'
+        inner += "</cookie>"
+        paging = quote(quote(inner, safe=""), safe="")
+        return f'<cookie pagenumber="{page_no}" pagingcookie="{paging}" istracking="{tracking}" />'
+
+    @staticmethod
+    def _parse_skiptoken(token: str | None) -> dict[str, Any] | None:
+        if token is None:
+            return None
+        m = re.match(r'^<cookie pagenumber="(\d+)" pagingcookie="([^"]*)" istracking="(True|False)" />$', token)
+        if not m:
+            raise ODataError(400, "0x80060888", f"Invalid $skiptoken '{token}'.")
+        inner = unquote(unquote(m.group(2)))
+        last = re.search(r'last="\{([0-9a-f-]{36})\}"', inner)
+        version = re.search(r'trackingversion="(\d+)"', inner)
+        return {"pagenumber": int(m.group(1)), "last": last.group(1) if last else None,
+                "version": int(version.group(1)) if version else None}
+
+    # ------------------------------------------------------------------------------------ metadata
+
+    def _entity_metadata(self, schema: TableSchema) -> dict[str, Any]:
+        return {"LogicalName": schema.logical_name, "EntitySetName": schema.entity_set,
+                "SchemaName": schema.logical_name, "PrimaryIdAttribute": schema.primary_id,
+                "PrimaryNameAttribute": schema.primary_name,
+                "MetadataId": str(uuid.uuid5(uuid.NAMESPACE_URL, f"entity:{schema.logical_name}")),
+                "ChangeTrackingEnabled": schema.change_tracking, "IsCustomEntity": schema.logical_name != "annotation"}
+
+    def _attribute_metadata(self, schema: TableSchema, col: str) -> dict[str, Any]:
+        typ = schema.columns[col]
+        out: dict[str, Any] = {
+            "LogicalName": col, "SchemaName": col, "AttributeType": ATTRIBUTE_TYPES[typ],
+            "AttributeTypeName": {"Value": f"{ATTRIBUTE_TYPES[typ]}Type"},
+            "MetadataId": str(uuid.uuid5(uuid.NAMESPACE_URL, f"attr:{schema.logical_name}.{col}")),
+            "IsPrimaryId": col == schema.primary_id,
+            "RequiredLevel": {"Value": "ApplicationRequired" if col in schema.required else "None"},
+        }
+        if typ in ("date", "datetime"):
+            out["Format"] = "DateOnly" if typ == "date" else "DateAndTime"
+            out["DateTimeBehavior"] = {"Value": "DateOnly" if typ == "date" else "UserLocal"}
+        if typ == "lookup":
+            out["Targets"] = [self.schema[t].logical_name if t in self.schema else t[:-1]
+                              for t in schema.lookups[col].navs.values()]
+        return out
+
+    def _picklist_metadata(self, schema: TableSchema, col: str) -> dict[str, Any]:
+        choice = schema.choices[col]
+
+        def label(text: str, value: int) -> dict[str, Any]:
+            lid = str(uuid.uuid5(uuid.NAMESPACE_URL, f"label:{schema.logical_name}.{col}.{value}"))
+            loc = {"Label": text, "LanguageCode": 1033, "IsManaged": False, "MetadataId": lid, "HasChanged": None}
+            return {"LocalizedLabels": [loc], "UserLocalizedLabel": loc}
+
+        options: list[dict[str, Any]] = [{"Value": v, "Label": label(t, v), "Description": {"LocalizedLabels": [],
+                                                                       "UserLocalizedLabel": None},
+                    "Color": None, "IsManaged": False, "MetadataId": None, "HasChanged": None}
+                   for v, t in sorted(choice.options.items())]
+        return {
+            "@odata.context": "$metadata#EntityDefinitions('" + schema.logical_name + "')/Attributes/"
+                              "Microsoft.Dynamics.CRM.PicklistAttributeMetadata(LogicalName,OptionSet,GlobalOptionSet)"
+                              "/$entity",
+            "LogicalName": col,
+            "MetadataId": str(uuid.uuid5(uuid.NAMESPACE_URL, f"attr:{schema.logical_name}.{col}")),
+            "OptionSet": {"Options": options, "IsGlobal": False,
+                          "Name": f"{schema.logical_name}_{col}", "OptionSetType": "Picklist",
+                          "MetadataId": str(uuid.uuid5(uuid.NAMESPACE_URL, f"os:{schema.logical_name}.{col}"))},
+            "GlobalOptionSet": None,
+        }
+
+    def _metadata(self, req: _ApiRequest, key_text: str | None, rest: list[str]) -> _ApiResponse:
+        if req.method != "GET":
+            raise ODataError(405, "0x80060888", "Only GET is supported on metadata by the simulator.")
+        by_logical = {s.logical_name: s for s in self.schema.values()}
+        if key_text is None:
+            if rest:
+                raise ODataError(400, "0x80060888", "Bad metadata URL.")
+            entities = [self._entity_metadata(s) for s in self.schema.values()]
+            if "$filter" in req.query:
+                types = {"LogicalName": "string", "EntitySetName": "string", "SchemaName": "string",
+                         "PrimaryIdAttribute": "string", "PrimaryNameAttribute": "string",
+                         "MetadataId": "guid", "ChangeTrackingEnabled": "bool", "IsCustomEntity": "bool"}
+                ast = parse_filter(req.query["$filter"], types, "Microsoft.Dynamics.CRM.EntityMetadata")
+                entities = [e for e in entities if _evaluate(ast, e, types)]
+            return self._json(200, {"@odata.context": f"{req.base}{API_PREFIX}$metadata#EntityDefinitions",
+                                    "value": entities})
+        key = _parse_key_predicate(key_text)
+        name = key.get("LogicalName") if isinstance(key, dict) else None
+        schema = by_logical.get(str(name)) if name is not None else None
+        if schema is None:
+            raise ODataError(404, "0x80040217", f"Could not find entity with name '{name or key_text}'.")
+        if not rest:
+            return self._json(200, {"@odata.context": f"{req.base}{API_PREFIX}$metadata#EntityDefinitions/$entity",
+                                    **self._entity_metadata(schema)})
+        attr = _SEGMENT_RE.match(rest[0])
+        if attr is None or attr.group("name") != "Attributes":
+            raise ODataError(404, "0x8006088a", f"Resource not found for the segment '{rest[0]}'.")
+        cast = rest[1] if len(rest) > 1 else None
+        if cast not in (None, "Microsoft.Dynamics.CRM.PicklistAttributeMetadata") or len(rest) > 2:
+            raise ODataError(404, "0x8006088a", f"Resource not found for the segment '{cast}'.")
+        if attr.group("key") is None:
+            cols = [c for c in schema.columns if cast is None or schema.columns[c] == "choice"]
+            render = self._picklist_metadata if cast else self._attribute_metadata
+            return self._json(200, {"value": [render(schema, c) for c in cols]})
+        akey = _parse_key_predicate(attr.group("key"))
+        col = akey.get("LogicalName") if isinstance(akey, dict) else None
+        if not isinstance(col, str) or col not in schema.columns:
+            raise ODataError(404, "0x80040217", f"Could not find attribute with name '{col}' on entity "
+                             f"'{schema.logical_name}'.")
+        if cast is None:
+            return self._json(200, self._attribute_metadata(schema, col))
+        if schema.columns[col] != "choice":
+            raise ODataError(400, "0x80060888", f"The attribute '{col}' is of type "
+                             f"'{ATTRIBUTE_TYPES[schema.columns[col]]}AttributeMetadata' and cannot be cast to "
+                             "'PicklistAttributeMetadata'.")
+        return self._json(200, self._picklist_metadata(schema, col))
+
+    # ------------------------------------------------------------------------------------ writes
+
+    def _empty_index(self) -> dict[str, dict[tuple[str, ...], dict[tuple[Any, ...], str]]]:
+        return {s: {cols: {} for cols in t.alternate_keys} for s, t in self.schema.items()}
+
+    def _index_entries(self, schema: TableSchema, values: Mapping[str, Any]) -> list[tuple[tuple[str, ...],
+                                                                                          tuple[Any, ...]]]:
+        out = []
+        for cols in schema.alternate_keys:
+            raw = [values.get(c) for c in cols]
+            if all(v is not None for v in raw):  # alternate-key indexes ignore rows with null key values
+                out.append((cols, tuple(_norm(v, schema.columns[c]) for v, c in zip(raw, cols, strict=True))))
+        return out
+
+    def _put_row(self, schema: TableSchema, key: str, row: Row | None) -> None:
+        """Store (or remove, row=None) a record, keeping the alternate-key index in step."""
+        rows = self._tables[schema.entity_set]
+        index = self._key_index[schema.entity_set]
+        old = rows.get(key)
+        if old is not None:
+            for cols, normed in self._index_entries(schema, old.values):
+                if index[cols].get(normed) == key:
+                    del index[cols][normed]
+        if row is None:
+            rows.pop(key, None)
+            return
+        rows[key] = row
+        for cols, normed in self._index_entries(schema, row.values):
+            index[cols][normed] = key
+
+    def _next_version(self) -> int:
+        self._version += 1
+        return self._version
+
+    def _target_logical(self, schema: TableSchema, col: str, values: Mapping[str, Any]) -> str:
+        if col in ("createdby", "modifiedby", "ownerid"):
+            return "systemuser"
+        if col == "objectid" and values.get("objecttypecode"):
+            return str(values["objecttypecode"])
+        target_set = next(iter(schema.lookups[col].navs.values()))
+        return self.schema[target_set].logical_name if target_set in self.schema else target_set
+
+    def _resolve_bind(self, schema: TableSchema, nav: str, ref: Any, base: str) -> tuple[str, str | None, str]:
+        """`nav@odata.bind` -> (lookup column, target GUID or None, target logical name)."""
+        navs = schema.nav_index()
+        if nav not in navs:
+            raise ODataError(
+                400, "0x80060888",
+                f"An undeclared property '{nav}' which only has property annotations in the payload but no property "
+                "value was found in the payload. In OData, only declared navigation properties and declared named "
+                "streams can be represented as properties without values.")
+        col, target_set = navs[nav]
+        target_schema = self.schema[target_set]
+        if ref is None:
+            return col, None, target_schema.logical_name
+        if not isinstance(ref, str):
+            raise _cannot_convert(ref, "Edm.String")
+        text = ref
+        for prefix in (base + API_PREFIX, API_PREFIX, "/"):
+            if text.startswith(prefix):
+                text = text[len(prefix):]
+                break
+        m = _SEGMENT_RE.match(unquote(text))
+        if m is None or m.group("key") is None:
+            raise ODataError(400, "0x80060888", f"The URI '{ref}' in the '{nav}@odata.bind' annotation is not valid.")
+        if m.group("name") != target_set:
+            raise ODataError(400, "0x80060888", f"The entity set '{m.group('name')}' is not valid for the navigation "
+                             f"property '{nav}' (expected '{target_set}').")
+        key = _parse_key_predicate(m.group("key"))
+        row = self._find(target_schema, key)
+        if row is None:
+            raise _not_found(target_schema.logical_name, self._key_text(key))
+        return col, row.values[target_schema.primary_id], target_schema.logical_name
+
+    def _prepare(self, schema: TableSchema, body: Any, base: str) -> tuple[dict[str, Any], dict[str, str]]:
+        if not isinstance(body, dict):
+            raise ODataError(400, "0x80060888", "The request body must be a JSON object.")
+        values: dict[str, Any] = {}
+        lookup_types: dict[str, str] = {}
+        for name, value in body.items():
+            if name.startswith("@odata."):
+                continue
+            if name.endswith("@odata.bind"):
+                col, guid, target = self._resolve_bind(schema, name[: -len("@odata.bind")], value, base)
+                values[col] = guid
+                if guid is not None:
+                    lookup_types[col] = target
+                continue
+            if "@" in name:
+                continue
+            if name.startswith("_") and name.endswith("_value") and name[1:-6] in schema.lookups:
+                raise ODataError(400, "0x80060888", "CRM do not support direct update of Entity Reference "
+                                 "properties, Use Navigation properties instead.")
+            typ = schema.columns.get(name)
+            if typ is None or typ == "lookup":
+                raise _bad_property(schema.logical_name, name)
+            if name in SYSTEM_READONLY or name in schema.computed:
+                continue  # the platform ignores writes to system-managed columns
+            values[name] = _coerce(schema, name, value)
+        return values, lookup_types
+
+    def _check_required(self, schema: TableSchema, values: Mapping[str, Any]) -> None:
+        for col in sorted(schema.required):
+            if values.get(col) in (None, ""):
+                raise ODataError(400, "0x80044331", f"A validation error occurred. The value for the required "
+                                 f"attribute '{col}' of '{schema.logical_name}' is missing.")
+
+    def _check_unique(self, schema: TableSchema, values: Mapping[str, Any], own_key: str | None) -> None:
+        for cols in schema.alternate_keys:
+            wanted = [values.get(c) for c in cols]
+            if any(v is None for v in wanted):
+                continue  # alternate-key indexes ignore rows with null key values
+            normed = tuple(_norm(v, schema.columns[c]) for v, c in zip(wanted, cols, strict=True))
+            holder = self._key_index[schema.entity_set][cols].get(normed)
+            if holder is not None and holder != own_key:
+                raise ODataError(
+                    412, "0x80040237",
+                    f"A record that has the attribute values {', '.join(str(v) for v in wanted)} already exists. "
+                    f"The entity key {schema.logical_name}_{'_'.join(cols)}_key requires that this set of "
+                    "attributes contains unique values. Select unique values and try again.")
+
+    def _annotation_fixups(self, schema: TableSchema, values: dict[str, Any], lookup_types: Mapping[str, str]) -> None:
+        if schema.logical_name != "annotation":
+            return
+        if "objectid" in lookup_types:
+            values["objecttypecode"] = lookup_types["objectid"]
+        body = values.get("documentbody")
+        if body is not None:
+            try:
+                values["filesize"] = len(base64.b64decode(body, validate=True))
+            except ValueError as exc:
+                raise ODataError(400, "0x80044331", "A validation error occurred. documentbody is not valid "
+                                 "base64.") from exc
+            values["isdocument"] = True
+
+    def _create(self, schema: TableSchema, values: dict[str, Any], lookup_types: dict[str, str],
+                key: str | None, caller: _Caller, txn: _Txn) -> str:
+        rows = self._tables[schema.entity_set]
+        new_key = (key or values.get(schema.primary_id) or str(uuid.uuid4())).lower()
+        if new_key in rows:
+            raise ODataError(412, "0x80040237", "A record with matching key values already exists.")
+        vals = dict(values)
+        vals[schema.primary_id] = new_key
+        self._annotation_fixups(schema, vals, lookup_types)
+        self._check_required(schema, vals)
+        self._check_unique(schema, vals, None)
+        now = _now_text()
+        version = self._next_version()
+        vals.update({"createdon": now, "modifiedon": now, "createdby": caller.user_id, "modifiedby": caller.user_id,
+                     "ownerid": caller.user_id, "versionnumber": version})
+        lt = {**lookup_types, "createdby": "systemuser", "modifiedby": "systemuser", "ownerid": "systemuser"}
+        self._put_row(schema, new_key, Row(vals, version, lt))
+        txn.undo.append(lambda: self._put_row(schema, new_key, None))
+        target = {**values, schema.primary_id: new_key, "createdon": now, "modifiedon": now,
+                  "createdby": caller.user_id, "modifiedby": caller.user_id, "ownerid": caller.user_id}
+        txn.events.append(_Event("Create", schema.entity_set, new_key, target, dict(vals), None, dict(lt),
+                                 caller.user_id, caller.correlation_id, datetime.now(UTC)))
+        return new_key
+
+    def _update(self, schema: TableSchema, row: Row, values: dict[str, Any], lookup_types: dict[str, str],
+                caller: _Caller, txn: _Txn) -> Row:
+        before = row
+        merged = {**row.values, **values}
+        self._annotation_fixups(schema, merged, lookup_types)
+        self._check_required(schema, merged)
+        key = row.values[schema.primary_id]
+        self._check_unique(schema, merged, key)
+        now = _now_text()
+        version = self._next_version()
+        merged.update({"modifiedon": now, "modifiedby": caller.user_id, "versionnumber": version})
+        new_row = Row(merged, version, {**row.lookup_types, **lookup_types, "modifiedby": "systemuser"})
+        self._put_row(schema, key, new_row)
+        txn.undo.append(lambda: self._put_row(schema, key, before))
+        target = {**values, schema.primary_id: key, "modifiedon": now, "modifiedby": caller.user_id}
+        txn.events.append(_Event("Update", schema.entity_set, key, target, dict(merged), dict(before.values),
+                                 dict(new_row.lookup_types), caller.user_id, caller.correlation_id, datetime.now(UTC)))
+        return new_row
+
+    def _delete(self, schema: TableSchema, key: str, caller: _Caller, txn: _Txn) -> None:
+        row = self._tables[schema.entity_set][key]
+        self._put_row(schema, key, None)
+        version = self._next_version()
+        deleted = self._deleted[schema.entity_set]
+        deleted.append((version, key))
+        entry = deleted[-1]
+
+        def undo() -> None:
+            self._put_row(schema, key, row)
+            if entry in deleted:
+                deleted.remove(entry)
+
+        txn.undo.append(undo)
+        txn.events.append(_Event("Delete", schema.entity_set, key, {}, None, dict(row.values), dict(row.lookup_types),
+                                 caller.user_id, caller.correlation_id, datetime.now(UTC)))
+
+    def _write_response(self, req: _ApiRequest, schema: TableSchema, row: Row, created: bool) -> _ApiResponse:
+        key = row.values[schema.primary_id]
+        entity_url = f"{req.base}{API_PREFIX}{schema.entity_set}({key})"
+        etag = f'W/"{row.version}"'
+        if _prefer(req.headers).get("return") == "representation":
+            select = self._select(schema, req)
+            body = {"@odata.context": f"{req.base}{API_PREFIX}$metadata#{schema.entity_set}/$entity",
+                    **self._render(schema, row, select, False)}
+            return self._json(201 if created else 200, body,
+                              {"ETag": etag, "Preference-Applied": "return=representation"})
+        return _ApiResponse(204, {"OData-Version": "4.0", "OData-EntityId": entity_url, "Location": entity_url,
+                                  "ETag": etag})
+
+    def _load_body(self, req: _ApiRequest) -> Any:
+        try:
+            return json.loads(req.body or b"{}")
+        except ValueError as exc:
+            raise ODataError(400, "0x80060888", f"The request body is not valid JSON: {exc}") from exc
+
+    def _post(self, req: _ApiRequest, schema: TableSchema, caller: _Caller, txn: _Txn) -> _ApiResponse:
+        values, lookup_types = self._prepare(schema, self._load_body(req), req.base)
+        key = self._create(schema, values, lookup_types, None, caller, txn)
+        return self._write_response(req, schema, self._tables[schema.entity_set][key], True)
+
+    def _patch(self, req: _ApiRequest, schema: TableSchema, key: str | dict[str, Any], caller: _Caller,
+               txn: _Txn) -> _ApiResponse:
+        row = self._find(schema, key)
+        if_match = req.headers.get("if-match")
+        if_none_match = req.headers.get("if-none-match")
+        values, lookup_types = self._prepare(schema, self._load_body(req), req.base)
+        if row is None:
+            if if_match is not None:
+                raise _not_found(schema.logical_name, self._key_text(key))
+            # Upsert-create: URL key values seed the record, body values win (per the upsert doc).
+            seed: dict[str, Any] = {}
+            new_key: str | None = None
+            if isinstance(key, str):
+                new_key = key
+            else:
+                for col, v in key.items():
+                    if col == schema.primary_id:
+                        new_key = str(v).lower()
+                    else:
+                        seed[col] = _coerce(schema, col, v)
+            created = self._create(schema, {**seed, **values}, lookup_types, new_key, caller, txn)
+            return self._write_response(req, schema, self._tables[schema.entity_set][created], True)
+        if if_none_match == "*":
+            raise ODataError(412, "0x80040237", "A record with matching key values already exists.")
+        if if_match not in (None, "*") and if_match != f'W/"{row.version}"':
+            raise ODataError(412, "0x80060882", "The version of the existing record doesn't match the RowVersion "
+                             "property provided.")
+        # Key columns in the body of an update through that key are dropped (they cannot change via their own URL).
+        if isinstance(key, dict):
+            for col in key:
+                values.pop(col, None)
+        values.pop(schema.primary_id, None)
+        updated = self._update(schema, row, values, lookup_types, caller, txn)
+        return self._write_response(req, schema, updated, False)
+
+    def _delete_request(self, req: _ApiRequest, schema: TableSchema, key: str | dict[str, Any], caller: _Caller,
+                        txn: _Txn) -> _ApiResponse:
+        row = self._find(schema, key)
+        if row is None:
+            raise _not_found(schema.logical_name, self._key_text(key))
+        if_match = req.headers.get("if-match")
+        if if_match not in (None, "*") and if_match != f'W/"{row.version}"':
+            raise ODataError(412, "0x80060882", "The version of the existing record doesn't match the RowVersion "
+                             "property provided.")
+        self._delete(schema, row.values[schema.primary_id], caller, txn)
+        return _ApiResponse(204, {"OData-Version": "4.0"})
+
+    # ------------------------------------------------------------------------------------ $batch
+
+    def _batch(self, req: _ApiRequest, caller: _Caller, events: list[_Event]) -> _ApiResponse:
+        ctype = req.headers.get("content-type", "")
+        boundary = _boundary(ctype)
+        if not ctype.lower().startswith("multipart/mixed") or boundary is None:
+            return _error_response(ODataError(400, "0x80060888", "The content type of the $batch request must be "
+                                              "multipart/mixed with a boundary."))
+        try:
+            parts = _split_multipart(req.body, boundary)
+            items: list[tuple[bool, list[tuple[dict[str, str], bytes]]]] = []
+            total = 0
+            for headers, body in parts:
+                inner_ct = headers.get("content-type", "")
+                if inner_ct.lower().startswith("multipart/mixed"):
+                    cs_boundary = _boundary(inner_ct)
+                    if cs_boundary is None:
+                        raise ODataError(400, "0x80060888", "A change set is missing its boundary.")
+                    cs_parts = _split_multipart(body, cs_boundary)
+                    total += len(cs_parts)
+                    items.append((True, cs_parts))
+                else:
+                    total += 1
+                    items.append((False, [(headers, body)]))
+        except ODataError as err:
+            return _error_response(err)
+        if total > MAX_BATCH_REQUESTS:
+            return _error_response(ODataError(
+                400, "0x8006088a", f"The number of requests in the batch ({total}) exceeds the maximum of "
+                f"{MAX_BATCH_REQUESTS}. A $batch request can contain up to {MAX_BATCH_REQUESTS} requests."))
+        self.request_counts["batch_op"] += total
+        continue_on_error = "odata.continue-on-error" in _prefer(req.headers)
+        out_boundary = f"batchresponse_{uuid.uuid4()}"
+        chunks: list[bytes] = []
+        failed = False
+        for is_changeset, item_parts in items:
+            txn = _Txn()
+            refs: dict[str, str] = {}
+            responses: list[bytes] = []
+            error_part: bytes | None = None
+            for headers, body in item_parts:
+                status, text = self._batch_part(req, headers, body, caller, txn, refs, in_changeset=is_changeset)
+                part = _part_bytes(text, headers.get("content-id"))
+                if status >= 400:
+                    txn.rollback()
+                    error_part = part
+                    break
+                responses.append(part)
+            failed = error_part is not None
+            if error_part is not None:
+                # A failed change set answers with the single failing response (OData 4.0 section 11.7.4).
+                chunks.append(error_part)
+            elif not is_changeset:
+                events.extend(txn.events)
+                chunks.extend(responses)
+            else:
+                events.extend(txn.events)
+                cs_boundary = f"changesetresponse_{uuid.uuid4()}"
+                inner = b"".join(f"--{cs_boundary}\r\n".encode() + r for r in responses)
+                inner += f"--{cs_boundary}--\r\n".encode()
+                chunks.append(f"Content-Type: multipart/mixed; boundary={cs_boundary}\r\n\r\n".encode() + inner)
+            if failed and not continue_on_error:
+                break
+        payload_bytes = b"".join(f"--{out_boundary}\r\n".encode() + c for c in chunks)
+        payload_bytes += f"--{out_boundary}--\r\n".encode()
+        status = 400 if failed and not continue_on_error else 200
+        return _ApiResponse(status, {"Content-Type": f"multipart/mixed; boundary={out_boundary}",
+                                     "OData-Version": "4.0"}, payload_bytes)
+
+    def _batch_part(self, outer: _ApiRequest, headers: Mapping[str, str], body: bytes, caller: _Caller, txn: _Txn,
+                    refs: dict[str, str], *, in_changeset: bool) -> tuple[int, bytes]:
+        """Run one embedded request; the caller commits (emits txn.events) or rolls back."""
+        try:
+            request_line, part_headers, part_body = _parse_http_message(body)
+            method, _, rest = request_line.partition(" ")
+            url = rest.rsplit(" ", 1)[0] if rest.endswith(("HTTP/1.1", "HTTP/1.0")) else rest
+            method = method.upper()
+            if in_changeset and method == "GET":
+                raise ODataError(400, "0x80060888", "GET requests are not allowed inside a change set.")
+            for ref, target in refs.items():
+                if url == ref or url.startswith(ref + "/"):
+                    url = target + url[len(ref):]
+            if url.startswith("$"):
+                raise ODataError(400, "0x80060888", f"Content-ID Reference: '{url.split('/')[0]}' does not exist in "
+                                 "the batch context.")
+            split = urlsplit(url)
+            path = split.path
+            if path.startswith(API_PREFIX):
+                path = path[len(API_PREFIX):]
+            elif path.startswith("/"):
+                raise ODataError(400, "0x80060888", f"The URL '{url}' is not a Web API v9.2 URL.")
+            text_body = part_body.decode("utf-8") if part_body else ""
+            for ref, target in refs.items():
+                text_body = text_body.replace(f'"{ref}"', json.dumps(target))
+            sub = _ApiRequest(method, unquote(path), dict(parse_qsl(split.query, keep_blank_values=True)),
+                              {k.lower(): v for k, v in part_headers.items()}, text_body.encode(), outer.base)
+            fault = self.faults._take_part(self.faults._fail, API_PREFIX + sub.path)
+            if fault is not None:
+                resp = self._fault_response(fault)
+            else:
+                try:
+                    with self._lock:
+                        resp = self._dispatch(sub, caller, txn)
+                except ODataError as err:
+                    resp = _error_response(err)
+            cid = headers.get("content-id")
+            if cid and resp.status < 400:
+                entity = resp.headers.get("OData-EntityId") or self._entity_url_from_body(outer, sub, resp)
+                if entity:
+                    refs[f"${cid}"] = entity
+        except ODataError as err:
+            resp = _error_response(err)
+        return resp.status, _http_response_bytes(resp)
+
+    def _entity_url_from_body(self, outer: _ApiRequest, sub: _ApiRequest, resp: _ApiResponse) -> str | None:
+        if not resp.body or sub.method not in ("POST", "PATCH"):
+            return None
+        head = _SEGMENT_RE.match(_split_segments(sub.path)[0]) if sub.path else None
+        if head is None or head.group("name") not in self.schema:
+            return None
+        schema = self.schema[head.group("name")]
+        try:
+            key = json.loads(resp.body)[schema.primary_id]
+        except (ValueError, KeyError):
+            return None
+        return f"{outer.base}{API_PREFIX}{schema.entity_set}({key})"
+
+
+# ============================================================================================ multipart
+
+
+def _boundary(content_type: str) -> str | None:
+    m = re.search(r'boundary="?([^";]+)"?', content_type, re.I)
+    return m.group(1) if m else None
+
+
+def _split_multipart(body: bytes, boundary: str) -> list[tuple[dict[str, str], bytes]]:
+    """Split a multipart body into (headers, content) parts; tolerant of CRLF or LF line ends."""
+    delim = b"--" + boundary.encode()
+    pieces = body.split(delim)
+    parts: list[tuple[dict[str, str], bytes]] = []
+    for piece in pieces[1:]:
+        if piece.startswith(b"--"):
+            break
+        piece = piece[2:] if piece.startswith(b"\r\n") else piece[1:] if piece.startswith(b"\n") else piece
+        head, sep, content = piece.partition(b"\r\n\r\n")
+        if not sep:
+            head, sep, content = piece.partition(b"\n\n")
+        if not sep:
+            raise ODataError(400, "0x80060888", "A $batch part has no blank line after its headers.")
+        headers: dict[str, str] = {}
+        for line in head.decode("latin-1").splitlines():
+            if ":" in line:
+                k, _, v = line.partition(":")
+                headers[k.strip().lower()] = v.strip()
+        if content.endswith(b"\r\n"):
+            content = content[:-2]
+        elif content.endswith(b"\n"):
+            content = content[:-1]
+        parts.append((headers, content))
+    return parts
+
+
+def _parse_http_message(data: bytes) -> tuple[str, dict[str, str], bytes]:
+    """`METHOD url HTTP/1.1` + headers + blank line + body (an embedded request or response)."""
+    text = data
+    head, sep, body = text.partition(b"\r\n\r\n")
+    if not sep:
+        head, sep, body = text.partition(b"\n\n")
+    lines = head.decode("utf-8").splitlines()
+    if not lines:
+        raise ODataError(400, "0x80060888", "A $batch part has no request line.")
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        if ":" in line:
+            k, _, v = line.partition(":")
+            headers[k.strip()] = v.strip()
+    return lines[0].strip(), headers, body.strip(b"\r\n")
+
+
+def _http_response_bytes(resp: _ApiResponse) -> bytes:
+    lines = [f"HTTP/1.1 {resp.status} {_REASONS.get(resp.status, 'Unknown')}"]
+    lines += [f"{k}: {v}" for k, v in resp.headers.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + resp.body
+
+
+def _part_bytes(http_message: bytes, content_id: str | None) -> bytes:
+    head = "Content-Type: application/http\r\nContent-Transfer-Encoding: binary\r\n"
+    if content_id:
+        head += f"Content-ID: {content_id}\r\n"
+    return (head + "\r\n").encode() + http_message + b"\r\n"
+
+
+__all__ = [
+    "APP_USER_ID", "DEFAULT_CLIENT_ID", "DEFAULT_CLIENT_SECRET", "DEFAULT_TENANT_ID", "OFFICE_USER_ID",
+    "ChoiceColumn", "DataverseSimulator", "Faults", "LookupColumn", "ODataError", "Row", "ServiceProtection",
+    "TableSchema", "WebhookFailure", "WebhookRegistration", "dot_schema", "parse_filter",
+]
