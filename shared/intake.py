@@ -66,7 +66,7 @@ async def handle_dataverse_webhook(services: Services, body: bytes) -> IntakeRes
     """
     from shared.connectors.dataverse import DataverseClient, parse_remote_execution_context
 
-    change = parse_remote_execution_context(_json_body(body))
+    change = parse_remote_execution_context(_json_body(body), date_only=_dataverse_date_columns(services))
     dv = services.sinks.get("dataverse")
     if not isinstance(dv, DataverseClient):
         raise EnvelopeError("Dataverse is not configured (DATAVERSE__URL is empty)")
@@ -86,6 +86,15 @@ async def handle_dataverse_webhook(services: Services, body: bytes) -> IntakeRes
     if direct:
         await write_direct(services, direct, result)
     return result
+
+
+def _dataverse_date_columns(services: Services) -> frozenset[str]:
+    """Date-only Dataverse columns per the specs (webhooks send them as midnight timestamps)."""
+    cols = {fm.source for f in services.flowset.flows if f.source.system == "dataverse"
+            for fm in f.fields if fm.transform == "date_to_epoch_ms"}
+    cols |= {fm.target for f in services.flowset.flows if f.target.system == "dataverse"
+             for fm in f.fields if fm.transform == "epoch_ms_to_date"}
+    return frozenset(cols)
 
 
 async def write_direct(services: Services, envelopes: list[ChangeEnvelope], result: IntakeResult) -> None:
