@@ -42,6 +42,25 @@ class ArcGISSettings(BaseModel):
     max_concurrency: int = Field(default=2, ge=1, le=16)
 
 
+class ServiceBusSettings(BaseModel):
+    """The inbound queue on Azure Service Bus (runtime "azure")."""
+
+    fullyQualifiedNamespace: str = ""  # Azure's identity-based connection setting name
+    """e.g. contoso-sync.servicebus.windows.net: connect with the managed identity (DefaultAzureCredential)."""
+    connectionString: SecretStr = SecretStr("")
+    """For local emulators and the test broker only; identity-based connections are preferred in Azure."""
+
+
+class TableSettings(BaseModel):
+    """Cross-references, snapshots, checkpoints and the audit ledger on Azure Table Storage (runtime "azure")."""
+
+    endpoint: str = ""
+    """Table service endpoint, e.g. https://contososync.table.core.windows.net (managed identity)."""
+    connectionString: SecretStr = SecretStr("")
+    """For Azurite; identity-based connections are preferred in Azure."""
+    tablePrefix: str = "syncline"
+
+
 class Settings(BaseSettings):
     """Every setting Syncline reads. Names map to app settings: `DATAVERSE__URL`, `SYNCLINE_RUNTIME`, ..."""
 
@@ -66,6 +85,10 @@ class Settings(BaseSettings):
     syncline_ca_bundle: str = ""
     """Extra CA bundle to trust (the sandbox's test CA); empty in production."""
     syncline_inbound_queue: str = "syncline-inbound"
+    syncline_servicebus: ServiceBusSettings = Field(default_factory=ServiceBusSettings)
+    syncline_tables: TableSettings = Field(default_factory=TableSettings)
+    applicationinsights_connection_string: SecretStr = SecretStr("")
+    """Set by the platform when Application Insights is attached; enables OpenTelemetry export."""
     dataverse: DataverseSettings = Field(default_factory=DataverseSettings)
     arcgis: ArcGISSettings = Field(default_factory=ArcGISSettings)
 
@@ -80,6 +103,7 @@ class Settings(BaseSettings):
         """Every configured secret value (for log-redaction checks)."""
         values = [
             self.syncline_webhook_secret, self.dataverse.client_secret, self.arcgis.client_secret,
-            self.arcgis.api_key, self.arcgis.webhook_signature_key,
+            self.arcgis.api_key, self.arcgis.webhook_signature_key, self.syncline_servicebus.connectionString,
+            self.syncline_tables.connectionString,
         ]
         return [v.get_secret_value() for v in values if v.get_secret_value()]
