@@ -1,0 +1,268 @@
+"""`TableStateStore` on Azurite beyond the shared contract: re-linking against SQLite, odd keys, big values."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta, timezone
+
+import pytest
+
+from shared.core.ports import AuditEntry, Link, Snapshot
+from shared.runtime.sqlite_state import SqliteStateStore
+from shared.runtime.table_state import TableStateStore
+from tests.contract.adapters.azure_tables import drop_tables, fresh_prefix, tables_connection_string
+
+pytestmark = pytest.mark.integration
+AnyStore = SqliteStateStore | TableStateStore
+
+T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
+#: Every ASCII character, the characters Azure Table keys forbid, and what our escaping uses itself.
+ODD_KEYS = [
+    "".join(map(chr, range(0x20, 0x7F))),
+    "a/b\\c#d?e%2F'~7E|",
+    "\x00\x01\t\n\x1f\x7f\x80\x9f",
+    "Zürich Süd ✓ 😀",
+    "",
+]
+
+
+@asynccontextmanager
+async def open_tables(request: pytest.FixtureRequest) -> AsyncIterator[TableStateStore]:
+    conn_str = tables_connection_string(request)
+    store = TableStateStore.from_connection_string(conn_str, table_prefix=fresh_prefix())
+    try:
+        yield store
+    finally:
+        await store.close()
+        await drop_tables(conn_str, store.table_names)
+
+
+@pytest.fixture
+async def tables(request: pytest.FixtureRequest) -> AsyncIterator[TableStateStore]:
+    async with open_tables(request) as store:
+        yield store
+
+
+@pytest.fixture(params=["sqlite", "azure-tables"])
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[AnyStore]:
+    """The same scenario against the reference (SQLite) and against Table Storage."""
+    if request.param == "sqlite":
+        reference = SqliteStateStore(":memory:")
+        yield reference
+        await reference.close()
+    else:
+        async with open_tables(request) as store:
+            yield store
+
+
+# --------------------------------------------------------------- re-linking: the same as SqliteStateStore
+
+
+async def test_count_and_iter_links(store: AnyStore) -> None:
+    await store.put_links([
+        Link("parcel", "arcgis", "g-2", "dataverse", "d-2"),
+        Link("parcel", "dataverse", "d-1", "arcgis", "g-1"),
+        Link("owner", "arcgis", "o-1", "dataverse", "x-1"),
+    ])
+    await store.put_links([Link("parcel", "arcgis", "g-1", "dataverse", "d-1")])  # again: no new link
+
+    assert await store.count_links() == 3
+    assert await store.count_links("parcel") == 2
+    assert await store.count_links("nothing") == 0
+    assert await store.iter_links("parcel", "arcgis", "dataverse") == [("g-1", "d-1"), ("g-2", "d-2")]
+    assert await store.iter_links("parcel", "dataverse", "arcgis") == [("d-1", "g-1"), ("d-2", "g-2")]
+    assert await store.iter_links("parcel", "arcgis", "salesforce") == []
+
+
+async def test_relinking_a_key_replaces_the_old_link_in_both_directions(store: AnyStore) -> None:
+    await store.put_links([Link("parcel", "arcgis", "g-1", "dataverse", "d-old")])
+
+    await store.put_links([Link("parcel", "arcgis", "g-1", "dataverse", "d-new")])
+
+    assert await store.get_links("parcel", "arcgis", ["g-1"], "dataverse") == {"g-1": "d-new"}
+    assert await store.get_links("parcel", "dataverse", ["d-old", "d-new"], "arcgis") == {"d-new": "g-1"}
+    assert await store.count_links("parcel") == 1
+
+
+async def test_relinking_across_two_links_keeps_the_mapping_one_to_one(store: AnyStore) -> None:
+    await store.put_links([
+        Link("parcel", "arcgis", "g-1", "dataverse", "d-1"),
+        Link("parcel", "arcgis", "g-2", "dataverse", "d-2"),
+    ])
+
+    await store.put_links([Link("parcel", "arcgis", "g-1", "dataverse", "d-2")])
+
+    assert await store.iter_links("parcel", "arcgis", "dataverse") == [("g-1", "d-2")]
+    assert await store.iter_links("parcel", "dataverse", "arcgis") == [("d-2", "g-1")]
+
+
+async def test_the_last_link_of_a_key_in_one_batch_wins(store: AnyStore) -> None:
+    await store.put_links([
+        Link("parcel", "arcgis", "g-1", "dataverse", "d-1"),
+        Link("parcel", "arcgis", "g-1", "dataverse", "d-2"),
+    ])
+
+    assert await store.iter_links("parcel", "arcgis", "dataverse") == [("g-1", "d-2")]
+    assert await store.iter_links("parcel", "dataverse", "arcgis") == [("d-2", "g-1")]
+
+
+async def snapshot_of_links(store: AnyStore, systems: list[str]) -> dict[str, object]:
+    state: dict[str, object] = {"count": await store.count_links(), "count-e1": await store.count_links("e1")}
+    for entity in ("e1", "e2"):
+        for system in systems:
+            for other in systems:
+                state[f"{entity}:{system}->{other}"] = await store.iter_links(entity, system, other)
+    return state
+
+
+async def test_random_link_batches_end_exactly_as_in_sqlite(tables: TableStateStore) -> None:
+    reference = SqliteStateStore(":memory:")
+    rng = random.Random(7)
+    systems = ["arcgis", "dataverse", "sap"]
+    for _ in range(25):
+        batch = []
+        for _ in range(rng.randint(1, 12)):
+            system_a, system_b = rng.choice(systems), rng.choice(systems)
+            if system_a == system_b and rng.random() < 0.8:  # a few links within one system too
+                continue
+            batch.append(Link(rng.choice(["e1", "e2"]), system_a, f"k{rng.randint(0, 5)}", system_b,
+                              f"k{rng.randint(0, 5)}"))
+        await reference.put_links(batch)
+        await tables.put_links(batch)
+
+        assert await snapshot_of_links(tables, systems) == await snapshot_of_links(reference, systems)
+    await reference.close()
+
+
+async def test_racing_relinks_leave_a_consistent_one_to_one_mapping(request: pytest.FixtureRequest) -> None:
+    conn_str = tables_connection_string(request)
+    prefix = fresh_prefix()
+    first = TableStateStore.from_connection_string(conn_str, table_prefix=prefix)
+    second = TableStateStore.from_connection_string(conn_str, table_prefix=prefix)
+    try:
+        for round_ in range(8):
+            await asyncio.gather(
+                first.put_links([Link("p", "arcgis", "g", "dataverse", f"d-{round_}-a")]),
+                second.put_links([Link("p", "arcgis", "g", "dataverse", f"d-{round_}-b")]),
+            )
+            pairs = await first.iter_links("p", "arcgis", "dataverse")
+            assert len(pairs) == 1
+            assert await first.iter_links("p", "dataverse", "arcgis") == [(pairs[0][1], "g")]
+    finally:
+        await first.close()
+        await second.close()
+        await drop_tables(conn_str, first.table_names)
+
+
+# ------------------------------------------------------------------------------------- keys and names
+
+
+async def test_odd_keys_and_names_round_trip_through_every_operation(tables: TableStateStore) -> None:
+    for odd in ODD_KEYS:
+        await tables.put_links([Link(f"e{odd}", f"s{odd}", odd, "other", f"o{odd}")])
+        assert await tables.get_links(f"e{odd}", f"s{odd}", [odd], "other") == {odd: f"o{odd}"}
+        assert await tables.iter_links(f"e{odd}", "other", f"s{odd}") == [(f"o{odd}", odd)]
+
+        snap = Snapshot(f"sys{odd}", f"t{odd}", odd, {odd: odd}, "h", None)
+        await tables.put_snapshots([snap])
+        assert await tables.get_snapshots(f"sys{odd}", f"t{odd}", [odd]) == {odd: snap}
+        await tables.delete_snapshots(f"sys{odd}", f"t{odd}", [odd])
+        assert await tables.get_snapshots(f"sys{odd}", f"t{odd}", [odd]) == {}
+
+        created = await tables.put_checkpoint(f"cp{odd}", odd, expected_etag=None)
+        assert await tables.get_checkpoint(f"cp{odd}") == created
+
+        assert await tables.remember(f"ns{odd}", [odd]) == set()
+        assert await tables.remember(f"ns{odd}", [odd, "x"]) == {odd}
+
+    entries = [AuditEntry(T0, odd, "f", "written", odd, odd, odd, detail=odd) for odd in ODD_KEYS]
+    await tables.append_audit(entries)
+    assert {e.key for e in await tables.read_audit()} == set(ODD_KEYS)
+    assert await tables.read_audit(correlation_id=ODD_KEYS[1]) == [entries[1]]
+    assert await tables.count_links() == len(ODD_KEYS)
+
+
+async def test_a_key_too_long_for_the_service_is_refused_before_anything_is_written(
+    tables: TableStateStore,
+) -> None:
+    with pytest.raises(ValueError, match="at most 512"):
+        await tables.put_snapshots([
+            Snapshot("arcgis", "parcels", "ok", {}, "h", None),
+            Snapshot("arcgis", "parcels", "k" * 600, {}, "h", None),
+        ])
+
+    assert await tables.get_snapshots("arcgis", "parcels", ["ok"]) == {}
+
+
+def test_a_bad_table_prefix_is_refused() -> None:
+    with pytest.raises(ValueError, match="table_prefix"):
+        TableStateStore.from_connection_string("UseDevelopmentStorage=true", table_prefix="bad-prefix")
+
+
+async def test_identity_based_construction_needs_no_network() -> None:
+    store = TableStateStore.from_endpoint("https://example.table.core.windows.net")
+
+    assert store.table_names[0] == "synclinelinks"
+    await store.close()  # closes the DefaultAzureCredential it made
+
+
+# ----------------------------------------------------------------------------------------- big values
+
+
+async def test_large_values_span_several_properties(tables: TableStateStore) -> None:
+    rings = [[[round(i * 0.001, 3), round(i * 0.002, 3)] for i in range(9000)]]
+    snaps = [
+        Snapshot("arcgis", "parcels", "polygon", {"@geometry": {"rings": rings}}, "h", T0),  # ~180 KB
+        Snapshot("arcgis", "parcels", "unicode", {"note": "Zürich ✓ 😀 " * 8000}, "h", None),
+    ]
+
+    await tables.put_snapshots(snaps)
+
+    assert await tables.get_snapshots("arcgis", "parcels", ["polygon", "unicode"]) == {s.key: s for s in snaps}
+
+
+async def test_a_batch_of_large_values_is_cut_below_the_transaction_size_limit(tables: TableStateStore) -> None:
+    snaps = [Snapshot("arcgis", "parcels", f"k{i}", {"blob": f"{i}:" + "x" * 300_000}, "h", None) for i in range(16)]
+
+    await tables.put_snapshots(snaps)  # ~4.8 MB: one 4 MiB transaction could not carry it
+
+    got = await tables.get_snapshots("arcgis", "parcels", [s.key for s in snaps])
+    assert [got[s.key].values for s in snaps] == [s.values for s in snaps]
+
+
+async def test_values_beyond_one_entity_are_refused_with_a_clear_error(tables: TableStateStore) -> None:
+    with pytest.raises(ValueError, match=r"snapshot arcgis/parcels/huge is 500,011 UTF-16 units .*1 MiB per entity"):
+        await tables.put_snapshots([Snapshot("arcgis", "parcels", "huge", {"blob": "x" * 500_000}, "h", None)])
+
+
+# ---------------------------------------------------------------------------------------------- audit
+
+
+async def test_audit_order_for_equal_times_zones_and_many_entries(tables: TableStateStore) -> None:
+    minus_five = timezone(timedelta(hours=-5))
+    await tables.append_audit([AuditEntry(T0, "c", "f", "written", "s", "t", "first")])
+    await tables.append_audit([AuditEntry(T0, "c", "f", "written", "s", "t", "second")])
+    await tables.append_audit([
+        AuditEntry(datetime(2025, 3, 1, 8, 30, tzinfo=minus_five), "c", "f", "written", "s", "t", "later"),
+    ])
+    many = [AuditEntry(T0 - timedelta(days=1, seconds=i), "bulk", "f", "written", "s", "t", f"b{i}")
+            for i in range(250)]
+    await tables.append_audit(many)
+
+    got = await tables.read_audit(limit=1000)
+
+    assert [e.key for e in got[:3]] == ["later", "second", "first"]
+    assert got[0].at == datetime(2025, 3, 1, 13, 30, tzinfo=UTC)
+    assert [e.key for e in got[3:]] == [f"b{i}" for i in range(250)]
+    assert [e.key for e in await tables.read_audit(limit=2, correlation_id="bulk")] == ["b0", "b1"]
+
+
+async def test_a_long_audit_detail_is_kept_whole(tables: TableStateStore) -> None:
+    entry = AuditEntry(T0, "c", "f", "dead_lettered", "s", "t", "k", detail="é" * 50_000, reason="TARGET_REJECTED")
+
+    await tables.append_audit([entry])
+
+    assert await tables.read_audit() == [entry]
