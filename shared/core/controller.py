@@ -153,6 +153,11 @@ class Controller:
         except SyncError as exc:
             report.outcome, report.error = "failed", str(exc)
             log.error("controller cycle failed: %s", exc)
+        except Exception as exc:
+            # Storage or SDK failure: locked messages simply expire and are redelivered; record and re-raise.
+            report.outcome, report.error = "failed", f"{type(exc).__name__}: {exc}"
+            log.error("controller cycle crashed: %s", report.error)
+            raise
         finally:
             report.duration_seconds = round(time.monotonic() - started, 3)
             report.finished_at = self.clock().isoformat()
