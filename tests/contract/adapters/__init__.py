@@ -17,7 +17,7 @@ STATE_BUILDERS: dict[str, Builder] = {}
 
 def _load() -> None:
     # Import order is the registration order; each module registers itself on import.
-    from tests.contract.adapters import azure_tables, embedded  # noqa: F401
+    from tests.contract.adapters import azure_tables, embedded, servicebus  # noqa: F401
 
 
 _load()

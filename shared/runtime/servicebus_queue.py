@@ -1,0 +1,551 @@
+"""The Azure Service Bus `InboundQueue`: peek-lock, sessions, dead letters and schedules through azure-servicebus."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from azure.core.credentials import AccessToken
+from azure.core.credentials_async import AsyncTokenCredential
+from azure.servicebus import (
+    NEXT_AVAILABLE_SESSION,
+    ServiceBusMessage,
+    ServiceBusMessageState,
+    ServiceBusReceivedMessage,
+    ServiceBusSubQueue,
+)
+from azure.servicebus.aio import ServiceBusClient, ServiceBusReceiver, ServiceBusSender
+from azure.servicebus.exceptions import (
+    MessageAlreadySettled,
+    MessageLockLostError,
+    MessageSizeExceededError,
+    OperationTimeoutError,
+    SessionLockLostError,
+)
+from azure.servicebus.management import ServiceBusAdministrationClient
+
+from shared.core.envelope import QueueMessage, ReceivedMessage
+from shared.core.ports import LockLostError, QueueDepth
+from shared.runtime.sqlite_queue import MAX_DELIVERY_EXCEEDED, LockLostBatchError
+
+SESSIONLESS_PREFIX = "syncline-sessionless:"
+"""Session ids that stand for "no session" on a session-enabled queue (see `ServiceBusQueue`)."""
+
+_SERVICE_BUS_REASONS = {"MaxDeliveryCountExceeded": MAX_DELIVERY_EXCEEDED}
+"""Dead-letter reasons Service Bus itself gives, as the `InboundQueue` port names them."""
+_DEAD_LETTER_PROPERTIES = {"DeadLetterReason", "DeadLetterErrorDescription"}
+_LOCK_LOST = (MessageLockLostError, SessionLockLostError, MessageAlreadySettled)
+_PEEK_PAGE = 250
+_PARALLEL_SESSIONS = 8
+
+DepthSource = Literal["admin", "peek"]
+AdminFactory = Callable[[asyncio.AbstractEventLoop], ServiceBusAdministrationClient]
+
+
+@dataclass(eq=False)
+class _Held:
+    """A message under our lock: the SDK object settles it, and only through the receiver it came from."""
+
+    message: ServiceBusReceivedMessage
+    receiver: ServiceBusReceiver
+    dead: bool
+
+
+@dataclass(eq=False)
+class _SessionReceiver:
+    """A receiver that holds one session's lock for as long as any message it delivered is unsettled."""
+
+    receiver: ServiceBusReceiver
+    tokens: set[str] = field(default_factory=set)
+
+
+class ServiceBusQueue:
+    """`InboundQueue` on an Azure Service Bus queue, through the async azure-servicebus client.
+
+    Semantics are those of `SqliteQueue`, enforced by Service Bus itself: peek-lock deliveries in sequence
+    order, delivery counts, `max_delivery_count` dead-lettering (its reason `MaxDeliveryCountExceeded` is read
+    back as `MAX_DELIVERY_EXCEEDED`), scheduled messages and the dead-letter sub-queue. `max_delivery_count`
+    and the lock duration are properties of the entity: `max_delivery_count` here only states what the queue
+    was created with.
+
+    Sessions (`sessions=True`, for a session-enabled queue): each `receive` accepts the next available session
+    (`NEXT_AVAILABLE_SESSION`), takes its deliverable messages, and goes on with further sessions until it
+    has `max_messages` or none is offered within `session_wait_seconds`; the result is in sequence order.
+    A session stays locked by this queue until every message it delivered is settled (or its lock expires),
+    so while a message of a session is locked no later message of that session is delivered to anyone: that
+    is the per-record ordering guarantee. Messages of one session come in order; there is no order between
+    sessions, and which session Service Bus offers next is its choice. A session-enabled queue refuses
+    messages without a session id, so such a message is sent with a session of its own
+    (`SESSIONLESS_PREFIX` + a random id) and reads back with `session_id=None`: like on the embedded queue it
+    is ordered against nothing. The lock of a session message is its session's lock: `renew_lock` renews the
+    session, and with it every message the session delivered.
+
+    `depth()` reads the queue's runtime properties through `ServiceBusAdministrationClient` (needs the
+    Manage right; the synchronous client, in a worker thread, because the asynchronous one needs aiohttp,
+    which Syncline does not install). Against the development emulator or the test broker, which serve no
+    management API, it browses (peeks) the queue and its dead-letter sub-queue and counts what it sees: exact
+    but linear in the queue length, and on a session-enabled queue possible only where a non-session
+    receiver may attach (the test broker allows it, Service Bus does not).
+    """
+
+    def __init__(
+        self,
+        client: ServiceBusClient,
+        queue_name: str,
+        *,
+        session_client: ServiceBusClient | None = None,
+        admin: AdminFactory | None = None,
+        max_delivery_count: int = 10,
+        session_wait_seconds: float = 1.0,
+    ) -> None:
+        """Prefer `from_connection_string` / `from_namespace`; `session_client` set means sessions are on.
+
+        `admin` makes the administration client for `depth()` (given the event loop, for credentials that
+        are asynchronous); without it `depth()` counts by browsing.
+        """
+        if max_delivery_count < 1:
+            raise ValueError("max_delivery_count must be at least 1")
+        if session_wait_seconds <= 0:
+            raise ValueError("session_wait_seconds must be positive")
+        self.name = queue_name
+        self.max_delivery_count = max_delivery_count
+        self.sessions = session_client is not None
+        self._client = client
+        self._session_client = session_client
+        self._admin_factory = admin
+        self._admin: ServiceBusAdministrationClient | None = None
+        self._wait = session_wait_seconds
+        self._sender: ServiceBusSender | None = None
+        self._receiver: ServiceBusReceiver | None = None
+        self._dead_receiver: ServiceBusReceiver | None = None
+        self._held: dict[str, _Held] = {}
+        self._session_receivers: dict[ServiceBusReceiver, _SessionReceiver] = {}
+        self._receive_lock = asyncio.Lock()
+        self._closing: set[asyncio.Task[None]] = set()
+
+    # ---------------------------------------------------------------------------------- construction
+
+    @classmethod
+    def from_connection_string(
+        cls,
+        conn_str: str,
+        queue_name: str,
+        *,
+        max_delivery_count: int = 10,
+        sessions: bool = False,
+        session_wait_seconds: float = 1.0,
+        depth_source: DepthSource | None = None,
+    ) -> ServiceBusQueue:
+        """Connect with a connection string; `UseDevelopmentEmulator=true` selects peek-based `depth()`."""
+        emulator = "usedevelopmentemulator=true" in conn_str.replace(" ", "").lower()
+        source = depth_source or ("peek" if emulator else "admin")
+
+        def admin(_: asyncio.AbstractEventLoop) -> ServiceBusAdministrationClient:
+            return ServiceBusAdministrationClient.from_connection_string(conn_str)
+
+        return cls(
+            ServiceBusClient.from_connection_string(conn_str),
+            queue_name,
+            # Accepting the next session fails with a timeout when none is free: that is an answer, not an
+            # error to retry (the SDK would retry it three times, with back-off), so session receivers come
+            # from a client without retries.
+            session_client=ServiceBusClient.from_connection_string(conn_str, retry_total=0) if sessions else None,
+            admin=admin if source == "admin" else None,
+            max_delivery_count=max_delivery_count,
+            session_wait_seconds=session_wait_seconds,
+        )
+
+    @classmethod
+    def from_namespace(
+        cls,
+        fully_qualified_namespace: str,
+        credential: AsyncTokenCredential,
+        queue_name: str,
+        *,
+        max_delivery_count: int = 10,
+        sessions: bool = False,
+        session_wait_seconds: float = 1.0,
+    ) -> ServiceBusQueue:
+        """Connect with an Entra ID identity (e.g. `azure.identity.aio.DefaultAzureCredential`)."""
+        return cls(
+            ServiceBusClient(fully_qualified_namespace, credential),
+            queue_name,
+            session_client=(
+                ServiceBusClient(fully_qualified_namespace, credential, retry_total=0) if sessions else None
+            ),
+            admin=lambda loop: ServiceBusAdministrationClient(
+                fully_qualified_namespace, _BlockingCredential(credential, loop)
+            ),
+            max_delivery_count=max_delivery_count,
+            session_wait_seconds=session_wait_seconds,
+        )
+
+    # ------------------------------------------------------------------------------------------ send
+
+    async def send(self, messages: Sequence[QueueMessage], *, scheduled_at: datetime | None = None) -> None:
+        """Send in as few batches as fit, or schedule them all for `scheduled_at` (a past time: now)."""
+        if not messages:
+            return
+        outgoing = [self._outgoing(m) for m in messages]
+        sender = await self._get_sender()
+        if scheduled_at is not None:
+            await sender.schedule_messages(outgoing, _aware(scheduled_at))
+            return
+        batch = await sender.create_message_batch()
+        for message in outgoing:
+            try:
+                batch.add_message(message)
+            except MessageSizeExceededError:
+                if len(batch) == 0:
+                    raise  # one message alone is over the entity's size limit
+                await sender.send_messages(batch)
+                batch = await sender.create_message_batch()
+                batch.add_message(message)
+        await sender.send_messages(batch)
+
+    def _outgoing(self, message: QueueMessage) -> ServiceBusMessage:
+        session_id = message.session_id
+        if session_id is not None and session_id.startswith(SESSIONLESS_PREFIX):
+            raise ValueError(f"session ids starting with {SESSIONLESS_PREFIX!r} are reserved")
+        if session_id is None and self.sessions:
+            session_id = f"{SESSIONLESS_PREFIX}{uuid.uuid4().hex}"
+        return ServiceBusMessage(
+            message.body,
+            message_id=message.message_id,
+            session_id=session_id,
+            correlation_id=message.correlation_id,
+            content_type=message.content_type,
+            application_properties=dict(message.application_properties),  # type: ignore[arg-type]
+        )
+
+    async def _get_sender(self) -> ServiceBusSender:
+        if self._sender is None:
+            self._sender = self._client.get_queue_sender(self.name)
+        return self._sender
+
+    # --------------------------------------------------------------------------------------- receive
+
+    async def receive(self, max_messages: int, *, max_wait_seconds: float = 0.0) -> list[ReceivedMessage]:
+        """Peek-lock up to `max_messages`, waiting up to `max_wait_seconds` (at least the session wait) for one."""
+        if max_messages < 1:
+            raise ValueError("max_messages must be at least 1")
+        wait = max(max_wait_seconds, self._wait)
+        if self._session_client is None:
+            async with self._receive_lock:
+                receiver = await self._open(self._main_receiver())
+                got = await receiver.receive_messages(max_message_count=max_messages, max_wait_time=wait)
+            return [self._hold(m, receiver, dead=False) for m in got]
+        return await self._receive_sessions(self._session_client, max_messages, wait)
+
+    async def _receive_sessions(
+        self, client: ServiceBusClient, max_messages: int, wait: float
+    ) -> list[ReceivedMessage]:
+        # The first session may take the caller's whole wait; then further sessions are looked for several at
+        # a time, each briefly, because opening a session receiver costs the SDK a connection of its own.
+        received: list[ReceivedMessage] = []
+        asked = 1
+        accepted = await self._accept_sessions(client, asked, wait)
+        while accepted:
+            for receiver in accepted:
+                budget = max_messages - len(received)
+                got = await self._first_messages(receiver, budget) if budget > 0 else []
+                if not got:  # no budget left, or the session emptied between being offered and being read
+                    self._close_later(receiver)
+                    continue
+                self._session_receivers[receiver] = _SessionReceiver(receiver)
+                received.extend(self._hold(m, receiver, dead=False) for m in got)
+            if len(accepted) < asked or len(received) >= max_messages:
+                break  # sessions ran out, or the batch is full
+            asked = min(max_messages - len(received), _PARALLEL_SESSIONS)
+            accepted = await self._accept_sessions(client, asked, self._wait)
+        return sorted(received, key=lambda m: m.sequence_number)
+
+    async def _accept_sessions(self, client: ServiceBusClient, count: int, wait: float) -> list[ServiceBusReceiver]:
+        """Accept up to `count` sessions at once; fewer (or none) when no more are offered within `wait`."""
+        receivers = [
+            client.get_queue_receiver(self.name, session_id=NEXT_AVAILABLE_SESSION, max_wait_time=wait)
+            for _ in range(count)
+        ]
+        try:
+            results = await asyncio.gather(*(r.__aenter__() for r in receivers), return_exceptions=True)
+        except BaseException:  # cancelled: none of them will be used
+            for receiver in receivers:
+                self._close_later(receiver)
+            raise
+        accepted: list[ServiceBusReceiver] = []
+        failure: BaseException | None = None
+        for receiver, result in zip(receivers, results, strict=True):
+            if isinstance(result, BaseException):
+                self._close_later(receiver)
+                if not isinstance(result, OperationTimeoutError):  # a timeout only means: no session free
+                    failure = failure or result
+            else:
+                accepted.append(receiver)
+        if failure is not None:
+            for receiver in accepted:
+                self._close_later(receiver)
+            raise failure
+        return accepted
+
+    async def _first_messages(self, receiver: ServiceBusReceiver, budget: int) -> list[ServiceBusReceivedMessage]:
+        try:
+            return await receiver.receive_messages(max_message_count=budget, max_wait_time=self._wait)
+        except BaseException:
+            self._close_later(receiver)
+            raise
+
+    def _close_later(self, handler: ServiceBusReceiver) -> None:
+        """Close in the background: the link detaches (releasing a session) at once, but the SDK then waits
+        up to a second for its keep-alive loop; `close()` waits for these."""
+        task = asyncio.create_task(handler.close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    @staticmethod
+    async def _open(receiver: ServiceBusReceiver) -> ServiceBusReceiver:
+        # A receiver's first receive_messages call would bound opening the link by its (short) wait.
+        return await receiver.__aenter__()
+
+    def _main_receiver(self) -> ServiceBusReceiver:
+        if self._receiver is None:
+            self._receiver = self._client.get_queue_receiver(self.name)
+        return self._receiver
+
+    def _hold(self, message: ServiceBusReceivedMessage, receiver: ServiceBusReceiver, *, dead: bool) -> ReceivedMessage:
+        token = str(message.lock_token)
+        self._held[token] = _Held(message, receiver, dead)
+        locked_until = message.locked_until_utc
+        session = self._session_receivers.get(receiver)
+        if session is not None:
+            session.tokens.add(token)
+            locked_until = receiver.session.locked_until_utc
+        # the AMQP header counts previous attempts; the port counts this delivery too
+        return _received(message, lock_token=token, delivery_count=(message.delivery_count or 0) + 1,
+                         locked_until=locked_until)
+
+    # ------------------------------------------------------------------------------------ settlement
+
+    async def complete(self, message: ReceivedMessage) -> None:
+        """Remove the message (from the queue or the DLQ); `LockLostError` if its lock is gone."""
+        held = self._lookup(message)
+        await self._settle(message, held.receiver.complete_message(held.message))
+
+    async def abandon(self, message: ReceivedMessage) -> None:
+        """Release the lock; Service Bus redelivers the message (or dead-letters it at the max count)."""
+        held = self._lookup(message)
+        await self._settle(message, held.receiver.abandon_message(held.message))
+
+    async def dead_letter(self, message: ReceivedMessage, *, reason: str, description: str) -> None:
+        """Move the message to the DLQ; a message received from the DLQ cannot be (`ValueError`)."""
+        held = self._lookup(message)
+        if held.dead:
+            raise ValueError(
+                f"message {message.sequence_number} is in the dead-letter sub-queue already; "
+                "complete or abandon it instead"
+            )
+        await self._settle(
+            message, held.receiver.dead_letter_message(held.message, reason=reason, error_description=description)
+        )
+
+    async def renew_lock(self, message: ReceivedMessage) -> datetime:
+        """Extend the lock (for a session message: its session's lock); returns and sets `locked_until`."""
+        held = self._lookup(message)
+        try:
+            if held.receiver in self._session_receivers:
+                until = await held.receiver.session.renew_lock()
+            else:
+                until = await held.receiver.renew_message_lock(held.message)
+        except _LOCK_LOST as exc:
+            await self._drop(message.lock_token, session_lost=isinstance(exc, SessionLockLostError))
+            raise LockLostError(f"lock lost for message {message.sequence_number}: {exc}") from exc
+        message.locked_until = until
+        return until
+
+    async def complete_many(self, messages: Sequence[ReceivedMessage]) -> None:
+        """Complete each message; the ones whose lock was lost are raised together as `LockLostBatchError`."""
+        await self._settle_many(messages, self.complete)
+
+    async def abandon_many(self, messages: Sequence[ReceivedMessage]) -> None:
+        """Abandon each message (e.g. on shutdown); lost locks as in `complete_many`."""
+        await self._settle_many(messages, self.abandon)
+
+    async def _settle_many(self, messages: Sequence[ReceivedMessage], settle: Any) -> None:
+        lost: list[ReceivedMessage] = []
+        for message in messages:
+            try:
+                await settle(message)
+            except LockLostError:
+                lost.append(message)
+        if lost:
+            raise LockLostBatchError(lost)
+
+    def _lookup(self, message: ReceivedMessage) -> _Held:
+        held = self._held.get(message.lock_token)
+        if held is None:
+            raise LockLostError(
+                f"lock lost for message {message.sequence_number} ({message.message_id}): it was settled already, "
+                "or its lock was lost"
+            )
+        return held
+
+    async def _settle(self, message: ReceivedMessage, settlement: Any) -> None:
+        try:
+            await settlement
+        except _LOCK_LOST as exc:
+            await self._drop(message.lock_token, session_lost=isinstance(exc, SessionLockLostError))
+            raise LockLostError(f"lock lost for message {message.sequence_number}: {exc}") from exc
+        await self._drop(message.lock_token, session_lost=False)
+
+    async def _drop(self, token: str, *, session_lost: bool) -> None:
+        """Forget a settled message; release its session once nothing it delivered is outstanding."""
+        held = self._held.pop(token, None)
+        session = self._session_receivers.get(held.receiver) if held is not None else None
+        if session is None:
+            return
+        session.tokens.discard(token)
+        if session_lost:  # every other message of that session lost its lock with it
+            for other in session.tokens:
+                self._held.pop(other, None)
+            session.tokens.clear()
+        if not session.tokens:
+            del self._session_receivers[session.receiver]
+            self._close_later(session.receiver)
+
+    # ---------------------------------------------------------------------------------- dead letters
+
+    async def peek_dead_letters(self, max_messages: int = 100) -> list[ReceivedMessage]:
+        """Browse the DLQ in sequence order without locking (lock_token is "")."""
+        if max_messages < 1:
+            return []
+        peeked = await self._peek(self._dead_letter_receiver(), max_messages)
+        return [_received(m, lock_token="", delivery_count=m.delivery_count or 0, locked_until=None) for m in peeked]
+
+    async def receive_dead_letters(self, max_messages: int) -> list[ReceivedMessage]:
+        """Peek-lock DLQ messages in sequence order (the DLQ never dead-letters, whatever the count)."""
+        if max_messages < 1:
+            raise ValueError("max_messages must be at least 1")
+        async with self._receive_lock:
+            receiver = await self._open(self._dead_letter_receiver())
+            got = await receiver.receive_messages(max_message_count=max_messages, max_wait_time=self._wait)
+        return [self._hold(m, receiver, dead=True) for m in got]
+
+    def _dead_letter_receiver(self) -> ServiceBusReceiver:
+        if self._dead_receiver is None:
+            self._dead_receiver = self._client.get_queue_receiver(self.name, sub_queue=ServiceBusSubQueue.DEAD_LETTER)
+        return self._dead_receiver
+
+    @staticmethod
+    async def _peek(receiver: ServiceBusReceiver, limit: int | None) -> list[ServiceBusReceivedMessage]:
+        """Browse from the first message on (Service Bus pages peeks: keep asking until it has no more)."""
+        found: list[ServiceBusReceivedMessage] = []
+        start = 1  # 0 would mean "where this receiver's last peek ended"
+        while limit is None or len(found) < limit:
+            count = _PEEK_PAGE if limit is None else min(_PEEK_PAGE, limit - len(found))
+            page = await receiver.peek_messages(max_message_count=count, sequence_number=start)
+            if not page:
+                break
+            found.extend(page)
+            start = (page[-1].sequence_number or 0) + 1
+        return found
+
+    # ------------------------------------------------------------------------------------------- misc
+
+    async def depth(self) -> QueueDepth:
+        """Active (incl. locked and deferred), scheduled and dead-lettered message counts."""
+        if self._admin_factory is not None:
+            if self._admin is None:
+                self._admin = self._admin_factory(asyncio.get_running_loop())
+            properties = await asyncio.to_thread(self._admin.get_queue_runtime_properties, self.name)
+            return QueueDepth(
+                active=properties.active_message_count or 0,
+                scheduled=properties.scheduled_message_count or 0,
+                dead_letter=properties.dead_letter_message_count or 0,
+            )
+        main = await self._peek(self._main_receiver(), None)
+        dead = await self._peek(self._dead_letter_receiver(), None)
+        scheduled = sum(1 for m in main if m.state == ServiceBusMessageState.SCHEDULED)
+        return QueueDepth(active=len(main) - scheduled, scheduled=scheduled, dead_letter=len(dead))
+
+    async def close(self) -> None:
+        """Close every link and client; unsettled messages are released when their lock expires."""
+        receivers = [s.receiver for s in self._session_receivers.values()]
+        self._session_receivers.clear()
+        self._held.clear()
+        for receiver in receivers:
+            self._close_later(receiver)
+        for handler in (self._receiver, self._dead_receiver, self._sender):
+            if handler is not None:
+                await handler.close()
+        await asyncio.gather(*self._closing)
+        for client in (self._session_client, self._client):
+            if client is not None:
+                await client.close()
+        if self._admin is not None:
+            await asyncio.to_thread(self._admin.close)
+
+
+class _BlockingCredential:
+    """The synchronous credential the administration client needs, served by an async one on `loop`.
+
+    Only ever called from the worker thread `depth()` runs the client in, never from the loop itself.
+    """
+
+    def __init__(self, credential: AsyncTokenCredential, loop: asyncio.AbstractEventLoop) -> None:
+        self._credential = credential
+        self._loop = loop
+
+    def get_token(self, *scopes: str, **kwargs: Any) -> AccessToken:
+        future = asyncio.run_coroutine_threadsafe(self._credential.get_token(*scopes, **kwargs), self._loop)
+        return future.result(timeout=60)
+
+
+def _aware(value: datetime) -> datetime:
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes | bytearray) else str(value)
+
+
+def _property(value: Any) -> str | int | float | bool:
+    if isinstance(value, bytes | bytearray):
+        return value.decode()
+    if isinstance(value, str | int | float | bool):
+        return value
+    return str(value)
+
+
+def _received(
+    message: ServiceBusReceivedMessage, *, lock_token: str, delivery_count: int, locked_until: datetime | None
+) -> ReceivedMessage:
+    properties = {
+        _text(k): _property(v) for k, v in (message.application_properties or {}).items()
+        if _text(k) not in _DEAD_LETTER_PROPERTIES  # Service Bus keeps the dead-letter reason there
+    }
+    session_id = message.session_id
+    if session_id is not None and session_id.startswith(SESSIONLESS_PREFIX):
+        session_id = None
+    reason = message.dead_letter_reason
+    body = message.body
+    fields: dict[str, Any] = {}
+    if message.content_type is not None:
+        fields["content_type"] = message.content_type
+    return ReceivedMessage(
+        body=body if isinstance(body, bytes) else b"".join(body),
+        message_id=str(message.message_id),
+        sequence_number=message.sequence_number or 0,
+        lock_token=lock_token,
+        delivery_count=delivery_count,
+        enqueued_at=message.enqueued_time_utc or datetime.now(UTC),
+        locked_until=locked_until,
+        session_id=session_id,
+        correlation_id=message.correlation_id,
+        application_properties=properties,
+        dead_letter_reason=_SERVICE_BUS_REASONS.get(reason, reason) if reason is not None else None,
+        dead_letter_description=message.dead_letter_error_description,
+        **fields,
+    )
