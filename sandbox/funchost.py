@@ -21,7 +21,7 @@ def registered_functions() -> dict[str, Any]:
     """name -> azure.functions Function of function_app.app (get_functions may be called once per app)."""
     import function_app
 
-    return {f.get_function_name(): f for f in function_app.app.get_functions()}
+    return {str(f.get_function_name()): f for f in function_app.app.get_functions()}
 
 
 def http_routes() -> dict[str, tuple[Any, list[str]]]:

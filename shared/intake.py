@@ -115,7 +115,10 @@ async def write_direct(services: Services, envelopes: list[ChangeEnvelope], resu
                 retry.append(o.envelope)
             else:
                 # Deferred, permanent, or out of inline retries: the queue takes it from here.
-                delay = 0 if o.error is not None and not o.error.retriable else 30
+                # Deferred (parent pending) and permanent failures go now: the controller re-checks the parent
+                # or dead-letters with the reason; only transient failures wait a little first.
+                transient = o.status == "failed" and o.error is not None and o.error.retriable
+                delay = 30 if transient else 0
                 env = o.envelope.model_copy(update={"origin": "resubmit"})
                 await enqueue(services, [env], delay_seconds=delay)
                 result.queued += 1
@@ -184,11 +187,15 @@ async def handle_arcgis_webhook(services: Services, body: bytes, content_type: s
         await enqueue(services, envelopes)
         result.accepted = result.queued = len(envelopes)
         return result
+    arcgis = services.sinks.get("arcgis")
+    tables_for = getattr(arcgis, "tables_for", None)
+    # Feature-service webhooks name layers by id; the connector maps ids to the names the flows use.
+    tables = await tables_for(hook) if tables_for is not None else list(hook.tables)
     hints = [QueueMessage(
         body=json.dumps({"kind": POLL_HINT, "system": "arcgis", "table": table, "detail": hook.describe()}).encode(),
         session_id=f"poll:arcgis:{table}",
         application_properties={"kind": POLL_HINT, "system": "arcgis", "table": table},
-    ) for table in hook.tables]
+    ) for table in tables]
     if hints:
         await services.queue.send(hints)
     result.accepted = result.queued = len(hints)

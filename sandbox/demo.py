@@ -1,0 +1,321 @@
+"""`syncline demo`: simulators, seed, webhooks over loopback, controller cycles, reconciliation and a report."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from sandbox import dataverse_sim as dvs
+from sandbox.server import RunningServer, TestCA
+
+WEBHOOK_SECRET = "demo-webhook-secret-7f3a"
+FUNCTION_KEY = "demo-function-key-91c2"
+SIGNATURE_KEY = "demo-esri-signature-key-55d0"
+EXPECTED_BAD = {
+    ("sign_assets_to_field", "UNMAPPED_CHOICE"),
+    ("sign_assets_to_field", "REQUIRED_FIELD_MISSING"),
+    ("inspections_from_field", "REQUIRED_FIELD_MISSING"),
+}
+
+
+@dataclass
+class Sandbox:
+    """Running simulators, the local functions host and the settings that point Syncline at them."""
+
+    workdir: Path
+    dv: dvs.DataverseSimulator
+    ag: Any
+    servers: list[RunningServer] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    host_url: str = ""
+
+    def stop(self) -> None:
+        for server in reversed(self.servers):
+            server.stop()
+        self.dv.close()
+        close = getattr(self.ag, "close", None)
+        if close is not None:
+            close()
+
+
+@contextmanager
+def environment(values: dict[str, str]) -> Iterator[None]:
+    """Set process environment variables for the duration (the settings model reads them)."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in old.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def start_sandbox(workdir: Path, *, latency_ms: float = 0.0, max_record_count: int = 2000) -> Sandbox:
+    """Start both simulators (TLS from a throwaway CA) and return the settings that point at them."""
+    from sandbox.arcgis_sim import ArcGISSimulator
+
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
+    ca = TestCA.create(workdir / "tls")
+    dv = dvs.DataverseSimulator(latency_ms=latency_ms, webhook_verify=str(ca.ca_path))
+    ag = ArcGISSimulator(max_record_count=max_record_count)
+    ag.latency_ms = latency_ms
+    box = Sandbox(workdir, dv, ag)
+    dv_server = RunningServer(dv.app, ca=ca).start()
+    ag_server = RunningServer(ag.app, ca=ca).start()
+    box.servers += [dv_server, ag_server]
+    box.env = {
+        "SYNCLINE_RUNTIME": "embedded",
+        "SYNCLINE_STATE_DIR": str(workdir / "state"),
+        "SYNCLINE_CA_BUNDLE": str(ca.ca_path),
+        "SYNCLINE_WEBHOOK_SECRET": WEBHOOK_SECRET,
+        "DATAVERSE__URL": dv_server.url,
+        "DATAVERSE__AUTHORITY_HOST": dv_server.url,
+        "DATAVERSE__TENANT_ID": dvs.DEFAULT_TENANT_ID,
+        "DATAVERSE__CLIENT_ID": dvs.DEFAULT_CLIENT_ID,
+        "DATAVERSE__CLIENT_SECRET": dvs.DEFAULT_CLIENT_SECRET,
+        "ARCGIS__SERVICE_URL": ag.service_url(ag_server.url),
+        "ARCGIS__TOKEN_URL": ag.token_url(ag_server.url),
+        "ARCGIS__CLIENT_ID": ag.client_id,
+        "ARCGIS__CLIENT_SECRET": ag.client_secret,
+        "ARCGIS__WEBHOOK_SIGNATURE_KEY": SIGNATURE_KEY,
+    }
+    return box
+
+
+def start_host(box: Sandbox) -> None:
+    """Serve the function app's HTTP triggers on loopback and register both simulators' webhooks to it."""
+    from sandbox.funchost import build_app
+
+    host = RunningServer(build_app(function_key=FUNCTION_KEY)).start()
+    box.servers.append(host)
+    box.host_url = host.url
+    box.dv.register_webhook(f"{host.url}/api/webhooks/dataverse?code={FUNCTION_KEY}",
+                            headers={"x-syncline-key": WEBHOOK_SECRET})
+    box.ag.register_webhook(f"{host.url}/api/webhooks/arcgis?code={FUNCTION_KEY}", signature_key=SIGNATURE_KEY)
+
+
+async def flush(box: Sandbox) -> None:
+    """Wait until both simulators delivered every webhook they queued."""
+    for _ in range(3):  # deliveries cause writes that cause deliveries
+        await box.dv.flush_webhooks(timeout=300)
+        await box.ag.flush_webhooks(timeout=300)
+
+
+# ------------------------------------------------------------------------------------------ activity
+
+
+def office_activity(box: Sandbox, rng: random.Random, summary: Counter[str]) -> None:
+    """Office users edit signs, raise new work orders with tasks, and close some work orders."""
+    signs = [s for s in box.dv.all("dot_signassets") if s.get("dot_arcgisglobalid")]
+    for sign in rng.sample(signs, min(25, len(signs))):
+        box.dv.apply_change("dot_signassets", {"dot_route": f"{sign['dot_route']} BUS"},
+                            key=sign["dot_signassetid"])
+        summary["office sign edits"] += 1
+    for n in range(10):
+        sign = rng.choice(signs)
+        wo = box.dv.apply_change("dot_workorders", {
+            "dot_name": f"WO-2026-9{n:04d}", "dot_worktype": 100000002, "dot_priority": 100000002,
+            "dot_status": 100000000, "dot_description": f"Knockdown reported at {sign['dot_route']}",
+            "dot_duedate": "2026-12-15", "dot_signassetid": sign["dot_signassetid"],
+            "dot_latitude": sign["dot_latitude"], "dot_longitude": sign["dot_longitude"]})
+        for seq, (name, kind) in enumerate((("Install post", 100000001), ("Mount sign", 100000002)), start=1):
+            box.dv.apply_change("dot_workordertasks", {"dot_name": f"{name}", "dot_sequence": seq,
+                                                       "dot_tasktype": kind, "dot_status": 100000000,
+                                                       "dot_workorderid": wo})
+        box.dv.apply_change("dot_fieldassignments", {
+            "dot_name": f"Knockdown {sign['dot_route']}", "dot_crew": "CREW-03", "dot_priority": 100000002,
+            "dot_status": 100000000, "dot_scheduledstart": "2026-12-01T08:00:00Z", "dot_workorderid": wo,
+            "dot_latitude": sign["dot_latitude"], "dot_longitude": sign["dot_longitude"]})
+        summary["office new work orders"] += 1
+    open_wos = [w for w in box.dv.all("dot_workorders")
+                if w.get("dot_status") == 100000000 and w.get("dot_arcgisglobalid")]
+    for row in rng.sample(open_wos, min(5, len(open_wos))):
+        box.dv.apply_change("dot_workorders", {"dot_status": 100000003}, key=row["dot_workorderid"])
+        summary["office closed work orders"] += 1
+
+
+def field_activity(box: Sandbox, rng: random.Random, summary: Counter[str]) -> None:
+    """Crews inspect and update in Field Maps, Workforce and Survey123 (with photos)."""
+    ag = box.ag
+    signs = ag.all("SignAssets")
+    for feature in rng.sample(signs, min(300, len(signs))):
+        ag.field_edit("SignAssets", feature["GlobalID"],
+                      {"CONDITION": rng.choice(["GOOD", "FAIR", "POOR", "DAMAGED"]),
+                       "RETRO_READING": round(rng.uniform(40, 400), 1),
+                       "LAST_INSPECTED": int(datetime(2026, 11, 20, 15, tzinfo=UTC).timestamp() * 1000)},
+                      user="crew07")
+        summary["field sign condition updates"] += 1
+    open_wos = [w for w in ag.all("WorkOrders") if w.get("STATUS") in ("OPEN", "IN_PROGRESS")]
+    for wo in rng.sample(open_wos, min(80, len(open_wos))):
+        ag.field_edit("WorkOrders", wo["GlobalID"], {"STATUS": "COMPLETED",
+                                                     "COMPLETION_NOTES": "Replaced and verified"}, user="crew02")
+        summary["field work orders completed"] += 1
+    assignments = [a for a in ag.all("Assignments") if a.get("status") in (0, 1)]
+    for asg in rng.sample(assignments, min(60, len(assignments))):
+        ag.field_edit("Assignments", asg["GlobalID"], {"status": 2}, user="crew05")
+        summary["field assignment status changes"] += 1
+    photo = _tiny_jpeg()
+    for sign in rng.sample(signs, min(120, len(signs))):
+        ag.survey123_submit({"INSPECTION_DATE": int(datetime(2026, 11, 21, 10, tzinfo=UTC).timestamp() * 1000),
+                             "INSPECTOR": rng.choice(["J. Alvarez", "K. Osei", "M. Chen"]),
+                             "CONDITION": rng.choice(["GOOD", "FAIR", "POOR"]),
+                             "RETRO_READING": round(rng.uniform(40, 400), 1),
+                             "NOTES": "Routine night inspection", "ASSET_GUID": sign["GlobalID"]},
+                            geometry=sign.get("@geometry") or sign.get("geometry"),
+                            attachments=[("photo.jpg", "image/jpeg", photo)])
+        summary["Survey123 inspections"] += 1
+    ag.survey123_submit({"INSPECTION_DATE": int(datetime(2026, 11, 21, 11, tzinfo=UTC).timestamp() * 1000),
+                         "INSPECTOR": None, "CONDITION": "POOR", "NOTES": "inspector left blank",
+                         "ASSET_GUID": signs[0]["GlobalID"]}, geometry=signs[0].get("@geometry"), attachments=[])
+    summary["Survey123 inspections (deliberately bad)"] += 1
+    ag.field_add("SignAssets", {"ASSET_TAG": "SGN-FIELD-0001", "MUTCD_CODE": "W11-2", "SIGN_TYPE": "WRN",
+                                "CONDITION": "GOOD", "ROUTE": "VA-20", "MILEPOST": 3.2},
+                 {"x": -8720000.0, "y": 4570000.0, "spatialReference": {"wkid": 102100}}, user="crew07")
+    summary["field-found new signs"] += 1
+
+
+def _tiny_jpeg() -> bytes:
+    # A valid 1x1 JPEG: real bytes with the JPEG markers, small enough to keep the demo fast.
+    return bytes.fromhex(
+        "ffd8ffe000104a46494600010100000100010000ffdb004300080606070605080707070909080a0c140d0c0b0b0c1912130f"
+        "141d1a1f1e1d1a1c1c20242e2720222c231c1c2837292c30313434341f27393d38323c2e333432ffc0000b080001000101"
+        "011100ffc4001f0000010501010101010100000000000000000102030405060708090a0bffc400b51000020103030204"
+        "03050504040000017d01020300041105122131410613516107227114328191a1082342b1c11552d1f02433627282090a"
+        "161718191a25262728292a3435363738393a434445464748494a535455565758595a636465666768696a737475767778"
+        "797a838485868788898a92939495969798999aa2a3a4a5a6a7a8a9aab2b3b4b5b6b7b8b9bac2c3c4c5c6c7c8c9cad2d3"
+        "d4d5d6d7d8d9dae1e2e3e4e5e6e7e8e9eaf1f2f3f4f5f6f7f8f9faffda0008010100003f00fbd3ffd9")
+
+
+# ------------------------------------------------------------------------------------------ the run
+
+
+async def run_demo(console: Console, *, report_path: Path, signs: int = 2000, work_orders: int = 500,
+                   workdir: Path = Path(".syncline/demo")) -> bool:
+    """The whole demo; returns True when both directions synced with zero drift and exactly the bad records
+    ended in the dead-letter queue."""
+    from sandbox.dataverse_seed import seed_dataverse
+    from shared.bootstrap import build_services
+    from shared.intake import initial_load
+    from shared.reconcile import reconcile
+    from shared.settings import Settings
+
+    started = time.monotonic()
+    rng = random.Random(2026)
+    activity: Counter[str] = Counter()
+    console.rule("[bold]Syncline demo[/bold]: Dynamics 365 (Dataverse) <-> ArcGIS Online, on simulators")
+    box = start_sandbox(workdir)
+    try:
+        with environment(box.env):
+            seeded = seed_dataverse(box.dv, signs=signs, work_orders=work_orders)
+            console.print(f"seeded Dataverse: {seeded['dot_signassets']} signs (2 deliberately bad), "
+                          f"{seeded['dot_workorders']} work orders, {seeded['dot_workordertasks']} tasks, "
+                          f"{seeded['dot_fieldassignments']} field assignments")
+            start_host(box)
+            services = build_services(Settings())
+            try:
+                from shared.cli import _progress
+
+                with _progress() as progress:
+                    task = progress.add_task("initial load to ArcGIS", total=seeded["dot_signassets"]
+                                             + seeded["dot_workorders"] + seeded["dot_workordertasks"]
+                                             + seeded["dot_fieldassignments"])
+                    load = await initial_load(services, progress=lambda _f, n: progress.advance(task, n))
+                console.print(f"initial load: {load.written} records written to ArcGIS, {load.queued} queued")
+                await flush(box)
+                office_activity(box, rng, activity)
+                await flush(box)
+                field_activity(box, rng, activity)
+                await flush(box)
+                cycles = []
+                for _ in range(6):
+                    report = await services.controller.run_cycle()
+                    cycles.append(report)
+                    await flush(box)
+                    depth = await services.queue.depth()
+                    if depth.active == 0 and report.received == 0:
+                        break
+                dead = await services.queue.peek_dead_letters(1000)
+                exclude: dict[str, set[str]] = {}
+                for msg in dead:
+                    flow = services.flowset.flow(str(msg.application_properties["flow"]))
+                    exclude.setdefault(flow.entity, set()).add(str(msg.application_properties["key"]))
+                drift = await reconcile(services.flowset, services.sources, services.state, exclude=exclude)
+                written = await services.state.read_audit(limit=1_000_000, decision="written")
+                echoes = await services.state.read_audit(limit=1_000_000, decision="skipped_echo")
+                conflicts = await services.state.read_audit(limit=1_000_000, decision="conflict_resolved")
+                cascaded = await services.state.read_audit(limit=1_000_000, decision="cascaded")
+                depth = await services.queue.depth()
+            finally:
+                await services.aclose()
+        per_flow = Counter(a.flow for a in written)
+        dead_rows = [{"message_id": m.message_id, "flow": m.application_properties.get("flow"),
+                      "key": m.application_properties.get("key"), "reason": m.dead_letter_reason,
+                      "description": m.dead_letter_description} for m in dead]
+        got_bad = Counter((str(d["flow"]), str(d["reason"])) for d in dead_rows)
+        total_drift = sum(d.drift for d in drift)
+        directions = {f.name: f"{f.source.system} -> {f.target.system}" for f in services.flowset.flows}
+        ok = (total_drift == 0 and set(got_bad) == EXPECTED_BAD and all(v == 1 for v in got_bad.values())
+              and depth.active == 0 and any(per_flow[f] for f in per_flow if directions[f].startswith("arcgis"))
+              and any(per_flow[f] for f in per_flow if directions[f].startswith("dataverse")))
+        report_doc = {
+            "ok": ok,
+            "generated_at": datetime.now(UTC).isoformat(),
+            "duration_seconds": round(time.monotonic() - started, 1),
+            "seed": {k: v for k, v in seeded.items() if k != "bad_signs"},
+            "activity": dict(activity),
+            "written_per_flow": {f: {"direction": directions[f], "records": n} for f, n in sorted(per_flow.items())},
+            "echoes_suppressed": len(echoes),
+            "conflicts_resolved": len(conflicts),
+            "cascaded_updates": len(cascaded),
+            "api_calls": {"dataverse": box.dv.request_count, "arcgis": box.ag.request_count},
+            "controller_cycles": [c.__dict__ for c in cycles],
+            "dead_letters": dead_rows,
+            "queue": {"active": depth.active, "scheduled": depth.scheduled, "dead_letter": depth.dead_letter},
+            "reconciliation": {"total_drift": total_drift, "entities": [d.as_dict() for d in drift]},
+        }
+        report_path.parent.mkdir(parents=True, exist_ok=True)
+        report_path.write_text(json.dumps(report_doc, indent=2, default=str))
+        _print_summary(console, report_doc)
+        console.print(f"report written to {report_path}")
+        console.print("[bold green]demo OK[/bold green]: both directions synced, zero drift, bad records "
+                      "dead-lettered" if ok else "[bold red]demo FAILED[/bold red]: see the report")
+        return ok
+    finally:
+        box.stop()
+
+
+def _print_summary(console: Console, doc: dict[str, Any]) -> None:
+    flows = Table("flow", "direction", "records written", title="written per flow")
+    for name, row in doc["written_per_flow"].items():
+        flows.add_row(name, row["direction"], str(row["records"]))
+    console.print(flows)
+    recon = Table("entity", "compared via", "source", "target", "linked", "excluded (DLQ)", "drift",
+                  title="reconciliation")
+    for e in doc["reconciliation"]["entities"]:
+        recon.add_row(e["entity"], e["flow"], str(e["source_records"]), str(e["target_records"]), str(e["linked"]),
+                      str(len(e["excluded"])), str(e["drift"]))
+    console.print(recon)
+    dead = Table("flow", "key", "reason", "description", title=f"dead letters ({len(doc['dead_letters'])})")
+    for d in doc["dead_letters"]:
+        dead.add_row(str(d["flow"]), str(d["key"]), str(d["reason"]), str(d["description"])[:90])
+    console.print(dead)
+    console.print(f"API calls: {doc['api_calls']}; echoes suppressed: {doc['echoes_suppressed']}; "
+                  f"conflicts resolved: {doc['conflicts_resolved']}; cascaded updates: {doc['cascaded_updates']}; "
+                  f"queue: {doc['queue']}; {doc['duration_seconds']}s")
