@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from azure.core.credentials import AccessToken
 from azure.core.credentials_async import AsyncTokenCredential
 from azure.servicebus import (
     NEXT_AVAILABLE_SESSION,
@@ -19,6 +18,7 @@ from azure.servicebus import (
     ServiceBusSubQueue,
 )
 from azure.servicebus.aio import ServiceBusClient, ServiceBusReceiver, ServiceBusSender
+from azure.servicebus.aio.management import ServiceBusAdministrationClient
 from azure.servicebus.exceptions import (
     MessageAlreadySettled,
     MessageLockLostError,
@@ -26,7 +26,6 @@ from azure.servicebus.exceptions import (
     OperationTimeoutError,
     SessionLockLostError,
 )
-from azure.servicebus.management import ServiceBusAdministrationClient
 
 from shared.core.envelope import QueueMessage, ReceivedMessage
 from shared.core.ports import LockLostError, QueueDepth
@@ -43,7 +42,6 @@ _PEEK_PAGE = 250
 _PARALLEL_SESSIONS = 8
 
 DepthSource = Literal["admin", "peek"]
-AdminFactory = Callable[[asyncio.AbstractEventLoop], ServiceBusAdministrationClient]
 
 
 @dataclass(eq=False)
@@ -85,8 +83,7 @@ class ServiceBusQueue:
     session, and with it every message the session delivered.
 
     `depth()` reads the queue's runtime properties through `ServiceBusAdministrationClient` (needs the
-    Manage right; the synchronous client, in a worker thread, because the asynchronous one needs aiohttp,
-    which Syncline does not install). Against the development emulator or the test broker, which serve no
+    Manage right). Against the development emulator or the test broker, which serve no
     management API, it browses (peeks) the queue and its dead-letter sub-queue and counts what it sees: exact
     but linear in the queue length, and on a session-enabled queue possible only where a non-session
     receiver may attach (the test broker allows it, Service Bus does not).
@@ -98,14 +95,13 @@ class ServiceBusQueue:
         queue_name: str,
         *,
         session_client: ServiceBusClient | None = None,
-        admin: AdminFactory | None = None,
+        admin: ServiceBusAdministrationClient | None = None,
         max_delivery_count: int = 10,
         session_wait_seconds: float = 1.0,
     ) -> None:
         """Prefer `from_connection_string` / `from_namespace`; `session_client` set means sessions are on.
 
-        `admin` makes the administration client for `depth()` (given the event loop, for credentials that
-        are asynchronous); without it `depth()` counts by browsing.
+        `admin` serves `depth()`; without it `depth()` counts by browsing.
         """
         if max_delivery_count < 1:
             raise ValueError("max_delivery_count must be at least 1")
@@ -116,8 +112,7 @@ class ServiceBusQueue:
         self.sessions = session_client is not None
         self._client = client
         self._session_client = session_client
-        self._admin_factory = admin
-        self._admin: ServiceBusAdministrationClient | None = None
+        self._admin = admin
         self._wait = session_wait_seconds
         self._sender: ServiceBusSender | None = None
         self._receiver: ServiceBusReceiver | None = None
@@ -143,10 +138,7 @@ class ServiceBusQueue:
         """Connect with a connection string; `UseDevelopmentEmulator=true` selects peek-based `depth()`."""
         emulator = "usedevelopmentemulator=true" in conn_str.replace(" ", "").lower()
         source = depth_source or ("peek" if emulator else "admin")
-
-        def admin(_: asyncio.AbstractEventLoop) -> ServiceBusAdministrationClient:
-            return ServiceBusAdministrationClient.from_connection_string(conn_str)
-
+        admin = ServiceBusAdministrationClient.from_connection_string(conn_str) if source == "admin" else None
         return cls(
             ServiceBusClient.from_connection_string(conn_str),
             queue_name,
@@ -154,7 +146,7 @@ class ServiceBusQueue:
             # error to retry (the SDK would retry it three times, with back-off), so session receivers come
             # from a client without retries.
             session_client=ServiceBusClient.from_connection_string(conn_str, retry_total=0) if sessions else None,
-            admin=admin if source == "admin" else None,
+            admin=admin,
             max_delivery_count=max_delivery_count,
             session_wait_seconds=session_wait_seconds,
         )
@@ -177,9 +169,7 @@ class ServiceBusQueue:
             session_client=(
                 ServiceBusClient(fully_qualified_namespace, credential, retry_total=0) if sessions else None
             ),
-            admin=lambda loop: ServiceBusAdministrationClient(
-                fully_qualified_namespace, _BlockingCredential(credential, loop)
-            ),
+            admin=ServiceBusAdministrationClient(fully_qualified_namespace, credential),
             max_delivery_count=max_delivery_count,
             session_wait_seconds=session_wait_seconds,
         )
@@ -244,10 +234,11 @@ class ServiceBusQueue:
     async def _receive_sessions(
         self, client: ServiceBusClient, max_messages: int, wait: float
     ) -> list[ReceivedMessage]:
-        # The first session may take the caller's whole wait; then further sessions are looked for several at
-        # a time, each briefly, because opening a session receiver costs the SDK a connection of its own.
+        # Opening a session receiver costs the SDK a connection of its own (and closing one up to a second),
+        # so sessions are accepted several at a time. When the caller waits longer than a probe does, one
+        # session first takes that wait (the rest would all wait it out), then further ones are probed.
         received: list[ReceivedMessage] = []
-        asked = 1
+        asked = 1 if wait > self._wait else min(max_messages, _PARALLEL_SESSIONS)
         accepted = await self._accept_sessions(client, asked, wait)
         while accepted:
             for receiver in accepted:
@@ -298,7 +289,7 @@ class ServiceBusQueue:
             self._close_later(receiver)
             raise
 
-    def _close_later(self, handler: ServiceBusReceiver) -> None:
+    def _close_later(self, handler: ServiceBusReceiver | ServiceBusSender) -> None:
         """Close in the background: the link detaches (releasing a session) at once, but the SDK then waits
         up to a second for its keep-alive loop; `close()` waits for these."""
         task = asyncio.create_task(handler.close())
@@ -456,17 +447,16 @@ class ServiceBusQueue:
 
     async def depth(self) -> QueueDepth:
         """Active (incl. locked and deferred), scheduled and dead-lettered message counts."""
-        if self._admin_factory is not None:
-            if self._admin is None:
-                self._admin = self._admin_factory(asyncio.get_running_loop())
-            properties = await asyncio.to_thread(self._admin.get_queue_runtime_properties, self.name)
+        if self._admin is not None:
+            properties = await self._admin.get_queue_runtime_properties(self.name)
             return QueueDepth(
                 active=properties.active_message_count or 0,
                 scheduled=properties.scheduled_message_count or 0,
                 dead_letter=properties.dead_letter_message_count or 0,
             )
-        main = await self._peek(self._main_receiver(), None)
-        dead = await self._peek(self._dead_letter_receiver(), None)
+        main, dead = await asyncio.gather(
+            self._peek(self._main_receiver(), None), self._peek(self._dead_letter_receiver(), None)
+        )
         scheduled = sum(1 for m in main if m.state == ServiceBusMessageState.SCHEDULED)
         return QueueDepth(active=len(main) - scheduled, scheduled=scheduled, dead_letter=len(dead))
 
@@ -475,32 +465,13 @@ class ServiceBusQueue:
         receivers = [s.receiver for s in self._session_receivers.values()]
         self._session_receivers.clear()
         self._held.clear()
-        for receiver in receivers:
-            self._close_later(receiver)
-        for handler in (self._receiver, self._dead_receiver, self._sender):
+        for handler in (*receivers, self._receiver, self._dead_receiver, self._sender):
             if handler is not None:
-                await handler.close()
+                self._close_later(handler)
         await asyncio.gather(*self._closing)
-        for client in (self._session_client, self._client):
+        for client in (self._session_client, self._client, self._admin):
             if client is not None:
                 await client.close()
-        if self._admin is not None:
-            await asyncio.to_thread(self._admin.close)
-
-
-class _BlockingCredential:
-    """The synchronous credential the administration client needs, served by an async one on `loop`.
-
-    Only ever called from the worker thread `depth()` runs the client in, never from the loop itself.
-    """
-
-    def __init__(self, credential: AsyncTokenCredential, loop: asyncio.AbstractEventLoop) -> None:
-        self._credential = credential
-        self._loop = loop
-
-    def get_token(self, *scopes: str, **kwargs: Any) -> AccessToken:
-        future = asyncio.run_coroutine_threadsafe(self._credential.get_token(*scopes, **kwargs), self._loop)
-        return future.result(timeout=60)
 
 
 def _aware(value: datetime) -> datetime:

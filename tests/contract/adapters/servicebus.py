@@ -93,15 +93,15 @@ async def _create_real_queue(
     conn_str: str, name: str, lock_seconds: float, max_delivery_count: int,
     cleanups: list[Callable[[], Awaitable[None]]],
 ) -> None:
-    from azure.servicebus.management import ServiceBusAdministrationClient
+    from azure.servicebus.aio.management import ServiceBusAdministrationClient
 
     admin = ServiceBusAdministrationClient.from_connection_string(conn_str)
-    await asyncio.to_thread(admin.create_queue, name, requires_session=True,
-                            lock_duration=timedelta(seconds=lock_seconds), max_delivery_count=max_delivery_count)
+    await admin.create_queue(name, requires_session=True, lock_duration=timedelta(seconds=lock_seconds),
+                             max_delivery_count=max_delivery_count)
 
     async def delete() -> None:
-        await asyncio.to_thread(admin.delete_queue, name)
-        await asyncio.to_thread(admin.close)
+        async with admin:
+            await admin.delete_queue(name)
 
     cleanups.append(delete)
 
