@@ -1,0 +1,296 @@
+// Syncline on Azure: Function App (Flex Consumption, Python 3.11, system-assigned identity), storage for the host
+// and the state tables, Service Bus with the session-enabled inbound queue, Key Vault for the connector secrets,
+// Log Analytics + Application Insights, role assignments, alerts and the operations workbook.
+//
+//   az deployment group create -g <rg> --template-file infra/main.bicep --parameters infra/main.bicepparam
+//
+// Defaults of the Syncline parameters equal the defaults in shared/settings.py (tests/infra checks it).
+targetScope = 'resourceGroup'
+
+// ---- Naming and placement -----------------------------------------------------------------------------------
+
+@description('Azure region; it must offer the Flex Consumption plan.')
+param location string = resourceGroup().location
+
+@description('Short lowercase name (letters and digits) used in every resource name.')
+@minLength(2)
+@maxLength(10)
+param appName string = 'syncline'
+
+@description('Environment name, e.g. dev, test, prod.')
+@minLength(2)
+@maxLength(8)
+param environmentName string
+
+@description('Tags for every resource.')
+param tags object = {}
+
+// ---- Operations -------------------------------------------------------------------------------------------------
+
+@description('Resource id of an existing action group that receives every alert.')
+param actionGroupId string
+
+@description('Optional object id of an operator user or group: may set Key Vault secrets and run `syncline dlq` / `syncline status` against Azure.')
+param operatorPrincipalId string = ''
+
+@description('Type of operatorPrincipalId.')
+@allowed([
+  'User'
+  'Group'
+  'ServicePrincipal'
+])
+param operatorPrincipalType string = 'Group'
+
+@description('Alert when no controller cycle succeeded for this many minutes.')
+param controllerSilenceMinutes int = 35
+
+@description('Days of log retention.')
+param logRetentionInDays int = 30
+
+@description('Key Vault purge protection (irreversible once on).')
+param enablePurgeProtection bool = true
+
+@description('Upper bound of Flex Consumption instances.')
+param maximumInstanceCount int = 100
+
+// ---- Syncline runtime (shared/settings.py) ----------------------------------------------------------------------
+
+@description('SYNCLINE_SCHEDULE: NCRONTAB schedule of the sync_controller timer.')
+param syncSchedule string = '0 */15 * * * *'
+
+@description('SYNCLINE_BATCH_SIZE: messages the controller receives per batch.')
+@minValue(1)
+@maxValue(5000)
+param batchSize int = 500
+
+@description('SYNCLINE_MAX_DELIVERY_COUNT and the queue\'s maxDeliveryCount.')
+@minValue(1)
+@maxValue(2000)
+param maxDeliveryCount int = 10
+
+@description('SYNCLINE_LOCK_SECONDS and the queue\'s lock duration (at most 300 seconds on Service Bus).')
+@minValue(5)
+@maxValue(300)
+param lockSeconds int = 60
+
+@description('SYNCLINE_INLINE_RETRIES: short retries of a direct write before it goes to the queue.')
+@minValue(0)
+@maxValue(5)
+param inlineRetries int = 2
+
+@description('SYNCLINE_INBOUND_QUEUE: name of the inbound queue.')
+param inboundQueueName string = 'syncline-inbound'
+
+@description('Time to live of a queued change; expired messages go to the dead-letter sub-queue.')
+param messageTimeToLive string = 'P14D'
+
+@description('SYNCLINE_TABLES__tablePrefix: prefix of the state tables (letters and digits).')
+param tablePrefix string = 'syncline'
+
+// ---- Dynamics 365 / Dataverse -------------------------------------------------------------------------------------
+
+@description('DATAVERSE__URL, e.g. https://contoso.crm.dynamics.com.')
+param dataverseUrl string
+
+@description('DATAVERSE__TENANT_ID: the Entra tenant of the Dataverse environment.')
+param dataverseTenantId string = tenant().tenantId
+
+@description('clientSecret: an app registration whose secret is in Key Vault; managedIdentity: the Function App\'s identity (register it as an application user in Dataverse).')
+@allowed([
+  'clientSecret'
+  'managedIdentity'
+])
+param dataverseAuth string = 'clientSecret'
+
+@description('DATAVERSE__CLIENT_ID: the app registration (clientSecret mode).')
+param dataverseClientId string = ''
+
+@description('DATAVERSE__BATCH_SIZE.')
+@minValue(1)
+@maxValue(1000)
+param dataverseBatchSize int = 500
+
+@description('DATAVERSE__MAX_CONCURRENCY.')
+@minValue(1)
+@maxValue(52)
+param dataverseMaxConcurrency int = 4
+
+// ---- ArcGIS Online ------------------------------------------------------------------------------------------------
+
+@description('ARCGIS__SERVICE_URL: the hosted FeatureServer URL.')
+param arcgisServiceUrl string
+
+@description('ARCGIS__TOKEN_URL.')
+param arcgisTokenUrl string = 'https://www.arcgis.com/sharing/rest/oauth2/token'
+
+@description('appCredentials: client id + client secret (Key Vault); apiKey: an API key (Key Vault).')
+@allowed([
+  'appCredentials'
+  'apiKey'
+])
+param arcgisAuth string = 'appCredentials'
+
+@description('ARCGIS__CLIENT_ID (appCredentials mode).')
+param arcgisClientId string = ''
+
+@description('ARCGIS__BATCH_SIZE.')
+@minValue(1)
+@maxValue(2000)
+param arcgisBatchSize int = 250
+
+@description('ARCGIS__MAX_CONCURRENCY.')
+@minValue(1)
+@maxValue(16)
+param arcgisMaxConcurrency int = 2
+
+// ---- Names ----------------------------------------------------------------------------------------------------------
+
+var token = uniqueString(resourceGroup().id, appName, environmentName)
+var baseName = '${appName}-${environmentName}'
+var names = {
+  functionApp: 'func-${baseName}-${take(token, 6)}'
+  plan: 'asp-${baseName}'
+  storage: take(toLower('st${appName}${token}'), 24)
+  deploymentContainer: 'app-package'
+  serviceBus: 'sb-${baseName}-${take(token, 6)}'
+  keyVault: take('kv-${appName}-${token}', 24)
+  workspace: 'log-${baseName}'
+  appInsights: 'appi-${baseName}'
+}
+var allTags = union(tags, {
+  application: 'syncline'
+  environment: environmentName
+})
+
+// ---- Resources ----------------------------------------------------------------------------------------------------
+
+module monitoring 'modules/monitoring.bicep' = {
+  name: 'syncline-monitoring'
+  params: {
+    location: location
+    workspaceName: names.workspace
+    appInsightsName: names.appInsights
+    retentionInDays: logRetentionInDays
+    tags: allTags
+  }
+}
+
+module storage 'modules/storage.bicep' = {
+  name: 'syncline-storage'
+  params: {
+    location: location
+    name: names.storage
+    deploymentContainerName: names.deploymentContainer
+    tablePrefix: tablePrefix
+    tags: allTags
+  }
+}
+
+module serviceBus 'modules/servicebus.bicep' = {
+  name: 'syncline-servicebus'
+  params: {
+    location: location
+    name: names.serviceBus
+    queueName: inboundQueueName
+    maxDeliveryCount: maxDeliveryCount
+    lockSeconds: lockSeconds
+    messageTimeToLive: messageTimeToLive
+    tags: allTags
+  }
+}
+
+module keyVault 'modules/keyvault.bicep' = {
+  name: 'syncline-keyvault'
+  params: {
+    location: location
+    name: names.keyVault
+    enablePurgeProtection: enablePurgeProtection
+    tags: allTags
+  }
+}
+
+module functionApp 'modules/functionapp.bicep' = {
+  name: 'syncline-functionapp'
+  params: {
+    location: location
+    name: names.functionApp
+    planName: names.plan
+    storageAccountName: storage.outputs.name
+    deploymentContainerName: names.deploymentContainer
+    appInsightsName: monitoring.outputs.appInsightsName
+    serviceBusFullyQualifiedNamespace: serviceBus.outputs.fullyQualifiedNamespace
+    keyVaultName: keyVault.outputs.name
+    maximumInstanceCount: maximumInstanceCount
+    syncSchedule: syncSchedule
+    batchSize: batchSize
+    maxDeliveryCount: maxDeliveryCount
+    lockSeconds: lockSeconds
+    inlineRetries: inlineRetries
+    inboundQueueName: serviceBus.outputs.queueName
+    tablePrefix: tablePrefix
+    dataverseUrl: dataverseUrl
+    dataverseTenantId: dataverseTenantId
+    dataverseClientId: dataverseClientId
+    dataverseAuth: dataverseAuth
+    dataverseBatchSize: dataverseBatchSize
+    dataverseMaxConcurrency: dataverseMaxConcurrency
+    arcgisServiceUrl: arcgisServiceUrl
+    arcgisTokenUrl: arcgisTokenUrl
+    arcgisClientId: arcgisClientId
+    arcgisAuth: arcgisAuth
+    arcgisBatchSize: arcgisBatchSize
+    arcgisMaxConcurrency: arcgisMaxConcurrency
+    tags: allTags
+  }
+}
+
+module rbac 'modules/rbac.bicep' = {
+  name: 'syncline-rbac'
+  params: {
+    appPrincipalId: functionApp.outputs.principalId
+    operatorPrincipalId: operatorPrincipalId
+    operatorPrincipalType: operatorPrincipalType
+    storageAccountName: storage.outputs.name
+    serviceBusNamespaceName: serviceBus.outputs.namespaceName
+    queueName: serviceBus.outputs.queueName
+    keyVaultName: keyVault.outputs.name
+  }
+}
+
+module alerts 'modules/alerts.bicep' = {
+  name: 'syncline-alerts'
+  params: {
+    location: location
+    namePrefix: baseName
+    actionGroupId: actionGroupId
+    appInsightsName: monitoring.outputs.appInsightsName
+    serviceBusNamespaceName: serviceBus.outputs.namespaceName
+    queueName: serviceBus.outputs.queueName
+    controllerSilenceMinutes: controllerSilenceMinutes
+    tags: allTags
+  }
+}
+
+module workbook 'modules/workbook.bicep' = {
+  name: 'syncline-workbook'
+  params: {
+    location: location
+    displayName: 'Syncline operations (${environmentName})'
+    appInsightsName: monitoring.outputs.appInsightsName
+    tags: allTags
+  }
+}
+
+// ---- Outputs (docs/operations.md uses them) ---------------------------------------------------------------------
+
+output functionAppName string = functionApp.outputs.name
+output functionAppUrl string = 'https://${functionApp.outputs.defaultHostName}'
+output functionAppPrincipalId string = functionApp.outputs.principalId
+output keyVaultName string = keyVault.outputs.name
+output keyVaultSecretNames object = functionApp.outputs.secretNames
+output serviceBusNamespace string = serviceBus.outputs.fullyQualifiedNamespace
+output inboundQueueName string = serviceBus.outputs.queueName
+output storageAccountName string = storage.outputs.name
+output tableEndpoint string = storage.outputs.tableEndpoint
+output appInsightsName string = monitoring.outputs.appInsightsName
+output workbookId string = workbook.outputs.id
