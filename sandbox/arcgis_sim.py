@@ -858,6 +858,7 @@ class ArcGISSimulator:
         self._deliverer_loop: asyncio.AbstractEventLoop | None = None
         self._deliverer_thread: threading.Thread | None = None
         self._deliverer_client: httpx.AsyncClient | None = None
+        self._delivery_slots: asyncio.Semaphore | None = None
         self.app = Starlette(routes=[Route("/{path:path}", self._entry, methods=["GET", "POST"])])
 
     # ------------------------------------------------------------------------------------ urls & config
@@ -1008,6 +1009,7 @@ class ArcGISSimulator:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout=5)
         self._deliverer_loop = self._deliverer_thread = self._deliverer_client = None
+        self._delivery_slots = None
 
     def survey123_submit(
         self,
@@ -1158,7 +1160,13 @@ class ArcGISSimulator:
             return self._deliverer_loop
 
     async def _deliver(self, url: str, kind: str, body: bytes, headers: dict[str, str]) -> None:
+        slot_held = False
         try:
+            if self._delivery_slots is None:
+                # Like the real services, deliver with bounded parallelism (and keep the HTTP pool small).
+                self._delivery_slots = asyncio.Semaphore(8)
+            await self._delivery_slots.acquire()
+            slot_held = True
             if self._deliverer_client is None:
                 self._deliverer_client = httpx.AsyncClient(timeout=30.0, trust_env=False)
             try:
@@ -1169,6 +1177,8 @@ class ArcGISSimulator:
                 record = WebhookDelivery(url, kind, body, headers, None, f"{type(exc).__name__}: {exc}")
             self.webhook_deliveries.append(record)
         finally:
+            if slot_held and self._delivery_slots is not None:
+                self._delivery_slots.release()
             with self._lock:
                 self._pending -= 1
 

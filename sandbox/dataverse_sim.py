@@ -928,6 +928,7 @@ class DataverseSimulator:
         self._deliverer_loop: asyncio.AbstractEventLoop | None = None
         self._deliverer_thread: threading.Thread | None = None
         self._deliverer_client: httpx.AsyncClient | None = None
+        self._delivery_slots: asyncio.Semaphore | None = None
         self.app = Starlette(routes=[
             Route("/{tenant}/v2.0/.well-known/openid-configuration", self._openid_configuration, methods=["GET"]),
             Route("/{tenant}/oauth2/v2.0/token", self._token, methods=["POST"]),
@@ -1074,6 +1075,7 @@ class DataverseSimulator:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout=5)
         self._deliverer_loop = self._deliverer_thread = self._deliverer_client = None
+        self._delivery_slots = None
 
     def _ensure_deliverer(self) -> asyncio.AbstractEventLoop:
         # Deliveries run on their own loop/thread: independent of whichever loop served the API request.
@@ -1107,7 +1109,13 @@ class DataverseSimulator:
                 asyncio.run_coroutine_threadsafe(self._deliver(reg, event, body), loop)
 
     async def _deliver(self, reg: WebhookRegistration, event: _Event, body: bytes) -> None:
+        slot_held = False
         try:
+            if self._delivery_slots is None:
+                # Like the real services, deliver with bounded parallelism (and keep the HTTP pool small).
+                self._delivery_slots = asyncio.Semaphore(8)
+            await self._delivery_slots.acquire()
+            slot_held = True
             if self._deliverer_client is None:
                 self._deliverer_client = httpx.AsyncClient(verify=self._webhook_verify, timeout=60.0)
             headers = {
@@ -1138,6 +1146,8 @@ class DataverseSimulator:
                 self.webhook_failures.append(WebhookFailure(
                     reg.url, event.message, self.schema[event.entity_set].logical_name, event.key, status, error))
         finally:
+            if slot_held and self._delivery_slots is not None:
+                self._delivery_slots.release()
             with self._lock:
                 self._pending -= 1
 

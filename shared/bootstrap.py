@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,11 +34,14 @@ class Services:
     sources: dict[str, ChangeSource]
     counter: CallCounter
     clients: list[httpx.AsyncClient] = field(default_factory=list)
+    closers: list[Callable[[], None]] = field(default_factory=list)
 
     async def aclose(self) -> None:
-        """Close HTTP clients, the queue and the state store."""
+        """Close HTTP clients, token providers, the queue and the state store."""
         for client in self.clients:
             await client.aclose()
+        for close in self.closers:
+            close()
         await self.queue.close()
         await self.state.close()
 
@@ -93,6 +96,7 @@ def build_services(
     flowset = load_flows(settings.syncline_flows)
     counter = CallCounter()
     clients: list[httpx.AsyncClient] = []
+    closers: list[Callable[[], None]] = []
     sinks: dict[str, RecordSink] = {}
     sources: dict[str, ChangeSource] = {}
     policy = RetryPolicy()
@@ -102,10 +106,12 @@ def build_services(
 
         http = _client("dataverse", counter, settings, transports)
         clients.append(http)
+        tokens = dataverse_token_provider(settings.dataverse, ca_bundle=settings.syncline_ca_bundle or None)
+        closers.append(tokens.close)
         dv = DataverseClient(
             settings.dataverse.url,
             http,
-            dataverse_token_provider(settings.dataverse, ca_bundle=settings.syncline_ca_bundle or None),
+            tokens,
             batch_size=settings.dataverse.batch_size,
             policy=policy,
             max_concurrency=settings.dataverse.max_concurrency,
@@ -152,7 +158,7 @@ def build_services(
     controller = Controller(flowset, engine=engine, queue=queue, state=state, sources=sources,
                             batch_size=settings.syncline_batch_size,
                             lock_renew_seconds=max(1.0, settings.syncline_lock_seconds / 3))
-    return Services(settings, flowset, state, queue, engine, controller, sinks, sources, counter, clients)
+    return Services(settings, flowset, state, queue, engine, controller, sinks, sources, counter, clients, closers)
 
 
 _services: Services | None = None
