@@ -61,12 +61,13 @@ class RunningServer:
             app,
             host="127.0.0.1",
             port=self.port,
-            log_level="warning",
+            log_level="critical",  # shutdown chatter would bury the demo output
             access_log=False,
             lifespan="off",
             ssl_certfile=str(ca.cert_path) if ca else None,
             ssl_keyfile=str(ca.key_path) if ca else None,
             timeout_keep_alive=30,
+            timeout_graceful_shutdown=2,
         )
         self._server = _Server(config)
         self._thread = threading.Thread(target=self._run, name=f"sim-{self.port}", daemon=True)
