@@ -283,7 +283,7 @@ class _Broker(Handler):
         link.source.type = Terminus.UNSPECIFIED
         link.target.type = Terminus.UNSPECIFIED
         link.open()
-        link.condition = Condition(symbol(condition), description)
+        link.condition = _error(condition, description)
         link.close()
 
     def _try_accept_session(self, consumer: _Consumer) -> None:
@@ -396,7 +396,7 @@ class _Broker(Handler):
                 self._enqueue(path, messages)
             delivery.update(Delivery.ACCEPTED)
         except (ValueError, KeyError) as exc:
-            delivery.local.condition = Condition(symbol("com.microsoft:argument-error"), str(exc))
+            delivery.local.condition = _error("com.microsoft:argument-error", str(exc))
             delivery.update(Delivery.REJECTED)
         delivery.settle()
         if link.credit < _CREDIT // 2:
@@ -423,7 +423,11 @@ class _Broker(Handler):
         """The client settled one of our deliveries: apply it, then echo the outcome (settle mode second)."""
         consumer: _Consumer | None = getattr(link, "sb_consumer", None)
         token: uuid.UUID | None = getattr(delivery, "sb_token", None)
-        if consumer is None or token is None or delivery.local_state:
+        if consumer is None or token is None:  # a management or CBS reply: nothing to apply
+            if delivery.settled:
+                delivery.settle()
+            return
+        if delivery.local_state:  # settled by us already
             return
         remote = delivery.remote
         outcome = {
@@ -440,10 +444,10 @@ class _Broker(Handler):
             reason = str(info.get("DeadLetterReason") or "")
             description = str(info.get("DeadLetterErrorDescription") or remote.condition.description or "")
         try:
-            consumer.queue.settle(token, outcome, self.clock.now(), reason=reason, description=description)  # type: ignore[arg-type]
+            consumer.queue.settle(token, outcome, self.clock.now(), reason=reason, description=description)
         except (LockLost, ValueError) as exc:
             condition = exc.condition if isinstance(exc, LockLost) else "com.microsoft:argument-error"
-            delivery.local.condition = Condition(symbol(condition), str(exc))
+            delivery.local.condition = _error(condition, str(exc))
             delivery.update(Delivery.REJECTED)
         else:
             if delivery.remote_state == Delivery.MODIFIED:
@@ -522,7 +526,7 @@ class _Broker(Handler):
         for token in tokens:
             entity.held(token, now)  # all or nothing
         for token in tokens:
-            entity.settle(token, outcome, now, reason=str(body.get("deadletter-reason") or ""),  # type: ignore[arg-type]
+            entity.settle(token, outcome, now, reason=str(body.get("deadletter-reason") or ""),
                           description=str(body.get("deadletter-description") or ""))
         return 200, None
 
@@ -605,6 +609,12 @@ _OPERATIONS: dict[str, _Operation] = {
     "com.microsoft:get-session-state": _Broker._op_get_session_state,
     "com.microsoft:set-session-state": _Broker._op_set_session_state,
 }
+
+
+def _error(condition: str, description: str) -> Condition:
+    # The SDK's sender reads an error as a full (condition, description, info) triple and fails on a shorter
+    # one; proton leaves out an empty info map, so it carries a tracking id (as Service Bus errors do).
+    return Condition(symbol(condition), description, {symbol("com.microsoft:tracking-id"): uuid.uuid4().hex})
 
 
 def _tokens(body: Mapping[str, Any]) -> list[uuid.UUID]:

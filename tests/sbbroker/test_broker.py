@@ -1,0 +1,102 @@
+"""What the contract suite does not reach: a non-session ServiceBusQueue, and broker features used through the SDK."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from azure.servicebus import NEXT_AVAILABLE_SESSION, ServiceBusMessage
+from azure.servicebus.aio import ServiceBusClient
+from azure.servicebus.exceptions import ServiceBusError
+
+from shared.core.envelope import QueueMessage
+from shared.core.ports import QueueDepth
+from shared.runtime.servicebus_queue import ServiceBusQueue
+from shared.runtime.sqlite_queue import MAX_DELIVERY_EXCEEDED, LockLostBatchError
+from tests.sbbroker import BrokerHandle, start_broker
+
+
+@pytest.fixture(scope="module")
+def broker() -> Iterator[BrokerHandle]:
+    handle = start_broker({
+        "plain": {"lock_duration": 30, "max_delivery_count": 2},
+        "sessions": {"requires_session": True, "lock_duration": 30},
+    })
+    yield handle
+    handle.stop()
+
+
+def message(n: int) -> QueueMessage:
+    return QueueMessage(body=json.dumps({"n": n}).encode(), message_id=f"msg-{n}", application_properties={"n": n})
+
+
+async def test_a_non_session_queue_keeps_service_bus_semantics(broker: BrokerHandle) -> None:
+    queue = ServiceBusQueue.from_connection_string(
+        broker.connection_string, "plain", max_delivery_count=2, session_wait_seconds=0.1
+    )
+    try:
+        async with asyncio.timeout(60):
+            await _exercise(queue)
+    finally:
+        await asyncio.wait_for(queue.close(), 30)
+
+
+async def _exercise(queue: ServiceBusQueue) -> None:
+    await queue.send([message(1), message(2), message(3)])
+    await queue.send([message(4)], scheduled_at=datetime.now(UTC) + timedelta(hours=1))
+
+    first, second, third = await queue.receive(10)
+    assert [m.message_id for m in (first, second, third)] == ["msg-1", "msg-2", "msg-3"]
+    assert all(m.delivery_count == 1 and m.locked_until is not None for m in (first, second, third))
+    await queue.dead_letter(second, reason="TARGET_REJECTED", description="refused")
+    await queue.abandon(third)
+    [again] = await queue.receive(10)
+    assert (again.message_id, again.delivery_count) == ("msg-3", 2)
+    await queue.abandon(again)  # its second delivery was the last one allowed
+
+    assert await queue.depth() == QueueDepth(active=1, scheduled=1, dead_letter=2)
+    dead = await queue.peek_dead_letters()
+    assert [(m.message_id, m.dead_letter_reason) for m in dead] == [
+        ("msg-2", "TARGET_REJECTED"), ("msg-3", MAX_DELIVERY_EXCEEDED),
+    ]
+    assert dead[0].application_properties == {"n": 2}  # the reason is not an application property
+    with pytest.raises(LockLostBatchError) as lost:
+        await queue.complete_many([first, second])
+    assert lost.value.lost == (second,)
+    assert (await queue.depth()).active == 0
+
+
+async def test_deferral_session_state_and_cancelled_schedules_through_the_sdk(broker: BrokerHandle) -> None:
+    async with asyncio.timeout(60), ServiceBusClient.from_connection_string(broker.connection_string) as client:
+        async with client.get_queue_sender("sessions") as sender:
+            later = datetime.now(UTC) + timedelta(hours=1)
+            [cancelled] = await sender.schedule_messages(ServiceBusMessage(b"x", session_id="s"), later)
+            await sender.cancel_scheduled_messages(cancelled)
+            await sender.send_messages(ServiceBusMessage(b"deferred", session_id="s"))
+        receiver = client.get_queue_receiver("sessions", session_id=NEXT_AVAILABLE_SESSION, max_wait_time=1)
+        async with receiver:
+            assert receiver.session.session_id == "s"
+            [deferred] = await receiver.receive_messages(10, max_wait_time=0.5)
+            await receiver.defer_message(deferred)
+            assert await receiver.receive_messages(10, max_wait_time=0.2) == []
+            [back] = await receiver.receive_deferred_messages([deferred.sequence_number])
+            assert str(back) == "deferred"
+            await receiver.complete_message(back)
+            await receiver.session.set_state(b"cursor-7")
+            assert await receiver.session.get_state() == b"cursor-7"
+        async with client.get_queue_receiver("sessions") as browser:
+            assert await browser.peek_messages(10, sequence_number=1) == []
+
+
+async def test_unknown_entities_and_sessionless_sends_to_session_queues_are_refused(broker: BrokerHandle) -> None:
+    client = ServiceBusClient.from_connection_string(broker.connection_string, retry_total=0)
+    async with asyncio.timeout(60), client:
+        async with client.get_queue_sender("sessions") as sender:
+            with pytest.raises(ServiceBusError):
+                await sender.send_messages(ServiceBusMessage(b"no session"))
+        with pytest.raises(ServiceBusError):
+            async with client.get_queue_sender("missing") as sender:
+                await sender.send_messages(ServiceBusMessage(b"x"))
