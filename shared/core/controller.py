@@ -251,6 +251,7 @@ class Controller:
             statuses["poll_hint"] += len(hints)
         if not parsed:
             return
+        parsed = await self._refresh_replays(parsed)
         renewer = asyncio.create_task(self._renew_locks([m for m, _ in parsed]))  # noqa: RUF006 - awaited below
         try:
             outcomes = await self.engine.process([env for _, env in parsed])
@@ -282,6 +283,42 @@ class Controller:
                         env.source_table, env.source_key, f"replayed message {msg.message_id}: {outcome.status}")])
                 to_complete.append(msg)
         await self._complete(to_complete)
+
+    async def _refresh_replays(
+        self, parsed: list[tuple[ReceivedMessage, ChangeEnvelope]]
+    ) -> list[tuple[ReceivedMessage, ChangeEnvelope]]:
+        """A replayed change is applied with the source record as it is now (the operator fixed the cause).
+
+        The message body stays the operator's evidence; only the payload used for this attempt is fresh.
+        """
+        wanted: dict[tuple[str, str], set[str]] = {}
+        for _, env in parsed:
+            if env.origin == "replay" and env.operation != "delete" and env.source_system in self.sources:
+                wanted.setdefault((env.source_system, env.source_table), set()).add(env.source_key)
+        if not wanted:
+            return parsed
+        fresh: dict[tuple[str, str, str], SourceRecord] = {}
+        for (system, table), keys in wanted.items():
+            fetch = getattr(self.sinks_for_refresh(system), "fetch", None)
+            if fetch is None:
+                continue
+            for key, record in (await fetch(table, sorted(keys))).items():
+                fresh[(system, table, key)] = record
+        out = []
+        for msg, env in parsed:
+            record = fresh.get((env.source_system, env.source_table, env.source_key))
+            if record is not None:
+                payload = dict(record.values)
+                if record.attachments:
+                    payload[ATTACHMENTS_KEY] = [asdict(a) for a in record.attachments]
+                env = env.model_copy(update={"payload": payload, "source_modified": record.modified or
+                                             env.source_modified, "source_version": record.version})
+            out.append((msg, env))
+        return out
+
+    def sinks_for_refresh(self, system: str) -> object:
+        """The system's reader of current records (its sink, which can fetch by key)."""
+        return self.engine.sinks.get(system)
 
     async def _complete(self, messages: list[ReceivedMessage]) -> None:
         many = getattr(self.queue, "complete_many", None)

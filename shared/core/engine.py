@@ -187,14 +187,34 @@ class SyncEngine:
                 outcomes[i] = plan_or_outcome
             else:
                 plans.append(plan_or_outcome)
-        if not plans:
-            await self._record_skips(flow, [o for o in outcomes if o is not None and o.envelope.flow == flow.name])
+        if plans:
+            results = await self.sinks[flow.target.system].write([p.op for p in plans])
+            await self._settle(flow, plans, {r.op_id: r for r in results}, work, outcomes)
+        skipped = [o for i in indexes
+                   if (o := outcomes[i]) is not None and o.status in ("skipped_echo", "skipped_noop")]
+        await self._repair_write_backs(flow, indexes, outcomes)
+        await self._record_skips(flow, skipped)
+
+    async def _repair_write_backs(self, flow: FlowSpec, indexes: list[int], outcomes: list[Outcome | None]) -> None:
+        # A crash between a create and its id write-back leaves a linked pair whose source lacks the id; the
+        # redelivered change is then an echo, so the write-back is completed here instead.
+        wb = flow.link.write_back
+        if not wb:
             return
-        sink = self.sinks[flow.target.system]
-        results = await sink.write([p.op for p in plans])
-        by_op = {r.op_id: r for r in results}
-        await self._settle(flow, plans, by_op, work, outcomes)
-        await self._record_skips(flow, [outcomes[i] for i in indexes if outcomes[i] is not None])  # type: ignore[misc]
+        todo: list[tuple[_Plan, WriteOp]] = []
+        for i in indexes:
+            o = outcomes[i]
+            if o is None or o.status not in ("skipped_echo", "skipped_noop") or not o.target_key:
+                continue
+            if o.envelope.operation == "delete" or same(o.envelope.payload.get(wb), o.target_key):
+                continue
+            op = WriteOp(f"wb:{i}:{o.envelope.source_key}", "update", flow.source.table, key=o.envelope.source_key,
+                         values={wb: o.target_key}, correlation_id=o.envelope.correlation_id)
+            todo.append((_Plan(i, o.envelope, flow, o.target_key, op), op))
+        if todo:
+            audit: list[AuditEntry] = []
+            await self._write_back(flow, todo, outcomes, audit, self.clock())
+            await self.state.append_audit(audit)
 
     async def _plan(self, flow: FlowSpec, index: int, env: ChangeEnvelope, work: _Work) -> _Plan | Outcome:
         src, tgt = flow.source, flow.target

@@ -1,0 +1,30 @@
+"""The demo end to end at small scale: webhooks over loopback into the functions, cycles, zero drift."""
+
+from __future__ import annotations
+
+import json
+
+from rich.console import Console
+
+from sandbox.demo import run_demo
+
+
+async def test_demo_syncs_both_ways_with_zero_drift_and_dead_letters_only_the_bad_records(tmp_path):
+    report_path = tmp_path / "report.json"
+    ok = await run_demo(Console(file=open(tmp_path / "out.txt", "w")), report_path=report_path,  # noqa: SIM115
+                        signs=40, work_orders=10, workdir=tmp_path / "demo")
+    report = json.loads(report_path.read_text())
+    assert ok, report
+    assert report["reconciliation"]["total_drift"] == 0
+    directions = {row["direction"] for row in report["written_per_flow"].values() if row["records"] > 0}
+    assert directions == {"dataverse -> arcgis", "arcgis -> dataverse"}
+    reasons = sorted((d["flow"], d["reason"]) for d in report["dead_letters"])
+    assert reasons == [("inspections_from_field", "REQUIRED_FIELD_MISSING"),
+                       ("sign_assets_to_field", "REQUIRED_FIELD_MISSING"),
+                       ("sign_assets_to_field", "UNMAPPED_CHOICE")]
+    assert all(d["description"] for d in report["dead_letters"])
+    assert report["echoes_suppressed"] > 0  # our own writes came back and were dropped
+    assert report["cascaded_updates"] > 0   # completed work orders closed their open tasks
+    assert report["queue"]["active"] == 0
+    assert report["api_calls"]["dataverse"] > 0
+    assert report["api_calls"]["arcgis"] > 0
