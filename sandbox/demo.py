@@ -40,6 +40,7 @@ class Sandbox:
     dv: dvs.DataverseSimulator
     ag: Any
     servers: list[RunningServer] = field(default_factory=list)
+    stoppers: list[Any] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     host_url: str = ""
 
@@ -47,6 +48,11 @@ class Sandbox:
         # Best effort: a slow shutdown must never hide the outcome (or the error) of the run.
         for server in reversed(self.servers):
             server.stop()
+        for stop in reversed(self.stoppers):
+            stop()
+        from shared.bootstrap import set_services
+
+        set_services(None)
         for sim in (self.dv, self.ag):
             close = getattr(sim, "close", None)
             if close is not None:
@@ -71,7 +77,32 @@ def environment(values: dict[str, str]) -> Iterator[None]:
                 os.environ[key] = value
 
 
-def start_sandbox(workdir: Path, *, latency_ms: float = 0.0, max_record_count: int = 2000) -> Sandbox:
+def start_azure_emulators(box: Sandbox) -> None:
+    """Azurite (Table Storage) and the local AMQP Service Bus test broker, for SYNCLINE_RUNTIME=azure."""
+    import sys
+
+    # The emulators live with the tests (never deployed); the console script does not put the repo on sys.path.
+    root = str(Path(__file__).resolve().parent.parent)
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from tests.azurite import AzuriteTable, ensure_installed
+    from tests.sbbroker import start_broker
+
+    azurite = AzuriteTable(ensure_installed())
+    azurite.start()
+    box.stoppers.append(azurite.stop)
+    broker = start_broker({"syncline-inbound": {"requires_session": True, "lock_duration": 60.0,
+                                                "max_delivery_count": 10}})
+    box.stoppers.append(broker.stop)
+    box.env.update({
+        "SYNCLINE_RUNTIME": "azure",
+        "SYNCLINE_TABLES__connectionString": azurite.connection_string,
+        "SYNCLINE_SERVICEBUS__connectionString": broker.connection_string,
+    })
+
+
+def start_sandbox(workdir: Path, *, latency_ms: float = 0.0, max_record_count: int = 2000,
+                  runtime: str = "embedded") -> Sandbox:
     """Start both simulators (TLS from a throwaway CA) and return the settings that point at them."""
     from sandbox.arcgis_sim import ArcGISSimulator
 
@@ -101,13 +132,21 @@ def start_sandbox(workdir: Path, *, latency_ms: float = 0.0, max_record_count: i
         "ARCGIS__CLIENT_SECRET": ag.client_secret,
         "ARCGIS__WEBHOOK_SIGNATURE_KEY": SIGNATURE_KEY,
     }
+    if runtime == "azure":
+        try:
+            start_azure_emulators(box)
+        except BaseException:
+            box.stop()
+            raise
     return box
 
 
 def start_host(box: Sandbox) -> None:
     """Serve the function app's HTTP triggers on loopback and register both simulators' webhooks to it."""
     from sandbox.funchost import build_app
+    from shared.bootstrap import set_services
 
+    set_services(None)  # the host builds its services from this sandbox's settings on first use
     host = RunningServer(build_app(function_key=FUNCTION_KEY)).start()
     box.servers.append(host)
     box.host_url = host.url
@@ -149,8 +188,10 @@ def office_activity(box: Sandbox, rng: random.Random, summary: Counter[str]) -> 
             "dot_status": 100000000, "dot_scheduledstart": "2026-12-01T08:00:00Z", "dot_workorderid": wo,
             "dot_latitude": sign["dot_latitude"], "dot_longitude": sign["dot_longitude"]})
         summary["office new work orders"] += 1
-    open_wos = [w for w in box.dv.all("dot_workorders")
-                if w.get("dot_status") == 100000000 and w.get("dot_arcgisglobalid")]
+    # Close work orders that existed before this round (closing one whose tasks are still being created in
+    # the same second races the two write paths; see the known issues in README.md).
+    open_wos = [w for w in box.dv.all("dot_workorders") if w.get("dot_status") == 100000000
+                and w.get("dot_arcgisglobalid") and not str(w.get("dot_name")).startswith("WO-2026-9")]
     for row in rng.sample(open_wos, min(5, len(open_wos))):
         box.dv.apply_change("dot_workorders", {"dot_status": 100000003}, key=row["dot_workorderid"])
         summary["office closed work orders"] += 1
@@ -212,7 +253,7 @@ def _tiny_jpeg() -> bytes:
 
 
 async def run_demo(console: Console, *, report_path: Path, signs: int = 2000, work_orders: int = 500,
-                   workdir: Path = Path(".syncline/demo")) -> bool:
+                   workdir: Path = Path(".syncline/demo"), runtime: str = "embedded") -> bool:
     """The whole demo; returns True when both directions synced with zero drift and exactly the bad records
     ended in the dead-letter queue."""
     from sandbox.dataverse_seed import seed_dataverse
@@ -224,10 +265,14 @@ async def run_demo(console: Console, *, report_path: Path, signs: int = 2000, wo
     started = time.monotonic()
     # Dead-letter warnings are the point of the demo's last table; keep the console for the summary.
     logging.getLogger("shared").setLevel(logging.ERROR)
+    # The loopback host's clients live as long as its process would; their "unclosed" notes at exit are noise.
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     rng = random.Random(2026)
     activity: Counter[str] = Counter()
     console.rule("[bold]Syncline demo[/bold]: Dynamics 365 (Dataverse) <-> ArcGIS Online, on simulators")
-    box = start_sandbox(workdir)
+    box = start_sandbox(workdir, runtime=runtime)
+    if runtime == "azure":
+        console.print("runtime: azure (Table Storage on Azurite, Service Bus on the local AMQP test broker)")
     try:
         with environment(box.env):
             seeded = seed_dataverse(box.dv, signs=signs, work_orders=work_orders)
@@ -278,7 +323,7 @@ async def run_demo(console: Console, *, report_path: Path, signs: int = 2000, wo
         got_bad = Counter((str(d["flow"]), str(d["reason"])) for d in dead_rows)
         total_drift = sum(d.drift for d in drift)
         directions = {f.name: f"{f.source.system} -> {f.target.system}" for f in services.flowset.flows}
-        ok = (total_drift == 0 and set(got_bad) == EXPECTED_BAD and all(v == 1 for v in got_bad.values())
+        ok = (total_drift == 0 and not box.dv.webhook_failures and set(got_bad) == EXPECTED_BAD and all(v == 1 for v in got_bad.values())
               and depth.active == 0 and any(per_flow[f] for f in per_flow if directions[f].startswith("arcgis"))
               and any(per_flow[f] for f in per_flow if directions[f].startswith("dataverse")))
         report_doc = {
@@ -294,6 +339,12 @@ async def run_demo(console: Console, *, report_path: Path, signs: int = 2000, wo
             "api_calls": {"dataverse": box.dv.request_count, "arcgis": sum(box.ag.request_count.values())},
             "controller_cycles": [c.__dict__ for c in cycles],
             "dead_letters": dead_rows,
+            "webhook_failures": [
+                *({"from": "dataverse", "url": f.url.split("?")[0], "status": f.status, "error": f.error[:300]}
+                  for f in box.dv.webhook_failures),
+                *({"from": "arcgis", "url": d.url.split("?")[0], "status": d.status, "error": d.error[:300]}
+                  for d in box.ag.webhook_deliveries if d.status is None or d.status >= 300),
+            ],
             "queue": {"active": depth.active, "scheduled": depth.scheduled, "dead_letter": depth.dead_letter},
             "reconciliation": {"total_drift": total_drift, "entities": [d.as_dict() for d in drift]},
         }

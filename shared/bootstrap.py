@@ -141,9 +141,9 @@ def build_services(
         sinks["arcgis"] = ag
         sources["arcgis"] = ag
 
+    if settings.syncline_runtime == "azure":
+        state, queue = _azure_runtime(settings, state, queue, closers)
     if state is None or queue is None:
-        if settings.syncline_runtime == "azure":
-            raise SpecError("SYNCLINE_RUNTIME=azure needs the Azure adapters, which are not part of this build yet")
         from shared.runtime.sqlite_queue import SqliteQueue
         from shared.runtime.sqlite_state import SqliteStateStore
 
@@ -159,6 +159,40 @@ def build_services(
                             batch_size=settings.syncline_batch_size,
                             lock_renew_seconds=max(1.0, settings.syncline_lock_seconds / 3))
     return Services(settings, flowset, state, queue, engine, controller, sinks, sources, counter, clients, closers)
+
+
+def _azure_runtime(settings: Settings, state: StateStore | None, queue: InboundQueue | None,
+                   closers: list[Callable[[], None]]) -> tuple[StateStore, InboundQueue]:
+    """Table Storage state and Service Bus queue: identity-based in Azure, connection strings for emulators."""
+    from shared.runtime.servicebus_queue import ServiceBusQueue
+    from shared.runtime.table_state import TableStateStore
+
+    tables, bus = settings.syncline_tables, settings.syncline_servicebus
+    credential = None
+    if state is None:
+        if tables.connectionString.get_secret_value():
+            state = TableStateStore.from_connection_string(tables.connectionString.get_secret_value(),
+                                                           table_prefix=tables.tablePrefix)
+        elif tables.endpoint:
+            state = TableStateStore.from_endpoint(tables.endpoint, table_prefix=tables.tablePrefix)
+        else:
+            raise SpecError("SYNCLINE_RUNTIME=azure needs SYNCLINE_TABLES__endpoint (or a connectionString for "
+                            "Azurite)", reason="SPEC_INVALID")
+    if queue is None:
+        name, max_count = settings.syncline_inbound_queue, settings.syncline_max_delivery_count
+        if bus.connectionString.get_secret_value():
+            queue = ServiceBusQueue.from_connection_string(bus.connectionString.get_secret_value(), name,
+                                                           max_delivery_count=max_count, sessions=True)
+        elif bus.fullyQualifiedNamespace:
+            from azure.identity.aio import DefaultAzureCredential
+
+            credential = DefaultAzureCredential()
+            queue = ServiceBusQueue.from_namespace(bus.fullyQualifiedNamespace, credential, name,
+                                                   max_delivery_count=max_count, sessions=True)
+        else:
+            raise SpecError("SYNCLINE_RUNTIME=azure needs SYNCLINE_SERVICEBUS__fullyQualifiedNamespace (or a "
+                            "connectionString for an emulator)", reason="SPEC_INVALID")
+    return state, queue
 
 
 _services: Services | None = None

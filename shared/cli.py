@@ -1,14 +1,15 @@
-"""The `syncline` command line: demo, run, status, dlq list/replay, validate."""
+"""The `syncline` command line: demo, run, status, dlq list/replay, validate, webhook registration."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
+import os
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import typer
 from rich.console import Console
@@ -17,10 +18,17 @@ from rich.table import Table
 
 from shared.core.errors import SyncError
 
+if TYPE_CHECKING:
+    from shared.registration import DataverseAuth, RegistrationReport
+
 app = typer.Typer(help="Syncline: governed sync between Dynamics 365, ArcGIS Online, Salesforce and SAP.",
                   no_args_is_help=True, add_completion=False)
 dlq_app = typer.Typer(help="Inspect and replay the dead-letter queue.", no_args_is_help=True)
 app.add_typer(dlq_app, name="dlq")
+dataverse_app = typer.Typer(help="Dataverse (Dynamics 365) administration.", no_args_is_help=True)
+app.add_typer(dataverse_app, name="dataverse")
+arcgis_app = typer.Typer(help="ArcGIS Online feature-service administration.", no_args_is_help=True)
+app.add_typer(arcgis_app, name="arcgis")
 console = Console()
 T = TypeVar("T")
 
@@ -42,11 +50,15 @@ def demo(
     report: Path = typer.Option(Path("reports/demo-report.json"), help="Where to write the JSON report."),
     signs: int = typer.Option(2000, min=10, help="Sign assets to seed."),
     work_orders: int = typer.Option(500, min=5, help="Work orders to seed."),
+    runtime: str = typer.Option("embedded", help="embedded (SQLite) or azure (Azurite + local Service Bus broker)."),
 ) -> None:
     """Start the simulators, seed, deliver webhooks, run controller cycles, reconcile and report."""
     from sandbox.demo import run_demo
 
-    ok = asyncio.run(run_demo(console, report_path=report, signs=signs, work_orders=work_orders))
+    if runtime not in ("embedded", "azure"):
+        console.print(f"[red]error[/red] --runtime must be embedded or azure, not {runtime!r}")
+        raise typer.Exit(2)
+    ok = asyncio.run(run_demo(console, report_path=report, signs=signs, work_orders=work_orders, runtime=runtime))
     raise typer.Exit(0 if ok else 1)
 
 
@@ -155,6 +167,104 @@ def validate(path: Path = typer.Argument(Path("flows"), help="A spec file or a d
         table.add_row(f.name, f.entity, f"{f.source.system}:{f.source.table}", f"{f.target.system}:{f.target.table}",
                       f.mode, str(len(f.fields)))
     console.print(table)
+
+
+def _secret(env_name: str | None, configured: str, what: str) -> str:
+    """A secret from the named environment variable, else the configured setting; secrets are never CLI args."""
+    if env_name:
+        value = os.environ.get(env_name, "")
+        if not value:
+            raise ValueError(f"environment variable {env_name} (--secret-from-env) is not set or empty")
+        return value
+    if not configured:
+        raise ValueError(f"no {what} configured; set it or pass --secret-from-env NAME")
+    return configured
+
+
+def _print_registration(report: RegistrationReport) -> None:
+    colours = {"created": "green", "updated": "yellow", "unchanged": "dim"}
+    counts = report.counts()
+    table = Table("kind", "name", "action", "detail", title=f"{report.system} webhook registration: "
+                  f"{counts['created']} created, {counts['updated']} updated, {counts['unchanged']} unchanged")
+    for item in report.items:
+        colour = colours[item.action]
+        table.add_row(item.kind, item.name, f"[{colour}]{item.action}[/{colour}]", item.detail)
+    console.print(table)
+
+
+@dataverse_app.command("register-webhook")
+def dataverse_register_webhook(
+    endpoint_url: str = typer.Option(..., "--endpoint-url", help="The function URL including the route, e.g. "
+                                     "https://<app>.azurewebsites.net/api/webhooks/dataverse?code=<function key>."),
+    auth: str = typer.Option("header", "--auth", help="header: x-syncline-key header (SYNCLINE_WEBHOOK_SECRET); "
+                             "webhookkey or querystring: ?code=<secret> (the function key)."),
+    secret_from_env: str = typer.Option(None, "--secret-from-env", metavar="NAME",
+                                        help="Environment variable holding the secret. Default with --auth header: "
+                                             "the SYNCLINE_WEBHOOK_SECRET setting."),
+    name: str = typer.Option("Syncline", "--name", help="Service endpoint name and step name prefix."),
+) -> None:
+    """Register (or bring up to date) the Dataverse webhook: service endpoint, steps and images per source table."""
+    if auth not in ("header", "webhookkey", "querystring"):
+        console.print(f"[red]error[/red] --auth must be header, webhookkey or querystring, not {auth!r}")
+        raise typer.Exit(2)
+
+    async def go() -> RegistrationReport:
+        from shared.bootstrap import build_services
+        from shared.registration import register_dataverse_webhook
+        from shared.settings import Settings
+
+        settings = Settings()
+        configured = settings.syncline_webhook_secret.get_secret_value()
+        if auth != "header" and not secret_from_env:
+            raise ValueError(f"--auth {auth} sends the function key as ?code=: pass --secret-from-env NAME")
+        secret = _secret(secret_from_env, configured if auth == "header" else "", "SYNCLINE_WEBHOOK_SECRET")
+        if auth != "header" and configured:
+            console.print("[yellow]warning[/yellow] SYNCLINE_WEBHOOK_SECRET is set, so the function also expects "
+                          f"an x-syncline-key header, which --auth {auth} does not send")
+        services = build_services(settings)
+        try:
+            return await register_dataverse_webhook(services, endpoint_url=endpoint_url,
+                                                    auth=cast("DataverseAuth", auth), secret=secret, name=name)
+        finally:
+            await services.aclose()
+
+    _print_registration(_run(go))
+
+
+@arcgis_app.command("register-webhook")
+def arcgis_register_webhook(
+    endpoint_url: str = typer.Option(..., "--endpoint-url", help="The function URL including the route, e.g. "
+                                     "https://<app>.azurewebsites.net/api/webhooks/arcgis?code=<function key>."),
+    secret_from_env: str = typer.Option(None, "--secret-from-env", metavar="NAME",
+                                        help="Environment variable holding the signature key. Default: the "
+                                             "ARCGIS__WEBHOOK_SIGNATURE_KEY setting."),
+    name: str = typer.Option("Syncline", "--name", help="Webhook name."),
+    change_type: list[str] = typer.Option(None, "--change-type", help="Event to subscribe to (repeatable). "
+                                          "Default: FeaturesCreated, FeaturesUpdated, FeaturesDeleted, "
+                                          "AttachmentsCreated."),
+) -> None:
+    """Register (or bring up to date) the feature-service webhook, signed with the signature key."""
+
+    async def go() -> RegistrationReport:
+        from shared.bootstrap import build_services
+        from shared.connectors.arcgis import ArcGISFeatureServiceClient
+        from shared.registration import DEFAULT_CHANGE_TYPES, register_arcgis_webhook
+        from shared.settings import Settings
+
+        settings = Settings()
+        key = _secret(secret_from_env, settings.arcgis.webhook_signature_key.get_secret_value(),
+                      "ARCGIS__WEBHOOK_SIGNATURE_KEY")
+        services = build_services(settings)
+        try:
+            client = services.sinks.get("arcgis")
+            if not isinstance(client, ArcGISFeatureServiceClient):
+                raise ValueError("ArcGIS is not configured (ARCGIS__SERVICE_URL is empty)")
+            return await register_arcgis_webhook(client, hook_url=endpoint_url, signature_key=key, name=name,
+                                                 change_types=tuple(change_type or DEFAULT_CHANGE_TYPES))
+        finally:
+            await services.aclose()
+
+    _print_registration(_run(go))
 
 
 def _progress() -> Progress:

@@ -114,7 +114,7 @@ def _compare(mapper: Mapper, flow: FlowSpec, source: SourceRecord, target: Sourc
             if not _near(value, actual):
                 differing.append("geometry")
         elif not same(value, actual):
-            differing.append(name)
+            differing.append(f"{name}: expected {value!r}, found {actual!r}")
     return differing
 
 

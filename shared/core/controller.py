@@ -287,13 +287,15 @@ class Controller:
     async def _refresh_replays(
         self, parsed: list[tuple[ReceivedMessage, ChangeEnvelope]]
     ) -> list[tuple[ReceivedMessage, ChangeEnvelope]]:
-        """A replayed change is applied with the source record as it is now (the operator fixed the cause).
+        """Replayed and resubmitted changes are applied with the source record as it is now.
 
-        The message body stays the operator's evidence; only the payload used for this attempt is fresh.
+        A replay follows an operator's fix; a resubmission (a deferred or failed direct write) may have been
+        overtaken by newer edits meanwhile — writing the current state keeps a late copy from undoing them.
+        The message body stays as evidence; only the payload used for this attempt is fresh.
         """
         wanted: dict[tuple[str, str], set[str]] = {}
         for _, env in parsed:
-            if env.origin == "replay" and env.operation != "delete" and env.source_system in self.sources:
+            if env.origin in ("replay", "resubmit") and env.operation != "delete" and env.source_system in self.sources:
                 wanted.setdefault((env.source_system, env.source_table), set()).add(env.source_key)
         if not wanted:
             return parsed

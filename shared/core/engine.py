@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -101,11 +102,36 @@ class SyncEngine:
         self.state = state
         self.clock = clock
         self.max_parent_waits = max_parent_waits
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._lock_users: Counter[str] = Counter()
 
     # ------------------------------------------------------------------------------------ public
 
     async def process(self, envelopes: Sequence[ChangeEnvelope]) -> list[Outcome]:
-        """Process a batch; returns one outcome per envelope, in input order."""
+        """Process a batch; returns one outcome per envelope, in input order.
+
+        Concurrent calls in one process (parallel webhook invocations) never work on the same record at the
+        same time: each call holds the locks of its records, taken in a fixed order.
+        """
+        keys = sorted({f"{e.source_system}:{e.source_table}:{e.source_key}" for e in envelopes})
+        locks = [self._locks.setdefault(k, asyncio.Lock()) for k in keys]
+        self._lock_users.update(keys)
+        try:
+            for lock in locks:
+                await lock.acquire()
+            try:
+                return await self._process(envelopes)
+            finally:
+                for lock in reversed(locks):
+                    lock.release()
+        finally:
+            self._lock_users.subtract(keys)
+            for k in keys:
+                if self._lock_users[k] <= 0:
+                    del self._lock_users[k]
+                    self._locks.pop(k, None)
+
+    async def _process(self, envelopes: Sequence[ChangeEnvelope]) -> list[Outcome]:
         outcomes: list[Outcome | None] = [None] * len(envelopes)
         groups: dict[str, list[int]] = defaultdict(list)
         for i, env in enumerate(envelopes):
@@ -234,7 +260,8 @@ class SyncEngine:
         projection = self.mapper.project(flow, env.payload)
         snap = work.src_snaps.get(env.source_key)
         seen = snap.values.get(SEEN_MODIFIED) if snap is not None else None
-        if seen and env.source_modified is not None and _iso(env.source_modified) < str(seen):
+        token = _seen_token(env)
+        if seen and token is not None and token < str(seen):
             # A retried or scheduled copy of an older change: the newer state of this record already synced.
             return Outcome(env, "skipped_noop", target_key=target_key,
                            detail=f"older than the last synced change of this record ({seen})")
@@ -355,8 +382,9 @@ class SyncEngine:
             snaps.append(Snapshot(tgt.system, tgt.table, key, tvalues, values_hash(tvalues), tmod))
             prev_s = work.src_snaps.get(env.source_key)
             svalues = {**(dict(prev_s.values) if prev_s else {}), **self.mapper.project(flow, env.payload)}
-            if env.source_modified is not None:
-                svalues[SEEN_MODIFIED] = _iso(env.source_modified)
+            token = _seen_token(env)
+            if token is not None and token > str(svalues.get(SEEN_MODIFIED) or ""):
+                svalues[SEEN_MODIFIED] = token
             snaps.append(Snapshot(src.system, src.table, env.source_key, svalues, values_hash(svalues),
                                   _latest(prev_s.modified if prev_s else None, env.source_modified)))
             how = "created" if result.created else "updated"
@@ -540,6 +568,17 @@ def _triggers(cascade: CascadeSpec, system: str, values: Mapping[str, Any]) -> b
         name in values and normalize(values[name]) in {normalize(v) for v in allowed}
         for name, allowed in rules.items()
     )
+
+
+def _seen_token(env: ChangeEnvelope) -> str | None:
+    """Orderable "when" of a change: modified time, then the source's row version as a tie-breaker.
+
+    Dataverse's modifiedon has one-second resolution, so two edits in one second are ordered by version.
+    """
+    if env.source_modified is None:
+        return None
+    digits = "".join(ch for ch in (env.source_version or "") if ch.isdigit())
+    return f"{_iso(env.source_modified)}|{digits.zfill(20) if digits else ''}"
 
 
 def _iso(moment: datetime) -> str:

@@ -120,6 +120,8 @@ class ServiceBusQueue:
         self._held: dict[str, _Held] = {}
         self._session_receivers: dict[ServiceBusReceiver, _SessionReceiver] = {}
         self._receive_lock = asyncio.Lock()
+        # The SDK's sender is not safe for concurrent use (its link opening races): one send at a time.
+        self._send_lock = asyncio.Lock()
         self._closing: set[asyncio.Task[None]] = set()
 
     # ---------------------------------------------------------------------------------- construction
@@ -181,6 +183,10 @@ class ServiceBusQueue:
         if not messages:
             return
         outgoing = [self._outgoing(m) for m in messages]
+        async with self._send_lock:
+            await self._send(outgoing, scheduled_at)
+
+    async def _send(self, outgoing: list[ServiceBusMessage], scheduled_at: datetime | None) -> None:
         sender = await self._get_sender()
         if scheduled_at is not None:
             await sender.schedule_messages(outgoing, _aware(scheduled_at))

@@ -28,3 +28,15 @@ async def test_demo_syncs_both_ways_with_zero_drift_and_dead_letters_only_the_ba
     assert report["queue"]["active"] == 0
     assert report["api_calls"]["dataverse"] > 0
     assert report["api_calls"]["arcgis"] > 0
+
+
+async def test_demo_on_the_azure_runtime_azurite_and_the_service_bus_test_broker(tmp_path):
+    report_path = tmp_path / "report.json"
+    ok = await run_demo(Console(file=open(tmp_path / "out.txt", "w")), report_path=report_path,  # noqa: SIM115
+                        signs=12, work_orders=3, workdir=tmp_path / "demo", runtime="azure")
+    report = json.loads(report_path.read_text())
+    assert ok, report
+    assert report["reconciliation"]["total_drift"] == 0
+    assert report["webhook_failures"] == []
+    assert sorted(d["reason"] for d in report["dead_letters"]) == [
+        "REQUIRED_FIELD_MISSING", "REQUIRED_FIELD_MISSING", "UNMAPPED_CHOICE"]
