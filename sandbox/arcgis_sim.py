@@ -737,7 +737,7 @@ class Faults:
 
 @dataclass
 class WebhookRegistration:
-    """A feature-service webhook (`{service}/WebHooks/create`)."""
+    """A feature-service webhook (`{service}/WebHooks/create` or the `register_webhook` helper)."""
 
     url: str
     name: str
@@ -745,14 +745,35 @@ class WebhookRegistration:
     change_types: frozenset[str]
     content_type: str
     headers: dict[str, str]
+    id: int = 0
+    """Admin-API id (`WebHooks/<id>/edit`); assigned when the webhook is stored."""
+    global_id: str = ""
+    active: bool = True
+    """Inactive webhooks are kept (and listed) but deliver nothing."""
+    owner: str = ""
+    schedule_info: dict[str, Any] | None = None
+    payload_format: str = "json"
+    created: int = 0
+    modified: int = 0
+    server_gen: int = 0
 
     def wants(self, events: Iterable[str]) -> list[str]:
         types = self.change_types
         out = []
         for event in events:
-            if "*" in types or event in types or (event in _FEATURE_EVENTS and "FeaturesEdited" in types):
+            if "*" in types or "All" in types or event in types or (
+                    event in _FEATURE_EVENTS and "FeaturesEdited" in types):
                 out.append(event)
         return sorted(out)
+
+    def expanded(self) -> frozenset[str]:
+        """The concrete events this webhook fires on (for the overlapping-events check)."""
+        if "*" in self.change_types or "All" in self.change_types:
+            return frozenset(CHANGE_TYPES - {"*"})
+        out = set(self.change_types)
+        if "FeaturesEdited" in out:
+            out |= _FEATURE_EVENTS
+        return frozenset(out)
 
 
 @dataclass
@@ -792,7 +813,14 @@ class ArcGISSimulator:
       deleted features' last attributes (GlobalID included); `returnIdsOnly=true` answers
       `objectIds: {adds, updates, deletes}` per layer; `returnAttachments=true` lists attachment changes
       (metadata, not data); `async=true` answers a `statusUrl` job;
-    - tokens: client credentials only; editor tracking records the app's username (`app_username`).
+    - tokens: client credentials only; editor tracking records the app's username (`app_username`);
+    - webhooks (admin API at `admin_path`): `WebHooks` lists a bare array of webhook objects (the ArcGIS
+      Online list shape, `signatureKey` echoed as stored), `WebHooks/create` and `WebHooks/<id>/edit`
+      answer the webhook object, `WebHooks/<id>/delete` `{"success": true}`. Create refuses (code 400) a
+      service without ChangeTracking, a sixth webhook, and a hook URL already receiving overlapping events;
+      edit keeps absent parameters. Admin-created and `register_webhook` webhooks share one list, count
+      against the same limit and deliver alike; inactive ones deliver nothing. The create-time reachability
+      probe of the hook URL is not simulated.
     """
 
     def __init__(
@@ -825,6 +853,8 @@ class ArcGISSimulator:
         self.api_key = api_key
         """An API key accepted as a token (None: API keys disabled); its edits are recorded as `api_key_username`."""
         self.service_path = f"/{org_id}/arcgis/rest/services/{service_name}/FeatureServer"
+        self.admin_path = f"/{org_id}/arcgis/rest/admin/services/{service_name}/FeatureServer"
+        """The service's admin resource (ArcGIS Online's `.../rest/admin/services/<Service>/FeatureServer`)."""
         self.change_tracking = change_tracking
         self.guid_case = guid_case
         """How GUIDs are written in responses (the real service varies); stored values are canonical."""
@@ -852,6 +882,7 @@ class ArcGISSimulator:
         self._attachment_ids = itertools.count(1)
         self._jobs: dict[str, Any] = {}
         self._webhooks: list[WebhookRegistration] = []
+        self._webhook_ids = itertools.count(1)
         self._survey_hooks: list[tuple[str, dict[str, str]]] = []
         self._seen_base: str | None = None
         self._pending = 0
@@ -986,9 +1017,23 @@ class ArcGISSimulator:
         if len(self._webhooks) >= MAX_WEBHOOKS:
             raise ValueError(f"a feature service has at most {MAX_WEBHOOKS} webhooks")
         reg = WebhookRegistration(url, name, signature_key, frozenset(change_types), content_type,
-                                  dict(headers or {}))
-        self._webhooks.append(reg)
+                                  dict(headers or {}), owner=self.app_username)
+        with self._lock:
+            self._store_webhook(reg)
         return reg
+
+    def webhooks(self) -> list[WebhookRegistration]:
+        """The registered webhooks (helper and admin API alike), oldest first."""
+        with self._lock:
+            return list(self._webhooks)
+
+    def _store_webhook(self, reg: WebhookRegistration) -> None:
+        now = self.clock()
+        reg.id = next(self._webhook_ids)
+        reg.global_id = str(uuid.uuid4())
+        reg.created = reg.modified = now
+        reg.server_gen = self._gen
+        self._webhooks.append(reg)
 
     async def flush_webhooks(self, timeout: float = 10.0) -> None:
         """Wait until every queued webhook delivery has finished (delivered or failed)."""
@@ -1101,7 +1146,9 @@ class ArcGISSimulator:
         changes = list(changes)
         if not changes or not self._webhooks:
             return
-        for reg in self._webhooks:
+        for reg in list(self._webhooks):
+            if not reg.active:
+                continue
             entries = []
             for change in changes:
                 events = reg.wants(change.events)
@@ -1245,10 +1292,11 @@ class ArcGISSimulator:
         self._seen_base = str(request.base_url).rstrip("/")
         if path == TOKEN_PATH:
             return await self._token_endpoint(request.method, path, params)
-        if not path.lower().startswith(self.service_path.lower()):
+        admin = path.lower().startswith(self.admin_path.lower())
+        if not admin and not path.lower().startswith(self.service_path.lower()):
             return JSONResponse(RestError(400, "Invalid URL", ["Invalid URL"]).body())
-        rest = [p for p in path[len(self.service_path):].split("/") if p]
-        op = self._op_name(rest)
+        rest = [p for p in path[len(self.admin_path if admin else self.service_path):].split("/") if p]
+        op = self._admin_op_name(rest) if admin else self._op_name(rest)
         self.request_count[op] += 1
         self._in_flight[op] += 1
         self.peak_in_flight[op] = max(self.peak_in_flight[op], self._in_flight[op])
@@ -1276,7 +1324,10 @@ class ArcGISSimulator:
         try:
             user = self._authenticate(params, headers)
             with self._lock:
-                result = self._dispatch(request.method, rest, params, files, user, changes)
+                if op.startswith("admin."):
+                    result = self._dispatch_admin(request.method, rest, params, user)
+                else:
+                    result = self._dispatch(request.method, rest, params, files, user, changes)
         except RestError as err:
             return JSONResponse(err.body())
         self._emit(changes)
@@ -1297,6 +1348,12 @@ class ArcGISSimulator:
         if method != "POST":
             return JSONResponse(RestError(405, "Method not supported.", []).body())
         return JSONResponse(self._token(params))
+
+    @staticmethod
+    def _admin_op_name(rest: Sequence[str]) -> str:
+        if not rest:
+            return "admin.service"
+        return "admin." + (rest[-1] if not rest[-1].isdigit() else "webhook")
 
     @staticmethod
     def _op_name(rest: Sequence[str]) -> str:
@@ -1374,6 +1431,110 @@ class ArcGISSimulator:
             return Response(found.data, media_type=found.content_type,
                             headers={"Content-Disposition": f'inline; filename="{found.name}"'})
         raise RestError(400, "Invalid URL", ["Invalid URL"])
+
+    # ------------------------------------------------------------------------------------ admin: webhooks
+
+    def _dispatch_admin(self, method: str, rest: list[str], params: Mapping[str, str], user: str) -> Any:
+        """`{admin}/WebHooks`, `WebHooks/create`, `WebHooks/<id>`, `WebHooks/<id>/edit`, `WebHooks/<id>/delete`."""
+        if not rest or rest[0].lower() != "webhooks":
+            raise RestError(400, "Invalid URL", ["Invalid URL"])
+        tail = rest[1:]
+        if not tail:
+            return [self._webhook_json(reg) for reg in self._webhooks]
+        if method != "POST" and tail[-1] in ("create", "edit", "delete"):
+            raise RestError(400, "Unable to complete operation.", ["This operation is only supported via POST."])
+        if tail == ["create"]:
+            return self._create_webhook(params, user)
+        reg = next((r for r in self._webhooks if tail[0].isdigit() and r.id == int(tail[0])), None)
+        if reg is None:
+            raise RestError(404, "Webhook not found.", [f"Webhook '{tail[0]}' does not exist."])
+        if len(tail) == 1:
+            return self._webhook_json(reg)
+        if tail[1:] == ["edit"]:
+            return self._edit_webhook(reg, params)
+        if tail[1:] == ["delete"]:
+            self._webhooks.remove(reg)
+            return {"success": True}
+        raise RestError(400, "Invalid URL", ["Invalid URL"])
+
+    def _webhook_json(self, reg: WebhookRegistration) -> dict[str, Any]:
+        # The list shape of the ArcGIS Online "Web Hooks (Feature Service)" resource.
+        return {
+            "name": reg.name, "owner": reg.owner, "id": reg.id, "globalId": reg.global_id,
+            "tenantId": self.org_id, "serviceId": 560100, "active": reg.active, "hookUrl": reg.url,
+            "serviceUrl": f"{self._public_base()}{self.service_path}", "signatureKey": reg.signature_key or "",
+            "format": reg.payload_format, "contentType": reg.content_type, "serverGen": reg.server_gen,
+            "createdTime": reg.created, "lastUpdatedTime": reg.modified,
+            "changeTypes": sorted(reg.change_types), "scheduleInfo": reg.schedule_info or {},
+        }
+
+    def _webhook_settings(self, p: Mapping[str, str], current: WebhookRegistration | None) -> dict[str, Any]:
+        """Validated create/edit parameters; on edit an absent parameter keeps its current value."""
+        def given(name: str) -> bool:
+            return name in p and p[name] != ""
+
+        name = p["name"].strip() if given("name") else (current.name if current else "")
+        if not name:
+            raise _bad_request("'name' is required.")
+        url = p["hookUrl"].strip() if given("hookUrl") else (current.url if current else "")
+        if not url.lower().startswith(("https://", "http://")):
+            raise _bad_request("'hookUrl' must be an http(s) URL.")
+        if given("changeTypes"):
+            raw = p["changeTypes"].strip()
+            try:
+                parsed = json.loads(raw) if raw.startswith("[") else [t.strip() for t in raw.split(",")]
+            except ValueError as exc:
+                raise _bad_request("'changeTypes' must be a JSON array or a comma-separated list.") from exc
+            types = frozenset(str(t) for t in parsed if str(t))
+        else:
+            types = current.change_types if current else frozenset({"*"})
+        unknown = sorted(types - CHANGE_TYPES - {"All"})
+        if not types or unknown:
+            raise _bad_request(f"Invalid changeTypes {unknown or '[]'}.")
+        content_type = p["contentType"] if given("contentType") else (
+            current.content_type if current else "application/json")
+        if content_type not in ("application/json", "application/x-www-form-urlencoded"):
+            raise _bad_request("'contentType' must be application/json or application/x-www-form-urlencoded.")
+        active = _bool(p, "active", current.active if current else False)
+        key = p.get("signatureKey", current.signature_key if current else None)
+        schedule: dict[str, Any] | None = current.schedule_info if current else None
+        if given("scheduleInfo"):
+            try:
+                schedule = json.loads(p["scheduleInfo"])
+            except ValueError as exc:
+                raise _bad_request("'scheduleInfo' must be a JSON object.") from exc
+        for other in self._webhooks:
+            if other is not current and other.url == url and other.expanded() & WebhookRegistration(
+                    url, name, None, types, content_type, {}).expanded():
+                raise _bad_request(f"The webhook '{other.name}' already sends overlapping events to this hookUrl.")
+        return {"name": name, "url": url, "change_types": types, "content_type": content_type, "active": active,
+                "signature_key": key or None, "schedule_info": schedule,
+                "payload_format": p.get("payloadFormat") or (current.payload_format if current else "json")}
+
+    def _create_webhook(self, p: Mapping[str, str], user: str) -> dict[str, Any]:
+        # Webhooks need change tracking (they report serverGens) and a service that can be edited.
+        if not self.change_tracking:
+            raise RestError(400, "Unable to create webhook.", [
+                "Webhooks require the Editing and ChangeTracking capabilities on the feature service."])
+        if len(self._webhooks) >= MAX_WEBHOOKS:
+            raise RestError(400, "Unable to create webhook.", [
+                f"A maximum of {MAX_WEBHOOKS} webhooks can be created for a feature service."])
+        settings = self._webhook_settings(p, None)
+        reg = WebhookRegistration(settings["url"], settings["name"], settings["signature_key"],
+                                  settings["change_types"], settings["content_type"], {}, owner=user,
+                                  active=settings["active"], schedule_info=settings["schedule_info"],
+                                  payload_format=settings["payload_format"])
+        self._store_webhook(reg)
+        return self._webhook_json(reg)
+
+    def _edit_webhook(self, reg: WebhookRegistration, p: Mapping[str, str]) -> dict[str, Any]:
+        settings = self._webhook_settings(p, reg)
+        reg.name, reg.url, reg.change_types = settings["name"], settings["url"], settings["change_types"]
+        reg.content_type, reg.active, reg.signature_key = (settings["content_type"], settings["active"],
+                                                           settings["signature_key"])
+        reg.schedule_info, reg.payload_format = settings["schedule_info"], settings["payload_format"]
+        reg.modified = self.clock()
+        return self._webhook_json(reg)
 
     # ------------------------------------------------------------------------------------ resources
 

@@ -11,6 +11,7 @@ import secrets
 import threading
 import time
 import uuid
+import xml.etree.ElementTree as ET
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -125,6 +126,12 @@ class TableSchema:
     computed: frozenset[str] = frozenset()
     """Columns the platform fills in (ignored when written)."""
     change_tracking: bool = True
+    system: bool = False
+    """A platform table (webhook registrations, SDK messages): never a source of webhook events."""
+    unreadable: frozenset[str] = frozenset()
+    """Write-only columns (IsValidForRead false, e.g. serviceendpoint.authvalue): never returned by reads."""
+    defaults: dict[str, Any] = field(default_factory=dict)
+    """Values the platform sets on create when the request leaves them out."""
 
     def __post_init__(self) -> None:
         cols = {self.primary_id: "guid"}
@@ -253,6 +260,127 @@ def dot_schema(flows_file: Path = FLOWS_FILE) -> dict[str, TableSchema]:
         ),
     ]
     return {t.entity_set: t for t in tables}
+
+
+SDK_MESSAGES = ("Create", "Update", "Delete")
+"""The SDK messages the simulator knows (and preloads in `sdkmessages`)."""
+CONTRACT_WEBHOOK = 8
+AUTH_WEBHOOK_KEY, AUTH_HTTP_HEADER, AUTH_HTTP_QUERY_STRING = 4, 5, 6
+IMAGE_PRE, IMAGE_POST, IMAGE_BOTH = 0, 1, 2
+IMAGE_MESSAGE_PROPERTY = {"Create": "Id", "Update": "Target", "Delete": "Target"}
+"""The request property an image is taken from, per message (what the Plug-in Registration tool sets)."""
+
+
+def _choices(name: str, options: Mapping[int, str]) -> ChoiceColumn:
+    return ChoiceColumn(dict(options), option_set_name=name)
+
+
+def system_schema() -> dict[str, TableSchema]:
+    """The platform tables behind webhook registration: service endpoints, SDK messages, filters, steps, images."""
+    tables = [
+        TableSchema(
+            "serviceendpoints", "serviceendpoint", "serviceendpointid", "name",
+            columns={"name": "string", "description": "memo", "url": "string", "authvalue": "string",
+                     "namespaceaddress": "string", "path": "string", "solutionnamespace": "string"},
+            choices={
+                "contract": _choices("serviceendpoint_contract", {
+                    1: "OneWay", 2: "Queue", 3: "Rest", 4: "TwoWay", 5: "Topic", 6: "Queue (Persistent)",
+                    7: "Event Hub", 8: "Webhook", 9: "Event Grid", 10: "Managed Data Lake", 11: "Container Storage"}),
+                "authtype": _choices("serviceendpoint_authtype", {
+                    1: "ACS", 2: "SAS Key", 3: "SAS Token", 4: "Webhook Key", 5: "Http Header", 6: "Http Query String",
+                    7: "Connection String", 8: "Access Key"}),
+                "connectionmode": _choices("serviceendpoint_connectionmode", {1: "Normal", 2: "Federated"}),
+                "messageformat": _choices("serviceendpoint_messageformat", {1: ".NETBinary", 2: "JSON", 3: "XML"}),
+                "userclaim": _choices("serviceendpoint_userclaim", {1: "None", 2: "UserId"}),
+            },
+            required=frozenset({"name", "contract"}),
+            max_length={"name": 256, "description": 2000, "url": 2000, "authvalue": 2048},
+            change_tracking=False, system=True, unreadable=frozenset({"authvalue"}),
+            defaults={"connectionmode": 1, "messageformat": 2, "userclaim": 1},
+        ),
+        TableSchema(
+            "sdkmessages", "sdkmessage", "sdkmessageid", "name",
+            columns={"name": "string", "categoryname": "string"},
+            required=frozenset({"name"}), max_length={"name": 256},
+            change_tracking=False, system=True,
+        ),
+        TableSchema(
+            "sdkmessagefilters", "sdkmessagefilter", "sdkmessagefilterid", "name",
+            columns={"name": "string", "primaryobjecttypecode": "string", "secondaryobjecttypecode": "string",
+                     "iscustomprocessingstepallowed": "bool"},
+            lookups={"sdkmessageid": LookupColumn({"sdkmessageid": "sdkmessages"})},
+            required=frozenset({"sdkmessageid", "primaryobjecttypecode"}),
+            change_tracking=False, system=True,
+        ),
+        TableSchema(
+            "sdkmessageprocessingsteps", "sdkmessageprocessingstep", "sdkmessageprocessingstepid", "name",
+            columns={"name": "string", "description": "memo", "rank": "int", "asyncautodelete": "bool",
+                     "filteringattributes": "memo", "configuration": "memo"},
+            lookups={"sdkmessageid": LookupColumn({"sdkmessageid": "sdkmessages"}),
+                     "sdkmessagefilterid": LookupColumn({"sdkmessagefilterid": "sdkmessagefilters"}),
+                     "eventhandler": LookupColumn({"eventhandler_serviceendpoint": "serviceendpoints"})},
+            choices={
+                "mode": _choices("sdkmessageprocessingstep_mode", {0: "Synchronous", 1: "Asynchronous"}),
+                "stage": _choices("sdkmessageprocessingstep_stage", {
+                    10: "Initial Pre-operation (For internal use only)", 20: "Pre-operation",
+                    30: "Main Operation (For internal use only)", 40: "Post-operation"}),
+                "supporteddeployment": _choices("sdkmessageprocessingstep_supporteddeployment", {
+                    0: "Server Only", 1: "Microsoft Dynamics 365 Client for Outlook Only", 2: "Both"}),
+                "statecode": _choices("sdkmessageprocessingstep_statecode", {0: "Enabled", 1: "Disabled"}),
+                "statuscode": _choices("sdkmessageprocessingstep_statuscode", {1: "Enabled", 2: "Disabled"}),
+            },
+            required=frozenset({"name", "mode", "stage", "rank", "sdkmessageid", "eventhandler"}),
+            max_length={"name": 256, "description": 256, "filteringattributes": 100000},
+            change_tracking=False, system=True,
+            defaults={"rank": 1, "asyncautodelete": False, "supporteddeployment": 0, "statecode": 0, "statuscode": 1},
+        ),
+        TableSchema(
+            "sdkmessageprocessingstepimages", "sdkmessageprocessingstepimage", "sdkmessageprocessingstepimageid",
+            "name",
+            columns={"name": "string", "description": "memo", "entityalias": "string",
+                     "messagepropertyname": "string", "attributes": "memo", "relatedattributename": "string"},
+            lookups={"sdkmessageprocessingstepid": LookupColumn(
+                {"sdkmessageprocessingstepid": "sdkmessageprocessingsteps"})},
+            choices={"imagetype": _choices("sdkmessageprocessingstepimage_imagetype",
+                                           {IMAGE_PRE: "PreImage", IMAGE_POST: "PostImage", IMAGE_BOTH: "Both"})},
+            required=frozenset({"name", "entityalias", "imagetype", "messagepropertyname",
+                                "sdkmessageprocessingstepid"}),
+            max_length={"name": 256, "entityalias": 256, "messagepropertyname": 256, "attributes": 100000},
+            change_tracking=False, system=True,
+        ),
+    ]
+    return {t.entity_set: t for t in tables}
+
+
+def parse_settings(authvalue: str) -> list[tuple[str, str]]:
+    """`<settings><setting name="k" value="v" /></settings>` (HttpHeader / HttpQueryString auth) -> pairs."""
+    try:
+        root = ET.fromstring(authvalue)
+    except ET.ParseError as exc:
+        raise ValueError(f"authvalue is not a <settings> document: {exc}") from exc
+    if root.tag != "settings":
+        raise ValueError("authvalue must be a <settings> document")
+    pairs = []
+    for node in root.findall("setting"):
+        name = node.get("name")
+        if not name:
+            raise ValueError("every <setting> needs a name")
+        pairs.append((name, node.get("value") or ""))
+    return pairs
+
+
+def _csv(value: Any) -> list[str]:
+    """A comma-separated attribute list (step filtering attributes, image attributes) -> names."""
+    return [n.strip() for n in str(value or "").split(",") if n.strip()]
+
+
+def _with_query(url: str, pairs: Iterable[tuple[str, str]]) -> str:
+    """`url` with the given query parameters set (replacing any of the same name)."""
+    parts = urlsplit(url)
+    extra = list(pairs)
+    names = {k for k, _ in extra}
+    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k not in names] + extra
+    return parts._replace(query=urlencode(query)).geturl()
 
 
 # ============================================================================================ values
@@ -879,6 +1007,13 @@ class DataverseSimulator:
 
     Serve `.app` with `sandbox.server.RunningServer(sim.app, ca=TestCA...)` (TLS is needed for MSAL); the
     org URL and the token authority are then both `server.url`.
+
+    Webhooks come from two places: the `register_webhook` helper (every message of the chosen tables, full
+    row images), and registrations made through the Web API like in a real org: a `serviceendpoints` row
+    (contract 8) plus enabled `sdkmessageprocessingsteps` bound to a message, a table's message filter and
+    that endpoint. Those deliver to the endpoint's URL with its auth applied (HttpHeader settings as
+    headers, WebhookKey as `?code=`, HttpQueryString settings as query parameters), honour the Update
+    step's `filteringattributes`, and carry the step's images with only their `attributes`.
     """
 
     def __init__(
@@ -897,6 +1032,8 @@ class DataverseSimulator:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.schema: dict[str, TableSchema] = dict(schema if schema is not None else dot_schema())
+        for entity_set, system_table in system_schema().items():
+            self.schema.setdefault(entity_set, system_table)
         self.tenant_id = tenant_id
         self.client_id = client_id
         self.client_secret = client_secret
@@ -929,6 +1066,7 @@ class DataverseSimulator:
         self._deliverer_thread: threading.Thread | None = None
         self._deliverer_client: httpx.AsyncClient | None = None
         self._delivery_slots: asyncio.Semaphore | None = None
+        self._seed_platform()
         self.app = Starlette(routes=[
             Route("/{tenant}/v2.0/.well-known/openid-configuration", self._openid_configuration, methods=["GET"]),
             Route("/{tenant}/oauth2/v2.0/token", self._token, methods=["POST"]),
@@ -949,12 +1087,13 @@ class DataverseSimulator:
         return self._in_flight
 
     def reset(self) -> None:
-        """Forget records, faults, limits, webhooks and counters (issued tokens stay valid)."""
+        """Forget records, registrations, faults, limits, webhooks and counters (issued tokens stay valid)."""
         with self._lock:
             self._tables = {s: {} for s in self.schema}
             self._key_index = self._empty_index()
             self._deleted = {s: [] for s in self.schema}
             self._window.clear()
+            self._seed_platform()
         self.faults.clear()
         self.limits = ServiceProtection()
         self.latency_ms = 0.0
@@ -963,6 +1102,27 @@ class DataverseSimulator:
         self._webhooks.clear()
         self.webhook_failures.clear()
         self.webhooks_delivered = 0
+
+    def _seed_platform(self) -> None:
+        """Preload `sdkmessages` (Create/Update/Delete) and one `sdkmessagefilter` per message and data table."""
+        for message in SDK_MESSAGES:
+            message_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"sdkmessage:{message}"))
+            self.insert("sdkmessages", {"sdkmessageid": message_id, "name": message, "categoryname": message})
+            for table in self.schema.values():
+                if table.system:
+                    continue
+                self.insert("sdkmessagefilters", {
+                    "sdkmessagefilterid": str(uuid.uuid5(uuid.NAMESPACE_URL,
+                                                         f"sdkmessagefilter:{table.logical_name}:{message}")),
+                    "primaryobjecttypecode": table.logical_name, "secondaryobjecttypecode": "none",
+                    "iscustomprocessingstepallowed": True, "sdkmessageid": message_id})
+
+    def registrations(self) -> dict[str, list[dict[str, Any]]]:
+        """Copies of the webhook registration rows: endpoints, steps and images (for before/after comparisons)."""
+        with self._lock:
+            return {s: sorted((dict(r.values) for r in self._tables[s].values()),
+                              key=lambda v: str(v.get(self.schema[s].primary_id)))
+                    for s in ("serviceendpoints", "sdkmessageprocessingsteps", "sdkmessageprocessingstepimages")}
 
     # ------------------------------------------------------------------------------------ direct helpers
 
@@ -1099,14 +1259,74 @@ class DataverseSimulator:
     def _emit(self, events: Iterable[_Event]) -> None:
         for event in events:
             schema = self.schema[event.entity_set]
-            for reg in self._webhooks:
-                if reg.tables is not None and not ({event.entity_set, schema.logical_name} & reg.tables):
-                    continue
-                body = self._remote_execution_context(event)
+            if schema.system:
+                continue  # registering a webhook is not itself an event anybody can subscribe to
+            targets = [(reg, self._remote_execution_context(event)) for reg in self._webhooks
+                       if reg.tables is None or {event.entity_set, schema.logical_name} & reg.tables]
+            targets += self._registered_targets(event)
+            for reg, body in targets:
                 with self._lock:
                     self._pending += 1
                 loop = self._ensure_deliverer()
                 asyncio.run_coroutine_threadsafe(self._deliver(reg, event, body), loop)
+
+    def _registered_targets(self, event: _Event) -> list[tuple[WebhookRegistration, bytes]]:
+        """Deliveries of the enabled steps registered (through the Web API) for this message and table."""
+        schema = self.schema[event.entity_set]
+        out: list[tuple[WebhookRegistration, bytes]] = []
+        with self._lock:
+            message = next((r for r in self._tables["sdkmessages"].values()
+                            if r.values.get("name") == event.message), None)
+            if message is None:
+                return out
+            message_id = message.values["sdkmessageid"]
+            steps = sorted((r.values for r in self._tables["sdkmessageprocessingsteps"].values()
+                            if r.values.get("sdkmessageid") == message_id and r.values.get("statecode") == 0),
+                           key=lambda v: (v.get("rank") or 0, str(v.get("name"))))
+            for step in steps:
+                filter_row = self._tables["sdkmessagefilters"].get(str(step.get("sdkmessagefilterid") or ""))
+                if filter_row is None or filter_row.values.get("primaryobjecttypecode") != schema.logical_name:
+                    continue
+                endpoint = self._tables["serviceendpoints"].get(str(step.get("eventhandler") or ""))
+                if endpoint is None or endpoint.values.get("contract") != CONTRACT_WEBHOOK:
+                    continue
+                filtering = set(_csv(step.get("filteringattributes")))
+                if event.message == "Update" and filtering and not filtering & set(event.target):
+                    continue  # none of the step's filtering attributes is in the update
+                pre: list[tuple[str, dict[str, Any]]] = []
+                post: list[tuple[str, dict[str, Any]]] = []
+                for image in self._tables["sdkmessageprocessingstepimages"].values():
+                    img = image.values
+                    if img.get("sdkmessageprocessingstepid") != step["sdkmessageprocessingstepid"]:
+                        continue
+                    wanted = set(_csv(img.get("attributes")))
+
+                    def pick(values: Mapping[str, Any], wanted: set[str] = wanted) -> dict[str, Any]:
+                        # No attribute list means every attribute, as in the Plug-in Registration tool.
+                        return {k: v for k, v in values.items() if not wanted or k in wanted}
+
+                    alias = str(img.get("entityalias") or "Image")
+                    if img.get("imagetype") in (IMAGE_PRE, IMAGE_BOTH) and event.pre is not None:
+                        pre.append((alias, pick(event.pre)))
+                    if img.get("imagetype") in (IMAGE_POST, IMAGE_BOTH) and event.post is not None:
+                        post.append((alias, pick(event.post)))
+                body = self._remote_execution_context(event, step_id=step["sdkmessageprocessingstepid"],
+                                                      mode=int(step.get("mode") or 0), pre_images=pre,
+                                                      post_images=post)
+                out.append((self._endpoint_target(endpoint.values), body))
+        return out
+
+    @staticmethod
+    def _endpoint_target(endpoint: Mapping[str, Any]) -> WebhookRegistration:
+        """Where and how a webhook service endpoint is called: its URL with the auth applied."""
+        url, auth, value = str(endpoint["url"]), endpoint.get("authtype"), str(endpoint.get("authvalue") or "")
+        if auth == AUTH_HTTP_HEADER:
+            return WebhookRegistration(url, dict(parse_settings(value)), None)
+        if auth == AUTH_WEBHOOK_KEY:
+            return WebhookRegistration(_with_query(url, [("code", value)]), {}, None)
+        if auth == AUTH_HTTP_QUERY_STRING:
+            return WebhookRegistration(_with_query(url, parse_settings(value)), {}, None)
+        return WebhookRegistration(url, {}, None)
 
     async def _deliver(self, reg: WebhookRegistration, event: _Event, body: bytes) -> None:
         slot_held = False
@@ -1154,8 +1374,14 @@ class DataverseSimulator:
     def _org_host(self) -> str:
         return urlsplit(self.org_url).netloc if self.org_url else "syncline-sim.crm.dynamics.com"
 
-    def _remote_execution_context(self, event: _Event) -> bytes:
-        """Serialise an event as Microsoft.Xrm.Sdk.RemoteExecutionContext JSON (DataContract style, `\\/`)."""
+    def _remote_execution_context(self, event: _Event, *, step_id: str | None = None, mode: int = 1,
+                                  pre_images: list[tuple[str, dict[str, Any]]] | None = None,
+                                  post_images: list[tuple[str, dict[str, Any]]] | None = None) -> bytes:
+        """Serialise an event as Microsoft.Xrm.Sdk.RemoteExecutionContext JSON (DataContract style, `\\/`).
+
+        Without `step_id` (the `register_webhook` helper) the images are the full row before/after under
+        PreImage/PostImage; a registered step passes its own images (alias, filtered attributes).
+        """
         schema = self.schema[event.entity_set]
         target: dict[str, Any]
         if event.message == "Delete":
@@ -1170,6 +1396,10 @@ class DataverseSimulator:
                 return []
             return [{"key": name, "value": self._entity_contract(schema, event.key, values, event.lookup_types)}]
 
+        def images(given: list[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+            return [{"key": alias, "value": self._entity_contract(schema, event.key, values, event.lookup_types)}
+                    for alias, values in given]
+
         ms = int(event.at.timestamp() * 1000)
         context = {
             "BusinessUnitId": BUSINESS_UNIT_ID,
@@ -1182,18 +1412,18 @@ class DataverseSimulator:
             "IsOfflinePlayback": False,
             "IsolationMode": 1,
             "MessageName": event.message,
-            "Mode": 1,
+            "Mode": mode,
             "OperationCreatedOn": f"/Date({ms})/",
             "OperationId": str(uuid.uuid4()),
             "OrganizationId": ORGANIZATION_ID,
             "OrganizationName": self._org_host().split(".")[0],
             "OutputParameters": ([{"key": "id", "value": event.key}] if event.message == "Create" else []),
-            "OwningExtension": {"Id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"step:{schema.logical_name}")),
+            "OwningExtension": {"Id": step_id or str(uuid.uuid5(uuid.NAMESPACE_URL, f"step:{schema.logical_name}")),
                                 "KeyAttributes": [], "LogicalName": "sdkmessageprocessingstep", "Name": None,
                                 "RowVersion": None},
             "ParentContext": None,
-            "PostEntityImages": image("PostImage", event.post),
-            "PreEntityImages": image("PreImage", event.pre),
+            "PostEntityImages": images(post_images) if post_images is not None else image("PostImage", event.post),
+            "PreEntityImages": images(pre_images) if pre_images is not None else image("PreImage", event.pre),
             "PrimaryEntityId": event.key,
             "PrimaryEntityName": schema.logical_name,
             "RequestId": None,
@@ -1511,6 +1741,8 @@ class DataverseSimulator:
             name = schema.read_name(col)
             if select is not None and name not in select and col != schema.primary_id:
                 continue
+            if col in schema.unreadable:
+                continue
             value = row.values.get(col)
             out[name] = value
             if annotate and value is not None:
@@ -1726,7 +1958,8 @@ class DataverseSimulator:
                 "SchemaName": schema.logical_name, "PrimaryIdAttribute": schema.primary_id,
                 "PrimaryNameAttribute": schema.primary_name,
                 "MetadataId": str(uuid.uuid5(uuid.NAMESPACE_URL, f"entity:{schema.logical_name}")),
-                "ChangeTrackingEnabled": schema.change_tracking, "IsCustomEntity": schema.logical_name != "annotation"}
+                "ChangeTrackingEnabled": schema.change_tracking,
+                "IsCustomEntity": schema.logical_name != "annotation" and not schema.system}
 
     def _attribute_metadata(self, schema: TableSchema, col: str) -> dict[str, Any]:
         typ = schema.columns[col]
@@ -1937,6 +2170,62 @@ class DataverseSimulator:
                     f"The entity key {schema.logical_name}_{'_'.join(cols)}_key requires that this set of "
                     "attributes contains unique values. Select unique values and try again.")
 
+    def _check_registration(self, schema: TableSchema, values: Mapping[str, Any]) -> None:
+        """The platform's checks on webhook registrations (service endpoints, steps and their images)."""
+        def invalid(message: str) -> ODataError:
+            return ODataError(400, "0x80040203", message)
+
+        if schema.entity_set == "serviceendpoints" and values.get("contract") == CONTRACT_WEBHOOK:
+            url = str(values.get("url") or "")
+            if urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).netloc:
+                raise invalid(f"A webhook needs an absolute http(s) url, got '{url}'.")
+            auth = values.get("authtype")
+            if auth not in (AUTH_WEBHOOK_KEY, AUTH_HTTP_HEADER, AUTH_HTTP_QUERY_STRING):
+                raise invalid("A webhook's authtype must be WebhookKey (4), HttpHeader (5) or HttpQueryString (6).")
+            if not values.get("authvalue"):
+                raise invalid("A webhook needs an authvalue.")
+            if auth != AUTH_WEBHOOK_KEY:
+                try:
+                    if not parse_settings(str(values["authvalue"])):
+                        raise ValueError("no <setting> elements")
+                except ValueError as exc:
+                    raise invalid(f"The authvalue of an HttpHeader / HttpQueryString webhook must be "
+                                  f"<settings><setting name=\"...\" value=\"...\" /></settings>: {exc}") from exc
+        elif schema.entity_set == "sdkmessageprocessingsteps":
+            filter_row = self._tables["sdkmessagefilters"].get(str(values.get("sdkmessagefilterid") or ""))
+            if filter_row is not None and filter_row.values.get("sdkmessageid") != values.get("sdkmessageid"):
+                raise invalid("The message filter (sdkmessagefilterid) belongs to a different message.")
+            if values.get("mode") == 1 and values.get("stage") != 40:
+                raise invalid("An asynchronous step must be registered in the post-operation stage (40).")
+            table = self._filter_table(filter_row)
+            for name in _csv(values.get("filteringattributes")):
+                if table is not None and name not in table.columns:
+                    raise invalid(f"filteringattributes: '{name}' is not an attribute of '{table.logical_name}'.")
+        elif schema.entity_set == "sdkmessageprocessingstepimages":
+            step = self._tables["sdkmessageprocessingsteps"].get(str(values.get("sdkmessageprocessingstepid")))
+            if step is None:
+                return
+            message_row = self._tables["sdkmessages"].get(str(step.values.get("sdkmessageid")))
+            message = str(message_row.values.get("name")) if message_row else ""
+            wanted = IMAGE_MESSAGE_PROPERTY.get(message)
+            if wanted and str(values.get("messagepropertyname") or "").lower() != wanted.lower():
+                raise invalid(f"An image of a {message} step must use messagepropertyname '{wanted}'.")
+            if message == "Create" and values.get("imagetype") != IMAGE_POST:
+                raise invalid("A Create step can only have a PostImage.")
+            if message == "Delete" and values.get("imagetype") != IMAGE_PRE:
+                raise invalid("A Delete step can only have a PreImage.")
+            table = self._filter_table(self._tables["sdkmessagefilters"].get(
+                str(step.values.get("sdkmessagefilterid") or "")))
+            for name in _csv(values.get("attributes")):
+                if table is not None and name not in table.columns:
+                    raise invalid(f"Image attribute '{name}' is not an attribute of '{table.logical_name}'.")
+
+    def _filter_table(self, filter_row: Row | None) -> TableSchema | None:
+        if filter_row is None:
+            return None
+        logical = filter_row.values.get("primaryobjecttypecode")
+        return next((t for t in self.schema.values() if t.logical_name == logical), None)
+
     def _annotation_fixups(self, schema: TableSchema, values: dict[str, Any], lookup_types: Mapping[str, str]) -> None:
         if schema.logical_name != "annotation":
             return
@@ -1957,11 +2246,12 @@ class DataverseSimulator:
         new_key = (key or values.get(schema.primary_id) or str(uuid.uuid4())).lower()
         if new_key in rows:
             raise ODataError(412, "0x80040237", "A record with matching key values already exists.")
-        vals = dict(values)
+        vals = {**schema.defaults, **values}
         vals[schema.primary_id] = new_key
         self._annotation_fixups(schema, vals, lookup_types)
         self._check_required(schema, vals)
         self._check_unique(schema, vals, None)
+        self._check_registration(schema, vals)
         now = _now_text()
         version = self._next_version()
         vals.update({"createdon": now, "modifiedon": now, "createdby": caller.user_id, "modifiedby": caller.user_id,
@@ -1983,6 +2273,7 @@ class DataverseSimulator:
         self._check_required(schema, merged)
         key = row.values[schema.primary_id]
         self._check_unique(schema, merged, key)
+        self._check_registration(schema, merged)
         now = _now_text()
         version = self._next_version()
         merged.update({"modifiedon": now, "modifiedby": caller.user_id, "versionnumber": version})

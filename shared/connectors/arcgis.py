@@ -265,6 +265,8 @@ class ServiceInfo:
     names: Mapping[int, str]
     change_tracking: bool
     spatial_reference: Mapping[str, Any] | None
+    capabilities: frozenset[str] = frozenset()
+    """The service's capabilities (Query, Editing, ChangeTracking, ...)."""
 
 
 _LAYER_NAMES: dict[str, dict[int, str]] = {}
@@ -415,7 +417,8 @@ class ArcGISFeatureServiceClient:
                 names[int(entry["id"])] = str(entry["name"])
         caps = {c.strip() for c in str(body.get("capabilities") or "").split(",")}
         _LAYER_NAMES[_service_name(self.service_url)] = dict(names)
-        return ServiceInfo(ids, names, "ChangeTracking" in caps, body.get("spatialReference"))
+        return ServiceInfo(ids, names, "ChangeTracking" in caps, body.get("spatialReference"),
+                           frozenset(c for c in caps if c))
 
     @staticmethod
     def _parse_layer(layer_id: int, body: Any, svc: ServiceInfo) -> LayerInfo:
@@ -1156,6 +1159,44 @@ class ArcGISFeatureServiceClient:
         data = await self._request("GET", f"{self._layer_url(layer)}/{oid}/attachments/{int(attachment_id)}",
                                    what=f"download attachment {attachment_id} of {layer.name} {key}", raw=True)
         return bytes(data)
+
+    # ------------------------------------------------------------------------------------ webhooks (admin API)
+
+    @property
+    def admin_url(self) -> str:
+        """The service's admin resource (ArcGIS Online: `.../rest/admin/services/<Service>/FeatureServer`)."""
+        m = re.search(r"/rest/services/", self.service_url, re.IGNORECASE)
+        if m is None:
+            raise SpecError(f"arcgis: {self.service_url} is not a '.../rest/services/<Service>/FeatureServer' URL; "
+                            "cannot derive its admin URL for webhooks")
+        return f"{self.service_url[:m.start()]}/rest/admin/services/{self.service_url[m.end():]}"
+
+    async def list_webhooks(self) -> list[dict[str, Any]]:
+        """The service's webhooks (`{admin}/WebHooks?f=json`), active or not; signature keys are never logged."""
+        body = await self._request("GET", f"{self.admin_url}/WebHooks", params={"f": "json"},
+                                   what="list the feature service's webhooks")
+        # ArcGIS Online answers a bare array; ArcGIS Enterprise wraps it in {"webhooks": [...]}.
+        items = body.get("webhooks") if isinstance(body, Mapping) else body
+        if not isinstance(items, list):
+            raise TransientError("arcgis: list the feature service's webhooks: the answer is not a list of webhooks")
+        return [dict(item) for item in items if isinstance(item, Mapping)]
+
+    async def create_webhook(self, params: Mapping[str, str]) -> dict[str, Any]:
+        """`{admin}/WebHooks/create` with form `params` (name, changeTypes, hookUrl, signatureKey, active, ...)."""
+        body = await self._request("POST", f"{self.admin_url}/WebHooks/create", data={**params, "f": "json"},
+                                   what=f"create webhook {params.get('name')!r}", write=True)
+        return dict(body) if isinstance(body, Mapping) else {}
+
+    async def edit_webhook(self, webhook_id: str, params: Mapping[str, str]) -> dict[str, Any]:
+        """`{admin}/WebHooks/<id>/edit` with the full set of form `params` (edit replaces the configuration)."""
+        body = await self._request("POST", f"{self.admin_url}/WebHooks/{webhook_id}/edit",
+                                   data={**params, "f": "json"}, what=f"edit webhook {webhook_id}", write=True)
+        return dict(body) if isinstance(body, Mapping) else {}
+
+    async def delete_webhook(self, webhook_id: str) -> None:
+        """`{admin}/WebHooks/<id>/delete`."""
+        await self._request("POST", f"{self.admin_url}/WebHooks/{webhook_id}/delete", data={"f": "json"},
+                            what=f"delete webhook {webhook_id}", write=True)
 
 
 # ============================================================================================ helpers
