@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -30,7 +31,7 @@ def test_validate_reports_flows_and_broken_specs(tmp_path, monkeypatch):
     ok = runner.invoke(app, ["validate", "flows"])
     assert ok.exit_code == 0
     assert "sign_assets_to_field" in ok.output
-    data = yaml.safe_load(open("flows/dot-signs.yaml"))
+    data = yaml.safe_load(Path("flows/dot-signs.yaml").read_text())
     data["flows"][0]["fields"][0]["transform"] = "no_such_transform"
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(data))
