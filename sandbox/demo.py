@@ -324,7 +324,8 @@ async def run_demo(console: Console, *, report_path: Path, signs: int = 2000, wo
         total_drift = sum(d.drift for d in drift)
         directions = {f.name: f"{f.source.system} -> {f.target.system}" for f in services.flowset.flows}
         ok = (total_drift == 0 and not box.dv.webhook_failures and set(got_bad) == EXPECTED_BAD
-              and all(v == 1 for v in got_bad.values()) and depth.active == 0 and any(per_flow[f] for f in per_flow if directions[f].startswith("arcgis"))
+              and all(v == 1 for v in got_bad.values()) and depth.active == 0
+              and any(per_flow[f] for f in per_flow if directions[f].startswith("arcgis"))
               and any(per_flow[f] for f in per_flow if directions[f].startswith("dataverse")))
         report_doc = {
             "ok": ok,
