@@ -253,9 +253,9 @@ def _tiny_jpeg() -> bytes:
 
 
 async def run_demo(console: Console, *, report_path: Path, signs: int = 2000, work_orders: int = 500,
-                   workdir: Path = Path(".syncline/demo"), runtime: str = "embedded") -> bool:
+                   workdir: Path = Path(".syncline/demo"), runtime: str = "embedded", quiet_logs: bool = True) -> bool:
     """The whole demo; returns True when both directions synced with zero drift and exactly the bad records
-    ended in the dead-letter queue."""
+    ended in the dead-letter queue. `quiet_logs=False` leaves logger levels alone (tests capturing logs)."""
     from sandbox.dataverse_seed import seed_dataverse
     from shared.bootstrap import build_services
     from shared.intake import initial_load
@@ -263,10 +263,11 @@ async def run_demo(console: Console, *, report_path: Path, signs: int = 2000, wo
     from shared.settings import Settings
 
     started = time.monotonic()
-    # Dead-letter warnings are the point of the demo's last table; keep the console for the summary.
-    logging.getLogger("shared").setLevel(logging.ERROR)
-    # The loopback host's clients live as long as its process would; their "unclosed" notes at exit are noise.
-    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    if quiet_logs:
+        # Dead-letter warnings are the point of the demo's last table; keep the console for the summary.
+        logging.getLogger("shared").setLevel(logging.ERROR)
+        # The loopback host's clients live as long as its process would; their "unclosed" notes at exit are noise.
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     rng = random.Random(2026)
     activity: Counter[str] = Counter()
     console.rule("[bold]Syncline demo[/bold]: Dynamics 365 (Dataverse) <-> ArcGIS Online, on simulators")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +16,7 @@ from shared.core.errors import SpecError
 from shared.core.ports import ChangeSource, InboundQueue, RecordSink, StateStore
 from shared.mapping.spec import FlowSet, load_spec, parse_spec
 from shared.settings import Settings
+from shared.telemetry import Metrics, configure_logging, configure_telemetry, dataverse_correlation_hook
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ class Services:
     sinks: dict[str, RecordSink]
     sources: dict[str, ChangeSource]
     counter: CallCounter
+    metrics: Metrics = field(default_factory=Metrics)
     clients: list[httpx.AsyncClient] = field(default_factory=list)
     closers: list[Callable[[], None]] = field(default_factory=list)
 
@@ -74,12 +76,17 @@ def _client(system: str, counter: CallCounter, settings: Settings,
             transports: Mapping[str, httpx.AsyncBaseTransport] | None) -> httpx.AsyncClient:
     transport = (transports or {}).get(system)
     verify: str | bool = settings.syncline_ca_bundle or True
+    hooks: list[Callable[[httpx.Request], Awaitable[None]]] = [counter.hook(system)]
+    if system == "dataverse":
+        hooks.append(dataverse_correlation_hook())
+    # ArcGIS records no client request id, and an unknown header is one more thing a proxy or the service could
+    # reject: its requests carry nothing extra (the correlation id is in our logs and audit rows instead).
     return httpx.AsyncClient(
         transport=transport,
         verify=verify,
         timeout=httpx.Timeout(30.0, connect=10.0),
         limits=httpx.Limits(max_connections=32, max_keepalive_connections=16),
-        event_hooks={"request": [counter.hook(system)]},
+        event_hooks={"request": hooks},
         trust_env=False,
     )
 
@@ -93,8 +100,11 @@ def build_services(
 ) -> Services:
     """Wire the application. Tests pass their own transports, state or queue; nothing else is patched."""
     settings = settings or Settings()
+    configure_logging(settings)
+    configure_telemetry(settings)
     flowset = load_flows(settings.syncline_flows)
     counter = CallCounter()
+    metrics = Metrics()
     clients: list[httpx.AsyncClient] = []
     closers: list[Callable[[], None]] = []
     sinks: dict[str, RecordSink] = {}
@@ -157,8 +167,10 @@ def build_services(
     engine = SyncEngine(flowset, sinks=sinks, state=state, sources=sources)
     controller = Controller(flowset, engine=engine, queue=queue, state=state, sources=sources,
                             batch_size=settings.syncline_batch_size,
-                            lock_renew_seconds=max(1.0, settings.syncline_lock_seconds / 3))
-    return Services(settings, flowset, state, queue, engine, controller, sinks, sources, counter, clients, closers)
+                            lock_renew_seconds=max(1.0, settings.syncline_lock_seconds / 3),
+                            metrics=metrics, api_calls=counter.snapshot)
+    return Services(settings, flowset, state, queue, engine, controller, sinks, sources, counter, metrics, clients,
+                    closers)
 
 
 def _azure_runtime(settings: Settings, state: StateStore | None, queue: InboundQueue | None,

@@ -17,6 +17,7 @@ from shared.core.controller import LAST_CYCLE, POLL_HINT, drop_duplicates, envel
 from shared.core.envelope import ChangeEnvelope, QueueMessage
 from shared.core.errors import EnvelopeError, SyncError
 from shared.core.ports import AuditEntry
+from shared.telemetry import correlated
 
 log = logging.getLogger(__name__)
 
@@ -79,12 +80,14 @@ async def handle_dataverse_webhook(services: Services, body: bytes) -> IntakeRes
     queued = envelopes_for(services.flowset, "dataverse", table, [change.record], origin="webhook", mode="queue",
                            operation=operation, correlation_id=correlation)
     result.accepted = len(direct) + len(queued)
-    queued = await drop_duplicates(services.state, queued, datetime.now(UTC))
-    if queued:
-        await enqueue(services, queued)
-        result.queued += len(queued)
-    if direct:
-        await write_direct(services, direct, result)
+    # One Dataverse change, one correlation id: on every log line and Dataverse request of this invocation.
+    with correlated([correlation]):
+        queued = await drop_duplicates(services.state, queued, datetime.now(UTC))
+        if queued:
+            await enqueue(services, queued)
+            result.queued += len(queued)
+        if direct:
+            await write_direct(services, direct, result)
     return result
 
 
@@ -103,6 +106,7 @@ async def write_direct(services: Services, envelopes: list[ChangeEnvelope], resu
     statuses: Counter[str] = Counter()
     for attempt in range(services.settings.syncline_inline_retries + 1):
         outcomes = await services.engine.process(pending)
+        services.metrics.record_outcomes(outcomes, services.flowset)
         retry: list[ChangeEnvelope] = []
         for o in outcomes:
             statuses[o.status] += 1
@@ -128,6 +132,7 @@ async def write_direct(services: Services, envelopes: list[ChangeEnvelope], resu
         await asyncio.sleep(0.2 * (attempt + 1))
     for name, count in statuses.items():
         result.statuses[name] = result.statuses.get(name, 0) + count
+    services.metrics.record_api_call_totals(services.counter.snapshot())
 
 
 async def initial_load(services: Services, *, progress: Callable[[str, int], None] | None = None) -> IntakeResult:

@@ -27,6 +27,7 @@ from shared.core.ports import (
     StateStore,
 )
 from shared.mapping.spec import FlowSet
+from shared.telemetry import Metrics, correlated
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +128,8 @@ class Controller:
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         parent_wait_seconds: float = 60.0,
         progress: Callable[[str, int], None] | None = None,
+        metrics: Metrics | None = None,
+        api_calls: Callable[[], Mapping[str, int]] | None = None,
     ) -> None:
         self.flowset = flowset
         self.engine = engine
@@ -138,6 +141,9 @@ class Controller:
         self.clock = clock
         self.parent_wait_seconds = parent_wait_seconds
         self.progress = progress
+        self.metrics = metrics or Metrics()
+        self.api_calls = api_calls
+        """Running HTTP request totals per system (the composition root's CallCounter), for the api_calls metric."""
 
     # -------------------------------------------------------------------------------- the cycle
 
@@ -162,7 +168,18 @@ class Controller:
             report.duration_seconds = round(time.monotonic() - started, 3)
             report.finished_at = self.clock().isoformat()
             await self._store_report(report)
+            await self._record_cycle_metrics(report)
         return report
+
+    async def _record_cycle_metrics(self, report: CycleReport) -> None:
+        dead: int | None = None
+        try:
+            dead = (await asyncio.wait_for(self.queue.depth(), timeout=10)).dead_letter
+        except Exception as exc:  # a metric must never fail the cycle (or hide why it failed)
+            log.warning("dead-letter depth unavailable for metrics: %s", type(exc).__name__)
+        self.metrics.record_cycle(report, dead)
+        if self.api_calls is not None:
+            self.metrics.record_api_call_totals(self.api_calls())
 
     async def poll(self, only: set[tuple[str, str]] | None = None) -> int:
         """Read each queue-mode source table's change feed since its checkpoint and enqueue the changes.
@@ -239,9 +256,11 @@ class Controller:
             try:
                 parsed.append((msg, ChangeEnvelope.from_body(msg.body)))
             except EnvelopeError as exc:
-                await self._dead_letter(msg, exc, None)
+                with correlated([msg.correlation_id]):
+                    await self._dead_letter(msg, exc, None)
                 dead[exc.reason] += 1
                 statuses["failed"] += 1
+                self.metrics.record_failures({exc.reason: 1})
         if hints:
             # A feature-service webhook only says "something changed": read the change feed for it now.
             wanted = {(str(m.application_properties.get("system")), str(m.application_properties.get("table")))
@@ -259,30 +278,36 @@ class Controller:
             renewer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await renewer
+        self.metrics.record_outcomes(outcomes, self.flowset)
         by_env = {id(o.envelope): o for o in outcomes}
         to_complete: list[ReceivedMessage] = []
         for msg, env in parsed:
-            outcome = by_env[id(env)]
-            statuses[outcome.status] += 1
-            if outcome.status == "deferred":
-                await self._defer(env)
-                report.deferred += 1
-                to_complete.append(msg)
-            elif outcome.status == "failed":
-                assert outcome.error is not None
-                if outcome.error.retriable:
-                    report.retried += 1
-                    await self._retry(msg, env, outcome)
-                else:
-                    await self._dead_letter(msg, outcome.error, env)
-                    dead[outcome.error.reason] += 1
-            else:
-                if env.origin == "replay":
-                    await self.state.append_audit([AuditEntry(
-                        self.clock(), env.correlation_id, env.flow, "replayed", env.source_system,
-                        env.source_table, env.source_key, f"replayed message {msg.message_id}: {outcome.status}")])
-                to_complete.append(msg)
+            with correlated([env.correlation_id]):
+                await self._settle(msg, env, by_env[id(env)], report, statuses, dead, to_complete)
         await self._complete(to_complete)
+
+    async def _settle(self, msg: ReceivedMessage, env: ChangeEnvelope, outcome: Outcome, report: CycleReport,
+                      statuses: Counter[str], dead: Counter[str], to_complete: list[ReceivedMessage]) -> None:
+        """Settle one message by its outcome (inside the change's correlation scope, for its log lines)."""
+        statuses[outcome.status] += 1
+        if outcome.status == "deferred":
+            await self._defer(env)
+            report.deferred += 1
+            to_complete.append(msg)
+        elif outcome.status == "failed":
+            assert outcome.error is not None
+            if outcome.error.retriable:
+                report.retried += 1
+                await self._retry(msg, env, outcome)
+            else:
+                await self._dead_letter(msg, outcome.error, env)
+                dead[outcome.error.reason] += 1
+        else:
+            if env.origin == "replay":
+                await self.state.append_audit([AuditEntry(
+                    self.clock(), env.correlation_id, env.flow, "replayed", env.source_system,
+                    env.source_table, env.source_key, f"replayed message {msg.message_id}: {outcome.status}")])
+            to_complete.append(msg)
 
     async def _refresh_replays(
         self, parsed: list[tuple[ReceivedMessage, ChangeEnvelope]]

@@ -34,6 +34,7 @@ from shared.core.ports import (
 )
 from shared.mapping.engine import MappedValues, Mapper, normalize, same, values_hash
 from shared.mapping.spec import CascadeSpec, FlowSet, FlowSpec
+from shared.telemetry import correlated
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +147,9 @@ class SyncEngine:
             flow = self.flowset.flow(name)
             indexes = self._collapse(envelopes, groups[name], outcomes)
             try:
-                await self._process_flow(flow, envelopes, indexes, outcomes)
+                # One change (a webhook's) has one correlation id for its logs and requests; a mixed batch has none.
+                with correlated(envelopes[i].correlation_id for i in indexes):
+                    await self._process_flow(flow, envelopes, indexes, outcomes)
             except SyncError as exc:
                 # A whole-call failure (auth, throttling beyond the in-call budget): every pending change
                 # of this flow keeps its message and is retried or dead-lettered as a unit.
@@ -329,8 +332,9 @@ class SyncEngine:
             if ref.id in done or ref.content_type not in flow.attachments.content_types:
                 continue
             if ref.size > flow.attachments.max_bytes:
-                log.warning("flow %s: attachment %s of %s is %d bytes, over the %d limit; not copied",
-                            flow.name, ref.id, env.source_key, ref.size, flow.attachments.max_bytes)
+                with correlated([env.correlation_id]):
+                    log.warning("flow %s: attachment %s of %s is %d bytes, over the %d limit; not copied",
+                                flow.name, ref.id, env.source_key, ref.size, flow.attachments.max_bytes)
                 continue
             if source is None:
                 raise TransientError(f"no {flow.source.system} source configured to read attachments")
@@ -487,7 +491,8 @@ class SyncEngine:
             await self.state.put_snapshots(snaps)
         for child, res in zip(children, results, strict=True):
             if not res.ok:
-                log.warning("cascade %s: %s %s failed: %s", cascade.name, system, child.key, res.error)
+                with correlated([env.correlation_id]):
+                    log.warning("cascade %s: %s %s failed: %s", cascade.name, system, child.key, res.error)
 
     def _table_of(self, entity: str, system: str) -> str | None:
         for f in self.flowset.flows:
