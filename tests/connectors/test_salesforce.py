@@ -1,0 +1,297 @@
+"""SalesforceClient (simple-salesforce) against the Salesforce simulator over real TLS loopback."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import pytest
+import requests
+
+from sandbox.salesforce_sim import (
+    DEFAULT_CLIENT_ID,
+    DEFAULT_CLIENT_SECRET,
+    SalesforceSimulator,
+    parse_soql,
+    seed_salesforce,
+)
+from sandbox.server import RunningServer
+from sandbox.server import TestCA as SandboxCA
+from shared.connectors.salesforce import SalesforceClient, parse_cdc_event, soql_quote
+from shared.core.errors import AuthError, EnvelopeError, RejectedError, ThrottledError, ValidationError
+from shared.core.ports import ChangeSource, RecordSink, WriteOp
+
+EXT = "Dynamics_Account__c"
+
+
+@dataclass
+class SalesforceEnv:
+    sim: SalesforceSimulator
+    server: RunningServer
+    api_server: RunningServer
+    ca: SandboxCA
+
+
+@pytest.fixture(scope="module")
+def sf_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SalesforceEnv]:
+    ca = SandboxCA.create(tmp_path_factory.mktemp("salesforce-ca"))
+    sim = SalesforceSimulator()
+    server = RunningServer(sim.app, ca=ca).start()  # "My Domain" (token endpoint)
+    api_server = RunningServer(sim.app, ca=ca).start()  # the instance the token response points to
+    yield SalesforceEnv(sim, server, api_server, ca)
+    server.stop()
+    api_server.stop()
+
+
+@pytest.fixture
+def sim(sf_env: SalesforceEnv) -> SalesforceSimulator:
+    sf_env.sim.reset()
+    sf_env.sim.reset_allocation()
+    sf_env.sim.limits.daily_max = 100_000
+    sf_env.sim.instance_url = sf_env.api_server.url
+    return sf_env.sim
+
+
+def make_session(env: SalesforceEnv) -> requests.Session:
+    session = requests.Session()
+    session.trust_env = False  # REQUESTS_CA_BUNDLE would otherwise override verify
+    session.verify = str(env.ca.ca_path)
+    return session
+
+
+@pytest.fixture
+def client(sf_env: SalesforceEnv, sim: SalesforceSimulator) -> Iterator[SalesforceClient]:
+    session = make_session(sf_env)
+    yield SalesforceClient(sf_env.server.url, DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, session=session,
+                           bulk_poll_interval=0.01)
+    session.close()
+
+
+def account_op(i: int, **values: object) -> WriteOp:
+    return WriteOp(op_id=f"op-{i}", action="upsert", table="Account", match={EXT: f"D365-{i:05d}"},
+                   values={"Name": f"Customer {i}", "BillingCity": "Lyon", **values})
+
+
+def paths(sim: SalesforceSimulator, method: str, prefix: str) -> list[str]:
+    return [p for m, p, _ in sim.requests if m == method and p.startswith(prefix)]
+
+
+# ----------------------------------------------------------------------------------------- auth
+
+
+async def test_token_from_my_domain_and_api_calls_on_instance_url(
+        client: SalesforceClient, sim: SalesforceSimulator, sf_env: SalesforceEnv) -> None:
+    assert isinstance(client, RecordSink)
+    assert isinstance(client, ChangeSource)
+    results = await client.write([account_op(1)])
+    assert results[0].ok
+    assert results[0].created
+    assert client.token_fetches == 1
+    assert client.instance_url == sf_env.api_server.url != sf_env.server.url
+    hosts = {headers["host"] for _, _, headers in sim.requests}
+    assert hosts == {f"127.0.0.1:{sf_env.api_server.port}"}
+    options = {headers.get("sforce-call-options") for _, _, headers in sim.requests}
+    assert options == {"client=syncline"}
+
+
+async def test_expired_session_reauthenticates_once_and_replays(
+        client: SalesforceClient, sim: SalesforceSimulator) -> None:
+    await client.write([account_op(1)])
+    sim.faults.expire_tokens()
+    results = await client.write([account_op(2)])
+    assert results[0].ok
+    assert results[0].created
+    assert client.token_fetches == 2
+    assert sim.count("Account") == 2
+
+
+async def test_bad_secret_is_auth_error(sf_env: SalesforceEnv, sim: SalesforceSimulator) -> None:
+    bad = SalesforceClient(sf_env.server.url, DEFAULT_CLIENT_ID, "wrong", session=make_session(sf_env))
+    with pytest.raises(AuthError, match="invalid_client"):
+        await bad.write([account_op(1)])
+    assert sim.count("Account") == 0
+
+
+# ----------------------------------------------------------------------------------------- writes
+
+
+async def test_collections_upsert_chunks_and_per_record_failures(
+        client: SalesforceClient, sim: SalesforceSimulator) -> None:
+    ops = [account_op(i) for i in range(450)]
+    ops[7] = account_op(7, Name="")  # required field missing
+    ops[301] = account_op(301, Bogus__c="x")  # unknown field
+    results = await client.write(ops)
+    assert len(paths(sim, "PATCH", f"composite/sobjects/Account/{EXT}")) == 3
+    assert [r.op_id for r in results] == [op.op_id for op in ops]
+    failed = {r.op_id: r.error for r in results if not r.ok}
+    assert set(failed) == {"op-7", "op-301"}
+    assert isinstance(failed["op-7"], ValidationError)
+    assert "REQUIRED_FIELD_MISSING" in str(failed["op-7"])
+    assert "D365-00007" in str(failed["op-7"])
+    assert isinstance(failed["op-301"], RejectedError)
+    assert "INVALID_FIELD" in str(failed["op-301"])
+    assert all(r.created and r.key and len(r.key) == 18 for r in results if r.ok)
+    assert sim.count("Account") == 448
+
+    again = await client.write([account_op(i) for i in range(10) if i != 7])
+    assert all(r.ok and not r.created for r in again)
+    assert [r.key for r in again] == [r.key for r in results[:10] if r.op_id != "op-7"]
+    assert sim.count("Account") == 448
+
+
+async def test_bulk_api_above_threshold(client: SalesforceClient, sim: SalesforceSimulator) -> None:
+    ops = [account_op(i, NumberOfEmployees=i, AnnualRevenue=None) for i in range(2500)]
+    ops[1234] = account_op(1234, Name="")
+    results = await client.write(ops)
+    assert not paths(sim, "PATCH", "composite/")
+    assert len(paths(sim, "POST", "jobs/ingest")) == 1
+    assert len(paths(sim, "PUT", "jobs/ingest/")) == 1
+    failed = [r for r in results if not r.ok]
+    assert [r.op_id for r in failed] == ["op-1234"]
+    assert "REQUIRED_FIELD_MISSING" in str(failed[0].error)
+    assert sum(1 for r in results if r.ok and r.created) == 2499
+    record = sim.get("Account", results[42].key or "")
+    assert record is not None
+    assert record["NumberOfEmployees"] == 42
+    assert record[EXT] == "D365-00042"
+    assert sim.count("Account") == 2499
+
+
+async def test_update_by_id_and_delete(client: SalesforceClient, sim: SalesforceSimulator) -> None:
+    created = await client.write([account_op(1), account_op(2)])
+    key1, key2 = created[0].key, created[1].key
+    assert key1
+    assert key2
+    results = await client.write([
+        WriteOp(op_id="u", action="update", table="Account", key=key1, values={"BillingCity": "Porto"}),
+        WriteOp(op_id="d", action="delete", table="Account", key=key2),
+        WriteOp(op_id="bad", action="delete", table="Account", key="001000000000000AAA"),
+    ])
+    assert [r.ok for r in results] == [True, True, False]
+    assert (sim.get("Account", key1) or {})["BillingCity"] == "Porto"
+    assert sim.get("Account", key2) is None
+    fetched = await client.fetch("Account", [key1, key2])
+    assert set(fetched) == {key1}
+    assert fetched[key1].values["BillingCity"] == "Porto"
+    assert "attributes" not in fetched[key1].values
+    assert fetched[key1].modified is not None
+
+
+async def test_request_limit_exceeded_is_throttled_and_not_retried(
+        client: SalesforceClient, sim: SalesforceSimulator) -> None:
+    await client.write([account_op(1)])
+    sim.limits.daily_max = sim.limits.used
+    before = sim.request_count
+    with pytest.raises(ThrottledError) as info:
+        await client.write([account_op(2), account_op(3)])
+    assert info.value.reason == "THROTTLED"
+    assert "queued" in info.value.detail
+    assert info.value.retry_after is not None
+    assert 0 < info.value.retry_after <= 86400
+    assert sim.request_count == before + 1
+    assert sim.count("Account") == 1
+    sim.reset_allocation()
+    assert (await client.write([account_op(2)]))[0].ok
+
+
+async def test_limit_info_header_is_parsed(client: SalesforceClient, sim: SalesforceSimulator) -> None:
+    sim.limits.daily_max = 15000
+    await client.write([account_op(1)])
+    await client.select("Account", equals={EXT: "D365-00001"})
+    assert client.api_usage == (sim.limits.used, 15000)
+    assert sim.limits.used == 3  # upsert, describe, query
+
+
+# ----------------------------------------------------------------------------------------- SOQL
+
+
+def test_soql_quote_escapes() -> None:
+    assert soql_quote("x' OR Name != '") == "'x\\' OR Name != \\''"
+    assert soql_quote("a\\b\n\t\"c") == "'a\\\\b\\n\\t\\\"c'"
+    assert soql_quote(None) == "null"
+    assert soql_quote(True) == "true"
+    assert soql_quote(3) == "3"
+    assert soql_quote(datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)) == "2026-01-02T03:04:05Z"
+    # the simulator's parser reads the literal back unchanged
+    literal = soql_quote("a\\b'c")
+    where = parse_soql("SELECT Id FROM Account WHERE Name = " + literal).where
+    assert where is not None
+    assert where({"Name": "a\\b'c"})
+    assert not where({"Name": "a\\b"})
+
+
+async def test_select_escapes_values(client: SalesforceClient, sim: SalesforceSimulator) -> None:
+    tricky = "x' OR Name != '"
+    await client.write([account_op(1, Name=tricky), account_op(2), account_op(3, Name="back\\slash\nline")])
+    found = await client.select("Account", equals={"Name": tricky})
+    assert [r.values["Name"] for r in found] == [tricky]
+    found = await client.select("Account", equals={"Name": "back\\slash\nline"})
+    assert [r.values[EXT] for r in found] == ["D365-00003"]
+    rest = await client.select("Account", equals={"BillingCity": "Lyon"}, not_in={EXT: ["D365-00001", "x'y"]})
+    assert sorted(r.values[EXT] for r in rest) == ["D365-00002", "D365-00003"]
+    with pytest.raises(ValidationError):
+        await client.select("Account", equals={"Name = 'x' OR Id": "1"})
+
+
+async def test_scan_pages_through_next_records_url(client: SalesforceClient, sim: SalesforceSimulator) -> None:
+    seed_salesforce(sim, accounts=4500, opportunities=0)
+    pages = [page async for page in client.scan("Account")]
+    assert [len(p) for p in pages] == [2000, 2000, 500]
+    assert len({r.key for p in pages for r in p}) == 4500
+    more = [p for p in paths(sim, "GET", "query/") if p != "query"]
+    assert len(more) == 2
+    assert more[0].endswith("-2000")
+    assert more[1].endswith("-4000")
+
+
+async def test_changes_since_polls_system_modstamp(client: SalesforceClient, sim: SalesforceSimulator) -> None:
+    made = seed_salesforce(sim, accounts=5, opportunities=0)
+    pages = [page async for page in client.changes_since("Account", None)]
+    assert sum(len(records) for records, _ in pages) == 5
+    checkpoint = pages[-1][1]
+    sim.ui_change("Account", made["Account"][2], {"BillingCity": "Gent"})
+    later = [page async for page in client.changes_since("Account", checkpoint)]
+    assert [[r.key for r in records] for records, _ in later] == [[made["Account"][2]]]
+    assert later[0][1] > checkpoint
+    assert [page async for page in client.changes_since("Account", later[0][1])] == []
+
+
+# ----------------------------------------------------------------------------------------- CDC
+
+
+async def test_cdc_origin_recognises_own_writes(client: SalesforceClient, sim: SalesforceSimulator) -> None:
+    result = (await client.write([account_op(1)]))[0]
+    assert result.key
+    sim.ui_change("Account", result.key, {"BillingCity": "Gent"})
+    events = sim.events()
+    ours, theirs = parse_cdc_event(events[0]), parse_cdc_event(json.dumps(events[1]))
+    assert ours.change_type == "CREATE"
+    assert ours.record_ids == [result.key]
+    assert ours.entity == "Account"
+    assert ours.is_own_write("syncline")
+    assert not ours.is_own_write("other")
+    assert theirs.change_type == "UPDATE"
+    assert "BillingCity" in theirs.changed_fields
+    assert not theirs.is_own_write("syncline")
+    assert theirs.replay_id is not None
+    assert ours.replay_id is not None
+    assert theirs.replay_id > ours.replay_id
+    assert theirs.commit_timestamp is not None
+    assert theirs.transaction_key
+
+
+def test_parse_cdc_event_cometd_envelope_and_malformed() -> None:
+    header = {"entityName": "Account", "recordIds": ["0014H00002LbR7QQAV"], "changeType": "UPDATE",
+              "changeOrigin": "com/salesforce/api/rest/63.0;client=syncline", "transactionKey": "t-1",
+              "commitTimestamp": 1696444513000, "changedFields": ["Name"]}
+    change = parse_cdc_event({"data": {"schema": "s", "payload": {"ChangeEventHeader": header, "Name": "A"},
+                                       "event": {"replayId": 18098167}}, "channel": "/data/AccountChangeEvent"})
+    assert change.replay_id == 18098167
+    assert change.values == {"Name": "A"}
+    assert change.is_own_write("syncline")
+    assert change.commit_timestamp == datetime(2023, 10, 4, 18, 35, 13, tzinfo=UTC)
+    for bad in (b"not json", "[]", {"payload": {}}, {"payload": {"ChangeEventHeader": {"entityName": "A"}}}):
+        with pytest.raises(EnvelopeError):
+            parse_cdc_event(bad)
