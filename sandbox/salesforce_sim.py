@@ -354,6 +354,7 @@ class _Job:
     failed: list[dict[str, str]] = field(default_factory=list)
     columns: list[str] = field(default_factory=list)
     client: str | None = None
+    origin: str = ""
 
 
 class SalesforceSimulator:
@@ -539,7 +540,8 @@ class SalesforceSimulator:
         matches = [r for r in self.records[sobject].values()
                    if r.get(ext_field) is not None and str(r.get(ext_field)).lower() == str(ext_value).lower()]
         if len(matches) > 1:
-            raise SalesforceFault(300, "MULTIPLE_CHOICES", f"Multiple records with {ext_field} = {ext_value}")
+            raise SalesforceFault(300, "MULTIPLE_CHOICES", f"Multiple records with {ext_field} = {ext_value}",
+                                  [f"{API_PREFIX}sobjects/{sobject}/{r['Id']}" for r in matches])
         if matches:
             self._update(sobject, matches[0]["Id"], values, origin=origin, user=user)
             return matches[0]["Id"], False
@@ -601,7 +603,7 @@ class SalesforceSimulator:
                 return self._dispatch(request, rest, body, origin, client)
             except SalesforceFault as fault:
                 if fault.status == 300:
-                    return self._json([f"{API_PREFIX}sobjects/x/{i}" for i in range(2)], 300)
+                    return self._json(fault.fields, 300)
                 return self._json(fault.body(), fault.status)
 
     def _dispatch(self, request: Request, rest: str, body: bytes, origin: str, client: str | None) -> Response:
@@ -723,6 +725,11 @@ class SalesforceSimulator:
             except SalesforceFault as fault:
                 if fault.status == 405:
                     raise
+                if fault.status == 300:
+                    ids = ", ".join(url.rsplit("/", 1)[-1] for url in fault.fields)
+                    fault = SalesforceFault(400, "DUPLICATE_EXTERNAL_ID",
+                                            f"{rest[-1]}: more than one record found for external id field: [{ids}]",
+                                            [rest[-1]])
                 if fault.status == 404 and fault.code == "NOT_FOUND" and len(rest) == 2:
                     raise  # unknown external id field: the whole call fails
                 results.append({"success": False, "errors": [fault.record_error()]})
@@ -796,6 +803,13 @@ class SalesforceSimulator:
         if job is None:
             raise SalesforceFault(404, "NOT_FOUND", "The requested resource does not exist")
         if len(rest) == 1 and method == "GET":
+            # like the real service, a closed job is processed asynchronously: UploadComplete -> InProgress
+            # on the first poll, JobComplete (results available) on the next one
+            if job.state == "UploadComplete":
+                job.state = "InProgress"
+            elif job.state == "InProgress":
+                self._run_job(job, job.origin)
+                job.state = "JobComplete"
             return self._json(self._job_info(job))
         if len(rest) == 2 and rest[1] == "batches" and method == "PUT":
             if job.state != "Open":
@@ -806,9 +820,8 @@ class SalesforceSimulator:
             state = (data or {}).get("state")
             if state == "Aborted":
                 job.state = "Aborted"
-            elif state == "UploadComplete":
-                job.state = "JobComplete"
-                self._run_job(job, origin)
+            elif state == "UploadComplete" and job.state == "Open":
+                job.state, job.origin = "UploadComplete", origin
             else:
                 raise SalesforceFault(400, "INVALIDJOBSTATE", f"Invalid state {state}")
             return self._json(self._job_info(job))
@@ -863,13 +876,18 @@ def _csv_value(sobject: str, name: str, value: str) -> Any:
 
 
 def seed_salesforce(sim: SalesforceSimulator, *, accounts: int = 12, opportunities: int = 8) -> dict[str, list[str]]:
-    """A small, deterministic org of an equipment maker; the last account has a bad (blank) billing country."""
+    """A small, deterministic org of an equipment maker, with a few bad records.
+
+    Bad records: the last account has a blank BillingCountry, the second account's name carries a quote
+    (`O'Brien Machining`, exercises SOQL escaping), and the last opportunity has no Amount.
+    """
     cities = ["Lyon", "Toulouse", "Hamburg", "Torino", "Gdansk", "Porto"]
     made: dict[str, list[str]] = {"Account": [], "Opportunity": [], "Product2": []}
     origin = "com/salesforce/ui"
     with sim._lock:
         for i in range(accounts):
-            values = {"Name": f"Equipment Customer {i + 1:03d}", "AccountNumber": f"AC-{1000 + i}",
+            name = "O'Brien Machining" if i == 1 else f"Equipment Customer {i + 1:03d}"
+            values = {"Name": name, "AccountNumber": f"AC-{1000 + i}",
                       "Type": "Customer - Direct", "Industry": "Manufacturing",
                       "BillingCity": cities[i % len(cities)], "BillingCountry": "" if i == accounts - 1 else "FR",
                       "NumberOfEmployees": 50 + 10 * i}
@@ -883,6 +901,7 @@ def seed_salesforce(sim: SalesforceSimulator, *, accounts: int = 12, opportuniti
             account = made["Account"][i % max(1, len(made["Account"]))] if made["Account"] else None
             made["Opportunity"].append(sim._create(
                 "Opportunity", {"Name": f"Line retrofit {i + 1}", "StageName": "Prospecting",
-                                "CloseDate": f"2026-{(i % 12) + 1:02d}-15", "Amount": 25000.0 + 5000 * i,
+                                "CloseDate": f"2026-{(i % 12) + 1:02d}-15",
+                                "Amount": None if i == opportunities - 1 else 25000.0 + 5000 * i,
                                 "AccountId": account}, origin=origin, user=UI_USER_ID))
     return made

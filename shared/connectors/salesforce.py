@@ -36,11 +36,11 @@ from shared.core.errors import (
     AmbiguousWriteError,
     AuthError,
     EnvelopeError,
+    MappingError,
     RejectedError,
     SyncError,
     ThrottledError,
     TransientError,
-    ValidationError,
 )
 from shared.core.ports import SourceRecord, WriteOp, WriteResult
 
@@ -63,7 +63,7 @@ _TERMINAL_JOB_STATES = frozenset({"JobComplete", "Failed", "Aborted"})
 def soql_identifier(name: str) -> str:
     """Validate a field or sObject API name (optionally one relationship hop) for use in SOQL."""
     if not isinstance(name, str) or not _IDENT_RE.fullmatch(name):
-        raise ValidationError(f"{SYSTEM}: {name!r} is not a valid Salesforce API name", reason="TARGET_REJECTED")
+        raise RejectedError(f"{SYSTEM}: {name!r} is not a valid Salesforce API name")
     return name
 
 
@@ -82,7 +82,7 @@ def soql_quote(value: Any) -> str:
         return str(value)
     if isinstance(value, float):
         if value != value or value in (float("inf"), float("-inf")):
-            raise ValidationError(f"{SYSTEM}: {value!r} cannot be used in SOQL", reason="MAPPING_FAILED")
+            raise MappingError(f"{SYSTEM}: {value!r} cannot be used in SOQL")
         return repr(value)
     if isinstance(value, datetime):
         moment = value if value.tzinfo else value.replace(tzinfo=UTC)
@@ -227,9 +227,7 @@ def _record_error(errors: Any, context: str) -> SyncError:
         code = str(errors[0].get("statusCode") or errors[0].get("errorCode") or code)
         message = str(errors[0].get("message") or message)
     detail = f"{SYSTEM}: {context} rejected: {code}: {message}"
-    if code == "REQUIRED_FIELD_MISSING":
-        return ValidationError(detail)
-    return RejectedError(detail)
+    return RejectedError(detail, reason="REQUIRED_FIELD_MISSING" if code == "REQUIRED_FIELD_MISSING" else None)
 
 
 def _csv_cell(value: Any) -> str:
@@ -382,8 +380,7 @@ class SalesforceClient:
                     soql_identifier(name)
                 if op.action == "delete":
                     if not op.key or not _ID_RE.fullmatch(op.key):
-                        raise ValidationError(f"{SYSTEM}: delete of {op.table} needs a Salesforce Id",
-                                              reason="TARGET_REJECTED")
+                        raise RejectedError(f"{SYSTEM}: delete of {op.table} needs a Salesforce Id (got {op.key!r})")
                     deletes.append(index)
                 elif op.key:
                     if not _ID_RE.fullmatch(op.key):

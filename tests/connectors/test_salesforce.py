@@ -20,7 +20,7 @@ from sandbox.salesforce_sim import (
 from sandbox.server import RunningServer
 from sandbox.server import TestCA as SandboxCA
 from shared.connectors.salesforce import SalesforceClient, parse_cdc_event, soql_quote
-from shared.core.errors import AuthError, EnvelopeError, RejectedError, ThrottledError, ValidationError
+from shared.core.errors import AuthError, EnvelopeError, RejectedError, ThrottledError
 from shared.core.ports import ChangeSource, RecordSink, WriteOp
 
 EXT = "Dynamics_Account__c"
@@ -127,7 +127,8 @@ async def test_collections_upsert_chunks_and_per_record_failures(
     assert [r.op_id for r in results] == [op.op_id for op in ops]
     failed = {r.op_id: r.error for r in results if not r.ok}
     assert set(failed) == {"op-7", "op-301"}
-    assert isinstance(failed["op-7"], ValidationError)
+    assert isinstance(failed["op-7"], RejectedError)
+    assert failed["op-7"].reason == "REQUIRED_FIELD_MISSING"
     assert "REQUIRED_FIELD_MISSING" in str(failed["op-7"])
     assert "D365-00007" in str(failed["op-7"])
     assert isinstance(failed["op-301"], RejectedError)
@@ -148,6 +149,7 @@ async def test_bulk_api_above_threshold(client: SalesforceClient, sim: Salesforc
     assert not paths(sim, "PATCH", "composite/")
     assert len(paths(sim, "POST", "jobs/ingest")) == 1
     assert len(paths(sim, "PUT", "jobs/ingest/")) == 1
+    assert len(paths(sim, "GET", "jobs/ingest/")) >= 2 + 2  # polls until JobComplete, then both result CSVs
     failed = [r for r in results if not r.ok]
     assert [r.op_id for r in failed] == ["op-1234"]
     assert "REQUIRED_FIELD_MISSING" in str(failed[0].error)
@@ -231,7 +233,7 @@ async def test_select_escapes_values(client: SalesforceClient, sim: SalesforceSi
     assert [r.values[EXT] for r in found] == ["D365-00003"]
     rest = await client.select("Account", equals={"BillingCity": "Lyon"}, not_in={EXT: ["D365-00001", "x'y"]})
     assert sorted(r.values[EXT] for r in rest) == ["D365-00002", "D365-00003"]
-    with pytest.raises(ValidationError):
+    with pytest.raises(RejectedError, match="not a valid Salesforce API name"):
         await client.select("Account", equals={"Name = 'x' OR Id": "1"})
 
 
@@ -247,9 +249,13 @@ async def test_scan_pages_through_next_records_url(client: SalesforceClient, sim
 
 
 async def test_changes_since_polls_system_modstamp(client: SalesforceClient, sim: SalesforceSimulator) -> None:
-    made = seed_salesforce(sim, accounts=5, opportunities=0)
+    made = seed_salesforce(sim, accounts=5, opportunities=2)
     pages = [page async for page in client.changes_since("Account", None)]
     assert sum(len(records) for records, _ in pages) == 5
+    assert [r.values["Name"] for r in await client.select("Account", equals={"Name": "O'Brien Machining"})] == [
+        "O'Brien Machining"]
+    opportunities = [r async for page in client.scan("Opportunity") for r in page]
+    assert sorted(r.values["Amount"] is None for r in opportunities) == [False, True]
     checkpoint = pages[-1][1]
     sim.ui_change("Account", made["Account"][2], {"BillingCity": "Gent"})
     later = [page async for page in client.changes_since("Account", checkpoint)]
@@ -295,3 +301,41 @@ def test_parse_cdc_event_cometd_envelope_and_malformed() -> None:
     for bad in (b"not json", "[]", {"payload": {}}, {"payload": {"ChangeEventHeader": {"entityName": "A"}}}):
         with pytest.raises(EnvelopeError):
             parse_cdc_event(bad)
+
+
+async def test_duplicate_external_id_fails_only_that_record(client: SalesforceClient, sim: SalesforceSimulator) -> None:
+    first = await client.write([account_op(1), account_op(2)])
+    assert first[1].key
+    sim.ui_change("Account", first[1].key, {EXT: "D365-00001"})  # a user copies the external id
+    results = await client.write([account_op(1), account_op(3)])
+    assert [r.ok for r in results] == [False, True]
+    assert "DUPLICATE_EXTERNAL_ID" in str(results[0].error)
+    assert sim.count("Account") == 3
+
+
+async def test_cdc_events_delivered_to_registered_webhook(
+        client: SalesforceClient, sim: SalesforceSimulator, sf_env: SalesforceEnv) -> None:
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    received: list[tuple[dict[str, object], str | None]] = []
+
+    async def hook(request: Request) -> Response:
+        received.append((await request.json(), request.headers.get("x-relay-key")))
+        return Response(status_code=202)
+
+    relay = RunningServer(Starlette(routes=[Route("/cdc", hook, methods=["POST"])])).start()
+    try:
+        sim.register_cdc_webhook(f"{relay.url}/cdc", {"x-relay-key": "k1"})
+        result = (await client.write([account_op(1)]))[0]
+        assert result.key
+        sim.ui_change("Account", result.key, {"BillingCity": "Gent"})
+        assert sim.flush_events() == 2
+        assert sim.flush_events() == 0
+    finally:
+        relay.stop()
+    assert [key for _, key in received] == ["k1", "k1"]
+    changes = [parse_cdc_event(body) for body, _ in received]
+    assert [c.is_own_write("syncline") for c in changes] == [True, False]
