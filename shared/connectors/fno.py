@@ -647,7 +647,7 @@ class FinOpsClient:
             return None, None
         return parse_key(op.table, found[0].key), found[0]
 
-    async def _write_one(self, op: WriteOp) -> WriteResult:
+    async def _write_one(self, op: WriteOp, *, retried: bool = False) -> WriteResult:
         what = f"{op.action} {op.table} (op {op.op_id})"
         key, current = await self._locate(op)
         fields = _key_fields(op.table)
@@ -672,8 +672,12 @@ class FinOpsClient:
             raise RejectedError(f"{SYSTEM} {what}: the record does not exist (F&O has no upsert; use 'upsert')")
         body: dict[str, Any] = {**(op.match or {}), **op.values, **(key or {})}
         response = await self._send("POST", self.data_root + op.table, what=what, body=body, write=True)
-        if response.status_code != 201 and not response.is_success:
-            raise _error_for(response, what)
+        if not response.is_success:
+            error = _error_for(response, what)
+            if isinstance(error, RejectedError) and "already exists" in error.detail and not retried:
+                # A concurrent or replayed create won the race: the record is there now, so update it.
+                return await self._write_one(op, retried=True)
+            raise error
         try:
             created = response.json()
         except ValueError:

@@ -402,3 +402,91 @@ async def test_business_events_carry_control_numbers_and_fetch_the_record(
     assert record.values["OrganizationName"] == "Renamed Works 004"
     order = await fno.read_event_record(events[2])
     assert order.values["SalesOrderStatus"] == "Delivered"
+
+
+# ============================================================================================ wire-level (mock)
+
+
+class StaticToken:
+    def __init__(self) -> None:
+        self.refreshes = 0
+
+    async def get_token(self, *, force_refresh: bool = False) -> str:
+        self.refreshes += force_refresh
+        return "static-token"
+
+
+def mock_client(handler: Any, recorder: Recorder | None = None) -> tuple[FinOpsClient, list[httpx.Request]]:
+    seen: list[httpx.Request] = []
+
+    def record(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return handler(request)  # type: ignore[no-any-return]
+
+    http = httpx.AsyncClient(transport=httpx.MockTransport(record))
+    policy = RetryPolicy(max_attempts=2, initial_backoff=0.0, max_backoff=0.0)
+    client = FinOpsClient("https://contoso.operations.dynamics.com", http, StaticToken(), policy=policy,
+                          sleep=(recorder or Recorder()).sleep)
+    return client, seen
+
+
+async def test_next_link_is_rebased_onto_the_environment_host() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        if "skip" not in str(request.url):
+            return httpx.Response(200, json={"value": [{"dataAreaId": "usmf", "CustomerAccount": "A"}],
+                                             "@odata.nextLink": "https://evil.example/data/CustomersV3?"
+                                                                "cross-company=true&%24skip=1"})
+        return httpx.Response(200, json={"value": [{"dataAreaId": "demf", "CustomerAccount": "B"}]})
+
+    client, seen = mock_client(handler)
+    pages = [p async for p in client.scan("CustomersV3")]
+    assert [r.key for p in pages for r in p] == ["usmf|A", "demf|B"]
+    assert {r.url.host for r in seen} == {"contoso.operations.dynamics.com"}
+    assert all(r.headers["Authorization"] == "Bearer static-token" for r in seen)
+
+
+async def test_write_500_without_write_exception_is_transient_and_timeouts_too() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.method == "GET":
+            return httpx.Response(404, json={"error": {"code": "", "message": "Resource not found"}})
+        return httpx.Response(500, json={"error": {"code": "", "message": "An error has occurred.",
+                                                   "innererror": {"type": "System.Data.SqlClient.SqlException",
+                                                                  "message": "deadlock victim"}}})
+
+    client, seen = mock_client(handler)
+    [result] = await client.write([customer_op("t1", "usmf|T-1")])
+    assert not result.ok
+    assert isinstance(result.error, TransientError)
+    assert "deadlock" in result.error.detail
+    assert [r.method for r in seen] == ["GET", "POST"]
+
+    def timeout(request: httpx.Request) -> httpx.Response:
+        raise httpx.ReadTimeout("slow", request=request)
+
+    slow, _ = mock_client(timeout)
+    with pytest.raises(TransientError, match="timed out"):
+        await slow.fetch("CustomersV3", ["usmf|US-001"])
+
+
+async def test_create_race_already_exists_falls_back_to_patch() -> None:
+    state = {"exists": False}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.method == "GET":
+            if state["exists"]:
+                return httpx.Response(200, json={"dataAreaId": "usmf", "CustomerAccount": "R-1"})
+            return httpx.Response(404, json={"error": {"code": "", "message": "not found"}})
+        if request.method == "POST":
+            state["exists"] = True  # somebody else created it in between
+            return httpx.Response(500, json={"error": {"code": "", "message": "An error has occurred.", "innererror": {
+                "type": "Microsoft.Dynamics.Platform.Integration.Services.OData.AxODataWriteException",
+                "message": "Cannot create a record in Customers. The record already exists."}}})
+        return httpx.Response(204)
+
+    client, seen = mock_client(handler)
+    [result] = await client.write([customer_op("r1", "usmf|R-1")])
+    assert result.ok
+    assert not result.created
+    assert result.key == "usmf|R-1"
+    assert [r.method for r in seen] == ["GET", "POST", "GET", "PATCH"]
+    assert seen[-1].headers["If-Match"] == "*"
