@@ -334,6 +334,8 @@ class Limits:
 class Faults:
     expired: set[str] = field(default_factory=set)
     sim: SalesforceSimulator | None = None
+    reject_sessions: bool = False
+    """Every API call answers 401 INVALID_SESSION_ID, even with a fresh token (e.g. the run-as user was frozen)."""
 
     def expire_tokens(self) -> None:
         """Every token issued so far answers 401 INVALID_SESSION_ID from now on."""
@@ -382,6 +384,7 @@ class SalesforceSimulator:
             self.records: dict[str, dict[str, dict[str, Any]]] = {name: {} for name in SCHEMAS}
             self._tokens: set[str] = set()
             self.faults.expired = set()
+            self.faults.reject_sessions = False
             self.limits.used = 0
             self.request_count = 0
             self.requests: list[tuple[str, str, dict[str, str]]] = []
@@ -587,7 +590,7 @@ class SalesforceSimulator:
             self.request_count += 1
             self.requests.append((request.method, rest, dict(request.headers)))
             token = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-            if token not in self._tokens or token in self.faults.expired:
+            if token not in self._tokens or token in self.faults.expired or self.faults.reject_sessions:
                 return JSONResponse([{"message": "Session expired or invalid", "errorCode": "INVALID_SESSION_ID"}],
                                     status_code=401)
             if self.limits.used >= self.limits.daily_max:

@@ -107,6 +107,29 @@ async def test_expired_session_reauthenticates_once_and_replays(
     assert sim.count("Account") == 2
 
 
+async def test_rotated_secret_after_expiry_is_auth_error(client: SalesforceClient, sim: SalesforceSimulator) -> None:
+    await client.write([account_op(1)])
+    sim.client_secret = "rotated-secret"
+    sim.faults.expire_tokens()
+    try:
+        with pytest.raises(AuthError, match="token request refused"):
+            await client.write([account_op(2)])
+    finally:
+        sim.client_secret = DEFAULT_CLIENT_SECRET
+    assert client.token_fetches == 2
+    assert sim.count("Account") == 1
+
+
+async def test_session_rejected_after_reauth_is_auth_error(client: SalesforceClient, sim: SalesforceSimulator) -> None:
+    await client.write([account_op(1)])
+    sim.faults.reject_sessions = True
+    before = sim.request_count
+    with pytest.raises(AuthError, match="INVALID_SESSION_ID"):
+        await client.write([account_op(2)])
+    assert client.token_fetches == 2
+    assert sim.request_count == before + 3  # call, token, replay: re-authenticated once only
+
+
 async def test_bad_secret_is_auth_error(sf_env: SalesforceEnv, sim: SalesforceSimulator) -> None:
     bad = SalesforceClient(sf_env.server.url, DEFAULT_CLIENT_ID, "wrong", session=make_session(sf_env))
     with pytest.raises(AuthError, match="invalid_client"):
