@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from shared.bootstrap import Services
-from shared.core.controller import LAST_CYCLE, POLL_HINT, drop_duplicates, envelopes_for
+from shared.core.controller import LAST_CYCLE, POLL_HINT, drop_duplicates, envelopes_for, to_messages
 from shared.core.envelope import ChangeEnvelope, QueueMessage
 from shared.core.errors import EnvelopeError, SyncError
 from shared.core.ports import AuditEntry
@@ -162,7 +162,7 @@ async def initial_load(services: Services, *, progress: Callable[[str, int], Non
 async def enqueue(services: Services, envelopes: list[ChangeEnvelope], *, delay_seconds: float = 0) -> None:
     """Put envelopes on the inbound queue (optionally scheduled) and audit it."""
     when = datetime.now(UTC) + timedelta(seconds=delay_seconds) if delay_seconds > 0 else None
-    await services.queue.send([e.to_message() for e in envelopes], scheduled_at=when)
+    await services.queue.send(await to_messages(services.flowset, services.state, envelopes), scheduled_at=when)
     now = datetime.now(UTC)
     await services.state.append_audit([
         AuditEntry(now, e.correlation_id, e.flow, "enqueued", e.source_system, e.source_table, e.source_key,
