@@ -230,6 +230,21 @@ def _record_error(errors: Any, context: str) -> SyncError:
     return RejectedError(detail, reason="REQUIRED_FIELD_MISSING" if code == "REQUIRED_FIELD_MISSING" else None)
 
 
+def _jsonable(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Field values as Salesforce REST JSON: datetimes as ISO UTC, dates as YYYY-MM-DD, Decimals as numbers."""
+    out: dict[str, Any] = {}
+    for name, value in values.items():
+        if isinstance(value, datetime):
+            moment = value if value.tzinfo else value.replace(tzinfo=UTC)
+            value = moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+        elif isinstance(value, date):
+            value = value.isoformat()
+        elif isinstance(value, Decimal):
+            value = float(value)
+        out[name] = value
+    return out
+
+
 def _csv_cell(value: Any) -> str:
     if value is None:
         return "#N/A"  # Bulk API 2.0: set the field to null
@@ -420,7 +435,7 @@ class SalesforceClient:
         records = []
         for _, op in items:
             assert op.match is not None
-            records.append({"attributes": {"type": table}, **op.values, ext_field: op.match[ext_field]})
+            records.append({"attributes": {"type": table}, **_jsonable(op.values), ext_field: op.match[ext_field]})
         body = await self._ajson("PATCH", f"composite/sobjects/{table}/{ext_field}",
                                  what=f"upsert {len(items)} {table} by {ext_field}",
                                  json={"allOrNone": False, "records": records})
@@ -430,7 +445,7 @@ class SalesforceClient:
                                 items: list[tuple[int, WriteOp]]) -> dict[int, WriteResult]:
         records = []
         for _, op in items:
-            record: dict[str, Any] = {"attributes": {"type": table}, **op.values}
+            record: dict[str, Any] = {"attributes": {"type": table}, **_jsonable(op.values)}
             if method == "PATCH":
                 record["Id"] = op.key
             records.append(record)

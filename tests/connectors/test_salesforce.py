@@ -6,6 +6,7 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from decimal import Decimal
 
 import pytest
 import requests
@@ -142,7 +143,7 @@ async def test_bad_secret_is_auth_error(sf_env: SalesforceEnv, sim: SalesforceSi
 
 async def test_collections_upsert_chunks_and_per_record_failures(
         client: SalesforceClient, sim: SalesforceSimulator) -> None:
-    ops = [account_op(i) for i in range(450)]
+    ops = [account_op(i, AnnualRevenue=Decimal("1250000.50")) for i in range(450)]
     ops[7] = account_op(7, Name="")  # required field missing
     ops[301] = account_op(301, Bogus__c="x")  # unknown field
     results = await client.write(ops)
@@ -158,11 +159,13 @@ async def test_collections_upsert_chunks_and_per_record_failures(
     assert "INVALID_FIELD" in str(failed["op-301"])
     assert all(r.created and r.key and len(r.key) == 18 for r in results if r.ok)
     assert sim.count("Account") == 448
+    assert (sim.get("Account", results[0].key or "") or {})["AnnualRevenue"] == 1250000.5
 
     again = await client.write([account_op(i) for i in range(10) if i != 7])
     assert all(r.ok and not r.created for r in again)
     assert [r.key for r in again] == [r.key for r in results[:10] if r.op_id != "op-7"]
     assert sim.count("Account") == 448
+    assert (sim.get("Account", results[0].key or "") or {})["AnnualRevenue"] == 1250000.5
 
 
 async def test_bulk_api_above_threshold(client: SalesforceClient, sim: SalesforceSimulator) -> None:
