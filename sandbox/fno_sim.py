@@ -356,7 +356,8 @@ class FinOpsSimulator:
         self._fields[entity].update(fields)
 
     def _now_text(self) -> str:
-        now = datetime.now(UTC).replace(microsecond=datetime.now(UTC).microsecond // 1000 * 1000)
+        now = datetime.now(UTC)
+        now = now.replace(microsecond=now.microsecond // 1000 * 1000)
         if now <= self._last_modified:
             now = self._last_modified + timedelta(milliseconds=1)
         self._last_modified = now

@@ -16,7 +16,15 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from sandbox.fno_sim import CUSTOMER_EVENT, UNMAPPED_CURRENCY, FinOpsSimulator, seed_fno
+from sandbox.fno_sim import (
+    CUSTOMER_EVENT,
+    UNMAPPED_CURRENCY,
+    FilterParser,
+    FinOpsSimulator,
+    ODataError,
+    evaluate,
+    seed_fno,
+)
 from sandbox.server import RunningServer
 from sandbox.server import TestCA as SandboxCA
 from shared.connectors._http import RetryPolicy
@@ -364,8 +372,12 @@ async def test_filter_escaping_cannot_inject(fno: FinOpsClient, fno_sim: FinOpsS
 
 
 async def test_changes_since_poll_and_scan_compare(fno: FinOpsClient, fno_sim: FinOpsSimulator) -> None:
+    fno_sim.page_size = 7
     batches = [b async for b in fno.changes_since("CustomersV3", None)]
+    fno_sim.page_size = 10000
     checkpoint = batches[-1][1]
+    assert len(batches) > 1
+    assert [cp for _, cp in batches[:-1]] == [""] * (len(batches) - 1)  # a crash mid-read replays, never skips
     assert sum(len(b[0]) for b in batches) >= 2 * CUSTOMERS
     fno_sim.apply_change("CustomersV3", ("demf", "DE-003"), {"CreditLimit": 123.0})
     again = [b async for b in fno.changes_since("CustomersV3", checkpoint)]
@@ -490,3 +502,22 @@ async def test_create_race_already_exists_falls_back_to_patch() -> None:
     assert result.key == "usmf|R-1"
     assert [r.method for r in seen] == ["GET", "POST", "GET", "PATCH"]
     assert seen[-1].headers["If-Match"] == "*"
+
+
+def test_simulator_filter_parser_is_a_real_parser() -> None:
+    fields = ["Name", "Qty", "When", "OnHold"]
+    row = {"Name": "O'Neil", "Qty": 5, "When": "2026-01-02T03:04:05.123Z", "OnHold": "Yes"}
+
+    def check(text: str) -> bool:
+        return evaluate(FilterParser(text, fields, "T").parse(), row)
+
+    assert check("Name eq 'o''neil'")
+    assert check("not (Qty lt 5) and (Qty le 5 or Name eq 'x')")
+    assert not check("not (Qty ge 5)")
+    assert check("When gt 2026-01-02T03:04:05Z and When lt 2026-01-02T03:04:05.200Z")
+    assert check("OnHold eq Microsoft.Dynamics.DataEntities.NoYes'Yes'")
+    assert check("Name eq 'O*'")
+    for bad in ("Name eq", "Qty eq 1)", "__import__('os') eq 1", "Nope eq 1", "Name eq 'unterminated"):
+        with pytest.raises(ODataError) as caught:
+            check(bad)
+        assert caught.value.status == 400
