@@ -143,6 +143,52 @@ param arcgisBatchSize int = 250
 @maxValue(16)
 param arcgisMaxConcurrency int = 2
 
+// ---- Salesforce ---------------------------------------------------------------------------------------------------
+
+@description('SALESFORCE__MY_DOMAIN_URL, e.g. https://contoso.my.salesforce.com (empty: Salesforce not configured). When set, the connected app\'s consumer secret must be in Key Vault (client-credentials flow).')
+param salesforceMyDomainUrl string = ''
+
+@description('SALESFORCE__CLIENT_ID: the connected app\'s consumer key.')
+param salesforceClientId string = ''
+
+@description('SALESFORCE__API_VERSION, e.g. 63.0.')
+param salesforceApiVersion string = '63.0'
+
+@description('SALESFORCE__COLLECTION_SIZE: records per sObject Collections call (the API\'s limit is 200).')
+@minValue(1)
+@maxValue(200)
+param salesforceCollectionSize int = 200
+
+@description('SALESFORCE__BULK_THRESHOLD: batches of one object above this size go through Bulk API 2.0.')
+@minValue(1)
+param salesforceBulkThreshold int = 2000
+
+@description('SALESFORCE__CALL_OPTIONS_CLIENT: the Sforce-Call-Options client id that marks Syncline\'s own writes.')
+param salesforceCallOptionsClient string = 'syncline'
+
+// ---- Dynamics 365 Finance & Operations ----------------------------------------------------------------------------
+
+@description('FNO__ENVIRONMENT_URL, e.g. https://contoso.operations.dynamics.com (empty: F&O not configured).')
+param fnoEnvironmentUrl string = ''
+
+@description('FNO__TENANT_ID: the Entra tenant of the F&O environment.')
+param fnoTenantId string = tenant().tenantId
+
+@description('clientSecret: an app registration whose secret is in Key Vault; managedIdentity: the Function App\'s identity (register it in F&O under Microsoft Entra ID applications).')
+@allowed([
+  'clientSecret'
+  'managedIdentity'
+])
+param fnoAuth string = 'clientSecret'
+
+@description('FNO__CLIENT_ID: the app registration (clientSecret mode).')
+param fnoClientId string = ''
+
+@description('FNO__MAX_CONCURRENCY.')
+@minValue(1)
+@maxValue(52)
+param fnoMaxConcurrency int = 4
+
 // ---- Names ----------------------------------------------------------------------------------------------------------
 
 var token = uniqueString(resourceGroup().id, appName, environmentName)
@@ -240,6 +286,17 @@ module functionApp 'modules/functionapp.bicep' = {
     arcgisAuth: arcgisAuth
     arcgisBatchSize: arcgisBatchSize
     arcgisMaxConcurrency: arcgisMaxConcurrency
+    salesforceMyDomainUrl: salesforceMyDomainUrl
+    salesforceClientId: salesforceClientId
+    salesforceApiVersion: salesforceApiVersion
+    salesforceCollectionSize: salesforceCollectionSize
+    salesforceBulkThreshold: salesforceBulkThreshold
+    salesforceCallOptionsClient: salesforceCallOptionsClient
+    fnoEnvironmentUrl: fnoEnvironmentUrl
+    fnoTenantId: fnoTenantId
+    fnoClientId: fnoClientId
+    fnoAuth: fnoAuth
+    fnoMaxConcurrency: fnoMaxConcurrency
     tags: allTags
   }
 }

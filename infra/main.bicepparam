@@ -18,6 +18,14 @@ param arcgisServiceUrl = 'https://services<n>.arcgis.com/<org>/arcgis/rest/servi
 param arcgisAuth = 'appCredentials'
 param arcgisClientId = '<ArcGIS app client id>'
 
+// Optional connectors: leave the URL '' to not configure one.
+param salesforceMyDomainUrl = ''
+param salesforceClientId = ''
+
+param fnoEnvironmentUrl = ''
+param fnoAuth = 'clientSecret'
+param fnoClientId = ''
+
 // Syncline defaults, spelled out for visibility (they equal shared/settings.py).
 param syncSchedule = '0 */15 * * * *'
 param maxDeliveryCount = 10

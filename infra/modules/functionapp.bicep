@@ -107,6 +107,43 @@ param arcgisBatchSize int
 @description('ARCGIS__MAX_CONCURRENCY.')
 param arcgisMaxConcurrency int
 
+@description('SALESFORCE__MY_DOMAIN_URL, e.g. https://contoso.my.salesforce.com (empty: Salesforce not configured).')
+param salesforceMyDomainUrl string
+
+@description('SALESFORCE__CLIENT_ID: the connected app\'s consumer key.')
+param salesforceClientId string
+
+@description('SALESFORCE__API_VERSION.')
+param salesforceApiVersion string
+
+@description('SALESFORCE__COLLECTION_SIZE.')
+param salesforceCollectionSize int
+
+@description('SALESFORCE__BULK_THRESHOLD.')
+param salesforceBulkThreshold int
+
+@description('SALESFORCE__CALL_OPTIONS_CLIENT.')
+param salesforceCallOptionsClient string
+
+@description('FNO__ENVIRONMENT_URL, e.g. https://contoso.operations.dynamics.com (empty: F&O not configured).')
+param fnoEnvironmentUrl string
+
+@description('FNO__TENANT_ID.')
+param fnoTenantId string
+
+@description('FNO__CLIENT_ID of the app registration (clientSecret mode only).')
+param fnoClientId string
+
+@description('clientSecret: app registration + secret from Key Vault; managedIdentity: the app\'s own identity.')
+@allowed([
+  'clientSecret'
+  'managedIdentity'
+])
+param fnoAuth string
+
+@description('FNO__MAX_CONCURRENCY.')
+param fnoMaxConcurrency int
+
 param tags object = {}
 
 // Key Vault secret holding each secret setting (docs/operations.md, "Put the secrets in Key Vault").
@@ -116,6 +153,8 @@ var secretNames = {
   arcgisClientSecret: 'arcgis-client-secret'
   arcgisApiKey: 'arcgis-api-key'
   arcgisWebhookSignatureKey: 'arcgis-webhook-signature-key'
+  salesforceClientSecret: 'salesforce-client-secret'
+  fnoClientSecret: 'fno-client-secret'
 }
 
 resource storage 'Microsoft.Storage/storageAccounts@2023-05-01' existing = {
@@ -184,8 +223,8 @@ resource site 'Microsoft.Web/sites@2024-04-01' = {
 }
 
 // The complete set of app settings (this resource replaces whatever was there). Not set on purpose, because
-// they are local-only: SYNCLINE_STATE_DIR, SYNCLINE_CA_BUNDLE, DATAVERSE__AUTHORITY_HOST and the two
-// *__connectionString settings (Azure uses the managed identity); SYNCLINE_FLOWS keeps its default, the
+// they are local-only: SYNCLINE_STATE_DIR, SYNCLINE_CA_BUNDLE, DATAVERSE__AUTHORITY_HOST, FNO__AUTHORITY_HOST
+// and the two *__connectionString settings (Azure uses the managed identity); SYNCLINE_FLOWS keeps its default, the
 // flows/ folder of the deployed package. FUNCTIONS_WORKER_RUNTIME and FUNCTIONS_EXTENSION_VERSION are not
 // allowed on Flex Consumption (functionAppConfig.runtime replaces them).
 resource appSettings 'Microsoft.Web/sites/config@2024-04-01' = {
@@ -230,6 +269,24 @@ resource appSettings 'Microsoft.Web/sites/config@2024-04-01' = {
     ARCGIS__WEBHOOK_SIGNATURE_KEY: '@Microsoft.KeyVault(SecretUri=${secretsUri}${secretNames.arcgisWebhookSignatureKey})'
     ARCGIS__BATCH_SIZE: string(arcgisBatchSize)
     ARCGIS__MAX_CONCURRENCY: string(arcgisMaxConcurrency)
+
+    // Salesforce (client-credentials flow: the consumer secret is required once Salesforce is configured). An
+    // empty URL means not configured, and then the secret is '' rather than a reference to a secret nobody set.
+    SALESFORCE__MY_DOMAIN_URL: salesforceMyDomainUrl
+    SALESFORCE__CLIENT_ID: salesforceClientId
+    SALESFORCE__CLIENT_SECRET: empty(salesforceMyDomainUrl) ? '' : '@Microsoft.KeyVault(SecretUri=${secretsUri}${secretNames.salesforceClientSecret})'
+    SALESFORCE__API_VERSION: salesforceApiVersion
+    SALESFORCE__COLLECTION_SIZE: string(salesforceCollectionSize)
+    SALESFORCE__BULK_THRESHOLD: string(salesforceBulkThreshold)
+    SALESFORCE__CALL_OPTIONS_CLIENT: salesforceCallOptionsClient
+
+    // Dynamics 365 Finance & Operations (Entra ID like Dataverse; an empty URL means not configured).
+    FNO__ENVIRONMENT_URL: fnoEnvironmentUrl
+    FNO__TENANT_ID: fnoTenantId
+    // With the managed identity the client id must stay empty (it would be taken as a user-assigned identity).
+    FNO__CLIENT_ID: fnoAuth == 'clientSecret' ? fnoClientId : ''
+    FNO__CLIENT_SECRET: fnoAuth == 'clientSecret' && !empty(fnoEnvironmentUrl) ? '@Microsoft.KeyVault(SecretUri=${secretsUri}${secretNames.fnoClientSecret})' : ''
+    FNO__MAX_CONCURRENCY: string(fnoMaxConcurrency)
   }
 }
 

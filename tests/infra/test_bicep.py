@@ -43,6 +43,7 @@ NOT_SET_IN_AZURE = {
     "SYNCLINE_SERVICEBUS__CONNECTIONSTRING": "emulators only; Azure connects with the managed identity",
     "SYNCLINE_TABLES__CONNECTIONSTRING": "Azurite only; Azure connects with the managed identity",
     "DATAVERSE__AUTHORITY_HOST": "the sandbox's token endpoint; Azure uses the default Entra authority",
+    "FNO__AUTHORITY_HOST": "the sandbox's token endpoint; Azure uses the default Entra authority",
     "SYNCLINE_FLOWS": "the default is the flows/ folder of the deployed package itself",
 }
 # Must never appear as app settings in Azure: identity replaces them, or Flex Consumption refuses them.
@@ -363,7 +364,8 @@ def test_secret_settings_are_key_vault_references():
     settings = {name.upper(): node for name, node in app_settings().items()}
     secrets = secret_settings() - NOT_KEY_VAULT - set(NOT_SET_IN_AZURE)
     assert secrets == {"SYNCLINE_WEBHOOK_SECRET", "DATAVERSE__CLIENT_SECRET", "ARCGIS__CLIENT_SECRET",
-                       "ARCGIS__API_KEY", "ARCGIS__WEBHOOK_SIGNATURE_KEY"}
+                       "ARCGIS__API_KEY", "ARCGIS__WEBHOOK_SIGNATURE_KEY", "SALESFORCE__CLIENT_SECRET",
+                       "FNO__CLIENT_SECRET"}
     secret_names = obj(load("modules/functionapp.bicep").variables()["secretNames"])
     referenced: set[str] = set()
     for env in secrets:
