@@ -43,7 +43,8 @@ SYSTEM_FIELDS = ("Id", "CreatedDate", "LastModifiedDate", "SystemModstamp", "IsD
 SCHEMAS: dict[str, dict[str, str]] = {
     "Account": {"Name": "string", "AccountNumber": "string", "Type": "picklist", "Industry": "picklist",
                 "BillingCity": "string", "BillingCountry": "string", "Phone": "phone",
-                "AnnualRevenue": "currency", "NumberOfEmployees": "int", "Dynamics_Account__c": "string"},
+                "AnnualRevenue": "currency", "NumberOfEmployees": "int", "Dynamics_Account__c": "string",
+                "CurrencyIsoCode": "picklist"},
     "Contact": {"FirstName": "string", "LastName": "string", "Email": "email", "AccountId": "reference",
                 "Dynamics_Contact__c": "string"},
     "Product2": {"Name": "string", "ProductCode": "string", "Family": "picklist", "IsActive": "boolean",

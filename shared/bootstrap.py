@@ -151,6 +151,47 @@ def build_services(
         sinks["arcgis"] = ag
         sources["arcgis"] = ag
 
+    if settings.salesforce.my_domain_url:
+        import requests
+
+        from shared.connectors.salesforce import SalesforceClient
+
+        session = requests.Session()
+        # requests lets REQUESTS_CA_BUNDLE override `verify` unless trust_env is off (see local-runtime notes).
+        session.trust_env = False
+        session.verify = settings.syncline_ca_bundle or True
+        closers.append(session.close)
+        sf = SalesforceClient(
+            settings.salesforce.my_domain_url,
+            settings.salesforce.client_id,
+            settings.salesforce.client_secret.get_secret_value(),
+            session=session,
+            version=settings.salesforce.api_version,
+            collection_size=settings.salesforce.collection_size,
+            bulk_threshold=settings.salesforce.bulk_threshold,
+            call_options_client=settings.salesforce.call_options_client,
+        )
+        sinks["salesforce"] = sf
+        sources["salesforce"] = sf
+
+    if settings.fno.environment_url:
+        from shared.connectors.dataverse import dataverse_token_provider
+        from shared.connectors.fno import FinOpsClient
+        from shared.settings import DataverseSettings
+
+        http = _client("fno", counter, settings, transports)
+        clients.append(http)
+        # F&O takes the same Entra ID client-credentials token, scoped to the environment host.
+        entra = DataverseSettings(url=settings.fno.environment_url, tenant_id=settings.fno.tenant_id,
+                                  client_id=settings.fno.client_id, client_secret=settings.fno.client_secret,
+                                  authority_host=settings.fno.authority_host)
+        fno_tokens = dataverse_token_provider(entra, ca_bundle=settings.syncline_ca_bundle or None)
+        closers.append(fno_tokens.close)
+        fno = FinOpsClient(settings.fno.environment_url, http, fno_tokens, policy=policy,
+                           max_concurrency=settings.fno.max_concurrency)
+        sinks["fno"] = fno
+        sources["fno"] = fno
+
     if settings.syncline_runtime == "azure":
         state, queue = _azure_runtime(settings, state, queue, closers)
     if state is None or queue is None:

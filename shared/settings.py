@@ -42,6 +42,37 @@ class ArcGISSettings(BaseModel):
     max_concurrency: int = Field(default=2, ge=1, le=16)
 
 
+class SalesforceSettings(BaseModel):
+    """Salesforce REST (client-credentials flow against the org's My Domain)."""
+
+    my_domain_url: str = ""
+    """e.g. https://contoso.my.salesforce.com (empty: Salesforce not configured). The API base URL comes from
+    the token response's instance_url, never from here."""
+    client_id: str = ""
+    client_secret: SecretStr = SecretStr("")
+    api_version: str = "63.0"
+    collection_size: int = Field(default=200, ge=1, le=200)
+    """Records per sObject Collections call (the API's limit is 200)."""
+    bulk_threshold: int = Field(default=2000, ge=1)
+    """Batches of one object above this size go through Bulk API 2.0."""
+    call_options_client: str = "syncline"
+    """Sforce-Call-Options client id: Syncline's own writes are recognised by it in change events."""
+
+
+class FinOpsSettings(BaseModel):
+    """Dynamics 365 Finance & Operations OData (per-customer environment host)."""
+
+    environment_url: str = ""
+    """e.g. https://contoso.operations.dynamics.com (empty: F&O not configured)."""
+    tenant_id: str = ""
+    client_id: str = ""
+    client_secret: SecretStr = SecretStr("")
+    """Leave empty to use the managed identity / DefaultAzureCredential chain."""
+    authority_host: str = ""
+    """Entra ID authority override (the sandbox's token endpoint); empty in Azure."""
+    max_concurrency: int = Field(default=4, ge=1, le=52)
+
+
 class ServiceBusSettings(BaseModel):
     """The inbound queue on Azure Service Bus (runtime "azure")."""
 
@@ -91,6 +122,8 @@ class Settings(BaseSettings):
     """Set by the platform when Application Insights is attached; enables OpenTelemetry export."""
     dataverse: DataverseSettings = Field(default_factory=DataverseSettings)
     arcgis: ArcGISSettings = Field(default_factory=ArcGISSettings)
+    salesforce: SalesforceSettings = Field(default_factory=SalesforceSettings)
+    fno: FinOpsSettings = Field(default_factory=FinOpsSettings)
 
     @field_validator("syncline_flows")
     @classmethod
@@ -104,6 +137,6 @@ class Settings(BaseSettings):
         values = [
             self.syncline_webhook_secret, self.dataverse.client_secret, self.arcgis.client_secret,
             self.arcgis.api_key, self.arcgis.webhook_signature_key, self.syncline_servicebus.connectionString,
-            self.syncline_tables.connectionString,
+            self.syncline_tables.connectionString, self.salesforce.client_secret, self.fno.client_secret,
         ]
         return [v.get_secret_value() for v in values if v.get_secret_value()]
