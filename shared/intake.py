@@ -16,7 +16,7 @@ from shared.bootstrap import Services
 from shared.core.controller import LAST_CYCLE, POLL_HINT, drop_duplicates, envelopes_for, to_messages
 from shared.core.envelope import ChangeEnvelope, QueueMessage
 from shared.core.errors import EnvelopeError, SyncError
-from shared.core.ports import AuditEntry
+from shared.core.ports import AuditEntry, SourceRecord
 from shared.telemetry import correlated
 
 log = logging.getLogger(__name__)
@@ -204,6 +204,68 @@ async def handle_arcgis_webhook(services: Services, body: bytes, content_type: s
     if hints:
         await services.queue.send(hints)
     result.accepted = result.queued = len(hints)
+    return result
+
+
+async def handle_fno_business_events(services: Services, body: bytes) -> IntakeResult:
+    """F&O business events: stubs deduplicated on ControlNumber, read back in full through OData, enqueued."""
+    from shared.connectors.fno import FinOpsClient, parse_business_events
+
+    events = parse_business_events(_json_body(body))
+    fno = services.sinks.get("fno")
+    if not isinstance(fno, FinOpsClient):
+        raise EnvelopeError("F&O is not configured (FNO__ENVIRONMENT_URL is empty)")
+    result = IntakeResult()
+    seen = await services.state.remember("fno-business-event", [str(e.control_number) for e in events])
+    for event in events:
+        if str(event.control_number) in seen:
+            result.skipped += 1  # the endpoint received this event before (F&O retries deliveries)
+            continue
+        record = await fno.read_event_record(event)
+        envelopes = envelopes_for(services.flowset, "fno", event.entity_set, [record], origin="webhook",
+                                  mode="queue")
+        envelopes = await drop_duplicates(services.state, envelopes, datetime.now(UTC))
+        if envelopes:
+            await enqueue(services, envelopes)
+        result.accepted += 1
+        result.queued += len(envelopes)
+    return result
+
+
+async def handle_salesforce_change_events(services: Services, body: bytes) -> IntakeResult:
+    """Salesforce Change Data Capture events relayed as JSON: own writes dropped, duplicates dropped (replay
+    id, or transaction key), the records read back in full, enqueued for the flows reading that object."""
+    from shared.connectors.salesforce import SalesforceClient, parse_cdc_event
+
+    data = _json_body(body)
+    bodies = data if isinstance(data, list) else [data]
+    sf = services.sinks.get("salesforce")
+    if not isinstance(sf, SalesforceClient):
+        raise EnvelopeError("Salesforce is not configured (SALESFORCE__MY_DOMAIN_URL is empty)")
+    result = IntakeResult()
+    for raw in bodies:
+        change = parse_cdc_event(raw)
+        if change.is_own_write(services.settings.salesforce.call_options_client):
+            result.skipped += 1  # Syncline's own write coming back: an echo by origin
+            continue
+        token = str(change.replay_id) if change.replay_id is not None else \
+            f"{change.transaction_key}:{','.join(change.record_ids)}"
+        if await services.state.remember("salesforce-cdc", [token]):
+            result.skipped += 1
+            continue
+        result.accepted += 1
+        if not services.flowset.flows_from("salesforce", change.entity):
+            continue
+        if change.change_type.upper() == "DELETE":
+            records = [SourceRecord(key=rid, values={}, deleted=True) for rid in change.record_ids]
+        else:
+            records = list((await sf.fetch(change.entity, change.record_ids)).values())
+        envelopes = envelopes_for(services.flowset, "salesforce", change.entity, records, origin="webhook",
+                                  mode="queue")
+        envelopes = await drop_duplicates(services.state, envelopes, datetime.now(UTC))
+        if envelopes:
+            await enqueue(services, envelopes)
+            result.queued += len(envelopes)
     return result
 
 

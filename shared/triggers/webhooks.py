@@ -7,7 +7,13 @@ import logging
 import azure.functions as func
 
 from shared.bootstrap import get_services
-from shared.intake import check_shared_secret, handle_arcgis_webhook, handle_dataverse_webhook
+from shared.intake import (
+    check_shared_secret,
+    handle_arcgis_webhook,
+    handle_dataverse_webhook,
+    handle_fno_business_events,
+    handle_salesforce_change_events,
+)
 from shared.triggers._common import error_response, json_response
 
 log = logging.getLogger("syncline.triggers.webhooks")
@@ -46,4 +52,34 @@ async def arcgis_webhook(req: func.HttpRequest) -> func.HttpResponse:
     except Exception as exc:  # translated into a clear HTTP answer
         return error_response(exc)
     log.info("arcgis webhook: queued=%d", result.queued)
+    return json_response(result.as_dict(), 202)
+
+
+@bp.function_name("fno_webhook")
+@bp.route(route="webhooks/fno", methods=["POST"], auth_level=func.AuthLevel.FUNCTION)
+async def fno_webhook(req: func.HttpRequest) -> func.HttpResponse:
+    """F&O business events (HTTPS endpoint): deduplicate, read the full record back, enqueue."""
+    try:
+        services = get_services()
+        check_shared_secret(services, req.headers.get("x-syncline-key"))
+        result = await handle_fno_business_events(services, req.get_body())
+    except Exception as exc:  # translated into a clear HTTP answer
+        return error_response(exc)
+    log.info("fno business events: accepted=%d duplicates=%d queued=%d", result.accepted, result.skipped,
+             result.queued)
+    return json_response(result.as_dict(), 202)
+
+
+@bp.function_name("salesforce_webhook")
+@bp.route(route="webhooks/salesforce", methods=["POST"], auth_level=func.AuthLevel.FUNCTION)
+async def salesforce_webhook(req: func.HttpRequest) -> func.HttpResponse:
+    """Salesforce Change Data Capture events relayed as JSON: drop echoes and duplicates, enqueue."""
+    try:
+        services = get_services()
+        check_shared_secret(services, req.headers.get("x-syncline-key"))
+        result = await handle_salesforce_change_events(services, req.get_body())
+    except Exception as exc:  # translated into a clear HTTP answer
+        return error_response(exc)
+    log.info("salesforce change events: accepted=%d skipped=%d queued=%d", result.accepted, result.skipped,
+             result.queued)
     return json_response(result.as_dict(), 202)

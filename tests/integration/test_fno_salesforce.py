@@ -83,3 +83,51 @@ async def test_customers_and_products_reach_salesforce_once_with_bad_records_dea
         assert count(sf, "Product2") == len(good_products)
     finally:
         await services.aclose()
+
+
+async def test_business_event_delivered_twice_produces_one_write_and_own_cdc_writes_are_echoes(sims):
+    import json
+
+    import httpx
+
+    from sandbox.funchost import build_app
+    from shared.bootstrap import set_services
+
+    fno, sf = sims
+    services = build_services(Settings())
+    set_services(None)
+    host = RunningServer(build_app()).start()
+    try:
+        await services.controller.run_cycle()
+        fno.register_business_event_endpoint(f"{host.url}/api/webhooks/fno")
+        customer = next(c for c in fno.all("CustomersV3") if c["SalesCurrencyCode"] != UNMAPPED_CURRENCY)
+        fno.apply_change("CustomersV3", (customer["dataAreaId"], customer["CustomerAccount"]),
+                         {"OrganizationName": "Renamed Fabrication GmbH"})
+        await fno.flush_events()
+        fno.deliver_duplicate_last_event()
+        await fno.flush_events()
+        assert (await services.queue.depth()).active == 1  # the duplicate ControlNumber was dropped
+        report = await services.controller.run_cycle(poll=False)
+        assert report.statuses == {"written": 1}
+        external_id = f"{customer['dataAreaId']}|{customer['CustomerAccount']}"
+        [account] = sf.find("Account", Dynamics_Account__c=external_id)
+        assert account["Name"] == "Renamed Fabrication GmbH"
+
+        # Change events caused by Syncline's own writes are recognised by their origin and dropped.
+        own = sf.events()
+        assert own
+        async with httpx.AsyncClient() as http:
+            resp = await http.post(f"{host.url}/api/webhooks/salesforce", content=json.dumps(own))
+            assert resp.status_code == 202, resp.text
+            assert resp.json()["skipped"] == len(own)
+            assert resp.json()["accepted"] == 0
+            sf.ui_change("Account", account["Id"], {"Phone": "+49 711 555 0100"})
+            user_events = [e for e in sf.events() if e not in own]
+            resp = await http.post(f"{host.url}/api/webhooks/salesforce", content=json.dumps(user_events))
+            assert resp.json()["accepted"] == 1
+            again = await http.post(f"{host.url}/api/webhooks/salesforce", content=json.dumps(user_events))
+            assert again.json()["accepted"] == 0  # same replay id: a duplicate
+    finally:
+        host.stop()
+        set_services(None)
+        await services.aclose()
