@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -25,11 +26,11 @@ from sandbox.server import RunningServer, TestCA
 WEBHOOK_SECRET = "demo-webhook-secret-7f3a"
 FUNCTION_KEY = "demo-function-key-91c2"
 SIGNATURE_KEY = "demo-esri-signature-key-55d0"
-EXPECTED_BAD = {
-    ("sign_assets_to_field", "UNMAPPED_CHOICE"),
-    ("sign_assets_to_field", "REQUIRED_FIELD_MISSING"),
-    ("inspections_from_field", "REQUIRED_FIELD_MISSING"),
-}
+EXPECTED_BAD = Counter({
+    ("sign_assets_to_field", "UNMAPPED_CHOICE"): 1,
+    ("sign_assets_to_field", "REQUIRED_FIELD_MISSING"): 1,
+    ("inspections_from_field", "REQUIRED_FIELD_MISSING"): 1,
+})
 
 
 @dataclass
@@ -39,6 +40,8 @@ class Sandbox:
     workdir: Path
     dv: dvs.DataverseSimulator
     ag: Any
+    fno: Any = None
+    sf: Any = None
     servers: list[RunningServer] = field(default_factory=list)
     stoppers: list[Any] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
@@ -53,7 +56,7 @@ class Sandbox:
         from shared.bootstrap import set_services
 
         set_services(None)
-        for sim in (self.dv, self.ag):
+        for sim in (self.dv, self.ag, self.fno):
             close = getattr(sim, "close", None)
             if close is not None:
                 try:
@@ -101,8 +104,27 @@ def start_azure_emulators(box: Sandbox) -> None:
     })
 
 
+def start_sales_side(box: Sandbox, ca: TestCA) -> None:
+    """F&O and Salesforce simulators (the second seed's lead-to-cash reference data)."""
+    from sandbox.fno_sim import FinOpsSimulator
+    from sandbox.salesforce_sim import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, SalesforceSimulator
+
+    box.fno, box.sf = FinOpsSimulator(), SalesforceSimulator()
+    fno_server = RunningServer(box.fno.app, ca=ca).start()
+    sf_server = RunningServer(box.sf.app, ca=ca).start()
+    box.servers += [fno_server, sf_server]
+    box.sf.instance_url = sf_server.url
+    box.env.update({
+        "FNO__ENVIRONMENT_URL": fno_server.url, "FNO__AUTHORITY_HOST": fno_server.url,
+        "FNO__TENANT_ID": box.fno.tenant_id, "FNO__CLIENT_ID": box.fno.client_id,
+        "FNO__CLIENT_SECRET": box.fno.client_secret,
+        "SALESFORCE__MY_DOMAIN_URL": sf_server.url, "SALESFORCE__CLIENT_ID": DEFAULT_CLIENT_ID,
+        "SALESFORCE__CLIENT_SECRET": DEFAULT_CLIENT_SECRET,
+    })
+
+
 def start_sandbox(workdir: Path, *, latency_ms: float = 0.0, max_record_count: int = 2000,
-                  runtime: str = "embedded") -> Sandbox:
+                  runtime: str = "embedded", sales: bool = False) -> Sandbox:
     """Start both simulators (TLS from a throwaway CA) and return the settings that point at them."""
     from sandbox.arcgis_sim import ArcGISSimulator
 
@@ -132,6 +154,8 @@ def start_sandbox(workdir: Path, *, latency_ms: float = 0.0, max_record_count: i
         "ARCGIS__CLIENT_SECRET": ag.client_secret,
         "ARCGIS__WEBHOOK_SIGNATURE_KEY": SIGNATURE_KEY,
     }
+    if sales:
+        start_sales_side(box, ca)
     if runtime == "azure":
         try:
             start_azure_emulators(box)
@@ -153,6 +177,12 @@ def start_host(box: Sandbox) -> None:
     box.dv.register_webhook(f"{host.url}/api/webhooks/dataverse?code={FUNCTION_KEY}",
                             headers={"x-syncline-key": WEBHOOK_SECRET})
     box.ag.register_webhook(f"{host.url}/api/webhooks/arcgis?code={FUNCTION_KEY}", signature_key=SIGNATURE_KEY)
+    if box.fno is not None:
+        box.fno.register_business_event_endpoint(
+            f"{host.url}/api/webhooks/fno?code={FUNCTION_KEY}&syncline-key={WEBHOOK_SECRET}")
+    if box.sf is not None:
+        box.sf.register_cdc_webhook(f"{host.url}/api/webhooks/salesforce?code={FUNCTION_KEY}",
+                                    headers={"x-syncline-key": WEBHOOK_SECRET})
 
 
 async def flush(box: Sandbox) -> None:
@@ -160,6 +190,10 @@ async def flush(box: Sandbox) -> None:
     for _ in range(3):  # deliveries cause writes that cause deliveries
         await box.dv.flush_webhooks(timeout=300)
         await box.ag.flush_webhooks(timeout=300)
+        if box.fno is not None:
+            await box.fno.flush_events(timeout=300)
+        if box.sf is not None:
+            await asyncio.to_thread(box.sf.flush_events, 300)
 
 
 # ------------------------------------------------------------------------------------------ activity
@@ -252,8 +286,36 @@ def _tiny_jpeg() -> bytes:
 # ------------------------------------------------------------------------------------------ the run
 
 
+def sales_activity(box: Sandbox, summary: Counter[str]) -> None:
+    """A customer renamed in F&O (business event) and a phone number typed into Salesforce (CDC)."""
+    from sandbox.fno_sim import UNMAPPED_CURRENCY
+
+    customer = next(c for c in box.fno.all("CustomersV3") if c["SalesCurrencyCode"] != UNMAPPED_CURRENCY)
+    box.fno.apply_change("CustomersV3", (customer["dataAreaId"], customer["CustomerAccount"]),
+                         {"OrganizationName": f"{customer['OrganizationName']} Holdings"})
+    summary["F&O customer renames"] += 1
+    accounts = box.sf.find("Account")
+    if accounts:
+        box.sf.ui_change("Account", accounts[0]["Id"], {"Phone": "+1 412 555 0199"})
+        summary["Salesforce UI edits"] += 1
+
+
+def expected_bad(box: Sandbox) -> Counter[tuple[str, str]]:
+    """The deliberately bad records of every seed, as (flow, reason) counts."""
+    from sandbox.fno_sim import UNMAPPED_CURRENCY
+
+    expected = Counter(EXPECTED_BAD)
+    if box.fno is not None:
+        expected[("customers_to_salesforce", "UNMAPPED_CHOICE")] = sum(
+            1 for c in box.fno.all("CustomersV3") if c["SalesCurrencyCode"] == UNMAPPED_CURRENCY)
+        expected[("products_to_salesforce", "REQUIRED_FIELD_MISSING")] = sum(
+            1 for p in box.fno.all("ReleasedProductsV2") if not p["ProductName"])
+    return +expected
+
+
 async def run_demo(console: Console, *, report_path: Path, signs: int = 2000, work_orders: int = 500,
-                   workdir: Path = Path(".syncline/demo"), runtime: str = "embedded", quiet_logs: bool = True) -> bool:
+                   workdir: Path = Path(".syncline/demo"), runtime: str = "embedded", quiet_logs: bool = True,
+                   sales: bool = True) -> bool:
     """The whole demo; returns True when both directions synced with zero drift and exactly the bad records
     ended in the dead-letter queue. `quiet_logs=False` leaves logger levels alone (tests capturing logs)."""
     from sandbox.dataverse_seed import seed_dataverse
@@ -271,7 +333,7 @@ async def run_demo(console: Console, *, report_path: Path, signs: int = 2000, wo
     rng = random.Random(2026)
     activity: Counter[str] = Counter()
     console.rule("[bold]Syncline demo[/bold]: Dynamics 365 (Dataverse) <-> ArcGIS Online, on simulators")
-    box = start_sandbox(workdir, runtime=runtime)
+    box = start_sandbox(workdir, runtime=runtime, sales=sales)
     if runtime == "azure":
         console.print("runtime: azure (Table Storage on Azurite, Service Bus on the local AMQP test broker)")
     try:
@@ -280,6 +342,12 @@ async def run_demo(console: Console, *, report_path: Path, signs: int = 2000, wo
             console.print(f"seeded Dataverse: {seeded['dot_signassets']} signs (2 deliberately bad), "
                           f"{seeded['dot_workorders']} work orders, {seeded['dot_workordertasks']} tasks, "
                           f"{seeded['dot_fieldassignments']} field assignments")
+            if box.fno is not None:
+                from sandbox.fno_sim import seed_fno
+
+                seed_fno(box.fno, customers=60, products=30)
+                console.print(f"seeded F&O: {len(box.fno.all('CustomersV3'))} customers and "
+                              f"{len(box.fno.all('ReleasedProductsV2'))} released products in two legal entities")
             start_host(box)
             services = build_services(Settings())
             try:
@@ -296,6 +364,10 @@ async def run_demo(console: Console, *, report_path: Path, signs: int = 2000, wo
                 await flush(box)
                 field_activity(box, rng, activity)
                 await flush(box)
+                if box.fno is not None:
+                    await services.controller.run_cycle()  # the first cycle loads F&O into Salesforce
+                    sales_activity(box, activity)
+                    await flush(box)
                 cycles = []
                 for _ in range(6):
                     report = await services.controller.run_cycle()
@@ -324,8 +396,8 @@ async def run_demo(console: Console, *, report_path: Path, signs: int = 2000, wo
         got_bad = Counter((str(d["flow"]), str(d["reason"])) for d in dead_rows)
         total_drift = sum(d.drift for d in drift)
         directions = {f.name: f"{f.source.system} -> {f.target.system}" for f in services.flowset.flows}
-        ok = (total_drift == 0 and not box.dv.webhook_failures and set(got_bad) == EXPECTED_BAD
-              and all(v == 1 for v in got_bad.values()) and depth.active == 0
+        ok = (total_drift == 0 and not box.dv.webhook_failures and got_bad == expected_bad(box)
+              and depth.active == 0
               and any(per_flow[f] for f in per_flow if directions[f].startswith("arcgis"))
               and any(per_flow[f] for f in per_flow if directions[f].startswith("dataverse")))
         report_doc = {
@@ -338,7 +410,9 @@ async def run_demo(console: Console, *, report_path: Path, signs: int = 2000, wo
             "echoes_suppressed": len(echoes),
             "conflicts_resolved": len(conflicts),
             "cascaded_updates": len(cascaded),
-            "api_calls": {"dataverse": box.dv.request_count, "arcgis": sum(box.ag.request_count.values())},
+            "api_calls": {"dataverse": box.dv.request_count, "arcgis": sum(box.ag.request_count.values()),
+                          **({"fno": box.fno.request_count, "salesforce": box.sf.request_count}
+                             if box.fno is not None else {})},
             "controller_cycles": [c.__dict__ for c in cycles],
             "dead_letters": dead_rows,
             "webhook_failures": [

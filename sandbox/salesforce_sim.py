@@ -730,9 +730,10 @@ class SalesforceSimulator:
                 if fault.status == 405:
                     raise
                 if fault.status == 300:
-                    ids = ", ".join(url.rsplit("/", 1)[-1] for url in fault.fields)
+                    matches = ", ".join(url.rsplit("/", 1)[-1] for url in fault.fields)
                     fault = SalesforceFault(400, "DUPLICATE_EXTERNAL_ID",
-                                            f"{rest[-1]}: more than one record found for external id field: [{ids}]",
+                                            f"{rest[-1]}: more than one record found for external id field: "
+                                            f"[{matches}]",
                                             [rest[-1]])
                 if fault.status == 404 and fault.code == "NOT_FOUND" and len(rest) == 2:
                     raise  # unknown external id field: the whole call fails
@@ -799,10 +800,10 @@ class SalesforceSimulator:
                 raise SalesforceFault(400, "INVALIDJOB", f"InvalidJob : Invalid operation {op}")
             if op == "upsert" and data.get("externalIdFieldName") not in EXTERNAL_IDS[data["object"]]:
                 raise SalesforceFault(400, "INVALIDJOB", "InvalidJob : External ID was blank or not an External ID")
-            job = _Job("750" + secrets.token_hex(8).upper()[:15], data["object"], op,
-                       data.get("externalIdFieldName"), client=client)
-            self._jobs[job.id] = job
-            return self._json(self._job_info(job))
+            created = _Job("750" + secrets.token_hex(8).upper()[:15], data["object"], op,
+                           data.get("externalIdFieldName"), client=client)
+            self._jobs[created.id] = created
+            return self._json(self._job_info(created))
         job = self._jobs.get(rest[0]) if rest else None
         if job is None:
             raise SalesforceFault(404, "NOT_FOUND", "The requested resource does not exist")

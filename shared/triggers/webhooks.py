@@ -61,7 +61,8 @@ async def fno_webhook(req: func.HttpRequest) -> func.HttpResponse:
     """F&O business events (HTTPS endpoint): deduplicate, read the full record back, enqueue."""
     try:
         services = get_services()
-        check_shared_secret(services, req.headers.get("x-syncline-key"))
+        # F&O's HTTPS endpoint carries no custom headers: the secret may ride in the (Key Vault-held) URL.
+        check_shared_secret(services, req.headers.get("x-syncline-key") or req.params.get("syncline-key"))
         result = await handle_fno_business_events(services, req.get_body())
     except Exception as exc:  # translated into a clear HTTP answer
         return error_response(exc)

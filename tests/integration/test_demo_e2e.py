@@ -17,23 +17,29 @@ async def test_demo_syncs_both_ways_with_zero_drift_and_dead_letters_only_the_ba
     assert ok, report
     assert report["reconciliation"]["total_drift"] == 0
     directions = {row["direction"] for row in report["written_per_flow"].values() if row["records"] > 0}
-    assert directions == {"dataverse -> arcgis", "arcgis -> dataverse"}
+    assert directions == {"dataverse -> arcgis", "arcgis -> dataverse", "fno -> salesforce"}
     reasons = sorted((d["flow"], d["reason"]) for d in report["dead_letters"])
-    assert reasons == [("inspections_from_field", "REQUIRED_FIELD_MISSING"),
-                       ("sign_assets_to_field", "REQUIRED_FIELD_MISSING"),
-                       ("sign_assets_to_field", "UNMAPPED_CHOICE")]
+    assert reasons == [("customers_to_salesforce", "UNMAPPED_CHOICE")] * 2 + [
+        ("inspections_from_field", "REQUIRED_FIELD_MISSING")] + [
+        ("products_to_salesforce", "REQUIRED_FIELD_MISSING")] * 2 + [
+        ("sign_assets_to_field", "REQUIRED_FIELD_MISSING"),
+        ("sign_assets_to_field", "UNMAPPED_CHOICE")]
+    entities = {e["entity"]: e for e in report["reconciliation"]["entities"]}
+    assert entities["customer"]["linked"] > 0  # F&O customers reached Salesforce
+    assert entities["product"]["linked"] > 0
     assert all(d["description"] for d in report["dead_letters"])
     assert report["echoes_suppressed"] > 0  # our own writes came back and were dropped
     assert report["cascaded_updates"] > 0   # completed work orders closed their open tasks
     assert report["queue"]["active"] == 0
     assert report["api_calls"]["dataverse"] > 0
     assert report["api_calls"]["arcgis"] > 0
+    assert report["api_calls"]["salesforce"] > 0
 
 
 async def test_demo_on_the_azure_runtime_azurite_and_the_service_bus_test_broker(tmp_path):
     report_path = tmp_path / "report.json"
     ok = await run_demo(Console(file=open(tmp_path / "out.txt", "w")), report_path=report_path,  # noqa: SIM115
-                        signs=12, work_orders=3, workdir=tmp_path / "demo", runtime="azure")
+                        signs=12, work_orders=3, workdir=tmp_path / "demo", runtime="azure", sales=False)
     report = json.loads(report_path.read_text())
     assert ok, report
     assert report["reconciliation"]["total_drift"] == 0
