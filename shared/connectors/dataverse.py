@@ -21,6 +21,7 @@ from urllib.parse import quote, urlsplit
 import httpx
 
 from shared.connectors._http import RETRIABLE_STATUS, RetryPolicy, send_with_retry
+from shared.connectors._odata import json_object, rebase_link
 from shared.core.errors import (
     AmbiguousWriteError,
     AuthError,
@@ -505,20 +506,10 @@ class DataverseClient:
         headers = {"Prefer": prefer} if prefer else None
         response = await self._send("GET", url, what=what, params=params, headers=headers)
         self._raise_for(response, what)
-        try:
-            data = response.json()
-        except ValueError as exc:
-            raise TransientError(f"{SYSTEM} {what}: response is not JSON: {response.text[:200]!r}") from exc
-        if not isinstance(data, dict):
-            raise TransientError(f"{SYSTEM} {what}: unexpected JSON {type(data).__name__}")
-        return data
+        return json_object(response, system=SYSTEM, what=what)
 
     def _follow(self, link: str) -> str:
-        """Rebase an @odata.nextLink/deltaLink onto our org URL (never send the token to another host)."""
-        parts = urlsplit(link)
-        if not parts.path.startswith(API_PATH):
-            raise RejectedError(f"{SYSTEM}: link {link!r} is not a Web API v9.2 URL; cannot follow it")
-        return self.base_url + parts.path + (f"?{parts.query}" if parts.query else "")
+        return rebase_link(link, base_url=self.base_url, path_prefix=API_PATH, system=SYSTEM, error=RejectedError)
 
     # ------------------------------------------------------------------------------------ metadata
 

@@ -49,6 +49,7 @@ from urllib.parse import quote, urlsplit
 import httpx
 
 from shared.connectors._http import RetryPolicy, send_with_retry
+from shared.connectors._odata import json_object, rebase_link
 from shared.connectors.dataverse import TokenProvider
 from shared.core.errors import (
     AmbiguousWriteError,
@@ -485,20 +486,10 @@ class FinOpsClient:
                                     headers={"Prefer": f"odata.maxpagesize={self._page_size}"})
         if not response.is_success:
             raise _error_for(response, what)
-        try:
-            data = response.json()
-        except ValueError as exc:
-            raise TransientError(f"{SYSTEM} {what}: response is not JSON: {response.text[:200]!r}") from exc
-        if not isinstance(data, dict):
-            raise TransientError(f"{SYSTEM} {what}: unexpected JSON {type(data).__name__}")
-        return data
+        return json_object(response, system=SYSTEM, what=what)
 
     def _follow(self, link: str) -> str:
-        """Rebase an @odata.nextLink onto our environment host (the token never goes to another host)."""
-        parts = urlsplit(link)
-        if not parts.path.startswith(DATA_PATH):
-            raise TransientError(f"{SYSTEM}: nextLink {link!r} is not an OData /data URL; cannot follow it")
-        return self.base_url + parts.path + (f"?{parts.query}" if parts.query else "")
+        return rebase_link(link, base_url=self.base_url, path_prefix=DATA_PATH, system=SYSTEM)
 
     def _record(self, entity: str, row: Mapping[str, Any]) -> SourceRecord:
         values = {k: v for k, v in row.items() if "@" not in k}
