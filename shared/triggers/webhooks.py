@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 
 import azure.functions as func
 
-from shared.bootstrap import get_services
+from shared.bootstrap import Services, get_services
 from shared.intake import (
+    IntakeResult,
     check_shared_secret,
     handle_arcgis_webhook,
     handle_dataverse_webhook,
@@ -21,19 +23,34 @@ log = logging.getLogger("syncline.triggers.webhooks")
 bp = func.Blueprint()  # type: ignore[no-untyped-call]
 
 
+async def _intake(
+    req: func.HttpRequest,
+    handle: Callable[[Services, bytes], Awaitable[IntakeResult]],
+    *,
+    label: str,
+    status: int,
+    secret_in_query: bool = False,
+) -> func.HttpResponse:
+    """Shared-secret check, one application service, and the outcome as JSON (errors as clear answers)."""
+    try:
+        services = get_services()
+        presented = req.headers.get("x-syncline-key")
+        if presented is None and secret_in_query:
+            presented = req.params.get("syncline-key")
+        check_shared_secret(services, presented)
+        result = await handle(services, req.get_body())
+    except Exception as exc:  # translated into a clear HTTP answer
+        return error_response(exc)
+    log.info("%s: correlation_id=%s accepted=%d written=%d skipped=%d queued=%d", label, result.correlation_id,
+             result.accepted, result.written, result.skipped, result.queued)
+    return json_response(result.as_dict(), status)
+
+
 @bp.function_name("dataverse_webhook")
 @bp.route(route="webhooks/dataverse", methods=["POST"], auth_level=func.AuthLevel.FUNCTION)
 async def dataverse_webhook(req: func.HttpRequest) -> func.HttpResponse:
     """Dataverse service-endpoint webhook (RemoteExecutionContext): translate and write to ArcGIS now."""
-    try:
-        services = get_services()
-        check_shared_secret(services, req.headers.get("x-syncline-key"))
-        result = await handle_dataverse_webhook(services, req.get_body())
-    except Exception as exc:  # translated into a clear HTTP answer
-        return error_response(exc)
-    log.info("dataverse webhook: correlation_id=%s written=%d queued=%d", result.correlation_id, result.written,
-             result.queued)
-    return json_response(result.as_dict(), 200)
+    return await _intake(req, handle_dataverse_webhook, label="dataverse webhook", status=200)
 
 
 @bp.function_name("arcgis_webhook")
@@ -42,6 +59,7 @@ async def arcgis_webhook(req: func.HttpRequest) -> func.HttpResponse:
     """ArcGIS feature-service and Survey123 webhooks: authenticate, validate, enqueue."""
     try:
         services = get_services()
+        # Authentication happens inside: a signed feature-service webhook needs no shared secret.
         result = await handle_arcgis_webhook(
             services,
             req.get_body(),
@@ -59,28 +77,13 @@ async def arcgis_webhook(req: func.HttpRequest) -> func.HttpResponse:
 @bp.route(route="webhooks/fno", methods=["POST"], auth_level=func.AuthLevel.FUNCTION)
 async def fno_webhook(req: func.HttpRequest) -> func.HttpResponse:
     """F&O business events (HTTPS endpoint): deduplicate, read the full record back, enqueue."""
-    try:
-        services = get_services()
-        # F&O's HTTPS endpoint carries no custom headers: the secret may ride in the (Key Vault-held) URL.
-        check_shared_secret(services, req.headers.get("x-syncline-key") or req.params.get("syncline-key"))
-        result = await handle_fno_business_events(services, req.get_body())
-    except Exception as exc:  # translated into a clear HTTP answer
-        return error_response(exc)
-    log.info("fno business events: accepted=%d duplicates=%d queued=%d", result.accepted, result.skipped,
-             result.queued)
-    return json_response(result.as_dict(), 202)
+    # F&O's HTTPS endpoint carries no custom headers: the secret may ride in the (Key Vault-held) URL.
+    return await _intake(req, handle_fno_business_events, label="fno business events", status=202,
+                         secret_in_query=True)
 
 
 @bp.function_name("salesforce_webhook")
 @bp.route(route="webhooks/salesforce", methods=["POST"], auth_level=func.AuthLevel.FUNCTION)
 async def salesforce_webhook(req: func.HttpRequest) -> func.HttpResponse:
     """Salesforce Change Data Capture events relayed as JSON: drop echoes and duplicates, enqueue."""
-    try:
-        services = get_services()
-        check_shared_secret(services, req.headers.get("x-syncline-key"))
-        result = await handle_salesforce_change_events(services, req.get_body())
-    except Exception as exc:  # translated into a clear HTTP answer
-        return error_response(exc)
-    log.info("salesforce change events: accepted=%d skipped=%d queued=%d", result.accepted, result.skipped,
-             result.queued)
-    return json_response(result.as_dict(), 202)
+    return await _intake(req, handle_salesforce_change_events, label="salesforce change events", status=202)
