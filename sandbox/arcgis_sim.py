@@ -29,6 +29,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from sandbox.webhook_delivery import Deliverer
 from shared.core.ports import GEOMETRY_KEY
 
 TOKEN_PATH = "/sharing/rest/oauth2/token"
@@ -885,11 +886,7 @@ class ArcGISSimulator:
         self._webhook_ids = itertools.count(1)
         self._survey_hooks: list[tuple[str, dict[str, str]]] = []
         self._seen_base: str | None = None
-        self._pending = 0
-        self._deliverer_loop: asyncio.AbstractEventLoop | None = None
-        self._deliverer_thread: threading.Thread | None = None
-        self._deliverer_client: httpx.AsyncClient | None = None
-        self._delivery_slots: asyncio.Semaphore | None = None
+        self._deliveries = Deliverer("arcgis-sim-webhooks")
         self.app = Starlette(routes=[Route("/{path:path}", self._entry, methods=["GET", "POST"])])
 
     # ------------------------------------------------------------------------------------ urls & config
@@ -1037,24 +1034,11 @@ class ArcGISSimulator:
 
     async def flush_webhooks(self, timeout: float = 10.0) -> None:
         """Wait until every queued webhook delivery has finished (delivered or failed)."""
-        deadline = time.monotonic() + timeout
-        while self._pending > 0:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{self._pending} webhook deliveries still pending after {timeout}s")
-            await asyncio.sleep(0.005)
+        await self._deliveries.flush(timeout)
 
     def close(self) -> None:
         """Stop the webhook delivery thread."""
-        loop, thread = self._deliverer_loop, self._deliverer_thread
-        if loop is None or thread is None:
-            return
-        client = self._deliverer_client
-        if client is not None:
-            asyncio.run_coroutine_threadsafe(client.aclose(), loop).result(timeout=5)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout=5)
-        self._deliverer_loop = self._deliverer_thread = self._deliverer_client = None
-        self._delivery_slots = None
+        self._deliveries.close()
 
     def survey123_submit(
         self,
@@ -1182,52 +1166,17 @@ class ArcGISSimulator:
             self._send(reg.url, "feature-service", body, headers)
 
     def _send(self, url: str, kind: str, body: bytes, headers: dict[str, str]) -> None:
-        with self._lock:
-            self._pending += 1
-        loop = self._ensure_deliverer()
-        asyncio.run_coroutine_threadsafe(self._deliver(url, kind, body, headers), loop)
+        self._deliveries.submit(lambda client: self._deliver(client, url, kind, body, headers))
 
-    def _ensure_deliverer(self) -> asyncio.AbstractEventLoop:
-        # Deliveries run on their own loop/thread: independent of whichever loop served the API request.
-        with self._lock:
-            if self._deliverer_loop is None:
-                loop = asyncio.new_event_loop()
-                ready = threading.Event()
-
-                def run() -> None:
-                    asyncio.set_event_loop(loop)
-                    loop.call_soon(ready.set)
-                    loop.run_forever()
-                    loop.close()
-
-                thread = threading.Thread(target=run, name="arcgis-sim-webhooks", daemon=True)
-                thread.start()
-                ready.wait(5)
-                self._deliverer_loop, self._deliverer_thread = loop, thread
-            return self._deliverer_loop
-
-    async def _deliver(self, url: str, kind: str, body: bytes, headers: dict[str, str]) -> None:
-        slot_held = False
+    async def _deliver(self, client: httpx.AsyncClient, url: str, kind: str, body: bytes,
+                       headers: dict[str, str]) -> None:
         try:
-            if self._delivery_slots is None:
-                # Like the real services, deliver with bounded parallelism (and keep the HTTP pool small).
-                self._delivery_slots = asyncio.Semaphore(8)
-            await self._delivery_slots.acquire()
-            slot_held = True
-            if self._deliverer_client is None:
-                self._deliverer_client = httpx.AsyncClient(timeout=30.0, trust_env=False)
-            try:
-                resp = await self._deliverer_client.post(url, content=body, headers=headers)
-                record = WebhookDelivery(url, kind, body, headers, resp.status_code,
-                                         "" if resp.is_success else resp.text[:500])
-            except httpx.HTTPError as exc:
-                record = WebhookDelivery(url, kind, body, headers, None, f"{type(exc).__name__}: {exc}")
-            self.webhook_deliveries.append(record)
-        finally:
-            if slot_held and self._delivery_slots is not None:
-                self._delivery_slots.release()
-            with self._lock:
-                self._pending -= 1
+            resp = await client.post(url, content=body, headers=headers)
+            record = WebhookDelivery(url, kind, body, headers, resp.status_code,
+                                     "" if resp.is_success else resp.text[:500])
+        except httpx.HTTPError as exc:
+            record = WebhookDelivery(url, kind, body, headers, None, f"{type(exc).__name__}: {exc}")
+        self.webhook_deliveries.append(record)
 
     # ------------------------------------------------------------------------------------ auth
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import json
 import math
 import re
@@ -26,6 +27,8 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+
+from sandbox.webhook_delivery import Deliverer
 
 API_PREFIX = "/api/data/v9.2/"
 XRM_CONTRACTS = "http://schemas.microsoft.com/xrm/2011/Contracts"
@@ -1061,11 +1064,7 @@ class DataverseSimulator:
         self._in_flight = 0
         self._webhooks: list[WebhookRegistration] = []
         self._webhook_verify = webhook_verify
-        self._pending = 0
-        self._deliverer_loop: asyncio.AbstractEventLoop | None = None
-        self._deliverer_thread: threading.Thread | None = None
-        self._deliverer_client: httpx.AsyncClient | None = None
-        self._delivery_slots: asyncio.Semaphore | None = None
+        self._deliveries = Deliverer("dataverse-sim-webhooks", verify=webhook_verify, timeout=60.0)
         self._seed_platform()
         self.app = Starlette(routes=[
             Route("/{tenant}/v2.0/.well-known/openid-configuration", self._openid_configuration, methods=["GET"]),
@@ -1218,43 +1217,11 @@ class DataverseSimulator:
 
     async def flush_webhooks(self, timeout: float = 10.0) -> None:
         """Wait until every queued webhook delivery has finished (delivered or failed)."""
-        deadline = time.monotonic() + timeout
-        while self._pending > 0:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{self._pending} webhook deliveries still pending after {timeout}s")
-            await asyncio.sleep(0.005)
+        await self._deliveries.flush(timeout)
 
     def close(self) -> None:
         """Stop the webhook delivery thread."""
-        loop, thread = self._deliverer_loop, self._deliverer_thread
-        if loop is None or thread is None:
-            return
-        client = self._deliverer_client
-        if client is not None:
-            asyncio.run_coroutine_threadsafe(client.aclose(), loop).result(timeout=5)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout=5)
-        self._deliverer_loop = self._deliverer_thread = self._deliverer_client = None
-        self._delivery_slots = None
-
-    def _ensure_deliverer(self) -> asyncio.AbstractEventLoop:
-        # Deliveries run on their own loop/thread: independent of whichever loop served the API request.
-        with self._lock:
-            if self._deliverer_loop is None:
-                loop = asyncio.new_event_loop()
-                ready = threading.Event()
-
-                def run() -> None:
-                    asyncio.set_event_loop(loop)
-                    loop.call_soon(ready.set)
-                    loop.run_forever()
-                    loop.close()
-
-                thread = threading.Thread(target=run, name="dataverse-sim-webhooks", daemon=True)
-                thread.start()
-                ready.wait(5)
-                self._deliverer_loop, self._deliverer_thread = loop, thread
-            return self._deliverer_loop
+        self._deliveries.close()
 
     def _emit(self, events: Iterable[_Event]) -> None:
         for event in events:
@@ -1265,10 +1232,7 @@ class DataverseSimulator:
                        if reg.tables is None or {event.entity_set, schema.logical_name} & reg.tables]
             targets += self._registered_targets(event)
             for reg, body in targets:
-                with self._lock:
-                    self._pending += 1
-                loop = self._ensure_deliverer()
-                asyncio.run_coroutine_threadsafe(self._deliver(reg, event, body), loop)
+                self._deliveries.submit(functools.partial(self._deliver, reg=reg, event=event, body=body))
 
     def _registered_targets(self, event: _Event) -> list[tuple[WebhookRegistration, bytes]]:
         """Deliveries of the enabled steps registered (through the Web API) for this message and table."""
@@ -1328,48 +1292,35 @@ class DataverseSimulator:
             return WebhookRegistration(_with_query(url, parse_settings(value)), {}, None)
         return WebhookRegistration(url, {}, None)
 
-    async def _deliver(self, reg: WebhookRegistration, event: _Event, body: bytes) -> None:
-        slot_held = False
-        try:
-            if self._delivery_slots is None:
-                # Like the real services, deliver with bounded parallelism (and keep the HTTP pool small).
-                self._delivery_slots = asyncio.Semaphore(8)
-            await self._delivery_slots.acquire()
-            slot_held = True
-            if self._deliverer_client is None:
-                self._deliverer_client = httpx.AsyncClient(verify=self._webhook_verify, timeout=60.0)
-            headers = {
-                "Content-Type": "application/json",
-                "x-ms-dynamics-organization": self._org_host(),
-                "x-ms-dynamics-entity-name": self.schema[event.entity_set].logical_name,
-                "x-ms-dynamics-request-name": event.message,
-                "x-ms-correlation-request-id": event.correlation_id,
-                **reg.headers,
-            }
-            status: int | None = None
-            error = ""
-            for attempt in (1, 2):
-                try:
-                    resp = await self._deliverer_client.post(reg.url, content=body, headers=headers)
-                    status = resp.status_code
-                    error = "" if resp.is_success else resp.text[:500]
-                except httpx.HTTPError as exc:
-                    status, error = None, f"{type(exc).__name__}: {exc}"
-                    break
-                # The real service retries once, and only on 502/503/504.
-                if status in (502, 503, 504) and attempt == 1:
-                    continue
+    async def _deliver(self, client: httpx.AsyncClient, reg: WebhookRegistration, event: _Event,
+                       body: bytes) -> None:
+        headers = {
+            "Content-Type": "application/json",
+            "x-ms-dynamics-organization": self._org_host(),
+            "x-ms-dynamics-entity-name": self.schema[event.entity_set].logical_name,
+            "x-ms-dynamics-request-name": event.message,
+            "x-ms-correlation-request-id": event.correlation_id,
+            **reg.headers,
+        }
+        status: int | None = None
+        error = ""
+        for attempt in (1, 2):
+            try:
+                resp = await client.post(reg.url, content=body, headers=headers)
+                status = resp.status_code
+                error = "" if resp.is_success else resp.text[:500]
+            except httpx.HTTPError as exc:
+                status, error = None, f"{type(exc).__name__}: {exc}"
                 break
-            if status is not None and 200 <= status < 300:
-                self.webhooks_delivered += 1
-            else:
-                self.webhook_failures.append(WebhookFailure(
-                    reg.url, event.message, self.schema[event.entity_set].logical_name, event.key, status, error))
-        finally:
-            if slot_held and self._delivery_slots is not None:
-                self._delivery_slots.release()
-            with self._lock:
-                self._pending -= 1
+            # The real service retries once, and only on 502/503/504.
+            if status in (502, 503, 504) and attempt == 1:
+                continue
+            break
+        if status is not None and 200 <= status < 300:
+            self.webhooks_delivered += 1
+        else:
+            self.webhook_failures.append(WebhookFailure(
+                reg.url, event.message, self.schema[event.entity_set].logical_name, event.key, status, error))
 
     def _org_host(self) -> str:
         return urlsplit(self.org_url).netloc if self.org_url else "syncline-sim.crm.dynamics.com"
