@@ -64,7 +64,7 @@ def load_flows(path: str | Path) -> FlowSet:
         "name": "+".join(s.name for s in specs),
         "systems": sorted({sys for s in specs for sys in s.systems}),
         "value_maps": {k: v for s in specs for k, v in s.value_maps.items()},
-        "flows": [f.model_dump() for s in specs for f in s.flows],
+        "flows": [f.model_dump(by_alias=True) for s in specs for f in s.flows],
         "cascades": [c.model_dump() for s in specs for c in s.cascades],
     }
     import yaml

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from shared.core.engine import in_scope
 from shared.core.errors import SyncError
 from shared.core.ports import ATTACHMENTS_KEY, GEOMETRY_KEY, ChangeSource, SourceRecord, StateStore
 from shared.mapping.engine import Mapper, same
@@ -27,6 +28,8 @@ class EntityDrift:
     """source key -> fields whose values differ."""
     excluded: list[str] = field(default_factory=list)
     """Source keys left out on purpose (dead-lettered records)."""
+    out_of_scope: int = 0
+    """Source records the flow's `when` conditions leave out (not drift)."""
 
     @property
     def drift(self) -> int:
@@ -38,6 +41,7 @@ class EntityDrift:
             "target_records": self.target_records, "linked": self.linked, "drift": self.drift,
             "missing_in_target": self.missing_in_target[:20], "orphans_in_target": self.orphans_in_target[:20],
             "field_drift": dict(list(self.field_drift.items())[:20]), "excluded": self.excluded,
+            "out_of_scope": self.out_of_scope,
         }
 
 
@@ -85,6 +89,9 @@ async def reconcile(
         for key, record in sources_rows.items():
             if key in excluded:
                 drift.excluded.append(key)
+                continue
+            if not all(in_scope(c, record.values) for c in flow.when):
+                drift.out_of_scope += 1
                 continue
             tkey = links.get(key)
             if tkey is None or tkey not in target_rows:

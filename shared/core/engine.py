@@ -33,7 +33,7 @@ from shared.core.ports import (
     WriteResult,
 )
 from shared.mapping.engine import MappedValues, Mapper, normalize, same, values_hash
-from shared.mapping.spec import CascadeSpec, FlowSet, FlowSpec
+from shared.mapping.spec import CascadeSpec, Condition, FlowSet, FlowSpec
 from shared.telemetry import correlated
 
 log = logging.getLogger(__name__)
@@ -257,6 +257,10 @@ class SyncEngine:
             op = WriteOp(op_id, "delete", tgt.table, key=target_key, correlation_id=env.correlation_id)
             return _Plan(index, env, flow, target_key, op)
         is_create = target_key is None
+        unmet = [c.describe() for c in flow.when if not in_scope(c, env.payload)]
+        if unmet:
+            return Outcome(env, "skipped_noop", target_key=target_key,
+                           detail=f"out of scope of flow {flow.name} (needs {'; '.join(unmet)})")
         wanted = "create" if is_create else "update"
         if wanted not in flow.operations:
             return Outcome(env, "skipped_noop", detail=f"flow {flow.name} does not sync {wanted}s from {src.system}")
@@ -301,6 +305,13 @@ class SyncEngine:
                     f"flow {flow.name} record {env.source_key}: waiting for parent {parent_src_key} "
                     f"(flow {lk.parent_flow}) to be synced first"
                 )
+            if lk.key_part is not None:
+                parts = key_parts(parent_key)
+                if lk.key_part >= len(parts):
+                    raise ValidationError(
+                        f"flow {flow.name} record {env.source_key}: parent key {parent_key!r} has no part "
+                        f"{lk.key_part} (lookup {lk.source}); fix key_part in the flow spec.")
+                parent_key = parts[lk.key_part]
             if lk.bind_entity_set is not None:
                 binds[lk.target] = Bind(lk.bind_entity_set, parent_key)
             else:
@@ -523,6 +534,31 @@ class SyncEngine:
             env.source_system, env.source_table, env.source_key, detail,
             outcome.error.reason if outcome.error is not None else None,
         )
+
+
+def in_scope(condition: Condition, payload: Mapping[str, Any]) -> bool:
+    """Whether a record satisfies one scope condition of a flow (an absent field is empty)."""
+    value = payload.get(condition.field)
+    if condition.present is not None:
+        return _blank(value) != condition.present
+    return normalize(value) in {normalize(v) for v in condition.in_ or ()}
+
+
+def key_parts(key: str) -> list[str]:
+    """The `|`-separated parts of a composite key (F&O `company|number`), honouring `\\|` escapes."""
+    parts: list[str] = []
+    current: list[str] = []
+    chars = iter(key)
+    for ch in chars:
+        if ch == "\\":
+            current.append(next(chars, ""))
+        elif ch == "|":
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+    parts.append("".join(current))
+    return parts
 
 
 def _blank(value: Any) -> bool:

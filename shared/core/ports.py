@@ -248,6 +248,33 @@ class Bind:
 WriteAction = Literal["upsert", "update", "delete"]
 
 
+LINES_KEY = "@lines"
+"""Payload/snapshot key of a document's lines (read with the header, written with it)."""
+
+
+@dataclass
+class LineWrite:
+    """One line of a document written with its header (an F&O sales order line, an SAP `to_Item` entry)."""
+
+    source_key: str
+    values: dict[str, Any]
+    """Target line field values (without the header key fields, which the sink fills in)."""
+    match: dict[str, str]
+    """{target line field: source line key}: finds the line again, so a replay never duplicates it."""
+
+
+@dataclass
+class Lines:
+    """The lines of a header WriteOp. Sinks write the header, then make each item exist exactly once under it
+    (create, or update the one found by `match`); target lines without an item are left alone."""
+
+    table: str
+    """Target entity set of the lines (F&O `SalesOrderLines`) or navigation property (SAP `to_Item`)."""
+    parent_fields: dict[str, str]
+    """{line field: header field}: header values (e.g. the new order number) copied onto every line."""
+    items: list[LineWrite] = field(default_factory=list)
+
+
 @dataclass
 class WriteOp:
     """One write to one target record. The sink decides how (batch, changeset, applyEdits)."""
@@ -264,6 +291,8 @@ class WriteOp:
     binds: dict[str, Bind] = field(default_factory=dict)
     attachments: list[Attachment] = field(default_factory=list)
     correlation_id: str = ""
+    lines: Lines | None = None
+    """Document lines written with this header (only on upserts of flows with `lines`)."""
 
 
 @dataclass
@@ -298,7 +327,11 @@ class RecordSink(Protocol):
         equals: Mapping[str, Any],
         not_in: Mapping[str, Sequence[Any]] | None = None,
     ) -> list[SourceRecord]:
-        """Records whose fields equal `equals` and are not in `not_in` (every value escaped by the sink)."""
+        """Records whose fields equal `equals` and are not in `not_in` (every value escaped by the sink).
+
+        A list or tuple value in `equals` matches any of its values (`IN`); the caller keeps such lists short
+        (at most 100 values) so every query fits a URL.
+        """
         ...
 
     async def fetch(self, table: str, keys: Sequence[str]) -> dict[str, SourceRecord]:

@@ -80,6 +80,34 @@ class LookupMap(_Strict):
     bind_entity_set: str | None = None
     """Dataverse only: entity set of the parent, which makes this an @odata.bind lookup."""
     required: bool = True
+    key_part: int | None = Field(default=None, ge=0)
+    """For composite parent keys (F&O `company|number`): which `|`-separated part goes into the target
+    field (0 = dataAreaId, 1 = the number). None writes the whole key."""
+
+
+class Condition(_Strict):
+    """A scope rule on the source record: the flow only syncs records that satisfy all of its conditions."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    field: str
+    in_: list[Scalar] | None = Field(default=None, alias="in")
+    """The field's value must be one of these."""
+    present: bool | None = None
+    """True: the field must hold a value; False: it must be empty."""
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> Condition:
+        if (self.in_ is None) == (self.present is None):
+            raise ValueError(f"condition on {self.field!r} needs exactly one of 'in' or 'present'")
+        if self.in_ is not None and not self.in_:
+            raise ValueError(f"condition on {self.field!r}: 'in' needs at least one value")
+        return self
+
+    def describe(self) -> str:
+        if self.in_ is not None:
+            return f"{self.field} in {list(self.in_)}"
+        return f"{self.field} {'is set' if self.present else 'is empty'}"
 
 
 class AttachmentSpec(_Strict):
@@ -88,6 +116,25 @@ class AttachmentSpec(_Strict):
     enabled: bool = True
     max_bytes: int = 10 * 1024 * 1024
     content_types: list[str] = Field(default_factory=lambda: ["image/jpeg", "image/png"])
+
+
+class LinesSpec(_Strict):
+    """Document lines read with their header and written with it (sales order lines; SAP deep insert)."""
+
+    source_table: str
+    """Source table of the lines (Salesforce OpportunityLineItem, Dataverse salesorderdetails)."""
+    parent_field: str
+    """Source line field holding the header's source key (OpportunityId)."""
+    key_field: str = "Id"
+    """Source line primary key."""
+    target_table: str
+    """Target entity set of the lines (F&O SalesOrderLines) or navigation property (SAP to_Item)."""
+    parent_fields: dict[str, str] = Field(default_factory=dict)
+    """{target line field: target header field} copied from the written header (order number, company)."""
+    link_field: str
+    """Target line field that holds the source line key, so re-writes find the line instead of adding one."""
+    fields: list[FieldMap]
+    lookups: list[LookupMap] = Field(default_factory=list)
 
 
 class FlowSpec(_Strict):
@@ -102,11 +149,14 @@ class FlowSpec(_Strict):
     mode: Literal["direct", "queue"]
     """direct: outbound write in the webhook invocation; queue: staged on the inbound queue."""
     operations: list[OperationName] = Field(default_factory=lambda: list(ALL_OPERATIONS))
+    when: list[Condition] = Field(default_factory=list)
+    """Scope: only source records meeting every condition are synced (e.g. closed-won opportunities)."""
     link: LinkSpec
     fields: list[FieldMap]
     geometry: GeometryMap | None = None
     lookups: list[LookupMap] = Field(default_factory=list)
     attachments: AttachmentSpec | None = None
+    lines: LinesSpec | None = None
     batch_size: int = Field(default=500, ge=1, le=1000)
 
     @model_validator(mode="after")
@@ -176,10 +226,12 @@ class FlowSet(_Strict):
                 parent = by_name.get(lk.parent_flow)
                 if parent is None:
                     raise ValueError(f"flow {flow.name!r} lookup {lk.source!r}: unknown parent_flow {lk.parent_flow!r}")
-                if (parent.source.system, parent.target.system) != (flow.source.system, flow.target.system):
+                # Links are stored both ways, so a parent synced in the other direction (products mastered by
+                # F&O, referenced by Salesforce order lines) resolves as well; only the two systems must agree.
+                if {parent.source.system, parent.target.system} != {flow.source.system, flow.target.system}:
                     raise ValueError(
-                        f"flow {flow.name!r} lookup {lk.source!r}: parent_flow {lk.parent_flow!r} must run in the "
-                        "same direction"
+                        f"flow {flow.name!r} lookup {lk.source!r}: parent_flow {lk.parent_flow!r} must connect the "
+                        "same two systems"
                     )
         for name, entries in self.value_maps.items():
             for system in {s for e in entries for s in e if s != "label"}:
@@ -231,8 +283,12 @@ class FlowSet(_Strict):
         return [f for f in self.flows if f.source.system == system and f.source.table == table]
 
     def depth(self, flow: FlowSpec) -> int:
-        """Number of ancestor levels (0 for a flow without lookups): parents are processed first."""
-        parents = [self.flow(lk.parent_flow) for lk in flow.lookups]
+        """Number of ancestor levels (0 for a flow without lookups): parents are processed first.
+
+        Only parents synced in the same direction count; one synced the other way is never in the same batch.
+        """
+        parents = [p for lk in flow.lookups
+                   if (p := self.flow(lk.parent_flow)).source.system == flow.source.system]
         return 0 if not parents else 1 + max(self.depth(p) for p in parents)
 
     def reverse_of(self, flow: FlowSpec) -> FlowSpec | None:
