@@ -60,6 +60,15 @@ class FakeSystem:
             row.update(op.values)
             for nav, bind in op.binds.items():
                 row[nav] = bind.key
+            if op.lines is not None:
+                # lines are upserted under the header by their match field, header fields copied on
+                line_rows = self.tables.setdefault(op.lines.table, {})
+                for item in op.lines.items:
+                    field, value = next(iter(item.match.items()))
+                    line_key = next((k for k, r in line_rows.items() if r.get(field) == value), None) or self.new_key()
+                    line = line_rows.setdefault(line_key, {field: value, "@header": key})
+                    line.update(item.values)
+                    line.update({f: row.get(h, key) for f, h in op.lines.parent_fields.items()})
             results.append(WriteResult(op.op_id, True, key=key, created=created))
         return results
 
@@ -67,7 +76,8 @@ class FakeSystem:
                      not_in: Mapping[str, Sequence[Any]] | None = None) -> list[SourceRecord]:
         out = []
         for key, row in self.tables.get(table, {}).items():
-            if all(row.get(f) == v for f, v in equals.items()) and not any(
+            if all(row.get(f) in v if isinstance(v, list | tuple) else row.get(f) == v
+                   for f, v in equals.items()) and not any(
                 row.get(f) in vs for f, vs in (not_in or {}).items()
             ):
                 out.append(SourceRecord(key, dict(row)))

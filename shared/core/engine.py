@@ -20,14 +20,18 @@ from shared.core.errors import (
 )
 from shared.core.ports import (
     ATTACHMENTS_KEY,
+    LINES_KEY,
     Attachment,
     AttachmentRef,
     AuditEntry,
     Bind,
     ChangeSource,
+    Lines,
+    LineWrite,
     Link,
     RecordSink,
     Snapshot,
+    SourceRecord,
     StateStore,
     WriteOp,
     WriteResult,
@@ -40,6 +44,9 @@ log = logging.getLogger(__name__)
 
 SEEN_MODIFIED = "@seen_modified"
 """Snapshot key: modified time of the newest change that came *from* this record's own system."""
+
+LINE_QUERY_KEYS = 100
+"""Headers whose lines are read in one source query (keeps the IN list / or-chain inside URL limits)."""
 
 Status = Literal["written", "skipped_echo", "skipped_noop", "deferred", "failed", "deleted"]
 
@@ -75,6 +82,9 @@ class _Work:
     src_snaps: dict[str, Snapshot] = field(default_factory=dict)
     tgt_snaps: dict[str, Snapshot] = field(default_factory=dict)
     parents: dict[str, dict[str, str]] = field(default_factory=dict)
+    lines: dict[str, list[SourceRecord]] = field(default_factory=dict)
+    """Header source key -> its document lines, read from the source in one query per 100 headers."""
+    line_parents: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
 class SyncEngine:
@@ -187,12 +197,53 @@ class SyncEngine:
                 work.links[env.source_key] = _canonical_key(tgt.system, known)
         work.src_snaps = await self.state.get_snapshots(src.system, src.table, keys)
         work.tgt_snaps = await self.state.get_snapshots(tgt.system, tgt.table, list(set(work.links.values())))
+        work.parents = await self._parent_links(flow, [e.payload for e in envs])
+        if flow.lines is not None:
+            work.lines = await self._read_lines(flow, [e for e in envs if e.operation != "delete"])
+            line_flow = self.flowset.line_flow(flow)
+            work.line_parents = await self._parent_links(
+                line_flow, [r.values for rows in work.lines.values() for r in rows])
+        return work
+
+    async def _parent_links(self, flow: FlowSpec, payloads: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, str]]:
+        parents: dict[str, dict[str, str]] = {}
+        src, tgt = flow.source, flow.target
         for lk in flow.lookups:
             parent = self.flowset.flow(lk.parent_flow)
-            parent_keys = sorted({str(e.payload[lk.source]) for e in envs if not _blank(e.payload.get(lk.source))})
+            parent_keys = sorted({str(p[lk.source]) for p in payloads if not _blank(p.get(lk.source))})
             parent_keys = [_canonical_key(src.system, k) for k in parent_keys]
-            work.parents[lk.source] = await self.state.get_links(parent.entity, src.system, parent_keys, tgt.system)
-        return work
+            found = await self.state.get_links(parent.entity, src.system, parent_keys, tgt.system)
+            parents.setdefault(lk.source, {}).update(found)
+        return parents
+
+    async def _read_lines(self, flow: FlowSpec, envs: Sequence[ChangeEnvelope]) -> dict[str, list[SourceRecord]]:
+        # Lines are read when their header syncs, so a document is always written whole and in one piece.
+        assert flow.lines is not None
+        source = self.sinks.get(flow.source.system)  # select() is on the sink port (cascades use it too)
+        if source is None:
+            raise TransientError(f"no {flow.source.system} connector configured to read {flow.lines.source_table}")
+        out: dict[str, list[SourceRecord]] = {e.source_key: [] for e in envs}
+        keys = list(out)
+        for start in range(0, len(keys), LINE_QUERY_KEYS):
+            chunk = keys[start:start + LINE_QUERY_KEYS]
+            rows = await source.select(flow.lines.source_table, equals={flow.lines.parent_field: chunk})
+            for row in rows:
+                parent = str(row.values.get(flow.lines.parent_field) or "")
+                if parent in out:
+                    out[parent].append(row)
+        for rows in out.values():
+            rows.sort(key=lambda r: r.key)
+        return out
+
+    def _line_projection(self, flow: FlowSpec, work: _Work, source_key: str) -> list[dict[str, Any]]:
+        line_flow = self.flowset.line_flow(flow)
+        return [{"key": r.key, **self.mapper.project(line_flow, r.values)} for r in work.lines.get(source_key, [])]
+
+    def _projection(self, flow: FlowSpec, env: ChangeEnvelope, work: _Work) -> dict[str, Any]:
+        projection = self.mapper.project(flow, env.payload)
+        if flow.lines is not None:
+            projection[LINES_KEY] = self._line_projection(flow, work, env.source_key)
+        return projection
 
     async def _process_flow(
         self,
@@ -264,7 +315,7 @@ class SyncEngine:
         wanted = "create" if is_create else "update"
         if wanted not in flow.operations:
             return Outcome(env, "skipped_noop", detail=f"flow {flow.name} does not sync {wanted}s from {src.system}")
-        projection = self.mapper.project(flow, env.payload)
+        projection = self._projection(flow, env, work)
         snap = work.src_snaps.get(env.source_key)
         seen = snap.values.get(SEEN_MODIFIED) if snap is not None else None
         token = _seen_token(env)
@@ -282,41 +333,14 @@ class SyncEngine:
         )
         mapped = self.mapper.map_values(flow, env.payload, is_create=is_create, target_newer=target_newer,
                                         record=f"{src.system}:{src.table}:{env.source_key}")
-        binds: dict[str, Bind] = {}
-        for lk in flow.lookups:
-            parent_src_key = env.payload.get(lk.source)
-            if _blank(parent_src_key):
-                if lk.required and (is_create or lk.source in env.payload):
-                    raise ValidationError(
-                        f"flow {flow.name} record {env.source_key}: required relationship {lk.source} is empty; link "
-                        f"the record to its parent in {src.system}, then replay."
-                    )
-                if lk.source in env.payload and lk.bind_entity_set is None:
-                    mapped.values[lk.target] = None
-                continue
-            parent_key = work.parents.get(lk.source, {}).get(_canonical_key(src.system, str(parent_src_key)))
-            if parent_key is None:
-                if env.waits >= self.max_parent_waits:
-                    raise ParentMissingError(
-                        f"flow {flow.name} record {env.source_key}: parent {parent_src_key} (flow {lk.parent_flow}) "
-                        f"was never synced after {env.waits} waits. Sync or fix the parent, then replay this message."
-                    )
-                raise ParentPendingError(
-                    f"flow {flow.name} record {env.source_key}: waiting for parent {parent_src_key} "
-                    f"(flow {lk.parent_flow}) to be synced first"
-                )
-            if lk.key_part is not None:
-                parts = key_parts(parent_key)
-                if lk.key_part >= len(parts):
-                    raise ValidationError(
-                        f"flow {flow.name} record {env.source_key}: parent key {parent_key!r} has no part "
-                        f"{lk.key_part} (lookup {lk.source}); fix key_part in the flow spec.")
-                parent_key = parts[lk.key_part]
-            if lk.bind_entity_set is not None:
-                binds[lk.target] = Bind(lk.bind_entity_set, parent_key)
-            else:
-                mapped.values[lk.target] = parent_key
-        if tsnap is not None and not binds and _covers(tsnap.values, mapped.values) and not _new_attachments(env, snap):
+        binds = self._resolve_lookups(flow, env.source_key, env.payload, work.parents, mapped.values,
+                                      is_create=is_create, waits=env.waits)
+        lines: Lines | None = None
+        compare: dict[str, Any] = dict(mapped.values)
+        if flow.lines is not None:
+            lines = self._map_lines(flow, env, work)
+            compare[LINES_KEY] = [{"key": i.source_key, **i.values} for i in lines.items]
+        if tsnap is not None and not binds and _covers(tsnap.values, compare) and not _new_attachments(env, snap):
             return Outcome(env, "skipped_noop", target_key=target_key, detail="target already holds these values")
         attachments = await self._attachments(flow, env, snap)
         op = WriteOp(
@@ -329,8 +353,63 @@ class SyncEngine:
             binds=binds,
             attachments=attachments,
             correlation_id=env.correlation_id,
+            lines=lines,
         )
         return _Plan(index, env, flow, target_key, op, mapped=mapped, is_create=is_create)
+
+    def _resolve_lookups(self, flow: FlowSpec, source_key: str, payload: Mapping[str, Any],
+                         parents: Mapping[str, Mapping[str, str]], values: dict[str, Any], *, is_create: bool,
+                         waits: int) -> dict[str, Bind]:
+        """Put each relationship's target key into `values` (or a bind); a parent not synced yet defers."""
+        src = flow.source
+        binds: dict[str, Bind] = {}
+        for lk in flow.lookups:
+            parent_src_key = payload.get(lk.source)
+            if _blank(parent_src_key):
+                if lk.required and (is_create or lk.source in payload):
+                    raise ValidationError(
+                        f"flow {flow.name} record {source_key}: required relationship {lk.source} is empty; link "
+                        f"the record to its parent in {src.system}, then replay."
+                    )
+                if lk.source in payload and lk.bind_entity_set is None:
+                    values[lk.target] = None
+                continue
+            parent_key = parents.get(lk.source, {}).get(_canonical_key(src.system, str(parent_src_key)))
+            if parent_key is None:
+                if waits >= self.max_parent_waits:
+                    raise ParentMissingError(
+                        f"flow {flow.name} record {source_key}: parent {parent_src_key} (flow {lk.parent_flow}) "
+                        f"was never synced after {waits} waits. Sync or fix the parent, then replay this message."
+                    )
+                raise ParentPendingError(
+                    f"flow {flow.name} record {source_key}: waiting for parent {parent_src_key} "
+                    f"(flow {lk.parent_flow}) to be synced first"
+                )
+            if lk.key_part is not None:
+                parts = key_parts(parent_key)
+                if lk.key_part >= len(parts):
+                    raise ValidationError(
+                        f"flow {flow.name} record {source_key}: parent key {parent_key!r} has no part "
+                        f"{lk.key_part} (lookup {lk.source}); fix key_part in the flow spec.")
+                parent_key = parts[lk.key_part]
+            if lk.bind_entity_set is not None:
+                binds[lk.target] = Bind(lk.bind_entity_set, parent_key)
+            else:
+                values[lk.target] = parent_key
+        return binds
+
+    def _map_lines(self, flow: FlowSpec, env: ChangeEnvelope, work: _Work) -> Lines:
+        assert flow.lines is not None
+        line_flow = self.flowset.line_flow(flow)
+        items: list[LineWrite] = []
+        for row in work.lines.get(env.source_key, []):
+            record = f"{line_flow.source.system}:{line_flow.source.table}:{row.key} (line of {env.source_key})"
+            mapped = self.mapper.map_values(line_flow, row.values, is_create=True, target_newer=False, record=record)
+            # A line's missing parent (its product) defers or dead-letters the whole document: never half an order.
+            self._resolve_lookups(line_flow, row.key, row.values, work.line_parents, mapped.values, is_create=True,
+                                  waits=env.waits)
+            items.append(LineWrite(row.key, mapped.values, {flow.lines.link_field: row.key}))
+        return Lines(flow.lines.target_table, dict(flow.lines.parent_fields), items)
 
     async def _attachments(self, flow: FlowSpec, env: ChangeEnvelope, snap: Snapshot | None) -> list[Attachment]:
         if flow.attachments is None or not flow.attachments.enabled:
@@ -393,10 +472,12 @@ class SyncEngine:
             tvalues = {**(dict(prev_t.values) if prev_t else {}), **plan.op.values}
             for nav, bind in plan.op.binds.items():
                 tvalues[nav] = bind.key
+            if plan.op.lines is not None:
+                tvalues[LINES_KEY] = [{"key": i.source_key, **i.values} for i in plan.op.lines.items]
             tmod = _latest(prev_t.modified if prev_t else None, env.source_modified)
             snaps.append(Snapshot(tgt.system, tgt.table, key, tvalues, values_hash(tvalues), tmod))
             prev_s = work.src_snaps.get(env.source_key)
-            svalues = {**(dict(prev_s.values) if prev_s else {}), **self.mapper.project(flow, env.payload)}
+            svalues = {**(dict(prev_s.values) if prev_s else {}), **self._projection(flow, env, work)}
             token = _seen_token(env)
             if token is not None and token > str(svalues.get(SEEN_MODIFIED) or ""):
                 svalues[SEEN_MODIFIED] = token

@@ -214,7 +214,9 @@ class FlowSet(_Strict):
                 if side.system not in self.systems:
                     raise ValueError(f"flow {flow.name!r}: system {side.system!r} is not listed in systems")
             allowed_owners = {"shared", flow.source.system, flow.target.system}
-            for fm in flow.fields:
+            line_fields = flow.lines.fields if flow.lines is not None else []
+            line_lookups = flow.lines.lookups if flow.lines is not None else []
+            for fm in [*flow.fields, *line_fields]:
                 if fm.owner not in allowed_owners:
                     raise ValueError(
                         f"flow {flow.name!r} field {fm.source!r}: owner {fm.owner!r} must be one of "
@@ -222,7 +224,7 @@ class FlowSet(_Strict):
                     )
                 if fm.value_map is not None and fm.value_map not in self.value_maps:
                     raise ValueError(f"flow {flow.name!r} field {fm.source!r}: unknown value_map {fm.value_map!r}")
-            for lk in flow.lookups:
+            for lk in [*flow.lookups, *line_lookups]:
                 parent = by_name.get(lk.parent_flow)
                 if parent is None:
                     raise ValueError(f"flow {flow.name!r} lookup {lk.source!r}: unknown parent_flow {lk.parent_flow!r}")
@@ -270,6 +272,18 @@ class FlowSet(_Strict):
                     raise ValueError(f"lookup cycle through flows {[*seen, nxt]}")
                 seen.append(nxt)
                 frontier.extend(lk.parent_flow for lk in by_name[nxt].lookups)
+
+    def line_flow(self, flow: FlowSpec) -> FlowSpec:
+        """The lines of `flow` as a flow of their own (for mapping and lookups); `flow` must have `lines`."""
+        assert flow.lines is not None
+        lines = flow.lines
+        return FlowSpec(
+            name=f"{flow.name}.lines", entity=f"{flow.entity}.lines",
+            source=Side(system=flow.source.system, table=lines.source_table, key_field=lines.key_field),
+            target=Side(system=flow.target.system, table=lines.target_table, key_field=lines.link_field),
+            mode=flow.mode, operations=["create", "update"], link=LinkSpec(target_field=lines.link_field),
+            fields=lines.fields, lookups=lines.lookups,
+        )
 
     def flow(self, name: str) -> FlowSpec:
         """The flow called `name`; raises `SpecError(UNKNOWN_FLOW)` if absent."""
@@ -337,14 +351,16 @@ def parse_spec(text: str, *, source: str = "<string>") -> FlowSet:
     from shared.mapping.transforms import TRANSFORMS  # late: transforms import the spec types
 
     for flow in flowset.flows:
-        for i, fm in enumerate(flow.fields):
-            if fm.transform not in TRANSFORMS:
-                raise SpecError(
-                    f"{source}: flows ({flow.name}).fields[{i}] ({fm.source}).transform: unknown transform "
-                    f"{fm.transform!r}; known: {', '.join(sorted(TRANSFORMS))}"
-                )
-            if fm.transform == "choice" and fm.value_map is None:
-                raise SpecError(f"{source}: flows ({flow.name}).fields[{i}] ({fm.source}): choice needs value_map")
+        groups = [("fields", flow.fields)] + ([("lines.fields", flow.lines.fields)] if flow.lines else [])
+        for where, fields in groups:
+            for i, fm in enumerate(fields):
+                if fm.transform not in TRANSFORMS:
+                    raise SpecError(
+                        f"{source}: flows ({flow.name}).{where}[{i}] ({fm.source}).transform: unknown transform "
+                        f"{fm.transform!r}; known: {', '.join(sorted(TRANSFORMS))}"
+                    )
+                if fm.transform == "choice" and fm.value_map is None:
+                    raise SpecError(f"{source}: flows ({flow.name}).{where}[{i}] ({fm.source}): choice needs value_map")
     return flowset
 
 
