@@ -1,4 +1,4 @@
-"""Seeds a DataverseSimulator with a realistic DOT sign program (signs, work orders, tasks, assignments)."""
+"""Seeds a DataverseSimulator: a DOT sign program (signs, work orders, tasks) and Dynamics 365 Sales records."""
 
 from __future__ import annotations
 
@@ -191,3 +191,82 @@ def seed_dataverse(sim: DataverseSimulator, *, signs: int = 2000, work_orders: i
         "bad_signs": {"unmapped_sign_type": bad_type_id, "missing_mutcd_code": bad_code_id},
         "bad_sign_ids": [bad_type_id, bad_code_id],
     }
+
+
+# ============================================================================================ Dynamics 365 Sales
+
+CRM_TYPES = {3: "customer", 8: "prospect", 9: "reseller"}
+"""The account relationship types the Customer 360 flows sync (customer_type value map), by category name."""
+CRM_TYPE_WEIGHTS = [55, 30, 15]
+_COMPANY_FIRST = ["Alder", "Blue Ridge", "Cedar", "Dominion", "Elm Street", "Fairfax", "Granite", "Harbor",
+                  "Ironwood", "James River", "Keystone", "Lakeside", "Monarch", "Northfield", "Old Mill", "Piedmont",
+                  "Quarry", "Riverside", "Shenandoah", "Tidewater"]
+_COMPANY_SECOND = ["Logistics", "Builders", "Medical Supply", "Foods", "Engineering", "Outfitters", "Paper Co",
+                   "Electric", "Analytics", "Hardware", "Textiles", "Marine"]
+_COMPANY_SUFFIX = ["Inc.", "LLC", "Corp.", "Group", "Partners"]
+_CITIES = [("Richmond", "23219"), ("Norfolk", "23510"), ("Roanoke", "24011"), ("Alexandria", "22314"),
+           ("Charlottesville", "22902"), ("Lynchburg", "24504"), ("Harrisonburg", "22801"), ("Fredericksburg", "22401")]
+_STREETS = ["Main St", "Broad St", "Market St", "Church Ave", "Jefferson St", "Water St", "Grace St", "Cary St"]
+_FIRST_NAMES = ["Avery", "Blake", "Carmen", "Dana", "Elena", "Farid", "Grace", "Hiro", "Imani", "Jonas", "Kira",
+                "Luis", "Maya", "Nikhil", "Olivia", "Priya", "Quinn", "Rosa", "Samuel", "Tariq"]
+_LAST_NAMES = ["Adams", "Brooks", "Chen", "Diaz", "Evans", "Fischer", "Garcia", "Hughes", "Ibrahim", "Jensen",
+               "Kowalski", "Lopez", "Murphy", "Nakamura", "O'Brien", "Patel", "Quist", "Rivera", "Singh", "Turner"]
+_JOB_TITLES = ["Purchasing Manager", "Accounts Payable Lead", "Operations Director", "CFO", "Buyer",
+               "Facilities Manager", "Procurement Specialist", "Owner"]
+
+
+def _phone(rng: random.Random) -> str:
+    return f"+1 {rng.choice(['804', '757', '540', '703', '434'])} 555 {rng.randrange(0, 10000):04d}"
+
+
+def seed_crm(sim: DataverseSimulator, *, accounts: int = 30, contacts_per_account: int = 2,
+             seed: int = 5) -> dict[str, list[str]]:
+    """Create Dynamics-originated accounts and their contacts as an office user would (validated, webhooks fire).
+
+    Accounts are typed customer (3), prospect (8) or reseller (9) with a credit limit, payment terms 1-4, a
+    billing address, phone, website and revenue; each has `contacts_per_account` contacts whose
+    parentcustomerid is the account. None has a syn_salesforceid yet (they start in Dynamics). Ids and values
+    depend only on `seed`. Returns ids by category: "accounts", "contacts" and the account ids per type
+    ("customer", "prospect", "reseller").
+    """
+    if accounts < 0 or contacts_per_account < 0:
+        raise ValueError("accounts and contacts_per_account must be >= 0")
+    rng = random.Random(seed)
+    out: dict[str, list[str]] = {"accounts": [], "contacts": [], **{name: [] for name in CRM_TYPES.values()}}
+    used_names: set[str] = set()
+    for n in range(1, accounts + 1):
+        name = f"{rng.choice(_COMPANY_FIRST)} {rng.choice(_COMPANY_SECOND)} {rng.choice(_COMPANY_SUFFIX)}"
+        if name in used_names:
+            name = f"{name} ({n})"  # account names need not be unique, but a readable demo is easier with them
+        used_names.add(name)
+        customer_type = rng.choices(list(CRM_TYPES), weights=CRM_TYPE_WEIGHTS)[0]
+        city, postcode = rng.choice(_CITIES)
+        domain = "".join(ch for ch in name.split(" ")[0].lower() if ch.isalnum()) + f"{n:03d}.example.com"
+        account_id = sim.apply_change("accounts", {
+            "name": name,
+            "customertypecode": customer_type,
+            "paymenttermscode": rng.randint(1, 4),
+            "creditlimit": float(rng.choice([10_000, 25_000, 50_000, 100_000, 250_000])),
+            "revenue": float(rng.randrange(500, 250_000) * 1000),
+            "telephone1": _phone(rng),
+            "websiteurl": f"https://www.{domain}",
+            "address1_line1": f"{rng.randint(1, 9999)} {rng.choice(_STREETS)}",
+            "address1_city": city,
+            "address1_postalcode": postcode,
+            "address1_country": "United States",
+        }, key=_guid(rng))
+        out["accounts"].append(account_id)
+        out[CRM_TYPES[customer_type]].append(account_id)
+        for _ in range(contacts_per_account):
+            first, last = rng.choice(_FIRST_NAMES), rng.choice(_LAST_NAMES)
+            local = f"{first}.{last}".lower().replace("'", "")
+            out["contacts"].append(sim.apply_change("contacts", {
+                "firstname": first,
+                "lastname": last,
+                "emailaddress1": f"{local}@{domain}",
+                "telephone1": _phone(rng),
+                "jobtitle": rng.choice(_JOB_TITLES),
+                "address1_city": city,
+                "parentcustomerid": account_id,
+            }, key=_guid(rng)))
+    return out

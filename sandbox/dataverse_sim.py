@@ -48,6 +48,9 @@ BUSINESS_UNIT_ID = "e2b9dd85-e89e-e711-8122-000d3aa2331c"
 _GUID_RE = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 _DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 FLOWS_FILE = Path(__file__).resolve().parent.parent / "flows" / "dot-signs.yaml"
+CRM_FLOWS_FILE = Path(__file__).resolve().parent.parent / "flows" / "customer-360.yaml"
+STANDARD_TABLES = frozenset({"annotation", "account", "contact"})
+"""Out-of-the-box tables (EntityDefinitions IsCustomEntity false); the rest of the data tables are custom."""
 
 EDM = {
     "guid": "Edm.Guid", "string": "Edm.String", "memo": "Edm.String", "int": "Edm.Int32",
@@ -263,6 +266,61 @@ def dot_schema(flows_file: Path = FLOWS_FILE) -> dict[str, TableSchema]:
         ),
     ]
     return {t.entity_set: t for t in tables}
+
+
+# The platform's own options of account.customertypecode ("Relationship Type"). The flow spec maps only the
+# types it syncs; the others stay valid so accounts outside the flows' scope (`when`) can exist.
+ACCOUNT_CUSTOMER_TYPES = {1: "Competitor", 2: "Consultant", 3: "Customer", 4: "Investor", 5: "Partner",
+                          6: "Influencer", 7: "Press", 8: "Prospect", 9: "Reseller", 10: "Supplier", 11: "Vendor",
+                          12: "Other"}
+
+
+def crm_schema(flows_file: Path = CRM_FLOWS_FILE) -> dict[str, TableSchema]:
+    """The Dynamics 365 Sales tables of flows/customer-360.yaml (accounts, contacts), keyed by entity set.
+
+    Choices come from the spec's value maps (their labels win); customertypecode also keeps the platform's
+    other relationship types. syn_salesforceid is the custom column holding the Salesforce id (alternate key).
+    """
+    choices = _flow_choices(flows_file)
+    customer_type = choices[("accounts", "customertypecode")]
+    customer_type = ChoiceColumn({**ACCOUNT_CUSTOMER_TYPES, **customer_type.options}, customer_type.option_set_name)
+    sf_key = ("syn_salesforceid",)
+    address = {"address1_line1": "string", "address1_city": "string", "address1_postalcode": "string",
+               "address1_country": "string"}
+    tables = [
+        TableSchema(
+            "accounts", "account", "accountid", "name",
+            columns={"name": "string", "telephone1": "string", "websiteurl": "string", **address,
+                     "revenue": "money", "creditlimit": "money", "syn_salesforceid": "string"},
+            alternate_keys=[sf_key],
+            choices={"customertypecode": customer_type,
+                     "paymenttermscode": choices[("accounts", "paymenttermscode")]},
+            required=frozenset({"name"}),
+            max_length={"name": 160, "telephone1": 50, "websiteurl": 200, "address1_line1": 250,
+                        "address1_city": 80, "address1_postalcode": 20, "address1_country": 80,
+                        "syn_salesforceid": 18},
+        ),
+        TableSchema(
+            "contacts", "contact", "contactid", "fullname",
+            columns={"firstname": "string", "lastname": "string", "fullname": "string", "emailaddress1": "string",
+                     "telephone1": "string", "jobtitle": "string", "address1_city": "string",
+                     "syn_salesforceid": "string"},
+            alternate_keys=[sf_key],
+            # parentcustomerid is a Customer lookup: an account or a contact, one typed navigation property each.
+            lookups={"parentcustomerid": LookupColumn({"parentcustomerid_account": "accounts",
+                                                       "parentcustomerid_contact": "contacts"})},
+            required=frozenset({"lastname"}),
+            max_length={"firstname": 50, "lastname": 50, "fullname": 160, "emailaddress1": 100, "telephone1": 50,
+                        "jobtitle": 100, "address1_city": 80, "syn_salesforceid": 18},
+            computed=frozenset({"fullname"}),
+        ),
+    ]
+    return {t.entity_set: t for t in tables}
+
+
+def default_schema() -> dict[str, TableSchema]:
+    """What a simulator serves unless told otherwise: the DOT tables and the Dynamics 365 Sales tables."""
+    return {**dot_schema(), **crm_schema()}
 
 
 SDK_MESSAGES = ("Create", "Update", "Delete")
@@ -1034,7 +1092,7 @@ class DataverseSimulator:
         webhook_verify: Any = True,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.schema: dict[str, TableSchema] = dict(schema if schema is not None else dot_schema())
+        self.schema: dict[str, TableSchema] = dict(schema if schema is not None else default_schema())
         for entity_set, system_table in system_schema().items():
             self.schema.setdefault(entity_set, system_table)
         self.tenant_id = tenant_id
@@ -1701,8 +1759,12 @@ class DataverseSimulator:
                     label = schema.choices[col].options.get(value, str(value))
                     out[f"{name}@OData.Community.Display.V1.FormattedValue"] = label
                 elif typ == "lookup":
-                    out[f"{name}@Microsoft.Dynamics.CRM.lookuplogicalname"] = (
-                        row.lookup_types.get(col) or self._target_logical(schema, col, row.values))
+                    target = row.lookup_types.get(col) or self._target_logical(schema, col, row.values)
+                    out[f"{name}@Microsoft.Dynamics.CRM.lookuplogicalname"] = target
+                    nav = next((n for n, t in schema.lookups[col].navs.items()
+                                if t in self.schema and self.schema[t].logical_name == target), None)
+                    if nav is not None:
+                        out[f"{name}@Microsoft.Dynamics.CRM.associatednavigationproperty"] = nav
         return out
 
     def _select(self, schema: TableSchema, req: _ApiRequest) -> list[str] | None:
@@ -1910,7 +1972,7 @@ class DataverseSimulator:
                 "PrimaryNameAttribute": schema.primary_name,
                 "MetadataId": str(uuid.uuid5(uuid.NAMESPACE_URL, f"entity:{schema.logical_name}")),
                 "ChangeTrackingEnabled": schema.change_tracking,
-                "IsCustomEntity": schema.logical_name != "annotation" and not schema.system}
+                "IsCustomEntity": schema.logical_name not in STANDARD_TABLES and not schema.system}
 
     def _attribute_metadata(self, schema: TableSchema, col: str) -> dict[str, Any]:
         typ = schema.columns[col]
@@ -2039,7 +2101,14 @@ class DataverseSimulator:
             return "systemuser"
         if col == "objectid" and values.get("objecttypecode"):
             return str(values["objecttypecode"])
-        target_set = next(iter(schema.lookups[col].navs.values()))
+        targets = list(schema.lookups[col].navs.values())
+        if len(targets) > 1:
+            # A polymorphic lookup given as a bare GUID (direct helpers): the table holding that GUID decides.
+            guid = str(values.get(col) or "").lower()
+            held = next((t for t in targets if guid in self._tables.get(t, {})), None)
+            if held is not None:
+                return self.schema[held].logical_name
+        target_set = targets[0]
         return self.schema[target_set].logical_name if target_set in self.schema else target_set
 
     def _resolve_bind(self, schema: TableSchema, nav: str, ref: Any, base: str) -> tuple[str, str | None, str]:
@@ -2177,7 +2246,13 @@ class DataverseSimulator:
         logical = filter_row.values.get("primaryobjecttypecode")
         return next((t for t in self.schema.values() if t.logical_name == logical), None)
 
-    def _annotation_fixups(self, schema: TableSchema, values: dict[str, Any], lookup_types: Mapping[str, str]) -> None:
+    def _platform_fixups(self, schema: TableSchema, values: dict[str, Any], lookup_types: Mapping[str, str]) -> None:
+        """Columns the platform derives on every write (note type and size, a contact's full name)."""
+        if schema.logical_name == "contact":
+            # The org's default full name format is "First Last"; a missing part is left out.
+            parts = [values.get("firstname"), values.get("lastname")]
+            values["fullname"] = " ".join(p for p in parts if p) or None
+            return
         if schema.logical_name != "annotation":
             return
         if "objectid" in lookup_types:
@@ -2199,7 +2274,7 @@ class DataverseSimulator:
             raise ODataError(412, "0x80040237", "A record with matching key values already exists.")
         vals = {**schema.defaults, **values}
         vals[schema.primary_id] = new_key
-        self._annotation_fixups(schema, vals, lookup_types)
+        self._platform_fixups(schema, vals, lookup_types)
         self._check_required(schema, vals)
         self._check_unique(schema, vals, None)
         self._check_registration(schema, vals)
@@ -2210,7 +2285,9 @@ class DataverseSimulator:
         lt = {**lookup_types, "createdby": "systemuser", "modifiedby": "systemuser", "ownerid": "systemuser"}
         self._put_row(schema, new_key, Row(vals, version, lt))
         txn.undo.append(lambda: self._put_row(schema, new_key, None))
-        target = {**values, schema.primary_id: new_key, "createdon": now, "modifiedon": now,
+        # Derived columns travel in the Target like the platform's pre-operation additions do.
+        derived = {c: vals[c] for c in schema.computed if vals.get(c) is not None}
+        target = {**values, **derived, schema.primary_id: new_key, "createdon": now, "modifiedon": now,
                   "createdby": caller.user_id, "modifiedby": caller.user_id, "ownerid": caller.user_id}
         txn.events.append(_Event("Create", schema.entity_set, new_key, target, dict(vals), None, dict(lt),
                                  caller.user_id, caller.correlation_id, datetime.now(UTC)))
@@ -2220,7 +2297,7 @@ class DataverseSimulator:
                 caller: _Caller, txn: _Txn) -> Row:
         before = row
         merged = {**row.values, **values}
-        self._annotation_fixups(schema, merged, lookup_types)
+        self._platform_fixups(schema, merged, lookup_types)
         self._check_required(schema, merged)
         key = row.values[schema.primary_id]
         self._check_unique(schema, merged, key)
@@ -2231,7 +2308,8 @@ class DataverseSimulator:
         new_row = Row(merged, version, {**row.lookup_types, **lookup_types, "modifiedby": "systemuser"})
         self._put_row(schema, key, new_row)
         txn.undo.append(lambda: self._put_row(schema, key, before))
-        target = {**values, schema.primary_id: key, "modifiedon": now, "modifiedby": caller.user_id}
+        derived = {c: merged.get(c) for c in schema.computed if merged.get(c) != before.values.get(c)}
+        target = {**values, **derived, schema.primary_id: key, "modifiedon": now, "modifiedby": caller.user_id}
         txn.events.append(_Event("Update", schema.entity_set, key, target, dict(merged), dict(before.values),
                                  dict(new_row.lookup_types), caller.user_id, caller.correlation_id, datetime.now(UTC)))
         return new_row
@@ -2520,5 +2598,6 @@ def _part_bytes(http_message: bytes, content_id: str | None) -> bytes:
 __all__ = [
     "APP_USER_ID", "DEFAULT_CLIENT_ID", "DEFAULT_CLIENT_SECRET", "DEFAULT_TENANT_ID", "OFFICE_USER_ID",
     "ChoiceColumn", "DataverseSimulator", "Faults", "LookupColumn", "ODataError", "Row", "ServiceProtection",
-    "TableSchema", "WebhookFailure", "WebhookRegistration", "dot_schema", "parse_filter",
+    "TableSchema", "WebhookFailure", "WebhookRegistration", "crm_schema", "default_schema", "dot_schema",
+    "parse_filter",
 ]
