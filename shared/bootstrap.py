@@ -205,6 +205,11 @@ def build_services(
                                      max_delivery_count=settings.syncline_max_delivery_count,
                                      lock_duration_seconds=settings.syncline_lock_seconds)
 
+    active = flowset.restricted_to(set(sinks))
+    idle = sorted({f.name for f in flowset.flows} - {f.name for f in active.flows})
+    if idle:
+        log.info("flows without a configured system are idle: %s", ", ".join(idle))
+    flowset = active
     engine = SyncEngine(flowset, sinks=sinks, state=state, sources=sources)
     controller = Controller(flowset, engine=engine, queue=queue, state=state, sources=sources,
                             batch_size=settings.syncline_batch_size,

@@ -33,6 +33,10 @@ log = logging.getLogger(__name__)
 
 LAST_CYCLE = "controller:last_cycle"
 POLL_HINT = "poll-hint"
+PAUSE_PREFIX = "pause:"
+"""Checkpoint `pause:<system>` holds the UTC time until which Syncline must not call that system."""
+PAUSE_THRESHOLD_SECONDS = 60.0
+"""Throttling advice at least this long (a spent daily API allocation) pauses the system instead of retrying."""
 """Application property `kind` of a queue message that asks the controller to read a change feed."""
 
 
@@ -144,7 +148,13 @@ class CycleReport:
     dead_lettered: dict[str, int] = field(default_factory=dict)
     retried: int = 0
     deferred: int = 0
+    paused: dict[str, str] = field(default_factory=dict)
+    """System -> UTC time until which it is not called (its changes wait on the queue, scheduled)."""
+    held: int = 0
+    """Messages rescheduled unprocessed because a system they need is paused."""
     error: str | None = None
+    poll_errors: list[str] = field(default_factory=list)
+    """Change feeds that could not be read this cycle (the others were read and the queue drained)."""
 
 
 class Controller:
@@ -178,6 +188,8 @@ class Controller:
         self.progress = progress
         self.metrics = metrics or Metrics()
         self.api_calls = api_calls
+        self._current_report = CycleReport(started_at="")
+        """The report of the cycle in progress (poll pauses are recorded on it)."""
         """Running HTTP request totals per system (the composition root's CallCounter), for the api_calls metric."""
 
     # -------------------------------------------------------------------------------- the cycle
@@ -186,11 +198,14 @@ class Controller:
         """Poll (backfill) and drain once; the report is stored for /api/health."""
         started = time.monotonic()
         report = CycleReport(started_at=self.clock().isoformat())
+        self._current_report = report
         try:
             if poll:
                 report.polled = await self.poll()
             await self.drain(report, max_messages=max_messages)
             report.outcome = "ok"
+            if report.poll_errors:
+                report.outcome, report.error = "failed", "; ".join(report.poll_errors)
         except SyncError as exc:
             report.outcome, report.error = "failed", str(exc)
             log.error("controller cycle failed: %s", exc)
@@ -231,25 +246,45 @@ class Controller:
             source = self.sources.get(system)
             if source is None:
                 continue
-            name = f"poll:{system}:{table}"
-            current = await self.state.get_checkpoint(name)
-            etag = current.etag if current else None
-            async for records, next_checkpoint in source.changes_since(table, current.value if current else None):
-                envelopes = envelopes_for(self.flowset, system, table, records, origin="poll", mode="queue")
-                envelopes = await drop_duplicates(self.state, envelopes, self.clock())
-                if envelopes:
-                    await self.queue.send(await to_messages(self.flowset, self.state, envelopes))
-                    await self.state.append_audit([
-                        AuditEntry(self.clock(), e.correlation_id, e.flow, "enqueued", system, table, e.source_key,
-                                   "change feed backfill") for e in envelopes])
-                total += len(envelopes)
-                try:
-                    etag = (await self.state.put_checkpoint(name, next_checkpoint, expected_etag=etag)).etag
-                except CheckpointConflictError:
-                    log.warning("checkpoint %s moved by another controller; stopping this poll", name)
-                    break
-                if self.progress:
-                    self.progress("poll", len(envelopes))
+            if await self.paused_until(system) is not None:
+                log.info("poll of %s %s skipped: %s is paused", system, table, system)
+                continue
+            try:
+                total += await self._poll_table(system, table, source)
+            except ThrottledError as exc:
+                if (exc.retry_after or 0) < PAUSE_THRESHOLD_SECONDS:
+                    raise
+                # The allocation is spent: pausing keeps the remaining polls and drains off this system.
+                await self._pause(system, exc.retry_after or 0, self._current_report)
+            except SyncError as exc:
+                if exc.retriable:
+                    raise
+                # One unreadable table (renamed, permission removed) must not stop the other feeds or the drain.
+                log.error("poll of %s %s failed: %s", system, table, exc)
+                self._current_report.poll_errors.append(f"{system} {table}: {exc}")
+        return total
+
+    async def _poll_table(self, system: str, table: str, source: ChangeSource) -> int:
+        total = 0
+        name = f"poll:{system}:{table}"
+        current = await self.state.get_checkpoint(name)
+        etag = current.etag if current else None
+        async for records, next_checkpoint in source.changes_since(table, current.value if current else None):
+            envelopes = envelopes_for(self.flowset, system, table, records, origin="poll", mode="queue")
+            envelopes = await drop_duplicates(self.state, envelopes, self.clock())
+            if envelopes:
+                await self.queue.send(await to_messages(self.flowset, self.state, envelopes))
+                await self.state.append_audit([
+                    AuditEntry(self.clock(), e.correlation_id, e.flow, "enqueued", system, table, e.source_key,
+                               "change feed backfill") for e in envelopes])
+            total += len(envelopes)
+            try:
+                etag = (await self.state.put_checkpoint(name, next_checkpoint, expected_etag=etag)).etag
+            except CheckpointConflictError:
+                log.warning("checkpoint %s moved by another controller; stopping this poll", name)
+                break
+            if self.progress:
+                self.progress("poll", len(envelopes))
         return total
 
     async def drain(self, report: CycleReport | None = None, *, max_messages: int | None = None) -> CycleReport:
@@ -303,6 +338,9 @@ class Controller:
             await self.poll(only=wanted)
             await self._complete(hints)
             statuses["poll_hint"] += len(hints)
+        held: list[ReceivedMessage] = []
+        parsed = await self._hold_paused(parsed, report, statuses, held)
+        await self._complete(held)
         if not parsed:
             return
         parsed = await self._refresh_replays(parsed)
@@ -331,7 +369,14 @@ class Controller:
             to_complete.append(msg)
         elif outcome.status == "failed":
             assert outcome.error is not None
-            if outcome.error.retriable:
+            error = outcome.error
+            if isinstance(error, ThrottledError) and (error.retry_after or 0) >= PAUSE_THRESHOLD_SECONDS:
+                # A spent allocation: retrying burns deliveries for hours. Pause the system, park the change.
+                until = await self._pause(self._throttled_system(env, error), error.retry_after or 0, report)
+                await self._reschedule(env, until)
+                report.held += 1
+                to_complete.append(msg)
+            elif outcome.error.retriable:
                 report.retried += 1
                 await self._retry(msg, env, outcome)
             else:
@@ -343,6 +388,71 @@ class Controller:
                     self.clock(), env.correlation_id, env.flow, "replayed", env.source_system,
                     env.source_table, env.source_key, f"replayed message {msg.message_id}: {outcome.status}")])
             to_complete.append(msg)
+
+    # ------------------------------------------------------------------------------ pauses
+
+    async def paused_until(self, system: str) -> datetime | None:
+        """When `system` may be called again, or None if it is not paused."""
+        point = await self.state.get_checkpoint(PAUSE_PREFIX + system)
+        if point is None or not point.value:
+            return None
+        try:
+            until = datetime.fromisoformat(point.value)
+        except ValueError:
+            return None
+        return until if until > self.clock() else None
+
+    async def _pause(self, system: str, seconds: float, report: CycleReport) -> datetime:
+        until = self.clock() + timedelta(seconds=seconds)
+        current = await self.state.get_checkpoint(PAUSE_PREFIX + system)
+        try:
+            await self.state.put_checkpoint(PAUSE_PREFIX + system, until.isoformat(),
+                                            expected_etag=current.etag if current else None)
+        except CheckpointConflictError:
+            log.info("pause of %s stored concurrently by another controller", system)
+        report.paused[system] = until.isoformat()
+        log.warning("%s paused until %s (API allocation spent); its changes stay queued", system, until.isoformat())
+        return until
+
+    def _throttled_system(self, env: ChangeEnvelope, error: ThrottledError) -> str:
+        flow = self.flowset.flow(env.flow)
+        for system in (flow.target.system, flow.source.system):
+            if error.detail.lower().startswith(system.lower()):
+                return system
+        return flow.target.system
+
+    async def _hold_paused(self, parsed: list[tuple[ReceivedMessage, ChangeEnvelope]], report: CycleReport,
+                           statuses: Counter[str], to_complete: list[ReceivedMessage],
+                           ) -> list[tuple[ReceivedMessage, ChangeEnvelope]]:
+        """Park changes whose flow calls a paused system (target, or source for lines and id write-back)."""
+        pauses: dict[str, datetime | None] = {}
+        keep: list[tuple[ReceivedMessage, ChangeEnvelope]] = []
+        for msg, env in parsed:
+            try:
+                flow = self.flowset.flow(env.flow)
+            except SyncError:
+                keep.append((msg, env))  # the engine reports the unknown flow
+                continue
+            until: datetime | None = None
+            for system in (flow.target.system, flow.source.system):
+                if system not in pauses:
+                    pauses[system] = await self.paused_until(system)
+                if pauses[system] is not None:
+                    until = pauses[system]
+                    report.paused[system] = until.isoformat() if until else ""
+            if until is None:
+                keep.append((msg, env))
+                continue
+            await self._reschedule(env, until)
+            report.held += 1
+            statuses["held"] += 1
+            to_complete.append(msg)
+        return keep
+
+    async def _reschedule(self, env: ChangeEnvelope, at: datetime) -> None:
+        # A resubmission is applied with the record as it is then (see _refresh_replays): nothing goes stale.
+        later = env.model_copy(update={"origin": "resubmit"})
+        await self.queue.send(await to_messages(self.flowset, self.state, [later]), scheduled_at=at)
 
     async def _refresh_replays(
         self, parsed: list[tuple[ReceivedMessage, ChangeEnvelope]]

@@ -273,6 +273,17 @@ class FlowSet(_Strict):
                 seen.append(nxt)
                 frontier.extend(lk.parent_flow for lk in by_name[nxt].lookups)
 
+    def restricted_to(self, systems: set[str]) -> FlowSet:
+        """The flows (and cascades) whose systems are all in `systems`: a deployment connected to only some
+        systems runs only the flows it can complete."""
+        flows = [f for f in self.flows if {f.source.system, f.target.system} <= systems]
+        entities = {f.entity for f in flows}
+        cascades = [c for c in self.cascades if {c.parent_entity, c.child_entity} <= entities]
+        if len(flows) == len(self.flows) and len(cascades) == len(self.cascades):
+            return self
+        return self.model_copy(update={"flows": flows, "cascades": cascades,
+                                       "systems": [s for s in self.systems if s in systems]})
+
     def line_flow(self, flow: FlowSpec) -> FlowSpec:
         """The lines of `flow` as a flow of their own (for mapping and lookups); `flow` must have `lines`."""
         assert flow.lines is not None

@@ -131,3 +131,56 @@ async def test_business_event_delivered_twice_produces_one_write_and_own_cdc_wri
         host.stop()
         set_services(None)
         await services.aclose()
+
+
+async def test_spent_daily_allocation_pauses_salesforce_and_loses_nothing(sims, tmp_path):
+    from datetime import UTC, datetime, timedelta
+
+    from shared.runtime.sqlite_queue import SqliteQueue
+
+    fno, sf = sims
+    now = [datetime.now(UTC)]
+
+    def clock() -> datetime:
+        return now[0]
+
+    queue = SqliteQueue(tmp_path / "queue.db", name="inbound", clock=clock)
+    services = build_services(Settings(), queue=queue)
+    services.controller.clock = clock
+    try:
+        sf.limits.daily_max = 3  # token + describe + one collection: the allocation runs out mid-load
+        first = await services.controller.run_cycle()
+        assert first.outcome == "ok", first.error
+        assert "salesforce" in first.paused
+        assert first.held > 0
+        written_before = sf.count("Account") + sf.count("Product2")
+        assert written_before < 200  # at most the one collection that got through
+        reasons = {m.dead_letter_reason for m in await queue.peek_dead_letters()}
+        assert reasons <= {"UNMAPPED_CHOICE", "REQUIRED_FIELD_MISSING"}  # only the seeds' bad records
+        depth = await queue.depth()
+        assert depth.active == 0
+        assert depth.scheduled == first.held  # parked, not retried into the dead-letter queue
+
+        # While paused, a cycle does not call Salesforce at all, however many changes wait.
+        calls = sf.request_count
+        fno.apply_change("CustomersV3", ("usmf", "US-001"), {"OrganizationName": "Paused Changes Inc"})
+        paused = await services.controller.run_cycle()
+        assert sf.request_count == calls
+        assert paused.outcome == "ok"
+
+        # After midnight UTC the allocation is back: everything parked is written, once.
+        sf.reset_allocation()
+        sf.limits.daily_max = 100_000
+        now[0] = datetime.fromisoformat(first.paused["salesforce"]) + timedelta(seconds=1)
+        for _ in range(3):
+            done = await services.controller.run_cycle()
+            assert done.outcome == "ok", done.error
+        good_customers = [c for c in fno.all("CustomersV3") if c["SalesCurrencyCode"] != UNMAPPED_CURRENCY]
+        good_products = [p for p in fno.all("ReleasedProductsV2") if p["ProductName"]]
+        assert sf.count("Account") == len(good_customers)
+        assert sf.count("Product2") == len(good_products)
+        [renamed] = sf.find("Account", Dynamics_Account__c="usmf|US-001")
+        assert renamed["Name"] == "Paused Changes Inc"
+        assert (await queue.depth()).scheduled == 0
+    finally:
+        await services.aclose()
