@@ -270,9 +270,19 @@ async def handle_salesforce_change_events(services: Services, body: bytes) -> In
 
 
 async def health(services: Services) -> dict[str, Any]:
-    """Reachability of each configured system, queue and dead-letter depth, the last cycle."""
+    """Reachability of each configured system, queue and dead-letter depth, the last cycle.
+
+    A paused system (its API allocation spent) is reported with the time it resumes and is not pinged:
+    a health probe must not spend the allocation the pause is saving.
+    """
     systems: dict[str, Any] = {}
+    paused: dict[str, str] = {}
     for name, sink in services.sinks.items():
+        until = await services.controller.paused_until(name)
+        if until is not None:
+            paused[name] = until.isoformat()
+            systems[name] = {"reachable": None, "paused_until": until.isoformat()}
+            continue
         ping = getattr(sink, "ping", None)
         try:
             if ping is not None:
@@ -283,7 +293,8 @@ async def health(services: Services) -> dict[str, Any]:
     depth = await services.queue.depth()
     last = await services.state.get_checkpoint(LAST_CYCLE)
     last_cycle = json.loads(last.value) if last else None
-    healthy = all(s["reachable"] for s in systems.values()) and (last_cycle is None or last_cycle["outcome"] == "ok")
+    healthy = (all(s["reachable"] for s in systems.values() if "paused_until" not in s) and not paused
+               and (last_cycle is None or last_cycle["outcome"] == "ok"))
     return {
         "status": "healthy" if healthy else "degraded",
         "systems": systems,

@@ -161,6 +161,12 @@ async def test_spent_daily_allocation_pauses_salesforce_and_loses_nothing(sims, 
         assert depth.active == 0
         assert depth.scheduled == first.held  # parked, not retried into the dead-letter queue
 
+        from shared.intake import health
+
+        status = await health(services)
+        assert status["status"] == "degraded"
+        assert status["systems"]["salesforce"]["paused_until"] == first.paused["salesforce"]
+
         # While paused, a cycle does not call Salesforce at all, however many changes wait.
         calls = sf.request_count
         fno.apply_change("CustomersV3", ("usmf", "US-001"), {"OrganizationName": "Paused Changes Inc"})
