@@ -216,6 +216,43 @@ class SyncEngine:
             parents.setdefault(lk.source, {}).update(found)
         return parents
 
+    async def _ensure_parents(self, flow: FlowSpec, envs: Sequence[ChangeEnvelope], work: _Work) -> None:
+        """Sync parents that were never synced (read from the source now), so children need not wait for a
+        change of the parent that may never come. A parent that fails keeps its children deferred as usual."""
+        src = flow.source
+        for lk in flow.lookups:
+            if not lk.ensure:
+                continue
+            known = work.parents.get(lk.source, {})
+            missing = sorted({_canonical_key(src.system, str(e.payload[lk.source])) for e in envs
+                              if e.operation != "delete" and not _blank(e.payload.get(lk.source))} - set(known))
+            if not missing:
+                continue
+            parent = self.flowset.flow(lk.parent_flow)
+            source = self.sources.get(parent.source.system)
+            if source is None:
+                continue
+            records = await source.fetch(parent.source.table, missing)
+            correlation = next((e.correlation_id for e in envs), None)
+            parent_envs = [ChangeEnvelope(
+                flow=parent.name, operation="upsert", source_system=parent.source.system,
+                source_table=parent.source.table, source_key=r.key, source_version=r.version,
+                source_modified=r.modified, payload=dict(r.values), origin="resubmit",
+                **({"correlation_id": correlation} if correlation else {}),
+            ) for r in records.values()]
+            if not parent_envs:
+                continue
+            outcomes: list[Outcome | None] = [None] * len(parent_envs)
+            await self._process_flow(parent, parent_envs, list(range(len(parent_envs))), outcomes)
+            audit = [self._audit_for(o) for o in outcomes if o is not None and o.status in ("failed", "deferred")]
+            if audit:
+                await self.state.append_audit(audit)
+            for o in outcomes:
+                if o is not None and o.status == "failed":
+                    log.warning("flow %s: parent %s could not be synced first: %s", flow.name,
+                                o.envelope.source_key, o.error)
+            work.parents.update(await self._parent_links(flow, [e.payload for e in envs]))
+
     async def _read_lines(self, flow: FlowSpec, envs: Sequence[ChangeEnvelope]) -> dict[str, list[SourceRecord]]:
         # Lines are read when their header syncs, so a document is always written whole and in one piece.
         assert flow.lines is not None
@@ -254,6 +291,8 @@ class SyncEngine:
     ) -> None:
         envs = [envelopes[i] for i in indexes]
         work = await self._load(flow, envs)
+        if any(lk.ensure for lk in flow.lookups):
+            await self._ensure_parents(flow, envs, work)
         plans: list[_Plan] = []
         for i in indexes:
             env = envelopes[i]

@@ -353,6 +353,10 @@ class ChangeSource(Protocol):
         """Yield every record of a table, page by page (for reconciliation and initial loads)."""
         ...
 
+    async def fetch(self, table: str, keys: Sequence[str]) -> dict[str, SourceRecord]:
+        """The current records of `keys` (absent keys are missing from the result)."""
+        ...
+
     async def fetch_attachment(self, table: str, key: str, attachment_id: str) -> bytes:
         """Download one attachment's content."""
         ...

@@ -80,6 +80,9 @@ class LookupMap(_Strict):
     bind_entity_set: str | None = None
     """Dataverse only: entity set of the parent, which makes this an @odata.bind lookup."""
     required: bool = True
+    ensure: bool = False
+    """When the parent was never synced, read it from the source and sync it through its flow first (a
+    missing SAP business partner or F&O customer is created before the order) instead of waiting for it."""
     key_part: int | None = Field(default=None, ge=0)
     """For composite parent keys (F&O `company|number`): which `|`-separated part goes into the target
     field (0 = dataAreaId, 1 = the number). None writes the whole key."""
@@ -230,6 +233,11 @@ class FlowSet(_Strict):
                     raise ValueError(f"flow {flow.name!r} lookup {lk.source!r}: unknown parent_flow {lk.parent_flow!r}")
                 # Links are stored both ways, so a parent synced in the other direction (products mastered by
                 # F&O, referenced by Salesforce order lines) resolves as well; only the two systems must agree.
+                if lk.ensure and parent.source.system != flow.source.system:
+                    raise ValueError(
+                        f"flow {flow.name!r} lookup {lk.source!r}: ensure needs a parent_flow that runs in the same "
+                        f"direction ({lk.parent_flow!r} does not)"
+                    )
                 if {parent.source.system, parent.target.system} != {flow.source.system, flow.target.system}:
                     raise ValueError(
                         f"flow {flow.name!r} lookup {lk.source!r}: parent_flow {lk.parent_flow!r} must connect the "

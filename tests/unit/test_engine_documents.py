@@ -219,3 +219,33 @@ def test_line_lookups_and_transforms_are_validated() -> None:
     with pytest.raises(SpecError, match=r"lines.fields\[0\].*unknown transform"):
         parse_spec(SPEC_TEXT.replace("target: OrderedSalesQuantity, required: true",
                                      "target: OrderedSalesQuantity, transform: sparkle"))
+
+
+async def test_ensure_syncs_a_never_synced_parent_first_instead_of_waiting():
+    spec = parse_spec(SPEC_TEXT.replace("parent_flow: accounts_in, key_part: 1",
+                                        "parent_flow: accounts_in, ensure: true"))
+    sf, fno = FakeSystem("salesforce"), FakeSystem("fno")
+    state = SqliteStateStore(":memory:")
+    await state.put_links([Link("product", "fno", "usmf|P-1001", "salesforce", "01tA")])
+    sf.put("Account", "001NEW", {"Name": "Keystone Mining"})
+    sf.put("Opportunity", "006A", deal(AccountId="001NEW"))
+    sf.put("OpportunityLineItem", "00kA", {"OpportunityId": "006A", "Product2Id": "01tA", "Quantity": 2})
+    engine = SyncEngine(spec, sinks={"salesforce": sf, "fno": fno}, sources={"salesforce": sf, "fno": fno},
+                        state=state, clock=lambda: T0)
+    try:
+        [outcome] = await engine.process([env(deal(AccountId="001NEW"))])
+        assert outcome.status == "written", outcome.error
+        [customer_key] = (await state.get_links("customer", "salesforce", ["001NEW"], "fno")).values()
+        assert fno.tables["CustomersV3"][customer_key]["OrganizationName"] == "Keystone Mining"
+        [order] = fno.tables["SalesOrderHeadersV2"].values()
+        assert order["OrderingCustomerAccountNumber"] == customer_key
+        # the parent went first: the customer write precedes the order write
+        assert [op.table for op in fno.writes] == ["CustomersV3", "SalesOrderHeadersV2"]
+    finally:
+        await state.close()
+
+
+def test_ensure_needs_a_parent_flow_in_the_same_direction() -> None:
+    bad = SPEC_TEXT.replace("parent_flow: products_out, key_part: 1", "parent_flow: products_out, ensure: true")
+    with pytest.raises(SpecError, match="ensure needs a parent_flow that runs in the same direction"):
+        parse_spec(bad)
