@@ -634,6 +634,22 @@ class DataverseClient:
             return _quote_text(str(value))
         raise RejectedError(f"{SYSTEM}: cannot use a {type(value).__name__} value in a list filter on {field_name}")
 
+    def _any_of(self, info: TableInfo, field_name: str, values: Sequence[Any]) -> str:
+        """A filter clause true when the field equals any of `values` (None meaning a null field)."""
+        items = [v for v in values if v is not None]
+        clauses: list[str] = []
+        guid_field = field_name == info.primary_id or bool(_LOOKUP_VALUE_RE.match(field_name))
+        # In takes its values as string literals: fine for text, whole numbers, choices and GUIDs; booleans,
+        # decimals and dates keep their typed literals in an `or` chain instead.
+        if items and all(guid_field or (isinstance(v, int | str) and not isinstance(v, bool)) for v in items):
+            listed = ",".join(self._in_literal(info, field_name, v) for v in items)
+            clauses.append(f"Microsoft.Dynamics.CRM.In(PropertyName='{field_name}',PropertyValues=[{listed}])")
+        else:
+            clauses += [f"{field_name} eq {self._filter_literal(info, field_name, v)}" for v in items]
+        if len(items) < len(values):
+            clauses.append(f"{field_name} eq null")
+        return clauses[0] if len(clauses) == 1 else "(" + " or ".join(clauses) + ")"
+
     async def _query(self, info: TableInfo, params: Mapping[str, str] | None, what: str) -> list[SourceRecord]:
         records: list[SourceRecord] = []
         url: str | None = self.api_root + info.entity_set
@@ -656,13 +672,20 @@ class DataverseClient:
 
         Field names are Web API property names (a lookup is `_x_value` and takes a GUID). Strings are quoted
         with quotes doubled, GUID fields are validated and go unquoted, anything else unsupported is refused
-        before a request is made.
+        before a request is made. A list or tuple value in `equals` matches any of its values
+        (`Microsoft.Dynamics.CRM.In`, or an `or` chain for values In cannot carry); an empty one matches
+        nothing, so no request is made.
         """
+        if any(isinstance(value, list | tuple) and not value for value in equals.values()):
+            return []  # "any of nothing" matches nothing; not even the table's metadata is needed
         info = await self._table(table)
         clauses: list[str] = []
         for name, value in equals.items():
             _ident(name, "filter field")
-            clauses.append(f"{name} eq {self._filter_literal(info, name, value)}")
+            if isinstance(value, list | tuple):
+                clauses.append(self._any_of(info, name, value))
+            else:
+                clauses.append(f"{name} eq {self._filter_literal(info, name, value)}")
         for name, values in (not_in or {}).items():
             _ident(name, "filter field")
             if isinstance(values, str | bytes):
