@@ -19,7 +19,7 @@ import uuid
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 from urllib.parse import parse_qsl, quote, unquote, urlencode
 
@@ -56,6 +56,40 @@ MODIFIED = {"CustomersV3", "SalesOrderHeadersV2"}
 """Entities carrying `ModifiedDateTime` (set by the simulator on every write)."""
 CUSTOMER_EVENT = "CustCustomerChangedBusinessEvent"
 SALES_STATUS_EVENT = "SalesOrderStatusChangedBusinessEvent"
+PACKING_SLIP_EVENT = "SalesPackingSlipPostedBusinessEvent"
+"""Sent by `ship_order` (packing slip posted: the order is delivered)."""
+INVOICE_EVENT = "SalesInvoicePostedBusinessEvent"
+"""Sent by `invoice_order`; its contract (InvoiceAccount, InvoiceId, SalesOrderId, ...) is the one in Microsoft's
+business events developer documentation."""
+
+EXTENSION_FIELD = "SynclineSalesforceId"
+"""The extension field a Syncline deployment adds to customers, order headers and lines (the Salesforce Id)."""
+STRING_DEFAULTS: dict[str, tuple[str, ...]] = {
+    "CustomersV3": (EXTENSION_FIELD,),
+    "SalesOrderHeadersV2": (EXTENSION_FIELD, "CustomersOrderReference"),
+    "SalesOrderLines": (EXTENSION_FIELD,),
+}
+"""String fields every row returns, "" when never set (F&O string columns are never null)."""
+KNOWN_FIELDS: dict[str, tuple[str, ...]] = {
+    "CustomersV3": (EXTENSION_FIELD, "OrganizationName", "CustomerGroupId", "SalesCurrencyCode", "AddressCity",
+                    "AddressCountryRegionId", "ModifiedDateTime"),
+    "SalesOrderHeadersV2": (EXTENSION_FIELD, "CustomersOrderReference", "RequestedShippingDate",
+                            "OrderingCustomerAccountNumber", "InvoiceCustomerAccountNumber", "CurrencyCode",
+                            "SalesOrderStatus", "ModifiedDateTime"),
+    "SalesOrderLines": (EXTENSION_FIELD, "SalesOrderNumber", "LineNumber", "ItemNumber", "OrderedSalesQuantity",
+                        "SalesPrice", "LineAmount"),
+}
+"""Fields readable and filterable without seeding (the entity's metadata, as far as Syncline uses it)."""
+NUMBER_SEQUENCES: dict[str, tuple[str, str]] = {
+    "CustomersV3": ("CustomerAccount", "{prefix}-C{n:05d}"),
+    "SalesOrderHeadersV2": ("SalesOrderNumber", "{n:06d}"),
+    "SalesOrderLines": ("InventoryLotId", "{n:06d}"),
+}
+"""Key field F&O fills from the company's number sequence when a create leaves it empty, and its format."""
+CURRENCIES: dict[str, str] = {
+    "USD": "US dollar", "EUR": "Euro", "GBP": "Pound sterling", "CHF": "Swiss franc", "JPY": "Japanese yen",
+    "XAU": "Gold (troy ounce)",
+}
 
 
 # ============================================================================================ errors
@@ -87,6 +121,19 @@ def write_failed(entity: str, infolog: str) -> ODataError:
         "type": WRITE_EXCEPTION,
         "stacktrace": "   at Microsoft.Dynamics.Platform.Integration.Services.OData.Update.UpdateProcessor."
                       "CreateEntity_Save(...)"})
+
+
+def _wcf_date(value: datetime) -> str:
+    """Dates in business event payloads are serialized the WCF way, `/Date(<ms since epoch>)/`."""
+    return f"/Date({int(value.timestamp() * 1000)})/"
+
+
+def _line_amount(row: Mapping[str, Any]) -> float:
+    qty, price = row.get("OrderedSalesQuantity"), row.get("SalesPrice")
+    if isinstance(qty, bool) or isinstance(price, bool) or not isinstance(qty, int | float) \
+            or not isinstance(price, int | float):
+        return 0.0
+    return round(float(qty) * float(price), 2)
 
 
 # ============================================================================================ $filter
@@ -327,7 +374,11 @@ class FinOpsSimulator:
         self._event_verify = event_verify
         self._lock = threading.RLock()
         self._tables: dict[str, dict[tuple[str, ...], dict[str, Any]]] = {e: {} for e in ENTITY_KEYS}
-        self._fields: dict[str, set[str]] = {e: set(k) for e, k in ENTITY_KEYS.items()}
+        self._fields: dict[str, set[str]] = {e: {*k, *KNOWN_FIELDS.get(e, ())} for e, k in ENTITY_KEYS.items()}
+        self.currencies: dict[str, str] = dict(CURRENCIES)
+        """The shared (not per company) currency table: code -> name."""
+        self._sequences: Counter[tuple[str, str]] = Counter()
+        self._documents: Counter[tuple[str, str]] = Counter()
         self._row_version = 68719479835
         self._last_modified = datetime(2000, 1, 1, tzinfo=UTC)
         self._window: deque[float] = deque()
@@ -368,11 +419,13 @@ class FinOpsSimulator:
         return 'W/"' + base64.b64encode(f"'1,{self._row_version}'".encode()).decode() + '"'
 
     def insert(self, entity: str, values: Mapping[str, Any], *, emit: bool = False) -> dict[str, Any]:
-        """Add a row directly (seeding; no validation); `emit` posts the business event like a UI create."""
+        """Add a row directly (seeding; no validation, but F&O's defaults are filled in); `emit` posts the
+        business event like a UI create."""
         with self._lock:
             row = dict(values)
             row.setdefault("dataAreaId", DEFAULT_COMPANY)
             row["dataAreaId"] = str(row["dataAreaId"]).lower()
+            self._fill_defaults(entity, row)
             if entity in MODIFIED:
                 row["ModifiedDateTime"] = self._now_text()
             row["@odata.etag"] = self._etag()
@@ -407,6 +460,101 @@ class FinOpsSimulator:
     def _key_of(self, entity: str, row: Mapping[str, Any]) -> tuple[str, ...]:
         return tuple(str(row.get(k, "")).lower() for k in ENTITY_KEYS[entity])
 
+    def _row(self, entity: str, company: Any, value: Any) -> dict[str, Any] | None:
+        """The row of a two-part key (dataAreaId, id) entity; F&O keys compare case-insensitively."""
+        return self._tables[entity].get((str(company).lower(), str(value).lower()))
+
+    def _order_lines(self, company: str, number: str) -> list[dict[str, Any]]:
+        return [r for r in self._tables["SalesOrderLines"].values()
+                if r["dataAreaId"] == company and str(r.get("SalesOrderNumber", "")).lower() == number.lower()]
+
+    def _next_number(self, entity: str, company: str) -> str:
+        """The next free number of the company's sequence (numbers taken by hand or by seeding are skipped)."""
+        field, pattern = NUMBER_SEQUENCES[entity]
+        while True:
+            self._sequences[(entity, company)] += 1
+            value = pattern.format(prefix=company[:2].upper(), n=self._sequences[(entity, company)])
+            if self._key_of(entity, {"dataAreaId": company, field: value}) not in self._tables[entity]:
+                return value
+
+    def _fill_defaults(self, entity: str, row: dict[str, Any]) -> None:
+        """What F&O fills in on create (and what seeded rows would have had)."""
+        for name in STRING_DEFAULTS.get(entity, ()):
+            if row.get(name) is None:
+                row[name] = ""
+        company = row["dataAreaId"]
+        if entity == "SalesOrderHeadersV2":
+            row["SalesOrderStatus"] = row.get("SalesOrderStatus") or "Backorder"
+            ordering = row.get("OrderingCustomerAccountNumber")
+            if ordering and not row.get("InvoiceCustomerAccountNumber"):
+                row["InvoiceCustomerAccountNumber"] = ordering
+            customer = self._row("CustomersV3", company, ordering) if ordering else None
+            if customer is not None and not row.get("CurrencyCode"):
+                row["CurrencyCode"] = customer.get("SalesCurrencyCode", "")
+        elif entity == "SalesOrderLines":
+            if row.get("OrderedSalesQuantity") is None:
+                row["OrderedSalesQuantity"] = 1.0  # the item's default sales quantity
+            item = self._row("ReleasedProductsV2", company, row.get("ItemNumber"))
+            if row.get("SalesPrice") is None:
+                row["SalesPrice"] = float(item.get("SalesPrice") or 0.0) if item else 0.0
+            if not row.get("LineNumber") and row.get("SalesOrderNumber"):
+                numbers = [r.get("LineNumber") or 0 for r in self._order_lines(company, str(row["SalesOrderNumber"]))]
+                row["LineNumber"] = max((int(n) for n in numbers if isinstance(n, int | float)), default=0) + 1
+            if row.get("LineAmount") is None:
+                row["LineAmount"] = _line_amount(row)
+
+    # ------------------------------------------------------------------------------------ fulfilment
+
+    def ship_order(self, company: str, number: str) -> dict[str, Any]:
+        """Post the packing slip of an open order (the warehouse delivered it): SalesOrderStatus `Delivered`,
+        business event `PACKING_SLIP_EVENT` with SalesOrderId, PackingSlipId, DeliveryDate, CustomerAccount."""
+        with self._lock:
+            row = self._fulfillable(company, number, ("Backorder",), "deliver")
+            slip = f"PS-{self._next_document(row['dataAreaId'], 'packing slip'):06d}"
+            self._set_status(row, "Delivered")
+            self._post_event(PACKING_SLIP_EVENT, row["dataAreaId"], {
+                "SalesOrderId": row["SalesOrderNumber"], "PackingSlipId": slip,
+                "DeliveryDate": _wcf_date(datetime.now(UTC)),
+                "CustomerAccount": row.get("OrderingCustomerAccountNumber", "")})
+            return dict(row)
+
+    def invoice_order(self, company: str, number: str) -> dict[str, Any]:
+        """Post the invoice of an open or delivered order: SalesOrderStatus `Invoiced`, business event
+        `INVOICE_EVENT` with the documented contract (InvoiceAccount, InvoiceId, SalesOrderId, InvoiceDate,
+        InvoiceDueDate, InvoiceAmountInAccountingCurrency, InvoiceTaxAmount)."""
+        with self._lock:
+            row = self._fulfillable(company, number, ("Backorder", "Delivered"), "invoice")
+            lines = self._order_lines(row["dataAreaId"], row["SalesOrderNumber"])
+            amount = round(sum(float(r.get("LineAmount") or 0.0) for r in lines), 2)
+            invoice = f"CIV-{self._next_document(row['dataAreaId'], 'invoice'):06d}"
+            today = datetime.now(UTC)
+            self._set_status(row, "Invoiced")
+            self._post_event(INVOICE_EVENT, row["dataAreaId"], {
+                "InvoiceAccount": row.get("InvoiceCustomerAccountNumber") or row.get("OrderingCustomerAccountNumber"),
+                "InvoiceId": invoice, "SalesOrderId": row["SalesOrderNumber"], "InvoiceDate": _wcf_date(today),
+                "InvoiceDueDate": _wcf_date(today + timedelta(days=30)),
+                "InvoiceAmountInAccountingCurrency": amount, "InvoiceTaxAmount": 0.0})
+            return dict(row)
+
+    def _fulfillable(self, company: str, number: str, states: tuple[str, ...], verb: str) -> dict[str, Any]:
+        row = self._row("SalesOrderHeadersV2", company, number)
+        if row is None:
+            raise KeyError(f"sales order {company}|{number} does not exist")
+        if row.get("SalesOrderStatus") not in states:
+            raise ValueError(f"cannot {verb} sales order {company}|{number}: it is {row.get('SalesOrderStatus')}")
+        if not self._order_lines(row["dataAreaId"], row["SalesOrderNumber"]):
+            raise ValueError(f"cannot {verb} sales order {company}|{number}: it has no lines")
+        return row
+
+    def _next_document(self, company: str, kind: str) -> int:
+        self._documents[(kind, company)] += 1
+        return self._documents[(kind, company)]
+
+    def _set_status(self, row: dict[str, Any], status: str) -> None:
+        row["SalesOrderStatus"] = status
+        row["ModifiedDateTime"] = self._now_text()
+        row["@odata.etag"] = self._etag()
+
     # ------------------------------------------------------------------------------------ business events
 
     def register_business_event_endpoint(self, url: str) -> None:
@@ -423,15 +571,17 @@ class FinOpsSimulator:
                                                     "SalesOrderStatus": row.get("SalesOrderStatus", "")}
         else:
             return
+        self._post_event(event_id, str(row["dataAreaId"]), fields)
+
+    def _post_event(self, event_id: str, legal: str, fields: Mapping[str, Any]) -> None:
         if not self.event_endpoints:
             return
         self._control_number += self._rng.randint(2, 9)  # upward, with gaps
         now = datetime.now(UTC)
-        legal = str(row["dataAreaId"])
         body = json.dumps({
             **fields, "BusinessEventId": event_id, "BusinessEventLegalEntity": legal, "ContextRecordSubject": "",
             "ControlNumber": self._control_number, "EventId": str(uuid.uuid4()).upper(),
-            "EventTime": f"/Date({int(now.timestamp() * 1000)})/",
+            "EventTime": _wcf_date(now),
             "EventTimeIso8601": now.strftime("%Y-%m-%dT%H:%M:%S.%f") + "0Z",
             "InitiatingUserAADObjectId": "{C600136F-6814-41D9-8642-40CA0EC4EDD4}", "LegalEntity": legal,
             "MajorVersion": 0, "MinorVersion": 0, "ParentContextRecordSubjects": []}).encode()
@@ -612,7 +762,10 @@ class FinOpsSimulator:
                     if name in changes and str(changes[name]).lower() != str(row[name]).lower():
                         raise ODataError(400, f"Key property '{name}' cannot be changed.")
                 merged = {**row, **changes}
-                self._validate(entity, merged)
+                if entity == "SalesOrderLines" and "LineAmount" not in changes and \
+                        {"OrderedSalesQuantity", "SalesPrice"} & set(changes):
+                    changes["LineAmount"] = merged["LineAmount"] = _line_amount(merged)
+                self._validate(entity, merged, creating=False)
                 before = dict(row)
                 row.update(changes)
                 if entity in MODIFIED:
@@ -626,6 +779,11 @@ class FinOpsSimulator:
             values = self._json(body)
             values.setdefault("dataAreaId", DEFAULT_COMPANY)
             values["dataAreaId"] = str(values["dataAreaId"]).lower()
+            self._fill_defaults(entity, values)
+            self._validate(entity, values, creating=True)
+            sequence = NUMBER_SEQUENCES.get(entity)
+            if sequence is not None and not values.get(sequence[0]):
+                values[sequence[0]] = self._next_number(entity, values["dataAreaId"])
             missing = [k for k in ENTITY_KEYS[entity] if not values.get(k)]
             if missing:
                 raise write_failed(entity, f"Error: Field '{missing[0]}' must be filled in.")
@@ -634,7 +792,6 @@ class FinOpsSimulator:
                 label = TABLE_NAMES[entity][1]
                 raise write_failed(entity, f"Cannot create a record in {label}. The record already exists.; "
                                            f"Key: {', '.join(ktuple)}")
-            self._validate(entity, values)
             row = self.insert(entity, values)
             self._emit(entity, row, None)
             stored = table[ktuple]
@@ -688,18 +845,67 @@ class FinOpsSimulator:
             raise ODataError(400, "The request body must be a JSON object.")
         return {k: v for k, v in data.items() if "@" not in k}
 
-    def _validate(self, entity: str, row: Mapping[str, Any]) -> None:
+    def _validate(self, entity: str, row: Mapping[str, Any], *, creating: bool) -> None:
+        """F&O's validateField / validateWrite: mandatory fields on create, relations, ranges."""
+        table = TABLE_NAMES[entity][0] if entity in TABLE_NAMES else entity
+        company = str(row["dataAreaId"]).lower()
+
+        def mandatory(name: str, label: str) -> None:
+            if creating and (row.get(name) is None or row.get(name) == ""):
+                raise write_failed(entity, f"Error: Field '{label}' must be filled in.")
+
+        def related(name: str, label: str, other: str, other_label: str) -> None:
+            value = row.get(name)
+            if value is None or value == "":
+                return
+            if other == "Currency":
+                found = str(value).upper() in self.currencies
+            else:
+                found = self._row(other, company, value) is not None
+            if not found:
+                raise write_failed(entity, f"Warning: The value '{value}' in field '{label}' is not found in the "
+                                           f"related table '{other_label}'.; Warning: validateField failed on field "
+                                           f"'{table}.{name}'.")
+
         if entity == "CustomersV3":
-            group = row.get("CustomerGroupId")
-            if group is not None and (row["dataAreaId"].lower(), str(group).lower()) not in \
-                    self._tables["CustomerGroups"]:
-                raise write_failed(entity, f"Warning: The value '{group}' in field 'Customer group' is not found in "
-                                           "the related table 'Customer groups'.; Warning: validateField failed on "
-                                           "field 'CustCustomerV3Entity.CustomerGroupId'.")
-        if entity == "SalesOrderHeadersV2":
+            mandatory("CustomerGroupId", "Customer group")
+            related("CustomerGroupId", "Customer group", "CustomerGroups", "Customer groups")
+            related("SalesCurrencyCode", "Currency", "Currency", "Currency")
+        elif entity == "SalesOrderHeadersV2":
+            mandatory("OrderingCustomerAccountNumber", "Customer account")
             account = row.get("OrderingCustomerAccountNumber")
-            if account and (row["dataAreaId"].lower(), str(account).lower()) not in self._tables["CustomersV3"]:
+            if account and self._row("CustomersV3", company, account) is None:
                 raise write_failed(entity, f"Warning: Customer {account} does not exist.")
+            related("InvoiceCustomerAccountNumber", "Invoice account", "CustomersV3", "Customers")
+            related("CurrencyCode", "Currency", "Currency", "Currency")
+            shipping = row.get("RequestedShippingDate")
+            if shipping not in (None, "") and not _is_date(shipping):
+                raise ODataError(400, f"Cannot convert the literal '{shipping}' to the expected type "
+                                      "'Edm.DateTimeOffset'.")
+        elif entity == "SalesOrderLines":
+            mandatory("SalesOrderNumber", "Sales order")
+            mandatory("ItemNumber", "Item number")
+            related("SalesOrderNumber", "Sales order", "SalesOrderHeadersV2", "Sales orders")
+            related("ItemNumber", "Item number", "ReleasedProductsV2", "Released products")
+            qty = row.get("OrderedSalesQuantity")
+            if isinstance(qty, bool) or not isinstance(qty, int | float) or not qty > 0:
+                raise write_failed(entity, f"Error: The quantity {qty} is not valid: the ordered quantity must be "
+                                           "greater than zero.; Warning: validateField failed on field "
+                                           f"'{table}.OrderedSalesQuantity'.")
+
+
+def _is_date(value: Any) -> bool:
+    """A date (`2026-11-02`) or a date-time with offset, as OData accepts for F&O date fields."""
+    if not isinstance(value, str):
+        return False
+    try:
+        if len(value) == 10:
+            date.fromisoformat(value)
+        else:
+            _parse_dt(value)
+    except ValueError:
+        return False
+    return True
 
 
 # ============================================================================================ seed
