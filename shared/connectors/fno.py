@@ -20,7 +20,14 @@ Writes
     (201 returns the entity, whose key fields give the canonical key). A replayed create therefore finds the
     record and PATCHes it. `delete` -> DELETE (404 = already gone). Validation failures come back as HTTP 500
     with an `AxODataWriteException` innererror: mapped to RejectedError carrying the infolog text; any other
-    5xx is TransientError.
+    5xx is TransientError. Key fields left out of a create (CustomerAccount, SalesOrderNumber, InventoryLotId)
+    are assigned by F&O's number sequences and come back in the 201 body.
+
+Document lines (`WriteOp.lines`)
+    After the header is written, its lines are read with one query (the `parent_fields`, e.g. dataAreaId and
+    SalesOrderNumber) and each item is matched locally by its `match` field: PATCHed when a value differs,
+    POSTed (with the parent fields copied from the header row) when absent. A failed line fails the op with
+    the header's key, so the retry finds the header by `match` and adds only what is missing.
 
 Change detection (`changes_since`)
     Entities in `MODIFIED_FIELDS` are polled with `ModifiedDateTime gt <checkpoint>` ordered ascending; the
@@ -61,7 +68,7 @@ from shared.core.errors import (
     ThrottledError,
     TransientError,
 )
-from shared.core.ports import SourceRecord, WriteOp, WriteResult
+from shared.core.ports import LineWrite, SourceRecord, WriteOp, WriteResult
 
 log = logging.getLogger(__name__)
 
@@ -275,6 +282,23 @@ def _error_for(response: httpx.Response, what: str) -> SyncError:
     return RejectedError(detail)
 
 
+def _with_detail(exc: SyncError, detail: str) -> SyncError:
+    """The same kind of error (class, reason, Retry-After) with a fuller message."""
+    if isinstance(exc, ThrottledError):
+        return ThrottledError(detail, retry_after=exc.retry_after, reason=exc.reason)
+    return type(exc)(detail, reason=exc.reason)
+
+
+def _same_value(current: Any, wanted: Any) -> bool:
+    """Does F&O already hold `wanted`? Numbers compare by value (F&O returns 2 for 2.0), the rest as JSON."""
+    wanted = _jsonable(wanted)
+    numbers = (int, float)
+    if isinstance(current, numbers) and isinstance(wanted, numbers) \
+            and not isinstance(current, bool) and not isinstance(wanted, bool):
+        return math.isclose(float(current), float(wanted), rel_tol=0.0, abs_tol=1e-9)
+    return bool(current == wanted)
+
+
 def _rewrap(exc: RetriableError, context: str) -> RetriableError:
     detail = f"{context}: {exc.detail}"
     if isinstance(exc, ThrottledError):
@@ -297,6 +321,11 @@ BUSINESS_EVENTS: dict[str, tuple[str, dict[str, str]]] = {
     "CustCustomerChangedBusinessEvent": ("CustomersV3", {"dataAreaId": LEGAL_ENTITY, "CustomerAccount": "Account"}),
     "SalesOrderStatusChangedBusinessEvent": (
         "SalesOrderHeadersV2", {"dataAreaId": LEGAL_ENTITY, "SalesOrderNumber": "SalesOrderNumber"}),
+    # Fulfilment documents posted against a sales order: the order header (its status) is what changed.
+    "SalesPackingSlipPostedBusinessEvent": (
+        "SalesOrderHeadersV2", {"dataAreaId": LEGAL_ENTITY, "SalesOrderNumber": "SalesOrderId"}),
+    "SalesInvoicePostedBusinessEvent": (
+        "SalesOrderHeadersV2", {"dataAreaId": LEGAL_ENTITY, "SalesOrderNumber": "SalesOrderId"}),
 }
 """Known business event ids -> (entity set, {key field: event field}) to fetch the full record."""
 
@@ -518,10 +547,18 @@ class FinOpsClient:
 
     @staticmethod
     def build_filter(equals: Mapping[str, Any], not_in: Mapping[str, Sequence[Any]] | None = None) -> str:
-        """The `$filter` for `select` (F&O supports neither `in` nor `has`: lists become `ne ... and ...`)."""
+        """The `$filter` for `select`. F&O supports neither `in` nor `has`: a list in `equals` becomes
+        `(F eq 'a' or F eq 'b')`, a `not_in` list `(F ne 'a' and F ne 'b')`."""
         clauses: list[str] = []
         for name, value in equals.items():
-            clauses.append(f"{_ident(name, 'filter field')} eq {filter_literal(value, name)}")
+            _ident(name, "filter field")
+            if isinstance(value, list | tuple):
+                literals = list(dict.fromkeys(filter_literal(v, name) for v in value))
+                if not literals:
+                    raise RejectedError(f"{SYSTEM}: equals[{name!r}] is an empty list (nothing can match)")
+                clauses.append("(" + " or ".join(f"{name} eq {literal}" for literal in literals) + ")")
+            else:
+                clauses.append(f"{name} eq {filter_literal(value, name)}")
         for name, values in (not_in or {}).items():
             _ident(name, "filter field")
             if isinstance(values, str | bytes):
@@ -533,7 +570,10 @@ class FinOpsClient:
 
     async def select(self, table: str, *, equals: Mapping[str, Any],
                      not_in: Mapping[str, Sequence[Any]] | None = None) -> list[SourceRecord]:
-        """Records (across companies, or one when `equals` has `dataAreaId`) matching escaped equality filters."""
+        """Records (across companies, or one when `equals` has `dataAreaId`) matching escaped equality filters;
+        a list value matches any of its values, an empty list nothing (answered without a request)."""
+        if any(isinstance(v, list | tuple) and not v for v in equals.values()):
+            return []
         text = self.build_filter(equals, not_in)
         return await self._query(table, {"$filter": text} if text else None, f"select from {table}")
 
@@ -658,7 +698,7 @@ class FinOpsClient:
                                         headers={"If-Match": "*"}, write=True)
             if not response.is_success:
                 raise _error_for(response, what)
-            return WriteResult(op.op_id, True, key=format_key(op.table, key))
+            return await self._finish(op, {**current.values, **values, **key}, created=False)
         if op.action == "update":
             raise RejectedError(f"{SYSTEM} {what}: the record does not exist (F&O has no upsert; use 'upsert')")
         body: dict[str, Any] = {**(op.match or {}), **op.values, **(key or {})}
@@ -673,7 +713,100 @@ class FinOpsClient:
             created = response.json()
         except ValueError:
             created = body
-        return WriteResult(op.op_id, True, key=format_key(op.table, created), created=True)
+        return await self._finish(op, created if isinstance(created, dict) else body, created=True)
+
+    async def _finish(self, op: WriteOp, header: Mapping[str, Any], *, created: bool) -> WriteResult:
+        """The op's result once its record is written: then its lines, if it has any."""
+        key = format_key(op.table, header)
+        if op.lines is None:
+            return WriteResult(op.op_id, True, key=key, created=created)
+        try:
+            error = await self._write_lines(op, key, header, created=created)
+        except (AuthError, ThrottledError):
+            raise
+        except SyncError as exc:
+            error = _with_detail(exc, f"{SYSTEM}: {op.table} {key} is written, but its lines could not be: "
+                                      f"{exc.detail}")
+        if error is not None:
+            log.warning("%s: op %s: %s", SYSTEM, op.op_id, error)
+            # The header key goes back with the failure so the retry (found again by `match`) adds only the
+            # missing lines.
+            return WriteResult(op.op_id, False, key=key, created=created, error=error)
+        return WriteResult(op.op_id, True, key=key, created=created)
+
+    async def _write_lines(self, op: WriteOp, header_key: str, header: Mapping[str, Any], *,
+                           created: bool) -> SyncError | None:
+        """Make every line of `op.lines` exist once under the header; the failed lines' errors, combined."""
+        lines = op.lines
+        assert lines is not None
+        _key_fields(lines.table)
+        _ident(lines.table, "entity set")
+        parent: dict[str, Any] = {}
+        for line_field, header_field in lines.parent_fields.items():
+            value = header.get(header_field)
+            if value is None or value == "":
+                raise RejectedError(f"{SYSTEM}: {op.table} {header_key} has no {header_field} to copy onto its "
+                                    f"{lines.table}.{line_field}")
+            parent[_ident(line_field, "line field")] = value
+        if not parent:
+            raise RejectedError(f"{SYSTEM}: op {op.op_id}: lines of {lines.table} need parent_fields to tie them "
+                                f"to {op.table} {header_key}")
+        # A header created by this very op has no lines yet; otherwise one query reads them all, and every
+        # item is matched locally (no query per line).
+        existing = [] if created else await self.select(lines.table, equals=parent)
+        failures: list[SyncError] = []
+        for item in lines.items:
+            try:
+                await self._write_line(lines.table, item, parent, existing, op.op_id)
+            except (AuthError, ThrottledError):
+                raise
+            except SyncError as exc:
+                failures.append(exc)
+        if not failures:
+            return None
+        # A permanent failure decides the outcome: retrying cannot fix it, and the operator needs its reason.
+        first = next((e for e in failures if not e.retriable), failures[0])
+        return _with_detail(first, f"{SYSTEM}: {op.table} {header_key} is written, but {len(failures)} of "
+                                   f"{len(lines.items)} {lines.table} lines failed (a retry adds only the "
+                                   "missing ones): " + "; ".join(e.detail for e in failures))
+
+    async def _write_line(self, table: str, item: LineWrite, parent: Mapping[str, Any],
+                          existing: list[SourceRecord], op_id: str) -> None:
+        """Create the line, or PATCH the one its `match` finds (only the fields that differ); `existing` learns
+        the created line, so an item repeated in the same op is not created twice."""
+        what = f"{table} line for source line {item.source_key} (op {op_id})"
+        if not item.match:
+            raise RejectedError(f"{SYSTEM} {what}: the line has no match field, so a replay would duplicate it")
+        found = [r for r in existing if all(str(r.values.get(f, "")) == str(v) for f, v in item.match.items())]
+        if len(found) > 1:
+            raise RejectedError(f"{SYSTEM} {what}: {len(found)} lines already match {item.match} "
+                                f"({', '.join(r.key for r in found[:5])}); remove the duplicates in F&O")
+        if found:
+            line = found[0]
+            wanted = {k: v for k, v in {**item.values, **item.match}.items() if k not in _key_fields(table)}
+            changes = {k: v for k, v in wanted.items() if not _same_value(line.values.get(k), v)}
+            if not changes:
+                return
+            path = key_path(table, parse_key(table, line.key))
+            response = await self._send("PATCH", self.data_root + path, what=f"update {what}", body=changes,
+                                        headers={"If-Match": "*"}, write=True)
+            if not response.is_success:
+                raise _error_for(response, f"update {what}")
+            line.values.update({k: _jsonable(v) for k, v in changes.items()})
+            return
+        body = {**item.values, **item.match, **parent}
+        response = await self._send("POST", self.data_root + table, what=f"create {what}", body=body, write=True)
+        if not response.is_success:
+            raise _error_for(response, f"create {what}")
+        try:
+            row = response.json()
+        except ValueError:
+            row = None
+        values = row if isinstance(row, dict) else {k: _jsonable(v) for k, v in body.items()}
+        try:
+            existing.append(self._record(table, values))
+        except RejectedError:
+            existing.append(SourceRecord(key="", values=dict(values)))
 
     async def write(self, ops: Sequence[WriteOp]) -> list[WriteResult]:
         """Apply ops with bounded concurrency (ops on the same record run in order); one result per op.
