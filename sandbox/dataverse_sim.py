@@ -1205,6 +1205,8 @@ class DataverseSimulator:
         vals.setdefault("createdby", self.office_user_id)
         vals.setdefault("modifiedby", vals["createdby"])
         vals.setdefault("ownerid", vals["createdby"])
+        if schema.logical_name == "contact":
+            self._platform_fixups(schema, vals, {})  # a stored contact always has its full name
         lookup_types = {c: self._target_logical(schema, c, vals) for c in schema.lookups if vals.get(c)}
         with self._lock:
             version = self._next_version()
