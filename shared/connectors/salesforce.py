@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
+import itertools
 import json
 import logging
 import re
@@ -49,6 +50,8 @@ log = logging.getLogger(__name__)
 SYSTEM = "salesforce"
 MAX_COLLECTION_SIZE = 200
 """sObject Collections accept at most 200 records per call."""
+MAX_IN_VALUES = 200
+"""Values per SOQL `IN (...)` list in `select`; more are split over several queries to keep the query URL short."""
 _IDENT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?$")
 _ID_RE = re.compile(r"^[A-Za-z0-9]{15}([A-Za-z0-9]{3})?$")
 _LIMIT_RE = re.compile(r"api-usage=(\d+)/(\d+)")
@@ -533,13 +536,37 @@ class SalesforceClient:
 
     async def select(self, table: str, *, equals: Mapping[str, Any],
                      not_in: Mapping[str, Sequence[Any]] | None = None) -> list[SourceRecord]:
-        clauses = [f"{soql_identifier(k)} = {soql_quote(v)}" for k, v in equals.items()]
+        """Records whose fields equal `equals` and are not in `not_in`; every value is rendered by `soql_quote`.
+
+        A list, tuple or set value in `equals` means `IN`: an empty one matches nothing (no call is made), and more
+        than 200 values are split over several queries (the SOQL text stays short) whose results are merged.
+        """
+        fixed: list[str] = []
+        listed: list[tuple[str, list[str]]] = []
+        for name, value in equals.items():
+            soql_identifier(name)
+            if isinstance(value, list | tuple | set | frozenset):
+                literals = list(dict.fromkeys(soql_quote(v) for v in value))
+                if not literals:
+                    return []
+                listed.append((name, literals))
+            else:
+                fixed.append(f"{name} = {soql_quote(value)}")
         for name, values in (not_in or {}).items():
+            soql_identifier(name)
+            if isinstance(values, str | bytes):
+                raise RejectedError(f"{SYSTEM}: not_in[{name!r}] must be a list of values, not a string")
             if values:
-                clauses.append(f"{soql_identifier(name)} NOT IN ({', '.join(soql_quote(v) for v in values)})")
-        where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
-        soql = _soql(await self._field_list(table), table, where)
-        return [record async for page in self._query_pages(soql) for record in page]
+                fixed.append(f"{name} NOT IN ({', '.join(soql_quote(v) for v in values)})")
+        fields = await self._field_list(table)
+        found: dict[str, SourceRecord] = {}
+        for chunks in itertools.product(*(_chunks(literals, MAX_IN_VALUES) for _, literals in listed)):
+            clauses = fixed + [_in_clause(name, chunk) for (name, _), chunk in zip(listed, chunks, strict=True)]
+            where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+            async for page in self._query_pages(_soql(fields, table, where)):
+                for record in page:
+                    found.setdefault(record.key, record)
+        return list(found.values())
 
     async def fetch(self, table: str, keys: Sequence[str]) -> dict[str, SourceRecord]:
         wanted = [k for k in keys if _ID_RE.fullmatch(k)]
@@ -599,6 +626,16 @@ def _soql(fields: Sequence[str], table: str, tail: str) -> str:
     """SELECT statement from validated API names; `tail` is built only from identifiers and `soql_quote` literals."""
     names = ", ".join(soql_identifier(f) for f in fields)
     return f"SELECT {names} FROM {soql_identifier(table)}{tail}"  # noqa: S608 - identifiers validated, values quoted
+
+
+def _in_clause(name: str, literals: Sequence[str]) -> str:
+    """`name IN (...)` from rendered literals; null is matched with `= null` (IN lists hold values)."""
+    values = [v for v in literals if v != "null"]
+    if len(values) == len(literals):
+        return f"{name} IN ({', '.join(values)})"
+    if not values:
+        return f"{name} = null"
+    return f"({name} IN ({', '.join(values)}) OR {name} = null)"
 
 
 def _chunks(items: Sequence[Any], size: int) -> list[list[Any]]:

@@ -263,6 +263,45 @@ async def test_select_escapes_values(client: SalesforceClient, sim: SalesforceSi
         await client.select("Account", equals={"Name = 'x' OR Id": "1"})
 
 
+async def test_select_with_a_list_is_an_escaped_in(
+        client: SalesforceClient, sim: SalesforceSimulator, monkeypatch: pytest.MonkeyPatch) -> None:
+    tricky = "x' OR Name != '"
+    await client.write([account_op(i) for i in range(450)] + [account_op(900, Name=tricky)])
+    sent: list[str] = []
+    query_pages = client._query_pages
+
+    def spy(soql: str) -> object:
+        sent.append(soql)
+        return query_pages(soql)
+
+    monkeypatch.setattr(client, "_query_pages", spy)
+    found = await client.select("Account", equals={"Name": [tricky, "Customer 3", "nobody"]})
+    assert sorted(r.values["Name"] for r in found) == sorted([tricky, "Customer 3"])
+    assert sent[-1].endswith(" WHERE Name IN ('x\\' OR Name != \\'', 'Customer 3', 'nobody')")
+
+    before = sim.request_count
+    assert await client.select("Account", equals={"Name": []}) == []
+    assert await client.select("Account", equals={"BillingCity": "Lyon", EXT: ()}) == []
+    assert sim.request_count == before
+
+    # more values than one IN list takes: several queries, results merged once each
+    sent.clear()
+    keys = [f"D365-{i:05d}" for i in range(450)]
+    found = await client.select("Account", equals={EXT: [*keys, *keys[:5]], "BillingCity": "Lyon"},
+                                not_in={"Name": [tricky]})
+    assert len(sent) == 3
+    assert [s.count("'D365-") for s in sent] == [200, 200, 50]
+    assert sorted(r.values[EXT] for r in found) == keys
+
+    # null in the list matches records without a value
+    sim.ui_change("Account", found[0].key, {"Phone": "+1 412 555 0100"})
+    with_phone = await client.select("Account", equals={"Phone": ["+1 412 555 0100", None], EXT: keys[:3]})
+    assert sorted(r.values[EXT] for r in with_phone) == keys[:3]
+    assert "(Phone IN ('+1 412 555 0100') OR Phone = null)" in sent[-1]
+    assert [r.key for r in await client.select("Account", equals={"Phone": ("+1 412 555 0100",)})] == [
+        found[0].key]
+
+
 async def test_scan_pages_through_next_records_url(client: SalesforceClient, sim: SalesforceSimulator) -> None:
     seed_salesforce(sim, accounts=4500, opportunities=0)
     pages = [page async for page in client.scan("Account")]
