@@ -99,38 +99,6 @@ async def child(path: str, batch: int) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------ parent
 
 
-def indexed_salesforce_simulator() -> Any:
-    """A Salesforce simulator whose External ID upsert is a dict lookup instead of a scan of every record.
-
-    The stock simulator scans all records per upsert (O(n^2) for an initial load: at 100,000 Accounts its Bulk
-    jobs outran the 60 s request timeout). Every write in this benchmark is an upsert, so indexing the upsert
-    path alone (records created only through it) keeps the simulator out of the measurement; matching stays
-    case-insensitive, as in the org.
-    """
-    from sandbox.salesforce_sim import EXTERNAL_IDS, SalesforceSimulator
-
-    class IndexedSalesforceSimulator(SalesforceSimulator):
-        def __init__(self) -> None:
-            self._index: dict[tuple[str, str], dict[str, str]] = {}
-            super().__init__()
-
-        def _upsert(self, sobject: str, ext_field: str, ext_value: str, values: dict[str, Any], *, origin: str,
-                    user: str) -> tuple[str, bool]:
-            if ext_field not in EXTERNAL_IDS.get(sobject, frozenset()):
-                return super()._upsert(sobject, ext_field, ext_value, values, origin=origin, user=user)
-            index = self._index.setdefault((sobject, ext_field), {})
-            values = {k: v for k, v in values.items() if k != ext_field}
-            rid = index.get(str(ext_value).lower())
-            if rid is not None and rid in self.records[sobject]:
-                self._update(sobject, rid, values, origin=origin, user=user)
-                return rid, False
-            rid = self._create(sobject, {**values, ext_field: ext_value}, origin=origin, user=user)
-            index[str(ext_value).lower()] = rid
-            return rid, True
-
-    return IndexedSalesforceSimulator()
-
-
 def with_latency(app: ASGIApp, latency_ms: float) -> ASGIApp:
     """The app, answering every HTTP request `latency_ms` later (a WAN round trip to the org)."""
 
@@ -153,11 +121,11 @@ def run_child(path: str, batch: int, env: dict[str, str]) -> dict[str, Any]:
 def run_path(path: str, records: int, batch: int, latency_ms: float, tmp: Path) -> dict[str, Any]:
     """Serve a fresh F&O (`records` good customers, two companies) and Salesforce org; run one child against them."""
     from sandbox.fno_sim import FinOpsSimulator, seed_fno
-    from sandbox.salesforce_sim import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET
+    from sandbox.salesforce_sim import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, SalesforceSimulator
     from sandbox.server import RunningServer, TestCA
 
     ca = TestCA.create(tmp / f"tls-{path}")
-    fno, sf = FinOpsSimulator(latency_ms=latency_ms), indexed_salesforce_simulator()
+    fno, sf = FinOpsSimulator(latency_ms=latency_ms), SalesforceSimulator()
     sf.limits.daily_max = 10_000_000
     seed_fno(fno, customers=records // 2, products=0)  # per company: usmf and demf, plus one bad row each
     servers = [RunningServer(fno.app, ca=ca).start(), RunningServer(with_latency(sf.app, latency_ms), ca=ca).start()]

@@ -1,9 +1,11 @@
 """Protocol-faithful simulator of the Salesforce REST API v63.0 (Starlette ASGI; serve it over TLS).
 
 Covers what Syncline uses: the client-credentials token endpoint on My Domain, sObject CRUD and upsert by
-External ID, sObject Collections (create/update/upsert/delete with per-record results), SOQL queries (a real
-subset parser) with `nextRecordsUrl` paging, Bulk API 2.0 ingest jobs, the daily request allocation with
-`Sforce-Limit-Info`, expired sessions, and Change Data Capture events (Pub/Sub-shaped JSON).
+External ID (indexed), sObject Collections (create/update/upsert/delete with per-record results), SOQL queries
+(a real subset parser) with `nextRecordsUrl` paging, Bulk API 2.0 ingest jobs, the daily request allocation with
+`Sforce-Limit-Info`, expired sessions, and Change Data Capture events (Pub/Sub-shaped JSON). Opportunity and
+Order lines roll up into the header (Amount, TotalAmount) in the line's transaction, as in the org. Seeds for the
+lead-to-cash and Customer 360 flows are made as a UI user, so they emit change events like people editing.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import csv
 import io
 import itertools
 import json
+import random
 import re
 import secrets
 import threading
@@ -38,30 +41,64 @@ ORG_ID = "00D5g00000SyncAAA"
 RUN_AS_USER_ID = "0055g00000SyncAAA"
 UI_USER_ID = "0055g00000OfficAAA"
 
-KEY_PREFIX = {"Account": "001", "Contact": "003", "Opportunity": "006", "Product2": "01t"}
+KEY_PREFIX = {"Account": "001", "Contact": "003", "Opportunity": "006", "Product2": "01t",
+              "OpportunityLineItem": "00k", "Order": "801", "OrderItem": "802"}
 SYSTEM_FIELDS = ("Id", "CreatedDate", "LastModifiedDate", "SystemModstamp", "IsDeleted")
 SCHEMAS: dict[str, dict[str, str]] = {
     "Account": {"Name": "string", "AccountNumber": "string", "Type": "picklist", "Industry": "picklist",
-                "BillingCity": "string", "BillingCountry": "string", "Phone": "phone",
+                "BillingStreet": "string", "BillingCity": "string", "BillingPostalCode": "string",
+                "BillingCountry": "string", "Phone": "phone", "Website": "url",
                 "AnnualRevenue": "currency", "NumberOfEmployees": "int", "Dynamics_Account__c": "string",
-                "CurrencyIsoCode": "picklist"},
-    "Contact": {"FirstName": "string", "LastName": "string", "Email": "email", "AccountId": "reference",
-                "Dynamics_Contact__c": "string"},
+                "CurrencyIsoCode": "picklist", "Legal_Entity__c": "picklist", "Credit_Limit__c": "currency",
+                "Payment_Terms__c": "picklist", "Dynamics_CRM_Id__c": "string"},
+    "Contact": {"FirstName": "string", "LastName": "string", "Email": "email", "Phone": "phone", "Title": "string",
+                "MailingCity": "string", "AccountId": "reference", "Dynamics_Contact__c": "string",
+                "Dynamics_CRM_Id__c": "string"},
     "Product2": {"Name": "string", "ProductCode": "string", "Family": "picklist", "IsActive": "boolean",
                  "Dynamics_Item__c": "string"},
     "Opportunity": {"Name": "string", "StageName": "picklist", "CloseDate": "date", "Amount": "currency",
-                    "AccountId": "reference", "Dynamics_Opportunity__c": "string"},
+                    "AccountId": "reference", "Dynamics_Opportunity__c": "string", "Legal_Entity__c": "picklist",
+                    "CurrencyIsoCode": "picklist", "Dynamics_Sales_Order__c": "string",
+                    "Fulfillment_Status__c": "picklist"},
+    "OpportunityLineItem": {"OpportunityId": "reference", "Product2Id": "reference", "Quantity": "double",
+                            "UnitPrice": "currency", "TotalPrice": "currency", "Dynamics_Line__c": "string"},
+    "Order": {"AccountId": "reference", "OpportunityId": "reference", "Status": "picklist", "EffectiveDate": "date",
+              "CurrencyIsoCode": "picklist", "Legal_Entity__c": "picklist", "OrderReferenceNumber": "string",
+              "TotalAmount": "currency", "Dynamics_Sales_Order__c": "string", "Fulfillment_Status__c": "picklist"},
+    "OrderItem": {"OrderId": "reference", "Product2Id": "reference", "Quantity": "double", "UnitPrice": "currency",
+                  "TotalPrice": "currency", "Dynamics_Line__c": "string"},
 }
 EXTERNAL_IDS: dict[str, frozenset[str]] = {
-    "Account": frozenset({"Dynamics_Account__c"}),
-    "Contact": frozenset({"Dynamics_Contact__c"}),
+    "Account": frozenset({"Dynamics_Account__c", "Dynamics_CRM_Id__c"}),
+    "Contact": frozenset({"Dynamics_Contact__c", "Dynamics_CRM_Id__c"}),
     "Product2": frozenset({"Dynamics_Item__c"}),
-    "Opportunity": frozenset({"Dynamics_Opportunity__c"}),
+    "Opportunity": frozenset({"Dynamics_Opportunity__c", "Dynamics_Sales_Order__c"}),
+    "OpportunityLineItem": frozenset(),
+    "Order": frozenset({"Dynamics_Sales_Order__c"}),
+    "OrderItem": frozenset(),
 }
 REQUIRED: dict[str, tuple[str, ...]] = {
     "Account": ("Name",), "Contact": ("LastName",), "Product2": ("Name",),
     "Opportunity": ("Name", "StageName", "CloseDate"),
+    "OpportunityLineItem": ("OpportunityId", "Quantity"),
+    "Order": ("AccountId", "Status", "EffectiveDate"),
+    "OrderItem": ("OrderId", "Quantity", "UnitPrice"),
 }
+REFERENCES: dict[str, str] = {"AccountId": "Account", "OpportunityId": "Opportunity", "OrderId": "Order",
+                              "Product2Id": "Product2"}
+"""Lookup field -> the sObject it points to (the same on every object that has it)."""
+CALCULATED: dict[str, frozenset[str]] = {"OpportunityLineItem": frozenset({"TotalPrice"}),
+                                         "Order": frozenset({"TotalAmount"}),
+                                         "OrderItem": frozenset({"TotalPrice"})}
+"""Formula / roll-up fields: computed by the org, refused on create and update."""
+CREATE_ONLY: dict[str, frozenset[str]] = {"OpportunityLineItem": frozenset({"OpportunityId", "Product2Id"}),
+                                          "OrderItem": frozenset({"OrderId", "Product2Id"})}
+"""A line belongs to its header and product for life (master-detail; the price book entry is fixed)."""
+ROLLUPS: dict[str, tuple[str, str, str]] = {"OpportunityLineItem": ("OpportunityId", "Opportunity", "Amount"),
+                                           "OrderItem": ("OrderId", "Order", "TotalAmount")}
+"""Line sObject -> (field holding the header id, header sObject, header field summing the lines' TotalPrice)."""
+ORDER_STATUSES = ("Draft", "Activated")
+UI_ORIGIN = "com/salesforce/ui"
 
 
 def to_18(id15: str) -> str:
@@ -72,6 +109,25 @@ def to_18(id15: str) -> str:
         bits = sum(1 << i for i, ch in enumerate(chunk) if "A" <= ch <= "Z")
         suffix += alphabet[bits]
     return id15 + suffix
+
+
+_BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+_SF_ID_RE = re.compile(r"[A-Za-z0-9]{15}(?:[A-Za-z0-9]{3})?")
+
+
+def _ext_key(value: Any) -> str | None:
+    """Index key of an External ID value: matching is case-insensitive, and a blank value matches nothing."""
+    return None if value in (None, "") else str(value).lower()
+
+
+def _number(name: str, value: Any) -> float:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    try:
+        return float(str(value))
+    except ValueError:
+        raise SalesforceFault(400, "INVALID_TYPE_ON_FIELD_IN_RECORD",
+                              f"{name}: value not of required type: {value}", [name]) from None
 
 
 def sf_datetime(moment: datetime) -> str:
@@ -161,6 +217,8 @@ def _tokenize(soql: str) -> list[_Tok]:
 
 
 Predicate = Callable[[Mapping[str, Any]], bool]
+Hint = tuple[str, tuple[Any, ...]]
+"""`Field = v` / `Field IN (v, ...)` the whole WHERE clause requires: a match has one of the values."""
 
 
 @dataclass
@@ -170,6 +228,7 @@ class Soql:
     where: Predicate | None
     order: tuple[str, bool] | None
     limit: int | None
+    hints: list[Hint] = field(default_factory=list)
 
 
 class _SoqlParser:
@@ -187,6 +246,13 @@ class _SoqlParser:
             return True
         return False
 
+    def _punct(self, text: str) -> bool:
+        tok = self._peek()
+        if tok is not None and tok.kind == "punct" and tok.text == text:
+            self.pos += 1
+            return True
+        return False
+
     def _expect(self, kind: str, text: str | None = None) -> _Tok:
         tok = self._peek()
         if tok is None or tok.kind != kind or (text is not None and tok.text.upper() != text):
@@ -198,12 +264,11 @@ class _SoqlParser:
     def parse(self) -> Soql:
         self._expect("word", "SELECT")
         fields = [self._expect("word").text]
-        while self._peek() is not None and self._peek().kind == "punct" and self._peek().text == ",":  # type: ignore[union-attr]
-            self.pos += 1
+        while self._punct(","):
             fields.append(self._expect("word").text)
         self._expect("word", "FROM")
         sobject = self._expect("word").text
-        where = self._or() if self._kw("WHERE") else None
+        where, hints = self._or() if self._kw("WHERE") else (None, [])
         order = None
         if self._kw("ORDER"):
             self._expect("word", "BY")
@@ -213,23 +278,27 @@ class _SoqlParser:
                 self._kw("ASC")
             order = (name, desc)
         limit = int(self._expect("num").value) if self._kw("LIMIT") else None
-        if self._peek() is not None:
-            raise SalesforceFault(400, "MALFORMED_QUERY", f"unexpected token: '{self._peek().text}'")  # type: ignore[union-attr]
-        return Soql(fields, sobject, where, order, limit)
+        tok = self._peek()
+        if tok is not None:
+            raise SalesforceFault(400, "MALFORMED_QUERY", f"unexpected token: '{tok.text}'")
+        return Soql(fields, sobject, where, order, limit, hints)
 
-    def _or(self) -> Predicate:
-        left = self._and()
+    def _or(self) -> tuple[Predicate, list[Hint]]:
+        left, hints = self._and()
         while self._kw("OR"):
-            right = self._and()
+            right, _ = self._and()
             left = (lambda a, b: lambda r: a(r) or b(r))(left, right)
-        return left
+            hints = []  # a disjunction constrains no single field
+        return left, hints
 
-    def _and(self) -> Predicate:
-        left = self._atom()
+    def _and(self) -> tuple[Predicate, list[Hint]]:
+        left, hint = self._atom()
+        hints = [hint] if hint else []
         while self._kw("AND"):
-            right = self._atom()
+            right, hint = self._atom()
             left = (lambda a, b: lambda r: a(r) and b(r))(left, right)
-        return left
+            hints += [hint] if hint else []
+        return left, hints
 
     def _literal(self) -> Any:
         tok = self._peek()
@@ -244,35 +313,32 @@ class _SoqlParser:
             return {"true": True, "false": False, "null": None}[tok.text.lower()]
         raise SalesforceFault(400, "MALFORMED_QUERY", f"unexpected token: '{tok.text}'")
 
-    def _atom(self) -> Predicate:
+    def _atom(self) -> tuple[Predicate, Hint | None]:
         if self._kw("NOT"):
-            inner = self._atom()
-            return lambda r: not inner(r)
-        tok = self._peek()
-        if tok is not None and tok.kind == "punct" and tok.text == "(":
-            self.pos += 1
-            inner = self._or()
-            self._expect("punct")
-            return inner
+            inner, _ = self._atom()
+            return (lambda r: not inner(r)), None
+        if self._punct("("):
+            grouped, _ = self._or()
+            self._expect("punct", ")")
+            return grouped, None
         name = self._expect("word").text
         negate = self._kw("NOT")
         if self._kw("IN"):
-            self._expect("punct")
+            self._expect("punct", "(")
             values = [self._literal()]
-            while self._peek() is not None and self._peek().text == ",":  # type: ignore[union-attr]
-                self.pos += 1
+            while self._punct(","):
                 values.append(self._literal())
-            self._expect("punct")
-            return lambda r: (_cmp_eq_any(r.get(name), values)) != negate
+            self._expect("punct", ")")
+            return (lambda r: _cmp_eq_any(r.get(name), values) != negate), (None if negate else (name, tuple(values)))
         if negate:
             raise SalesforceFault(400, "MALFORMED_QUERY", "NOT must be followed by IN")
         if self._kw("LIKE"):
             pattern = self._literal()
             regex = _like_regex(str(pattern))
-            return lambda r: r.get(name) is not None and regex.fullmatch(str(r.get(name))) is not None
+            return (lambda r: r.get(name) is not None and regex.fullmatch(str(r.get(name))) is not None), None
         op = self._expect("op").text
         value = self._literal()
-        return lambda r: _compare(r.get(name), op, value)
+        return (lambda r: _compare(r.get(name), op, value)), ((name, (value,)) if op == "=" else None)
 
 
 def _norm(value: Any) -> Any:
@@ -396,6 +462,12 @@ class SalesforceSimulator:
             self._jobs: dict[str, _Job] = {}
             self._cursors: dict[str, list[dict[str, Any]]] = {}
             self._webhooks: list[tuple[str, dict[str, str]]] = []
+            # (sObject, External ID field) -> lower-cased value -> ids; several ids when a user copied a value
+            self._ext_index: dict[tuple[str, str], dict[str, dict[str, None]]] = {
+                (name, ext): {} for name in SCHEMAS for ext in EXTERNAL_IDS[name]}
+            # (line sObject, header id) -> line ids, for roll-ups and master-detail cascades
+            self._children: dict[tuple[str, str], dict[str, None]] = {}
+            self._id_seq = {name: itertools.count(1) for name in SCHEMAS}
             self.clock: Callable[[], datetime] = lambda: datetime.now(UTC)
             self._last_tick = datetime(2000, 1, 1, tzinfo=UTC)
 
@@ -413,8 +485,12 @@ class SalesforceSimulator:
         return now
 
     def _new_id(self, sobject: str) -> str:
-        body = secrets.token_hex(6).upper()[:12]
-        return to_18(KEY_PREFIX[sobject] + body)
+        # like the org: key prefix, pod, reserved digit, then a base-62 counter; sequential so seeds reproduce ids
+        number, digits = next(self._id_seq[sobject]), ""
+        for _ in range(9):
+            number, rest = divmod(number, 62)
+            digits = _BASE62[rest] + digits
+        return to_18(KEY_PREFIX[sobject] + "5g0" + digits)
 
     def events(self) -> list[dict[str, Any]]:
         """Every CDC event generated so far (Pub/Sub-shaped JSON)."""
@@ -451,10 +527,20 @@ class SalesforceSimulator:
             raise errors[0]
         return len(pending)
 
+    def ui_create(self, sobject: str, values: Mapping[str, Any]) -> str:
+        """A record a user creates in the Lightning UI (changeOrigin without our client id); returns its id."""
+        with self._lock:
+            return self._create(sobject, dict(values), origin=UI_ORIGIN, user=UI_USER_ID)
+
     def ui_change(self, sobject: str, record_id: str, values: Mapping[str, Any]) -> None:
         """An edit a user makes in the Lightning UI (changeOrigin without our client id)."""
         with self._lock:
-            self._update(sobject, record_id, dict(values), origin="com/salesforce/ui", user=UI_USER_ID)
+            self._update(sobject, record_id, dict(values), origin=UI_ORIGIN, user=UI_USER_ID)
+
+    def ui_delete(self, record_id: str) -> None:
+        """A record a user deletes in the Lightning UI (a header's lines go with it)."""
+        with self._lock:
+            self._delete(record_id, origin=UI_ORIGIN, user=UI_USER_ID)
 
     def get(self, sobject: str, record_id: str) -> dict[str, Any] | None:
         with self._lock:
@@ -478,11 +564,98 @@ class SalesforceSimulator:
                 raise SalesforceFault(400, "INVALID_FIELD",
                                       f"No such column '{name}' on sobject of type {sobject}", [name])
 
+    @staticmethod
+    def _check_writable(sobject: str, values: Mapping[str, Any], record: Mapping[str, Any] | None) -> None:
+        bad = sorted(n for n in values if n in CALCULATED.get(sobject, ()))
+        if record is not None:
+            bad += sorted(n for n in values if n in CREATE_ONLY.get(sobject, ()) and values[n] != record.get(n))
+        if bad:
+            raise SalesforceFault(400, "INVALID_FIELD_FOR_INSERT_UPDATE",
+                                  f"Unable to create/update fields: {', '.join(bad)}. Please check the security "
+                                  "settings of this field and verify that it is read/write for your profile or "
+                                  "permission set.", bad)
+
+    def _resolve_references(self, sobject: str, values: Mapping[str, Any]) -> dict[str, Any]:
+        """Lookup values checked against the org and stored as 18-character ids (15-character ids are accepted)."""
+        out = dict(values)
+        for name, value in values.items():
+            target = REFERENCES.get(name) if SCHEMAS[sobject].get(name) == "reference" else None
+            if target is None:
+                continue
+            if value in (None, ""):
+                out[name] = None
+                continue
+            text = str(value)
+            if not _SF_ID_RE.fullmatch(text) or text[:3] != KEY_PREFIX[target]:
+                raise SalesforceFault(400, "MALFORMED_ID", f"{target} ID: id value of incorrect type: {text}", [name])
+            rid = to_18(text[:15])
+            if rid not in self.records[target]:
+                raise SalesforceFault(400, "INVALID_CROSS_REFERENCE_KEY", "invalid cross reference id", [name])
+            out[name] = rid
+        return out
+
+    @staticmethod
+    def _derive(sobject: str, record: dict[str, Any]) -> None:
+        """Formula fields: a line's TotalPrice is Quantity x UnitPrice, rounded to the currency's 2 decimals."""
+        if sobject not in ROLLUPS:
+            return
+        quantity, price = record.get("Quantity"), record.get("UnitPrice")
+        record["TotalPrice"] = (None if quantity is None or price is None
+                                else round(_number("Quantity", quantity) * _number("UnitPrice", price), 2))
+
+    def _check_rules(self, sobject: str, before: Mapping[str, Any] | None, after: Mapping[str, Any]) -> None:
+        if sobject == "Order":
+            status = after.get("Status")
+            if status not in ORDER_STATUSES:
+                raise SalesforceFault(400, "INVALID_OR_NULL_FOR_RESTRICTED_PICKLIST",
+                                      f"Status: bad value for restricted picklist field: {status}", ["Status"])
+            activating = status == "Activated" and (before is None or before.get("Status") != "Activated")
+            # orders are activated once they have products (the usual org rule), so never created activated
+            if activating and (before is None or not self._children.get(("OrderItem", str(before["Id"])))):
+                raise SalesforceFault(400, "FIELD_CUSTOM_VALIDATION_EXCEPTION",
+                                      "An order needs at least one order product before it can be activated.",
+                                      ["Status"])
+        elif sobject == "OrderItem":
+            priced = ("Quantity", "UnitPrice", "Product2Id")
+            if before is None or any(before.get(n) != after.get(n) for n in priced):
+                self._check_order_open(after)
+
+    def _check_order_open(self, item: Mapping[str, Any]) -> None:
+        order = self.records["Order"].get(str(item.get("OrderId") or ""))
+        if order is not None and order.get("Status") == "Activated":
+            raise SalesforceFault(400, "FIELD_INTEGRITY_EXCEPTION",
+                                  "You can't add, change or delete order products on an activated order.", ["OrderId"])
+
+    def _index_add(self, sobject: str, rid: str, record: Mapping[str, Any]) -> None:
+        for name in EXTERNAL_IDS[sobject]:
+            key = _ext_key(record.get(name))
+            if key is not None:
+                self._ext_index[(sobject, name)].setdefault(key, {})[rid] = None
+        rollup = ROLLUPS.get(sobject)
+        if rollup is not None and record.get(rollup[0]):
+            self._children.setdefault((sobject, str(record[rollup[0]])), {})[rid] = None
+
+    def _index_remove(self, sobject: str, rid: str, record: Mapping[str, Any]) -> None:
+        for name in EXTERNAL_IDS[sobject]:
+            key = _ext_key(record.get(name))
+            holders = self._ext_index[(sobject, name)].get(key or "")
+            if key is not None and holders is not None:
+                holders.pop(rid, None)
+                if not holders:
+                    del self._ext_index[(sobject, name)][key]
+        rollup = ROLLUPS.get(sobject)
+        if rollup is not None and record.get(rollup[0]):
+            lines = self._children.get((sobject, str(record[rollup[0]])))
+            if lines is not None:
+                lines.pop(rid, None)
+
     def _record_event(self, sobject: str, ids: list[str], change_type: str, changed: list[str],
-                      values: Mapping[str, Any], origin: str, user: str, when: datetime) -> None:
+                      values: Mapping[str, Any], origin: str, user: str, when: datetime,
+                      transaction: str | None = None) -> str:
+        """Append one CDC event; returns its transactionKey (pass it on for changes of the same transaction)."""
         header = {
             "entityName": sobject, "recordIds": ids, "changeType": change_type, "changeOrigin": origin,
-            "transactionKey": str(uuid.uuid4()), "sequenceNumber": next(self._seq),
+            "transactionKey": transaction or str(uuid.uuid4()), "sequenceNumber": next(self._seq),
             "commitTimestamp": int(when.timestamp() * 1000), "commitNumber": next(self._seq) * 1000,
             "commitUser": user, "nulledFields": [k for k in changed if values.get(k) is None],
             "diffFields": [], "changedFields": changed,
@@ -495,21 +668,52 @@ class SalesforceSimulator:
         self._events.append(event)
         if self._webhooks:
             self._pending.append(event)
+        return str(header["transactionKey"])
+
+    def _roll_up(self, sobject: str, line: Mapping[str, Any], *, origin: str, user: str, when: datetime,
+                 transaction: str) -> None:
+        """Recompute the header's total after a line change, in the line's transaction (like the platform).
+
+        The header is touched (LastModifiedDate, SystemModstamp, an UPDATE change event attributed to the line's
+        user and client) only when its total changes.
+        """
+        rollup = ROLLUPS.get(sobject)
+        if rollup is None:
+            return
+        parent_field, parent_sobject, total_field = rollup
+        parent = self.records[parent_sobject].get(str(line.get(parent_field) or ""))
+        if parent is None:
+            return
+        lines = self.records[sobject]
+        total = round(sum(float(lines[i]["TotalPrice"] or 0) for i in self._children.get((sobject, parent["Id"]), {})
+                          if i in lines), 2)
+        if parent.get(total_field) == total:
+            return
+        parent[total_field] = total
+        parent["LastModifiedDate"] = parent["SystemModstamp"] = sf_datetime(when)
+        self._record_event(parent_sobject, [parent["Id"]], "UPDATE", [total_field, "LastModifiedDate"], parent,
+                           origin, user, when, transaction)
 
     def _create(self, sobject: str, values: dict[str, Any], *, origin: str, user: str) -> str:
         self._check_fields(sobject, values)
-        missing = [f for f in REQUIRED[sobject] if values.get(f) in (None, "")]
+        values = self._resolve_references(sobject, values)
+        self._check_writable(sobject, values, None)
+        record: dict[str, Any] = dict.fromkeys(SCHEMAS[sobject])
+        record.update(values)
+        self._derive(sobject, record)
+        missing = [f for f in REQUIRED[sobject] if record.get(f) in (None, "")]
         if missing:
             raise SalesforceFault(400, "REQUIRED_FIELD_MISSING",
                                   f"Required fields are missing: [{', '.join(missing)}]", missing)
+        self._check_rules(sobject, None, record)
         now = self._now()
         rid = self._new_id(sobject)
         stamp = sf_datetime(now)
-        record: dict[str, Any] = dict.fromkeys(SCHEMAS[sobject])
-        record.update(values)
         record.update(Id=rid, CreatedDate=stamp, LastModifiedDate=stamp, SystemModstamp=stamp, IsDeleted=False)
         self.records[sobject][rid] = record
-        self._record_event(sobject, [rid], "CREATE", sorted(values), record, origin, user, now)
+        self._index_add(sobject, rid, record)
+        transaction = self._record_event(sobject, [rid], "CREATE", sorted(values), record, origin, user, now)
+        self._roll_up(sobject, record, origin=origin, user=user, when=now, transaction=transaction)
         return rid
 
     def _update(self, sobject: str, rid: str, values: dict[str, Any], *, origin: str, user: str) -> None:
@@ -517,23 +721,47 @@ class SalesforceSimulator:
         record = self.records[sobject].get(rid)
         if record is None:
             raise SalesforceFault(404, "NOT_FOUND", "The requested resource does not exist")
+        values = self._resolve_references(sobject, {k: v for k, v in values.items() if k != "Id"})
+        self._check_writable(sobject, values, record)
         merged = {**record, **values}
+        self._derive(sobject, merged)
         missing = [f for f in REQUIRED[sobject] if merged.get(f) in (None, "")]
         if missing:
             raise SalesforceFault(400, "REQUIRED_FIELD_MISSING",
                                   f"Required fields are missing: [{', '.join(missing)}]", missing)
-        changed = sorted(k for k, v in values.items() if record.get(k) != v)
+        self._check_rules(sobject, record, merged)
+        changed = sorted(k for k in SCHEMAS[sobject] if record.get(k) != merged.get(k))
         now = self._now()
-        record.update(values)
+        self._index_remove(sobject, rid, record)
+        record.update(merged)
         record["LastModifiedDate"] = record["SystemModstamp"] = sf_datetime(now)
-        self._record_event(sobject, [rid], "UPDATE", [*changed, "LastModifiedDate"], record, origin, user, now)
+        self._index_add(sobject, rid, record)
+        transaction = self._record_event(sobject, [rid], "UPDATE", [*changed, "LastModifiedDate"], record, origin,
+                                         user, now)
+        self._roll_up(sobject, record, origin=origin, user=user, when=now, transaction=transaction)
 
     def _delete(self, rid: str, *, origin: str, user: str) -> None:
         for sobject, table in self.records.items():
-            if rid in table:
-                record = table.pop(rid)
-                self._record_event(sobject, [rid], "DELETE", [], record, origin, user, self._now())
-                return
+            if rid not in table:
+                continue
+            record = table[rid]
+            if sobject == "OrderItem":
+                self._check_order_open(record)
+            now = self._now()
+            transaction = str(uuid.uuid4())
+            # master-detail: the header's lines are deleted with it, in the same transaction
+            for line_sobject, (_, header_sobject, _) in ROLLUPS.items():
+                if header_sobject != sobject:
+                    continue
+                for line_id in list(self._children.pop((line_sobject, rid), {})):
+                    line = self.records[line_sobject].pop(line_id)
+                    self._index_remove(line_sobject, line_id, line)
+                    self._record_event(line_sobject, [line_id], "DELETE", [], line, origin, user, now, transaction)
+            del table[rid]
+            self._index_remove(sobject, rid, record)
+            self._record_event(sobject, [rid], "DELETE", [], record, origin, user, now, transaction)
+            self._roll_up(sobject, record, origin=origin, user=user, when=now, transaction=transaction)
+            return
         raise SalesforceFault(404, "ENTITY_IS_DELETED", "entity is deleted")
 
     def _upsert(self, sobject: str, ext_field: str, ext_value: str, values: dict[str, Any], *, origin: str,
@@ -541,15 +769,47 @@ class SalesforceSimulator:
         if ext_field not in EXTERNAL_IDS.get(sobject, frozenset()) and ext_field != "Id":
             raise SalesforceFault(404, "NOT_FOUND", "The requested resource does not exist")
         values = {k: v for k, v in values.items() if k != ext_field}
-        matches = [r for r in self.records[sobject].values()
-                   if r.get(ext_field) is not None and str(r.get(ext_field)).lower() == str(ext_value).lower()]
+        key = _ext_key(ext_value)
+        if ext_field == "Id":
+            matches = self._ids_for(sobject, [ext_value])
+        else:
+            matches = list(self._ext_index[(sobject, ext_field)].get(key or "", {})) if key is not None else []
         if len(matches) > 1:
             raise SalesforceFault(300, "MULTIPLE_CHOICES", f"Multiple records with {ext_field} = {ext_value}",
-                                  [f"{API_PREFIX}sobjects/{sobject}/{r['Id']}" for r in matches])
+                                  [f"{API_PREFIX}sobjects/{sobject}/{rid}" for rid in matches])
         if matches:
-            self._update(sobject, matches[0]["Id"], values, origin=origin, user=user)
-            return matches[0]["Id"], False
+            self._update(sobject, matches[0], values, origin=origin, user=user)
+            return matches[0], False
         return self._create(sobject, {**values, ext_field: ext_value}, origin=origin, user=user), True
+
+    def _ids_for(self, sobject: str, values: Iterable[Any]) -> list[str]:
+        """Existing record ids among `values` (15- or 18-character)."""
+        table = self.records[sobject]
+        found = []
+        for value in values:
+            text = str(value)
+            if _SF_ID_RE.fullmatch(text):
+                rid = text if text in table else to_18(text[:15])
+                if rid in table and rid not in found:
+                    found.append(rid)
+        return found
+
+    def _candidates(self, parsed: Soql) -> list[dict[str, Any]]:
+        """The rows a query must look at: an index lookup when the WHERE clause pins Id or an External ID."""
+        table = self.records[parsed.sobject]
+        for name, values in parsed.hints:
+            if any(v is None for v in values):
+                continue
+            if name == "Id":
+                ids = self._ids_for(parsed.sobject, values)
+            elif name in EXTERNAL_IDS[parsed.sobject]:
+                index = self._ext_index[(parsed.sobject, name)]
+                ids = list(dict.fromkeys(rid for v in values for rid in index.get(str(v).lower(), {})))
+            else:
+                continue
+            # creation order, the order a full scan would give
+            return sorted((table[i] for i in ids), key=lambda r: str(r["CreatedDate"]))
+        return list(table.values())
 
     # ------------------------------------------------------------------------------------ HTTP
 
@@ -660,11 +920,20 @@ class SalesforceSimulator:
         raise SalesforceFault(404, "NOT_FOUND", "The requested resource does not exist")
 
     def _describe(self, sobject: str) -> dict[str, Any]:
-        fields = [{"name": n, "type": "id" if n == "Id" else "datetime" if n.endswith("Date") or n ==
-                   "SystemModstamp" else "boolean" if n == "IsDeleted" else "string", "externalId": False}
-                  for n in SYSTEM_FIELDS]
-        fields += [{"name": n, "type": t, "externalId": n in EXTERNAL_IDS[sobject]}
-                   for n, t in SCHEMAS[sobject].items()]
+        fields: list[dict[str, Any]] = [
+            {"name": n, "type": "id" if n == "Id" else "datetime" if n.endswith("Date") or n == "SystemModstamp"
+             else "boolean" if n == "IsDeleted" else "string", "externalId": False, "calculated": False,
+             "createable": False, "updateable": False, "nillable": n != "Id"}
+            for n in SYSTEM_FIELDS]
+        computed, fixed = CALCULATED.get(sobject, frozenset()), CREATE_ONLY.get(sobject, frozenset())
+        for name, kind in SCHEMAS[sobject].items():
+            entry = {"name": name, "type": kind, "externalId": name in EXTERNAL_IDS[sobject],
+                     "calculated": name in computed, "createable": name not in computed,
+                     "updateable": name not in computed and name not in fixed,
+                     "nillable": name not in REQUIRED[sobject]}
+            if kind == "reference":
+                entry["referenceTo"] = [REFERENCES[name]]
+            fields.append(entry)
         return {"name": sobject, "keyPrefix": KEY_PREFIX[sobject], "fields": fields}
 
     @staticmethod
@@ -751,7 +1020,7 @@ class SalesforceSimulator:
             if name not in known:
                 raise SalesforceFault(400, "INVALID_FIELD",
                                       f"No such column '{name}' on entity '{parsed.sobject}'.")
-        rows = list(self.records[parsed.sobject].values())
+        rows = self._candidates(parsed)
         if parsed.where is not None:
             rows = [r for r in rows if parsed.where(r)]
         if parsed.order is not None:
@@ -869,7 +1138,7 @@ def _csv_value(sobject: str, name: str, value: str) -> Any:
     kind = SCHEMAS.get(sobject, {}).get(name)
     if kind == "boolean":
         return value.lower() == "true"
-    if kind in ("currency", "int"):
+    if kind in ("currency", "double", "int"):
         try:
             return int(value) if kind == "int" else float(value)
         except ValueError:
@@ -888,7 +1157,6 @@ def seed_salesforce(sim: SalesforceSimulator, *, accounts: int = 12, opportuniti
     """
     cities = ["Lyon", "Toulouse", "Hamburg", "Torino", "Gdansk", "Porto"]
     made: dict[str, list[str]] = {"Account": [], "Opportunity": [], "Product2": []}
-    origin = "com/salesforce/ui"
     with sim._lock:
         for i in range(accounts):
             name = "O'Brien Machining" if i == 1 else f"Equipment Customer {i + 1:03d}"
@@ -896,17 +1164,211 @@ def seed_salesforce(sim: SalesforceSimulator, *, accounts: int = 12, opportuniti
                       "Type": "Customer - Direct", "Industry": "Manufacturing",
                       "BillingCity": cities[i % len(cities)], "BillingCountry": "" if i == accounts - 1 else "FR",
                       "NumberOfEmployees": 50 + 10 * i}
-            made["Account"].append(sim._create("Account", values, origin=origin, user=UI_USER_ID))
+            made["Account"].append(sim.ui_create("Account", values))
         for i, (name, family) in enumerate([("Hydraulic press HP-200", "Presses"), ("Conveyor CV-12", "Conveyors"),
                                             ("Spare seal kit", "Spares")]):
-            made["Product2"].append(sim._create("Product2", {"Name": name, "ProductCode": f"EQ-{i:03d}",
-                                                             "Family": family, "IsActive": True},
-                                                origin=origin, user=UI_USER_ID))
+            made["Product2"].append(sim.ui_create("Product2", {"Name": name, "ProductCode": f"EQ-{i:03d}",
+                                                               "Family": family, "IsActive": True}))
         for i in range(opportunities):
             account = made["Account"][i % max(1, len(made["Account"]))] if made["Account"] else None
-            made["Opportunity"].append(sim._create(
+            made["Opportunity"].append(sim.ui_create(
                 "Opportunity", {"Name": f"Line retrofit {i + 1}", "StageName": "Prospecting",
                                 "CloseDate": f"2026-{(i % 12) + 1:02d}-15",
                                 "Amount": None if i == opportunities - 1 else 25000.0 + 5000 * i,
-                                "AccountId": account}, origin=origin, user=UI_USER_ID))
+                                "AccountId": account}))
+    return made
+
+
+LEGAL_ENTITY_COMPANY = {"US01": "usmf", "DE01": "demf"}
+"""Legal_Entity__c -> F&O company (the company part of Product2.Dynamics_Item__c), as flows/fno-salesforce maps it."""
+LEGAL_ENTITY_HOME = {"US01": ("USD", "US"), "DE01": ("EUR", "DE")}
+"""Legal entity -> (its currency, its country) for accounts sales creates."""
+MAPPED_CURRENCIES = frozenset({"USD", "EUR", "GBP", "CHF"})
+"""Currencies the fno-salesforce flow maps; accounts in any other one get no pipeline (they are the bad ones)."""
+UNMAPPED_LEGAL_ENTITY = "BR01"
+UNMAPPED_CURRENCY = "JPY"
+UNMAPPED_PAYMENT_TERMS = "Net 90"
+OPEN_STAGES = ("Prospecting", "Qualification", "Proposal/Price Quote", "Negotiation/Review")
+
+_FIRMS = ("Allegheny", "Ridgeway", "Lakeshore", "Granite Valley", "Ironbridge", "Northfield", "Keystone",
+          "Bluewater", "Summit", "Riverside", "Harbor Point", "Redstone")
+_TRADES = ("Fabrication", "Machine Works", "Tooling", "Industrial Supply", "Precision Parts", "Automation")
+_CITIES = {"US01": ("Pittsburgh", "Columbus", "Milwaukee", "Houston", "Charlotte"),
+           "DE01": ("Stuttgart", "Hamburg", "Dortmund", "Leipzig", "Augsburg")}
+_DEALS = ("Press line retrofit", "Conveyor expansion", "Spare parts agreement", "Robotic welding cell",
+          "Hydraulic upgrade", "Packaging line", "Service kit renewal")
+
+
+def _firm_name(i: int, suffix: str = "") -> str:
+    """Distinct, readable company names for i < 72 (then numbered)."""
+    base = f"{_FIRMS[i % len(_FIRMS)]} {_TRADES[(i // len(_FIRMS)) % len(_TRADES)]}"
+    return base + (f" {i // (len(_FIRMS) * len(_TRADES)) + 1}" if i >= len(_FIRMS) * len(_TRADES) else "") + suffix
+
+
+def seed_new_accounts(sim: SalesforceSimulator, n: int = 20, *, seed: int = 5) -> dict[str, list[str]]:
+    """Accounts sales creates for the ERP (they become F&O customers): `n` good ones and one bad one.
+
+    Good: Type "Customer - Direct" (about one in five "Customer - Channel"), Legal_Entity__c US01 (USD, US) or DE01
+    (EUR, DE), a BillingCity, no Dynamics_Account__c yet. Bad: US01 in JPY, a currency the flow does not map.
+    Returns {"good": [...], "bad_currency": [id]}.
+    """
+    rng = random.Random(seed)
+    made: dict[str, list[str]] = {"good": [], "bad_currency": []}
+    for i in range(n):
+        entity = "US01" if rng.random() < 0.6 else "DE01"
+        currency, country = LEGAL_ENTITY_HOME[entity]
+        made["good"].append(sim.ui_create("Account", {
+            "Name": _firm_name(i, " GmbH" if entity == "DE01" else " Inc."),
+            "Type": "Customer - Channel" if rng.random() < 0.2 else "Customer - Direct",
+            "Legal_Entity__c": entity, "CurrencyIsoCode": currency, "BillingCountry": country,
+            "BillingCity": rng.choice(_CITIES[entity]), "Industry": "Manufacturing"}))
+    made["bad_currency"].append(sim.ui_create("Account", {
+        "Name": "Osaka Machinery Imports Inc.", "Type": "Customer - Direct", "Legal_Entity__c": "US01",
+        "CurrencyIsoCode": UNMAPPED_CURRENCY, "BillingCountry": "US", "BillingCity": "Seattle",
+        "Industry": "Manufacturing"}))
+    return made
+
+
+def _add_lines(sim: SalesforceSimulator, rng: random.Random, sobject: str, header: tuple[str, str],
+               pool: Sequence[Mapping[str, Any]], count: int, prices: Mapping[str, float]) -> list[str]:
+    parent_field, parent_id = header
+    return [sim.ui_create(sobject, {parent_field: parent_id, "Product2Id": product["Id"],
+                                    "Quantity": float(rng.randint(1, 25)), "UnitPrice": prices[str(product["Id"])]})
+            for product in rng.sample(list(pool), min(count, len(pool)))]
+
+
+def seed_sales_pipeline(sim: SalesforceSimulator, *, accounts: Sequence[Mapping[str, Any]],
+                        products: Sequence[Mapping[str, Any]], opportunities: int = 300, orders: int = 60,
+                        seed: int = 7) -> dict[str, list[str]]:
+    """Sales work on existing Accounts and Product2 records, made through the UI (so it emits change events).
+
+    `opportunities` good opportunities across the stages (40 % Closed Won), each with the account's
+    Legal_Entity__c and CurrencyIsoCode and 1-4 line items of products of the same company (US01 <-> usmf,
+    DE01 <-> demf, the company part of Dynamics_Item__c); closed ones are created open, given their lines, then
+    closed, as a rep would. `orders` good orders with 1-3 order products, created Draft, 80 % then
+    activated. Only accounts in a mapped legal entity and currency are used. On top, three bad records that sync
+    and must dead-letter: a Closed Won opportunity in BR01, a Closed Won opportunity in JPY and an activated
+    order in BR01.
+
+    Returns ids under "won", "open", "lost", "activated", "draft", "bad_legal_entity", "bad_currency",
+    "bad_order_legal_entity", "opportunity_line_items" and "order_items" (the bad records are only in theirs).
+    """
+    rng = random.Random(seed)
+    by_company: dict[str, list[Mapping[str, Any]]] = {}
+    for product in products:
+        company = str(product.get("Dynamics_Item__c") or "").partition("|")[0].lower()
+        if company:
+            by_company.setdefault(company, []).append(product)
+    eligible = [a for a in accounts if LEGAL_ENTITY_COMPANY.get(str(a.get("Legal_Entity__c"))) in by_company
+                and a.get("CurrencyIsoCode") in MAPPED_CURRENCIES]
+    if not eligible:
+        raise ValueError("seed_sales_pipeline needs accounts in a mapped legal entity and currency, and products "
+                         "of their company")
+    prices = {str(p["Id"]): float(rng.randrange(40, 12_000)) + rng.choice((0.0, 0.5, 0.99)) for p in products}
+    made: dict[str, list[str]] = {k: [] for k in (
+        "won", "open", "lost", "activated", "draft", "bad_legal_entity", "bad_currency", "bad_order_legal_entity",
+        "opportunity_line_items", "order_items")}
+
+    def pool(account: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+        return by_company[LEGAL_ENTITY_COMPANY[str(account["Legal_Entity__c"])]]
+
+    def opportunity(account: Mapping[str, Any], stage: str, **override: Any) -> str:
+        closed = stage.startswith("Closed")
+        month, day = rng.randint(1, 12), rng.randint(1, 28)
+        rid = sim.ui_create("Opportunity", {
+            "Name": f"{account.get('Name') or 'Account'} - {rng.choice(_DEALS)}",
+            "StageName": "Proposal/Price Quote" if closed else stage,
+            "CloseDate": f"{2025 if closed else 2026}-{month:02d}-{day:02d}", "AccountId": account["Id"],
+            "Legal_Entity__c": account["Legal_Entity__c"], "CurrencyIsoCode": account["CurrencyIsoCode"],
+            **override})
+        made["opportunity_line_items"] += _add_lines(sim, rng, "OpportunityLineItem", ("OpportunityId", rid),
+                                                     pool(account), rng.randint(1, 4), prices)
+        if closed:
+            sim.ui_change("Opportunity", rid, {"StageName": stage})
+        return rid
+
+    def order(account: Mapping[str, Any], number: int, activate: bool, **override: Any) -> str:
+        rid = sim.ui_create("Order", {
+            "AccountId": account["Id"], "Status": "Draft",
+            "EffectiveDate": f"2026-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}",
+            "Legal_Entity__c": account["Legal_Entity__c"], "CurrencyIsoCode": account["CurrencyIsoCode"],
+            "OrderReferenceNumber": f"PO-{number:05d}", **override})
+        made["order_items"] += _add_lines(sim, rng, "OrderItem", ("OrderId", rid), pool(account),
+                                          rng.randint(1, 3), prices)
+        if activate:
+            sim.ui_change("Order", rid, {"Status": "Activated"})
+        return rid
+
+    # exact shares (40 % won, the rest spread over the other stages; 80 % of orders activated), shuffled
+    won = round(opportunities * 0.4)
+    others = (*OPEN_STAGES, "Closed Lost")
+    stages = ["Closed Won"] * won + [others[i % len(others)] for i in range(opportunities - won)]
+    rng.shuffle(stages)
+    for stage in stages:
+        kind = "won" if stage == "Closed Won" else "lost" if stage == "Closed Lost" else "open"
+        made[kind].append(opportunity(rng.choice(eligible), stage))
+    activated = round(orders * 0.8)
+    plan = [True] * activated + [False] * (orders - activated)
+    rng.shuffle(plan)
+    for i, activate in enumerate(plan):
+        made["activated" if activate else "draft"].append(order(rng.choice(eligible), 40_000 + i, activate))
+    # the bad ones sit on an ordinary US account: a rep picked the wrong picklist value
+    home = next((a for a in eligible if a["Legal_Entity__c"] == "US01"), eligible[0])
+    made["bad_legal_entity"].append(opportunity(home, "Closed Won", Legal_Entity__c=UNMAPPED_LEGAL_ENTITY))
+    made["bad_currency"].append(opportunity(home, "Closed Won", CurrencyIsoCode=UNMAPPED_CURRENCY))
+    made["bad_order_legal_entity"].append(order(home, 49_999, True, Legal_Entity__c=UNMAPPED_LEGAL_ENTITY))
+    return made
+
+
+_FIRST = ("Anna", "Ben", "Carla", "Dmitri", "Elena", "Farid", "Greta", "Hiro", "Ines", "Jonas", "Kara", "Luis")
+_LAST = ("Baker", "Fischer", "Gomez", "Hansen", "Ivanova", "Kowalski", "Meyer", "Novak", "Okafor", "Rossi")
+_TITLES = ("Purchasing Manager", "Plant Manager", "Maintenance Lead", "CFO", "Operations Director", "Buyer")
+_PLACES = (("Pittsburgh", "15222", "US"), ("Cleveland", "44114", "US"), ("Lyon", "69002", "FR"),
+           ("Stuttgart", "70173", "DE"), ("Leeds", "LS1 4DY", "GB"), ("Basel", "4051", "CH"))
+_STREETS = ("Market Street", "Industrial Parkway", "Harbor Road", "Mill Lane", "Station Avenue")
+PAYMENT_TERMS = ("Net 30", "2% 10 Net 30", "Net 45", "Net 60")
+CRM_TYPES = ("Prospect", "Customer - Direct", "Customer - Channel")
+
+
+def seed_customer360(sim: SalesforceSimulator, *, accounts: int = 40, contacts_per_account: int = 2,
+                     seed: int = 11) -> dict[str, list[str]]:
+    """Sales-owned accounts and contacts for Customer 360 (Salesforce <-> Dynamics 365 Sales), made in the UI.
+
+    `accounts` good accounts typed Prospect / Customer - Direct / Customer - Channel with no Legal_Entity__c (they
+    are not ERP customers), with phone, website, revenue, billing address, payment terms and credit limit, each with
+    `contacts_per_account` contacts (one contact is an O'Connor, for SOQL escaping). One bad account more has
+    Payment_Terms__c "Net 90", which the flow does not map; it has no contacts, so it is the only record that
+    dead-letters. Returns ids under "accounts", "prospect", "direct", "channel", "contacts", "bad_payment_terms".
+    """
+    rng = random.Random(seed)
+    made: dict[str, list[str]] = {k: [] for k in ("accounts", "prospect", "direct", "channel", "contacts",
+                                                  "bad_payment_terms")}
+
+    def account_values(i: int, terms: str) -> dict[str, Any]:
+        city, postal, country = rng.choice(_PLACES)
+        name = _firm_name(i + 24)  # other names than seed_new_accounts' first ones
+        return {"Name": name, "Type": rng.choice(CRM_TYPES), "Phone": f"+1 412 555 {rng.randrange(10_000):04d}",
+                "Website": "https://www." + "".join(ch for ch in name.lower() if ch.isalnum()) + ".example",
+                "AnnualRevenue": float(rng.randrange(5, 500) * 100_000), "Payment_Terms__c": terms,
+                "BillingStreet": f"{rng.randint(1, 999)} {rng.choice(_STREETS)}", "BillingCity": city,
+                "BillingPostalCode": postal, "BillingCountry": country,
+                "Credit_Limit__c": float(rng.choice((25_000, 50_000, 100_000, 250_000))),
+                "Industry": "Manufacturing"}
+
+    for i in range(accounts):
+        values = account_values(i, rng.choice(PAYMENT_TERMS))
+        rid = sim.ui_create("Account", values)
+        made["accounts"].append(rid)
+        made[{"Prospect": "prospect", "Customer - Direct": "direct"}.get(values["Type"], "channel")].append(rid)
+        domain = values["Website"].removeprefix("https://www.")
+        for j in range(contacts_per_account):
+            first = rng.choice(_FIRST)
+            last = "O'Connor" if (i, j) == (1, 0) else rng.choice(_LAST)
+            made["contacts"].append(sim.ui_create("Contact", {
+                "FirstName": first, "LastName": last,
+                "Email": f"{first}.{last}".lower().replace("'", "") + f"@{domain}",
+                "Phone": f"+1 412 555 {rng.randrange(10_000):04d}", "Title": rng.choice(_TITLES),
+                "MailingCity": values["BillingCity"], "AccountId": rid}))
+    bad = account_values(accounts, UNMAPPED_PAYMENT_TERMS) | {"Type": "Customer - Direct"}
+    made["bad_payment_terms"].append(sim.ui_create("Account", bad))
     return made
