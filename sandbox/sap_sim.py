@@ -1,0 +1,1696 @@
+"""Protocol-faithful simulator of SAP S/4HANA OData v2 API_BUSINESS_PARTNER and API_SALES_ORDER_SRV.
+
+Serve `.app` with `sandbox.server.RunningServer(sim.app, ca=TestCA...)`; the host is then `server.url` and the
+services live under `/sap/opu/odata/sap/<service>/`. What it does, as S/4HANA does:
+
+- Auth: Basic (communication user `sim.user` / `sim.password`) or a bearer token from the OAuth 2.0
+  client-credentials endpoint `POST /sap/bc/sec/oauth2/token` (`sim.client_id` / `sim.client_secret`).
+- CSRF: a GET with `x-csrf-token: Fetch` answers the token in `x-csrf-token` and opens a session
+  (`SAP_SESSIONID_S4H_100` and `sap-usercontext` cookies); POST/PUT/PATCH/MERGE/DELETE without that token and
+  its session cookie get 403 `x-csrf-token: Required` "CSRF token validation failed".
+- OData v2 JSON: `{"d": {"results": [...], "__count", "__next"}}`, `{"d": {...}}`, `__metadata` (id, uri,
+  type, etag), `__deferred` navigation, `\\/Date(ms)\\/` dates, `PT..H..M..S` times, decimals as strings;
+  `$filter` (eq ne gt ge lt le, and or not, parentheses, string / datetime / datetimeoffset / time / decimal
+  literals), `$orderby`, `$top`, `$skip`, `$select`, `$expand`, `$inlinecount`, server paging with `__next`.
+- ETags: sales orders and items `W/"datetimeoffset'...'"` from their change time, business partners
+  `W/"'<ETag>'"` from the `ETag` property (user + change time); header updates need `If-Match` (428 without,
+  412 when stale).
+- Deep insert of A_SalesOrder with `to_Item` and of A_BusinessPartner with `to_BusinessPartnerAddress`,
+  `to_BusinessPartnerRole`, `to_Customer` (and its `to_CustomerSalesArea`); internal number ranges.
+- Validation against customizing (sales areas, plants, materials and their units, sold-to parties, countries,
+  currencies) with Gateway error bodies. Message classes and numbers are representative, not authoritative.
+- Change stamps: A_SalesOrder `LastChangeDateTime` (UTC, on create and every change); A_BusinessPartner
+  `CreationDate`/`CreationTime` on create and `LastChangeDate`/`LastChangeTime` (UTC) only once changed.
+- Knobs: fault injection, latency, throttling (429/503 with Retry-After), CSRF/session and OAuth token
+  expiry, order status progress (delivery, goods issue, billing), UI edits, and event-mesh style CloudEvents
+  (`sap.s4.beh.salesorder.v1.SalesOrder.Changed.v1`, ...) POSTed to registered URLs in the background.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import re
+import secrets
+import threading
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, time, timedelta
+from decimal import Decimal, InvalidOperation
+from typing import Any
+from urllib.parse import parse_qsl, quote, urlencode
+
+import httpx
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from sandbox.webhook_delivery import Deliverer
+
+SERVICE_PREFIX = "/sap/opu/odata/sap/"
+BP_SERVICE = "API_BUSINESS_PARTNER"
+SO_SERVICE = "API_SALES_ORDER_SRV"
+TOKEN_PATH = "/sap/bc/sec/oauth2/token"
+SYSTEM_ID = "S4H"
+SAP_CLIENT = "100"
+SESSION_COOKIE = f"SAP_SESSIONID_{SYSTEM_ID}_{SAP_CLIENT}"
+EVENT_SOURCE = f"/default/sap.s4.beh/{SYSTEM_ID}CLNT{SAP_CLIENT}"
+MODIFYING = frozenset({"POST", "PUT", "PATCH", "MERGE", "DELETE"})
+
+SALES_ORDER_CHANGED = "sap.s4.beh.salesorder.v1.SalesOrder.Changed.v1"
+SALES_ORDER_CREATED = "sap.s4.beh.salesorder.v1.SalesOrder.Created.v1"
+PARTNER_CHANGED = "sap.s4.beh.businesspartner.v1.BusinessPartner.Changed.v1"
+PARTNER_CREATED = "sap.s4.beh.businesspartner.v1.BusinessPartner.Created.v1"
+
+# ============================================================================================ schema
+
+DT, DTO, TM, DEC, BOOL = "Edm.DateTime", "Edm.DateTimeOffset", "Edm.Time", "Edm.Decimal", "Edm.Boolean"
+TYPES: dict[str, str] = {
+    "CreationDate": DT, "LastChangeDate": DT, "SalesOrderDate": DT, "RequestedDeliveryDate": DT,
+    "CustomerPurchaseOrderDate": DT, "PricingDate": DT, "ValidityStartDate": DT, "ValidityEndDate": DT,
+    "CreationTime": TM, "LastChangeTime": TM, "LastChangeDateTime": DTO, "ValidFrom": DTO, "ValidTo": DTO,
+    "RequestedQuantity": DEC, "TotalNetAmount": DEC, "NetAmount": DEC, "ItemGrossWeight": DEC, "ItemNetWeight": DEC,
+    "BusinessPartnerIsBlocked": BOOL, "IsMarkedForArchiving": BOOL, "CompleteDeliveryIsDefined": BOOL,
+    "DeletionIndicator": BOOL, "OrderIsBlockedForCustomer": BOOL,
+}
+SCALES = {"RequestedQuantity": 3, "ItemGrossWeight": 3, "ItemNetWeight": 3, "TotalNetAmount": 2, "NetAmount": 2}
+
+
+@dataclass(frozen=True)
+class Nav:
+    """A navigation property: target entity set, cardinality and {child field: parent field}."""
+
+    target: str
+    many: bool
+    link: tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True)
+class EntityDef:
+    service: str
+    type_name: str
+    keys: tuple[str, ...]
+    fields: tuple[str, ...]
+    navs: Mapping[str, Nav] = field(default_factory=dict)
+    etag: str | None = None
+    """"stamp": W/"datetimeoffset'<change time>'"; "bp": W/"'<ETag property>'"; None: no concurrency token."""
+    computed: frozenset[str] = frozenset()
+    """Fields the backend maintains; a client's value is ignored."""
+
+
+_BP_FIELDS = (
+    "BusinessPartner", "Customer", "Supplier", "BusinessPartnerCategory", "BusinessPartnerFullName",
+    "BusinessPartnerGrouping", "BusinessPartnerName", "BusinessPartnerUUID", "CorrespondenceLanguage", "CreatedByUser",
+    "CreationDate", "CreationTime", "FirstName", "LastName", "Industry", "LastChangeDate", "LastChangeTime",
+    "LastChangedByUser", "OrganizationBPName1", "OrganizationBPName2", "SearchTerm1", "SearchTerm2", "Language",
+    "BusinessPartnerIsBlocked", "IsMarkedForArchiving", "BusinessPartnerIDByExtSystem", "ETag", "LegalForm")
+_ADDRESS_FIELDS = (
+    "BusinessPartner", "AddressID", "ValidityStartDate", "ValidityEndDate", "CityName", "Country", "District",
+    "HouseNumber", "PostalCode", "Region", "StreetName", "Language", "AddressTimeZone", "POBox")
+_ROLE_FIELDS = ("BusinessPartner", "BusinessPartnerRole", "ValidFrom", "ValidTo")
+_CUSTOMER_FIELDS = (
+    "Customer", "CustomerAccountGroup", "CustomerClassification", "CustomerFullName", "CustomerName",
+    "DeletionIndicator", "OrderIsBlockedForCustomer", "Industry", "CreationDate", "CreatedByUser")
+_SALES_AREA_FIELDS = (
+    "Customer", "SalesOrganization", "DistributionChannel", "Division", "Currency", "CustomerPaymentTerms",
+    "IncotermsClassification", "IncotermsLocation1", "ShippingCondition", "SalesOffice", "SalesGroup",
+    "CustomerPricingProcedure", "CustomerAccountAssignmentGroup", "CustomerGroup", "SupplyingPlant",
+    "DeletionIndicator", "OrderIsBlockedForCustomer")
+_ORDER_STATUS = ("OverallSDProcessStatus", "OverallTotalDeliveryStatus", "OverallDeliveryStatus",
+                 "OverallOrdReltdBillgStatus", "TotalBlockStatus", "OverallSDDocumentRejectionSts",
+                 "TotalCreditCheckStatus")
+_ORDER_FIELDS = (
+    "SalesOrder", "SalesOrderType", "SalesOrganization", "DistributionChannel", "OrganizationDivision", "SalesGroup",
+    "SalesOffice", "SoldToParty", "CreationDate", "CreatedByUser", "LastChangeDate", "LastChangeDateTime",
+    "PurchaseOrderByCustomer", "CustomerPurchaseOrderType", "CustomerPurchaseOrderDate", "SalesOrderDate",
+    "TotalNetAmount", "TransactionCurrency", "RequestedDeliveryDate", "ShippingCondition",
+    "CompleteDeliveryIsDefined", "IncotermsClassification", "IncotermsLocation1", "CustomerPaymentTerms",
+    "PricingDate", "HeaderBillingBlockReason", "DeliveryBlockReason", "ExternalDocumentID",
+    "SenderBusinessSystemName", *_ORDER_STATUS)
+_ITEM_STATUS = ("SDProcessStatus", "DeliveryStatus", "OrderRelatedBillingStatus")
+_ITEM_FIELDS = (
+    "SalesOrder", "SalesOrderItem", "HigherLevelItem", "SalesOrderItemCategory", "SalesOrderItemText",
+    "PurchaseOrderByCustomer", "PurchaseOrderByShipToParty", "UnderlyingPurchaseOrderItem", "ExternalItemID",
+    "Material", "MaterialByCustomer", "RequestedQuantity", "RequestedQuantityUnit", "ItemGrossWeight",
+    "ItemNetWeight", "ItemWeightUnit", "NetAmount", "TransactionCurrency", "MaterialGroup", "ProductionPlant",
+    "StorageLocation", "ShippingPoint", "IncotermsClassification", "CustomerPaymentTerms", "SalesDocumentRjcnReason",
+    "ItemBillingBlockReason", *_ITEM_STATUS)
+
+ENTITIES: dict[str, EntityDef] = {
+    "A_BusinessPartner": EntityDef(
+        BP_SERVICE, "A_BusinessPartnerType", ("BusinessPartner",), _BP_FIELDS,
+        {"to_BusinessPartnerAddress": Nav("A_BusinessPartnerAddress", True, (("BusinessPartner", "BusinessPartner"),)),
+         "to_BusinessPartnerRole": Nav("A_BusinessPartnerRole", True, (("BusinessPartner", "BusinessPartner"),)),
+         "to_Customer": Nav("A_Customer", False, (("Customer", "Customer"),))},
+        etag="bp", computed=frozenset({"Customer", "Supplier", "BusinessPartnerFullName", "BusinessPartnerName",
+                                       "BusinessPartnerUUID", "CreatedByUser", "CreationDate", "CreationTime",
+                                       "LastChangeDate", "LastChangeTime", "LastChangedByUser", "ETag"})),
+    "A_BusinessPartnerAddress": EntityDef(BP_SERVICE, "A_BusinessPartnerAddressType", ("BusinessPartner", "AddressID"),
+                                          _ADDRESS_FIELDS),
+    "A_BusinessPartnerRole": EntityDef(BP_SERVICE, "A_BusinessPartnerRoleType",
+                                       ("BusinessPartner", "BusinessPartnerRole"), _ROLE_FIELDS),
+    "A_Customer": EntityDef(
+        BP_SERVICE, "A_CustomerType", ("Customer",), _CUSTOMER_FIELDS,
+        {"to_CustomerSalesArea": Nav("A_CustomerSalesArea", True, (("Customer", "Customer"),))},
+        computed=frozenset({"CustomerFullName", "CreationDate", "CreatedByUser"})),
+    "A_CustomerSalesArea": EntityDef(BP_SERVICE, "A_CustomerSalesAreaType",
+                                     ("Customer", "SalesOrganization", "DistributionChannel", "Division"),
+                                     _SALES_AREA_FIELDS),
+    "A_SalesOrder": EntityDef(
+        SO_SERVICE, "A_SalesOrderType", ("SalesOrder",), _ORDER_FIELDS,
+        {"to_Item": Nav("A_SalesOrderItem", True, (("SalesOrder", "SalesOrder"),))}, etag="stamp",
+        computed=frozenset({"CreationDate", "CreatedByUser", "LastChangeDate", "LastChangeDateTime", "TotalNetAmount",
+                            *_ORDER_STATUS})),
+    "A_SalesOrderItem": EntityDef(
+        SO_SERVICE, "A_SalesOrderItemType", ("SalesOrder", "SalesOrderItem"), _ITEM_FIELDS, etag="stamp",
+        computed=frozenset({"NetAmount", "ExternalItemID", *_ITEM_STATUS})),
+}
+IF_MATCH_REQUIRED = frozenset({"A_BusinessPartner", "A_SalesOrder"})
+DELETABLE = frozenset({"A_SalesOrder", "A_SalesOrderItem", "A_BusinessPartnerAddress"})
+SERVICE_SETS = {svc: sorted(n for n, e in ENTITIES.items() if e.service == svc) for svc in (BP_SERVICE, SO_SERVICE)}
+
+
+# ============================================================================================ errors
+
+
+class GatewayError(Exception):
+    """An SAP Gateway error response: HTTP status, message code ("V1/320") and text, optional details."""
+
+    def __init__(self, status: int, code: str, message: str, *, target: str = "",
+                 details: list[tuple[str, str]] | None = None, headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.target = target
+        self.details = details
+        self.headers = dict(headers or {})
+
+    def body(self, service: str) -> dict[str, Any]:
+        details = self.details if self.details is not None else [(self.code, self.message)]
+        now = datetime.now(UTC)
+        return {"error": {
+            "code": self.code, "message": {"lang": "en", "value": self.message},
+            "innererror": {
+                "application": {"component_id": "SD-SLS-API" if service == SO_SERVICE else "LO-MD-BP",
+                                "service_namespace": "/SAP/", "service_id": service, "service_version": "0001"},
+                "transactionid": uuid.uuid4().hex.upper(),
+                "timestamp": now.strftime("%Y%m%d%H%M%S.") + f"{now.microsecond:06d}0",
+                "Error_Resolution": {
+                    "SAP_Transaction": "For backend administrators: use ADT feed reader \"SAP Gateway Error Log\" "
+                                       "or run transaction /IWFND/ERROR_LOG on SAP Gateway hub system and search "
+                                       "for entries with the timestamp above for more details",
+                    "SAP_Note": "See SAP Note 1797736 for error analysis (https://service.sap.com/sap/support/notes/"
+                                "1797736)"},
+                "errordetails": [{"code": c, "message": m, "longtext_url": "/sap/opu/odata/iwbep/message_text;o=LOCAL/",
+                                  "propertyref": "", "severity": "error", "transition": False,
+                                  "target": self.target} for c, m in details]}}}
+
+
+def _bad(code: str, message: str, target: str = "") -> GatewayError:
+    return GatewayError(400, code, message, target=target)
+
+
+# ============================================================================================ values
+
+
+_DATE_RE = re.compile(r"^/Date\((?P<ms>-?\d+)(?P<off>[+-]\d{4})?\)/$")
+_TIME_RE = re.compile(r"^PT(?:(?P<h>\d+)H)?(?:(?P<m>\d+)M)?(?:(?P<s>\d+)(?:\.\d+)?S)?$")
+
+
+def _parse_iso(text: str) -> datetime:
+    text = re.sub(r"(\.\d{6})\d+", r"\1", text.strip()).replace("Z", "+00:00")
+    value = datetime.fromisoformat(text)
+    return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def _parse_time(text: str) -> time:
+    m = _TIME_RE.match(text)
+    if m is None or text == "PT":
+        raise ValueError(text)
+    return time(int(m.group("h") or 0), int(m.group("m") or 0), int(m.group("s") or 0))
+
+
+def to_wire(name: str, value: Any) -> Any:
+    """A stored value as OData v2 JSON shows it."""
+    kind = TYPES.get(name)
+    if value is None:
+        return None
+    if kind in (DT, DTO) and isinstance(value, datetime):
+        ms = int(value.timestamp() * 1000)
+        return f"/Date({ms}+0000)/" if kind == DTO else f"/Date({ms})/"
+    if kind == TM and isinstance(value, time):
+        return f"PT{value.hour:02d}H{value.minute:02d}M{value.second:02d}S"
+    return value
+
+
+def _decimal_text(name: str, value: Decimal) -> str:
+    return str(value.quantize(Decimal(1).scaleb(-SCALES.get(name, 3))))
+
+
+def from_wire(entity: str, name: str, raw: Any) -> Any:
+    """A client's JSON value as stored; a value of the wrong Edm type is a Gateway 400."""
+    kind = TYPES.get(name)
+    etype = ENTITIES[entity].type_name
+    if raw is None:
+        return None
+
+    def wrong(expected: str) -> GatewayError:
+        return _bad("/IWBEP/CM_MGW_RT/013", f"Invalid value '{raw}' for property '{name}' of type '{etype}': "
+                                            f"{expected} expected", target=name)
+
+    if kind in (DT, DTO):
+        if not isinstance(raw, str):
+            raise wrong("an Edm.DateTime string like '/Date(1767225600000)/'")
+        m = _DATE_RE.match(raw)
+        try:
+            return datetime.fromtimestamp(int(m.group("ms")) / 1000, tz=UTC) if m else _parse_iso(raw)
+        except ValueError:
+            raise wrong("'/Date(ms)/' or ISO 8601") from None
+    if kind == TM:
+        try:
+            return _parse_time(str(raw))
+        except ValueError:
+            raise wrong("an Edm.Time like 'PT14H30M00S'") from None
+    if kind == DEC:
+        # OData v2 JSON carries Edm.Decimal as a string; Gateway refuses a JSON number.
+        if not isinstance(raw, str):
+            raise wrong("Edm.Decimal as a JSON string (e.g. \"2\")")
+        try:
+            return _decimal_text(name, Decimal(raw))
+        except InvalidOperation:
+            raise wrong("a decimal number") from None
+    if kind == BOOL:
+        if not isinstance(raw, bool):
+            raise wrong("true or false")
+        return raw
+    if not isinstance(raw, str):
+        raise wrong("Edm.String")
+    return raw
+
+
+# ============================================================================================ $filter
+
+
+_TOKEN_RE = re.compile(r"""
+    (?P<ws>\s+)
+  | (?P<typed>(?P<tname>datetimeoffset|datetime|time|guid)'(?P<tval>[^']*)')
+  | (?P<string>'(?:[^']|'')*')
+  | (?P<decimal>-?\d+(?:\.\d+)?[mM])
+  | (?P<number>-?\d+(?:\.\d+)?(?:[dDfFlL])?)
+  | (?P<paren>[()])
+  | (?P<ident>[A-Za-z_]\w*)
+""", re.VERBOSE)
+_COMPARE = frozenset({"eq", "ne", "gt", "ge", "lt", "le"})
+
+
+@dataclass(frozen=True)
+class _Tok:
+    kind: str
+    text: str
+    value: Any = None
+
+
+def tokenize(text: str) -> list[_Tok]:
+    """Tokens of an OData v2 $filter (a syntax error is a Gateway 400)."""
+    out: list[_Tok] = []
+    pos = 0
+    while pos < len(text):
+        m = _TOKEN_RE.match(text, pos)
+        if m is None:
+            raise _bad("/IWBEP/CM_MGW_RT/021", f"Invalid filter expression: '{text}' (syntax error at position {pos})")
+        pos = m.end()
+        kind = m.lastgroup or ""
+        raw = m.group(0)
+        if kind == "ws":
+            continue
+        if m.group("typed"):
+            tname, tval = m.group("tname"), m.group("tval")
+            try:
+                value: Any = (_parse_iso(tval) if tname in ("datetime", "datetimeoffset")
+                              else _parse_time(tval) if tname == "time" else tval)
+            except ValueError:
+                raise _bad("/IWBEP/CM_MGW_RT/021", f"Invalid {tname} literal '{tval}' in filter '{text}'") from None
+            out.append(_Tok("lit", raw, value))
+        elif kind == "string":
+            out.append(_Tok("lit", raw, raw[1:-1].replace("''", "'")))
+        elif kind == "decimal":
+            out.append(_Tok("lit", raw, Decimal(raw[:-1])))
+        elif kind == "number":
+            body = raw.rstrip("dDfFlL")
+            out.append(_Tok("lit", raw, Decimal(body)))
+        elif kind == "ident" and raw in ("true", "false", "null"):
+            out.append(_Tok("lit", raw, {"true": True, "false": False, "null": None}[raw]))
+        else:
+            out.append(_Tok(kind, raw))
+    return out
+
+
+class FilterParser:
+    """Recursive descent: or > and > not > comparison | (expr). Builds a tuple AST, never evaluates text."""
+
+    def __init__(self, text: str, entity: str) -> None:
+        self.text = text
+        self.toks = tokenize(text)
+        self.i = 0
+        self.entity = entity
+        self.fields = set(ENTITIES[entity].fields)
+
+    def _peek(self) -> _Tok | None:
+        return self.toks[self.i] if self.i < len(self.toks) else None
+
+    def _take(self) -> _Tok:
+        tok = self._peek()
+        if tok is None:
+            raise _bad("/IWBEP/CM_MGW_RT/021", f"Invalid filter expression: '{self.text}' (unexpected end)")
+        self.i += 1
+        return tok
+
+    def _is(self, word: str) -> bool:
+        tok = self._peek()
+        return tok is not None and tok.kind == "ident" and tok.text == word
+
+    def parse(self) -> tuple[Any, ...]:
+        node = self._or()
+        if self._peek() is not None:
+            raise _bad("/IWBEP/CM_MGW_RT/021", f"Invalid filter expression: '{self.text}' (unexpected "
+                                               f"'{self._take().text}')")
+        return node
+
+    def _or(self) -> tuple[Any, ...]:
+        node = self._and()
+        while self._is("or"):
+            self._take()
+            node = ("or", node, self._and())
+        return node
+
+    def _and(self) -> tuple[Any, ...]:
+        node = self._not()
+        while self._is("and"):
+            self._take()
+            node = ("and", node, self._not())
+        return node
+
+    def _not(self) -> tuple[Any, ...]:
+        if self._is("not"):
+            self._take()
+            return ("not", self._not())
+        tok = self._peek()
+        if tok is not None and tok.text == "(":
+            self._take()
+            node = self._or()
+            if self._take().text != ")":
+                raise _bad("/IWBEP/CM_MGW_RT/021", f"Invalid filter expression: '{self.text}' (')' expected)")
+            return node
+        left = self._operand()
+        op = self._take()
+        if op.kind != "ident" or op.text not in _COMPARE:
+            raise _bad("/IWBEP/CM_MGW_RT/021", f"Invalid filter expression: '{self.text}' (operator expected, "
+                                               f"got '{op.text}')")
+        return ("cmp", op.text, left, self._operand())
+
+    def _operand(self) -> tuple[Any, ...]:
+        tok = self._take()
+        if tok.kind == "ident":
+            if tok.text not in self.fields:
+                raise _bad("/IWBEP/CM_MGW_RT/022", f"Property '{tok.text}' not found in type "
+                                                   f"'{ENTITIES[self.entity].type_name}'")
+            return ("field", tok.text)
+        if tok.kind == "lit":
+            return ("lit", tok.value)
+        raise _bad("/IWBEP/CM_MGW_RT/021", f"Invalid filter expression: '{self.text}' (operand expected, "
+                                           f"got '{tok.text}')")
+
+
+def _comparable(name: str | None, value: Any) -> Any:
+    if value is None:
+        return None
+    kind = TYPES.get(name or "")
+    if kind == DEC or isinstance(value, Decimal):
+        try:
+            return Decimal(str(value))
+        except InvalidOperation:
+            return str(value)
+    return value
+
+
+def evaluate(node: tuple[Any, ...], row: Mapping[str, Any]) -> bool:
+    """Evaluate a parsed filter on a stored row (ABAP compares strings case-sensitively)."""
+    if node[0] == "or":
+        return evaluate(node[1], row) or evaluate(node[2], row)
+    if node[0] == "and":
+        return evaluate(node[1], row) and evaluate(node[2], row)
+    if node[0] == "not":
+        return not evaluate(node[1], row)
+    _, op, left_node, right_node = node
+    name = left_node[1] if left_node[0] == "field" else right_node[1] if right_node[0] == "field" else None
+
+    def value_of(n: tuple[Any, ...]) -> Any:
+        return _comparable(name, row.get(n[1]) if n[0] == "field" else n[1])
+
+    left, right = value_of(left_node), value_of(right_node)
+    if isinstance(left, datetime) and isinstance(right, datetime):
+        left, right = left.astimezone(UTC), right.astimezone(UTC)
+    if op == "eq":
+        return bool(left == right)
+    if op == "ne":
+        return bool(left != right)
+    if left is None or right is None:
+        return False
+    try:
+        return bool({"gt": left > right, "ge": left >= right, "lt": left < right, "le": left <= right}[op])
+    except TypeError:
+        return False
+
+
+# ============================================================================================ knobs
+
+
+@dataclass
+class _Fault:
+    status: int
+    path_contains: str | None
+    method: str | None
+    retry_after: float | None
+    headers: dict[str, str]
+
+
+class Faults:
+    """Fault knobs: the next N API requests (optionally by path text / method) fail with a status."""
+
+    def __init__(self) -> None:
+        self._fail: list[_Fault] = []
+        self._lock = threading.Lock()
+
+    def fail_next(self, n: int, status: int, *, path_contains: str | None = None, method: str | None = None,
+                  retry_after: float | None = None, headers: Mapping[str, str] | None = None) -> None:
+        """Fail the next `n` matching API requests with `status` (429/503 carry `Retry-After` when given).
+
+        `headers` go on the response, e.g. `{"x-csrf-token": "Required"}` with 403 for a CSRF rejection that
+        survives a fresh token.
+        """
+        with self._lock:
+            self._fail.extend(_Fault(status, path_contains, method.upper() if method else None, retry_after,
+                                     dict(headers or {})) for _ in range(n))
+
+    def throttle_next(self, n: int, *, status: int = 429, retry_after: float = 1.0, method: str | None = None) -> None:
+        """Answer the next `n` API requests with 429 (or 503) and `Retry-After: retry_after`."""
+        self.fail_next(n, status, method=method, retry_after=retry_after)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._fail.clear()
+
+    def take(self, method: str, path: str) -> _Fault | None:
+        with self._lock:
+            for i, fault in enumerate(self._fail):
+                if (fault.path_contains is None or fault.path_contains in path) and \
+                        (fault.method is None or fault.method == method):
+                    return self._fail.pop(i)
+        return None
+
+
+@dataclass
+class _Session:
+    user: str
+    token: str
+
+
+@dataclass
+class Material:
+    """Customizing of one material: allowed sales units, plants, list price."""
+
+    number: str
+    text: str
+    base_unit: str
+    units: frozenset[str]
+    plants: frozenset[str]
+    price: Decimal
+    group: str = "P001"
+
+
+@dataclass
+class Customizing:
+    """The organisational data validation checks against."""
+
+    sales_areas: set[tuple[str, str, str]] = field(default_factory=set)
+    plants: set[str] = field(default_factory=set)
+    materials: dict[str, Material] = field(default_factory=dict)
+    units: set[str] = field(default_factory=lambda: {"PC", "EA", "KG", "G", "L", "M", "ST", "BOX"})
+    countries: set[str] = field(default_factory=lambda: {"US", "CA", "MX", "DE", "GB", "FR", "NL", "CH", "JP"})
+    currencies: set[str] = field(default_factory=lambda: {"USD", "EUR", "CAD", "MXN", "GBP", "CHF", "JPY"})
+    order_types: set[str] = field(default_factory=lambda: {"OR", "TA", "CBFD"})
+    groupings: set[str] = field(default_factory=lambda: {"BP01", "BP02", "BP03"})
+    roles: set[str] = field(default_factory=lambda: {"FLCU00", "FLCU01", "FLVN00", "FLVN01", "BUP001", "BUP002"})
+
+
+# ============================================================================================ simulator
+
+
+class SapSimulator:
+    """In-memory S/4HANA with the two OData v2 services, their auth, CSRF, ETags, validation and events."""
+
+    def __init__(self, *, page_size: int = 1000, latency_ms: float = 0.0, event_verify: Any = True,
+                 user: str = "SYNCLINE_COMM", password: str = "Init-Passw0rd!", client_id: str = "SYNCLINE_OAUTH",
+                 client_secret: str = "oauth-s3cret") -> None:
+        self.page_size = page_size
+        self.latency_ms = latency_ms
+        self.user, self.password = user, password
+        self.client_id, self.client_secret = client_id, client_secret
+        self.customizing = Customizing()
+        self.faults = Faults()
+        self.request_counts: Counter[str] = Counter()
+        """"api" (OData requests), methods, "csrf_fetch", "csrf_rejected", "token", and every status code."""
+        self.requests: list[tuple[str, str]] = []
+        """(method, path + query) of every OData request, for tests."""
+        self.events: list[dict[str, Any]] = []
+        """Every CloudEvent raised (delivered or not)."""
+        self.event_endpoints: list[str] = []
+        self.event_failures: list[str] = []
+        self.emit_events = True
+        self._lock = threading.RLock()
+        self._rows: dict[str, dict[tuple[str, ...], dict[str, Any]]] = {name: {} for name in ENTITIES}
+        self._sessions: dict[str, _Session] = {}
+        self._tokens: dict[str, str] = {}
+        self._numbers = {"SalesOrder": 4000100, "BusinessPartner": 1000100, "AddressID": 28100}
+        self._last_stamp = datetime(2000, 1, 1, tzinfo=UTC)
+        self._deliveries = Deliverer("sap-sim-events", verify=event_verify)
+        methods = ["GET", "HEAD", "POST", "PUT", "PATCH", "MERGE", "DELETE"]
+        self.app = Starlette(routes=[
+            Route(TOKEN_PATH, self._token, methods=["POST"]),
+            Route(SERVICE_PREFIX + "{service}/", self._api, methods=methods),
+            Route(SERVICE_PREFIX + "{service}/{rest:path}", self._api, methods=methods),
+        ])
+
+    # ------------------------------------------------------------------------------------ knobs
+
+    @property
+    def request_count(self) -> int:
+        """OData API requests received (token endpoint calls excluded)."""
+        return self.request_counts["api"]
+
+    def expire_csrf_tokens(self) -> None:
+        """End every session: its CSRF token and session cookie are no longer valid (next write gets 403)."""
+        with self._lock:
+            self._sessions.clear()
+
+    def expire_oauth_tokens(self) -> None:
+        """Invalidate every OAuth access token issued so far (the next API call gets 401)."""
+        with self._lock:
+            self._tokens.clear()
+
+    def add_sales_area(self, sales_org: str, channel: str, division: str) -> None:
+        self.customizing.sales_areas.add((sales_org, channel, division))
+
+    def add_material(self, number: str, text: str, base_unit: str, *, units: Iterable[str] = (),
+                     plants: Iterable[str], price: str | Decimal, group: str = "P001") -> None:
+        self.customizing.plants.update(plants)
+        self.customizing.materials[number] = Material(number, text, base_unit, frozenset({base_unit, *units}),
+                                                      frozenset(plants), Decimal(price), group)
+
+    def register_event_endpoint(self, url: str) -> None:
+        """CloudEvents of every create/change are POSTed to `url` (like an Event Mesh webhook subscription)."""
+        self.event_endpoints.append(url)
+
+    async def flush_events(self, timeout: float = 10.0) -> None:
+        """Wait until every queued event delivery has finished (delivered or failed)."""
+        await self._deliveries.flush(timeout)
+
+    def close(self) -> None:
+        """Stop the event delivery thread."""
+        self._deliveries.close()
+
+    # ------------------------------------------------------------------------------------ data access
+
+    def get(self, entity: str, *key: str) -> dict[str, Any] | None:
+        """A stored row (internal form: dates as datetime) by key values, or None."""
+        with self._lock:
+            row = self._rows[entity].get(tuple(key))
+            return dict(row) if row is not None else None
+
+    def all(self, entity: str) -> list[dict[str, Any]]:
+        with self._lock:
+            return [dict(r) for r in self._rows[entity].values()]
+
+    def items_of(self, sales_order: str) -> list[dict[str, Any]]:
+        with self._lock:
+            return [dict(r) for r in self._children("A_SalesOrder", self._rows["A_SalesOrder"][(sales_order,)],
+                                                    "to_Item")]
+
+    def insert(self, entity: str, values: Mapping[str, Any]) -> dict[str, Any]:
+        """Add a row directly (seeding: no validation, no event); values in stored form."""
+        definition = ENTITIES[entity]
+        with self._lock:
+            row = _blank(definition.fields)
+            row.update(values)
+            key = tuple(str(row[k]) for k in definition.keys)
+            if entity == "A_SalesOrder":
+                row["LastChangeDateTime"] = row.get("LastChangeDateTime") or self._now()
+            if entity == "A_SalesOrderItem":
+                row["_stamp"] = self._now()
+            if entity == "A_BusinessPartner":
+                self._bp_stamp(row, created=True)
+            self._rows[entity][key] = row
+            return row
+
+    def apply_change(self, entity: str, key: tuple[str, ...], changes: Mapping[str, Any]) -> dict[str, Any]:
+        """Change a sales order or business partner as a user in the SAP UI would (stamps, ETag, event)."""
+        with self._lock:
+            row = self._rows[entity][key]
+            row.update(changes)
+            self._touch(entity, row)
+            return dict(row)
+
+    def advance_order(self, sales_order: str, stage: str) -> dict[str, Any]:
+        """Move an order on: "delivered" (outbound delivery created), "goods_issued", "billed".
+
+        Delivered: OverallDeliveryStatus and the items' DeliveryStatus become C, processing B. Goods issued:
+        OverallTotalDeliveryStatus C. Billed: OverallOrdReltdBillgStatus and the items' OrderRelatedBillingStatus
+        C, OverallSDProcessStatus C (completed). LastChangeDateTime moves and a Changed event is raised.
+        """
+        with self._lock:
+            order = self._rows["A_SalesOrder"][(sales_order,)]
+            items = self._children("A_SalesOrder", order, "to_Item")
+            if stage == "delivered":
+                order.update(OverallDeliveryStatus="C", OverallSDProcessStatus="B")
+                for item in items:
+                    item.update(DeliveryStatus="C", SDProcessStatus="B")
+            elif stage == "goods_issued":
+                order.update(OverallDeliveryStatus="C", OverallTotalDeliveryStatus="C", OverallSDProcessStatus="B")
+                for item in items:
+                    item.update(DeliveryStatus="C", SDProcessStatus="B")
+            elif stage == "billed":
+                order.update(OverallOrdReltdBillgStatus="C", OverallSDProcessStatus="C")
+                for item in items:
+                    item.update(OrderRelatedBillingStatus="C", SDProcessStatus="C")
+            else:
+                raise ValueError(f"unknown stage {stage!r} (delivered, goods_issued, billed)")
+            for item in items:
+                item["_stamp"] = self._now()
+            self._touch("A_SalesOrder", order)
+            return dict(order)
+
+    # ------------------------------------------------------------------------------------ stamps and events
+
+    def _now(self) -> datetime:
+        now = datetime.now(UTC)
+        now = now.replace(microsecond=now.microsecond // 1000 * 1000)
+        if now <= self._last_stamp:
+            now = self._last_stamp + timedelta(milliseconds=1)
+        self._last_stamp = now
+        return now
+
+    def _bp_stamp(self, row: dict[str, Any], *, created: bool) -> None:
+        # BUT000 keeps dates and times to the second; the ETag (user + time) must still change on every change,
+        # so a partner changed twice in one second gets the next second.
+        now = self._now().replace(microsecond=0)
+        previous = row.get("_stamp")
+        if isinstance(previous, datetime) and now <= previous:
+            now = previous + timedelta(seconds=1)
+        row["_stamp"] = now
+        if created:
+            row["CreationDate"] = row.get("CreationDate") or datetime.combine(now.date(), time(), UTC)
+            row["CreationTime"] = row.get("CreationTime") or now.time()
+            row["CreatedByUser"] = row.get("CreatedByUser") or self.user
+        else:
+            row["LastChangeDate"] = datetime.combine(now.date(), time(), UTC)
+            row["LastChangeTime"] = now.time()
+            row["LastChangedByUser"] = self.user
+        by = self.user if not created else str(row.get("CreatedByUser") or self.user)
+        row["ETag"] = f"{by}{now.strftime('%Y%m%d%H%M%S')}"
+
+    def _touch(self, entity: str, row: dict[str, Any], *, created: bool = False) -> None:
+        if entity == "A_SalesOrder":
+            row["LastChangeDateTime"] = self._now()
+            if not created:
+                row["LastChangeDate"] = datetime.combine(row["LastChangeDateTime"].date(), time(), UTC)
+            self._event(SALES_ORDER_CREATED if created else SALES_ORDER_CHANGED, {
+                "SalesOrder": row["SalesOrder"], "SalesOrderType": row.get("SalesOrderType"),
+                "SalesOrganization": row.get("SalesOrganization"),
+                "DistributionChannel": row.get("DistributionChannel"),
+                "OrganizationDivision": row.get("OrganizationDivision"), "SoldToParty": row.get("SoldToParty")})
+        elif entity == "A_BusinessPartner":
+            self._bp_stamp(row, created=created)
+            self._event(PARTNER_CREATED if created else PARTNER_CHANGED, {
+                "BusinessPartner": row["BusinessPartner"],
+                "BusinessPartnerCategory": row.get("BusinessPartnerCategory")})
+
+    def _event(self, event_type: str, data: dict[str, Any]) -> None:
+        if not self.emit_events:
+            return
+        now = datetime.now(UTC)
+        event = {"type": event_type, "specversion": "1.0", "source": EVENT_SOURCE, "id": str(uuid.uuid4()),
+                 "time": now.strftime("%Y-%m-%dT%H:%M:%SZ"), "datacontenttype": "application/json",
+                 "data": {**data, "EventRaisedDateTime": now.strftime("%Y-%m-%dT%H:%M:%S.%fZ")}}
+        self.events.append(event)
+        body = json.dumps(event).encode()
+        for url in list(self.event_endpoints):
+            self._deliveries.submit(self._delivery(url, body))
+
+    def _delivery(self, url: str, body: bytes) -> Callable[[httpx.AsyncClient], Any]:
+        async def deliver(client: httpx.AsyncClient) -> None:
+            try:
+                response = await client.post(url, content=body,
+                                             headers={"Content-Type": "application/cloudevents+json"})
+                if response.status_code >= 300:
+                    self.event_failures.append(f"{url}: HTTP {response.status_code}")
+            except httpx.HTTPError as exc:
+                self.event_failures.append(f"{url}: {type(exc).__name__}: {exc}")
+
+        return deliver
+
+    # ------------------------------------------------------------------------------------ relations
+
+    def _children(self, entity: str, parent: Mapping[str, Any], nav_name: str) -> list[dict[str, Any]]:
+        nav = ENTITIES[entity].navs[nav_name]
+        rows = [r for r in self._rows[nav.target].values()
+                if all(r.get(child) == parent.get(par) and parent.get(par) is not None for child, par in nav.link)]
+        return sorted(rows, key=lambda r: _sort_key(nav.target, r))
+
+    def _next_number(self, kind: str) -> str:
+        self._numbers[kind] += 1
+        return str(self._numbers[kind])
+
+    # ------------------------------------------------------------------------------------ HTTP: auth
+
+    def _authenticate(self, request: Request) -> str:
+        header = request.headers.get("authorization", "")
+        scheme, _, value = header.partition(" ")
+        if scheme.lower() == "basic":
+            try:
+                user, _, password = base64.b64decode(value).decode().partition(":")
+            except ValueError:
+                user = password = ""
+            if user.upper() == self.user.upper() and password == self.password:
+                return self.user
+        elif scheme.lower() == "bearer":
+            with self._lock:
+                owner = self._tokens.get(value)
+            if owner is not None:
+                return owner
+        raise GatewayError(401, "/IWFND/CM_CONSUMER/101", "Logon failed: user, password or token is not valid",
+                           headers={"WWW-Authenticate": f'Basic realm="SAP NetWeaver Application Server '
+                                                        f'[{SYSTEM_ID}/{SAP_CLIENT}]"'})
+
+    async def _token(self, request: Request) -> Response:
+        self.request_counts["token"] += 1
+        form = dict(parse_qsl((await request.body()).decode()))
+        client_id, secret = form.get("client_id", ""), form.get("client_secret", "")
+        scheme, _, value = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "basic":
+            try:
+                client_id, _, secret = base64.b64decode(value).decode().partition(":")
+            except ValueError:
+                client_id = secret = ""
+        if form.get("grant_type") != "client_credentials":
+            return JSONResponse({"error": "unsupported_grant_type",
+                                 "error_description": "grant_type must be client_credentials"}, status_code=400)
+        if client_id != self.client_id or secret != self.client_secret:
+            return JSONResponse({"error": "invalid_client", "error_description": "Client authentication failed"},
+                                status_code=401)
+        token = secrets.token_urlsafe(32)
+        with self._lock:
+            self._tokens[token] = self.user
+        return JSONResponse({"access_token": token, "token_type": "Bearer", "expires_in": 3600,
+                             "scope": "API_BUSINESS_PARTNER_0001 API_SALES_ORDER_SRV_0001"})
+
+    # ------------------------------------------------------------------------------------ HTTP: dispatch
+
+    async def _api(self, request: Request) -> Response:
+        if self.latency_ms:
+            await asyncio.sleep(self.latency_ms / 1000)
+        method = request.method.upper()
+        path = request.url.path
+        query_text = request.url.query
+        service = request.path_params["service"]
+        with self._lock:
+            self.request_counts["api"] += 1
+            self.request_counts[method] += 1
+            self.requests.append((method, path + (f"?{query_text}" if query_text else "")))
+        body = await request.body()
+        out_headers: dict[str, str] = {}
+        try:
+            fault = self.faults.take(method, path)
+            if fault is not None:
+                extra = {"Retry-After": f"{fault.retry_after:g}"} if fault.retry_after is not None else {}
+                extra.update(fault.headers)
+                if fault.status == 403 and fault.headers.get("x-csrf-token") == "Required":
+                    self.request_counts["csrf_rejected"] += 1
+                    return Response("CSRF token validation failed", status_code=403, media_type="text/plain",
+                                    headers=extra)
+                text = {429: "Too many requests: the rate limit of the communication user was exceeded",
+                        503: "Service unavailable: the backend is overloaded or under maintenance"}.get(
+                            fault.status, f"Injected fault (HTTP {fault.status})")
+                raise GatewayError(fault.status, "/IWFND/CM_BEC/026", text, headers=extra)
+            if service not in SERVICE_SETS:
+                raise GatewayError(404, "/IWFND/MED/170", f"No service found for namespace '/SAP/', name "
+                                                          f"'{service}', version '0001'")
+            user = self._authenticate(request)
+            cookies = self._csrf(request, method, user, out_headers)
+            if cookies is None:
+                self.request_counts["csrf_rejected"] += 1
+                self.request_counts["403"] += 1
+                return Response("CSRF token validation failed", status_code=403, media_type="text/plain",
+                                headers={"x-csrf-token": "Required"})
+            query = dict(parse_qsl(query_text, keep_blank_values=True))
+            fmt = query.get("$format", "")
+            wants_xml = not fmt and "json" not in request.headers.get("accept", "json")
+            if (fmt and fmt != "json") or (wants_xml and method in ("GET", "HEAD")):
+                raise GatewayError(406, "/IWBEP/CM_MGW_RT/031", "This simulator answers OData v2 JSON only; send "
+                                                                "Accept: application/json or $format=json")
+            base = f"{request.url.scheme}://{request.url.netloc}"
+            rest = request.path_params.get("rest", "")
+            with self._lock:
+                status, headers, payload = self._dispatch(service, method, rest, query, request.headers, body, base)
+            out_headers.update(headers)
+        except GatewayError as exc:
+            self.request_counts[str(exc.status)] += 1
+            return _json_response(exc.body(service), exc.status, {**out_headers, **exc.headers})
+        self.request_counts[str(status)] += 1
+        response = _json_response(payload, status, out_headers) if payload is not None else \
+            Response(status_code=status, headers=out_headers)
+        for name, value in cookies.items():
+            response.set_cookie(name, value, path="/", secure=request.url.scheme == "https", httponly=True)
+        return response
+
+    def _csrf(self, request: Request, method: str, user: str, out: dict[str, str]) -> dict[str, str] | None:
+        """Cookies to set (empty dict: none), or None when a modifying request fails CSRF validation."""
+        sid = request.cookies.get(SESSION_COOKIE)
+        with self._lock:
+            session = self._sessions.get(sid or "")
+            if session is not None and session.user != user:
+                session = None
+            if method in MODIFYING:
+                token = request.headers.get("x-csrf-token", "")
+                if session is None or not token or not secrets.compare_digest(token, session.token):
+                    return None
+                return {}
+            if request.headers.get("x-csrf-token", "").lower() != "fetch":
+                return {}
+            self.request_counts["csrf_fetch"] += 1
+            cookies: dict[str, str] = {}
+            if session is None:
+                sid = secrets.token_urlsafe(24)
+                session = _Session(user, secrets.token_urlsafe(18))
+                self._sessions[sid] = session
+                cookies = {SESSION_COOKIE: sid, "sap-usercontext": f"sap-client={SAP_CLIENT}"}
+            out["x-csrf-token"] = session.token
+            return cookies
+
+    def _dispatch(self, service: str, method: str, rest: str, query: dict[str, str], headers: Mapping[str, str],
+                  body: bytes, base: str) -> tuple[int, dict[str, str], Any]:
+        if rest.strip("/") == "":
+            if method not in ("GET", "HEAD"):
+                raise GatewayError(405, "/IWBEP/CM_MGW_RT/004", "Method not allowed on the service document")
+            return 200, {}, {"d": {"EntitySets": SERVICE_SETS[service]}}
+        entity, raw_key, nav = _parse_resource(rest)
+        if entity not in ENTITIES or ENTITIES[entity].service != service:
+            raise GatewayError(404, "/IWBEP/CM_MGW_RT/021", f"Resource not found for segment '{entity}'")
+        definition = ENTITIES[entity]
+        ktuple: tuple[str, ...] | None = None
+        if raw_key is not None:
+            named = {k: v for k, v in raw_key.items() if k is not None}
+            if None in raw_key and len(definition.keys) == 1:
+                named = {definition.keys[0]: raw_key[None]}
+            if set(named) != set(definition.keys):
+                raise _bad("/IWBEP/CM_MGW_RT/020", f"The key predicate of '{entity}' must give "
+                                                   f"{', '.join(definition.keys)}")
+            ktuple = tuple(named[k] for k in definition.keys)
+        row = self._rows[entity].get(ktuple) if ktuple is not None else None
+        if ktuple is not None and row is None:
+            raise GatewayError(404, "/IWBEP/CM_MGW_RT/021" if entity != "A_SalesOrder" else "V1/302",
+                               f"Resource not found for segment '{entity}'" if entity != "A_SalesOrder"
+                               else f"SD document {ktuple[0]} is not in the database or has been archived")
+        if nav is not None:
+            if row is None or nav not in definition.navs:
+                raise GatewayError(404, "/IWBEP/CM_MGW_RT/021", f"Resource not found for segment '{nav}'")
+            target = definition.navs[nav]
+            if method == "POST" and target.many:
+                values = self._json(body, target.target)
+                created = self._create_child(entity, row, nav, values)
+                return 201, self._location(target.target, created, base), {
+                    "d": self._public(target.target, created, base, None, set())}
+            if method != "GET":
+                raise GatewayError(405, "/IWBEP/CM_MGW_RT/004", f"Method {method} not allowed on '{nav}'")
+            children = self._children(entity, row, nav)
+            if target.many:
+                return self._collection(target.target, children, query, base, rest)
+            return 200, {}, {"d": self._public(target.target, children[0], base, _select(query), _expand(query))
+                             if children else None}
+        if row is not None:
+            assert ktuple is not None
+            if method in ("GET", "HEAD"):
+                etag = self._etag(entity, row)
+                return 200, {"etag": etag} if etag else {}, {
+                    "d": self._public(entity, row, base, _select(query), _expand(query))}
+            self._check_if_match(entity, row, headers)
+            if method == "DELETE":
+                self._delete(entity, ktuple, row)
+                return 204, {}, None
+            if method in ("PATCH", "MERGE", "PUT"):
+                self._update(entity, row, self._json(body, entity))
+                etag = self._etag(entity, row)
+                return 204, {"etag": etag} if etag else {}, None
+            raise GatewayError(405, "/IWBEP/CM_MGW_RT/004", f"Method {method} not allowed on an entity")
+        if method == "POST":
+            values = self._json(body, entity)
+            if entity == "A_SalesOrder":
+                created = self._create_order(values)
+            elif entity == "A_BusinessPartner":
+                created = self._create_partner(values)
+            else:
+                raise GatewayError(405, "/IWBEP/CM_MGW_RT/004", f"Create {entity} through its parent's navigation "
+                                                                "property")
+            return 201, self._location(entity, created, base), {
+                "d": self._public(entity, created, base, None, set(definition.navs))}
+        if method != "GET":
+            raise GatewayError(405, "/IWBEP/CM_MGW_RT/004", f"Method {method} not allowed on an entity set")
+        return self._collection(entity, list(self._rows[entity].values()), query, base, rest)
+
+    # ------------------------------------------------------------------------------------ reads
+
+    def _collection(self, entity: str, rows: list[dict[str, Any]], query: Mapping[str, str], base: str,
+                    rest: str) -> tuple[int, dict[str, str], Any]:
+        if query.get("$filter"):
+            node = FilterParser(query["$filter"], entity).parse()
+            rows = [r for r in rows if evaluate(node, r)]
+        rows = sorted(rows, key=lambda r: _sort_key(entity, r))
+        fields = ENTITIES[entity].fields
+        for part in reversed([p.strip() for p in query.get("$orderby", "").split(",") if p.strip()]):
+            name, _, direction = part.partition(" ")
+            if name not in fields:
+                raise _bad("/IWBEP/CM_MGW_RT/022", f"Property '{name}' not found in type "
+                                                   f"'{ENTITIES[entity].type_name}'")
+
+            def order(r: dict[str, Any], n: str = name) -> tuple[bool, Any]:
+                value = _comparable(n, r.get(n))
+                return value is not None, value if value is not None else ""
+
+            rows.sort(key=order, reverse=direction.strip().lower() == "desc")
+        try:
+            top = int(query["$top"]) if "$top" in query else None
+            skip = int(query.get("$skip", "0"))
+            token = int(query.get("$skiptoken", "0"))
+        except ValueError:
+            raise _bad("/IWBEP/CM_MGW_RT/021", "Invalid value for $top, $skip or $skiptoken") from None
+        total = len(rows)
+        rows = rows[skip:]
+        if top is not None:
+            rows = rows[:top]
+        page = rows[token:token + self.page_size]
+        select, expand = _select(query), _expand(query)
+        payload: dict[str, Any] = {"results": [self._public(entity, r, base, select, expand) for r in page]}
+        if query.get("$inlinecount") == "allpages":
+            payload["__count"] = str(total)
+        if token + self.page_size < len(rows):
+            params = [(k, v) for k, v in query.items() if k != "$skiptoken"] + \
+                     [("$skiptoken", str(token + self.page_size))]
+            payload["__next"] = f"{base}{SERVICE_PREFIX}{ENTITIES[entity].service}/{rest}?" + \
+                urlencode(params, quote_via=quote, safe="$,'()")
+        return 200, {}, {"d": payload}
+
+    def _public(self, entity: str, row: Mapping[str, Any], base: str, select: list[str] | None,
+                expand: set[str]) -> dict[str, Any]:
+        definition = ENTITIES[entity]
+        uri = self._uri(entity, row, base)
+        meta: dict[str, Any] = {"id": uri, "uri": uri, "type": f"{definition.service}.{definition.type_name}"}
+        etag = self._etag(entity, row)
+        if etag:
+            meta["etag"] = etag
+        out: dict[str, Any] = {"__metadata": meta}
+        for name in definition.fields:
+            if select is None or name in select or name in definition.keys:
+                out[name] = to_wire(name, row.get(name))
+        for nav_name, nav in definition.navs.items():
+            if select is not None and nav_name not in select and not any(e.split("/")[0] == nav_name for e in expand):
+                continue
+            if any(e.split("/")[0] == nav_name for e in expand):
+                deeper = {e.split("/", 1)[1] for e in expand if e.startswith(nav_name + "/")}
+                children = self._children(entity, row, nav_name)
+                if nav.many:
+                    out[nav_name] = {"results": [self._public(nav.target, c, base, None, deeper) for c in children]}
+                else:
+                    out[nav_name] = self._public(nav.target, children[0], base, None, deeper) if children else None
+            else:
+                out[nav_name] = {"__deferred": {"uri": f"{uri}/{nav_name}"}}
+        return out
+
+    def _uri(self, entity: str, row: Mapping[str, Any], base: str) -> str:
+        definition = ENTITIES[entity]
+        keys = definition.keys
+        if len(keys) == 1:
+            predicate = _literal(str(row[keys[0]]))
+        else:
+            predicate = ",".join(f"{k}={_literal(str(row[k]))}" for k in keys)
+        return f"{base}{SERVICE_PREFIX}{definition.service}/{entity}({quote(predicate, safe=chr(39) + ',=')})"
+
+    def _location(self, entity: str, row: Mapping[str, Any], base: str) -> dict[str, str]:
+        headers = {"location": self._uri(entity, row, base)}
+        etag = self._etag(entity, row)
+        if etag:
+            headers["etag"] = etag
+        return headers
+
+    @staticmethod
+    def _etag(entity: str, row: Mapping[str, Any]) -> str | None:
+        kind = ENTITIES[entity].etag
+        if kind == "bp":
+            return f"W/\"'{row.get('ETag') or ''}'\""
+        if kind == "stamp":
+            stamp = row.get("LastChangeDateTime") if entity == "A_SalesOrder" else row.get("_stamp")
+            if not isinstance(stamp, datetime):
+                return None
+            text = stamp.strftime("%Y-%m-%dT%H:%M:%S.") + f"{stamp.microsecond:06d}0Z"
+            return f"W/\"datetimeoffset'{quote(text, safe='')}'\""
+        return None
+
+    def _check_if_match(self, entity: str, row: Mapping[str, Any], headers: Mapping[str, str]) -> None:
+        wanted = headers.get("if-match")
+        current = self._etag(entity, row)
+        if wanted is None:
+            if entity in IF_MATCH_REQUIRED:
+                raise GatewayError(428, "/IWBEP/CM_MGW_RT/019", f"Precondition required: send If-Match with the ETag "
+                                                                f"of {entity} read before the change")
+            return
+        if wanted != "*" and current is not None and wanted != current:
+            raise GatewayError(412, "/IWBEP/CM_MGW_RT/020", f"Precondition failed: {entity} was changed since it was "
+                                                            f"read (ETag {current} does not match {wanted})")
+
+    @staticmethod
+    def _json(body: bytes, entity: str) -> dict[str, Any]:
+        try:
+            data = json.loads(body or b"{}")
+        except ValueError:
+            raise _bad("/IWBEP/CM_MGW_RT/013", "Malformed request body: the JSON cannot be parsed") from None
+        if not isinstance(data, dict):
+            raise _bad("/IWBEP/CM_MGW_RT/013", f"Malformed request body: a JSON object of {entity} expected")
+        return {k: v for k, v in data.items() if k != "__metadata"}
+
+    def _fields(self, entity: str, values: Mapping[str, Any]) -> dict[str, Any]:
+        definition = ENTITIES[entity]
+        out: dict[str, Any] = {}
+        for name, raw in values.items():
+            if name in definition.navs:
+                continue
+            if name not in definition.fields:
+                raise _bad("/IWBEP/CM_MGW_RT/022", f"Property '{name}' is invalid: it is not part of "
+                                                   f"'{definition.type_name}'", target=name)
+            if name in definition.computed:
+                continue
+            out[name] = from_wire(entity, name, raw)
+        return out
+
+    # ------------------------------------------------------------------------------------ writes: orders
+
+    def _validate_header(self, order: Mapping[str, Any]) -> None:
+        cust = self.customizing
+        for name in ("SalesOrderType", "SalesOrganization", "DistributionChannel", "OrganizationDivision",
+                     "SoldToParty"):
+            if not order.get(name):
+                raise _bad("V1/390", f"Enter a value in field {name}", target=name)
+        if order["SalesOrderType"] not in cust.order_types:
+            raise _bad("V1/391", f"Sales document type {order['SalesOrderType']} is not defined", "SalesOrderType")
+        org, channel, division = order["SalesOrganization"], order["DistributionChannel"], order["OrganizationDivision"]
+        if org not in {a[0] for a in cust.sales_areas}:
+            raise _bad("V1/320", f"Sales organization {org} is not defined", "SalesOrganization")
+        if (org, channel) not in {a[:2] for a in cust.sales_areas}:
+            raise _bad("V1/321", f"Distribution channel {channel} is not defined for sales organization {org}",
+                       "DistributionChannel")
+        if (org, channel, division) not in cust.sales_areas:
+            raise _bad("V1/322", f"Division {division} is not defined for sales organization {org}, distribution "
+                                 f"channel {channel}", "OrganizationDivision")
+        sold_to = order["SoldToParty"]
+        if (sold_to,) not in self._rows["A_Customer"]:
+            raise _bad("V1/302", f"Sold-to party {sold_to} does not exist", "SoldToParty")
+        area = self._rows["A_CustomerSalesArea"].get((sold_to, org, channel, division))
+        if area is None:
+            raise _bad("VP/200", f"Sold-to party {sold_to} is not maintained for sales area {org} {channel} "
+                                 f"{division}", "SoldToParty")
+        if area.get("OrderIsBlockedForCustomer"):
+            raise _bad("V1/462", f"Sold-to party {sold_to} is blocked for sales orders in sales area {org} "
+                                 f"{channel} {division}", "SoldToParty")
+
+    def _validate_item(self, item: dict[str, Any], order: Mapping[str, Any]) -> None:
+        cust = self.customizing
+        number = item.get("SalesOrderItem")
+        material_no = item.get("Material")
+        if not material_no:
+            raise _bad("V1/123", f"Item {number}: enter a material", "Material")
+        material = cust.materials.get(material_no)
+        if material is None:
+            raise _bad("M3/305", f"Material {material_no} does not exist (item {number})", "Material")
+        unit = item.get("RequestedQuantityUnit") or material.base_unit
+        if unit not in cust.units:
+            raise _bad("CUNI/005", f"Unit {unit} is not defined; check your entry (item {number})",
+                       "RequestedQuantityUnit")
+        if unit not in material.units:
+            raise _bad("M3/201", f"Unit {unit} is not defined for material {material_no} (allowed: "
+                                 f"{', '.join(sorted(material.units))})", "RequestedQuantityUnit")
+        item["RequestedQuantityUnit"] = unit
+        plant = item.get("ProductionPlant") or sorted(material.plants)[0]
+        if plant not in cust.plants:
+            raise _bad("M3/300", f"Plant {plant} does not exist (item {number})", "ProductionPlant")
+        if plant not in material.plants:
+            raise _bad("M3/351", f"Material {material_no} is not maintained in plant {plant}", "ProductionPlant")
+        item["ProductionPlant"] = plant
+        quantity = Decimal(item.get("RequestedQuantity") or "0")
+        if quantity <= 0:
+            raise _bad("V1/455", f"Item {number}: enter a quantity greater than zero", "RequestedQuantity")
+        item.setdefault("SalesOrderItemCategory", "TAN")
+        item["SalesOrderItemText"] = item.get("SalesOrderItemText") or material.text
+        item["MaterialGroup"] = material.group
+        item["TransactionCurrency"] = order.get("TransactionCurrency")
+        item["NetAmount"] = _decimal_text("NetAmount", quantity * material.price)
+
+    def _totals(self, order: dict[str, Any]) -> None:
+        items = self._children("A_SalesOrder", order, "to_Item")
+        order["TotalNetAmount"] = _decimal_text("TotalNetAmount",
+                                                sum((Decimal(i.get("NetAmount") or "0") for i in items), Decimal(0)))
+
+    def _create_order(self, values: dict[str, Any]) -> dict[str, Any]:
+        raw_items = values.pop("to_Item", None)
+        values.pop("to_Partner", None)
+        for name in list(values):
+            if name in ENTITIES["A_SalesOrder"].navs:
+                raise _bad("/IWBEP/CM_MGW_RT/024", f"Deep insert of '{name}' is not supported with A_SalesOrder")
+        if values.get("SalesOrder"):
+            raise _bad("V1/008", f"External number {values['SalesOrder']} is not allowed: sales document numbers are "
+                                 "assigned internally", "SalesOrder")
+        header = self._fields("A_SalesOrder", values)
+        header.setdefault("SalesOrderType", "OR")
+        self._validate_header(header)
+        org, channel, division = header["SalesOrganization"], header["DistributionChannel"], \
+            header["OrganizationDivision"]
+        area = self._rows["A_CustomerSalesArea"][(header["SoldToParty"], org, channel, division)]
+        header["TransactionCurrency"] = header.get("TransactionCurrency") or area.get("Currency")
+        if header["TransactionCurrency"] not in self.customizing.currencies:
+            raise _bad("V1/410", f"Currency {header['TransactionCurrency']} is not defined", "TransactionCurrency")
+        header.setdefault("CustomerPaymentTerms", area.get("CustomerPaymentTerms"))
+        header.setdefault("IncotermsClassification", area.get("IncotermsClassification"))
+        items_list = raw_items.get("results") if isinstance(raw_items, dict) else raw_items
+        if not isinstance(items_list, list) or not items_list:
+            raise _bad("V1/555", "The sales document contains no items; send to_Item with at least one item")
+        items: list[dict[str, Any]] = []
+        seen: set[str] = set()
+        for i, raw in enumerate(items_list, start=1):
+            if not isinstance(raw, dict):
+                raise _bad("/IWBEP/CM_MGW_RT/013", "Each to_Item entry must be a JSON object")
+            raw = {k: v for k, v in raw.items() if k not in ("__metadata", "SalesOrder")}
+            item = self._fields("A_SalesOrderItem", {k: v for k, v in raw.items()
+                                                     if k not in ENTITIES["A_SalesOrderItem"].navs})
+            item["SalesOrderItem"] = str(int(item.get("SalesOrderItem") or i * 10))
+            if item["SalesOrderItem"] in seen:
+                raise _bad("V1/047", f"Item {item['SalesOrderItem']} occurs more than once", "SalesOrderItem")
+            seen.add(item["SalesOrderItem"])
+            self._validate_item(item, header)
+            items.append(item)
+        number = self._next_number("SalesOrder")
+        now = self._now()
+        order = _blank(ENTITIES["A_SalesOrder"].fields)
+        order.update(header, SalesOrder=number, CreationDate=datetime.combine(now.date(), time(), UTC),
+                     CreatedByUser=self.user, OverallSDProcessStatus="A", OverallTotalDeliveryStatus="A",
+                     OverallDeliveryStatus="A", OverallOrdReltdBillgStatus="A", TotalBlockStatus="",
+                     OverallSDDocumentRejectionSts="A", TotalCreditCheckStatus="")
+        order["SalesOrderDate"] = order.get("SalesOrderDate") or order["CreationDate"]
+        self._rows["A_SalesOrder"][(number,)] = order
+        for item in items:
+            row = _blank(ENTITIES["A_SalesOrderItem"].fields)
+            row.update(item, SalesOrder=number, SDProcessStatus="A", DeliveryStatus="A", OrderRelatedBillingStatus="A",
+                       _stamp=self._now())
+            self._rows["A_SalesOrderItem"][(number, row["SalesOrderItem"])] = row
+        self._totals(order)
+        self._touch("A_SalesOrder", order, created=True)
+        return order
+
+    def _update_order(self, order: dict[str, Any], values: Mapping[str, Any]) -> None:
+        changes = self._fields("A_SalesOrder", values)
+        if "SalesOrder" in changes and changes.pop("SalesOrder") != order["SalesOrder"]:
+            raise _bad("/IWBEP/CM_MGW_RT/025", "Key property SalesOrder cannot be changed", "SalesOrder")
+        for name in ("SalesOrganization", "DistributionChannel", "OrganizationDivision"):
+            if name in changes and changes[name] != order.get(name):
+                raise _bad("V1/041", f"{name} cannot be changed in an existing sales document ({order[name]})", name)
+        merged = {**order, **changes}
+        self._validate_header(merged)
+        order.update(changes)
+
+    def _item_change(self, order: dict[str, Any], item: dict[str, Any], changes: Mapping[str, Any]) -> None:
+        if order.get("OverallDeliveryStatus") == "C" and any(
+                k in changes for k in ("Material", "RequestedQuantity", "RequestedQuantityUnit", "ProductionPlant")):
+            raise _bad("V1/036", f"Item {item['SalesOrderItem']} of sales document {order['SalesOrder']} has been "
+                                 "delivered and can no longer be changed")
+        merged = {**item, **changes}
+        self._validate_item(merged, order)
+        item.update(merged)
+        item["_stamp"] = self._now()
+        self._totals(order)
+
+    # ------------------------------------------------------------------------------------ writes: partners
+
+    def _partner_names(self, bp: dict[str, Any]) -> None:
+        if bp.get("BusinessPartnerCategory") == "1":
+            name = " ".join(p for p in (bp.get("FirstName"), bp.get("LastName")) if p)
+        else:
+            name = " ".join(p for p in (bp.get("OrganizationBPName1"), bp.get("OrganizationBPName2")) if p)
+        bp["BusinessPartnerFullName"] = bp["BusinessPartnerName"] = name
+
+    def _validate_partner(self, bp: Mapping[str, Any]) -> None:
+        category = bp.get("BusinessPartnerCategory")
+        if category not in ("1", "2", "3"):
+            raise _bad("R11/201", f"Business partner category {category!r} is not valid (1 person, 2 organization, "
+                                  "3 group)", "BusinessPartnerCategory")
+        if bp.get("BusinessPartnerGrouping") not in self.customizing.groupings:
+            raise _bad("R11/124", f"Grouping {bp.get('BusinessPartnerGrouping')} is not defined",
+                       "BusinessPartnerGrouping")
+        if category == "2" and not bp.get("OrganizationBPName1"):
+            raise _bad("R11/401", "Enter a name for the organization (OrganizationBPName1)", "OrganizationBPName1")
+        if category == "1" and not bp.get("LastName"):
+            raise _bad("R11/402", "Enter a last name for the person", "LastName")
+
+    def _validate_address(self, address: Mapping[str, Any]) -> None:
+        country = address.get("Country")
+        if not country:
+            raise _bad("AM/215", "Enter a country for the address", "Country")
+        if country not in self.customizing.countries:
+            raise _bad("AM/216", f"Country {country} is not defined", "Country")
+
+    def _validate_sales_area(self, area: Mapping[str, Any]) -> None:
+        key = (area.get("SalesOrganization"), area.get("DistributionChannel"), area.get("Division"))
+        if key not in self.customizing.sales_areas:
+            raise _bad("F2/609", f"Sales area {' '.join(str(k) for k in key)} is not defined", "SalesOrganization")
+        currency = area.get("Currency")
+        if currency and currency not in self.customizing.currencies:
+            raise _bad("F2/165", f"Currency {currency} is not defined", "Currency")
+
+    @staticmethod
+    def _nav_list(raw: Any, name: str) -> list[dict[str, Any]]:
+        if raw is None:
+            return []
+        items = raw.get("results") if isinstance(raw, dict) and "results" in raw else raw
+        if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
+            raise _bad("/IWBEP/CM_MGW_RT/013", f"'{name}' must be {{\"results\": [ ... ]}} of JSON objects")
+        return items
+
+    def _create_partner(self, values: dict[str, Any]) -> dict[str, Any]:
+        addresses = self._nav_list(values.pop("to_BusinessPartnerAddress", None), "to_BusinessPartnerAddress")
+        roles = self._nav_list(values.pop("to_BusinessPartnerRole", None), "to_BusinessPartnerRole")
+        customer_raw = values.pop("to_Customer", None)
+        if customer_raw is not None and not isinstance(customer_raw, dict):
+            raise _bad("/IWBEP/CM_MGW_RT/013", "'to_Customer' must be a JSON object")
+        if values.get("BusinessPartner"):
+            raise _bad("R11/084", f"Business partner number {values['BusinessPartner']} cannot be specified: the "
+                                  "grouping uses internal number assignment", "BusinessPartner")
+        bp = _blank(ENTITIES["A_BusinessPartner"].fields)
+        bp.update(self._fields("A_BusinessPartner", values))
+        bp["BusinessPartnerGrouping"] = bp.get("BusinessPartnerGrouping") or "BP01"
+        bp["BusinessPartnerIsBlocked"] = bool(bp.get("BusinessPartnerIsBlocked"))
+        bp["IsMarkedForArchiving"] = bool(bp.get("IsMarkedForArchiving"))
+        self._validate_partner(bp)
+        self._partner_names(bp)
+        parsed_addresses = []
+        for raw in addresses:
+            address = self._fields("A_BusinessPartnerAddress", {k: v for k, v in raw.items() if k != "__metadata"})
+            self._validate_address(address)
+            parsed_addresses.append(address)
+        role_names = []
+        for raw in roles:
+            role = self._fields("A_BusinessPartnerRole", {k: v for k, v in raw.items() if k != "__metadata"})
+            if role.get("BusinessPartnerRole") not in self.customizing.roles:
+                raise _bad("R11/657", f"Business partner role {role.get('BusinessPartnerRole')} is not defined",
+                           "BusinessPartnerRole")
+            role_names.append(str(role["BusinessPartnerRole"]))
+        customer: dict[str, Any] | None = None
+        areas: list[dict[str, Any]] = []
+        if customer_raw is not None:
+            if not {"FLCU00", "FLCU01"} & set(role_names):
+                raise _bad("R11/658", "Customer data (to_Customer) needs business partner role FLCU01 or FLCU00 in "
+                                      "to_BusinessPartnerRole", "to_BusinessPartnerRole")
+            area_list = self._nav_list(customer_raw.get("to_CustomerSalesArea"), "to_CustomerSalesArea")
+            customer = self._fields("A_Customer", {k: v for k, v in customer_raw.items()
+                                                   if k not in ("__metadata", "to_CustomerSalesArea")})
+            for raw in area_list:
+                area = self._fields("A_CustomerSalesArea", {k: v for k, v in raw.items() if k != "__metadata"})
+                self._validate_sales_area(area)
+                areas.append(area)
+        number = self._next_number("BusinessPartner")
+        bp["BusinessPartner"] = number
+        bp["BusinessPartnerUUID"] = str(uuid.uuid4())
+        self._rows["A_BusinessPartner"][(number,)] = bp
+        for address in parsed_addresses:
+            self._add_address(number, address)
+        for role_name in role_names:
+            self._add_role(number, role_name)
+        if customer is not None:
+            self._ensure_customer(bp, customer)
+            for area in areas:
+                self._add_sales_area(number, area)
+        self._touch("A_BusinessPartner", bp, created=True)
+        return bp
+
+    def _add_address(self, partner: str, address: Mapping[str, Any]) -> dict[str, Any]:
+        row = _blank(_ADDRESS_FIELDS)
+        row.update(address, BusinessPartner=partner, AddressID=self._next_number("AddressID"))
+        row["Language"] = row.get("Language") or "EN"
+        row["ValidityStartDate"] = row.get("ValidityStartDate") or datetime(2000, 1, 1, tzinfo=UTC)
+        row["ValidityEndDate"] = row.get("ValidityEndDate") or datetime(9999, 12, 31, tzinfo=UTC)
+        self._rows["A_BusinessPartnerAddress"][(partner, row["AddressID"])] = row
+        return row
+
+    def _add_role(self, partner: str, role: str) -> dict[str, Any]:
+        row = {"BusinessPartner": partner, "BusinessPartnerRole": role,
+               "ValidFrom": datetime(2000, 1, 1, tzinfo=UTC), "ValidTo": datetime(9999, 12, 31, tzinfo=UTC)}
+        self._rows["A_BusinessPartnerRole"][(partner, role)] = row
+        bp = self._rows["A_BusinessPartner"][(partner,)]
+        if role in ("FLCU00", "FLCU01"):
+            self._ensure_customer(bp, {})
+        return row
+
+    def _ensure_customer(self, bp: dict[str, Any], values: Mapping[str, Any]) -> dict[str, Any]:
+        number = bp["BusinessPartner"]
+        row = self._rows["A_Customer"].get((number,))
+        if row is None:
+            row = _blank(_CUSTOMER_FIELDS)
+            row.update(Customer=number, CustomerAccountGroup="CUST", CreatedByUser=self.user,
+                       CreationDate=datetime.combine(self._now().date(), time(), UTC), DeletionIndicator=False,
+                       OrderIsBlockedForCustomer=False)
+            self._rows["A_Customer"][(number,)] = row
+            bp["Customer"] = number
+        row.update(values)
+        row["CustomerName"] = row.get("CustomerName") or bp.get("BusinessPartnerName")
+        row["CustomerFullName"] = bp.get("BusinessPartnerFullName")
+        return row
+
+    def _add_sales_area(self, customer: str, area: Mapping[str, Any]) -> dict[str, Any]:
+        row = _blank(_SALES_AREA_FIELDS)
+        row.update(area, Customer=customer)
+        row["DeletionIndicator"] = bool(row.get("DeletionIndicator"))
+        row["OrderIsBlockedForCustomer"] = bool(row.get("OrderIsBlockedForCustomer"))
+        key = (customer, str(row["SalesOrganization"]), str(row["DistributionChannel"]), str(row["Division"]))
+        if key in self._rows["A_CustomerSalesArea"]:
+            raise _bad("F2/610", f"Customer {customer} already exists in sales area {' '.join(key[1:])}")
+        self._rows["A_CustomerSalesArea"][key] = row
+        return row
+
+    # ------------------------------------------------------------------------------------ writes: dispatch
+
+    def _owner(self, entity: str, row: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+        """The document a row belongs to (its change stamps move when the row changes)."""
+        if entity in ("A_SalesOrder", "A_SalesOrderItem"):
+            return "A_SalesOrder", self._rows["A_SalesOrder"][(str(row["SalesOrder"]),)]
+        if entity == "A_Customer" or entity == "A_CustomerSalesArea":
+            return "A_BusinessPartner", self._rows["A_BusinessPartner"][(str(row["Customer"]),)]
+        return "A_BusinessPartner", self._rows["A_BusinessPartner"][(str(row["BusinessPartner"]),)]
+
+    def _create_child(self, entity: str, parent: dict[str, Any], nav: str, values: dict[str, Any]) -> dict[str, Any]:
+        target = ENTITIES[entity].navs[nav].target
+        for child_field, parent_field in ENTITIES[entity].navs[nav].link:
+            if values.get(child_field) not in (None, "", parent.get(parent_field)):
+                raise _bad("/IWBEP/CM_MGW_RT/025", f"{child_field} must be {parent.get(parent_field)} (the parent)")
+            values.pop(child_field, None)
+        fields = self._fields(target, values)
+        if target == "A_SalesOrderItem":
+            existing = self._children(entity, parent, nav)
+            number = str(int(fields.get("SalesOrderItem") or
+                             (max((int(i["SalesOrderItem"]) for i in existing), default=0) + 10)))
+            if any(i["SalesOrderItem"] == number for i in existing):
+                raise _bad("V1/047", f"Item {number} already exists in sales document {parent['SalesOrder']}")
+            item = _blank(_ITEM_FIELDS)
+            item.update(fields, SalesOrder=parent["SalesOrder"], SalesOrderItem=number, SDProcessStatus="A",
+                        DeliveryStatus="A", OrderRelatedBillingStatus="A")
+            self._validate_item(item, parent)
+            item["_stamp"] = self._now()
+            self._rows[target][(parent["SalesOrder"], number)] = item
+            self._totals(parent)
+            self._touch("A_SalesOrder", parent)
+            return item
+        if target == "A_BusinessPartnerAddress":
+            self._validate_address(fields)
+            row = self._add_address(parent["BusinessPartner"], fields)
+        elif target == "A_BusinessPartnerRole":
+            if fields.get("BusinessPartnerRole") not in self.customizing.roles:
+                raise _bad("R11/657", f"Business partner role {fields.get('BusinessPartnerRole')} is not defined")
+            row = self._add_role(parent["BusinessPartner"], str(fields["BusinessPartnerRole"]))
+        elif target == "A_CustomerSalesArea":
+            self._validate_sales_area(fields)
+            row = self._add_sales_area(parent["Customer"], fields)
+        else:
+            raise GatewayError(405, "/IWBEP/CM_MGW_RT/004", f"Create of {target} is not supported")
+        owner_entity, owner = self._owner(target, row)
+        self._touch(owner_entity, owner)
+        return row
+
+    def _update(self, entity: str, row: dict[str, Any], values: Mapping[str, Any]) -> None:
+        definition = ENTITIES[entity]
+        for name in definition.keys:
+            if name in values and str(values[name]) != str(row[name]):
+                raise _bad("/IWBEP/CM_MGW_RT/025", f"Key property {name} cannot be changed", name)
+        values = {k: v for k, v in values.items() if k not in definition.keys}
+        if entity == "A_SalesOrder":
+            self._update_order(row, values)
+            self._totals(row)
+        elif entity == "A_SalesOrderItem":
+            order = self._rows["A_SalesOrder"][(row["SalesOrder"],)]
+            self._item_change(order, row, self._fields(entity, values))
+        elif entity == "A_BusinessPartner":
+            changes = self._fields(entity, values)
+            if "BusinessPartnerCategory" in changes and changes["BusinessPartnerCategory"] != \
+                    row["BusinessPartnerCategory"]:
+                raise _bad("R11/203", "The business partner category cannot be changed", "BusinessPartnerCategory")
+            merged = {**row, **changes}
+            self._validate_partner(merged)
+            row.update(changes)
+            self._partner_names(row)
+            customer = self._rows["A_Customer"].get((row["BusinessPartner"],))
+            if customer is not None:
+                customer["CustomerFullName"] = row["BusinessPartnerFullName"]
+        elif entity == "A_BusinessPartnerAddress":
+            merged = {**row, **self._fields(entity, values)}
+            self._validate_address(merged)
+            row.update(merged)
+        elif entity == "A_CustomerSalesArea":
+            merged = {**row, **self._fields(entity, values)}
+            self._validate_sales_area(merged)
+            row.update(merged)
+        else:
+            row.update(self._fields(entity, values))
+        owner_entity, owner = self._owner(entity, row)
+        self._touch(owner_entity, owner)
+
+    def _delete(self, entity: str, key: tuple[str, ...], row: dict[str, Any]) -> None:
+        if entity not in DELETABLE:
+            raise GatewayError(405, "/IWBEP/CM_MGW_RT/004", f"Method '{entity.upper()}_DELETE_ENTITY' not "
+                                                            "implemented in data provider class")
+        if entity == "A_SalesOrder":
+            if row.get("OverallDeliveryStatus") != "A":
+                raise _bad("V1/018", f"Sales document {row['SalesOrder']} has subsequent documents and cannot be "
+                                     "deleted")
+            for item in self._children(entity, row, "to_Item"):
+                del self._rows["A_SalesOrderItem"][(item["SalesOrder"], item["SalesOrderItem"])]
+            del self._rows[entity][key]
+            return
+        owner_entity, owner = self._owner(entity, row)
+        del self._rows[entity][key]
+        if entity == "A_SalesOrderItem":
+            self._totals(owner)
+        self._touch(owner_entity, owner)
+
+
+# ============================================================================================ helpers
+
+
+def _json_response(payload: Any, status: int, headers: Mapping[str, str]) -> Response:
+    # Gateway writes dates as "\/Date(...)\/" (JSON's optional solidus escape); clients must decode JSON properly.
+    text = json.dumps(payload, separators=(",", ":")).replace('"/Date(', '"\\/Date(').replace(')/"', ')\\/"')
+    return Response(text, status_code=status, headers=dict(headers), media_type="application/json")
+
+
+def _blank(fields: Iterable[str]) -> dict[str, Any]:
+    return dict.fromkeys(fields)
+
+
+def _literal(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def _select(query: Mapping[str, str]) -> list[str] | None:
+    text = query.get("$select")
+    return [s.strip() for s in text.split(",") if s.strip()] if text else None
+
+
+def _expand(query: Mapping[str, str]) -> set[str]:
+    return {s.strip() for s in query.get("$expand", "").split(",") if s.strip()}
+
+
+def _sort_key(entity: str, row: Mapping[str, Any]) -> tuple[Any, ...]:
+    out: list[Any] = []
+    for name in ENTITIES[entity].keys:
+        value = str(row.get(name) or "")
+        out.append((0, int(value), "") if value.isdigit() else (1, 0, value))
+    return tuple(out)
+
+
+_SEGMENT_RE = re.compile(r"^(?P<set>[A-Za-z_]\w*)(?P<pred>\(.*\))?(?:/(?P<nav>[A-Za-z_]\w*))?/?$")
+
+
+def _parse_resource(rest: str) -> tuple[str, dict[str | None, str] | None, str | None]:
+    """`A_SalesOrder('1')/to_Item` -> ("A_SalesOrder", {None: "1"}, "to_Item"); named keys keep their names."""
+    m = _SEGMENT_RE.match(rest)
+    if m is None:
+        raise GatewayError(404, "/IWBEP/CM_MGW_RT/021", f"Resource not found for segment '{rest}'")
+    pred = m.group("pred")
+    if pred is None:
+        return m.group("set"), None, m.group("nav")
+    inner = pred[1:-1]
+    key: dict[str | None, str] = {}
+    pos = 0
+    while pos < len(inner):
+        name_m = re.match(r"([A-Za-z_]\w*)=", inner[pos:])
+        name: str | None = None
+        if name_m:
+            name = name_m.group(1)
+            pos += name_m.end()
+        lit = re.match(r"'((?:[^']|'')*)'", inner[pos:])
+        if lit is None:
+            raise _bad("/IWBEP/CM_MGW_RT/020", f"Invalid key predicate '{pred}': string literals in quotes expected")
+        key[name] = lit.group(1).replace("''", "'")
+        pos += lit.end()
+        if pos < len(inner):
+            if inner[pos] != ",":
+                raise _bad("/IWBEP/CM_MGW_RT/020", f"Invalid key predicate '{pred}'")
+            pos += 1
+    if None in key and len(key) > 1:
+        raise _bad("/IWBEP/CM_MGW_RT/020", f"Invalid key predicate '{pred}'")
+    return m.group("set"), key, m.group("nav")
+
+
+# ============================================================================================ seed
+
+SALES_ORG = "1710"
+DISTRIBUTION_CHANNEL = "10"
+DIVISION = "00"
+BAD_PARTNER_NO_NAME = "17100090"
+"""Seeded partner without a name (OrganizationBPName1 empty)."""
+BAD_PARTNER_CURRENCY = "17100091"
+"""Seeded partner whose sales-area currency is XAU (no currency map entry in any flow)."""
+BAD_ORDER = "4000099"
+"""Seeded order with a text item that has no material."""
+
+_CUSTOMERS = [
+    ("Great Lakes Water Authority", "Detroit", "MI", "48226", "Woodward Ave", "735"),
+    ("Cascade Paper Mills", "Tacoma", "WA", "98402", "Pacific Ave", "1102"),
+    ("Lone Star Refining", "Houston", "TX", "77002", "Louisiana St", "909"),
+    ("Appalachian Mining Co", "Pittsburgh", "PA", "15222", "Liberty Ave", "410"),
+    ("Prairie Ethanol Partners", "Des Moines", "IA", "50309", "Grand Ave", "218"),
+    ("Gulf Coast Chemicals", "Baton Rouge", "LA", "70801", "Florida St", "55"),
+    ("Rocky Mountain Breweries", "Denver", "CO", "80202", "Blake St", "1600"),
+    ("Sunbelt Municipal Utilities", "Phoenix", "AZ", "85004", "Washington St", "200"),
+    ("Hudson Valley Dairy", "Albany", "NY", "12207", "State St", "75"),
+    ("Bayou Pulp & Fiber", "Shreveport", "LA", "71101", "Texas St", "501"),
+    ("Mojave Desalination", "Las Vegas", "NV", "89101", "Fremont St", "333"),
+    ("Northwoods Timber Products", "Duluth", "MN", "55802", "Superior St", "22"),
+]
+_MATERIALS = [
+    ("PV-PUMP-100", "Centrifugal pump CP-100", "PC", (), ("1710", "1720"), "1250.00"),
+    ("PV-PUMP-250", "Centrifugal pump CP-250", "PC", (), ("1710",), "2890.00"),
+    ("PV-VALVE-50", "Ball valve DN50", "EA", ("PC",), ("1710", "1720"), "185.50"),
+    ("PV-SEALKIT", "Mechanical seal kit", "PC", ("BOX",), ("1710", "1720"), "42.00"),
+    ("PV-GREASE", "Bearing grease, food grade", "KG", ("G",), ("1720",), "12.75"),
+    ("PV-IMPELLER-8", "Impeller 8 inch, stainless", "PC", (), ("1710",), "310.00"),
+    ("PV-MOTOR-7K5", "Motor 7.5 kW, IE3", "EA", ("PC",), ("1720",), "890.00"),
+]
+
+
+def seed_sap(sim: SapSimulator, *, partners: int = 12, orders: int = 8) -> None:
+    """Deterministic data of a pump and valve manufacturer (sales org 1710), with a few deliberately bad records.
+
+    Customizing: sales areas 1710/10/00 and 1710/20/00, plants 1710 and 1720, the materials in `_MATERIALS`
+    (units PC, EA, KG ...). Partners 17100001.. are organizations with one address, roles FLCU00/FLCU01 and
+    customer sales-area data in 1710/10/00; orders 4000001.. have 1-3 items and spread over the delivery and
+    billing statuses. Bad records: `BAD_PARTNER_NO_NAME`, `BAD_PARTNER_CURRENCY`, `BAD_ORDER`.
+    """
+    sim.add_sales_area(SALES_ORG, DISTRIBUTION_CHANNEL, DIVISION)
+    sim.add_sales_area(SALES_ORG, "20", DIVISION)
+    for number, text, unit, units, plants, price in _MATERIALS:
+        sim.add_material(number, text, unit, units=units, plants=plants, price=price)
+    midnight = datetime(2025, 11, 3, tzinfo=UTC)
+    numbers: list[str] = []
+    rows = [(f"171000{i:02d}", *_CUSTOMERS[(i - 1) % len(_CUSTOMERS)]) for i in range(1, partners + 1)]
+    rows += [(BAD_PARTNER_NO_NAME, "", "Chicago", "IL", "60601", "Wacker Dr", "1"),
+             (BAD_PARTNER_CURRENCY, "Goldleaf Trading AG", "Zurich", "", "8001", "Bahnhofstrasse", "10")]
+    for number, name, city, region, postal, street, house in rows:
+        numbers.append(number)
+        sim.insert("A_BusinessPartner", {
+            "BusinessPartner": number, "Customer": number, "BusinessPartnerCategory": "2",
+            "BusinessPartnerGrouping": "BP02", "OrganizationBPName1": name, "BusinessPartnerFullName": name,
+            "BusinessPartnerName": name, "SearchTerm1": name.split(" ")[0].upper()[:20] if name else "",
+            "BusinessPartnerUUID": str(uuid.UUID(int=int(number))), "Language": "EN", "CorrespondenceLanguage": "EN",
+            "BusinessPartnerIsBlocked": False, "IsMarkedForArchiving": False, "Industry": "1000",
+            "CreationDate": midnight, "CreationTime": time(9, 30, 0), "CreatedByUser": "CB9980000010"})
+        country = "CH" if number == BAD_PARTNER_CURRENCY else "US"
+        sim.insert("A_BusinessPartnerAddress", {
+            "BusinessPartner": number, "AddressID": str(27000 + int(number[-2:])), "CityName": city,
+            "Country": country, "Region": region, "PostalCode": postal, "StreetName": street, "HouseNumber": house,
+            "Language": "EN", "AddressTimeZone": "EST" if country == "US" else "CET",
+            "ValidityStartDate": datetime(2000, 1, 1, tzinfo=UTC), "ValidityEndDate": datetime(9999, 12, 31,
+                                                                                               tzinfo=UTC)})
+        for role in ("FLCU00", "FLCU01"):
+            sim.insert("A_BusinessPartnerRole", {"BusinessPartner": number, "BusinessPartnerRole": role,
+                                                 "ValidFrom": datetime(2000, 1, 1, tzinfo=UTC),
+                                                 "ValidTo": datetime(9999, 12, 31, tzinfo=UTC)})
+        sim.insert("A_Customer", {"Customer": number, "CustomerAccountGroup": "CUST", "CustomerName": name,
+                                  "CustomerFullName": name, "DeletionIndicator": False,
+                                  "OrderIsBlockedForCustomer": False, "CreationDate": midnight,
+                                  "CreatedByUser": "CB9980000010"})
+        sim.insert("A_CustomerSalesArea", {
+            "Customer": number, "SalesOrganization": SALES_ORG, "DistributionChannel": DISTRIBUTION_CHANNEL,
+            "Division": DIVISION, "Currency": "XAU" if number == BAD_PARTNER_CURRENCY else "USD",
+            "CustomerPaymentTerms": "NT30", "IncotermsClassification": "FOB", "IncotermsLocation1": "Palo Alto",
+            "ShippingCondition": "01", "CustomerPricingProcedure": "01", "CustomerAccountAssignmentGroup": "01",
+            "CustomerGroup": "01", "SupplyingPlant": "1710", "DeletionIndicator": False,
+            "OrderIsBlockedForCustomer": False})
+    stages = [("A", "A", "A", "A"), ("B", "C", "A", "A"), ("B", "C", "C", "A"), ("C", "C", "C", "C")]
+    for o in range(1, orders + 1):
+        number = f"40000{o:02d}"
+        process, delivery, total_delivery, billing = stages[o % len(stages)]
+        sold_to = numbers[(o - 1) % partners]
+        sim.insert("A_SalesOrder", {
+            "SalesOrder": number, "SalesOrderType": "OR", "SalesOrganization": SALES_ORG,
+            "DistributionChannel": DISTRIBUTION_CHANNEL, "OrganizationDivision": DIVISION, "SoldToParty": sold_to,
+            "PurchaseOrderByCustomer": f"PO-{7300 + o}", "CustomerPurchaseOrderDate": midnight,
+            "SalesOrderDate": midnight, "CreationDate": midnight, "CreatedByUser": "CB9980000010",
+            "TransactionCurrency": "USD", "CustomerPaymentTerms": "NT30", "IncotermsClassification": "FOB",
+            "RequestedDeliveryDate": midnight + timedelta(days=14), "OverallSDProcessStatus": process,
+            "OverallDeliveryStatus": delivery, "OverallTotalDeliveryStatus": total_delivery,
+            "OverallOrdReltdBillgStatus": billing, "TotalBlockStatus": "", "OverallSDDocumentRejectionSts": "A",
+            "TotalCreditCheckStatus": "", "CompleteDeliveryIsDefined": False})
+        total = Decimal(0)
+        for line in range(1, (o % 3) + 2):
+            material = sim.customizing.materials[_MATERIALS[(o + line) % len(_MATERIALS)][0]]
+            quantity = Decimal(line * 2 + o % 4)
+            net = quantity * material.price
+            total += net
+            sim.insert("A_SalesOrderItem", {
+                "SalesOrder": number, "SalesOrderItem": str(line * 10), "SalesOrderItemCategory": "TAN",
+                "SalesOrderItemText": material.text, "Material": material.number,
+                "RequestedQuantity": _decimal_text("RequestedQuantity", quantity),
+                "RequestedQuantityUnit": material.base_unit, "NetAmount": _decimal_text("NetAmount", net),
+                "TransactionCurrency": "USD", "MaterialGroup": material.group,
+                "ProductionPlant": sorted(material.plants)[0], "PurchaseOrderByCustomer": f"PO-{7300 + o}",
+                "SDProcessStatus": process, "DeliveryStatus": delivery, "OrderRelatedBillingStatus": billing})
+        order = sim._rows["A_SalesOrder"][(number,)]
+        order["TotalNetAmount"] = _decimal_text("TotalNetAmount", total)
+    sim.insert("A_SalesOrder", {
+        "SalesOrder": BAD_ORDER, "SalesOrderType": "OR", "SalesOrganization": SALES_ORG,
+        "DistributionChannel": DISTRIBUTION_CHANNEL, "OrganizationDivision": DIVISION, "SoldToParty": numbers[0],
+        "PurchaseOrderByCustomer": "PO-TEXT-ONLY", "SalesOrderDate": midnight, "CreationDate": midnight,
+        "CreatedByUser": "CB9980000010", "TransactionCurrency": "USD", "TotalNetAmount": "0.00",
+        "OverallSDProcessStatus": "A", "OverallDeliveryStatus": "A", "OverallTotalDeliveryStatus": "A",
+        "OverallOrdReltdBillgStatus": "A", "OverallSDDocumentRejectionSts": "A"})
+    sim.insert("A_SalesOrderItem", {
+        "SalesOrder": BAD_ORDER, "SalesOrderItem": "10", "SalesOrderItemCategory": "TATX",
+        "SalesOrderItemText": "Please call before delivery", "Material": "", "RequestedQuantity": "0.000",
+        "RequestedQuantityUnit": "", "NetAmount": "0.00", "TransactionCurrency": "USD", "SDProcessStatus": "A",
+        "DeliveryStatus": "", "OrderRelatedBillingStatus": ""})
