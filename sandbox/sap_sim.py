@@ -39,7 +39,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, time, timedelta
-from decimal import Decimal, InvalidOperation
+from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from typing import Any
 from urllib.parse import parse_qsl, quote, urlencode
 
@@ -249,7 +249,7 @@ def to_wire(name: str, value: Any) -> Any:
 
 
 def _decimal_text(name: str, value: Decimal) -> str:
-    return str(value.quantize(Decimal(1).scaleb(-SCALES.get(name, 3))))
+    return str(value.quantize(Decimal(1).scaleb(-SCALES.get(name, 3)), rounding=ROUND_HALF_UP))
 
 
 def from_wire(entity: str, name: str, raw: Any) -> Any:
@@ -705,13 +705,10 @@ class SapSimulator:
         return now
 
     def _bp_stamp(self, row: dict[str, Any], *, created: bool) -> None:
-        # BUT000 keeps dates and times to the second; the ETag (user + time) must still change on every change,
-        # so a partner changed twice in one second gets the next second.
-        now = self._now().replace(microsecond=0)
-        previous = row.get("_stamp")
-        if isinstance(previous, datetime) and now <= previous:
-            now = previous + timedelta(seconds=1)
-        row["_stamp"] = now
+        # BUT000 keeps dates and times to the second. The ETag adds the milliseconds of the (strictly increasing)
+        # change clock so that two changes within one second still differ; clients treat it as opaque anyway.
+        moment = self._now()
+        now = moment.replace(microsecond=0)
         if created:
             row["CreationDate"] = row.get("CreationDate") or datetime.combine(now.date(), time(), UTC)
             row["CreationTime"] = row.get("CreationTime") or now.time()
@@ -721,7 +718,7 @@ class SapSimulator:
             row["LastChangeTime"] = now.time()
             row["LastChangedByUser"] = self.user
         by = self.user if not created else str(row.get("CreatedByUser") or self.user)
-        row["ETag"] = f"{by}{now.strftime('%Y%m%d%H%M%S')}"
+        row["ETag"] = f"{by}{moment.strftime('%Y%m%d%H%M%S')}{moment.microsecond // 1000:03d}"
 
     def _touch(self, entity: str, row: dict[str, Any], *, created: bool = False) -> None:
         if entity == "A_SalesOrder":
