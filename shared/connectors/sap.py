@@ -53,9 +53,10 @@ Writes
 Errors
     The Gateway body `{"error": {"code", "message": {"value"}, "innererror": {"errordetails": [...]}}}` becomes
     `RejectedError("SAP rejected A_SalesOrder create (op ..): V1/320: Sales organization 9999 is not defined
-    (field SalesOrganization)")`; lock messages (`LOCK_MESSAGES`) and 5xx are TransientError, 429 (and 503 with
-    Retry-After) ThrottledError after the short in-call retries, 401/403 AuthError, a write answered 504
-    AmbiguousWriteError.
+    (field SalesOrganization)")`; lock messages (`LOCK_MESSAGES`) and 5xx are TransientError, 401/403
+    AuthError, a write answered 504 AmbiguousWriteError. 429 and 503 are retried in-call honouring
+    Retry-After (writes too: SAP refused them before processing); when they persist, or ask for more than
+    `RetryPolicy.max_retry_after`, they become ThrottledError (429) / TransientError (503).
 
 Change detection (`changes_since`)
     A_SalesOrder: `LastChangeDateTime ge datetimeoffset'<checkpoint>'` (UTC; set on create and every change).
@@ -1109,6 +1110,10 @@ class SapClient:
         next_number = max((int(str(i.get("SalesOrderItem") or 0)) for i in items
                            if str(i.get("SalesOrderItem") or "").isdigit()), default=0)
         for line in lines.items:
+            if not line.match:
+                raise RejectedError(f"{SYSTEM} {what}: line {line.source_key} has no match field, so it cannot be "
+                                    "found again and would be added twice; set lines.link_field in the flow spec "
+                                    f"(e.g. {ITEM_MATCH_FIELD})")
             wanted = self._line_values(line, lines, header)
             existing = _find_item(items, line.match)
             item_what = f"{what}, item for line {line.source_key}"

@@ -543,6 +543,12 @@ async def test_replayed_order_upsert_creates_no_second_order(sap: SapClient, sap
     by_key = WriteOp("r2", "upsert", "A_SalesOrder", key=number, values={"ShippingCondition": "01"})
     assert (await sap.write([by_key]))[0].key == number
     assert orders_with(sap_sim, "SF-REPLAY-1")[0]["ShippingCondition"] == "01"
+    unmatched = WriteOp("r3", "upsert", "A_SalesOrder", key=number, values={}, lines=Lines("to_Item", {}, [
+        LineWrite("L9", {"Material": "PV-PUMP-100", "RequestedQuantity": "1"}, {})]))
+    refused = await sap.write([unmatched])
+    assert isinstance(refused[0].error, RejectedError)
+    assert "no match field" in refused[0].error.detail
+    assert len(sap_sim.items_of(number)) == 4
 
 
 async def test_lost_create_answer_is_found_by_match_not_repeated(factory: Factory, sap_sim: SapSimulator) -> None:
