@@ -12,25 +12,41 @@ from sandbox.demo import run_demo
 async def test_demo_syncs_both_ways_with_zero_drift_and_dead_letters_only_the_bad_records(tmp_path):
     report_path = tmp_path / "report.json"
     ok = await run_demo(Console(file=open(tmp_path / "out.txt", "w")), report_path=report_path,  # noqa: SIM115
-                        signs=40, work_orders=10, workdir=tmp_path / "demo")
+                        signs=40, work_orders=10, workdir=tmp_path / "demo", customers=20, opportunities=25)
     report = json.loads(report_path.read_text())
     assert ok, report
     assert report["reconciliation"]["total_drift"] == 0
     directions = {row["direction"] for row in report["written_per_flow"].values() if row["records"] > 0}
-    assert directions == {"dataverse -> arcgis", "arcgis -> dataverse", "fno -> salesforce"}
-    reasons = sorted((d["flow"], d["reason"]) for d in report["dead_letters"])
-    assert reasons == [("customers_to_salesforce", "UNMAPPED_CHOICE")] * 2 + [
-        ("inspections_from_field", "REQUIRED_FIELD_MISSING")] + [
-        ("products_to_salesforce", "REQUIRED_FIELD_MISSING")] * 2 + [
-        ("sign_assets_to_field", "REQUIRED_FIELD_MISSING"),
-        ("sign_assets_to_field", "UNMAPPED_CHOICE")]
+    assert directions == {"dataverse -> arcgis", "arcgis -> dataverse", "fno -> salesforce", "salesforce -> fno",
+                          "dataverse -> salesforce", "salesforce -> dataverse"}
+    # one dead-lettered record per deliberately bad seed row (a record may carry more than one message)
+    records = {(d["flow"], d["key"], d["reason"]) for d in report["dead_letters"]}
+    assert sorted((flow, reason) for flow, _key, reason in records) == sorted(
+        [("accounts_to_fno", "UNMAPPED_CHOICE"), ("crm_accounts_from_salesforce", "UNMAPPED_CHOICE")]
+        + [("customers_to_salesforce", "UNMAPPED_CHOICE")] * 2
+        + [("inspections_from_field", "REQUIRED_FIELD_MISSING")]
+        + [("opportunities_to_fno", "UNMAPPED_CHOICE")] * 2
+        + [("orders_to_fno", "UNMAPPED_CHOICE")]
+        + [("products_to_salesforce", "REQUIRED_FIELD_MISSING")] * 2
+        + [("sign_assets_to_field", "REQUIRED_FIELD_MISSING"), ("sign_assets_to_field", "UNMAPPED_CHOICE")])
     entities = {e["entity"]: e for e in report["reconciliation"]["entities"]}
     assert entities["customer"]["linked"] > 0  # F&O customers reached Salesforce
     assert entities["product"]["linked"] > 0
+    assert entities["opportunity_order"]["linked"] > 0  # closed-won deals became F&O sales orders
+    assert entities["opportunity_order"]["out_of_scope"] > 0  # open deals stayed in Salesforce
+    assert entities["order_sales_order"]["linked"] > 0
+    assert entities["crm_account"]["linked"] > 0
+    assert entities["crm_contact"]["linked"] > 0
+    l2c = report["lead_to_cash"]
+    assert l2c["fno_order_lines_from_salesforce"] >= l2c["fno_sales_orders_from_salesforce"] > 0
+    assert l2c["orders_whose_lines_differ"] == 0
+    assert l2c["fno_customers_from_salesforce"] > 0
+    assert l2c["salesforce_headers_shipped_or_invoiced"] > 0  # fulfilment status came back
     assert all(d["description"] for d in report["dead_letters"])
     assert report["echoes_suppressed"] > 0  # our own writes came back and were dropped
     assert report["cascaded_updates"] > 0   # completed work orders closed their open tasks
     assert report["queue"]["active"] == 0
+    assert report["queue"]["scheduled"] == 0
     assert report["api_calls"]["dataverse"] > 0
     assert report["api_calls"]["arcgis"] > 0
     assert report["api_calls"]["salesforce"] > 0
