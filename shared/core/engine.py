@@ -382,19 +382,32 @@ class SyncEngine:
         if tsnap is not None and not binds and _covers(tsnap.values, compare) and not _new_attachments(env, snap):
             return Outcome(env, "skipped_noop", target_key=target_key, detail="target already holds these values")
         attachments = await self._attachments(flow, env, snap)
+        values = {**flow.defaults, **mapped.values} if is_create else mapped.values
         op = WriteOp(
             op_id,
             "upsert",
             tgt.table,
             key=target_key,
-            match=None if target_key else {flow.link.target_field: env.source_key},
-            values=mapped.values,
+            match=None if target_key else {flow.link.target_field: self._match_value(flow, env)},
+            values=values,
             binds=binds,
             attachments=attachments,
             correlation_id=env.correlation_id,
             lines=lines,
         )
         return _Plan(index, env, flow, target_key, op, mapped=mapped, is_create=is_create)
+
+    @staticmethod
+    def _match_value(flow: FlowSpec, env: ChangeEnvelope) -> str:
+        name = flow.link.match_source
+        if name is None:
+            return env.source_key
+        value = env.payload.get(name)
+        if _blank(value):
+            raise ValidationError(
+                f"flow {flow.name} record {env.source_key}: {flow.source.system}.{name} is empty, but it is the value "
+                f"that finds this record in {flow.target.system} ({flow.link.target_field}). Fill it in, then replay.")
+        return str(value)
 
     def _resolve_lookups(self, flow: FlowSpec, source_key: str, payload: Mapping[str, Any],
                          parents: Mapping[str, Mapping[str, str]], values: dict[str, Any], *, is_create: bool,
@@ -447,7 +460,17 @@ class SyncEngine:
             # A line's missing parent (its product) defers or dead-letters the whole document: never half an order.
             self._resolve_lookups(line_flow, row.key, row.values, work.line_parents, mapped.values, is_create=True,
                                   waits=env.waits)
-            items.append(LineWrite(row.key, mapped.values, {flow.lines.link_field: row.key}))
+            match_value = row.key
+            if flow.lines.match_source is not None:
+                raw = row.values.get(flow.lines.match_source)
+                if _blank(raw):
+                    raise ValidationError(
+                        f"flow {flow.name} record {env.source_key}: line {row.key} has no "
+                        f"{flow.lines.match_source}, the value that finds it in {flow.target.system}; fill it in, "
+                        "then replay.")
+                match_value = str(raw)
+            values = {**flow.lines.defaults, **mapped.values}
+            items.append(LineWrite(row.key, values, {flow.lines.link_field: match_value}))
         return Lines(flow.lines.target_table, dict(flow.lines.parent_fields), items)
 
     async def _attachments(self, flow: FlowSpec, env: ChangeEnvelope, snap: Snapshot | None) -> list[Attachment]:

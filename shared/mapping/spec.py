@@ -40,6 +40,9 @@ class LinkSpec(_Strict):
     alternate-key column with the ArcGIS GlobalID)."""
     write_back: str | None = None
     """Source field that receives the target's key after a create (identifier propagation)."""
+    match_source: str | None = None
+    """Source field whose value `target_field` holds, when the target field is too short for the source key
+    (an SAP field of 20 or 35 characters cannot hold a 36-character Dataverse GUID). Default: the source key."""
 
 
 class FieldMap(_Strict):
@@ -136,8 +139,12 @@ class LinesSpec(_Strict):
     """{target line field: target header field} copied from the written header (order number, company)."""
     link_field: str
     """Target line field that holds the source line key, so re-writes find the line instead of adding one."""
+    match_source: str | None = None
+    """Source line field whose value `link_field` holds instead of the line key (e.g. a line number)."""
     fields: list[FieldMap]
     lookups: list[LookupMap] = Field(default_factory=list)
+    defaults: dict[str, Scalar] = Field(default_factory=dict)
+    """Fixed target values every line carries (codes the target requires and the source does not have)."""
 
 
 class FlowSpec(_Strict):
@@ -160,6 +167,8 @@ class FlowSpec(_Strict):
     lookups: list[LookupMap] = Field(default_factory=list)
     attachments: AttachmentSpec | None = None
     lines: LinesSpec | None = None
+    defaults: dict[str, Scalar] = Field(default_factory=dict)
+    """Fixed target values written when the flow creates a record (e.g. SAP BusinessPartnerCategory "2")."""
     batch_size: int = Field(default=500, ge=1, le=1000)
 
     @model_validator(mode="after")
