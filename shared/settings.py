@@ -73,6 +73,30 @@ class FinOpsSettings(BaseModel):
     max_concurrency: int = Field(default=4, ge=1, le=52)
 
 
+class SapSettings(BaseModel):
+    """SAP S/4HANA OData v2 (API_BUSINESS_PARTNER, API_SALES_ORDER_SRV and the product/pricing/availability APIs)."""
+
+    base_url: str = ""
+    """The API host, e.g. https://my300000-api.s4hana.cloud.sap (empty: SAP not configured)."""
+    auth: Literal["basic", "oauth"] = "basic"
+    """basic: a communication user and password; oauth: client credentials against `token_url`."""
+    user: str = ""
+    password: SecretStr = SecretStr("")
+    token_url: str = ""
+    """OAuth token endpoint (S/4HANA Cloud: https://<host>/sap/bc/sec/oauth2/token, or the XSUAA URL)."""
+    client_id: str = ""
+    client_secret: SecretStr = SecretStr("")
+    scope: str = ""
+    sap_client: str = ""
+    """sap-client (on-premise systems with several clients); empty in S/4HANA Cloud."""
+    system_time_zone: str = "UTC"
+    """Time zone of the system's LastChangeDate/Time fields of business partners (local time in SAP)."""
+    page_size: int = Field(default=1000, ge=1, le=5000)
+    max_concurrency: int = Field(default=4, ge=1, le=32)
+    batch_size: int = Field(default=100, ge=1, le=1000)
+    """Changesets per OData $batch call (1 sends every request alone)."""
+
+
 class ServiceBusSettings(BaseModel):
     """The inbound queue on Azure Service Bus (runtime "azure")."""
 
@@ -124,6 +148,7 @@ class Settings(BaseSettings):
     arcgis: ArcGISSettings = Field(default_factory=ArcGISSettings)
     salesforce: SalesforceSettings = Field(default_factory=SalesforceSettings)
     fno: FinOpsSettings = Field(default_factory=FinOpsSettings)
+    sap: SapSettings = Field(default_factory=SapSettings)
 
     @field_validator("syncline_flows")
     @classmethod
@@ -138,5 +163,6 @@ class Settings(BaseSettings):
             self.syncline_webhook_secret, self.dataverse.client_secret, self.arcgis.client_secret,
             self.arcgis.api_key, self.arcgis.webhook_signature_key, self.syncline_servicebus.connectionString,
             self.syncline_tables.connectionString, self.salesforce.client_secret, self.fno.client_secret,
+            self.sap.password, self.sap.client_secret,
         ]
         return [v.get_secret_value() for v in values if v.get_secret_value()]
