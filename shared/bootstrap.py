@@ -192,6 +192,25 @@ def build_services(
         sinks["fno"] = fno
         sources["fno"] = fno
 
+    if settings.sap.base_url:
+        from shared.connectors.sap import BasicAuth, OAuthClientCredentials, SapAuth, SapClient
+
+        http = _client("sap", counter, settings, transports)
+        clients.append(http)
+        sap_auth: SapAuth
+        if settings.sap.auth == "oauth":
+            sap_auth = OAuthClientCredentials(settings.sap.token_url, settings.sap.client_id,
+                                              settings.sap.client_secret.get_secret_value(),
+                                              scope=settings.sap.scope or None)
+        else:
+            sap_auth = BasicAuth(settings.sap.user, settings.sap.password.get_secret_value())
+        sap = SapClient(settings.sap.base_url, sap_auth, http=http, sap_client=settings.sap.sap_client or None,
+                        policy=policy, page_size=settings.sap.page_size,
+                        max_concurrency=settings.sap.max_concurrency,
+                        system_time_zone=settings.sap.system_time_zone)
+        sinks["sap"] = sap
+        sources["sap"] = sap
+
     if settings.syncline_runtime == "azure":
         state, queue = _azure_runtime(settings, state, queue, closers)
     if state is None or queue is None:

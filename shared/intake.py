@@ -232,6 +232,37 @@ async def handle_fno_business_events(services: Services, body: bytes) -> IntakeR
     return result
 
 
+async def handle_sap_events(services: Services, body: bytes) -> IntakeResult:
+    """SAP business events (Event Mesh CloudEvents relayed as JSON, one or a list): deduplicated on the event id,
+    the record read back in full through OData, enqueued for the flows reading it."""
+    from shared.connectors.sap import SapClient, parse_event
+
+    data = _json_body(body)
+    events = [parse_event(item) for item in (data if isinstance(data, list) else [data])]
+    sap = services.sinks.get("sap")
+    if not isinstance(sap, SapClient):
+        raise EnvelopeError("SAP is not configured (SAP__BASE_URL is empty)")
+    result = IntakeResult()
+    seen = await services.state.remember("sap-event", [e.event_id for e in events])
+    for event in events:
+        if event.event_id in seen:
+            result.skipped += 1  # delivered before (Event Mesh delivers at least once)
+            continue
+        result.accepted += 1
+        if not services.flowset.flows_from("sap", event.entity_set):
+            continue
+        if event.operation.lower() == "deleted":
+            records = [SourceRecord(key=event.key, values={}, deleted=True)]
+        else:
+            records = list((await sap.fetch(event.entity_set, [event.key])).values())
+        envelopes = envelopes_for(services.flowset, "sap", event.entity_set, records, origin="webhook", mode="queue")
+        envelopes = await drop_duplicates(services.state, envelopes, datetime.now(UTC))
+        if envelopes:
+            await enqueue(services, envelopes)
+            result.queued += len(envelopes)
+    return result
+
+
 async def handle_salesforce_change_events(services: Services, body: bytes) -> IntakeResult:
     """Salesforce Change Data Capture events relayed as JSON: own writes dropped, duplicates dropped (replay
     id, or transaction key), the records read back in full, enqueued for the flows reading that object."""

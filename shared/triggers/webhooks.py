@@ -1,4 +1,4 @@
-"""HTTP triggers for inbound webhooks: Dataverse (outbound direct writes) and ArcGIS/Survey123 (enqueue)."""
+"""HTTP triggers for inbound webhooks: Dataverse (outbound direct writes); ArcGIS, F&O, Salesforce, SAP (enqueue)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from shared.intake import (
     handle_dataverse_webhook,
     handle_fno_business_events,
     handle_salesforce_change_events,
+    handle_sap_events,
 )
 from shared.triggers._common import error_response, json_response
 
@@ -87,3 +88,10 @@ async def fno_webhook(req: func.HttpRequest) -> func.HttpResponse:
 async def salesforce_webhook(req: func.HttpRequest) -> func.HttpResponse:
     """Salesforce Change Data Capture events relayed as JSON: drop echoes and duplicates, enqueue."""
     return await _intake(req, handle_salesforce_change_events, label="salesforce change events", status=202)
+
+
+@bp.function_name("sap_webhook")
+@bp.route(route="webhooks/sap", methods=["POST"], auth_level=func.AuthLevel.FUNCTION)
+async def sap_webhook(req: func.HttpRequest) -> func.HttpResponse:
+    """SAP business events (Event Mesh webhook subscription, CloudEvents JSON): deduplicate, read back, enqueue."""
+    return await _intake(req, handle_sap_events, label="sap events", status=202)

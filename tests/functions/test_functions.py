@@ -12,7 +12,7 @@ from shared.core.envelope import ChangeEnvelope
 
 def test_functions_are_registered_with_the_expected_triggers(functions):
     assert set(functions) == {"dataverse_webhook", "arcgis_webhook", "fno_webhook", "salesforce_webhook",
-                              "sync_controller", "health"}
+                              "sap_webhook", "sync_controller", "health"}
     timer = functions["sync_controller"].get_trigger().get_dict_repr()
     assert timer["type"] == "timerTrigger"
     assert timer["schedule"] == "%SYNCLINE_SCHEDULE%"
@@ -75,3 +75,21 @@ async def test_timer_runs_a_cycle_and_health_reports_it(user_function, bare_serv
     assert report["queue"]["dead_letter"] == 1
     assert report["last_cycle"]["outcome"] == "ok"
     assert report["last_cycle"]["dead_lettered"] == {"UNKNOWN_FLOW": 1}
+
+
+async def test_sap_webhook_without_sap_configured_is_a_clear_400_and_queues_nothing(user_function, bare_services):
+    event = {"type": "sap.s4.beh.salesorder.v1.SalesOrder.Changed.v1", "id": "e-1", "source": "/default/s4",
+             "data": {"SalesOrder": "4000001"}}
+    resp = await user_function("sap_webhook")(post("webhooks/sap", json.dumps(event).encode(),
+                                                   {"x-syncline-key": "s3cret-webhook-key"}))
+    assert resp.status_code == 400
+    assert "SAP__BASE_URL" in resp.get_body().decode()
+    assert (await bare_services.queue.depth()).active == 0
+
+
+async def test_sap_webhook_with_an_unknown_event_type_names_the_known_ones(user_function, bare_services):
+    event = {"type": "sap.s4.beh.purchaseorder.v1.PurchaseOrder.Changed.v1", "id": "e-2", "data": {}}
+    resp = await user_function("sap_webhook")(post("webhooks/sap", json.dumps(event).encode(),
+                                                   {"x-syncline-key": "s3cret-webhook-key"}))
+    assert resp.status_code == 400
+    assert "sap.s4.beh.salesorder.v1.SalesOrder" in resp.get_body().decode()
