@@ -189,6 +189,51 @@ param fnoClientId string = ''
 @maxValue(52)
 param fnoMaxConcurrency int = 4
 
+// ---- SAP S/4HANA ----------------------------------------------------------------------------------------------------
+
+@description('SAP__BASE_URL: the API host, e.g. https://my300000-api.s4hana.cloud.sap (empty: SAP not configured). When set, the secret of sapAuth must be in Key Vault.')
+param sapBaseUrl string = ''
+
+@description('basic: a communication user whose password is in Key Vault; oauth: OAuth client credentials against sapTokenUrl, the client secret in Key Vault.')
+@allowed([
+  'basic'
+  'oauth'
+])
+param sapAuth string = 'basic'
+
+@description('SAP__USER: the communication user of the communication arrangements (basic mode).')
+param sapUser string = ''
+
+@description('SAP__TOKEN_URL: the OAuth token endpoint, e.g. https://<host>/sap/bc/sec/oauth2/token or the XSUAA URL (oauth mode).')
+param sapTokenUrl string = ''
+
+@description('SAP__CLIENT_ID: the OAuth client (oauth mode).')
+param sapClientId string = ''
+
+@description('SAP__SCOPE: the OAuth scope (oauth mode; empty: none).')
+param sapScope string = ''
+
+@description('SAP__SAP_CLIENT: the sap-client of an on-premise system with several clients (empty in S/4HANA Cloud).')
+param sapSapClient string = ''
+
+@description('SAP__SYSTEM_TIME_ZONE: the time zone of the system\'s LastChangeDate/Time fields of business partners.')
+param sapSystemTimeZone string = 'UTC'
+
+@description('SAP__PAGE_SIZE: records per $top/$skip window of a read.')
+@minValue(1)
+@maxValue(5000)
+param sapPageSize int = 1000
+
+@description('SAP__MAX_CONCURRENCY.')
+@minValue(1)
+@maxValue(32)
+param sapMaxConcurrency int = 4
+
+@description('SAP__BATCH_SIZE: changesets per OData $batch call (1 sends every request alone).')
+@minValue(1)
+@maxValue(1000)
+param sapBatchSize int = 100
+
 // ---- Names ----------------------------------------------------------------------------------------------------------
 
 var token = uniqueString(resourceGroup().id, appName, environmentName)
@@ -297,6 +342,17 @@ module functionApp 'modules/functionapp.bicep' = {
     fnoClientId: fnoClientId
     fnoAuth: fnoAuth
     fnoMaxConcurrency: fnoMaxConcurrency
+    sapBaseUrl: sapBaseUrl
+    sapAuth: sapAuth
+    sapUser: sapUser
+    sapTokenUrl: sapTokenUrl
+    sapClientId: sapClientId
+    sapScope: sapScope
+    sapSapClient: sapSapClient
+    sapSystemTimeZone: sapSystemTimeZone
+    sapPageSize: sapPageSize
+    sapMaxConcurrency: sapMaxConcurrency
+    sapBatchSize: sapBatchSize
     tags: allTags
   }
 }

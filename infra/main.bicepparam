@@ -26,6 +26,10 @@ param fnoEnvironmentUrl = ''
 param fnoAuth = 'clientSecret'
 param fnoClientId = ''
 
+param sapBaseUrl = ''
+param sapAuth = 'basic'
+param sapUser = ''
+
 // Syncline defaults, spelled out for visibility (they equal shared/settings.py).
 param syncSchedule = '0 */15 * * * *'
 param maxDeliveryCount = 10

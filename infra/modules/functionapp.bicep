@@ -144,6 +144,43 @@ param fnoAuth string
 @description('FNO__MAX_CONCURRENCY.')
 param fnoMaxConcurrency int
 
+@description('SAP__BASE_URL: the S/4HANA API host, e.g. https://my300000-api.s4hana.cloud.sap (empty: SAP not configured).')
+param sapBaseUrl string
+
+@description('basic: a communication user whose password is in Key Vault; oauth: client credentials, the client secret in Key Vault.')
+@allowed([
+  'basic'
+  'oauth'
+])
+param sapAuth string
+
+@description('SAP__USER: the communication user (basic mode).')
+param sapUser string
+
+@description('SAP__TOKEN_URL: the OAuth token endpoint (oauth mode).')
+param sapTokenUrl string
+
+@description('SAP__CLIENT_ID: the OAuth client (oauth mode).')
+param sapClientId string
+
+@description('SAP__SCOPE: the OAuth scope (oauth mode; empty: none).')
+param sapScope string
+
+@description('SAP__SAP_CLIENT: the sap-client of an on-premise system (empty in S/4HANA Cloud).')
+param sapSapClient string
+
+@description('SAP__SYSTEM_TIME_ZONE.')
+param sapSystemTimeZone string
+
+@description('SAP__PAGE_SIZE.')
+param sapPageSize int
+
+@description('SAP__MAX_CONCURRENCY.')
+param sapMaxConcurrency int
+
+@description('SAP__BATCH_SIZE.')
+param sapBatchSize int
+
 param tags object = {}
 
 // Key Vault secret holding each secret setting (docs/operations.md, "Put the secrets in Key Vault").
@@ -155,6 +192,8 @@ var secretNames = {
   arcgisWebhookSignatureKey: 'arcgis-webhook-signature-key'
   salesforceClientSecret: 'salesforce-client-secret'
   fnoClientSecret: 'fno-client-secret'
+  sapPassword: 'sap-password'
+  sapClientSecret: 'sap-client-secret'
 }
 
 resource storage 'Microsoft.Storage/storageAccounts@2023-05-01' existing = {
@@ -287,6 +326,22 @@ resource appSettings 'Microsoft.Web/sites/config@2024-04-01' = {
     FNO__CLIENT_ID: fnoAuth == 'clientSecret' ? fnoClientId : ''
     FNO__CLIENT_SECRET: fnoAuth == 'clientSecret' && !empty(fnoEnvironmentUrl) ? '@Microsoft.KeyVault(SecretUri=${secretsUri}${secretNames.fnoClientSecret})' : ''
     FNO__MAX_CONCURRENCY: string(fnoMaxConcurrency)
+
+    // SAP S/4HANA (OData v2). An empty URL means not configured; otherwise only the secret of the authentication
+    // mode in use is referenced (the other one is '', not a reference to a secret nobody set).
+    SAP__BASE_URL: sapBaseUrl
+    SAP__AUTH: sapAuth
+    SAP__USER: sapUser
+    SAP__PASSWORD: sapAuth == 'basic' && !empty(sapBaseUrl) ? '@Microsoft.KeyVault(SecretUri=${secretsUri}${secretNames.sapPassword})' : ''
+    SAP__TOKEN_URL: sapTokenUrl
+    SAP__CLIENT_ID: sapClientId
+    SAP__CLIENT_SECRET: sapAuth == 'oauth' && !empty(sapBaseUrl) ? '@Microsoft.KeyVault(SecretUri=${secretsUri}${secretNames.sapClientSecret})' : ''
+    SAP__SCOPE: sapScope
+    SAP__SAP_CLIENT: sapSapClient
+    SAP__SYSTEM_TIME_ZONE: sapSystemTimeZone
+    SAP__PAGE_SIZE: string(sapPageSize)
+    SAP__MAX_CONCURRENCY: string(sapMaxConcurrency)
+    SAP__BATCH_SIZE: string(sapBatchSize)
   }
 }
 

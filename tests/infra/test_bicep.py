@@ -71,6 +71,10 @@ PARAM_SETTINGS = {
     "arcgisTokenUrl": ("arcgis.token_url", "ARCGIS__TOKEN_URL"),
     "arcgisBatchSize": ("arcgis.batch_size", "ARCGIS__BATCH_SIZE"),
     "arcgisMaxConcurrency": ("arcgis.max_concurrency", "ARCGIS__MAX_CONCURRENCY"),
+    "sapSystemTimeZone": ("sap.system_time_zone", "SAP__SYSTEM_TIME_ZONE"),
+    "sapPageSize": ("sap.page_size", "SAP__PAGE_SIZE"),
+    "sapMaxConcurrency": ("sap.max_concurrency", "SAP__MAX_CONCURRENCY"),
+    "sapBatchSize": ("sap.batch_size", "SAP__BATCH_SIZE"),
 }
 
 # Built-in role definition ids (identical in every tenant), to catch a typo in the Bicep role table.
@@ -365,7 +369,7 @@ def test_secret_settings_are_key_vault_references():
     secrets = secret_settings() - NOT_KEY_VAULT - set(NOT_SET_IN_AZURE)
     assert secrets == {"SYNCLINE_WEBHOOK_SECRET", "DATAVERSE__CLIENT_SECRET", "ARCGIS__CLIENT_SECRET",
                        "ARCGIS__API_KEY", "ARCGIS__WEBHOOK_SIGNATURE_KEY", "SALESFORCE__CLIENT_SECRET",
-                       "FNO__CLIENT_SECRET"}
+                       "FNO__CLIENT_SECRET", "SAP__PASSWORD", "SAP__CLIENT_SECRET"}
     secret_names = obj(load("modules/functionapp.bicep").variables()["secretNames"])
     referenced: set[str] = set()
     for env in secrets:
