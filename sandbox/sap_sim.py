@@ -54,6 +54,11 @@ from sandbox.webhook_delivery import Deliverer
 SERVICE_PREFIX = "/sap/opu/odata/sap/"
 BP_SERVICE = "API_BUSINESS_PARTNER"
 SO_SERVICE = "API_SALES_ORDER_SRV"
+PRODUCT_SERVICE = "API_PRODUCT_SRV"
+PRICING_SERVICE = "API_SLSPRICINGCONDITIONRECORD_SRV"
+AVAILABILITY_SERVICE = "API_PRODUCT_AVAILY_INFO_BASIC"
+"""Technical name of API_PRODUCT_AVAILABILITY_INFO_BASIC (service names are cut to 30 characters)."""
+AVAILABILITY_FUNCTION = "DetermineAvailabilityAt"
 TOKEN_PATH = "/sap/bc/sec/oauth2/token"
 SYSTEM_ID = "S4H"
 SAP_CLIENT = "100"
@@ -75,9 +80,15 @@ TYPES: dict[str, str] = {
     "CreationTime": TM, "LastChangeTime": TM, "LastChangeDateTime": DTO, "ValidFrom": DTO, "ValidTo": DTO,
     "RequestedQuantity": DEC, "TotalNetAmount": DEC, "NetAmount": DEC, "ItemGrossWeight": DEC, "ItemNetWeight": DEC,
     "BusinessPartnerIsBlocked": BOOL, "IsMarkedForArchiving": BOOL, "CompleteDeliveryIsDefined": BOOL,
-    "DeletionIndicator": BOOL, "OrderIsBlockedForCustomer": BOOL,
+    "DeletionIndicator": BOOL, "OrderIsBlockedForCustomer": BOOL, "IsDefaultPhoneNumber": BOOL,
+    "IsDefaultEmailAddress": BOOL, "IsMarkedForDeletion": BOOL, "ConditionIsDeleted": BOOL,
+    "ConditionValidityStartDate": DT, "ConditionValidityEndDate": DT, "GrossWeight": DEC, "NetWeight": DEC,
+    "ConditionRateValue": DEC, "ConditionQuantity": DEC, "AvailableQuantityInBaseUnit": DEC,
+    "PeriodStartUTCDateTime": DT, "PeriodEndUTCDateTime": DT,
 }
-SCALES = {"RequestedQuantity": 3, "ItemGrossWeight": 3, "ItemNetWeight": 3, "TotalNetAmount": 2, "NetAmount": 2}
+SCALES = {"RequestedQuantity": 3, "ItemGrossWeight": 3, "ItemNetWeight": 3, "TotalNetAmount": 2, "NetAmount": 2,
+          "ConditionRateValue": 2, "ConditionQuantity": 0, "GrossWeight": 3, "NetWeight": 3,
+          "AvailableQuantityInBaseUnit": 3}
 
 
 @dataclass(frozen=True)
@@ -111,6 +122,12 @@ _BP_FIELDS = (
 _ADDRESS_FIELDS = (
     "BusinessPartner", "AddressID", "ValidityStartDate", "ValidityEndDate", "CityName", "Country", "District",
     "HouseNumber", "PostalCode", "Region", "StreetName", "Language", "AddressTimeZone", "POBox")
+_PHONE_FIELDS = (
+    "AddressID", "Person", "OrdinalNumber", "DestinationLocationCountry", "IsDefaultPhoneNumber", "PhoneNumber",
+    "PhoneNumberExtension", "InternationalPhoneNumber", "PhoneNumberType", "AddressCommunicationRemarkText")
+_EMAIL_FIELDS = (
+    "AddressID", "Person", "OrdinalNumber", "IsDefaultEmailAddress", "EmailAddress", "SearchEmailAddress",
+    "AddressCommunicationRemarkText")
 _ROLE_FIELDS = ("BusinessPartner", "BusinessPartnerRole", "ValidFrom", "ValidTo")
 _CUSTOMER_FIELDS = (
     "Customer", "CustomerAccountGroup", "CustomerClassification", "CustomerFullName", "CustomerName",
@@ -139,6 +156,21 @@ _ITEM_FIELDS = (
     "ItemNetWeight", "ItemWeightUnit", "NetAmount", "TransactionCurrency", "MaterialGroup", "ProductionPlant",
     "StorageLocation", "ShippingPoint", "IncotermsClassification", "CustomerPaymentTerms", "SalesDocumentRjcnReason",
     "ItemBillingBlockReason", *_ITEM_STATUS)
+_PRODUCT_FIELDS = (
+    "Product", "ProductType", "CrossPlantStatus", "CreationDate", "CreatedByUser", "LastChangeDate",
+    "LastChangedByUser", "LastChangeDateTime", "IsMarkedForDeletion", "ProductOldID", "GrossWeight", "WeightUnit",
+    "NetWeight", "ProductGroup", "BaseUnit", "Division", "ItemCategoryGroup")
+_PRODUCT_PLANT_FIELDS = ("Product", "Plant", "AvailabilityCheckType", "MRPType", "ProcurementType", "ProfitCenter",
+                         "IsMarkedForDeletion")
+_CONDITION_FIELDS = (
+    "ConditionRecord", "ConditionSequentialNumber", "ConditionTable", "ConditionApplication", "ConditionType",
+    "ConditionValidityEndDate", "ConditionValidityStartDate", "CreatedByUser", "CreationDate",
+    "ConditionCalculationType", "ConditionRateValue", "ConditionRateValueUnit", "ConditionQuantity",
+    "ConditionQuantityUnit", "BaseUnit", "ConditionIsDeleted", "ConditionCurrency")
+_VALIDITY_FIELDS = (
+    "ConditionRecord", "ConditionValidityEndDate", "ConditionValidityStartDate", "ConditionApplication",
+    "ConditionType", "ConditionReleaseStatus", "SalesOrganization", "DistributionChannel", "Division", "Customer",
+    "Material", "MaterialGroup", "Plant")
 
 ENTITIES: dict[str, EntityDef] = {
     "A_BusinessPartner": EntityDef(
@@ -149,8 +181,14 @@ ENTITIES: dict[str, EntityDef] = {
         etag="bp", computed=frozenset({"Customer", "Supplier", "BusinessPartnerFullName", "BusinessPartnerName",
                                        "BusinessPartnerUUID", "CreatedByUser", "CreationDate", "CreationTime",
                                        "LastChangeDate", "LastChangeTime", "LastChangedByUser", "ETag"})),
-    "A_BusinessPartnerAddress": EntityDef(BP_SERVICE, "A_BusinessPartnerAddressType", ("BusinessPartner", "AddressID"),
-                                          _ADDRESS_FIELDS),
+    "A_BusinessPartnerAddress": EntityDef(
+        BP_SERVICE, "A_BusinessPartnerAddressType", ("BusinessPartner", "AddressID"), _ADDRESS_FIELDS,
+        {"to_PhoneNumber": Nav("A_AddressPhoneNumber", True, (("AddressID", "AddressID"),)),
+         "to_EmailAddress": Nav("A_AddressEmailAddress", True, (("AddressID", "AddressID"),))}),
+    "A_AddressPhoneNumber": EntityDef(BP_SERVICE, "A_AddressPhoneNumberType", ("AddressID", "Person", "OrdinalNumber"),
+                                      _PHONE_FIELDS, computed=frozenset({"InternationalPhoneNumber"})),
+    "A_AddressEmailAddress": EntityDef(BP_SERVICE, "A_AddressEmailAddressType",
+                                       ("AddressID", "Person", "OrdinalNumber"), _EMAIL_FIELDS),
     "A_BusinessPartnerRole": EntityDef(BP_SERVICE, "A_BusinessPartnerRoleType",
                                        ("BusinessPartner", "BusinessPartnerRole"), _ROLE_FIELDS),
     "A_Customer": EntityDef(
@@ -168,10 +206,35 @@ ENTITIES: dict[str, EntityDef] = {
     "A_SalesOrderItem": EntityDef(
         SO_SERVICE, "A_SalesOrderItemType", ("SalesOrder", "SalesOrderItem"), _ITEM_FIELDS, etag="stamp",
         computed=frozenset({"NetAmount", "ExternalItemID", *_ITEM_STATUS})),
+    "A_Product": EntityDef(
+        PRODUCT_SERVICE, "A_ProductType", ("Product",), _PRODUCT_FIELDS,
+        {"to_Description": Nav("A_ProductDescription", True, (("Product", "Product"),)),
+         "to_Plant": Nav("A_ProductPlant", True, (("Product", "Product"),))}),
+    "A_ProductDescription": EntityDef(PRODUCT_SERVICE, "A_ProductDescriptionType", ("Product", "Language"),
+                                      ("Product", "Language", "ProductDescription")),
+    "A_ProductPlant": EntityDef(PRODUCT_SERVICE, "A_ProductPlantType", ("Product", "Plant"), _PRODUCT_PLANT_FIELDS),
+    "A_SlsPrcgConditionRecord": EntityDef(
+        PRICING_SERVICE, "A_SlsPrcgConditionRecordType", ("ConditionRecord",), _CONDITION_FIELDS,
+        {"to_SlsPrcgCndnRecdValidity": Nav("A_SlsPrcgCndnRecdValidity", True,
+                                           (("ConditionRecord", "ConditionRecord"),))}),
+    "A_SlsPrcgCndnRecdValidity": EntityDef(
+        PRICING_SERVICE, "A_SlsPrcgCndnRecdValidityType", ("ConditionRecord", "ConditionValidityEndDate"),
+        _VALIDITY_FIELDS,
+        {"to_SlsPrcgConditionRecord": Nav("A_SlsPrcgConditionRecord", False,
+                                          (("ConditionRecord", "ConditionRecord"),))}),
 }
 IF_MATCH_REQUIRED = frozenset({"A_BusinessPartner", "A_SalesOrder"})
-DELETABLE = frozenset({"A_SalesOrder", "A_SalesOrderItem", "A_BusinessPartnerAddress"})
-SERVICE_SETS = {svc: sorted(n for n, e in ENTITIES.items() if e.service == svc) for svc in (BP_SERVICE, SO_SERVICE)}
+DELETABLE = frozenset({"A_SalesOrder", "A_SalesOrderItem", "A_BusinessPartnerAddress", "A_AddressPhoneNumber",
+                       "A_AddressEmailAddress"})
+READ_ONLY = frozenset({"A_Product", "A_ProductDescription", "A_ProductPlant", "A_SlsPrcgConditionRecord",
+                       "A_SlsPrcgCndnRecdValidity"})
+"""Served for reading only here (the real APIs can also maintain products and prices)."""
+COMMUNICATION = {"to_PhoneNumber": "A_AddressPhoneNumber", "to_EmailAddress": "A_AddressEmailAddress"}
+SERVICE_SETS = {svc: sorted(n for n, e in ENTITIES.items() if e.service == svc)
+                for svc in (BP_SERVICE, SO_SERVICE, PRODUCT_SERVICE, PRICING_SERVICE, AVAILABILITY_SERVICE)}
+FUNCTION_IMPORTS = {AVAILABILITY_SERVICE: (AVAILABILITY_FUNCTION,)}
+DIALING_CODES = {"US": "+1", "CA": "+1", "MX": "+52", "DE": "+49", "GB": "+44", "FR": "+33", "NL": "+31", "CH": "+41",
+                 "JP": "+81"}
 
 
 # ============================================================================================ errors
@@ -196,7 +259,7 @@ class GatewayError(Exception):
         return {"error": {
             "code": self.code, "message": {"lang": "en", "value": self.message},
             "innererror": {
-                "application": {"component_id": "SD-SLS-API" if service == SO_SERVICE else "LO-MD-BP",
+                "application": {"component_id": COMPONENTS.get(service, "LO-MD-BP"),
                                 "service_namespace": "/SAP/", "service_id": service, "service_version": "0001"},
                 "transactionid": uuid.uuid4().hex.upper(),
                 "timestamp": now.strftime("%Y%m%d%H%M%S.") + f"{now.microsecond:06d}0",
@@ -209,6 +272,10 @@ class GatewayError(Exception):
                 "errordetails": [{"code": c, "message": m, "longtext_url": "/sap/opu/odata/iwbep/message_text;o=LOCAL/",
                                   "propertyref": "", "severity": "error", "transition": False,
                                   "target": self.target} for c, m in details]}}}
+
+
+COMPONENTS = {SO_SERVICE: "SD-SLS-API", BP_SERVICE: "LO-MD-BP", PRODUCT_SERVICE: "LO-MD-MM",
+              PRICING_SERVICE: "SD-MD-CM", AVAILABILITY_SERVICE: "CA-ATP"}
 
 
 def _bad(code: str, message: str, target: str = "") -> GatewayError:
@@ -554,11 +621,14 @@ class Customizing:
 class SapSimulator:
     """In-memory S/4HANA with the two OData v2 services, their auth, CSRF, ETags, validation and events."""
 
-    def __init__(self, *, page_size: int = 1000, latency_ms: float = 0.0, event_verify: Any = True,
-                 user: str = "SYNCLINE_COMM", password: str = "Init-Passw0rd!", client_id: str = "SYNCLINE_OAUTH",
-                 client_secret: str = "oauth-s3cret") -> None:
+    def __init__(self, *, page_size: int = 1000, latency_ms: float = 0.0, operation_latency_ms: float = 0.0,
+                 event_verify: Any = True, user: str = "SYNCLINE_COMM", password: str = "Init-Passw0rd!",
+                 client_id: str = "SYNCLINE_OAUTH", client_secret: str = "oauth-s3cret") -> None:
         self.page_size = page_size
         self.latency_ms = latency_ms
+        """Per HTTP request (network and Gateway overhead): a $batch pays it once."""
+        self.operation_latency_ms = operation_latency_ms
+        """Per operation processed (backend work): a $batch pays it once per part."""
         self.user, self.password = user, password
         self.client_id, self.client_secret = client_id, client_secret
         self.customizing = Customizing()
@@ -567,6 +637,11 @@ class SapSimulator:
         """"api" (OData requests), methods, "csrf_fetch", "csrf_rejected", "token", and every status code."""
         self.requests: list[tuple[str, str]] = []
         """(method, path + query) of every OData request, for tests."""
+        self.batch_requests: list[tuple[str, str]] = []
+        """(method, path + query) of every operation inside a $batch, for tests."""
+        self.stock: dict[tuple[str, str], Decimal] = {}
+        """(material, plant) -> unrestricted stock in the base unit (what DetermineAvailabilityAt answers)."""
+        self._event_buffer: list[dict[str, Any]] | None = None
         self.events: list[dict[str, Any]] = []
         """Every CloudEvent raised (delivered or not)."""
         self.event_endpoints: list[str] = []
@@ -576,7 +651,8 @@ class SapSimulator:
         self._rows: dict[str, dict[tuple[str, ...], dict[str, Any]]] = {name: {} for name in ENTITIES}
         self._sessions: dict[str, _Session] = {}
         self._tokens: dict[str, str] = {}
-        self._numbers = {"SalesOrder": 4000100, "BusinessPartner": 1000100, "AddressID": 28100}
+        self._numbers = {"SalesOrder": 4000100, "BusinessPartner": 1000100, "AddressID": 28100,
+                         "ConditionRecord": 2000}
         self._last_stamp = datetime(2000, 1, 1, tzinfo=UTC)
         self._deliveries = Deliverer("sap-sim-events", verify=event_verify)
         methods = ["GET", "HEAD", "POST", "PUT", "PATCH", "MERGE", "DELETE"]
@@ -607,10 +683,94 @@ class SapSimulator:
         self.customizing.sales_areas.add((sales_org, channel, division))
 
     def add_material(self, number: str, text: str, base_unit: str, *, units: Iterable[str] = (),
-                     plants: Iterable[str], price: str | Decimal, group: str = "P001") -> None:
+                     plants: Iterable[str], price: str | Decimal, group: str = "P001",
+                     stock: Mapping[str, str | int | Decimal] | None = None) -> None:
+        """Customizing of a material plus what the product, pricing and availability APIs serve for it.
+
+        Creates the A_Product with its English (and German) description and one A_ProductPlant per plant, a
+        PR00 condition record with the list price for every sales organisation / distribution channel known
+        so far (1710/10 when none is), and the unrestricted stock per plant (`stock`, default 0).
+        """
+        plants = list(plants)
         self.customizing.plants.update(plants)
-        self.customizing.materials[number] = Material(number, text, base_unit, frozenset({base_unit, *units}),
-                                                      frozenset(plants), Decimal(price), group)
+        material = Material(number, text, base_unit, frozenset({base_unit, *units}), frozenset(plants),
+                            Decimal(price), group)
+        with self._lock:
+            self.customizing.materials[number] = material
+            today = datetime.combine(datetime.now(UTC).date(), time(), UTC)
+            self._rows["A_Product"][(number,)] = {
+                **_blank(_PRODUCT_FIELDS), "Product": number, "ProductType": "FERT", "CrossPlantStatus": "",
+                "CreationDate": today, "CreatedByUser": "CB9980000010", "LastChangeDate": today,
+                "LastChangedByUser": "CB9980000010", "LastChangeDateTime": self._now(), "IsMarkedForDeletion": False,
+                "GrossWeight": "0.000", "NetWeight": "0.000", "WeightUnit": "KG", "ProductGroup": group,
+                "BaseUnit": base_unit, "Division": DIVISION, "ItemCategoryGroup": "NORM"}
+            self._rows["A_ProductDescription"][(number, "EN")] = {"Product": number, "Language": "EN",
+                                                                  "ProductDescription": text}
+            self._rows["A_ProductDescription"][(number, "DE")] = {"Product": number, "Language": "DE",
+                                                                  "ProductDescription": f"{text} (DE)"}
+            for plant in plants:
+                self._rows["A_ProductPlant"][(number, plant)] = {
+                    "Product": number, "Plant": plant, "AvailabilityCheckType": "02", "MRPType": "PD",
+                    "ProcurementType": "E", "ProfitCenter": f"YB{plant[:2]}0", "IsMarkedForDeletion": False}
+                self.stock[(number, plant)] = Decimal(str((stock or {}).get(plant, 0)))
+            areas = sorted({a[:2] for a in self.customizing.sales_areas}) or [(SALES_ORG, DISTRIBUTION_CHANNEL)]
+            for org, channel in areas:
+                self._set_condition(number, org, channel, material.price)
+
+    def set_stock(self, material: str, plant: str, qty: str | int | float | Decimal) -> None:
+        """Unrestricted stock of `material` in `plant` (base unit): DetermineAvailabilityAt answers it from now."""
+        with self._lock:
+            if material not in self.customizing.materials:
+                raise KeyError(f"unknown material {material!r}")
+            if plant not in self.customizing.materials[material].plants:
+                raise KeyError(f"material {material} is not maintained in plant {plant}")
+            self.stock[(material, plant)] = Decimal(str(qty))
+
+    def set_price(self, material: str, price: str | int | float | Decimal, *, sales_org: str | None = None,
+                  channel: str | None = None) -> None:
+        """Change the PR00 list price of `material` (all its condition records, or the one of org/channel).
+
+        Without org/channel the material's order pricing (item NetAmount) follows too, as it would in SAP.
+        """
+        with self._lock:
+            if material not in self.customizing.materials:
+                raise KeyError(f"unknown material {material!r}")
+            value = Decimal(str(price))
+            if sales_org is None and channel is None:
+                self.customizing.materials[material].price = value
+                areas = {(v["SalesOrganization"], v["DistributionChannel"])
+                         for v in self._rows["A_SlsPrcgCndnRecdValidity"].values()
+                         if v["Material"] == material and v["ConditionType"] == "PR00"} or \
+                    {(SALES_ORG, DISTRIBUTION_CHANNEL)}
+            else:
+                areas = {(sales_org or SALES_ORG, channel or DISTRIBUTION_CHANNEL)}
+            for org, chan in sorted(areas):
+                self._set_condition(material, org, chan, value)
+
+    def _set_condition(self, material: str, org: str, channel: str, price: Decimal) -> None:
+        """The PR00 record of material/org/channel valid today: changed in place, or created."""
+        for validity in self._rows["A_SlsPrcgCndnRecdValidity"].values():
+            if (validity["Material"], validity["SalesOrganization"], validity["DistributionChannel"],
+                    validity["ConditionType"]) == (material, org, channel, "PR00"):
+                record = self._rows["A_SlsPrcgConditionRecord"][(validity["ConditionRecord"],)]
+                record["ConditionRateValue"] = _decimal_text("ConditionRateValue", price)
+                return
+        number = f"{int(self._next_number('ConditionRecord')):010d}"
+        start, end = datetime(2020, 1, 1, tzinfo=UTC), datetime(9999, 12, 31, tzinfo=UTC)
+        unit = self.customizing.materials[material].base_unit
+        self._rows["A_SlsPrcgConditionRecord"][(number,)] = {
+            **_blank(_CONDITION_FIELDS), "ConditionRecord": number, "ConditionSequentialNumber": "01",
+            "ConditionTable": "304", "ConditionApplication": "V", "ConditionType": "PR00",
+            "ConditionValidityStartDate": start, "ConditionValidityEndDate": end, "CreatedByUser": "CB9980000010",
+            "CreationDate": datetime(2020, 1, 1, tzinfo=UTC), "ConditionCalculationType": "C",
+            "ConditionRateValue": _decimal_text("ConditionRateValue", price), "ConditionRateValueUnit": "USD",
+            "ConditionQuantity": "1", "ConditionQuantityUnit": unit, "BaseUnit": unit, "ConditionIsDeleted": False,
+            "ConditionCurrency": "USD"}
+        self._rows["A_SlsPrcgCndnRecdValidity"][(number, str(end))] = {
+            **_blank(_VALIDITY_FIELDS), "ConditionRecord": number, "ConditionValidityEndDate": end,
+            "ConditionValidityStartDate": start, "ConditionApplication": "V", "ConditionType": "PR00",
+            "ConditionReleaseStatus": "", "SalesOrganization": org, "DistributionChannel": channel, "Division": "",
+            "Customer": "", "Material": material, "MaterialGroup": "", "Plant": ""}
 
     def register_event_endpoint(self, url: str) -> None:
         """CloudEvents of every create/change are POSTed to `url` (like an Event Mesh webhook subscription)."""
@@ -743,6 +903,13 @@ class SapSimulator:
         event = {"type": event_type, "specversion": "1.0", "source": EVENT_SOURCE, "id": str(uuid.uuid4()),
                  "time": now.strftime("%Y-%m-%dT%H:%M:%SZ"), "datacontenttype": "application/json",
                  "data": {**data, "EventRaisedDateTime": now.strftime("%Y-%m-%dT%H:%M:%S.%fZ")}}
+        if self._event_buffer is not None:
+            # Inside a $batch changeset: raised only when the changeset commits.
+            self._event_buffer.append(event)
+            return
+        self._raise_event(event)
+
+    def _raise_event(self, event: dict[str, Any]) -> None:
         self.events.append(event)
         body = json.dumps(event).encode()
         for url in list(self.event_endpoints):
@@ -861,8 +1028,22 @@ class SapSimulator:
                                                                 "Accept: application/json or $format=json")
             base = f"{request.url.scheme}://{request.url.netloc}"
             rest = request.path_params.get("rest", "")
+            if rest == "$batch":
+                if method != "POST":
+                    raise GatewayError(405, "/IWBEP/CM_MGW_RT/004", "$batch is called with POST")
+                with self._lock:
+                    content, content_type, operations = self._batch(service, request.headers, body, base)
+                if self.operation_latency_ms:
+                    await asyncio.sleep(self.operation_latency_ms * operations / 1000)
+                self.request_counts["202"] += 1
+                response = Response(content, status_code=202, media_type=content_type)
+                for name, value in cookies.items():
+                    response.set_cookie(name, value, path="/", secure=request.url.scheme == "https", httponly=True)
+                return response
             with self._lock:
                 status, headers, payload = self._dispatch(service, method, rest, query, request.headers, body, base)
+            if self.operation_latency_ms:
+                await asyncio.sleep(self.operation_latency_ms / 1000)
             out_headers.update(headers)
         except GatewayError as exc:
             self.request_counts[str(exc.status)] += 1
@@ -904,10 +1085,17 @@ class SapSimulator:
             if method not in ("GET", "HEAD"):
                 raise GatewayError(405, "/IWBEP/CM_MGW_RT/004", "Method not allowed on the service document")
             return 200, {}, {"d": {"EntitySets": SERVICE_SETS[service]}}
+        if rest.strip("/") in FUNCTION_IMPORTS.get(service, ()):
+            if method != "GET":
+                raise GatewayError(405, "/IWBEP/CM_MGW_RT/004", f"Function import {rest} is called with GET")
+            return self._availability(query)
         entity, raw_key, nav = _parse_resource(rest)
         if entity not in ENTITIES or ENTITIES[entity].service != service:
             raise GatewayError(404, "/IWBEP/CM_MGW_RT/021", f"Resource not found for segment '{entity}'")
         definition = ENTITIES[entity]
+        if entity in READ_ONLY and method not in ("GET", "HEAD"):
+            raise GatewayError(405, "/IWBEP/CM_MGW_RT/004", f"Method '{entity.upper()}_{method}' not implemented in "
+                                                            "data provider class (read-only in this simulator)")
         ktuple: tuple[str, ...] | None = None
         if raw_key is not None:
             named = {k: v for k, v in raw_key.items() if k is not None}
@@ -967,6 +1155,158 @@ class SapSimulator:
         if method != "GET":
             raise GatewayError(405, "/IWBEP/CM_MGW_RT/004", f"Method {method} not allowed on an entity set")
         return self._collection(entity, list(self._rows[entity].values()), query, base, rest)
+
+    # ------------------------------------------------------------------------------------ $batch
+
+    def _batch(self, service: str, headers: Mapping[str, str], body: bytes, base: str) -> tuple[bytes, str, int]:
+        """Run an OData v2 $batch: (multipart/mixed response body, its content type, operations processed).
+
+        Retrieve parts (GET) stand alone; every changeset is one unit of work: its requests run in order,
+        `$<Content-ID>` at the start of a URL names an entity created earlier in the same changeset, and the
+        first failing request rolls the whole changeset back and is its only answer. Numbers drawn by the
+        rolled-back requests stay used, as SAP's buffered number ranges do.
+        """
+        content_type = headers.get("content-type", "")
+        boundary = _boundary(content_type)
+        if not content_type.lower().startswith("multipart/mixed") or not boundary:
+            raise _bad("/IWBEP/CM_MGW_RT/015", "A $batch request needs Content-Type multipart/mixed with a boundary")
+        self.request_counts["batch"] += 1
+        out: list[bytes] = []
+        operations = 0
+        for part in _multipart(body, boundary):
+            part_headers, part_body = _head(part)
+            part_type = part_headers.get("content-type", "").lower()
+            if part_type.startswith("multipart/mixed"):
+                self.request_counts["batch_changesets"] += 1
+                inner = _boundary(part_headers["content-type"])
+                requests = [_http_request(p) for p in _multipart(part_body, inner)] if inner else []
+                operations += len(requests)
+                out.append(self._changeset(service, requests, base))
+                continue
+            operations += 1
+            if not part_type.startswith("application/http"):
+                out.append(_http_part(_error_answer(service, _bad(
+                    "/IWBEP/CM_MGW_RT/015", f"Unexpected batch part of type {part_type or 'none'}"))))
+                continue
+            request = _http_request(part)
+            if request.method != "GET":
+                out.append(_http_part(_error_answer(service, _bad(
+                    "/IWBEP/CM_MGW_RT/016", f"{request.method} is only allowed inside a changeset"))))
+                continue
+            out.append(_http_part(self._batch_operation(service, request, base, {})))
+        answer_boundary = f"batch_{uuid.uuid4()}"
+        content = b"".join(b"--" + answer_boundary.encode() + b"\r\n" + p + b"\r\n" for p in out)
+        content += b"--" + answer_boundary.encode() + b"--\r\n"
+        return content, f"multipart/mixed; boundary={answer_boundary}", operations
+
+    def _changeset(self, service: str, requests: list[_BatchRequest], base: str) -> bytes:
+        if not requests:
+            return _http_part(_error_answer(service, _bad("/IWBEP/CM_MGW_RT/015", "Empty changeset")))
+        # Single-request changesets behave as the request alone would; longer ones need a snapshot to undo.
+        saved = self._snapshot(service) if len(requests) > 1 else None
+        self._event_buffer = []
+        created: dict[str, str] = {}
+        answers: list[tuple[str | None, _Answer]] = []
+        try:
+            for request in requests:
+                if request.method == "GET":
+                    answer = _error_answer(service, _bad("/IWBEP/CM_MGW_RT/016",
+                                                         "GET is not allowed inside a changeset"))
+                else:
+                    answer = self._batch_operation(service, request, base, created)
+                if answer.status >= 400:
+                    if saved is not None:
+                        self._restore(saved)
+                    self.request_counts["batch_changesets_failed"] += 1
+                    return _http_part(answer)
+                location = answer.headers.get("location")
+                if request.content_id and location:
+                    created[request.content_id] = location.split(f"{SERVICE_PREFIX}{service}/", 1)[-1]
+                answers.append((request.content_id, answer))
+            events = self._event_buffer
+        finally:
+            self._event_buffer = None
+        for event in events:
+            self._raise_event(event)
+        inner = f"changeset_{uuid.uuid4()}"
+        content = b"".join(b"--" + inner.encode() + b"\r\n" + _http_part(a, cid) + b"\r\n" for cid, a in answers)
+        content += b"--" + inner.encode() + b"--"
+        return f"Content-Type: multipart/mixed; boundary={inner}\r\n\r\n".encode() + content
+
+    def _batch_operation(self, service: str, request: _BatchRequest, base: str, created: Mapping[str, str]) -> _Answer:
+        target = request.url
+        if target.startswith("$"):
+            ref, _, tail = target[1:].partition("/")
+            if ref not in created:
+                return _error_answer(service, _bad("/IWBEP/CM_MGW_RT/017", f"Content-ID ${ref} is not defined in "
+                                                                          "this changeset"))
+            target = created[ref] + ("/" + tail if tail else "")
+        path, _, query_text = target.partition("?")
+        if path.startswith(("http://", "https://")):
+            path = "/" + path.split("/", 3)[-1]
+        prefix = f"{SERVICE_PREFIX}{service}/"
+        if path.startswith("/"):
+            if not path.startswith(prefix):
+                return _error_answer(service, GatewayError(
+                    400, "/IWBEP/CM_MGW_RT/018", f"Batch operation {path} is not in service {service}"))
+            path = path[len(prefix):]
+        self.request_counts["batch_parts"] += 1
+        self.batch_requests.append((request.method, prefix + path + (f"?{query_text}" if query_text else "")))
+        try:
+            status, headers, payload = self._dispatch(service, request.method, path,
+                                                      dict(parse_qsl(query_text, keep_blank_values=True)),
+                                                      request.headers, request.body, base)
+        except GatewayError as exc:
+            self.request_counts[str(exc.status)] += 1
+            return _error_answer(service, exc)
+        self.request_counts[str(status)] += 1
+        return _Answer(status, headers, _json_text(payload) if payload is not None else b"")
+
+    def _snapshot(self, service: str) -> dict[str, dict[tuple[str, ...], dict[str, Any]]]:
+        return {name: {k: dict(r) for k, r in self._rows[name].items()}
+                for name, definition in ENTITIES.items() if definition.service == service}
+
+    def _restore(self, saved: Mapping[str, dict[tuple[str, ...], dict[str, Any]]]) -> None:
+        for name, rows in saved.items():
+            self._rows[name] = rows
+
+    # ------------------------------------------------------------------------------------ availability
+
+    def _availability(self, query: Mapping[str, str]) -> tuple[int, dict[str, str], Any]:
+        """DetermineAvailabilityAt: the unrestricted stock of a material in a plant (no demand is netted)."""
+        params: dict[str, Any] = {}
+        for name in ("SupplyingPlant", "Material", "ATPCheckingRule", "RequestedUTCDateTime"):
+            raw = query.get(name)
+            if raw is None:
+                if name == "ATPCheckingRule":
+                    continue
+                raise _bad("/IWBEP/CM_MGW_RT/009", f"Function import parameter '{name}' is missing", name)
+            toks = tokenize(raw)
+            if len(toks) != 1 or toks[0].kind != "lit":
+                raise _bad("/IWBEP/CM_MGW_RT/010", f"Invalid value {raw!r} for function import parameter '{name}'",
+                           name)
+            params[name] = toks[0].value
+        material_no, plant = str(params["Material"]), str(params["SupplyingPlant"])
+        requested = params["RequestedUTCDateTime"]
+        if not isinstance(requested, datetime):
+            raise _bad("/IWBEP/CM_MGW_RT/010", "RequestedUTCDateTime must be a datetimeoffset'...' literal",
+                       "RequestedUTCDateTime")
+        material = self.customizing.materials.get(material_no)
+        if material is None:
+            raise _bad("M3/305", f"Material {material_no} does not exist", "Material")
+        if plant not in self.customizing.plants:
+            raise _bad("M3/300", f"Plant {plant} does not exist", "SupplyingPlant")
+        if plant not in material.plants:
+            raise _bad("M3/351", f"Material {material_no} is not maintained in plant {plant}", "SupplyingPlant")
+        quantity = self.stock.get((material_no, plant), Decimal(0))
+        record = {"__metadata": {"type": f"{AVAILABILITY_SERVICE}.AvailabilityRecord"},
+                  "PeriodStartUTCDateTime": to_wire("PeriodStartUTCDateTime", requested),
+                  "PeriodStartTimeZone": "UTC",
+                  "PeriodEndUTCDateTime": to_wire("PeriodEndUTCDateTime", datetime(9999, 12, 31, tzinfo=UTC)),
+                  "PeriodEndTimeZone": "UTC",
+                  "AvailableQuantityInBaseUnit": _decimal_text("AvailableQuantityInBaseUnit", quantity),
+                  "BaseUnit": material.base_unit}
+        return 200, {}, {"d": {AVAILABILITY_FUNCTION: record}}
 
     # ------------------------------------------------------------------------------------ reads
 
@@ -1040,9 +1380,9 @@ class SapSimulator:
         definition = ENTITIES[entity]
         keys = definition.keys
         if len(keys) == 1:
-            predicate = _literal(str(row[keys[0]]))
+            predicate = _key_literal(row[keys[0]])
         else:
-            predicate = ",".join(f"{k}={_literal(str(row[k]))}" for k in keys)
+            predicate = ",".join(f"{k}={_key_literal(row[k])}" for k in keys)
         return f"{base}{SERVICE_PREFIX}{definition.service}/{entity}({quote(predicate, safe=chr(39) + ',=')})"
 
     def _location(self, entity: str, row: Mapping[str, Any], base: str) -> dict[str, str]:
@@ -1311,7 +1651,7 @@ class SapSimulator:
         for raw in addresses:
             address = self._fields("A_BusinessPartnerAddress", {k: v for k, v in raw.items() if k != "__metadata"})
             self._validate_address(address)
-            parsed_addresses.append(address)
+            parsed_addresses.append((address, self._communication(raw, address)))
         role_names = []
         for raw in roles:
             role = self._fields("A_BusinessPartnerRole", {k: v for k, v in raw.items() if k != "__metadata"})
@@ -1336,8 +1676,8 @@ class SapSimulator:
         bp["BusinessPartner"] = number
         bp["BusinessPartnerUUID"] = str(uuid.uuid4())
         self._rows["A_BusinessPartner"][(number,)] = bp
-        for address in parsed_addresses:
-            self._add_address(number, address)
+        for address, communication in parsed_addresses:
+            self._add_communication(self._add_address(number, address), communication)
         for role_name in role_names:
             self._add_role(number, role_name)
         if customer is not None:
@@ -1355,6 +1695,64 @@ class SapSimulator:
         row["ValidityEndDate"] = row.get("ValidityEndDate") or datetime(9999, 12, 31, tzinfo=UTC)
         self._rows["A_BusinessPartnerAddress"][(partner, row["AddressID"])] = row
         return row
+
+    def _communication(self, raw: Mapping[str, Any], address: Mapping[str, Any]) -> dict[str, list[dict[str, Any]]]:
+        """Phone numbers and e-mail addresses deep-inserted with an address, parsed and validated."""
+        out: dict[str, list[dict[str, Any]]] = {}
+        for nav, entity in COMMUNICATION.items():
+            entries = []
+            for item in self._nav_list(raw.get(nav), nav):
+                values = self._fields(entity, {k: v for k, v in item.items()
+                                               if k not in ("__metadata", "AddressID", "OrdinalNumber")})
+                self._validate_communication(entity, values, address)
+                entries.append(values)
+            out[nav] = entries
+        return out
+
+    def _validate_communication(self, entity: str, values: dict[str, Any], address: Mapping[str, Any]) -> None:
+        if entity == "A_AddressPhoneNumber":
+            number = str(values.get("PhoneNumber") or "")
+            if not number.strip():
+                raise _bad("AM/171", "Enter a telephone number", "PhoneNumber")
+            if not re.fullmatch(r"[+0-9 ()/\-]{3,30}", number):
+                raise _bad("AM/172", f"Telephone number {number} contains invalid characters", "PhoneNumber")
+            country = values.get("DestinationLocationCountry") or address.get("Country")
+            if country and country not in self.customizing.countries:
+                raise _bad("AM/216", f"Country {country} is not defined", "DestinationLocationCountry")
+            values["DestinationLocationCountry"] = country
+        else:
+            email = str(values.get("EmailAddress") or "")
+            if not re.fullmatch(r"[^@\s]+@[^@\s]+\.[^@\s]+", email):
+                raise _bad("AM/176", f"E-mail address {email!r} is not valid", "EmailAddress")
+
+    def _add_communication(self, address: Mapping[str, Any], entries: Mapping[str, list[dict[str, Any]]]) -> None:
+        for nav, items in entries.items():
+            for values in items:
+                self._add_comm_row(COMMUNICATION[nav], address, values)
+
+    def _add_comm_row(self, entity: str, address: Mapping[str, Any], values: Mapping[str, Any]) -> dict[str, Any]:
+        existing = [r for r in self._rows[entity].values() if r["AddressID"] == address["AddressID"]]
+        row = _blank(ENTITIES[entity].fields)
+        row.update(values, AddressID=address["AddressID"], Person=str(values.get("Person") or ""),
+                   OrdinalNumber=str(max((int(r["OrdinalNumber"]) for r in existing), default=0) + 1))
+        if entity == "A_AddressPhoneNumber":
+            row["IsDefaultPhoneNumber"] = not existing or bool(values.get("IsDefaultPhoneNumber"))
+            row["PhoneNumberType"] = row.get("PhoneNumberType") or "1"
+            self._international(row)
+        else:
+            row["IsDefaultEmailAddress"] = not existing or bool(values.get("IsDefaultEmailAddress"))
+            row["SearchEmailAddress"] = str(row.get("EmailAddress") or "").upper()[:20]
+        self._rows[entity][(row["AddressID"], row["Person"], row["OrdinalNumber"])] = row
+        return row
+
+    @staticmethod
+    def _international(row: dict[str, Any]) -> None:
+        number = str(row.get("PhoneNumber") or "")
+        digits = re.sub(r"[^0-9]", "", number)
+        prefix = DIALING_CODES.get(str(row.get("DestinationLocationCountry") or ""), "")
+        national = digits[len(prefix) - 1:] if number.startswith("+") and prefix else digits.lstrip("0")
+        row["InternationalPhoneNumber"] = (prefix + national + (row.get("PhoneNumberExtension") or "")) \
+            if prefix else number
 
     def _add_role(self, partner: str, role: str) -> dict[str, Any]:
         row = {"BusinessPartner": partner, "BusinessPartnerRole": role,
@@ -1399,6 +1797,10 @@ class SapSimulator:
             return "A_SalesOrder", self._rows["A_SalesOrder"][(str(row["SalesOrder"]),)]
         if entity == "A_Customer" or entity == "A_CustomerSalesArea":
             return "A_BusinessPartner", self._rows["A_BusinessPartner"][(str(row["Customer"]),)]
+        if entity in ("A_AddressPhoneNumber", "A_AddressEmailAddress"):
+            address = next(a for a in self._rows["A_BusinessPartnerAddress"].values()
+                           if a["AddressID"] == row["AddressID"])
+            return "A_BusinessPartner", self._rows["A_BusinessPartner"][(str(address["BusinessPartner"]),)]
         return "A_BusinessPartner", self._rows["A_BusinessPartner"][(str(row["BusinessPartner"]),)]
 
     def _create_child(self, entity: str, parent: dict[str, Any], nav: str, values: dict[str, Any]) -> dict[str, Any]:
@@ -1425,7 +1827,13 @@ class SapSimulator:
             return item
         if target == "A_BusinessPartnerAddress":
             self._validate_address(fields)
+            communication = self._communication(values, fields)
             row = self._add_address(parent["BusinessPartner"], fields)
+            self._add_communication(row, communication)
+        elif target in ("A_AddressPhoneNumber", "A_AddressEmailAddress"):
+            fields.pop("OrdinalNumber", None)
+            self._validate_communication(target, fields, parent)
+            row = self._add_comm_row(target, parent, fields)
         elif target == "A_BusinessPartnerRole":
             if fields.get("BusinessPartnerRole") not in self.customizing.roles:
                 raise _bad("R11/657", f"Business partner role {fields.get('BusinessPartnerRole')} is not defined")
@@ -1471,6 +1879,14 @@ class SapSimulator:
             merged = {**row, **self._fields(entity, values)}
             self._validate_sales_area(merged)
             row.update(merged)
+        elif entity in ("A_AddressPhoneNumber", "A_AddressEmailAddress"):
+            address = next(a for a in self._rows["A_BusinessPartnerAddress"].values()
+                           if a["AddressID"] == row["AddressID"])
+            merged = {**row, **self._fields(entity, values)}
+            self._validate_communication(entity, merged, address)
+            row.update(merged)
+            if entity == "A_AddressPhoneNumber":
+                self._international(row)
         else:
             row.update(self._fields(entity, values))
         owner_entity, owner = self._owner(entity, row)
@@ -1498,10 +1914,105 @@ class SapSimulator:
 # ============================================================================================ helpers
 
 
-def _json_response(payload: Any, status: int, headers: Mapping[str, str]) -> Response:
+def _json_text(payload: Any) -> bytes:
     # Gateway writes dates as "\/Date(...)\/" (JSON's optional solidus escape); clients must decode JSON properly.
     text = json.dumps(payload, separators=(",", ":")).replace('"/Date(', '"\\/Date(').replace(')/"', ')\\/"')
-    return Response(text, status_code=status, headers=dict(headers), media_type="application/json")
+    return text.encode()
+
+
+def _json_response(payload: Any, status: int, headers: Mapping[str, str]) -> Response:
+    return Response(_json_text(payload), status_code=status, headers=dict(headers), media_type="application/json")
+
+
+# ============================================================================================ multipart
+
+
+@dataclass
+class _BatchRequest:
+    method: str
+    url: str
+    headers: dict[str, str]
+    body: bytes
+    content_id: str | None = None
+
+
+@dataclass
+class _Answer:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+_REASONS = {200: "OK", 201: "Created", 202: "Accepted", 204: "No Content", 400: "Bad Request",
+            401: "Unauthorized", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
+            412: "Precondition Failed", 428: "Precondition Required", 500: "Internal Server Error"}
+
+
+def _boundary(content_type: str) -> str | None:
+    m = re.search(r'boundary="?([^";]+)"?', content_type, re.IGNORECASE)
+    return m.group(1).strip() if m else None
+
+
+def _multipart(body: bytes, boundary: str) -> list[bytes]:
+    """The parts of a multipart body (preamble and epilogue dropped, CRLF or LF line ends)."""
+    parts: list[bytes] = []
+    for chunk in body.split(b"--" + boundary.encode())[1:]:
+        if chunk.startswith(b"--"):
+            break
+        if chunk.startswith(b"\r\n"):
+            chunk = chunk[2:]
+        elif chunk.startswith(b"\n"):
+            chunk = chunk[1:]
+        if chunk.endswith(b"\r\n"):
+            chunk = chunk[:-2]
+        elif chunk.endswith(b"\n"):
+            chunk = chunk[:-1]
+        parts.append(chunk)
+    return parts
+
+
+def _head(blob: bytes) -> tuple[dict[str, str], bytes]:
+    """Header lines (lower-cased names) up to the first empty line, and the rest."""
+    cuts = [(at, len(sep)) for sep in (b"\r\n\r\n", b"\n\n") if (at := blob.find(sep)) >= 0]
+    if cuts:
+        at, width = min(cuts)
+        head, rest = blob[:at], blob[at + width:]
+    else:
+        head, rest = blob, b""
+    headers: dict[str, str] = {}
+    for line in head.decode("utf-8", "replace").splitlines():
+        name, sep, value = line.partition(":")
+        if sep:
+            headers[name.strip().lower()] = value.strip()
+    return headers, rest
+
+
+def _http_request(part: bytes) -> _BatchRequest:
+    """An application/http batch part: its MIME headers, then the request line, headers and body."""
+    mime, rest = _head(part)
+    line, _, tail = rest.partition(b"\n")
+    method, _, target = line.decode("utf-8", "replace").strip().partition(" ")
+    url = target.rsplit(" HTTP/", 1)[0].strip()
+    if not tail.strip():
+        return _BatchRequest(method.upper(), url, {}, b"", mime.get("content-id"))
+    headers, body = _head(tail)
+    return _BatchRequest(method.upper(), url, headers, body, mime.get("content-id"))
+
+
+def _error_answer(service: str, exc: GatewayError) -> _Answer:
+    return _Answer(exc.status, {k.lower(): v for k, v in exc.headers.items()}, _json_text(exc.body(service)))
+
+
+def _http_part(answer: _Answer, content_id: str | None = None) -> bytes:
+    lines = ["Content-Type: application/http", "Content-Transfer-Encoding: binary"]
+    if content_id:
+        lines.append(f"Content-ID: {content_id}")
+    response = [f"HTTP/1.1 {answer.status} {_REASONS.get(answer.status, 'Status')}"]
+    if answer.body:
+        response.append("Content-Type: application/json")
+    response += [f"{k}: {v}" for k, v in answer.headers.items() if k.lower() != "content-type"]
+    response.append(f"Content-Length: {len(answer.body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n" + "\r\n".join(response) + "\r\n\r\n").encode() + answer.body
 
 
 def _blank(fields: Iterable[str]) -> dict[str, Any]:
@@ -1510,6 +2021,12 @@ def _blank(fields: Iterable[str]) -> dict[str, Any]:
 
 def _literal(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
+
+
+def _key_literal(value: Any) -> str:
+    if isinstance(value, datetime):
+        return f"datetime'{value.strftime('%Y-%m-%dT%H:%M:%S')}'"
+    return _literal(str(value))
 
 
 def _select(query: Mapping[str, str]) -> list[str] | None:
@@ -1604,14 +2121,20 @@ def seed_sap(sim: SapSimulator, *, partners: int = 12, orders: int = 8) -> None:
     """Deterministic data of a pump and valve manufacturer (sales org 1710), with a few deliberately bad records.
 
     Customizing: sales areas 1710/10/00 and 1710/20/00, plants 1710 and 1720, the materials in `_MATERIALS`
-    (units PC, EA, KG ...). Partners 17100001.. are organizations with one address, roles FLCU00/FLCU01 and
-    customer sales-area data in 1710/10/00; orders 4000001.. have 1-3 items and spread over the delivery and
-    billing statuses. Bad records: `BAD_PARTNER_NO_NAME`, `BAD_PARTNER_CURRENCY`, `BAD_ORDER`.
+    (units PC, EA, KG ...) with their products, PR00 prices (list price in channel 10, 8% less in 20) and
+    stock in every plant they are maintained in. Partners 17100001.. are organizations with one address (a
+    phone number and an e-mail address on it in the US), roles FLCU00/FLCU01 and customer sales-area data in
+    1710/10/00; orders 4000001.. have 1-3 items and spread over the delivery and billing statuses. Bad
+    records: `BAD_PARTNER_NO_NAME`, `BAD_PARTNER_CURRENCY`, `BAD_ORDER`.
     """
     sim.add_sales_area(SALES_ORG, DISTRIBUTION_CHANNEL, DIVISION)
     sim.add_sales_area(SALES_ORG, "20", DIVISION)
-    for number, text, unit, units, plants, price in _MATERIALS:
-        sim.add_material(number, text, unit, units=units, plants=plants, price=price)
+    for index, (number, text, unit, units, plants, price) in enumerate(_MATERIALS):
+        sim.add_material(number, text, unit, units=units, plants=plants, price=price,
+                         stock={plant: (40 + 15 * index) if plant == "1710" else (12 + 4 * index) for plant in plants})
+        # Dealers (channel 20) buy at a discount: a second PR00 record per material.
+        sim.set_price(number, (Decimal(price) * Decimal("0.92")).quantize(Decimal("0.01")), sales_org=SALES_ORG,
+                      channel="20")
     midnight = datetime(2025, 11, 3, tzinfo=UTC)
     numbers: list[str] = []
     rows = [(f"171000{i:02d}", *_CUSTOMERS[(i - 1) % len(_CUSTOMERS)]) for i in range(1, partners + 1)]
@@ -1633,6 +2156,18 @@ def seed_sap(sim: SapSimulator, *, partners: int = 12, orders: int = 8) -> None:
             "Language": "EN", "AddressTimeZone": "EST" if country == "US" else "CET",
             "ValidityStartDate": datetime(2000, 1, 1, tzinfo=UTC), "ValidityEndDate": datetime(9999, 12, 31,
                                                                                                tzinfo=UTC)})
+        if country == "US":
+            address_id = str(27000 + int(number[-2:]))
+            area_code = 200 + int(number[-2:]) * 7
+            phone = {"AddressID": address_id, "Person": "", "OrdinalNumber": "1", "DestinationLocationCountry": "US",
+                     "IsDefaultPhoneNumber": True, "PhoneNumber": f"+1 {area_code} 555 01{number[-2:]}",
+                     "PhoneNumberExtension": "", "PhoneNumberType": "1"}
+            sim._international(phone)
+            sim.insert("A_AddressPhoneNumber", phone)
+            domain = "".join(ch for ch in (name or "example").lower() if ch.isalnum())[:20]
+            sim.insert("A_AddressEmailAddress", {
+                "AddressID": address_id, "Person": "", "OrdinalNumber": "1", "IsDefaultEmailAddress": True,
+                "EmailAddress": f"purchasing@{domain}.com", "SearchEmailAddress": f"PURCHASING@{domain.upper()}"[:20]})
         for role in ("FLCU00", "FLCU01"):
             sim.insert("A_BusinessPartnerRole", {"BusinessPartner": number, "BusinessPartnerRole": role,
                                                  "ValidFrom": datetime(2000, 1, 1, tzinfo=UTC),
