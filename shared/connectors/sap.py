@@ -1,17 +1,20 @@
-"""SAP S/4HANA OData v2 connector (API_BUSINESS_PARTNER, API_SALES_ORDER_SRV): RecordSink + ChangeSource on httpx.
+"""SAP S/4HANA OData v2 connector (business partners, sales orders, product read model): RecordSink + ChangeSource.
 
 Addressing
     Tables are entity sets; the service is chosen per set (`ENTITY_SETS`): `A_BusinessPartner` (with its
-    addresses, roles and customer / sales-area data) in API_BUSINESS_PARTNER, `A_SalesOrder` (with `to_Item`)
-    and `A_SalesOrderItem` in API_SALES_ORDER_SRV, under `{base_url}/sap/opu/odata/sap/<service>/`. Keys are
-    SAP's numbers as strings (`17100001`, `4000043`); composite keys join their parts with `|`
-    (`A_SalesOrderItem` `4000043|10`). `sap_client` adds `sap-client=<n>` to every request (on-premise).
+    addresses, their phone numbers and e-mail addresses, roles and customer / sales-area data) in
+    API_BUSINESS_PARTNER, `A_SalesOrder` (with `to_Item`) and `A_SalesOrderItem` in API_SALES_ORDER_SRV,
+    `A_Product` in API_PRODUCT_SRV, the PR00 condition records in API_SLSPRICINGCONDITIONRECORD_SRV, all under
+    `{base_url}/sap/opu/odata/sap/<service>/`; plus the composed `ProductAvailability` (below). Keys are SAP's
+    numbers as strings (`17100001`, `4000043`); composite keys join their parts with `|` (`A_SalesOrderItem`
+    `4000043|10`). `sap_client` adds `sap-client=<n>` to every request (on-premise).
 
 Auth and sessions
     `BasicAuth` (communication user) or `OAuthClientCredentials` (token URL, client id / secret; one refresh and
-    replay on 401). Before the first write a GET of the service root with `x-csrf-token: Fetch` returns the CSRF
-    token and session cookies; both go on every modifying request. A 403 answered `x-csrf-token: Required`
-    (expired session or token) fetches a new token once and replays; a second one is an AuthError.
+    replay on 401). Before the first write (or $batch) a GET of the service root with `x-csrf-token: Fetch`
+    returns the CSRF token and session cookies; both go on every modifying request and every $batch. A 403
+    answered `x-csrf-token: Required` (expired session or token) fetches a new token once and replays; a second
+    one is an AuthError.
 
 Reads
     `Accept: application/json`, collections `{"d": {"results", "__next"}}`: `$top`/`$skip` windows of
@@ -19,36 +22,73 @@ Reads
     followed. `$filter` literals are escaped (strings with `''` doubling, `datetime'...'`, `datetimeoffset'...'`
     for Edm.DateTimeOffset fields, `time'PT..'`, decimals `1.5M`); OData v2 has no `in`, so a list in `equals`
     becomes an `or` chain and `not_in` an `and` chain of `ne`.
-    Values come back as SAP sends them except: `\\/Date(ms)\\/` -> ISO-8601 (`2026-01-05` for a date at
-    midnight, `2026-01-05T14:30:05Z` otherwise), Edm.Time `PT14H30M05S` -> `14:30:05`, `__metadata` and
-    unexpanded navigation dropped; `version` is `__metadata.etag`.
+    Values are converted so that a value written and read back compares equal: `\\/Date(ms)\\/` -> ISO-8601
+    (`2026-01-05` for a date at midnight, `2026-01-05T14:30:05Z` otherwise), Edm.Time `PT14H30M05S` ->
+    `14:30:05`, Edm.Decimal text (`DECIMAL_FIELDS`) -> float (`"4.000"` -> 4.0); `__metadata` and unexpanded
+    navigation are dropped; `version` is `__metadata.etag`.
 
-Nested values (reads and writes use the same shape)
-    A_BusinessPartner: `to_BusinessPartnerAddress` = list of address dicts, `to_BusinessPartnerRole` = list of
-    role dicts (or role codes such as "FLCU01" on writes), `to_Customer` = a dict of A_Customer fields with
-    `to_CustomerSalesArea` = list of sales-area dicts. A_SalesOrder: `to_Item` = list of item dicts.
+Nested values and dotted paths (reads and writes use the same names)
+    Nested: A_BusinessPartner `to_BusinessPartnerAddress` = list of address dicts (each with `to_PhoneNumber`
+    / `to_EmailAddress` lists of A_AddressPhoneNumber / A_AddressEmailAddress dicts), `to_BusinessPartnerRole`
+    = list of role dicts (or role codes such as "FLCU01" on writes), `to_Customer` = a dict of A_Customer
+    fields with `to_CustomerSalesArea` = list of sales-area dicts. A_SalesOrder: `to_Item` = list of item dicts.
+    Dotted: a flat key `to_X.to_Y.Field` addresses Field of the FIRST entry of each collection on the way
+    (`to_Customer` is a single entity): `to_BusinessPartnerAddress.CityName`,
+    `to_BusinessPartnerAddress.to_PhoneNumber.PhoneNumber`, `to_Customer.OrderIsBlockedForCustomer`,
+    `to_Customer.to_CustomerSalesArea.CustomerPaymentTerms`. Reads of A_BusinessPartner (scan, fetch, select,
+    changes_since) expand every navigation and add the dotted names of the first entries next to the nested
+    values. Writes turn dotted keys into the nested form (`nest_dotted`): on create the entries are made in
+    the deep insert (an entry whose values are all empty is not created); on update the first existing entry
+    is PATCHed, or created when there is none. A sales area given with organisation, channel and division is
+    the one with that key; one without them (a dotted path) is the first.
 
 Writes
-    Every number is sent as a string (the written entities' numeric fields are Edm.Decimal, which OData v2
-    JSON carries as strings); dates as `\\/Date(ms)\\/`. SAP has no upsert, so an op is located first (by
-    key, else by one `$filter` on its `match` fields), then:
+    Every number is sent as a string (Edm.Decimal travels as text in OData v2 JSON); ISO dates of Edm.DateTime
+    fields (`DATE_FIELDS`, e.g. RequestedDeliveryDate "2026-12-15") as `\\/Date(ms)\\/`. SAP has no upsert, so an
+    op is located first (by key, else by its `match` fields) and planned from what SAP holds:
     - A_SalesOrder create: ONE deep-insert POST with `to_Item: {"results": [...]}` (item numbers 10, 20, ...
       unless given; each item carries its `LineWrite.match` field). Update: header PATCH with
-      `If-Match: <etag>` when a field differs (412: re-read, re-diff, retry once), then each line is found by
-      its match field and PATCHed when different, or POSTed to `A_SalesOrder('<n>')/to_Item`. The item match
-      field is whatever the flow's `link_field` names; `ITEM_MATCH_FIELD` (`PurchaseOrderByCustomer`, which
-      A_SalesOrderItem has as a writable CHAR 35) is the recommended one: `ExternalItemID` is read-only and
-      `UnderlyingPurchaseOrderItem` is only 6 characters, too short for source line ids.
-    - A_BusinessPartner create: one deep-insert POST with addresses, roles and customer data (role FLCU01 is
-      added when `to_Customer` is given without roles). Update: header PATCH with If-Match, addresses paired
-      by `AddressID` (else by position) PATCHed or POSTed, missing roles POSTed (FLCU01 creates the customer),
-      customer fields PATCHed, sales areas (by org / channel / division) PATCHed or POSTed.
-      `PARTNER_MATCH_FIELD` (`BusinessPartnerIDByExtSystem`, CHAR 20, "business partner number in external
-      system") is the recommended match field. Business partners cannot be deleted through the API.
+      `If-Match: <etag>` when a field differs, then each line found by its match field is PATCHed when
+      different, or POSTed to `A_SalesOrder('<n>')/to_Item`. The item match field is whatever the flow's
+      `link_field` names; `ITEM_MATCH_FIELD` (`PurchaseOrderByCustomer`, a writable CHAR 35 of
+      A_SalesOrderItem) is the recommended one: `ExternalItemID` is read-only and `UnderlyingPurchaseOrderItem`
+      is only 6 characters, too short for source line ids.
+    - A_BusinessPartner create: one deep-insert POST with addresses (and their phone numbers / e-mail
+      addresses), roles and customer data (role FLCU01 is added when `to_Customer` is given without roles).
+      Update: only the entities with a differing field are PATCHed (each with its ETag as If-Match): header,
+      addresses paired by `AddressID` (else by position), phone numbers / e-mail addresses by position,
+      customer, sales areas; missing entries are POSTed to their parent's navigation, missing roles too
+      (FLCU01 creates the customer, whose data follows after a re-read). `PARTNER_MATCH_FIELD`
+      (`BusinessPartnerIDByExtSystem`, CHAR 20) is the recommended match field. Partners cannot be deleted.
     - delete: A_SalesOrder DELETE with If-Match (404 = already gone).
-    The match values are written into the created record, so a replay finds it and creates nothing. A create
-    whose answer is lost (read timeout, dropped connection) is re-located by its match before it is reported
-    as AmbiguousWriteError.
+    A 412 (changed in SAP since it was read) re-reads, re-plans and retries once. The match values are written
+    into the created record, so a replay finds it and creates nothing. A create whose answer is lost (read
+    timeout, dropped connection) is re-located by its match before it is reported as AmbiguousWriteError.
+
+$batch (`batch_size`, default 100)
+    When one `write()` call has two or more ops for the same service and `batch_size` > 1: the targets are
+    looked up with one `$filter` per 40 ops (`PurchaseOrderByCustomer eq 'a' or ...`), sent as retrieve parts
+    of one `POST <service>/$batch` when there are several such queries; then every op's requests form ONE
+    changeset (an order create is its single deep insert; a partner update its PATCHes and POSTs, atomic in
+    SAP), `batch_size` changesets per $batch call, the calls `max_concurrency` at a time. A failed changeset
+    fails only its op, with the Gateway message of the failing request; a changeset answered 412 and a plan
+    that needs SAP's reaction first (a new customer role) run again on their own, request by request. A $batch
+    whose answer is lost re-locates its creates by match (found = created; the rest AmbiguousWriteError).
+    10,000 new orders written 100 per `write()` take 100 look-up $batch calls (3 queries each) and 100 write
+    $batch calls (plus one CSRF fetch).
+    `batch_size=1` sends every request on its own: per op one look-up GET and one deep-insert POST.
+
+ProductAvailability (read model, table `PRODUCT_AVAILABILITY`, key `Product`)
+    Fields: Product, ProductDescription (language `product_language`, EN), BaseUnit, NetPrice (float, PR00
+    rate per condition quantity valid today in `price_sales_organization` / `price_distribution_channel`, None
+    without a price), Currency (the condition currency), AvailableQuantity (float, sum over
+    `availability_plants`, default "1710" alone, of the plants the product is maintained in; 0.0 in none).
+    Calls per read (scan, fetch, changes_since): ceil(P / page_size) A_Product pages (`$expand=to_Description,
+    to_Plant`), ceil(V / page_size) pages of PR00 validities (`A_SlsPrcgCndnRecdValidity` filtered by condition
+    type, sales area and today, `$expand=to_SlsPrcgConditionRecord`), and one `DetermineAvailabilityAt`
+    (API_PRODUCT_AVAILY_INFO_BASIC, SupplyingPlant / Material / ATPCheckingRule / RequestedUTCDateTime) per
+    product and plant, sent as retrieve parts of ceil(P x plants / batch_size) $batch calls (alone with
+    `batch_size=1`). fetch reads 40 products per round. A product SAP refuses availability for is left out.
 
 Errors
     The Gateway body `{"error": {"code", "message": {"value"}, "innererror": {"errordetails": [...]}}}` becomes
@@ -65,19 +105,25 @@ Change detection (`changes_since`)
     S/4HANA Cloud), so the filter compares date and time pairs of both. The checkpoint is the newest change
     time seen (`2026-01-05T14:30:05.123Z`), followed by `;` and the keys changed at exactly that time, which
     the next poll (`ge`) skips; intermediate pages carry the previous checkpoint (a crash replays, never skips).
-    Deletions are not visible. SAP event-mesh CloudEvents are parsed by `parse_event`.
+    Deletions are not visible. ProductAvailability has no change time at all: every poll reads it whole and
+    reports the products whose content hash differs from the checkpoint's (and the ones gone); see
+    `_HashCheckpoint` for its size bound. SAP event-mesh CloudEvents are parsed by `parse_event`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import copy
+import hashlib
 import json
 import logging
 import math
 import re
 import ssl
 import time as _time
+import uuid
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time
@@ -109,6 +155,13 @@ SYSTEM = "sap"
 SERVICE_PATH = "/sap/opu/odata/sap/"
 BP_SERVICE = "API_BUSINESS_PARTNER"
 SO_SERVICE = "API_SALES_ORDER_SRV"
+PRODUCT_SERVICE = "API_PRODUCT_SRV"
+PRICING_SERVICE = "API_SLSPRICINGCONDITIONRECORD_SRV"
+AVAILABILITY_SERVICE = "API_PRODUCT_AVAILY_INFO_BASIC"
+"""Technical name of API_PRODUCT_AVAILABILITY_INFO_BASIC (SAP cuts service names to 30 characters)."""
+AVAILABILITY_FUNCTION = "DetermineAvailabilityAt"
+PRODUCT_AVAILABILITY = "ProductAvailability"
+"""The composed product read model (see the module docstring); not an SAP entity set."""
 ITEM_MATCH_FIELD = "PurchaseOrderByCustomer"
 """Recommended A_SalesOrderItem field for `LineWrite.match` (writable, CHAR 35)."""
 PARTNER_MATCH_FIELD = "BusinessPartnerIDByExtSystem"
@@ -118,6 +171,13 @@ ROLES = "to_BusinessPartnerRole"
 CUSTOMER = "to_Customer"
 SALES_AREAS = "to_CustomerSalesArea"
 ITEMS = "to_Item"
+PHONES = "to_PhoneNumber"
+EMAILS = "to_EmailAddress"
+COMMUNICATION = {PHONES: "A_AddressPhoneNumber", EMAILS: "A_AddressEmailAddress"}
+"""Address navigation -> entity set of the address's phone numbers and e-mail addresses."""
+TO_ONE_NAVS = frozenset({CUSTOMER, "to_Supplier", "to_SlsPrcgConditionRecord"})
+"""Navigation properties to one entity; every other `to_*` is a collection (a dotted path takes its first entry)."""
+AREA_KEYS = ("SalesOrganization", "DistributionChannel", "Division")
 CUSTOMER_ROLE = "FLCU01"
 LOCK_MESSAGES = frozenset({"V1/042", "MC/601", "R11/019"})
 """Gateway message codes meaning "the document is locked by another user": retried later, not rejected."""
@@ -131,31 +191,47 @@ class EntitySet:
     keys: tuple[str, ...]
     expand: str | None = None
     """Navigation read with every record (the nested values convention)."""
-    changes: Literal["order", "partner"] | None = None
+    changes: Literal["order", "partner", "hash"] | None = None
+    flatten: bool = False
+    """Reads add dotted names for the first entry of every expanded navigation."""
+    blank_keys: tuple[str, ...] = ()
+    """Key fields that may be empty (the `Person` of an organization's address communication)."""
 
 
+_PARTNER_EXPAND = ",".join((ADDRESSES, f"{ADDRESSES}/{PHONES}", f"{ADDRESSES}/{EMAILS}", ROLES,
+                            f"{CUSTOMER}/{SALES_AREAS}"))
+_COMM_KEYS = ("AddressID", "Person", "OrdinalNumber")
 ENTITY_SETS: dict[str, EntitySet] = {
-    "A_BusinessPartner": EntitySet(BP_SERVICE, ("BusinessPartner",),
-                                   f"{ADDRESSES},{ROLES},{CUSTOMER}/{SALES_AREAS}", "partner"),
+    "A_BusinessPartner": EntitySet(BP_SERVICE, ("BusinessPartner",), _PARTNER_EXPAND, "partner", flatten=True),
     "A_SalesOrder": EntitySet(SO_SERVICE, ("SalesOrder",), ITEMS, "order"),
     "A_SalesOrderItem": EntitySet(SO_SERVICE, ("SalesOrder", "SalesOrderItem")),
-    "A_BusinessPartnerAddress": EntitySet(BP_SERVICE, ("BusinessPartner", "AddressID")),
-    "A_Customer": EntitySet(BP_SERVICE, ("Customer",), SALES_AREAS),
-    "A_CustomerSalesArea": EntitySet(BP_SERVICE, ("Customer", "SalesOrganization", "DistributionChannel",
-                                                  "Division")),
+    "A_BusinessPartnerAddress": EntitySet(BP_SERVICE, ("BusinessPartner", "AddressID"), f"{PHONES},{EMAILS}",
+                                          flatten=True),
+    "A_AddressPhoneNumber": EntitySet(BP_SERVICE, _COMM_KEYS, blank_keys=("Person",)),
+    "A_AddressEmailAddress": EntitySet(BP_SERVICE, _COMM_KEYS, blank_keys=("Person",)),
+    "A_Customer": EntitySet(BP_SERVICE, ("Customer",), SALES_AREAS, flatten=True),
+    "A_CustomerSalesArea": EntitySet(BP_SERVICE, ("Customer", *AREA_KEYS)),
+    "A_Product": EntitySet(PRODUCT_SERVICE, ("Product",), "to_Description,to_Plant"),
+    "A_SlsPrcgConditionRecord": EntitySet(PRICING_SERVICE, ("ConditionRecord",), "to_SlsPrcgCndnRecdValidity"),
+    "A_SlsPrcgCndnRecdValidity": EntitySet(PRICING_SERVICE, ("ConditionRecord", "ConditionValidityEndDate"),
+                                           "to_SlsPrcgConditionRecord"),
+    PRODUCT_AVAILABILITY: EntitySet(PRODUCT_SERVICE, ("Product",), changes="hash"),
 }
+WRITABLE = frozenset({"A_SalesOrder", "A_BusinessPartner"})
 
 DATETIMEOFFSET_FIELDS = frozenset({"LastChangeDateTime", "ExternalDocLastChangeDateTime", "ValidFrom", "ValidTo"})
 """Edm.DateTimeOffset fields: filtered with `datetimeoffset'...'`, written as `/Date(ms+0000)/`."""
 DATE_FIELDS = frozenset({
     "CustomerPurchaseOrderDate", "SalesOrderDate", "RequestedDeliveryDate", "PricingDate", "BillingDocumentDate",
     "ServicesRenderedDate", "FixedValueDate", "ValidityStartDate", "ValidityEndDate", "BirthDate", "CreationDate",
-    "LastChangeDate", "OrganizationFoundationDate", "OrganizationLiquidationDate"})
+    "LastChangeDate", "OrganizationFoundationDate", "OrganizationLiquidationDate", "ConditionValidityStartDate",
+    "ConditionValidityEndDate"})
 """Edm.DateTime fields: an ISO date string written to one is sent as `/Date(ms)/`."""
 DECIMAL_FIELDS = frozenset({
     "RequestedQuantity", "NetAmount", "TotalNetAmount", "ItemGrossWeight", "ItemNetWeight", "ItemVolume",
-    "TaxAmount", "CostAmount", "ConfdDelivQtyInOrderQtyUnit", "PriceDetnExchangeRate", "AccountingExchangeRate"})
-"""Edm.Decimal fields: compared numerically ("2" equals SAP's "2.000")."""
+    "TaxAmount", "CostAmount", "ConfdDelivQtyInOrderQtyUnit", "PriceDetnExchangeRate", "AccountingExchangeRate",
+    "ConditionRateValue", "ConditionQuantity", "AvailableQuantityInBaseUnit", "GrossWeight", "NetWeight"})
+"""Edm.Decimal fields: compared numerically ("2" equals SAP's "2.000") and read as floats."""
 
 _IDENT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _DATE_RE = re.compile(r"^/Date\((?P<ms>-?\d+)(?P<off>[+-]\d{4})?\)/$")
@@ -190,17 +266,20 @@ def _entity(table: str) -> EntitySet:
 def format_key(table: str, values: Mapping[str, Any]) -> str:
     """Canonical key: the key fields' values joined by `|` (`|` and `\\` inside a value escaped)."""
     parts = []
-    for name in _entity(table).keys:
+    definition = _entity(table)
+    for name in definition.keys:
         value = values.get(name)
-        if value is None or value == "":
+        if (value is None or value == "") and name not in definition.blank_keys:
             raise RejectedError(f"{SYSTEM}: {table} key field {name!r} is missing")
+        value = "" if value is None else value
         parts.append(str(value).replace("\\", "\\\\").replace("|", "\\|"))
     return "|".join(parts)
 
 
 def parse_key(table: str, key: str) -> dict[str, str]:
     """Inverse of `format_key`."""
-    fields = _entity(table).keys
+    definition = _entity(table)
+    fields = definition.keys
     parts: list[str] = []
     current: list[str] = []
     chars = iter(key)
@@ -213,7 +292,8 @@ def parse_key(table: str, key: str) -> dict[str, str]:
         else:
             current.append(ch)
     parts.append("".join(current))
-    if len(parts) != len(fields) or any(p == "" for p in parts):
+    if len(parts) != len(fields) or any(p == "" and f not in definition.blank_keys
+                                        for p, f in zip(parts, fields, strict=False)):
         raise RejectedError(f"{SYSTEM}: {table} key {key!r} must give {'|'.join(fields)}")
     return dict(zip(fields, parts, strict=True))
 
@@ -343,8 +423,80 @@ def _plain_row(row: Mapping[str, Any]) -> dict[str, Any]:
     for name, value in row.items():
         if name == "__metadata" or (isinstance(value, dict) and "__deferred" in value):
             continue
+        if name in DECIMAL_FIELDS and isinstance(value, str) and value:
+            # OData v2 carries Edm.Decimal as text; the engine compares numbers ("4.000" is the 4.0 written).
+            try:
+                out[name] = float(Decimal(value))
+                continue
+            except InvalidOperation:
+                pass
         out[name] = plain_value(value)
     return out
+
+
+def flatten_nested(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Dotted names for the fields of the first entry of every navigation in `values`, recursively.
+
+    `{"to_BusinessPartnerAddress": [{"CityName": "Denver", "to_PhoneNumber": [{"PhoneNumber": "+1 .."}]}]}`
+    gives `to_BusinessPartnerAddress.CityName` and `to_BusinessPartnerAddress.to_PhoneNumber.PhoneNumber`.
+    """
+    out: dict[str, Any] = {}
+    for name, value in values.items():
+        if not name.startswith("to_"):
+            continue
+        entry = value[0] if isinstance(value, list) and value else value
+        if not isinstance(entry, Mapping):
+            continue
+        path = f"{prefix}{name}."
+        out.update((path + k, v) for k, v in entry.items()
+                   if not k.startswith("to_") and not isinstance(v, dict | list))
+        out.update(flatten_nested(entry, path))
+    return out
+
+
+def nest_dotted(values: Mapping[str, Any]) -> dict[str, Any]:
+    """The write form of dotted names: `to_X.to_Y.Field` becomes `{"to_X": [{"to_Y": [{"Field": v}]}]}`.
+
+    A collection navigation gets (or keeps) one entry, its first; a to-one navigation (`TO_ONE_NAVS`) a dict.
+    Nested values given as such are kept and merged with the dotted ones (which win). `values` is not changed.
+    """
+    out = copy.deepcopy({k: v for k, v in values.items() if "." not in k})
+    for name, value in values.items():
+        if "." not in name:
+            continue
+        *path, leaf = name.split(".")
+        node = out
+        for segment in path:
+            if not segment.startswith("to_") or not _IDENT_RE.match(segment):
+                raise MappingError(f"{SYSTEM}: {name!r}: {segment!r} is not a navigation property (dotted paths go "
+                                   "through to_* navigations, e.g. to_BusinessPartnerAddress.CityName)")
+            existing = node.get(segment)
+            if segment in TO_ONE_NAVS:
+                if existing is not None and not isinstance(existing, Mapping):
+                    raise MappingError(f"{SYSTEM}: {name!r}: {segment} must be a dict of fields")
+                child = dict(existing or {})
+                node[segment] = child
+            else:
+                entries = list(_as_list(existing, segment))
+                if not entries:
+                    entries = [{}]
+                if not isinstance(entries[0], Mapping):
+                    raise MappingError(f"{SYSTEM}: {name!r}: the first entry of {segment} is not a dict of fields")
+                child = dict(entries[0])
+                entries[0] = child
+                node[segment] = entries
+            node = child
+        node[_ident(leaf, "field")] = value
+    return out
+
+
+def _blank(value: Any) -> bool:
+    """No content: None, "", or only such values (an empty phone entry is not created)."""
+    if isinstance(value, Mapping):
+        return all(_blank(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return all(_blank(v) for v in value)
+    return value is None or (isinstance(value, str) and not value.strip())
 
 
 def _ms(moment: datetime) -> int:
@@ -608,6 +760,154 @@ def parse_event(body: bytes | str | Mapping[str, Any]) -> SapEvent:
                     entity_set, key, operation, dict(payload))
 
 
+# ============================================================================================ $batch
+
+
+@dataclass
+class _Req:
+    """One request of a write plan; `path` is relative to the service root."""
+
+    method: str
+    path: str
+    what: str
+    body: dict[str, Any] | None = None
+    etag: str | None = None
+    """If-Match value (None: no precondition)."""
+
+
+@dataclass
+class _Plan:
+    """The requests that bring one op's target to the wanted state, computed from its current state."""
+
+    table: str
+    what: str
+    key: str | None
+    requests: list[_Req] = field(default_factory=list)
+    create: bool = False
+    delete: bool = False
+    incomplete: bool = False
+    """More changes follow once SAP has reacted to these (a new customer role creates the customer): re-read."""
+
+
+@dataclass
+class _Part:
+    """One answer inside a $batch response."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def response(self) -> httpx.Response:
+        return httpx.Response(self.status, headers=self.headers, content=self.body)
+
+    def json(self, what: str) -> dict[str, Any]:
+        return json_object(self.response(), system=SYSTEM, what=what)
+
+
+@dataclass
+class _Answer:
+    """The answer to one batch item: a retrieve, or a changeset (committed: one part per request)."""
+
+    ok: bool
+    parts: list[_Part]
+
+
+def _query(params: Mapping[str, str]) -> str:
+    # OData expects %20, not the form encoding's "+", between the words of $filter.
+    return urlencode(params, quote_via=quote, safe="$',()/:*")
+
+
+def _encode_request(req: _Req, content_id: str | None = None) -> bytes:
+    mime = ["Content-Type: application/http", "Content-Transfer-Encoding: binary"]
+    if content_id is not None:
+        mime.append(f"Content-ID: {content_id}")
+    body = json.dumps(req.body).encode() if req.body is not None else b""
+    lines = [f"{req.method} {req.path} HTTP/1.1", "Accept: application/json"]
+    if req.etag is not None:
+        lines.append(f"If-Match: {req.etag}")
+    if req.body is not None:
+        lines += ["Content-Type: application/json", f"Content-Length: {len(body)}"]
+    return ("\r\n".join(mime) + "\r\n\r\n" + "\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+def encode_batch(items: Sequence[_Req | Sequence[_Req]], boundary: str) -> bytes:
+    """A multipart/mixed $batch body: a `_Req` is a retrieve part, a sequence of them one changeset."""
+    out: list[bytes] = []
+    for number, item in enumerate(items, start=1):
+        out.append(f"--{boundary}\r\n".encode())
+        if isinstance(item, _Req):
+            out.append(_encode_request(item) + b"\r\n")
+            continue
+        changeset = f"changeset_{boundary[6:]}_{number}"
+        out.append(f"Content-Type: multipart/mixed; boundary={changeset}\r\n\r\n".encode())
+        for position, req in enumerate(item, start=1):
+            out.append(f"--{changeset}\r\n".encode() + _encode_request(req, str(position)) + b"\r\n")
+        out.append(f"--{changeset}--\r\n".encode())
+    out.append(f"--{boundary}--\r\n".encode())
+    return b"".join(out)
+
+
+def _boundary(content_type: str) -> str | None:
+    m = re.search(r'boundary="?([^";]+)"?', content_type, re.IGNORECASE)
+    return m.group(1).strip() if m else None
+
+
+def _multipart(body: bytes, boundary: str) -> list[bytes]:
+    parts: list[bytes] = []
+    for chunk in body.split(b"--" + boundary.encode())[1:]:
+        if chunk.startswith(b"--"):
+            break
+        chunk = chunk[2:] if chunk.startswith(b"\r\n") else chunk[1:] if chunk.startswith(b"\n") else chunk
+        chunk = chunk[:-2] if chunk.endswith(b"\r\n") else chunk[:-1] if chunk.endswith(b"\n") else chunk
+        parts.append(chunk)
+    return parts
+
+
+def _head(blob: bytes) -> tuple[dict[str, str], bytes]:
+    cuts = [(at, len(sep)) for sep in (b"\r\n\r\n", b"\n\n") if (at := blob.find(sep)) >= 0]
+    head, rest = (blob[:min(cuts)[0]], blob[min(cuts)[0] + min(cuts)[1]:]) if cuts else (blob, b"")
+    headers: dict[str, str] = {}
+    for line in head.decode("utf-8", "replace").splitlines():
+        name, sep, value = line.partition(":")
+        if sep:
+            headers[name.strip().lower()] = value.strip()
+    return headers, rest
+
+
+def _decode_part(blob: bytes) -> _Part:
+    """An application/http part: MIME headers, status line, headers, body."""
+    _, rest = _head(blob)
+    line, _, tail = rest.partition(b"\n")
+    fields = line.decode("utf-8", "replace").split()
+    try:
+        status = int(fields[1])
+    except (IndexError, ValueError):
+        raise TransientError(f"{SYSTEM}: malformed $batch answer part {line[:80]!r}") from None
+    headers, body = _head(tail) if tail.strip() else ({}, b"")
+    return _Part(status, headers, body)
+
+
+def decode_batch(response: httpx.Response, items: Sequence[_Req | Sequence[_Req]], what: str) -> list[_Answer]:
+    """One answer per item of the request, in order (a failed changeset is answered by its one error part)."""
+    boundary = _boundary(response.headers.get("content-type", ""))
+    if boundary is None:
+        raise TransientError(f"{SYSTEM} {what}: $batch answer is not multipart/mixed "
+                             f"({response.headers.get('content-type')!r})")
+    answers: list[_Answer] = []
+    for blob in _multipart(response.content, boundary):
+        headers, body = _head(blob)
+        inner = _boundary(headers.get("content-type", "")) \
+            if headers.get("content-type", "").lower().startswith("multipart/mixed") else None
+        if inner is not None:
+            answers.append(_Answer(True, [_decode_part(p) for p in _multipart(body, inner)]))
+        else:
+            part = _decode_part(blob)
+            answers.append(_Answer(part.status < 400, [part]))
+    if len(answers) != len(items):
+        raise TransientError(f"{SYSTEM} {what}: $batch answered {len(answers)} parts for {len(items)} requests")
+    return answers
+
+
 # ============================================================================================ client
 
 
@@ -633,6 +933,76 @@ class _Checkpoint:
         return stamp + (";" + ",".join(sorted(self.keys)) if self.keys else "")
 
 
+_HASH_TEXT_LIMIT = 30_000
+"""Longest exact content-hash checkpoint (an Azure Table string property holds 32K UTF-16 units)."""
+_HASH_BUCKETS = 2048
+
+
+def _bucket(key: str) -> int:
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "big") % _HASH_BUCKETS
+
+
+@dataclass
+class _HashCheckpoint:
+    """Content hashes of a table without change timestamps: `v1:` + base64 of zlib'd JSON.
+
+    Exact (`hashes`: key -> hash) while that fits `_HASH_TEXT_LIMIT` (about 2,500 records); beyond that
+    `buckets` holds one digest per hash bucket of keys, and every record of a bucket that changed is
+    reported (the engine drops those whose mapped values did not change as echoes).
+    """
+
+    generation: int
+    hashes: dict[str, str] = field(default_factory=dict)
+    buckets: list[str] | None = None
+
+    @classmethod
+    def parse(cls, text: str | None, table: str) -> _HashCheckpoint:
+        if not text:
+            return cls(0)
+        try:
+            if not text.startswith("v1:"):
+                raise ValueError("unknown version")
+            data = json.loads(zlib.decompress(base64.b64decode(text[3:])))
+            buckets = data.get("b")
+            return cls(int(data["g"]), {str(k): str(v) for k, v in dict(data.get("h") or {}).items()},
+                       [str(b) for b in buckets] if isinstance(buckets, list) else None)
+        except (ValueError, KeyError, TypeError, AttributeError, zlib.error) as exc:
+            raise EnvelopeError(f"{SYSTEM}: checkpoint for {table} is not a content-hash checkpoint ({exc})") from exc
+
+    @classmethod
+    def of(cls, generation: int, hashes: Mapping[str, str]) -> _HashCheckpoint:
+        exact = cls(generation, dict(hashes))
+        if len(exact.text()) <= _HASH_TEXT_LIMIT:
+            return exact
+        members: list[list[str]] = [[] for _ in range(_HASH_BUCKETS)]
+        for key in sorted(hashes):
+            members[_bucket(key)].append(f"{key}={hashes[key]}")
+        return cls(generation, {}, [hashlib.sha256("\n".join(m).encode()).hexdigest()[:12] for m in members])
+
+    def changed(self, hashes: Mapping[str, str], now: _HashCheckpoint) -> tuple[list[str], list[str]]:
+        """(changed or new keys, keys gone) from this checkpoint to `hashes` (whose checkpoint is `now`)."""
+        if self.buckets is None:
+            return ([k for k, h in hashes.items() if self.hashes.get(k) != h],
+                    [k for k in self.hashes if k not in hashes])
+        if now.buckets is None:
+            now = _HashCheckpoint(now.generation, {}, _HashCheckpoint.of(now.generation, hashes).buckets)
+        moved = {n for n, (a, b) in enumerate(zip(self.buckets, now.buckets or [], strict=False)) if a != b}
+        # A bucket digest cannot say which key left it: deletions go unreported in this mode.
+        return [k for k in hashes if _bucket(k) in moved], []
+
+    def text(self) -> str:
+        data: dict[str, Any] = {"g": self.generation}
+        if self.buckets is not None:
+            data["b"] = self.buckets
+        else:
+            data["h"] = dict(sorted(self.hashes.items()))
+        return "v1:" + base64.b64encode(zlib.compress(json.dumps(data, separators=(",", ":")).encode(), 9)).decode()
+
+
+class _StaleError(Exception):
+    """A request of a plan was answered 412: the target changed since it was read."""
+
+
 class SapClient:
     """SAP S/4HANA OData v2 client implementing `RecordSink` and `ChangeSource` (see the module docstring)."""
 
@@ -653,11 +1023,19 @@ class SapClient:
         system_time_zone: str = "UTC",
         timeout: float = 60.0,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        batch_size: int = 100,
+        availability_plants: str | Sequence[str] = "1710",
+        price_sales_organization: str = "1710",
+        price_distribution_channel: str = "10",
+        atp_checking_rule: str = "A",
+        product_language: str = "EN",
     ) -> None:
         if max_concurrency < 1:
             raise ValueError("max_concurrency must be >= 1")
         if page_size < 1:
             raise ValueError("page_size must be >= 1")
+        if batch_size < 1:
+            raise ValueError("batch_size must be >= 1 (1 sends every request alone)")
         parsed = urlsplit(base_url.rstrip("/"))
         if parsed.scheme not in ("http", "https") or not parsed.netloc:
             raise ValueError(f"base_url must be the S/4HANA host, e.g. https://my300000-api.s4hana.cloud.sap, got "
@@ -678,6 +1056,14 @@ class SapClient:
         self._max_concurrency = max_concurrency
         self._tz = ZoneInfo(system_time_zone)
         self._sleep = sleep
+        self.batch_size = batch_size
+        """Changesets (or retrieve parts) per $batch; 1 sends every request on its own."""
+        self.availability_plants = (availability_plants,) if isinstance(availability_plants, str) \
+            else tuple(availability_plants)
+        self.price_sales_organization = price_sales_organization
+        self.price_distribution_channel = price_distribution_channel
+        self.atp_checking_rule = atp_checking_rule
+        self.product_language = product_language
         self._csrf: str | None = None
         self._csrf_lock = asyncio.Lock()
         self._cookies: dict[str, str] = {}
@@ -692,6 +1078,9 @@ class SapClient:
     def service_root(self, table: str) -> str:
         return f"{self.odata_root}{_entity(table).service}/"
 
+    def _root_of(self, service: str) -> str:
+        return f"{self.odata_root}{service}/"
+
     # ------------------------------------------------------------------------------------ HTTP core
 
     def _absorb_cookies(self, response: httpx.Response) -> None:
@@ -701,17 +1090,16 @@ class SapClient:
 
     async def _send(self, method: str, url: str, *, what: str, params: Mapping[str, str] | None = None,
                     body: Any = None, headers: Mapping[str, str] | None = None, write: bool = False,
-                    create: bool = False, service_root: str | None = None) -> httpx.Response:
+                    create: bool = False, service_root: str | None = None, raw: bytes | None = None,
+                    content_type: str | None = None) -> httpx.Response:
         """Auth (one refresh on 401), CSRF for writes (one re-fetch on 403 Required), short retries."""
         refreshed = False
         csrf_retried = False
-        content = json.dumps(body).encode() if body is not None else None
+        content = raw if raw is not None else json.dumps(body).encode() if body is not None else None
         query = dict(params or {})
         if self._sap_client and "sap-client=" not in url:
             query["sap-client"] = self._sap_client
-        # OData expects %20, not the form encoding's "+", between the words of $filter.
-        target = url + (("&" if "?" in url else "?") + urlencode(query, quote_via=quote, safe="$',()/:*")
-                        if query else "")
+        target = url + (("&" if "?" in url else "?") + _query(query) if query else "")
         while True:
             all_headers = {"Accept": "application/json",
                            "Authorization": await self._auth.authorization(self._http, force_refresh=refreshed)}
@@ -720,11 +1108,10 @@ class SapClient:
                 token = await self._csrf_token(service_root or url, what=what)
                 all_headers["x-csrf-token"] = token
             if content is not None:
-                all_headers["Content-Type"] = "application/json"
+                all_headers["Content-Type"] = content_type or "application/json"
             if self._cookies:
                 all_headers["Cookie"] = "; ".join(f"{k}={v}" for k, v in self._cookies.items())
             all_headers.update(headers or {})
-
 
             async def attempt(h: dict[str, str] = all_headers) -> httpx.Response:
                 try:
@@ -775,6 +1162,21 @@ class SapClient:
             self.csrf_fetches += 1
             return token
 
+    async def _batch(self, root: str, items: Sequence[_Req | Sequence[_Req]], *, what: str) -> list[_Answer]:
+        """POST one $batch to the service at `root` (CSRF and session as for any write); one answer per item."""
+        boundary = f"batch_{uuid.uuid4()}"
+        writes = any(not isinstance(item, _Req) for item in items)
+        creates = any(r.method == "POST" for item in items if not isinstance(item, _Req) for r in item)
+        response = await self._send("POST", root + "$batch", what=what, raw=encode_batch(items, boundary),
+                                    content_type=f"multipart/mixed; boundary={boundary}", write=True,
+                                    create=creates, service_root=root,
+                                    headers={"Accept": "multipart/mixed"})
+        if response.status_code == 504 and writes:
+            raise AmbiguousWriteError(f"{SYSTEM} {what}: HTTP 504 (some changesets may have been applied)")
+        if response.status_code not in (200, 202):
+            raise error_for(response, what, write=writes)
+        return decode_batch(response, items, what)
+
     async def _get_json(self, url: str, *, what: str, params: Mapping[str, str] | None = None) -> dict[str, Any]:
         response = await self._send("GET", url, what=what, params=params)
         if not response.is_success:
@@ -799,6 +1201,16 @@ class SapClient:
     def _follow(self, link: str) -> str:
         return rebase_link(link, base_url=self.origin, path_prefix=self._path_prefix, system=SYSTEM)
 
+    @staticmethod
+    def _collection(data: Mapping[str, Any], what: str) -> tuple[list[dict[str, Any]], str | None]:
+        body = data.get("d")
+        if isinstance(body, list):
+            return [r for r in body if isinstance(r, dict)], None
+        if isinstance(body, dict) and isinstance(body.get("results"), list):
+            link = body.get("__next")
+            return [r for r in body["results"] if isinstance(r, dict)], str(link) if link else None
+        raise TransientError(f"{SYSTEM} {what}: response has no d.results")
+
     async def _raw_pages(self, table: str, params: Mapping[str, str] | None, what: str
                          ) -> AsyncIterator[list[dict[str, Any]]]:
         """Rows page by page: `$top`/`$skip` windows, `__next` followed inside each window."""
@@ -813,25 +1225,60 @@ class SapClient:
             query: dict[str, str] | None = {**base, "$top": str(self._page_size), "$skip": str(skip)}
             count = 0
             while url is not None:
-                data = await self._get_json(url, what=what, params=query)
-                body = data.get("d")
-                if isinstance(body, list):
-                    rows, link = body, None
-                elif isinstance(body, dict) and isinstance(body.get("results"), list):
-                    rows, link = body["results"], body.get("__next")
-                else:
-                    raise TransientError(f"{SYSTEM} {what}: response has no d.results")
+                rows, link = self._collection(await self._get_json(url, what=what, params=query), what)
                 count += len(rows)
-                yield [r for r in rows if isinstance(r, dict)]
-                url, query = (self._follow(str(link)), None) if link else (None, None)
+                yield rows
+                url, query = (self._follow(link), None) if link else (None, None)
             if count < self._page_size:
                 return
             skip += self._page_size
 
+    async def _queries(self, table: str, filters: Sequence[str], *, what: str
+                       ) -> list[list[dict[str, Any]] | SyncError]:
+        """The rows of several filtered queries on one table: alone, or as retrieve parts of $batch calls.
+
+        Each query is small (at most `_FETCH_CHUNK` keys), so it has no `$top`; a server page limit is
+        followed through `__next` with plain GETs. A query answered with an error gives that error.
+        """
+        definition = _entity(table)
+
+        def params(text: str) -> dict[str, str]:
+            out = {"$filter": text, "$orderby": ",".join(f"{k} asc" for k in definition.keys)}
+            if definition.expand:
+                out["$expand"] = definition.expand
+            return out
+
+        results: list[list[dict[str, Any]] | SyncError] = []
+        if self.batch_size <= 1 or len(filters) <= 1:
+            for text in filters:
+                rows: list[dict[str, Any]] = []
+                async for page in self._raw_pages(table, {"$filter": text}, what):
+                    rows.extend(page)
+                results.append(rows)
+            return results
+        for start in range(0, len(filters), self.batch_size):
+            chunk = filters[start:start + self.batch_size]
+            items = [_Req("GET", f"{table}?{_query(params(t))}", what) for t in chunk]
+            answers = await self._batch(self.service_root(table), items, what=f"{what} ($batch of {len(items)})")
+            for answer in answers:
+                part = answer.parts[0]
+                if not answer.ok:
+                    results.append(error_for(part.response(), what))
+                    continue
+                rows, link = self._collection(part.json(what), what)
+                while link:
+                    more, link = self._collection(await self._get_json(self._follow(link), what=what), what)
+                    rows.extend(more)
+                results.append(rows)
+        return results
+
     def _record(self, table: str, row: Mapping[str, Any]) -> SourceRecord:
         meta = row.get("__metadata")
         etag = meta.get("etag") if isinstance(meta, dict) else None
-        return SourceRecord(key=format_key(table, row), values=_plain_row(row), modified=self._modified(table, row),
+        values = _plain_row(row)
+        if _entity(table).flatten:
+            values.update(flatten_nested(values))
+        return SourceRecord(key=format_key(table, row), values=values, modified=self._modified(table, row),
                             version=str(etag) if etag is not None else None)
 
     def _local(self, day: Any, clock: Any) -> datetime | None:
@@ -861,12 +1308,16 @@ class SapClient:
     async def select(self, table: str, *, equals: Mapping[str, Any],
                      not_in: Mapping[str, Sequence[Any]] | None = None) -> list[SourceRecord]:
         """Records matching escaped equality filters (lists are `or` chains), with the table's nested values."""
+        if table == PRODUCT_AVAILABILITY:
+            return await self._select_products(equals, not_in)
         text = build_filter(equals, not_in)
         return [r async for page in self._pages(table, {"$filter": text} if text else None, f"select from {table}")
                 for r in page]
 
     async def get(self, table: str, key: str) -> SourceRecord | None:
         """One record by canonical key, with its nested values, or None."""
+        if table == PRODUCT_AVAILABILITY:
+            return (await self.fetch(table, [key])).get(key)
         row = await self._get_row(table, parse_key(table, key), what=f"read {table} {key}",
                                   expand=_entity(table).expand)
         return self._record(table, row) if row is not None else None
@@ -874,8 +1325,14 @@ class SapClient:
     async def fetch(self, table: str, keys: Sequence[str]) -> dict[str, SourceRecord]:
         """Read records by canonical key (`or` chains of up to 40 keys per query); missing keys are absent."""
         wanted = list(dict.fromkeys(keys))
+        if table == PRODUCT_AVAILABILITY:
+            found: dict[str, SourceRecord] = {}
+            for start in range(0, len(wanted), _FETCH_CHUNK):
+                async for page in self._product_pages(wanted[start:start + _FETCH_CHUNK]):
+                    found.update((r.key, r) for r in page)
+            return found
         fields = _entity(table).keys
-        found: dict[str, SourceRecord] = {}
+        found = {}
         for start in range(0, len(wanted), _FETCH_CHUNK):
             chunk = [parse_key(table, k) for k in wanted[start:start + _FETCH_CHUNK]]
             clauses = [" and ".join(f"{f} eq {filter_literal(k[f], f)}" for f in fields) for k in chunk]
@@ -888,6 +1345,10 @@ class SapClient:
 
     async def scan(self, table: str) -> AsyncIterator[list[SourceRecord]]:
         """Every record of a table, page by page."""
+        if table == PRODUCT_AVAILABILITY:
+            async for page in self._product_pages(None):
+                yield page
+            return
         async for page in self._pages(table, None, f"scan of {table}"):
             yield page
 
@@ -903,9 +1364,14 @@ class SapClient:
 
     async def changes_since(self, table: str, checkpoint: str | None) -> AsyncIterator[tuple[list[SourceRecord], str]]:
         """Records changed since the checkpoint (see the module docstring), with the checkpoint after each page."""
-        if _entity(table).changes is None:
+        kind = _entity(table).changes
+        if kind is None:
             raise RejectedError(f"{SYSTEM}: {table} has no change timestamp; read its records through their parent "
                                 "(A_SalesOrder / A_BusinessPartner) or scan it")
+        if kind == "hash":
+            async for batch in self._hash_changes(table, checkpoint):
+                yield batch
+            return
         previous = _Checkpoint.parse(checkpoint, table)
         params = {"$filter": self._change_filter(table, previous.at)} if previous.at is not None else {}
         newest = _Checkpoint(previous.at, set(previous.keys))
@@ -929,27 +1395,227 @@ class SapClient:
             pending = kept
         yield pending or [], newest.text()
 
+    async def _hash_changes(self, table: str, checkpoint: str | None
+                            ) -> AsyncIterator[tuple[list[SourceRecord], str]]:
+        """Records whose content hash differs from the checkpoint's, and deletions (keys no longer there).
+
+        Everything is read first (the hashes of all records make the next checkpoint); the changed records
+        follow in pages of `page_size`, the earlier pages with the previous checkpoint. Versions are
+        `<hash>.<generation>`: a replayed poll repeats its message ids, a record that returns to an earlier
+        state is still a new change.
+        """
+        previous = _HashCheckpoint.parse(checkpoint, table)
+        unread: set[str] = set()
+        records = {r.key: r async for page in self._product_pages(None, unread) for r in page}
+        hashes = {k: r.version or "" for k, r in records.items()}
+        # A product SAP did not answer for this time keeps its last known state.
+        hashes.update((k, previous.hashes[k]) for k in unread if k in previous.hashes)
+        generation = previous.generation + 1
+        now = _HashCheckpoint.of(generation, hashes)
+        changed, gone = previous.changed(hashes, now)
+        changed = [k for k in changed if k in records]
+        if not changed and not gone:
+            yield [], checkpoint or now.text()
+            return
+        key_field = _entity(table).keys[0]
+        out = [SourceRecord(k, records[k].values, None, f"{hashes[k]}.{generation}") for k in sorted(changed)]
+        out += [SourceRecord(k, {key_field: k}, None, f"deleted.{generation}", deleted=True) for k in sorted(gone)]
+        pages = [out[n:n + self._page_size] for n in range(0, len(out), self._page_size)]
+        for page in pages[:-1]:
+            yield page, checkpoint or ""
+        yield pages[-1], now.text()
+
     async def fetch_attachment(self, table: str, key: str, attachment_id: str) -> bytes:
         """SAP attachments (API_CV_ATTACHMENT_SRV) are not synced by Syncline."""
         raise RejectedError(f"{SYSTEM}: attachments are not supported for {table} ({key}, {attachment_id})")
 
+    # ------------------------------------------------------------------------------------ products
+
+    async def _product_pages(self, products: Sequence[str] | None, unread: set[str] | None = None
+                             ) -> AsyncIterator[list[SourceRecord]]:
+        """ProductAvailability records: A_Product pages joined with PR00 prices and availability per plant.
+
+        Products whose availability SAP refused are left out and added to `unread`.
+        """
+        what = "read of ProductAvailability"
+        prices = await self._prices(products)
+        params: dict[str, str] = {}
+        if products is not None:
+            params["$filter"] = " or ".join(f"Product eq {filter_literal(p, 'Product')}" for p in products)
+        async for rows in self._raw_pages("A_Product", params, what):
+            live = [r for r in rows if not r.get("IsMarkedForDeletion") and r.get("Product")]
+            available = await self._availability(live)
+            page: list[SourceRecord] = []
+            for row in live:
+                product = str(row["Product"])
+                if product not in available:
+                    if unread is not None:
+                        unread.add(product)
+                    continue
+                price = prices.get(product)
+                values = {
+                    "Product": product, "ProductDescription": self._description(row),
+                    "BaseUnit": row.get("BaseUnit"), "NetPrice": price[0] if price else None,
+                    "Currency": price[1] if price else None, "AvailableQuantity": available[product]}
+                digest = hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:10]
+                page.append(SourceRecord(product, values, None, digest))
+            yield page
+
+    def _description(self, row: Mapping[str, Any]) -> str | None:
+        texts = _nav_rows(row.get("to_Description"))
+        chosen = next((t for t in texts if t.get("Language") == self.product_language), texts[0] if texts else None)
+        return str(chosen.get("ProductDescription") or "") or None if chosen else None
+
+    async def _prices(self, products: Sequence[str] | None) -> dict[str, tuple[float, str | None]]:
+        """Material -> (PR00 price per base unit, currency) valid today in the pricing sales area."""
+        today = datetime.now(UTC).date()
+        text = (f"ConditionType eq 'PR00' and SalesOrganization eq "
+                f"{filter_literal(self.price_sales_organization)} and DistributionChannel eq "
+                f"{filter_literal(self.price_distribution_channel)} and ConditionValidityStartDate le "
+                f"{filter_literal(today)} and ConditionValidityEndDate ge {filter_literal(today)}")
+        if products is not None:
+            text += " and (" + " or ".join(f"Material eq {filter_literal(p)}" for p in products) + ")"
+        best: dict[str, tuple[str, float, str | None]] = {}
+        async for rows in self._raw_pages("A_SlsPrcgCndnRecdValidity", {"$filter": text}, "read of PR00 prices"):
+            for validity in rows:
+                record = validity.get("to_SlsPrcgConditionRecord")
+                material = str(validity.get("Material") or "")
+                if not isinstance(record, dict) or not material or record.get("ConditionIsDeleted"):
+                    continue
+                try:
+                    rate = Decimal(str(record.get("ConditionRateValue") or "0"))
+                    per = Decimal(str(record.get("ConditionQuantity") or "1")) or Decimal(1)
+                except InvalidOperation:
+                    log.warning("%s: PR00 record %s has no readable rate", SYSTEM, record.get("ConditionRecord"))
+                    continue
+                start = str(plain_value(validity.get("ConditionValidityStartDate")) or "")
+                # Several valid records: the one that started last is the one pricing uses.
+                if material not in best or start > best[material][0]:
+                    best[material] = (start, float(rate / per), record.get("ConditionCurrency") or None)
+        return {m: (price, currency) for m, (_, price, currency) in best.items()}
+
+    async def _availability(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+        """Product -> available quantity summed over `availability_plants` the product is maintained in.
+
+        Products that SAP refuses to answer for are left out (and kept as they were by change detection).
+        """
+        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S") + "Z"
+        pairs: list[tuple[str, str]] = []
+        totals: dict[str, float] = {}
+        for row in rows:
+            product = str(row["Product"])
+            totals[product] = 0.0
+            plants = {str(p.get("Plant")) for p in _nav_rows(row.get("to_Plant")) if not p.get("IsMarkedForDeletion")}
+            pairs += [(product, plant) for plant in self.availability_plants if plant in plants]
+        if not pairs:
+            return totals
+
+        def request(product: str, plant: str) -> _Req:
+            params = {"SupplyingPlant": quote_string(plant), "Material": quote_string(product),
+                      "ATPCheckingRule": quote_string(self.atp_checking_rule),
+                      "RequestedUTCDateTime": f"datetimeoffset'{now}'"}
+            return _Req("GET", f"{AVAILABILITY_FUNCTION}?{_query(params)}", f"availability of {product} in {plant}")
+
+        root = self._root_of(AVAILABILITY_SERVICE)
+        answers: list[_Part] = []
+        if self.batch_size > 1 and len(pairs) > 1:
+            for start in range(0, len(pairs), self.batch_size):
+                chunk = [request(*pair) for pair in pairs[start:start + self.batch_size]]
+                answers += [a.parts[0] for a in await self._batch(root, chunk, what="availability read")]
+        else:
+            for pair in pairs:
+                req = request(*pair)
+                response = await self._send("GET", root + req.path, what=req.what)
+                answers.append(_Part(response.status_code, dict(response.headers), response.content))
+        for (product, plant), part in zip(pairs, answers, strict=True):
+            what = f"availability of {product} in plant {plant}"
+            if part.status >= 400:
+                error = error_for(part.response(), what)
+                if error.retriable or isinstance(error, AuthError):
+                    raise error
+                log.warning("%s %s", SYSTEM, error)
+                totals.pop(product, None)
+                continue
+            data = part.json(what).get("d")
+            record = data.get(AVAILABILITY_FUNCTION, data) if isinstance(data, dict) else None
+            quantity = record.get("AvailableQuantityInBaseUnit") if isinstance(record, dict) else None
+            if product in totals:
+                try:
+                    totals[product] += float(Decimal(str(quantity)))
+                except InvalidOperation:
+                    raise TransientError(f"{SYSTEM} {what}: no AvailableQuantityInBaseUnit in the answer") from None
+        return totals
+
+    async def _select_products(self, equals: Mapping[str, Any],
+                               not_in: Mapping[str, Sequence[Any]] | None) -> list[SourceRecord]:
+        def accepts(record: SourceRecord) -> bool:
+            for name, value in equals.items():
+                allowed = value if isinstance(value, list | tuple | set | frozenset) else [value]
+                if not any(same_value(name, record.values.get(name), v) for v in allowed):
+                    return False
+            return not any(any(same_value(name, record.values.get(name), v) for v in values)
+                           for name, values in (not_in or {}).items())
+
+        wanted = equals.get("Product")
+        if wanted is not None:
+            keys = [str(k) for k in (wanted if isinstance(wanted, list | tuple | set | frozenset) else [wanted])]
+            records = list((await self.fetch(PRODUCT_AVAILABILITY, keys)).values())
+        else:
+            records = [r async for page in self.scan(PRODUCT_AVAILABILITY) for r in page]
+        return [r for r in records if accepts(r)]
+
     # ------------------------------------------------------------------------------------ RecordSink
 
     async def write(self, ops: Sequence[WriteOp]) -> list[WriteResult]:
-        """Apply ops with bounded concurrency (ops on the same record run in order); one result per op.
+        """Apply ops; one result per op, in order (see "Writes" and "$batch" in the module docstring).
 
         Auth failures and throttling that outlived the in-call retries fail the whole call; every other
         failure fails only its op.
         """
-        semaphore = asyncio.Semaphore(self._max_concurrency)
-        groups: dict[tuple[str, str], list[int]] = {}
+        results: list[WriteResult | None] = [None] * len(ops)
+        by_service: dict[str, list[int]] = {}
+        alone: list[int] = []
         for i, op in enumerate(ops):
+            if self.batch_size > 1 and op.table in WRITABLE:
+                by_service.setdefault(_entity(op.table).service, []).append(i)
+            else:
+                alone.append(i)
+        jobs: list[Awaitable[None]] = []
+        for indexes in by_service.values():
+            if len(indexes) > 1:
+                jobs.append(self._write_batched(ops, indexes, results))
+            else:
+                alone += indexes
+        if alone:
+            jobs.append(self._write_alone(ops, sorted(alone), results))
+        outcomes = await asyncio.gather(*jobs, return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        return [r for r in results if r is not None]
+
+    @staticmethod
+    def _groups(ops: Sequence[WriteOp], indexes: Sequence[int]) -> list[list[int]]:
+        """Ops on the same record, in order (they must not run concurrently or share one read)."""
+        groups: dict[tuple[str, str], list[int]] = {}
+        for i in indexes:
+            op = ops[i]
             ident = op.key or json.dumps(op.match or {}, sort_keys=True, default=str) or op.op_id
             groups.setdefault((op.table, ident), []).append(i)
-        results: list[WriteResult | None] = [None] * len(ops)
+        return list(groups.values())
 
-        async def run(indexes: list[int]) -> None:
-            for i in indexes:
+    @staticmethod
+    def _failed(op: WriteOp, exc: SyncError) -> WriteResult:
+        log.warning("%s: op %s failed: %s", SYSTEM, op.op_id, exc)
+        return WriteResult(op.op_id, False, key=op.key, error=exc)
+
+    async def _write_alone(self, ops: Sequence[WriteOp], indexes: Sequence[int],
+                           results: list[WriteResult | None]) -> None:
+        """Every request on its own, ops with bounded concurrency (ops on the same record in order)."""
+        semaphore = asyncio.Semaphore(self._max_concurrency)
+
+        async def run(group: list[int]) -> None:
+            for i in group:
                 op = ops[i]
                 async with semaphore:
                     try:
@@ -957,25 +1623,169 @@ class SapClient:
                     except (AuthError, ThrottledError):
                         raise
                     except SyncError as exc:
-                        log.warning("%s: op %s failed: %s", SYSTEM, op.op_id, exc)
-                        results[i] = WriteResult(op.op_id, False, key=op.key, error=exc)
+                        results[i] = self._failed(op, exc)
 
-        outcomes = await asyncio.gather(*(run(ix) for ix in groups.values()), return_exceptions=True)
+        outcomes = await asyncio.gather(*(run(g) for g in self._groups(ops, indexes)), return_exceptions=True)
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
                 raise outcome
-        return [r for r in results if r is not None]
+
+    async def _write_batched(self, ops: Sequence[WriteOp], indexes: Sequence[int],
+                             results: list[WriteResult | None]) -> None:
+        """Ops of one service: batched look-ups, then one changeset per op in $batch calls of `batch_size`."""
+        groups = self._groups(ops, indexes)
+        rounds = max(len(g) for g in groups)
+        for number in range(rounds):
+            # The n-th op of every record in one round: a later op on a record plans from a fresh read.
+            todo = [g[number] for g in groups if len(g) > number]
+            await self._batch_round(ops, todo, results)
+
+    async def _batch_round(self, ops: Sequence[WriteOp], indexes: Sequence[int],
+                           results: list[WriteResult | None]) -> None:
+        located = await self._locate_many([ops[i] for i in indexes])
+        planned: list[tuple[int, _Plan]] = []
+        again: list[int] = []
+        for i, found in zip(indexes, located, strict=True):
+            op = ops[i]
+            if isinstance(found, SyncError):
+                results[i] = self._failed(op, found)
+                continue
+            try:
+                plan = self._plan(op, found)
+            except SyncError as exc:
+                results[i] = self._failed(op, exc)
+                continue
+            if plan.incomplete:
+                again.append(i)
+            elif not plan.requests:
+                results[i] = WriteResult(op.op_id, True, key=plan.key)
+            else:
+                planned.append((i, plan))
+        root = self.service_root(ops[indexes[0]].table)
+        semaphore = asyncio.Semaphore(self._max_concurrency)
+
+        async def send(chunk: list[tuple[int, _Plan]]) -> None:
+            async with semaphore:
+                what = f"$batch of {len(chunk)} {ops[chunk[0][0]].table} changesets"
+                try:
+                    answers = await self._batch(root, [p.requests for _, p in chunk], what=what)
+                except AmbiguousWriteError as exc:
+                    await self._settle_lost(ops, chunk, exc, results)
+                    return
+                except (AuthError, ThrottledError):
+                    raise
+                except SyncError as exc:
+                    for i, _ in chunk:
+                        results[i] = self._failed(ops[i], exc)
+                    return
+            for (i, plan), answer in zip(chunk, answers, strict=True):
+                op = ops[i]
+                if answer.ok:
+                    results[i] = self._planned_result(op, plan, answer.parts[0])
+                    continue
+                part = answer.parts[0]
+                if part.status == 412:
+                    log.info("%s %s: ETag is stale (changed in SAP meanwhile), redoing it on its own", SYSTEM,
+                             plan.what)
+                    again.append(i)
+                elif plan.delete and part.status == 404:
+                    results[i] = WriteResult(op.op_id, True, key=plan.key)
+                else:
+                    results[i] = self._failed(op, error_for(part.response(), plan.what, write=True))
+
+        chunks = [planned[s:s + self.batch_size] for s in range(0, len(planned), self.batch_size)]
+        outcomes = await asyncio.gather(*(send(c) for c in chunks), return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        if again:
+            await self._write_alone(ops, sorted(again), results)
+
+    def _planned_result(self, op: WriteOp, plan: _Plan, first: _Part) -> WriteResult:
+        if not plan.create:
+            return WriteResult(op.op_id, True, key=plan.key)
+        created = first.json(plan.what).get("d")
+        if not isinstance(created, dict):
+            return self._failed(op, AmbiguousWriteError(f"{SYSTEM} {plan.what}: HTTP {first.status} without the "
+                                                        "created entity"))
+        return WriteResult(op.op_id, True, key=format_key(op.table, created), created=True)
+
+    async def _settle_lost(self, ops: Sequence[WriteOp], chunk: Sequence[tuple[int, _Plan]],
+                           exc: AmbiguousWriteError, results: list[WriteResult | None]) -> None:
+        """A $batch whose answer was lost: creates found by their match did happen; the rest stays ambiguous."""
+        creates = [(i, p) for i, p in chunk if p.create and ops[i].match]
+        found = await self._locate_many([WriteOp(ops[i].op_id, "upsert", ops[i].table, match=ops[i].match)
+                                         for i, _ in creates]) if creates else []
+        made = {i: row for (i, _), row in zip(creates, found, strict=True) if isinstance(row, dict)}
+        for i, _ in chunk:
+            op = ops[i]
+            if i in made:
+                log.info("%s op %s: the $batch answer was lost but SAP has the record", SYSTEM, op.op_id)
+                results[i] = WriteResult(op.op_id, True, key=format_key(op.table, made[i]), created=True)
+            else:
+                results[i] = self._failed(op, exc)
+
+    async def _locate_many(self, ops: Sequence[WriteOp]) -> list[dict[str, Any] | SyncError | None]:
+        """Each op's target as SAP sends it (or None), read with one filtered query per 40 ops.
+
+        Several queries go to SAP as retrieve parts of one $batch (`batch_size` parts per call).
+        """
+        out: list[dict[str, Any] | SyncError | None] = [None] * len(ops)
+        buckets: dict[tuple[str, tuple[str, ...]], list[int]] = {}
+        for n, op in enumerate(ops):
+            if op.key:
+                buckets.setdefault((op.table, ()), []).append(n)
+            elif op.match:
+                buckets.setdefault((op.table, tuple(sorted(op.match))), []).append(n)
+            else:
+                out[n] = RejectedError(f"{SYSTEM}: op {op.op_id} on {op.table} has neither key nor match")
+        plans: dict[str, list[tuple[str, list[int]]]] = {}
+        for (table, fields), members in buckets.items():
+            for start in range(0, len(members), _FETCH_CHUNK):
+                chunk = members[start:start + _FETCH_CHUNK]
+                try:
+                    if not fields:
+                        keys = [parse_key(table, str(ops[n].key)) for n in chunk]
+                        names = _entity(table).keys
+                    else:
+                        keys = [{f: str((ops[n].match or {})[f]) for f in fields} for n in chunk]
+                        names = fields
+                except SyncError as exc:
+                    for n in chunk:
+                        out[n] = exc
+                    continue
+                clauses = list(dict.fromkeys(" and ".join(f"{f} eq {filter_literal(k[f], f)}" for f in names)
+                                             for k in keys))
+                text = " or ".join(f"({c})" if len(names) > 1 else c for c in clauses)
+                plans.setdefault(table, []).append((text, chunk))
+        for table, queries in plans.items():
+            answers = await self._queries(table, [q for q, _ in queries], what=f"find {table} records")
+            for (_, chunk), rows in zip(queries, answers, strict=True):
+                for n in chunk:
+                    out[n] = rows if isinstance(rows, SyncError) else self._pick(ops[n], rows)
+        return out
+
+    @staticmethod
+    def _pick(op: WriteOp, rows: Sequence[dict[str, Any]]) -> dict[str, Any] | SyncError | None:
+        if op.key:
+            return next((r for r in rows if format_key(op.table, r) == op.key), None)
+        match = op.match or {}
+        found = [r for r in rows if all(str(r.get(f) if r.get(f) is not None else "") == str(v)
+                                        for f, v in match.items())]
+        if len(found) > 1:
+            numbers = ", ".join(format_key(op.table, r) for r in found[:5])
+            return RejectedError(f"{SYSTEM}: match {match} finds {len(found)} {op.table} records ({numbers}); "
+                                 "make the match field unique in SAP or give the key")
+        return found[0] if found else None
+
+    # ------------------------------------------------------------------------------------ one op alone
 
     async def _write_one(self, op: WriteOp) -> WriteResult:
-        if op.table == "A_SalesOrder":
-            return await self._write_order(op)
-        if op.table == "A_BusinessPartner":
-            return await self._write_partner(op)
-        raise RejectedError(f"{SYSTEM}: writes go to A_SalesOrder (with to_Item) or A_BusinessPartner (with "
-                            f"addresses and customer data), not {op.table}")
+        return await self._apply(op, await self._locate(op))
 
     async def _locate(self, op: WriteOp) -> dict[str, Any] | None:
         """The op's target as SAP sends it (nested values expanded), or None."""
+        _writable(op)
         if op.key:
             return await self._get_row(op.table, parse_key(op.table, op.key), what=f"read {op.table} {op.key}",
                                        expand=_entity(op.table).expand)
@@ -985,79 +1795,99 @@ class SapClient:
         params = {"$filter": build_filter(op.match)}
         async for rows in self._raw_pages(op.table, params, f"find {op.table} by {', '.join(op.match)}"):
             found.extend(rows)
-        if len(found) > 1:
-            numbers = ", ".join(format_key(op.table, r) for r in found[:5])
-            raise RejectedError(f"{SYSTEM}: match {op.match} finds {len(found)} {op.table} records ({numbers}); "
-                                "make the match field unique in SAP or give the key")
-        return found[0] if found else None
+        picked = self._pick(WriteOp(op.op_id, op.action, op.table, match=op.match), found)
+        if isinstance(picked, SyncError):
+            raise picked
+        return picked
 
-    async def _patch(self, table: str, key: Mapping[str, str], wanted: Mapping[str, Any], current: Mapping[str, Any],
-                     *, what: str, service_root: str, reread: Callable[[], Awaitable[Mapping[str, Any] | None]],
-                     skip: frozenset[str] | set[str] = frozenset()) -> bool:
-        """PATCH the fields of `wanted` that differ, with If-Match; on 412 re-read, re-diff and retry once."""
-        url = self.service_root(table) + key_path(table, key)
-        skip = set(skip) | set(_entity(table).keys)
-        for attempt in (1, 2):
-            changes = _diff(current, wanted, skip)
-            if not changes:
-                return attempt > 1
-            meta = current.get("__metadata")
-            etag = meta.get("etag") if isinstance(meta, dict) else None
-            response = await self._send("PATCH", url, what=what, body=wire_value("", changes),
-                                        headers={"If-Match": str(etag or "*")}, write=True, service_root=service_root)
-            if response.status_code == 412 and attempt == 1:
-                log.info("%s %s: ETag is stale (changed in SAP meanwhile), re-reading and retrying once", SYSTEM, what)
-                fresh = await reread()
-                if fresh is None:
-                    raise RejectedError(f"SAP rejected {what}: {table} {'|'.join(key.values())} was deleted in SAP "
-                                        "while it was being updated")
-                current = fresh
+    async def _apply(self, op: WriteOp, current: dict[str, Any] | None) -> WriteResult:
+        """Plan, send request by request; a 412 re-reads and re-plans once, an incomplete plan re-reads."""
+        stale = False
+        for _ in range(4):
+            plan = self._plan(op, current)
+            if plan.create:
+                return await self._create(op, plan)
+            try:
+                for req in plan.requests:
+                    await self._run(plan.table, req)
+            except _StaleError:
+                if stale:
+                    raise TransientError(f"{SYSTEM} {plan.what}: {plan.table} {plan.key} changed in SAP again "
+                                         "between read and update (HTTP 412 twice); retrying later") from None
+                stale = True
+                log.info("%s %s: ETag is stale (changed in SAP meanwhile), re-reading and retrying once", SYSTEM,
+                         plan.what)
+                current = await self._reread(plan)
                 continue
-            if response.status_code == 412:
-                raise TransientError(f"{SYSTEM} {what}: {table} {'|'.join(key.values())} changed in SAP again "
-                                     "between read and update (HTTP 412 twice); retrying later")
-            if not response.is_success:
-                raise error_for(response, what, write=True)
-            return True
-        return True
+            if plan.delete or not plan.incomplete:
+                return WriteResult(op.op_id, True, key=plan.key)
+            current = await self._reread(plan)
+        raise TransientError(f"{SYSTEM} {op.table} write (op {op.op_id}): SAP did not settle after several rounds "
+                             "of changes; retrying later")
 
-    async def _create(self, op: WriteOp, body: Mapping[str, Any], what: str) -> WriteResult:
-        url = self.service_root(op.table) + op.table
+    async def _reread(self, plan: _Plan) -> dict[str, Any]:
+        assert plan.key is not None
+        fresh = await self._get_row(plan.table, parse_key(plan.table, plan.key), what=f"re-read for {plan.what}",
+                                    expand=_entity(plan.table).expand)
+        if fresh is None:
+            raise RejectedError(f"SAP rejected {plan.what}: {plan.table} {plan.key} was deleted in SAP while it was "
+                                "being updated")
+        return fresh
+
+    async def _run(self, table: str, req: _Req) -> None:
+        root = self.service_root(table)
+        headers = {"If-Match": req.etag} if req.etag is not None else None
+        response = await self._send(req.method, root + req.path, what=req.what, body=req.body, headers=headers,
+                                    write=True, create=req.method == "POST", service_root=root)
+        if response.status_code == 412:
+            raise _StaleError(req.what)
+        if req.method == "DELETE" and response.status_code == 404:
+            return
+        if not response.is_success:
+            raise error_for(response, req.what, write=True)
+
+    async def _create(self, op: WriteOp, plan: _Plan) -> WriteResult:
+        root = self.service_root(op.table)
+        req = plan.requests[0]
         try:
-            response = await self._send("POST", url, what=what, body=body, write=True, create=True,
-                                        service_root=self.service_root(op.table))
+            response = await self._send("POST", root + req.path, what=req.what, body=req.body, write=True,
+                                        create=True, service_root=root)
             if response.status_code == 504:
-                raise error_for(response, what, write=True)
+                raise error_for(response, req.what, write=True)
         except AmbiguousWriteError:
             if not op.match:
                 raise
             found = await self._locate(WriteOp(op.op_id, op.action, op.table, match=op.match))
             if found is None:
                 raise
-            log.info("%s %s: the create's answer was lost but SAP has the record (%s)", SYSTEM, what,
+            log.info("%s %s: the create's answer was lost but SAP has the record (%s)", SYSTEM, req.what,
                      format_key(op.table, found))
             return WriteResult(op.op_id, True, key=format_key(op.table, found), created=True)
         if not response.is_success:
-            raise error_for(response, what, write=True)
-        created = json_object(response, system=SYSTEM, what=what).get("d")
+            raise error_for(response, req.what, write=True)
+        created = json_object(response, system=SYSTEM, what=req.what).get("d")
         if not isinstance(created, dict):
-            raise AmbiguousWriteError(f"{SYSTEM} {what}: HTTP {response.status_code} without the created entity")
+            raise AmbiguousWriteError(f"{SYSTEM} {req.what}: HTTP {response.status_code} without the created entity")
         return WriteResult(op.op_id, True, key=format_key(op.table, created), created=True)
 
-    async def _delete(self, op: WriteOp, current: Mapping[str, Any] | None, what: str) -> WriteResult:
-        if current is None:
-            return WriteResult(op.op_id, True, key=op.key)
-        key = format_key(op.table, current)
+    # ------------------------------------------------------------------------------------ plans
+
+    def _plan(self, op: WriteOp, current: dict[str, Any] | None) -> _Plan:
+        _writable(op)
+        if op.table == "A_SalesOrder":
+            return self._plan_order(op, current)
+        return self._plan_partner(op, current)
+
+    @staticmethod
+    def _patch(table: str, key: Mapping[str, str], wanted: Mapping[str, Any], current: Mapping[str, Any],
+               what: str) -> list[_Req]:
+        """A PATCH of the fields of `wanted` that differ (none: no request), with the current ETag as If-Match."""
+        changes = _diff(current, wanted, set(_entity(table).keys))
+        if not changes:
+            return []
         meta = current.get("__metadata")
         etag = meta.get("etag") if isinstance(meta, dict) else None
-        url = self.service_root(op.table) + key_path(op.table, parse_key(op.table, key))
-        response = await self._send("DELETE", url, what=what, headers={"If-Match": str(etag or "*")}, write=True,
-                                    service_root=self.service_root(op.table))
-        if response.status_code not in (200, 204, 404):
-            raise error_for(response, what, write=True)
-        return WriteResult(op.op_id, True, key=key)
-
-    # ------------------------------------------------------------------------------------ sales orders
+        return [_Req("PATCH", key_path(table, key), what, wire_value("", changes), str(etag or "*"))]
 
     @staticmethod
     def _line_values(line: LineWrite, lines: Lines, header: Mapping[str, Any]) -> dict[str, Any]:
@@ -1068,14 +1898,24 @@ class SapClient:
                 values[line_field] = header[header_field]
         return values
 
-    async def _write_order(self, op: WriteOp) -> WriteResult:
+    def _plan_order(self, op: WriteOp, current: dict[str, Any] | None) -> _Plan:
         what = f"A_SalesOrder create (op {op.op_id})"
         if op.lines is not None and op.lines.table != ITEMS:
             raise RejectedError(f"{SYSTEM}: order lines are written through the navigation property {ITEMS}, not "
                                 f"{op.lines.table!r}; fix lines.target_table in the flow spec")
-        current = await self._locate(op)
+        dotted = sorted(k for k in op.values if "." in k)
+        if dotted:
+            raise RejectedError(f"{SYSTEM}: A_SalesOrder takes no dotted paths ({', '.join(dotted)}); items come "
+                                f"as lines through {ITEMS}")
         if op.action == "delete":
-            return await self._delete(op, current, f"A_SalesOrder delete (op {op.op_id})")
+            if current is None:
+                return _Plan("A_SalesOrder", f"A_SalesOrder delete (op {op.op_id})", op.key, delete=True)
+            number = format_key("A_SalesOrder", current)
+            meta = current.get("__metadata")
+            etag = meta.get("etag") if isinstance(meta, dict) else None
+            what = f"A_SalesOrder {number} delete (op {op.op_id})"
+            return _Plan("A_SalesOrder", what, number, [_Req("DELETE", key_path("A_SalesOrder", {"SalesOrder": number}),
+                                                             what, etag=str(etag or "*"))], delete=True)
         header = {k: v for k, v in op.values.items() if k not in ("SalesOrder", ITEMS)}
         if current is None:
             if op.action == "update":
@@ -1089,26 +1929,21 @@ class SapClient:
                     item.setdefault("SalesOrderItem", str(n * 10))
                     items.append(item)
                 body[ITEMS] = {"results": items}
-            return await self._create(op, wire_value("", body), what)
-        key = parse_key("A_SalesOrder", format_key("A_SalesOrder", current))
-        what = f"A_SalesOrder {key['SalesOrder']} update (op {op.op_id})"
-        root = self.service_root("A_SalesOrder")
-
-        async def reread() -> dict[str, Any] | None:
-            return await self._get_row("A_SalesOrder", key, what=f"re-read for {what}", expand=ITEMS)
-
-        await self._patch("A_SalesOrder", key, header, current, what=what, service_root=root, reread=reread)
+            return _Plan("A_SalesOrder", what, None, [_Req("POST", "A_SalesOrder", what, wire_value("", body))],
+                         create=True)
+        number = format_key("A_SalesOrder", current)
+        what = f"A_SalesOrder {number} update (op {op.op_id})"
+        requests = self._patch("A_SalesOrder", {"SalesOrder": number}, header, current, what)
         if op.lines is not None:
-            await self._write_items(key["SalesOrder"], op.lines, {**_plain_row(current), **header}, current,
-                                    what=what, reread=reread)
-        return WriteResult(op.op_id, True, key=key["SalesOrder"])
+            requests += self._plan_items(number, op.lines, {**_plain_row(current), **header}, current, what)
+        return _Plan("A_SalesOrder", what, number, requests)
 
-    async def _write_items(self, number: str, lines: Lines, header: Mapping[str, Any], order: Mapping[str, Any], *,
-                           what: str, reread: Callable[[], Awaitable[dict[str, Any] | None]]) -> None:
+    def _plan_items(self, number: str, lines: Lines, header: Mapping[str, Any], order: Mapping[str, Any],
+                    what: str) -> list[_Req]:
         items = _nav_rows(order.get(ITEMS))
-        root = self.service_root("A_SalesOrder")
         next_number = max((int(str(i.get("SalesOrderItem") or 0)) for i in items
                            if str(i.get("SalesOrderItem") or "").isdigit()), default=0)
+        requests: list[_Req] = []
         for line in lines.items:
             if not line.match:
                 raise RejectedError(f"{SYSTEM} {what}: line {line.source_key} has no match field, so it cannot be "
@@ -1120,29 +1955,21 @@ class SapClient:
             if existing is None:
                 next_number = (next_number // 10 + 1) * 10
                 body = {**wanted, "SalesOrderItem": wanted.get("SalesOrderItem") or str(next_number)}
-                await self._post_child("A_SalesOrder", {"SalesOrder": number}, ITEMS, body, what=item_what)
+                requests.append(_Req("POST", f"{key_path('A_SalesOrder', {'SalesOrder': number})}/{ITEMS}",
+                                     item_what, wire_value("", body)))
                 continue
-            item_key = {"SalesOrder": number, "SalesOrderItem": str(existing["SalesOrderItem"])}
+            key = {"SalesOrder": number, "SalesOrderItem": str(existing["SalesOrderItem"])}
+            requests += self._patch("A_SalesOrderItem", key, {k: v for k, v in wanted.items()
+                                                              if k != "SalesOrderItem"}, existing, item_what)
+        return requests
 
-            async def reread_item(match: Mapping[str, str] = line.match) -> dict[str, Any] | None:
-                fresh = await reread()
-                return _find_item(_nav_rows(fresh.get(ITEMS)), match) if fresh is not None else None
-
-            await self._patch("A_SalesOrderItem", item_key, {k: v for k, v in wanted.items() if k != "SalesOrderItem"},
-                              existing, what=item_what, service_root=root, reread=reread_item)
-
-    # ------------------------------------------------------------------------------------ business partners
-
-    async def _write_partner(self, op: WriteOp) -> WriteResult:
-        what = f"A_BusinessPartner create (op {op.op_id})"
-        if op.action == "delete":
-            raise RejectedError(f"{SYSTEM}: business partners cannot be deleted through API_BUSINESS_PARTNER "
-                                f"(op {op.op_id}); block it (BusinessPartnerIsBlocked) or mark it for archiving "
-                                "(IsMarkedForArchiving) instead")
-        current = await self._locate(op)
-        values = dict(op.values)
+    @staticmethod
+    def _partner_values(op: WriteOp) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]],
+                                                dict[str, Any] | None, list[dict[str, Any]]]:
+        """(header fields, addresses, roles, customer fields, sales areas) of a partner op, dotted paths nested."""
+        values = nest_dotted(op.values)
         addresses = [dict(a) for a in _as_list(values.pop(ADDRESSES, None), ADDRESSES)]
-        roles = [r if isinstance(r, dict) else {"BusinessPartnerRole": str(r)}
+        roles = [dict(r) if isinstance(r, Mapping) else {"BusinessPartnerRole": str(r)}
                  for r in _as_list(values.pop(ROLES, None), ROLES, allow_scalars=True)]
         customer_raw = values.pop(CUSTOMER, None)
         if customer_raw is not None and not isinstance(customer_raw, Mapping):
@@ -1150,104 +1977,143 @@ class SapClient:
         customer = dict(customer_raw) if customer_raw is not None else None
         areas = [dict(a) for a in _as_list(customer.pop(SALES_AREAS, None), SALES_AREAS)] if customer else []
         values.pop("BusinessPartner", None)
+        for name in [k for k in values if k.startswith("to_")]:
+            raise RejectedError(f"{SYSTEM}: navigation {name} of A_BusinessPartner is not written by Syncline (op "
+                                f"{op.op_id}); addresses, roles and customer data are")
+        return values, addresses, roles, customer, areas
+
+    @staticmethod
+    def _address_body(address: Mapping[str, Any]) -> dict[str, Any]:
+        """An address for a deep insert: its phone numbers and e-mail addresses as `{"results": [...]}`."""
+        body: dict[str, Any] = {}
+        for name, value in address.items():
+            if name in COMMUNICATION:
+                entries = [dict(e) for e in _as_list(value, name) if not _blank(e)]
+                if entries:
+                    body[name] = {"results": entries}
+            elif name.startswith("to_"):
+                raise RejectedError(f"{SYSTEM}: address navigation {name} is not written by Syncline (known: "
+                                    f"{', '.join(COMMUNICATION)})")
+            else:
+                body[name] = value
+        return body
+
+    def _plan_partner(self, op: WriteOp, current: dict[str, Any] | None) -> _Plan:
+        what = f"A_BusinessPartner create (op {op.op_id})"
+        if op.action == "delete":
+            raise RejectedError(f"{SYSTEM}: business partners cannot be deleted through API_BUSINESS_PARTNER "
+                                f"(op {op.op_id}); block it (BusinessPartnerIsBlocked) or mark it for archiving "
+                                "(IsMarkedForArchiving) instead")
+        values, addresses, roles, customer, areas = self._partner_values(op)
         if current is None:
             if op.action == "update":
                 raise RejectedError(f"SAP rejected A_BusinessPartner update (op {op.op_id}): business partner "
                                     f"{op.key or op.match} does not exist (use 'upsert' to create it)")
             body: dict[str, Any] = {**values, **(op.match or {})}
-            if addresses:
-                body[ADDRESSES] = {"results": addresses}
+            bodies = [self._address_body(a) for a in addresses if not _blank(a)]
+            if bodies:
+                body[ADDRESSES] = {"results": bodies}
             if customer is not None and not roles:
                 roles = [{"BusinessPartnerRole": CUSTOMER_ROLE}]
             if roles:
                 body[ROLES] = {"results": roles}
             if customer is not None:
-                body[CUSTOMER] = {**customer, **({SALES_AREAS: {"results": areas}} if areas else {})}
-            return await self._create(op, wire_value("", body), what)
+                wanted_areas = [a for a in areas if not _blank(a)]
+                body[CUSTOMER] = {**customer, **({SALES_AREAS: {"results": wanted_areas}} if wanted_areas else {})}
+            return _Plan("A_BusinessPartner", what, None,
+                         [_Req("POST", "A_BusinessPartner", what, wire_value("", body))], create=True)
         number = str(current["BusinessPartner"])
         what = f"A_BusinessPartner {number} update (op {op.op_id})"
-        root = self.service_root("A_BusinessPartner")
         key = {"BusinessPartner": number}
-        expand = _entity("A_BusinessPartner").expand
-
-        async def reread() -> dict[str, Any] | None:
-            return await self._get_row("A_BusinessPartner", key, what=f"re-read for {what}", expand=expand)
-
-        await self._patch("A_BusinessPartner", key, values, current, what=what, service_root=root, reread=reread)
-        await self._write_addresses(number, addresses, _nav_rows(current.get(ADDRESSES)), what=what)
+        plan = _Plan("A_BusinessPartner", what, number,
+                     self._patch("A_BusinessPartner", key, values, current, what))
+        plan.requests += self._plan_addresses(number, addresses, _nav_rows(current.get(ADDRESSES)), what)
         current_roles = {str(r.get("BusinessPartnerRole")) for r in _nav_rows(current.get(ROLES))}
-        if customer is not None and not current.get(CUSTOMER) and not roles and \
+        existing = current.get(CUSTOMER)
+        if customer is not None and not isinstance(existing, dict) and not roles and \
                 not current_roles & {"FLCU00", CUSTOMER_ROLE}:
             roles = [{"BusinessPartnerRole": CUSTOMER_ROLE}]
+        added: set[str] = set()
         for role in roles:
-            if str(role.get("BusinessPartnerRole")) in current_roles:
+            name = str(role.get("BusinessPartnerRole"))
+            if name in current_roles or name in added:
                 continue
-            await self._post_child("A_BusinessPartner", key, ROLES, role, what=f"{what}, role "
-                                   f"{role.get('BusinessPartnerRole')}")
-        if customer is not None:
-            await self._write_customer(number, customer, areas, current, what=what, reread=reread)
-        return WriteResult(op.op_id, True, key=number)
+            added.add(name)
+            plan.requests.append(_Req("POST", f"{key_path('A_BusinessPartner', key)}/{ROLES}",
+                                      f"{what}, role {name}", wire_value("", role)))
+        if customer is None:
+            return plan
+        if not isinstance(existing, dict):
+            if added & {"FLCU00", CUSTOMER_ROLE}:
+                # SAP creates the customer when the role arrives: its data follows after a re-read.
+                plan.incomplete = True
+                return plan
+            raise RejectedError(f"SAP rejected {what}: business partner {number} has no customer data although it "
+                                f"has a customer role; check the partner's roles in SAP")
+        customer_key = {"Customer": str(existing.get("Customer") or number)}
+        plan.requests += self._patch("A_Customer", customer_key, customer, existing, f"{what}, customer data")
+        current_areas = _nav_rows(existing.get(SALES_AREAS))
+        for index, area in enumerate(areas):
+            if all(area.get(f) not in (None, "") for f in AREA_KEYS):
+                area_id = {f: str(area[f]) for f in AREA_KEYS}
+                target = next((a for a in current_areas if all(str(a.get(f)) == v for f, v in area_id.items())),
+                              None)
+            else:
+                # A dotted path names no sales area: it means the first one.
+                target = current_areas[index] if index < len(current_areas) else None
+            label = "/".join(str(area.get(f) or (target or {}).get(f) or "?") for f in AREA_KEYS)
+            if target is None:
+                if not _blank(area):
+                    plan.requests.append(_Req("POST", f"{key_path('A_Customer', customer_key)}/{SALES_AREAS}",
+                                              f"{what}, sales area {label}", wire_value("", area)))
+                continue
+            target_key = {**customer_key, **{f: str(target.get(f)) for f in AREA_KEYS}}
+            plan.requests += self._patch("A_CustomerSalesArea", target_key, area, target,
+                                         f"{what}, sales area {label}")
+        return plan
 
-    async def _post_child(self, table: str, key: Mapping[str, str], nav: str, values: Mapping[str, Any], *,
-                          what: str) -> None:
-        root = self.service_root(table)
-        url = f"{root}{key_path(table, key)}/{nav}"
-        response = await self._send("POST", url, what=what, body=wire_value("", dict(values)), write=True,
-                                    create=True, service_root=root)
-        if not response.is_success:
-            raise error_for(response, what, write=True)
-
-    async def _write_addresses(self, number: str, wanted: list[dict[str, Any]], current: list[dict[str, Any]], *,
-                               what: str) -> None:
-        root = self.service_root("A_BusinessPartner")
-        ordered = sorted(current, key=lambda a: str(a.get("AddressID") or ""))
+    def _plan_addresses(self, number: str, wanted: list[dict[str, Any]], current: list[dict[str, Any]],
+                        what: str) -> list[_Req]:
+        """Addresses paired by AddressID, else by position (a dotted path is the first address)."""
+        requests: list[_Req] = []
         for index, address in enumerate(wanted):
             address_id = address.get("AddressID")
-            target = next((a for a in ordered if str(a.get("AddressID")) == str(address_id)), None) if address_id \
-                else (ordered[index] if index < len(ordered) else None)
+            target = next((a for a in current if str(a.get("AddressID")) == str(address_id)), None) if address_id \
+                else (current[index] if index < len(current) else None)
             if target is None:
-                await self._post_child("A_BusinessPartner", {"BusinessPartner": number}, ADDRESSES,
-                                       {k: v for k, v in address.items() if k not in ("AddressID", "BusinessPartner")},
-                                       what=f"{what}, new address")
+                if not _blank(address):
+                    body = self._address_body({k: v for k, v in address.items()
+                                               if k not in ("AddressID", "BusinessPartner")})
+                    requests.append(_Req("POST", f"{key_path('A_BusinessPartner', {'BusinessPartner': number})}/"
+                                                 f"{ADDRESSES}", f"{what}, new address", wire_value("", body)))
                 continue
             address_key = {"BusinessPartner": number, "AddressID": str(target["AddressID"])}
+            address_what = f"{what}, address {target['AddressID']}"
+            fields = {k: v for k, v in address.items() if not k.startswith("to_")}
+            requests += self._patch("A_BusinessPartnerAddress", address_key, fields, target, address_what)
+            for nav in (k for k in address if k.startswith("to_")):
+                if nav not in COMMUNICATION:
+                    raise RejectedError(f"{SYSTEM}: address navigation {nav} is not written by Syncline (known: "
+                                        f"{', '.join(COMMUNICATION)})")
+                entity = COMMUNICATION[nav]
+                existing = _nav_rows(target.get(nav))
+                for position, entry in enumerate(_as_list(address[nav], nav)):
+                    entry_what = f"{address_what}, {nav} {position + 1}"
+                    if position >= len(existing):
+                        if not _blank(entry):
+                            requests.append(_Req("POST", f"{key_path('A_BusinessPartnerAddress', address_key)}/{nav}",
+                                                 entry_what, wire_value("", dict(entry))))
+                        continue
+                    row = existing[position]
+                    entry_key = {f: str(row.get(f) if row.get(f) is not None else "") for f in _COMM_KEYS}
+                    requests += self._patch(entity, entry_key, dict(entry), row, entry_what)
+        return requests
 
-            async def no_reread() -> None:
-                return None
 
-            await self._patch("A_BusinessPartnerAddress", address_key, address, target, service_root=root,
-                              what=f"{what}, address {target['AddressID']}", reread=no_reread)
-
-    async def _write_customer(self, number: str, customer: Mapping[str, Any], areas: list[dict[str, Any]],
-                              current: Mapping[str, Any], *, what: str,
-                              reread: Callable[[], Awaitable[dict[str, Any] | None]]) -> None:
-        root = self.service_root("A_BusinessPartner")
-        existing = current.get(CUSTOMER)
-        if not isinstance(existing, dict):
-            # The customer role was added just now: SAP created the customer, read it back.
-            fresh = await reread()
-            existing = fresh.get(CUSTOMER) if fresh is not None else None
-            if not isinstance(existing, dict):
-                raise RejectedError(f"SAP rejected {what}: business partner {number} has no customer data after "
-                                    f"adding role {CUSTOMER_ROLE}; check the partner's roles in SAP")
-        customer_key = {"Customer": str(existing.get("Customer") or number)}
-
-        async def no_reread() -> None:
-            return None
-
-        await self._patch("A_Customer", customer_key, customer, existing, what=f"{what}, customer data",
-                          service_root=root, reread=no_reread)
-        current_areas = _nav_rows(existing.get(SALES_AREAS))
-        for area in areas:
-            area_id = {f: str(area.get(f) or "") for f in ("SalesOrganization", "DistributionChannel", "Division")}
-            target = next((a for a in current_areas if all(str(a.get(f)) == v for f, v in area_id.items())), None)
-            label = "/".join(area_id.values())
-            if target is None:
-                await self._post_child("A_Customer", customer_key, SALES_AREAS, area,
-                                       what=f"{what}, sales area {label}")
-                continue
-            await self._patch("A_CustomerSalesArea", {**customer_key, **area_id}, area, target, service_root=root,
-                              what=f"{what}, sales area {label}", reread=no_reread)
+def _writable(op: WriteOp) -> None:
+    if op.table not in WRITABLE:
+        raise RejectedError(f"{SYSTEM}: writes go to A_SalesOrder (with to_Item) or A_BusinessPartner (with "
+                            f"addresses and customer data), not {op.table}")
 
 
 # ============================================================================================ helpers

@@ -604,13 +604,17 @@ async def test_stale_etag_is_reread_and_retried_once(factory: Factory, sap_sim: 
     assert "HTTP 412 twice" in twice[0].error.detail
 
 
-async def test_gateway_errors_fail_only_their_op_with_sap_text(sap: SapClient, sap_sim: SapSimulator) -> None:
+@pytest.mark.parametrize("batch_size", [1, 100])
+async def test_gateway_errors_fail_only_their_op_with_sap_text(factory: Factory, sap_sim: SapSimulator,
+                                                               batch_size: int) -> None:
+    sap = factory.client(batch_size=batch_size)
+    tag = f"B{batch_size}"
     results = await sap.write([
-        order_op("g1", "SF-GW-OK"),
-        order_op("g2", "SF-GW-ORG", SalesOrganization="9999"),
-        order_op("g3", "SF-GW-MAT", [("SF-GW-MAT-L1", "NO-SUCH-PART", 1, "PC")]),
-        order_op("g4", "SF-GW-UNIT", [("SF-GW-UNIT-L1", "PV-GREASE", 1, "PC")]),
-        order_op("g5", "SF-GW-CUR", SoldToParty=BAD_PARTNER_CURRENCY),
+        order_op("g1", f"SF-GW-OK-{tag}"),
+        order_op("g2", f"SF-GW-ORG-{tag}", SalesOrganization="9999"),
+        order_op("g3", f"SF-GW-MAT-{tag}", [("SF-GW-MAT-L1", "NO-SUCH-PART", 1, "PC")]),
+        order_op("g4", f"SF-GW-UNIT-{tag}", [("SF-GW-UNIT-L1", "PV-GREASE", 1, "PC")]),
+        order_op("g5", f"SF-GW-CUR-{tag}", SoldToParty=BAD_PARTNER_CURRENCY),
     ])
     assert [r.ok for r in results] == [True, False, False, False, False]
     errors = [r.error for r in results[1:]]
@@ -622,8 +626,10 @@ async def test_gateway_errors_fail_only_their_op_with_sap_text(sap: SapClient, s
     assert "Unit PC is not defined for material PV-GREASE" in details[2]
     assert "Currency XAU is not defined" in details[3]
     for reference in ("SF-GW-ORG", "SF-GW-MAT", "SF-GW-UNIT", "SF-GW-CUR"):
-        assert orders_with(sap_sim, reference) == []
-    assert len(posts(sap_sim)) == 5  # rejections are not retried
+        assert orders_with(sap_sim, f"{reference}-{tag}") == []
+    assert len(orders_with(sap_sim, f"SF-GW-OK-{tag}")) == 1
+    # rejections are not retried: five creates alone, or one $batch with five changesets
+    assert posts(sap_sim) == ([f"{SO}A_SalesOrder"] * 5 if batch_size == 1 else [f"{SO}$batch"])
     update = await sap.write([WriteOp("g6", "update", "A_SalesOrder", key="4000001",
                                       values={"SalesOrganization": "1720"})])
     assert isinstance(update[0].error, RejectedError)
