@@ -1,28 +1,41 @@
-"""Protocol-faithful simulator of SAP S/4HANA OData v2 API_BUSINESS_PARTNER and API_SALES_ORDER_SRV.
+"""Protocol-faithful simulator of SAP S/4HANA OData v2 (business partners, sales orders, products, prices, ATP).
 
 Serve `.app` with `sandbox.server.RunningServer(sim.app, ca=TestCA...)`; the host is then `server.url` and the
-services live under `/sap/opu/odata/sap/<service>/`. What it does, as S/4HANA does:
+services live under `/sap/opu/odata/sap/<service>/`: API_BUSINESS_PARTNER, API_SALES_ORDER_SRV, API_PRODUCT_SRV
+(A_Product, A_ProductDescription, A_ProductPlant), API_SLSPRICINGCONDITIONRECORD_SRV (A_SlsPrcgConditionRecord,
+A_SlsPrcgCndnRecdValidity) and API_PRODUCT_AVAILY_INFO_BASIC (function import `DetermineAvailabilityAt`);
+products and prices are read-only here. What it does, as S/4HANA does:
 
 - Auth: Basic (communication user `sim.user` / `sim.password`) or a bearer token from the OAuth 2.0
   client-credentials endpoint `POST /sap/bc/sec/oauth2/token` (`sim.client_id` / `sim.client_secret`).
 - CSRF: a GET with `x-csrf-token: Fetch` answers the token in `x-csrf-token` and opens a session
-  (`SAP_SESSIONID_S4H_100` and `sap-usercontext` cookies); POST/PUT/PATCH/MERGE/DELETE without that token and
-  its session cookie get 403 `x-csrf-token: Required` "CSRF token validation failed".
+  (`SAP_SESSIONID_S4H_100` and `sap-usercontext` cookies); POST/PUT/PATCH/MERGE/DELETE (and every $batch)
+  without that token and its session cookie get 403 `x-csrf-token: Required` "CSRF token validation failed".
 - OData v2 JSON: `{"d": {"results": [...], "__count", "__next"}}`, `{"d": {...}}`, `__metadata` (id, uri,
   type, etag), `__deferred` navigation, `\\/Date(ms)\\/` dates, `PT..H..M..S` times, decimals as strings;
   `$filter` (eq ne gt ge lt le, and or not, parentheses, string / datetime / datetimeoffset / time / decimal
-  literals), `$orderby`, `$top`, `$skip`, `$select`, `$expand`, `$inlinecount`, server paging with `__next`.
+  literals), `$orderby`, `$top`, `$skip`, `$select`, `$expand` (nested paths too), `$inlinecount`, server
+  paging with `__next`.
+- $batch (`POST <service>/$batch`, multipart/mixed): retrieve parts and changesets, answered 202 with one part
+  per item; a changeset runs its requests in order, resolves `$<Content-ID>` references to entities created
+  before it, and is rolled back as a whole by its first failing request (whose error is its only answer);
+  its events are raised only when it commits.
 - ETags: sales orders and items `W/"datetimeoffset'...'"` from their change time, business partners
   `W/"'<ETag>'"` from the `ETag` property (user + change time); header updates need `If-Match` (428 without,
   412 when stale).
-- Deep insert of A_SalesOrder with `to_Item` and of A_BusinessPartner with `to_BusinessPartnerAddress`,
-  `to_BusinessPartnerRole`, `to_Customer` (and its `to_CustomerSalesArea`); internal number ranges.
+- Deep insert of A_SalesOrder with `to_Item` and of A_BusinessPartner with `to_BusinessPartnerAddress` (and
+  each address's `to_PhoneNumber` / `to_EmailAddress`), `to_BusinessPartnerRole`, `to_Customer` (and its
+  `to_CustomerSalesArea`); internal number ranges. Phone numbers and e-mail addresses are also created through
+  their address's navigation and PATCHed by key (AddressID, Person, OrdinalNumber).
 - Validation against customizing (sales areas, plants, materials and their units, sold-to parties, countries,
-  currencies) with Gateway error bodies. Message classes and numbers are representative, not authoritative.
+  currencies, phone number characters, e-mail syntax) with Gateway error bodies. Message classes and numbers
+  are representative, not authoritative.
 - Change stamps: A_SalesOrder `LastChangeDateTime` (UTC, on create and every change); A_BusinessPartner
   `CreationDate`/`CreationTime` on create and `LastChangeDate`/`LastChangeTime` (UTC) only once changed.
-- Knobs: fault injection, latency, throttling (429/503 with Retry-After), CSRF/session and OAuth token
-  expiry, order status progress (delivery, goods issue, billing), UI edits, and event-mesh style CloudEvents
+- Knobs: fault injection, latency per request (`latency_ms`) and per operation (`operation_latency_ms`, paid
+  once per $batch part), throttling (429/503 with Retry-After), CSRF/session and OAuth token expiry, order
+  status progress (delivery, goods issue, billing), UI edits, stock (`set_stock`: what DetermineAvailabilityAt
+  answers, no demand netted) and PR00 prices (`set_price`), and event-mesh style CloudEvents
   (`sap.s4.beh.salesorder.v1.SalesOrder.Changed.v1`, ...) POSTed to registered URLs in the background.
 """
 
@@ -645,6 +658,7 @@ class SapSimulator:
         self.events: list[dict[str, Any]] = []
         """Every CloudEvent raised (delivered or not)."""
         self.event_endpoints: list[str] = []
+        self._endpoint_headers: dict[str, dict[str, str]] = {}
         self.event_failures: list[str] = []
         self.emit_events = True
         self._lock = threading.RLock()
@@ -772,9 +786,11 @@ class SapSimulator:
             "ConditionReleaseStatus": "", "SalesOrganization": org, "DistributionChannel": channel, "Division": "",
             "Customer": "", "Material": material, "MaterialGroup": "", "Plant": ""}
 
-    def register_event_endpoint(self, url: str) -> None:
-        """CloudEvents of every create/change are POSTed to `url` (like an Event Mesh webhook subscription)."""
+    def register_event_endpoint(self, url: str, *, headers: Mapping[str, str] | None = None) -> None:
+        """CloudEvents of every create/change are POSTed to `url` (like an Event Mesh webhook subscription),
+        with `headers` on each delivery (the subscription's configured authentication header, say)."""
         self.event_endpoints.append(url)
+        self._endpoint_headers[url] = dict(headers or {})
 
     async def flush_events(self, timeout: float = 10.0) -> None:
         """Wait until every queued event delivery has finished (delivered or failed)."""
@@ -918,8 +934,8 @@ class SapSimulator:
     def _delivery(self, url: str, body: bytes) -> Callable[[httpx.AsyncClient], Any]:
         async def deliver(client: httpx.AsyncClient) -> None:
             try:
-                response = await client.post(url, content=body,
-                                             headers={"Content-Type": "application/cloudevents+json"})
+                response = await client.post(url, content=body, headers={
+                    **self._endpoint_headers.get(url, {}), "Content-Type": "application/cloudevents+json"})
                 if response.status_code >= 300:
                     self.event_failures.append(f"{url}: HTTP {response.status_code}")
             except httpx.HTTPError as exc:
