@@ -1,10 +1,11 @@
-"""Seeds a DataverseSimulator: a DOT sign program (signs, work orders, tasks) and Dynamics 365 Sales records."""
+"""Seeds a DataverseSimulator: a DOT sign program, Dynamics 365 Sales records and orders bound for SAP S/4HANA."""
 
 from __future__ import annotations
 
 import math
 import random
 import uuid
+from collections.abc import Mapping, Sequence
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
@@ -270,3 +271,191 @@ def seed_crm(sim: DataverseSimulator, *, accounts: int = 30, contacts_per_accoun
                 "parentcustomerid": account_id,
             }, key=_guid(rng)))
     return out
+
+
+# ============================================================================================ SAP (flows/sap.yaml)
+
+SAP_SALES_ORG = 100000000
+"""Pumps US (1710): the one sales organisation the sap value map knows."""
+DISTRIBUTION_CHANNELS = (100000000, 100000001)
+"""Direct sales (10) and Dealers (20)."""
+UNMAPPED_SALES_ORG = 100000001
+"""Pumps Canada (1810): an option of syn_salesorg the sales_org value map does not have."""
+UNMAPPED_PLANT = 100000002
+"""Monterrey (1730): an option of syn_plant the plant value map does not have."""
+UNMAPPED_UNIT = 100000003
+"""Box: an option of syn_unit the unit value map does not have."""
+UNMAPPED_CURRENCY = "XAU"
+"""A currency code (gold) that the currency_sap value map does not have."""
+SAP_ORDERS_BASE_DATE = date(2026, 4, 1)
+SUBMITTED_SHARE = 0.8
+_ERP_FIRST = ["Aspen", "Boulder Creek", "Canyon", "Delta", "Eagle", "Front Range", "Gunnison", "High Plains",
+              "Iron Horse", "Juniper", "Kern", "Lone Pine", "Mesa", "North Fork", "Owens", "Pikes Peak", "Red Rock",
+              "Sierra", "Truckee", "Yampa"]
+_ERP_SECOND = ["Water District", "Irrigation Co", "Municipal Utilities", "Mining", "Chemical", "Refining",
+               "Food Processing", "Fire Protection", "HVAC Services", "Wastewater Authority"]
+_ERP_CITIES = [("Denver", "80202", "303"), ("Colorado Springs", "80903", "719"), ("Sacramento", "95814", "916"),
+               ("Fresno", "93721", "559"), ("Salt Lake City", "84111", "801"), ("Phoenix", "85004", "602"),
+               ("Albuquerque", "87102", "505"), ("Reno", "89501", "775")]
+_ERP_STREETS = ["Industrial Pkwy", "Pump House Rd", "Canal St", "Mill Rd", "Foundry Ave", "Reservoir Dr"]
+
+
+def seed_sap_accounts(sim: DataverseSimulator, *, accounts: int = 12, seed: int = 21) -> dict[str, list[str]]:
+    """Create Dynamics accounts that are ERP customers, as an office user would (validated, webhooks fire).
+
+    Each has an account number ACC-01001, ACC-01002..., a US address, phone, payment terms 1-4 and currency
+    USD (two of them CAD); none has an SAP business partner yet. One more account is deliberately bad: its
+    currency XAU is not in the currency_sap value map. Ids and values depend only on `seed`. Returns ids by
+    category: "accounts" (the good ones) and "bad_currency" (the bad one, not in "accounts").
+    """
+    if accounts < 0:
+        raise ValueError("accounts must be >= 0")
+    rng = random.Random(seed)
+    cad = set(rng.sample(range(1, accounts + 1), min(2, accounts)))
+    out: dict[str, list[str]] = {"accounts": [], "bad_currency": []}
+    used: set[str] = set()
+    for n in range(1, accounts + 2):
+        bad = n == accounts + 1
+        name = f"{rng.choice(_ERP_FIRST)} {rng.choice(_ERP_SECOND)}"
+        if name in used:
+            name = f"{name} ({n})"
+        used.add(name)
+        city, postcode, area = rng.choice(_ERP_CITIES)
+        account_id = sim.apply_change("accounts", {
+            "name": name,
+            "accountnumber": f"ACC-{1000 + n:05d}",
+            "address1_line1": f"{rng.randint(10, 9999)} {rng.choice(_ERP_STREETS)}",
+            "address1_city": city,
+            "address1_postalcode": postcode,
+            "address1_country": "US",
+            "telephone1": f"+1 {area} 555 {rng.randrange(0, 10000):04d}",
+            "paymenttermscode": rng.randint(1, 4),
+            "syn_currencycode": UNMAPPED_CURRENCY if bad else "CAD" if n in cad else "USD",
+        }, key=_guid(rng))
+        out["bad_currency" if bad else "accounts"].append(account_id)
+    return out
+
+
+def _valid_products(products: Mapping[str, tuple[Sequence[int], Sequence[int]]]) -> dict[str, tuple[list[int],
+                                                                                                   list[int]]]:
+    # Sorted so that the result depends on the products given, not on the order the caller built them in.
+    valid = {pid.lower(): (sorted(units), sorted(plants)) for pid, (units, plants) in sorted(products.items())
+             if units and plants}
+    if not valid:
+        raise ValueError("products must name at least one product with an allowed unit and plant")
+    return valid
+
+
+def seed_sap_orders(sim: DataverseSimulator, *, accounts: Sequence[str],
+                    products: Mapping[str, tuple[Sequence[int], Sequence[int]]], orders: int = 40,
+                    seed: int = 22) -> dict[str, list[str]]:
+    """Create Dynamics sales orders as an office user would: header, 1-4 lines, then submit (webhooks fire).
+
+    `products` maps a productid to the syn_unit and syn_plant option values its lines may use (the caller
+    derives them from SAP's material master, so every line is one SAP accepts). Each order is for one of
+    `accounts`, in sales org Pumps US with a random distribution channel, the account's currency (USD when it
+    has none) and a requested delivery date; lines use the product's price when it has one. About 80% of
+    `orders` are then submitted (statecode 1, what sends them to SAP); the rest stay Active drafts. Three more
+    orders are deliberately bad, all submitted: sales org Pumps Canada (unmapped), a line in plant Monterrey
+    (unmapped), a line in unit Box (unmapped). Ids depend only on `seed` and the arguments. Returns ids by
+    category: "submitted" (good ones only), "draft", "bad_sales_org", "bad_plant", "bad_unit" and "lines"
+    (every line of every order).
+    """
+    if orders < 0:
+        raise ValueError("orders must be >= 0")
+    if not accounts:
+        raise ValueError("accounts must name at least one account")
+    valid = _valid_products(products)
+    product_ids = list(valid)
+    rng = random.Random(seed)
+    submit = set(rng.sample(range(orders), round(orders * SUBMITTED_SHARE)))
+    bad_kinds = ("bad_sales_org", "bad_plant", "bad_unit")
+    out: dict[str, list[str]] = {k: [] for k in ("submitted", "draft", *bad_kinds, "lines")}
+    for n in range(orders + len(bad_kinds)):
+        kind = bad_kinds[n - orders] if n >= orders else None
+        account_id = rng.choice(list(accounts))
+        account = sim.get("accounts", account_id) or {}
+        order_id = sim.apply_change("salesorders", {
+            "name": f"{account.get('name') or 'Order'} - pumps and valves {n + 1:03d}",
+            "customerid": account_id,
+            "syn_salesorg": UNMAPPED_SALES_ORG if kind == "bad_sales_org" else SAP_SALES_ORG,
+            "syn_distributionchannel": rng.choice(DISTRIBUTION_CHANNELS),
+            "syn_currencycode": account.get("syn_currencycode") or "USD",
+            "requestdeliveryby": (SAP_ORDERS_BASE_DATE + timedelta(days=rng.randrange(7, 60))).isoformat(),
+        }, key=_guid(rng))
+        for i in range(rng.randint(1, 4)):
+            product_id = rng.choice(product_ids)
+            units, plants = valid[product_id]
+            product = sim.get("products", product_id) or {}
+            price = product.get("price") or round(rng.uniform(80.0, 6000.0), 2)
+            line = {
+                "salesorderid": order_id,
+                "productid": product_id,
+                "productdescription": product.get("name"),
+                "quantity": float(rng.randint(1, 20)),
+                "priceperunit": float(price),
+                "syn_unit": rng.choice(units),
+                "syn_plant": rng.choice(plants),
+            }
+            if i == 0 and kind == "bad_plant":
+                line["syn_plant"] = UNMAPPED_PLANT
+            if i == 0 and kind == "bad_unit":
+                line["syn_unit"] = UNMAPPED_UNIT
+            out["lines"].append(sim.apply_change("salesorderdetails", line, key=_guid(rng)))
+        if kind is not None or n in submit:
+            sim.apply_change("salesorders", {"statecode": 1}, key=order_id)
+        out[kind or ("submitted" if n in submit else "draft")].append(order_id)
+    return out
+
+
+def bulk_sap_orders(sim: DataverseSimulator, *, accounts: Sequence[str],
+                    products: Mapping[str, tuple[Sequence[int], Sequence[int]]], orders: int = 10_000,
+                    seed: int = 23) -> list[str]:
+    """Put `orders` submitted sales orders with 1-3 valid lines each straight into the simulator (benchmarks).
+
+    Like `DataverseSimulator.insert`: no validation and no webhooks, but the platform's derived columns
+    (order number, line numbers, amounts, totals, statuscode In Progress) are there. Returns the order ids.
+    """
+    if orders < 0:
+        raise ValueError("orders must be >= 0")
+    if not accounts:
+        raise ValueError("accounts must name at least one account")
+    valid = _valid_products(products)
+    product_ids = list(valid)
+    account_ids = [a.lower() for a in accounts]
+    currency = {a: (sim.get("accounts", a) or {}).get("syn_currencycode") or "USD" for a in account_ids}
+    names = {p: (sim.get("products", p) or {}).get("name") for p in product_ids}
+    prices = {p: (sim.get("products", p) or {}).get("price") for p in product_ids}
+    rng = random.Random(seed)
+    headers: list[dict[str, Any]] = []
+    lines: list[dict[str, Any]] = []
+    for n in range(orders):
+        account_id = rng.choice(account_ids)
+        order_id = _guid(rng)
+        headers.append({
+            "salesorderid": order_id,
+            "name": f"Bulk order {n + 1:06d}",
+            "customerid": account_id,
+            "statecode": 1,
+            "statuscode": 3,
+            "syn_salesorg": SAP_SALES_ORG,
+            "syn_distributionchannel": rng.choice(DISTRIBUTION_CHANNELS),
+            "syn_currencycode": currency[account_id],
+            "requestdeliveryby": (SAP_ORDERS_BASE_DATE + timedelta(days=rng.randrange(7, 60))).isoformat(),
+        })
+        for _ in range(rng.randint(1, 3)):
+            product_id = rng.choice(product_ids)
+            units, plants = valid[product_id]
+            lines.append({
+                "salesorderdetailid": _guid(rng),
+                "salesorderid": order_id,
+                "productid": product_id,
+                "productdescription": names[product_id],
+                "quantity": float(rng.randint(1, 20)),
+                "priceperunit": float(prices[product_id] or round(rng.uniform(80.0, 6000.0), 2)),
+                "syn_unit": rng.choice(units),
+                "syn_plant": rng.choice(plants),
+            })
+    ids = sim.insert_many("salesorders", headers)
+    sim.insert_many("salesorderdetails", lines)  # each order's total is rolled up once, after all its lines
+    return ids

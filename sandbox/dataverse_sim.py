@@ -7,6 +7,7 @@ import base64
 import functools
 import json
 import math
+import random
 import re
 import secrets
 import threading
@@ -17,6 +18,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
+from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
@@ -49,7 +51,8 @@ _GUID_RE = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F
 _DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 FLOWS_FILE = Path(__file__).resolve().parent.parent / "flows" / "dot-signs.yaml"
 CRM_FLOWS_FILE = Path(__file__).resolve().parent.parent / "flows" / "customer-360.yaml"
-STANDARD_TABLES = frozenset({"annotation", "account", "contact"})
+SAP_FLOWS_FILE = Path(__file__).resolve().parent.parent / "flows" / "sap.yaml"
+STANDARD_TABLES = frozenset({"annotation", "account", "contact", "product", "salesorder", "salesorderdetail"})
 """Out-of-the-box tables (EntityDefinitions IsCustomEntity false); the rest of the data tables are custom."""
 
 EDM = {
@@ -64,6 +67,10 @@ ATTRIBUTE_TYPES = {
 }
 URL_UNSAFE_KEY_CHARS = frozenset("/<>*%&:\\?+")
 SYSTEM_READONLY = frozenset({"createdon", "modifiedon", "createdby", "modifiedby", "ownerid", "versionnumber"})
+AUTONUMBER_SEED = 1001
+"""The first `{SEQNUM}` an auto-number column hands out."""
+AUTONUMBER_CHARS = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"
+"""`{RANDSTRING}` characters (no 0/O or 1/I lookalikes)."""
 
 
 # ============================================================================================ errors
@@ -114,6 +121,16 @@ class LookupColumn:
     navs: dict[str, str]
 
 
+@dataclass(frozen=True)
+class Rollup:
+    """A money column the platform keeps equal to the sum of a child table's column (e.g. an order's total)."""
+
+    child_set: str
+    child_lookup: str
+    """The child's lookup column pointing at the parent."""
+    child_column: str
+
+
 @dataclass
 class TableSchema:
     """One table: names, typed columns, alternate keys, lookups, choices and required columns."""
@@ -138,6 +155,16 @@ class TableSchema:
     """Write-only columns (IsValidForRead false, e.g. serviceendpoint.authvalue): never returned by reads."""
     defaults: dict[str, Any] = field(default_factory=dict)
     """Values the platform sets on create when the request leaves them out."""
+    autonumber: dict[str, str] = field(default_factory=dict)
+    """string column -> AutoNumberFormat (`{SEQNUM:n}`, `{RANDSTRING:n}`): filled on create when left empty."""
+    line_numbers: dict[str, str] = field(default_factory=dict)
+    """int column -> parent lookup column: numbered 1, 2, 3... within the parent on create when left empty."""
+    amounts: dict[str, tuple[str, str]] = field(default_factory=dict)
+    """money column -> (a, b): the platform keeps it at a * b, rounded to cents (a missing factor counts as 0)."""
+    rollups: dict[str, Rollup] = field(default_factory=dict)
+    """money column -> the sum of a child column over the records whose lookup points here."""
+    status_by_state: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    """statecode -> its valid statuscode values; the first is what a statecode change alone sets."""
 
     def __post_init__(self) -> None:
         cols = {self.primary_id: "guid"}
@@ -171,22 +198,44 @@ class TableSchema:
         return out
 
 
+def _option_value(value: Any) -> int | None:
+    """A value map's Dataverse side as a choice option value, or None when it is text (e.g. a currency code)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and re.fullmatch(r"-?\d+", value.strip()):
+        return int(value)
+    return None
+
+
 def _flow_choices(flows_file: Path) -> dict[tuple[str, str], ChoiceColumn]:
-    """(entity set, column) -> choice options, read from the value maps of the flow spec (single source of truth)."""
+    """(entity set, column) -> choice options, read from the value maps of the flow spec (single source of truth).
+
+    Header fields and document lines (`lines.fields` on `lines.source_table` / `target_table`) both count. A
+    value map whose Dataverse side is text (ISO currency codes) belongs to a text column, not a choice.
+    """
     data = yaml.safe_load(flows_file.read_text(encoding="utf-8"))
     value_maps: dict[str, list[dict[str, Any]]] = data.get("value_maps", {})
     out: dict[tuple[str, str], ChoiceColumn] = {}
     for flow in data.get("flows", []):
-        for side_name, column_key in (("source", "source"), ("target", "target")):
-            side = flow[side_name]
-            if side["system"] != "dataverse":
-                continue
-            for fm in flow.get("fields", []):
-                if fm.get("transform") != "choice":
+        parts = [(flow["source"], flow["target"], flow.get("fields", []))]
+        lines = flow.get("lines")
+        if lines:
+            parts.append(({"system": flow["source"]["system"], "table": lines["source_table"]},
+                          {"system": flow["target"]["system"], "table": lines["target_table"]},
+                          lines.get("fields", [])))
+        for source, target, fields in parts:
+            for side, column_key in ((source, "source"), (target, "target")):
+                if side["system"] != "dataverse":
                     continue
-                entries = value_maps[fm["value_map"]]
-                options = {int(e["dataverse"]): str(e["label"]) for e in entries}
-                out[(side["table"], fm[column_key])] = ChoiceColumn(options, option_set_name=fm["value_map"])
+                for fm in fields:
+                    if fm.get("transform") != "choice":
+                        continue
+                    entries = value_maps[fm["value_map"]]
+                    values = [_option_value(e["dataverse"]) for e in entries]
+                    if any(v is None for v in values):
+                        continue
+                    options = {v: str(e["label"]) for v, e in zip(values, entries, strict=True) if v is not None}
+                    out[(side["table"], fm[column_key])] = ChoiceColumn(options, option_set_name=fm["value_map"])
     return out
 
 
@@ -275,6 +324,13 @@ ACCOUNT_CUSTOMER_TYPES = {1: "Competitor", 2: "Consultant", 3: "Customer", 4: "I
                           12: "Other"}
 
 
+ACCOUNT_ADDRESS = {"address1_line1": "string", "address1_city": "string", "address1_postalcode": "string",
+                   "address1_country": "string"}
+ACCOUNT_LENGTHS = {"name": 160, "telephone1": 50, "address1_line1": 250, "address1_city": 80,
+                   "address1_postalcode": 20, "address1_country": 80}
+"""The platform's lengths of the account columns several specs share (merged tables must agree on them)."""
+
+
 def crm_schema(flows_file: Path = CRM_FLOWS_FILE) -> dict[str, TableSchema]:
     """The Dynamics 365 Sales tables of flows/customer-360.yaml (accounts, contacts), keyed by entity set.
 
@@ -285,20 +341,16 @@ def crm_schema(flows_file: Path = CRM_FLOWS_FILE) -> dict[str, TableSchema]:
     customer_type = choices[("accounts", "customertypecode")]
     customer_type = ChoiceColumn({**ACCOUNT_CUSTOMER_TYPES, **customer_type.options}, customer_type.option_set_name)
     sf_key = ("syn_salesforceid",)
-    address = {"address1_line1": "string", "address1_city": "string", "address1_postalcode": "string",
-               "address1_country": "string"}
     tables = [
         TableSchema(
             "accounts", "account", "accountid", "name",
-            columns={"name": "string", "telephone1": "string", "websiteurl": "string", **address,
+            columns={"name": "string", "telephone1": "string", "websiteurl": "string", **ACCOUNT_ADDRESS,
                      "revenue": "money", "creditlimit": "money", "syn_salesforceid": "string"},
             alternate_keys=[sf_key],
             choices={"customertypecode": customer_type,
                      "paymenttermscode": choices[("accounts", "paymenttermscode")]},
             required=frozenset({"name"}),
-            max_length={"name": 160, "telephone1": 50, "websiteurl": 200, "address1_line1": 250,
-                        "address1_city": 80, "address1_postalcode": 20, "address1_country": 80,
-                        "syn_salesforceid": 18},
+            max_length={**ACCOUNT_LENGTHS, "websiteurl": 200, "syn_salesforceid": 18},
         ),
         TableSchema(
             "contacts", "contact", "contactid", "fullname",
@@ -318,9 +370,154 @@ def crm_schema(flows_file: Path = CRM_FLOWS_FILE) -> dict[str, TableSchema]:
     return {t.entity_set: t for t in tables}
 
 
+SALESORDER_STATES = {0: "Active", 1: "Submitted", 2: "Canceled", 3: "Fulfilled", 4: "Invoiced"}
+SALESORDER_STATUSES = {1: "New", 2: "Pending", 3: "In Progress", 4: "No Money", 100001: "Complete",
+                       100002: "Partial", 100003: "Invoiced"}
+SALESORDER_STATUS_BY_STATE = {0: (1, 2), 1: (3,), 2: (4,), 3: (100001, 100002), 4: (100003,)}
+"""salesorder statecode -> its statuscode values (the platform's defaults first)."""
+SAP_UNMAPPED_OPTIONS: dict[tuple[str, str], dict[int, str]] = {
+    ("salesorders", "syn_salesorg"): {100000001: "Pumps Canada (1810)"},
+    ("salesorderdetails", "syn_plant"): {100000002: "Monterrey (1730)"},
+    ("salesorderdetails", "syn_unit"): {100000003: "Box"},
+}
+"""Options the org has that flows/sap.yaml does not map: records using them dead-letter (UNMAPPED_CHOICE)."""
+ORDER_NUMBER_FORMAT = "ORD-{SEQNUM:5}-{RANDSTRING:4}"
+
+
+def sap_schema(flows_file: Path = SAP_FLOWS_FILE) -> dict[str, TableSchema]:
+    """The Dynamics 365 Sales tables of flows/sap.yaml (accounts, products, orders, order lines) by entity set.
+
+    Choices come from the spec's value maps plus `SAP_UNMAPPED_OPTIONS`; text-valued maps (currency codes)
+    are text columns. `accounts` holds only what the SAP flows use: `merge_schemas` joins it with another
+    spec's accounts. Orders get an auto-numbered ordernumber, a statecode/statuscode pair, and a totalamount
+    rolled up from their lines' extendedamount (quantity * priceperunit); lines are numbered per order.
+    """
+    choices = _flow_choices(flows_file)
+
+    def ch(entity_set: str, *cols: str) -> dict[str, ChoiceColumn]:
+        out = {}
+        for col in cols:
+            mapped = choices[(entity_set, col)]
+            extra = SAP_UNMAPPED_OPTIONS.get((entity_set, col), {})
+            out[col] = ChoiceColumn({**mapped.options, **extra}, mapped.option_set_name)
+        return out
+
+    tables = [
+        TableSchema(
+            "accounts", "account", "accountid", "name",
+            columns={"name": "string", "accountnumber": "string", "telephone1": "string", **ACCOUNT_ADDRESS,
+                     "creditonhold": "bool", "syn_currencycode": "string", "syn_sapbusinesspartner": "string"},
+            alternate_keys=[("syn_sapbusinesspartner",)],
+            choices=ch("accounts", "paymenttermscode"),
+            required=frozenset({"name"}),
+            max_length={**ACCOUNT_LENGTHS, "accountnumber": 20, "syn_currencycode": 3,
+                        "syn_sapbusinesspartner": 10},
+        ),
+        TableSchema(
+            "products", "product", "productid", "name",
+            columns={"name": "string", "productnumber": "string", "price": "money", "quantityonhand": "decimal",
+                     "syn_sapmaterial": "string"},
+            alternate_keys=[("syn_sapmaterial",)],
+            required=frozenset({"name", "productnumber"}),
+            max_length={"name": 100, "productnumber": 100, "syn_sapmaterial": 40},
+        ),
+        TableSchema(
+            "salesorders", "salesorder", "salesorderid", "name",
+            columns={"name": "string", "ordernumber": "string", "requestdeliveryby": "date", "totalamount": "money",
+                     "syn_currencycode": "string", "syn_sapsalesorder": "string"},
+            alternate_keys=[("syn_sapsalesorder",)],
+            # customerid is a Customer lookup: an account or a contact, one typed navigation property each.
+            lookups={"customerid": LookupColumn({"customerid_account": "accounts",
+                                                 "customerid_contact": "contacts"})},
+            choices={"statecode": ChoiceColumn(dict(SALESORDER_STATES), "salesorder_statecode"),
+                     "statuscode": ChoiceColumn(dict(SALESORDER_STATUSES), "salesorder_statuscode"),
+                     **ch("salesorders", "syn_salesorg", "syn_distributionchannel", "syn_deliverystatus",
+                          "syn_goodsissuestatus", "syn_billingstatus")},
+            required=frozenset({"name", "customerid"}),
+            max_length={"name": 300, "ordernumber": 100, "syn_currencycode": 3, "syn_sapsalesorder": 10},
+            computed=frozenset({"totalamount"}),
+            defaults={"statecode": 0, "statuscode": 1},
+            autonumber={"ordernumber": ORDER_NUMBER_FORMAT},
+            rollups={"totalamount": Rollup("salesorderdetails", "salesorderid", "extendedamount")},
+            status_by_state=dict(SALESORDER_STATUS_BY_STATE),
+        ),
+        TableSchema(
+            "salesorderdetails", "salesorderdetail", "salesorderdetailid", "productdescription",
+            columns={"productdescription": "string", "quantity": "decimal", "priceperunit": "money",
+                     "extendedamount": "money", "lineitemnumber": "int"},
+            lookups={"salesorderid": LookupColumn({"salesorderid": "salesorders"}),
+                     "productid": LookupColumn({"productid": "products"})},
+            choices=ch("salesorderdetails", "syn_unit", "syn_plant"),
+            required=frozenset({"salesorderid", "quantity"}),
+            max_length={"productdescription": 500},
+            computed=frozenset({"extendedamount"}),
+            line_numbers={"lineitemnumber": "salesorderid"},
+            amounts={"extendedamount": ("quantity", "priceperunit")},
+        ),
+    ]
+    return {t.entity_set: t for t in tables}
+
+
+def _merge_table(a: TableSchema, b: TableSchema) -> TableSchema:
+    """One table described by two specs: the union of their columns, keys, lookups and choices.
+
+    Both must agree where they overlap (names, column types, option labels, lengths): a disagreement means
+    two specs assume different orgs, which the simulator refuses rather than picking one.
+    """
+    where = f"table {a.entity_set}"
+    if (a.logical_name, a.primary_id, a.primary_name) != (b.logical_name, b.primary_id, b.primary_name):
+        raise ValueError(f"{where}: the specs disagree on its names")
+
+    def union(x: Mapping[Any, Any], y: Mapping[Any, Any], what: str) -> dict[Any, Any]:
+        for k in x.keys() & y.keys():
+            if x[k] != y[k]:
+                raise ValueError(f"{where}: the specs disagree on {what} {k!r} ({x[k]!r} vs {y[k]!r})")
+        return {**x, **y}
+
+    choices = {}
+    for col in {**a.choices, **b.choices}:
+        if col in a.choices and col in b.choices:
+            options = union(a.choices[col].options, b.choices[col].options, f"the options of {col}")
+            choices[col] = ChoiceColumn(options, a.choices[col].option_set_name)
+        else:
+            choices[col] = a.choices.get(col) or b.choices[col]
+    if a.change_tracking != b.change_tracking or a.system != b.system:
+        raise ValueError(f"{where}: the specs disagree on change tracking")
+    return TableSchema(
+        a.entity_set, a.logical_name, a.primary_id, a.primary_name,
+        columns=union({c: t for c, t in a.columns.items() if c not in a.choices},
+                      {c: t for c, t in b.columns.items() if c not in b.choices}, "the type of"),
+        alternate_keys=a.alternate_keys + [k for k in b.alternate_keys if k not in a.alternate_keys],
+        lookups=union(a.lookups, b.lookups, "the lookup"),
+        choices=choices,
+        required=a.required | b.required,
+        max_length=union(a.max_length, b.max_length, "the length of"),
+        computed=a.computed | b.computed,
+        change_tracking=a.change_tracking,
+        system=a.system,
+        unreadable=a.unreadable | b.unreadable,
+        defaults=union(a.defaults, b.defaults, "the default of"),
+        autonumber=union(a.autonumber, b.autonumber, "the auto-number of"),
+        line_numbers=union(a.line_numbers, b.line_numbers, "the line numbering of"),
+        amounts=union(a.amounts, b.amounts, "the amount of"),
+        rollups=union(a.rollups, b.rollups, "the rollup of"),
+        status_by_state=union(a.status_by_state, b.status_by_state, "the statuses of state"),
+    )
+
+
+def merge_schemas(*schemas: Mapping[str, TableSchema]) -> dict[str, TableSchema]:
+    """Several specs' tables as one org: a table more than one of them declares is merged (`_merge_table`)."""
+    out: dict[str, TableSchema] = {}
+    for schema in schemas:
+        for entity_set, table in schema.items():
+            out[entity_set] = _merge_table(out[entity_set], table) if entity_set in out else table
+    return out
+
+
 def default_schema() -> dict[str, TableSchema]:
-    """What a simulator serves unless told otherwise: the DOT tables and the Dynamics 365 Sales tables."""
-    return {**dot_schema(), **crm_schema()}
+    """What a simulator serves unless told otherwise: the DOT tables and the Dynamics 365 Sales tables of the
+    Customer 360 and SAP specs (their accounts merged into one table)."""
+    return merge_schemas(dot_schema(), crm_schema(), sap_schema())
 
 
 SDK_MESSAGES = ("Create", "Update", "Delete")
@@ -460,6 +657,18 @@ def _parse_datetime(text: str) -> datetime:
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=UTC)
     return dt
+
+
+def _decimal(value: Any) -> Decimal:
+    """A stored number as an exact decimal (repr keeps 19.99 as 19.99); a missing value counts as 0."""
+    if value is None or isinstance(value, bool):
+        return Decimal(0)
+    return Decimal(repr(float(value)))
+
+
+def _money(value: Decimal) -> float:
+    """A computed amount, rounded half-up to cents like the platform's currency precision (2)."""
+    return float(value.quantize(Decimal("0.01"), rounding=ROUND_HALF_UP))
 
 
 def _coerce(schema: TableSchema, column: str, value: Any) -> Any:
@@ -1117,6 +1326,14 @@ class DataverseSimulator:
         self._tables: dict[str, dict[str, Row]] = {s: {} for s in self.schema}
         self._key_index: dict[str, dict[tuple[str, ...], dict[tuple[Any, ...], str]]] = self._empty_index()
         self._deleted: dict[str, list[tuple[int, str]]] = {s: [] for s in self.schema}
+        self._child_links = self._collect_child_links()
+        self._rollup_links: dict[str, list[tuple[TableSchema, str]]] = {}
+        for table in self.schema.values():
+            for rollup in table.rollups.values():
+                self._rollup_links.setdefault(rollup.child_set, []).append((table, rollup.child_lookup))
+        self._children = self._empty_children()
+        self._autonumbers: dict[tuple[str, str], int] = {}
+        self._autonumber_rng = random.Random(ORGANIZATION_ID)
         self._version = 1000
         self._window: deque[float] = deque()
         self._in_flight = 0
@@ -1149,6 +1366,9 @@ class DataverseSimulator:
             self._tables = {s: {} for s in self.schema}
             self._key_index = self._empty_index()
             self._deleted = {s: [] for s in self.schema}
+            self._children = self._empty_children()
+            self._autonumbers.clear()
+            self._autonumber_rng = random.Random(ORGANIZATION_ID)
             self._window.clear()
             self._seed_platform()
         self.faults.clear()
@@ -1194,25 +1414,43 @@ class DataverseSimulator:
         return self.schema[entity_set]
 
     def insert(self, entity_set: str, values: Mapping[str, Any]) -> str:
-        """Store a record as-is (no validation, no webhook): lookups as logical name -> GUID. Returns the id."""
+        """Store a record as-is (no validation, no webhook): lookups as logical name -> GUID. Returns the id.
+
+        What the platform derives is filled in all the same (a contact's full name, an order's number and
+        total, a line's number and amount), and a parent whose total changes gets a new version.
+        """
+        return self.insert_many(entity_set, [values])[0]
+
+    def insert_many(self, entity_set: str, rows: Iterable[Mapping[str, Any]]) -> list[str]:
+        """`insert` for many records of one table at once (bulk seeds): one lock, one timestamp, and each
+        parent's rollup recomputed once at the end instead of once per child. Returns the ids in order."""
         schema = self.schema[entity_set]
-        vals = dict(values)
-        key = str(vals.get(schema.primary_id) or uuid.uuid4()).lower()
-        vals[schema.primary_id] = key
         now = _now_text()
-        vals.setdefault("createdon", now)
-        vals.setdefault("modifiedon", vals["createdon"])
-        vals.setdefault("createdby", self.office_user_id)
-        vals.setdefault("modifiedby", vals["createdby"])
-        vals.setdefault("ownerid", vals["createdby"])
-        if schema.logical_name == "contact":
-            self._platform_fixups(schema, vals, {})  # a stored contact always has its full name
-        lookup_types = {c: self._target_logical(schema, c, vals) for c in schema.lookups if vals.get(c)}
+        derives = self._derives(schema)
+        parents: dict[tuple[str, str], TableSchema] = {}
+        keys: list[str] = []
         with self._lock:
-            version = self._next_version()
-            vals["versionnumber"] = version
-            self._put_row(schema, key, Row(vals, version, lookup_types))
-        return key
+            for values in rows:
+                vals = dict(values)
+                key = str(vals.get(schema.primary_id) or uuid.uuid4()).lower()
+                vals[schema.primary_id] = key
+                vals.setdefault("createdon", now)
+                vals.setdefault("modifiedon", vals["createdon"])
+                vals.setdefault("createdby", self.office_user_id)
+                vals.setdefault("modifiedby", vals["createdby"])
+                vals.setdefault("ownerid", vals["createdby"])
+                lookup_types = {c: self._target_logical(schema, c, vals) for c in schema.lookups if vals.get(c)}
+                if derives:
+                    self._platform_fixups(schema, vals, lookup_types, creating=True)
+                version = self._next_version()
+                vals["versionnumber"] = version
+                self._put_row(schema, key, Row(vals, version, lookup_types))
+                for parent, parent_key in self._rollup_parents(schema, vals):
+                    parents[(parent.entity_set, parent_key)] = parent
+                keys.append(key)
+            for (_, parent_key), parent in parents.items():
+                self._refresh_rollup_directly(parent, parent_key, now)
+        return keys
 
     def get(self, entity_set: str, key: str) -> dict[str, Any] | None:
         """A copy of a record's stored values (logical names), or None."""
@@ -1978,13 +2216,22 @@ class DataverseSimulator:
 
     def _attribute_metadata(self, schema: TableSchema, col: str) -> dict[str, Any]:
         typ = schema.columns[col]
+        attribute_type = ATTRIBUTE_TYPES[typ]
+        if typ == "lookup" and col == "ownerid":
+            attribute_type = "Owner"
+        elif typ == "lookup" and sorted(schema.lookups[col].navs.values()) == ["accounts", "contacts"]:
+            attribute_type = "Customer"  # parentcustomerid, customerid: the platform's Customer type
         out: dict[str, Any] = {
-            "LogicalName": col, "SchemaName": col, "AttributeType": ATTRIBUTE_TYPES[typ],
-            "AttributeTypeName": {"Value": f"{ATTRIBUTE_TYPES[typ]}Type"},
+            "LogicalName": col, "SchemaName": col, "AttributeType": attribute_type,
+            "AttributeTypeName": {"Value": f"{attribute_type}Type"},
             "MetadataId": str(uuid.uuid5(uuid.NAMESPACE_URL, f"attr:{schema.logical_name}.{col}")),
             "IsPrimaryId": col == schema.primary_id,
             "RequiredLevel": {"Value": "ApplicationRequired" if col in schema.required else "None"},
         }
+        if typ == "string":
+            out["AutoNumberFormat"] = schema.autonumber.get(col)
+            if col in schema.max_length:
+                out["MaxLength"] = schema.max_length[col]
         if typ in ("date", "datetime"):
             out["Format"] = "DateOnly" if typ == "date" else "DateAndTime"
             out["DateTimeBehavior"] = {"Value": "DateOnly" if typ == "date" else "UserLocal"}
@@ -2082,17 +2329,28 @@ class DataverseSimulator:
         """Store (or remove, row=None) a record, keeping the alternate-key index in step."""
         rows = self._tables[schema.entity_set]
         index = self._key_index[schema.entity_set]
+        children = self._children.get(schema.entity_set)
         old = rows.get(key)
         if old is not None:
             for cols, normed in self._index_entries(schema, old.values):
                 if index[cols].get(normed) == key:
                     del index[cols][normed]
+            for col, by_parent in (children or {}).items():
+                parent = str(old.values.get(col) or "").lower()
+                if parent and parent in by_parent:
+                    by_parent[parent].discard(key)
+                    if not by_parent[parent]:
+                        del by_parent[parent]
         if row is None:
             rows.pop(key, None)
             return
         rows[key] = row
         for cols, normed in self._index_entries(schema, row.values):
             index[cols][normed] = key
+        for col, by_parent in (children or {}).items():
+            parent = str(row.values.get(col) or "").lower()
+            if parent:
+                by_parent.setdefault(parent, set()).add(key)
 
     def _next_version(self) -> int:
         self._version += 1
@@ -2123,7 +2381,9 @@ class DataverseSimulator:
                 "value was found in the payload. In OData, only declared navigation properties and declared named "
                 "streams can be represented as properties without values.")
         col, target_set = navs[nav]
-        target_schema = self.schema[target_set]
+        target_schema = self.schema.get(target_set)
+        if target_schema is None:
+            raise ODataError(404, "0x8006088a", f"Resource not found for the segment '{target_set}'.")
         if ref is None:
             return col, None, target_schema.logical_name
         if not isinstance(ref, str):
@@ -2248,13 +2508,40 @@ class DataverseSimulator:
         logical = filter_row.values.get("primaryobjecttypecode")
         return next((t for t in self.schema.values() if t.logical_name == logical), None)
 
-    def _platform_fixups(self, schema: TableSchema, values: dict[str, Any], lookup_types: Mapping[str, str]) -> None:
-        """Columns the platform derives on every write (note type and size, a contact's full name)."""
+    @staticmethod
+    def _derives(schema: TableSchema) -> bool:
+        return schema.logical_name == "contact" or bool(
+            schema.autonumber or schema.line_numbers or schema.amounts or schema.rollups or schema.status_by_state)
+
+    def _platform_fixups(self, schema: TableSchema, values: dict[str, Any], lookup_types: Mapping[str, str], *,
+                         written: Mapping[str, Any] | None = None, creating: bool = False) -> None:
+        """Columns the platform derives on every write (note type and size, a contact's full name, auto-numbers,
+        line numbers, amounts, rollups, the status that goes with a state).
+
+        `values` is the whole record after the write; `written` what the request itself set (None = all of it).
+        """
         if schema.logical_name == "contact":
             # The org's default full name format is "First Last"; a missing part is left out.
             parts = [values.get("firstname"), values.get("lastname")]
             values["fullname"] = " ".join(p for p in parts if p) or None
             return
+        if creating:
+            for col, fmt in schema.autonumber.items():
+                if values.get(col) in (None, ""):
+                    values[col] = self._next_autonumber(schema, col, fmt)
+            for col, parent_col in schema.line_numbers.items():
+                parent = str(values.get(parent_col) or "").lower()
+                if values.get(col) is None and parent:
+                    siblings = self._children[schema.entity_set][parent_col].get(parent, ())
+                    rows = self._tables[schema.entity_set]
+                    numbers = [rows[k].values.get(col) or 0 for k in siblings if k in rows]
+                    values[col] = max(numbers, default=0) + 1
+        for col, (a, b) in schema.amounts.items():
+            values[col] = _money(_decimal(values.get(a)) * _decimal(values.get(b)))
+        for col, rollup in schema.rollups.items():
+            values[col] = self._rollup_value(rollup, str(values.get(schema.primary_id) or "").lower())
+        if schema.status_by_state:
+            self._state_fixups(schema, values, values if written is None else written)
         if schema.logical_name != "annotation":
             return
         if "objectid" in lookup_types:
@@ -2268,6 +2555,88 @@ class DataverseSimulator:
                                  "base64.") from exc
             values["isdocument"] = True
 
+    @staticmethod
+    def _state_fixups(schema: TableSchema, values: dict[str, Any], written: Mapping[str, Any]) -> None:
+        """statecode/statuscode travel as a pair: a state alone gets its default status; a status must fit."""
+        state = values.get("statecode")
+        if not isinstance(state, int):
+            return
+        allowed = schema.status_by_state.get(state)
+        if allowed is None:
+            return
+        if "statecode" in written and written.get("statuscode") is None:
+            values["statuscode"] = allowed[0]
+        elif values.get("statuscode") not in allowed:
+            state_label = schema.choices["statecode"].options.get(state, str(state))
+            raise ODataError(400, "0x80040203", f"{values.get('statuscode')} is not a valid status code for state "
+                             f"code {state_label} on {schema.logical_name} with Id {values.get(schema.primary_id)}.")
+
+    def _next_autonumber(self, schema: TableSchema, col: str, fmt: str) -> str:
+        """The next value of an auto-number column: `{SEQNUM:n}` counts up per column, `{RANDSTRING:n}` is random."""
+        seq = self._autonumbers.get((schema.entity_set, col), AUTONUMBER_SEED - 1) + 1
+        self._autonumbers[(schema.entity_set, col)] = seq
+
+        def token(m: re.Match[str]) -> str:
+            kind, width = m.group(1), int(m.group(2))
+            if kind == "SEQNUM":
+                return f"{seq:0{width}d}"
+            return "".join(self._autonumber_rng.choice(AUTONUMBER_CHARS) for _ in range(width))
+
+        return re.sub(r"\{(SEQNUM|RANDSTRING):(\d+)\}", token, fmt)
+
+    # ---- parent/child bookkeeping: line numbers and rollups need a record's children without a table scan
+
+    def _collect_child_links(self) -> dict[str, tuple[str, ...]]:
+        """child entity set -> its lookup columns whose children are indexed (rollups and line numbering)."""
+        links: dict[str, set[str]] = {}
+        for table in self.schema.values():
+            for rollup in table.rollups.values():
+                links.setdefault(rollup.child_set, set()).add(rollup.child_lookup)
+            for parent_col in table.line_numbers.values():
+                links.setdefault(table.entity_set, set()).add(parent_col)
+        return {s: tuple(sorted(cols)) for s, cols in links.items() if s in self.schema}
+
+    def _empty_children(self) -> dict[str, dict[str, dict[str, set[str]]]]:
+        return {s: {c: {} for c in cols} for s, cols in self._child_links.items()}
+
+    def _rollup_value(self, rollup: Rollup, parent: str) -> float:
+        rows = self._tables.get(rollup.child_set, {})
+        keys = self._children.get(rollup.child_set, {}).get(rollup.child_lookup, {}).get(parent, ())
+        total = sum((_decimal(rows[k].values.get(rollup.child_column)) for k in keys if k in rows), Decimal(0))
+        return _money(total)
+
+    def _rollup_parents(self, schema: TableSchema, values: Mapping[str, Any] | None) -> list[tuple[TableSchema, str]]:
+        """(parent table, parent key) of every rollup a record of `schema` with `values` contributes to."""
+        if values is None:
+            return []
+        out: list[tuple[TableSchema, str]] = []
+        for parent, child_lookup in self._rollup_links.get(schema.entity_set, ()):
+            key = values.get(child_lookup)
+            if key and (parent, str(key).lower()) not in out:
+                out.append((parent, str(key).lower()))
+        return out
+
+    def _refresh_rollups(self, parents: Iterable[tuple[TableSchema, str]], caller: _Caller, txn: _Txn) -> None:
+        """Recompute the parents' rollups; a changed total is an Update of the parent (new version, webhook)."""
+        for parent, key in parents:
+            row = self._tables[parent.entity_set].get(key)
+            if row is None:
+                continue
+            if any(self._rollup_value(r, key) != row.values.get(c) for c, r in parent.rollups.items()):
+                self._update(parent, row, {}, {}, caller, txn)
+
+    def _refresh_rollup_directly(self, parent: TableSchema, key: str, now: str) -> None:
+        """`_refresh_rollups` for the direct helpers: the parent's total and version change, no webhook fires."""
+        row = self._tables[parent.entity_set].get(key)
+        if row is None:
+            return
+        totals = {c: self._rollup_value(r, key) for c, r in parent.rollups.items()}
+        if all(row.values.get(c) == v for c, v in totals.items()):
+            return
+        version = self._next_version()
+        merged = {**row.values, **totals, "modifiedon": now, "versionnumber": version}
+        self._put_row(parent, key, Row(merged, version, dict(row.lookup_types)))
+
     def _create(self, schema: TableSchema, values: dict[str, Any], lookup_types: dict[str, str],
                 key: str | None, caller: _Caller, txn: _Txn) -> str:
         rows = self._tables[schema.entity_set]
@@ -2276,7 +2645,7 @@ class DataverseSimulator:
             raise ODataError(412, "0x80040237", "A record with matching key values already exists.")
         vals = {**schema.defaults, **values}
         vals[schema.primary_id] = new_key
-        self._platform_fixups(schema, vals, lookup_types)
+        self._platform_fixups(schema, vals, lookup_types, written=values, creating=True)
         self._check_required(schema, vals)
         self._check_unique(schema, vals, None)
         self._check_registration(schema, vals)
@@ -2287,19 +2656,21 @@ class DataverseSimulator:
         lt = {**lookup_types, "createdby": "systemuser", "modifiedby": "systemuser", "ownerid": "systemuser"}
         self._put_row(schema, new_key, Row(vals, version, lt))
         txn.undo.append(lambda: self._put_row(schema, new_key, None))
-        # Derived columns travel in the Target like the platform's pre-operation additions do.
-        derived = {c: vals[c] for c in schema.computed if vals.get(c) is not None}
+        # Derived and defaulted columns travel in the Target like the platform's pre-operation additions do.
+        derived = {c: vals[c] for c in (*schema.computed, *schema.defaults, *schema.autonumber, *schema.line_numbers)
+                   if vals.get(c) is not None}
         target = {**values, **derived, schema.primary_id: new_key, "createdon": now, "modifiedon": now,
                   "createdby": caller.user_id, "modifiedby": caller.user_id, "ownerid": caller.user_id}
         txn.events.append(_Event("Create", schema.entity_set, new_key, target, dict(vals), None, dict(lt),
                                  caller.user_id, caller.correlation_id, datetime.now(UTC)))
+        self._refresh_rollups(self._rollup_parents(schema, vals), caller, txn)
         return new_key
 
     def _update(self, schema: TableSchema, row: Row, values: dict[str, Any], lookup_types: dict[str, str],
                 caller: _Caller, txn: _Txn) -> Row:
         before = row
         merged = {**row.values, **values}
-        self._platform_fixups(schema, merged, lookup_types)
+        self._platform_fixups(schema, merged, lookup_types, written=values)
         self._check_required(schema, merged)
         key = row.values[schema.primary_id]
         self._check_unique(schema, merged, key)
@@ -2310,14 +2681,26 @@ class DataverseSimulator:
         new_row = Row(merged, version, {**row.lookup_types, **lookup_types, "modifiedby": "systemuser"})
         self._put_row(schema, key, new_row)
         txn.undo.append(lambda: self._put_row(schema, key, before))
-        derived = {c: merged.get(c) for c in schema.computed if merged.get(c) != before.values.get(c)}
+        derived = {c: merged.get(c) for c in (*schema.computed, *(("statuscode",) if schema.status_by_state else ()))
+                   if merged.get(c) != before.values.get(c)}
         target = {**values, **derived, schema.primary_id: key, "modifiedon": now, "modifiedby": caller.user_id}
         txn.events.append(_Event("Update", schema.entity_set, key, target, dict(merged), dict(before.values),
                                  dict(new_row.lookup_types), caller.user_id, caller.correlation_id, datetime.now(UTC)))
+        # A line moved to another order changes both orders' totals.
+        parents = self._rollup_parents(schema, before.values)
+        parents += [p for p in self._rollup_parents(schema, merged) if p not in parents]
+        self._refresh_rollups(parents, caller, txn)
         return new_row
 
-    def _delete(self, schema: TableSchema, key: str, caller: _Caller, txn: _Txn) -> None:
+    def _delete(self, schema: TableSchema, key: str, caller: _Caller, txn: _Txn, *, rollup: bool = True) -> None:
         row = self._tables[schema.entity_set][key]
+        for rolled in schema.rollups.values():
+            # The parental relationship cascades: an order's lines go with it (each a Delete of its own),
+            # without recomputing the total of an order that is going away.
+            child = self.schema[rolled.child_set]
+            for child_key in sorted(self._children[rolled.child_set][rolled.child_lookup].get(key, ())):
+                if child_key in self._tables[rolled.child_set]:
+                    self._delete(child, child_key, caller, txn, rollup=False)
         self._put_row(schema, key, None)
         version = self._next_version()
         deleted = self._deleted[schema.entity_set]
@@ -2332,6 +2715,8 @@ class DataverseSimulator:
         txn.undo.append(undo)
         txn.events.append(_Event("Delete", schema.entity_set, key, {}, None, dict(row.values), dict(row.lookup_types),
                                  caller.user_id, caller.correlation_id, datetime.now(UTC)))
+        if rollup:
+            self._refresh_rollups(self._rollup_parents(schema, row.values), caller, txn)
 
     def _write_response(self, req: _ApiRequest, schema: TableSchema, row: Row, created: bool) -> _ApiResponse:
         key = row.values[schema.primary_id]
@@ -2599,7 +2984,7 @@ def _part_bytes(http_message: bytes, content_id: str | None) -> bytes:
 
 __all__ = [
     "APP_USER_ID", "DEFAULT_CLIENT_ID", "DEFAULT_CLIENT_SECRET", "DEFAULT_TENANT_ID", "OFFICE_USER_ID",
-    "ChoiceColumn", "DataverseSimulator", "Faults", "LookupColumn", "ODataError", "Row", "ServiceProtection",
-    "TableSchema", "WebhookFailure", "WebhookRegistration", "crm_schema", "default_schema", "dot_schema",
-    "parse_filter",
+    "ChoiceColumn", "DataverseSimulator", "Faults", "LookupColumn", "ODataError", "Rollup", "Row",
+    "ServiceProtection", "TableSchema", "WebhookFailure", "WebhookRegistration", "crm_schema", "default_schema",
+    "dot_schema", "merge_schemas", "parse_filter", "sap_schema",
 ]

@@ -57,6 +57,8 @@ _ENTITY_ID_RE = re.compile(
     r"\((?P<id>[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})\)\s*$")
 _URL_UNSAFE_KEY_CHARS = frozenset("/<>*%&:\\?+")
 """Characters Dataverse cannot take in an alternate-key value inside a URL (documented limitation)."""
+LOOKUP_ATTRIBUTE_TYPES = frozenset({"Lookup", "Customer", "Owner"})
+"""AttributeType values of columns read and filtered as `_x_value` (Customer and Owner are polymorphic)."""
 _WCF_DATE_RE = re.compile(r"^\\?/Date\((?P<ms>-?\d+)(?P<offset>[+-]\d{4})?\)\\?/$")
 
 
@@ -434,6 +436,7 @@ class DataverseClient:
         self._sleep = sleep
         self._tables: dict[str, TableInfo] = {}
         self._by_logical: dict[str, TableInfo] = {}
+        self._lookup_columns: dict[str, frozenset[str]] = {}
 
     # ------------------------------------------------------------------------------------ HTTP core
 
@@ -533,6 +536,31 @@ class DataverseClient:
         self._tables[info.entity_set] = info
         self._by_logical[info.logical_name] = info
         return info
+
+    async def lookup_columns(self, entity_set: str) -> frozenset[str]:
+        """Logical names of a table's lookup columns (Lookup, Customer, Owner), read once from its attributes."""
+        info = await self._table(entity_set)
+        cached = self._lookup_columns.get(info.logical_name)
+        if cached is not None:
+            return cached
+        what = f"attribute metadata of {info.logical_name}"
+        data = await self._get_json(
+            f"{self.api_root}EntityDefinitions(LogicalName={_quote_text(info.logical_name)})/Attributes", what=what,
+            params={"$select": "LogicalName,AttributeType"})
+        names = frozenset(str(a["LogicalName"]) for a in data.get("value") or []
+                          if isinstance(a, dict) and a.get("AttributeType") in LOOKUP_ATTRIBUTE_TYPES)
+        self._lookup_columns[info.logical_name] = names
+        return names
+
+    async def _filter_name(self, info: TableInfo, name: str, values: Sequence[Any]) -> str:
+        """The property a filter on `name` uses: a lookup's logical name (what records and the engine use, e.g.
+        salesorderid) becomes its `_x_value` property; anything else is already a property name."""
+        if name == info.primary_id or _LOOKUP_VALUE_RE.match(name):
+            return name
+        items = [v for v in values if v is not None]
+        if items and not all(isinstance(v, uuid.UUID) or _is_guid(v) for v in items):
+            return name  # a lookup only holds GUIDs: no need to ask the metadata about other values
+        return f"_{name}_value" if name in await self.lookup_columns(info.entity_set) else name
 
     async def entity_set_for(self, logical_name: str) -> str:
         """The entity set name of a table (EntityDefinitions, cached)."""
@@ -670,11 +698,12 @@ class DataverseClient:
     ) -> list[SourceRecord]:
         """Records whose fields equal `equals` and are not in `not_in`; every value is escaped or validated.
 
-        Field names are Web API property names (a lookup is `_x_value` and takes a GUID). Strings are quoted
-        with quotes doubled, GUID fields are validated and go unquoted, anything else unsupported is refused
-        before a request is made. A list or tuple value in `equals` matches any of its values
-        (`Microsoft.Dynamics.CRM.In`, or an `or` chain for values In cannot carry); an empty one matches
-        nothing, so no request is made.
+        Field names are Web API property names (a lookup is `_x_value` and takes a GUID) or a lookup's logical
+        name as records carry it (`salesorderid`, the polymorphic `customerid`), which the table's attribute
+        metadata (read once) turns into `_x_value`. Strings are quoted with quotes doubled, GUID fields are
+        validated and go unquoted, anything else unsupported is refused before a request is made. A list or
+        tuple value in `equals` matches any of its values (`Microsoft.Dynamics.CRM.In`, or an `or` chain for
+        values In cannot carry); an empty one matches nothing, so no request is made.
         """
         if any(isinstance(value, list | tuple) and not value for value in equals.values()):
             return []  # "any of nothing" matches nothing; not even the table's metadata is needed
@@ -683,8 +712,10 @@ class DataverseClient:
         for name, value in equals.items():
             _ident(name, "filter field")
             if isinstance(value, list | tuple):
+                name = await self._filter_name(info, name, value)
                 clauses.append(self._any_of(info, name, value))
             else:
+                name = await self._filter_name(info, name, [value])
                 clauses.append(f"{name} eq {self._filter_literal(info, name, value)}")
         for name, values in (not_in or {}).items():
             _ident(name, "filter field")
@@ -693,6 +724,7 @@ class DataverseClient:
             items = [v for v in values if v is not None]
             if not items:
                 continue
+            name = await self._filter_name(info, name, items)
             listed = ",".join(self._in_literal(info, name, v) for v in items)
             # A null column is "not in" any list: say so explicitly rather than rely on SQL NOT IN semantics.
             clauses.append(f"(Microsoft.Dynamics.CRM.NotIn(PropertyName='{name}',PropertyValues=[{listed}]) or "
