@@ -518,6 +518,25 @@ def _comparable(name: str | None, value: Any) -> Any:
     return value
 
 
+def _any_of(node: tuple[Any, ...]) -> tuple[str, set[Any]] | None:
+    """(field, values) when the filter is `F eq v1 or F eq v2 ...` on one field (no nulls), else None."""
+    if node[0] == "or":
+        left, right = _any_of(node[1]), _any_of(node[2])
+        if left is None or right is None or left[0] != right[0]:
+            return None
+        return left[0], left[1] | right[1]
+    if node[0] != "cmp" or node[1] != "eq":
+        return None
+    sides = {node[2][0]: node[2][1], node[3][0]: node[3][1]}
+    if set(sides) != {"field", "lit"} or sides["lit"] is None or isinstance(sides["lit"], datetime):
+        return None
+    name = str(sides["field"])
+    try:
+        return name, {_comparable(name, sides["lit"])}
+    except TypeError:
+        return None
+
+
 def evaluate(node: tuple[Any, ...], row: Mapping[str, Any]) -> bool:
     """Evaluate a parsed filter on a stored row (ABAP compares strings case-sensitively)."""
     if node[0] == "or":
@@ -548,6 +567,29 @@ def evaluate(node: tuple[Any, ...], row: Mapping[str, Any]) -> bool:
 
 
 # ============================================================================================ knobs
+
+
+class _Rows(dict[tuple[str, ...], dict[str, Any]]):
+    """The rows of one entity set by key, indexed by the first key field: every navigation links a child to
+    its parent through the child's first key field (SalesOrder of an item, AddressID of a phone number)."""
+
+    def __init__(self, rows: Mapping[tuple[str, ...], dict[str, Any]] | None = None) -> None:
+        super().__init__()
+        self._by_first: dict[str, dict[tuple[str, ...], None]] = {}
+        for key, row in (rows or {}).items():
+            self[key] = row
+
+    def __setitem__(self, key: tuple[str, ...], row: dict[str, Any]) -> None:
+        if key not in self:
+            self._by_first.setdefault(key[0], {})[key] = None
+        super().__setitem__(key, row)
+
+    def __delitem__(self, key: tuple[str, ...]) -> None:
+        super().__delitem__(key)
+        self._by_first.get(key[0], {}).pop(key, None)
+
+    def with_first(self, value: str) -> list[dict[str, Any]]:
+        return [self[k] for k in self._by_first.get(value, ())]
 
 
 @dataclass
@@ -662,7 +704,7 @@ class SapSimulator:
         self.event_failures: list[str] = []
         self.emit_events = True
         self._lock = threading.RLock()
-        self._rows: dict[str, dict[tuple[str, ...], dict[str, Any]]] = {name: {} for name in ENTITIES}
+        self._rows: dict[str, _Rows] = {name: _Rows() for name in ENTITIES}
         self._sessions: dict[str, _Session] = {}
         self._tokens: dict[str, str] = {}
         self._numbers = {"SalesOrder": 4000100, "BusinessPartner": 1000100, "AddressID": 28100,
@@ -947,8 +989,13 @@ class SapSimulator:
 
     def _children(self, entity: str, parent: Mapping[str, Any], nav_name: str) -> list[dict[str, Any]]:
         nav = ENTITIES[entity].navs[nav_name]
-        rows = [r for r in self._rows[nav.target].values()
-                if all(r.get(child) == parent.get(par) and parent.get(par) is not None for child, par in nav.link)]
+        table = self._rows[nav.target]
+        if len(nav.link) == 1 and nav.link[0][0] == ENTITIES[nav.target].keys[0]:
+            value = parent.get(nav.link[0][1])
+            rows = table.with_first(str(value)) if value is not None else []
+        else:
+            rows = [r for r in table.values()
+                    if all(r.get(child) == parent.get(par) and parent.get(par) is not None for child, par in nav.link)]
         return sorted(rows, key=lambda r: _sort_key(nav.target, r))
 
     def _next_number(self, kind: str) -> str:
@@ -1284,7 +1331,7 @@ class SapSimulator:
 
     def _restore(self, saved: Mapping[str, dict[tuple[str, ...], dict[str, Any]]]) -> None:
         for name, rows in saved.items():
-            self._rows[name] = rows
+            self._rows[name] = _Rows(rows)
 
     # ------------------------------------------------------------------------------------ availability
 
@@ -1330,7 +1377,13 @@ class SapSimulator:
                     rest: str) -> tuple[int, dict[str, str], Any]:
         if query.get("$filter"):
             node = FilterParser(query["$filter"], entity).parse()
-            rows = [r for r in rows if evaluate(node, r)]
+            chain = _any_of(node)
+            if chain is not None:
+                # "F eq a or F eq b or ...": a set look-up per row instead of walking the chain.
+                name, values = chain
+                rows = [r for r in rows if _comparable(name, r.get(name)) in values]
+            else:
+                rows = [r for r in rows if evaluate(node, r)]
         rows = sorted(rows, key=lambda r: _sort_key(entity, r))
         fields = ENTITIES[entity].fields
         for part in reversed([p.strip() for p in query.get("$orderby", "").split(",") if p.strip()]):
@@ -1747,7 +1800,7 @@ class SapSimulator:
                 self._add_comm_row(COMMUNICATION[nav], address, values)
 
     def _add_comm_row(self, entity: str, address: Mapping[str, Any], values: Mapping[str, Any]) -> dict[str, Any]:
-        existing = [r for r in self._rows[entity].values() if r["AddressID"] == address["AddressID"]]
+        existing = self._rows[entity].with_first(str(address["AddressID"]))
         row = _blank(ENTITIES[entity].fields)
         row.update(values, AddressID=address["AddressID"], Person=str(values.get("Person") or ""),
                    OrdinalNumber=str(max((int(r["OrdinalNumber"]) for r in existing), default=0) + 1))

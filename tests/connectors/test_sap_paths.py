@@ -545,3 +545,14 @@ async def test_sim_batch_changesets_are_atomic_and_resolve_content_ids(clients: 
     assert [i["Material"] for i in sim.items_of(kept["SalesOrder"])] == ["PV-PUMP-100", "PV-SEALKIT"]
     assert orders_with(sim, "ORD-RAW-2") == []  # its order was created, then rolled back with the failing item
     assert sim.get("A_SalesOrder", "4000001") is not None
+
+
+async def test_ops_on_the_same_record_in_one_batched_write_run_in_order(clients: Clients, sim: SapSimulator) -> None:
+    sap = clients.client(batch_size=100)
+    results = await sap.write([order("q1", "ORD-SEQ-1"), order("q2", "ORD-SEQ-2"),
+                               order("q3", "ORD-SEQ-1", quantity=7.0, ShippingCondition="02")])
+    assert [r.ok for r in results] == [True, True, True], [r.error for r in results]
+    assert (results[0].created, results[2].created, results[2].key) == (True, False, results[0].key)
+    [made] = orders_with(sim, "ORD-SEQ-1")  # the second op found the order the first one created
+    assert made["ShippingCondition"] == "02"
+    assert [i["RequestedQuantity"] for i in sim.items_of(made["SalesOrder"])] == ["7.000"]
