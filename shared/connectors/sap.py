@@ -1642,7 +1642,14 @@ class SapClient:
 
     async def _batch_round(self, ops: Sequence[WriteOp], indexes: Sequence[int],
                            results: list[WriteResult | None]) -> None:
-        located = await self._locate_many([ops[i] for i in indexes])
+        try:
+            located = await self._locate_many([ops[i] for i in indexes])
+        except (AuthError, ThrottledError):
+            raise
+        except SyncError as exc:
+            for i in indexes:
+                results[i] = self._failed(ops[i], exc)
+            return
         planned: list[tuple[int, _Plan]] = []
         again: list[int] = []
         for i, found in zip(indexes, located, strict=True):

@@ -556,3 +556,13 @@ async def test_ops_on_the_same_record_in_one_batched_write_run_in_order(clients:
     [made] = orders_with(sim, "ORD-SEQ-1")  # the second op found the order the first one created
     assert made["ShippingCondition"] == "02"
     assert [i["RequestedQuantity"] for i in sim.items_of(made["SalesOrder"])] == ["7.000"]
+
+
+async def test_a_failed_batched_look_up_fails_its_ops_not_the_call(clients: Clients, sim: SapSimulator) -> None:
+    sap = clients.client(batch_size=100)
+    await sap.write([order("f0", "ORD-LOOKUP-0"), order("f1", "ORD-LOOKUP-1")])  # session and token in place
+    sim.faults.fail_next(3, 500, path_contains="$batch")
+    results = await sap.write([order(f"f{n}", f"ORD-LOOKUP-{n}") for n in range(2, 45)])
+    assert not any(r.ok for r in results)
+    assert all(r.error is not None and r.error.retriable and "HTTP 500" in r.error.detail for r in results)
+    assert all(orders_with(sim, f"ORD-LOOKUP-{n}") == [] for n in range(2, 45))
