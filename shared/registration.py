@@ -113,7 +113,8 @@ def mapped_columns(flowset: FlowSet, table: str) -> list[str]:
 
     Every source field of the flows reading the table, their lookups, geometry latitude/longitude, key and
     modified fields, the link's write-back column (the engine recovers a lost cross-reference from it) and
-    the fields cascades test on this side.
+    match column, the scope (`when`) columns, the lines' roll-up column and the fields cascades test on this
+    side.
     """
     flows = flowset.flows_from("dataverse", table)
     cols: set[str] = set()
@@ -127,6 +128,11 @@ def mapped_columns(flowset: FlowSet, table: str) -> list[str]:
             cols.add(flow.source.modified_field)
         if flow.link.write_back:
             cols.add(flow.link.write_back)
+        if flow.link.match_source:
+            cols.add(flow.link.match_source)  # the value that finds the record in the target
+        cols |= {c.field for c in flow.when}  # a record entering the flow's scope is a change to deliver
+        if flow.lines is not None and flow.lines.rollup_field:
+            cols.add(flow.lines.rollup_field)  # a line change shows on the header through its roll-up
     entities = {flow.entity for flow in flows}
     for cascade in flowset.cascades:
         if cascade.parent_entity in entities:

@@ -141,6 +141,9 @@ class LinesSpec(_Strict):
     """Target line field that holds the source line key, so re-writes find the line instead of adding one."""
     match_source: str | None = None
     """Source line field whose value `link_field` holds instead of the line key (e.g. a line number)."""
+    rollup_field: str | None = None
+    """Header field the source recomputes when a line changes (Dataverse totalamount, Salesforce Amount):
+    webhook registrations watch it, so a line change re-syncs its document."""
     fields: list[FieldMap]
     lookups: list[LookupMap] = Field(default_factory=list)
     defaults: dict[str, Scalar] = Field(default_factory=dict)
