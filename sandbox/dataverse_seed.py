@@ -277,8 +277,9 @@ def seed_crm(sim: DataverseSimulator, *, accounts: int = 30, contacts_per_accoun
 
 SAP_SALES_ORG = 100000000
 """Pumps US (1710): the one sales organisation the sap value map knows."""
-DISTRIBUTION_CHANNELS = (100000000, 100000001)
-"""Direct sales (10) and Dealers (20)."""
+DISTRIBUTION_CHANNELS = (100000000,)
+"""Direct sales (10): the sales area every partner has (Syncline creates partners in 1710/10/00; an order in
+Dealers (20) for a partner without that sales area is refused by SAP, VP/200)."""
 UNMAPPED_SALES_ORG = 100000001
 """Pumps Canada (1810): an option of syn_salesorg the sales_org value map does not have."""
 UNMAPPED_PLANT = 100000002

@@ -29,6 +29,7 @@ SIGNATURE_KEY = "demo-esri-signature-key-55d0"
 SALES_CUSTOMERS = 1000
 """F&O customers per legal entity (two legal entities)."""
 SALES_PRODUCTS = 100
+SAP_FLOWS = ("accounts_to_sap", "partners_to_dynamics", "products_from_sap", "orders_to_sap", "order_status_from_sap")
 SALES_FLOWS = ("customers_to_salesforce", "products_to_salesforce", "accounts_to_fno", "opportunities_to_fno",
                "order_status_to_opportunity", "orders_to_fno", "order_status_to_order", "crm_accounts_from_salesforce",
                "crm_accounts_to_salesforce", "crm_contacts_from_salesforce", "crm_contacts_to_salesforce")
@@ -49,6 +50,7 @@ class Sandbox:
     ag: Any
     fno: Any = None
     sf: Any = None
+    sap: Any = None
     servers: list[RunningServer] = field(default_factory=list)
     stoppers: list[Any] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
@@ -65,7 +67,7 @@ class Sandbox:
         from shared.bootstrap import set_services
 
         set_services(None)
-        for sim in (self.dv, self.ag, self.fno):
+        for sim in (self.dv, self.ag, self.fno, self.sap):
             close = getattr(sim, "close", None)
             if close is not None:
                 try:
@@ -132,8 +134,19 @@ def start_sales_side(box: Sandbox, ca: TestCA) -> None:
     })
 
 
+def start_sap_side(box: Sandbox, ca: TestCA) -> None:
+    """The SAP S/4HANA simulator (the third seed's ERP), basic authentication with a communication user."""
+    from sandbox.sap_sim import SapSimulator
+
+    box.sap = SapSimulator(event_verify=str(ca.ca_path))
+    server = RunningServer(box.sap.app, ca=ca).start()
+    box.servers.append(server)
+    box.env.update({"SAP__BASE_URL": server.url, "SAP__AUTH": "basic", "SAP__USER": box.sap.user,
+                    "SAP__PASSWORD": box.sap.password})
+
+
 def start_sandbox(workdir: Path, *, latency_ms: float = 0.0, max_record_count: int = 2000,
-                  runtime: str = "embedded", sales: bool = False) -> Sandbox:
+                  runtime: str = "embedded", sales: bool = False, sap: bool = False) -> Sandbox:
     """Start both simulators (TLS from a throwaway CA) and return the settings that point at them."""
     from sandbox.arcgis_sim import ArcGISSimulator
 
@@ -165,6 +178,8 @@ def start_sandbox(workdir: Path, *, latency_ms: float = 0.0, max_record_count: i
     }
     if sales:
         start_sales_side(box, ca)
+    if sap:
+        start_sap_side(box, ca)
     if runtime == "azure":
         try:
             start_azure_emulators(box)
@@ -189,6 +204,9 @@ def start_host(box: Sandbox) -> None:
     if box.fno is not None:
         box.fno.register_business_event_endpoint(
             f"{host.url}/api/webhooks/fno?code={FUNCTION_KEY}&syncline-key={WEBHOOK_SECRET}")
+    if box.sap is not None:
+        box.sap.register_event_endpoint(f"{host.url}/api/webhooks/sap?code={FUNCTION_KEY}",
+                                        headers={"x-syncline-key": WEBHOOK_SECRET})
     if box.sf is not None:
         box.sf.register_cdc_webhook(f"{host.url}/api/webhooks/salesforce?code={FUNCTION_KEY}",
                                     headers={"x-syncline-key": WEBHOOK_SECRET})
@@ -203,6 +221,8 @@ async def flush(box: Sandbox) -> None:
             await box.fno.flush_events(timeout=300)
         if box.sf is not None:
             await asyncio.to_thread(box.sf.flush_events, 300)
+        if box.sap is not None:
+            await box.sap.flush_events(timeout=300)
 
 
 # ------------------------------------------------------------------------------------------ activity
@@ -355,6 +375,27 @@ def customer360_activity(box: Sandbox, rng: random.Random, summary: Counter[str]
         summary["Salesforce account phone edits"] += 1
 
 
+def sap_figures(box: Sandbox) -> dict[str, int]:
+    """What reached SAP from Dynamics and what came back, read from the simulators themselves."""
+    if box.sap is None:
+        return {}
+    orders = [o for o in box.dv.all("salesorders") if o.get("syn_sapsalesorder")]
+    lines = Counter(str(ln.get("_salesorderid_value") or ln.get("salesorderid"))
+                    for ln in box.dv.all("salesorderdetails"))
+    differ = sum(1 for o in orders if len(box.sap.items_of(o["syn_sapsalesorder"])) != lines[o["salesorderid"]])
+    return {
+        "sap_orders_from_dynamics": len(orders),
+        "sap_items_from_dynamics": sum(len(box.sap.items_of(o["syn_sapsalesorder"])) for o in orders),
+        "orders_whose_items_differ": differ,
+        "dynamics_orders_with_sap_status": sum(1 for o in orders if o.get("syn_deliverystatus") == 100000002),
+        "dynamics_accounts_with_sap_partner": sum(1 for a in box.dv.all("accounts") if a.get("syn_sapbusinesspartner")),
+        "dynamics_products_from_sap": sum(1 for p in box.dv.all("products") if p.get("syn_sapmaterial")),
+        "migrated_account_made_partner_by_its_order": int(bool(
+            box.sales.get("migrated_account") and (box.dv.get("accounts", box.sales["migrated_account"]) or {})
+            .get("syn_sapbusinesspartner"))),
+    }
+
+
 def lead_to_cash_figures(box: Sandbox) -> dict[str, int]:
     """What reached F&O from Salesforce and what came back, read from the simulators themselves."""
     if box.fno is None:
@@ -380,6 +421,74 @@ def lead_to_cash_figures(box: Sandbox) -> dict[str, int]:
             1 for h in headers if h.get("Fulfillment_Status__c") in ("Shipped", "Invoiced")),
         "orders_whose_lines_differ": mismatched,
     }
+
+
+def seed_sap_side(box: Sandbox) -> dict[str, Any]:
+    """Before go-live: SAP holds business partners, materials and orders; Dynamics holds its ERP customers, one of
+    them migrated without webhooks (it becomes an SAP partner only when its first order needs one)."""
+    from sandbox.dataverse_seed import seed_sap_accounts
+    from sandbox.sap_sim import seed_sap
+
+    seed_sap(box.sap, partners=12, orders=8)
+    box.sales["sap_accounts"] = seed_sap_accounts(box.dv, accounts=12)
+    return box.sales
+
+
+def sap_order_activity(box: Sandbox, summary: Counter[str], orders: int) -> None:
+    """Sales takes orders in Dynamics for SAP materials and submits them (the webhook sends each to SAP)."""
+    from sandbox.dataverse_seed import seed_sap_orders
+
+    units = {100000000: "PC", 100000001: "EA", 100000002: "KG"}
+    plants = {100000000: "1710", 100000001: "1720"}
+    materials = box.sap.customizing.materials
+    combos: dict[str, tuple[list[int], list[int]]] = {}
+    for product in box.dv.all("products"):
+        material = materials.get(str(product.get("productnumber")))
+        if material is None:
+            continue
+        combos[product["productid"]] = ([v for v, u in units.items() if u in material.units],
+                                        [v for v, p in plants.items() if p in material.plants])
+    combos = {k: v for k, v in combos.items() if v[0] and v[1]}
+    accounts = [a["accountid"] for a in box.dv.all("accounts")
+                if a.get("accountnumber") and a.get("syn_currencycode") in ("USD", "CAD")]
+    made = seed_sap_orders(box.dv, accounts=accounts, products=combos, orders=orders)
+    box.sales["sap_orders"] = made
+    # An account migrated into Dynamics without webhooks, never seen by Syncline: its first order makes it an
+    # SAP business partner first (an `ensure` lookup), then the order goes in with the new partner number.
+    migrated = box.dv.insert("accounts", {
+        "name": "Cascade Water District", "accountnumber": "ACC-09001", "address1_line1": "400 Reservoir Rd",
+        "address1_city": "Boise", "address1_postalcode": "83702", "address1_country": "US",
+        "telephone1": "+1 208 555 0142", "paymenttermscode": 3, "syn_currencycode": "USD"})
+    box.sales["migrated_account"] = migrated
+    product_id, (units, plants) = next(iter(combos.items()))
+    order = box.dv.apply_change("salesorders", {
+        "name": "Cascade Water District - pump station refit", "customerid": migrated,
+        "syn_salesorg": 100000000, "syn_distributionchannel": 100000000, "syn_currencycode": "USD",
+        "requestdeliveryby": "2026-12-18"})
+    box.dv.apply_change("salesorderdetails", {"salesorderid": order, "productid": product_id, "quantity": 2.0,
+                                              "priceperunit": 1250.0, "syn_unit": units[0], "syn_plant": plants[0]})
+    box.dv.apply_change("salesorders", {"statecode": 1}, key=order)
+    made["submitted"].append(order)
+    summary["Dynamics accounts migrated without webhooks"] += 1
+    summary["Dynamics orders submitted to SAP"] += len(made["submitted"])
+    summary["Dynamics orders left as drafts"] += len(made["draft"])
+
+
+def sap_fulfilment_activity(box: Sandbox, rng: random.Random, summary: Counter[str]) -> None:
+    """SAP delivers, posts goods issue and bills some of the orders from Dynamics; stock and prices move."""
+    from_dynamics = [o for o in box.sap.all("A_SalesOrder") if str(o.get("PurchaseOrderByCustomer", "")).startswith(
+        "ORD-")]
+    for order in rng.sample(from_dynamics, len(from_dynamics) // 2):
+        stages = ("delivered", "goods_issued", "billed")[: rng.randint(1, 3)]
+        for stage in stages:
+            box.sap.advance_order(order["SalesOrder"], stage)
+        summary["SAP orders delivered / goods issued / billed"] += 1
+    for material in list(box.sap.customizing.materials)[:3]:
+        box.sap.set_stock(material, "1710", float(rng.randrange(10, 500)))
+        summary["SAP stock changes"] += 1
+    first = next(iter(box.sap.customizing.materials))
+    box.sap.set_price(first, 1299.0)
+    summary["SAP price changes"] += 1
 
 
 def sales_activity(box: Sandbox, summary: Counter[str]) -> None:
@@ -412,6 +521,17 @@ def expected_bad(box: Sandbox) -> Counter[tuple[str, str]]:
                                                                  + len(pipeline.get("bad_currency", [])))
         expected[("orders_to_fno", "UNMAPPED_CHOICE")] = len(pipeline.get("bad_order_legal_entity", []))
         expected[("crm_accounts_from_salesforce", "UNMAPPED_CHOICE")] = len(c360.get("bad_payment_terms", []))
+    if box.sap is not None:
+        from sandbox.sap_sim import BAD_PARTNER_CURRENCY, BAD_PARTNER_NO_NAME
+
+        accounts, orders = box.sales.get("sap_accounts", {}), box.sales.get("sap_orders", {})
+        expected[("accounts_to_sap", "UNMAPPED_CHOICE")] = len(accounts.get("bad_currency", []))
+        expected[("partners_to_dynamics", "REQUIRED_FIELD_MISSING")] = int(box.sap.get(
+            "A_BusinessPartner", BAD_PARTNER_NO_NAME) is not None)
+        expected[("partners_to_dynamics", "UNMAPPED_CHOICE")] = int(box.sap.get(
+            "A_BusinessPartner", BAD_PARTNER_CURRENCY) is not None)
+        expected[("orders_to_sap", "UNMAPPED_CHOICE")] = sum(
+            len(orders.get(k, [])) for k in ("bad_sales_org", "bad_plant", "bad_unit"))
     return +expected
 
 
@@ -430,7 +550,8 @@ async def settle(services: Any, box: Sandbox, cycles: list[Any], *, limit: int =
 
 async def run_demo(console: Console, *, report_path: Path, signs: int = 2000, work_orders: int = 500,
                    workdir: Path = Path(".syncline/demo"), runtime: str = "embedded", quiet_logs: bool = True,
-                   sales: bool = True, customers: int = SALES_CUSTOMERS, opportunities: int = 300) -> bool:
+                   sales: bool = True, customers: int = SALES_CUSTOMERS, opportunities: int = 300,
+                   sap: bool = True, sap_orders: int = 40) -> bool:
     """The whole demo; returns True when both directions synced with zero drift and exactly the bad records
     ended in the dead-letter queue. `quiet_logs=False` leaves logger levels alone (tests capturing logs)."""
     from sandbox.dataverse_seed import seed_dataverse
@@ -448,7 +569,7 @@ async def run_demo(console: Console, *, report_path: Path, signs: int = 2000, wo
     rng = random.Random(2026)
     activity: Counter[str] = Counter()
     console.rule("[bold]Syncline demo[/bold]: Dynamics 365 (Dataverse) <-> ArcGIS Online, on simulators")
-    box = start_sandbox(workdir, runtime=runtime, sales=sales)
+    box = start_sandbox(workdir, runtime=runtime, sales=sales, sap=sap)
     if runtime == "azure":
         console.print("runtime: azure (Table Storage on Azurite, Service Bus on the local AMQP test broker)")
     try:
@@ -465,6 +586,12 @@ async def run_demo(console: Console, *, report_path: Path, signs: int = 2000, wo
                               f"{len(box.sales['crm']['contacts'])} contacts; Salesforce: "
                               f"{len(box.sales['c360']['accounts']) + 1} accounts, "
                               f"{len(box.sales['c360']['contacts'])} contacts")
+            if box.sap is not None:
+                seed_sap_side(box)
+                console.print(f"seeded SAP: {len(box.sap.all('A_BusinessPartner'))} business partners, "
+                              f"{len(box.sap.customizing.materials)} materials, {len(box.sap.all('A_SalesOrder'))} "
+                              f"sales orders; Dynamics: {len(box.sales['sap_accounts']['accounts']) + 1} ERP "
+                              "customer accounts")
             start_host(box)
             services = build_services(Settings())
             try:
@@ -493,6 +620,14 @@ async def run_demo(console: Console, *, report_path: Path, signs: int = 2000, wo
                     await settle(services, box, cycles)  # new customers, won deals and orders into F&O
                     fulfilment_activity(box, rng, activity)
                     customer360_activity(box, rng, activity)
+                    await flush(box)
+                if box.sap is not None:
+                    services.controller.parent_wait_seconds = 0.2
+                    await settle(services, box, cycles)  # partners and products from SAP, accounts to SAP
+                    sap_order_activity(box, activity, sap_orders)
+                    await flush(box)
+                    await settle(services, box, cycles)
+                    sap_fulfilment_activity(box, rng, activity)
                     await flush(box)
                 await settle(services, box, cycles)
                 dead = await services.queue.peek_dead_letters(1000)
@@ -523,6 +658,9 @@ async def run_demo(console: Console, *, report_path: Path, signs: int = 2000, wo
               and any(per_flow[f] for f in per_flow if directions[f].startswith("arcgis"))
               and any(per_flow[f] for f in per_flow if directions[f].startswith("dataverse"))
               and all(per_flow[f] for f in SALES_FLOWS if box.fno is not None)
+              and all(per_flow[f] for f in SAP_FLOWS if box.sap is not None)
+              and not sap_figures(box).get("orders_whose_items_differ")
+              and (box.sap is None or sap_figures(box).get("migrated_account_made_partner_by_its_order") == 1)
               and not lead_to_cash_figures(box).get("orders_whose_lines_differ"))
         report_doc = {
             "ok": ok,
@@ -536,8 +674,10 @@ async def run_demo(console: Console, *, report_path: Path, signs: int = 2000, wo
             "cascaded_updates": len(cascaded),
             "api_calls": {"dataverse": box.dv.request_count, "arcgis": sum(box.ag.request_count.values()),
                           **({"fno": box.fno.request_count, "salesforce": box.sf.request_count}
-                             if box.fno is not None else {})},
+                             if box.fno is not None else {}),
+                          **({"sap": box.sap.request_count} if box.sap is not None else {})},
             "lead_to_cash": lead_to_cash_figures(box),
+            "order_to_sap": sap_figures(box),
             "controller_cycles": [c.__dict__ for c in cycles],
             "dead_letters": dead_rows,
             "webhook_failures": [
@@ -577,6 +717,8 @@ def _print_summary(console: Console, doc: dict[str, Any]) -> None:
     console.print(dead)
     if doc.get("lead_to_cash"):
         console.print(f"lead to cash: {doc['lead_to_cash']}")
+    if doc.get("order_to_sap"):
+        console.print(f"order to SAP: {doc['order_to_sap']}")
     console.print(f"API calls: {doc['api_calls']}; echoes suppressed: {doc['echoes_suppressed']}; "
                   f"conflicts resolved: {doc['conflicts_resolved']}; cascaded updates: {doc['cascaded_updates']}; "
                   f"queue: {doc['queue']}; {doc['duration_seconds']}s")

@@ -207,7 +207,7 @@ def build_services(
         sap = SapClient(settings.sap.base_url, sap_auth, http=http, sap_client=settings.sap.sap_client or None,
                         policy=policy, page_size=settings.sap.page_size,
                         max_concurrency=settings.sap.max_concurrency,
-                        system_time_zone=settings.sap.system_time_zone)
+                        system_time_zone=settings.sap.system_time_zone, batch_size=settings.sap.batch_size)
         sinks["sap"] = sap
         sources["sap"] = sap
 

@@ -12,13 +12,14 @@ from sandbox.demo import run_demo
 async def test_demo_syncs_both_ways_with_zero_drift_and_dead_letters_only_the_bad_records(tmp_path):
     report_path = tmp_path / "report.json"
     ok = await run_demo(Console(file=open(tmp_path / "out.txt", "w")), report_path=report_path,  # noqa: SIM115
-                        signs=40, work_orders=10, workdir=tmp_path / "demo", customers=20, opportunities=25)
+                        signs=40, work_orders=10, workdir=tmp_path / "demo", customers=20, opportunities=25,
+                        sap_orders=10)
     report = json.loads(report_path.read_text())
     assert ok, report
     assert report["reconciliation"]["total_drift"] == 0
     directions = {row["direction"] for row in report["written_per_flow"].values() if row["records"] > 0}
     assert directions == {"dataverse -> arcgis", "arcgis -> dataverse", "fno -> salesforce", "salesforce -> fno",
-                          "dataverse -> salesforce", "salesforce -> dataverse"}
+                          "dataverse -> salesforce", "salesforce -> dataverse", "dataverse -> sap", "sap -> dataverse"}
     # one dead-lettered record per deliberately bad seed row (a record may carry more than one message)
     records = {(d["flow"], d["key"], d["reason"]) for d in report["dead_letters"]}
     assert sorted((flow, reason) for flow, _key, reason in records) == sorted(
@@ -28,7 +29,10 @@ async def test_demo_syncs_both_ways_with_zero_drift_and_dead_letters_only_the_ba
         + [("opportunities_to_fno", "UNMAPPED_CHOICE")] * 2
         + [("orders_to_fno", "UNMAPPED_CHOICE")]
         + [("products_to_salesforce", "REQUIRED_FIELD_MISSING")] * 2
-        + [("sign_assets_to_field", "REQUIRED_FIELD_MISSING"), ("sign_assets_to_field", "UNMAPPED_CHOICE")])
+        + [("sign_assets_to_field", "REQUIRED_FIELD_MISSING"), ("sign_assets_to_field", "UNMAPPED_CHOICE")]
+        + [("accounts_to_sap", "UNMAPPED_CHOICE"), ("partners_to_dynamics", "REQUIRED_FIELD_MISSING"),
+           ("partners_to_dynamics", "UNMAPPED_CHOICE")]
+        + [("orders_to_sap", "UNMAPPED_CHOICE")] * 3)  # unmapped sales organisation, plant and unit
     entities = {e["entity"]: e for e in report["reconciliation"]["entities"]}
     assert entities["customer"]["linked"] > 0  # F&O customers reached Salesforce
     assert entities["product"]["linked"] > 0
@@ -42,6 +46,14 @@ async def test_demo_syncs_both_ways_with_zero_drift_and_dead_letters_only_the_ba
     assert l2c["orders_whose_lines_differ"] == 0
     assert l2c["fno_customers_from_salesforce"] > 0
     assert l2c["salesforce_headers_shipped_or_invoiced"] > 0  # fulfilment status came back
+    sap = report["order_to_sap"]
+    assert sap["sap_orders_from_dynamics"] > 0
+    assert sap["orders_whose_items_differ"] == 0  # every order's lines arrived with it
+    assert sap["migrated_account_made_partner_by_its_order"] == 1  # a missing partner is created first
+    assert sap["dynamics_orders_with_sap_status"] > 0  # delivery status came back
+    assert sap["dynamics_products_from_sap"] > 0
+    assert entities["sap_partner"]["linked"] > 0
+    assert entities["sap_order"]["linked"] > 0
     assert all(d["description"] for d in report["dead_letters"])
     assert report["echoes_suppressed"] > 0  # our own writes came back and were dropped
     assert report["cascaded_updates"] > 0   # completed work orders closed their open tasks
@@ -55,7 +67,7 @@ async def test_demo_syncs_both_ways_with_zero_drift_and_dead_letters_only_the_ba
 async def test_demo_on_the_azure_runtime_azurite_and_the_service_bus_test_broker(tmp_path):
     report_path = tmp_path / "report.json"
     ok = await run_demo(Console(file=open(tmp_path / "out.txt", "w")), report_path=report_path,  # noqa: SIM115
-                        signs=12, work_orders=3, workdir=tmp_path / "demo", runtime="azure", sales=False)
+                        signs=12, work_orders=3, workdir=tmp_path / "demo", runtime="azure", sales=False, sap=False)
     report = json.loads(report_path.read_text())
     assert ok, report
     assert report["reconciliation"]["total_drift"] == 0

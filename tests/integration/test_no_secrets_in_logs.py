@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import re
@@ -11,6 +12,7 @@ from rich.console import Console
 
 import sandbox.demo as demo
 from sandbox import dataverse_sim as dvs
+from sandbox import salesforce_sim as sfs
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s [%(correlation_id)s] %(message)s"
 
@@ -42,7 +44,7 @@ async def test_a_debug_logged_demo_run_leaks_no_secret(tmp_path, monkeypatch):
         report_path = tmp_path / "report.json"
         ok = await demo.run_demo(Console(file=open(tmp_path / "out.txt", "w")),  # noqa: SIM115
                                  report_path=report_path, signs=12, work_orders=3, workdir=tmp_path / "demo",
-                                 quiet_logs=False)
+                                 quiet_logs=False, customers=10, opportunities=10, sap_orders=8)
     finally:
         root.removeHandler(handler)
         root.setLevel(old_level)
@@ -60,6 +62,10 @@ async def test_a_debug_logged_demo_run_leaks_no_secret(tmp_path, monkeypatch):
         "ArcGIS webhook signature key": demo.SIGNATURE_KEY,
         "Dataverse client secret": dvs.DEFAULT_CLIENT_SECRET,
         "ArcGIS client secret": box.ag.client_secret,
+        "F&O client secret": box.fno.client_secret,
+        "Salesforce client secret": sfs.DEFAULT_CLIENT_SECRET,
+        "SAP password": box.sap.password,
+        "SAP basic credentials": base64.b64encode(f"{box.sap.user}:{box.sap.password}".encode()).decode(),
         **{f"issued token {n}": token for n, token in enumerate(issued)},
     }
     leaked = [what for what, value in secrets.items() if value in text]
