@@ -28,7 +28,6 @@ FUNCTION_KEY = "demo-function-key-91c2"
 SIGNATURE_KEY = "demo-esri-signature-key-55d0"
 SALES_CUSTOMERS = 1000
 """F&O customers per legal entity (two legal entities)."""
-SALES_PRODUCTS = 100
 SAP_FLOWS = ("accounts_to_sap", "partners_to_dynamics", "products_from_sap", "orders_to_sap", "order_status_from_sap")
 SALES_FLOWS = ("customers_to_salesforce", "products_to_salesforce", "accounts_to_fno", "opportunities_to_fno",
                "order_status_to_opportunity", "orders_to_fno", "order_status_to_order", "crm_accounts_from_salesforce",
@@ -322,7 +321,7 @@ def seed_sales_side(box: Sandbox, customers: int) -> dict[str, Any]:
     from sandbox.fno_sim import seed_fno
     from sandbox.salesforce_sim import seed_customer360
 
-    seed_fno(box.fno, customers=customers, products=SALES_PRODUCTS)
+    seed_fno(box.fno, customers=customers, products=max(20, customers // 2))  # per legal entity
     box.sales["crm"] = seed_crm(box.dv, accounts=30, contacts_per_account=2)
     box.sales["c360"] = seed_customer360(box.sf, accounts=40, contacts_per_account=2)
     return box.sales
