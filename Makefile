@@ -30,7 +30,7 @@ typecheck: $(STAMP)
 	$(PY) -m mypy shared
 
 bench: $(STAMP)
-	$(PY) -m sandbox.bench && $(PY) -m sandbox.bench_sf
+	$(PY) -m sandbox.bench && $(PY) -m sandbox.bench_sf && $(PY) -m sandbox.bench_sap
 
 clean:
 	rm -rf $(VENV) .syncline reports .pytest_cache .mypy_cache .ruff_cache
