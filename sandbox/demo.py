@@ -459,13 +459,14 @@ def sap_order_activity(box: Sandbox, summary: Counter[str], orders: int) -> None
         "address1_city": "Boise", "address1_postalcode": "83702", "address1_country": "US",
         "telephone1": "+1 208 555 0142", "paymenttermscode": 3, "syn_currencycode": "USD"})
     box.sales["migrated_account"] = migrated
-    product_id, (units, plants) = next(iter(combos.items()))
+    product_id, (unit_options, plant_options) = next(iter(combos.items()))
     order = box.dv.apply_change("salesorders", {
         "name": "Cascade Water District - pump station refit", "customerid": migrated,
         "syn_salesorg": 100000000, "syn_distributionchannel": 100000000, "syn_currencycode": "USD",
         "requestdeliveryby": "2026-12-18"})
     box.dv.apply_change("salesorderdetails", {"salesorderid": order, "productid": product_id, "quantity": 2.0,
-                                              "priceperunit": 1250.0, "syn_unit": units[0], "syn_plant": plants[0]})
+                                              "priceperunit": 1250.0, "syn_unit": unit_options[0],
+                                              "syn_plant": plant_options[0]})
     box.dv.apply_change("salesorders", {"statecode": 1}, key=order)
     made["submitted"].append(order)
     summary["Dynamics accounts migrated without webhooks"] += 1
