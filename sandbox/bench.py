@@ -1,8 +1,9 @@
 """`make bench`: inbound ArcGIS edits -> Dataverse, batched vs naive, with injected latency (prints figures).
 
 The parent process runs the Dataverse simulator (TLS, 20 ms per request); each path runs in its own child
-process so its peak memory (ru_maxrss) is Syncline's alone. Both paths use the same engine and mapping; only
-the write strategy differs: `$batch` of up to 1,000 upserts vs one PATCH request per record.
+process so its peak memory (VmHWM, see `bench_sap.peak_rss_mb`; ru_maxrss is reported beside it) is Syncline's
+alone. Both paths use the same engine and mapping; only the write strategy differs: `$batch` of up to 1,000
+upserts vs one PATCH request per record.
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ class NaiveDataverseSink:
 
 async def child(path: str, records: int, batch: int) -> dict[str, Any]:
     """Run one path against the simulator named in the environment; return its figures."""
+    from sandbox.bench_sap import peak_rss_mb
     from shared.bootstrap import build_services
     from shared.core.envelope import ChangeEnvelope
     from shared.core.ports import GEOMETRY_KEY, Link
@@ -103,13 +105,15 @@ async def child(path: str, records: int, batch: int) -> dict[str, Any]:
     report = await services.controller.drain()
     seconds = time.perf_counter() - started
     requests = services.counter.snapshot().get("dataverse", 0) - before
+    peak = peak_rss_mb()
     await services.aclose()
     written = report.statuses.get("written", 0)
     return {
         "path": path, "records": len(envelopes), "written": written, "seconds": round(seconds, 3),
         "records_per_second": round(written / seconds, 1) if seconds else 0.0,
         "dataverse_requests": requests, "requests_per_record": round(requests / max(written, 1), 4),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_mb": round(peak, 1),
+        "ru_maxrss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "statuses": report.statuses,
     }
 
@@ -132,6 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--naive-records", type=int, default=1_000)
     parser.add_argument("--latency-ms", type=float, default=20.0)
     parser.add_argument("--batch", type=int, default=1000)
+    parser.add_argument("--report", type=Path, default=ROOT / "reports" / "bench.json")
     parser.add_argument("--child", choices=["batched", "naive"])
     args = parser.parse_args(argv)
     if args.child:
@@ -150,7 +155,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         base = {**os.environ, "SYNCLINE_CA_BUNDLE": str(ca.ca_path), "DATAVERSE__URL": server.url,
                 "DATAVERSE__AUTHORITY_HOST": server.url, "DATAVERSE__TENANT_ID": dvs.DEFAULT_TENANT_ID,
                 "DATAVERSE__CLIENT_ID": dvs.DEFAULT_CLIENT_ID, "DATAVERSE__CLIENT_SECRET": dvs.DEFAULT_CLIENT_SECRET,
-                "ARCGIS__SERVICE_URL": ""}
+                # ArcGIS is configured (never contacted: the edits are queued, the drain only writes Dataverse)
+                # because a flow whose source system is not configured stays idle and its messages would fail.
+                "ARCGIS__SERVICE_URL": "https://arcgis.invalid/arcgis/rest/services/Signs/FeatureServer",
+                "ARCGIS__API_KEY": "never-used", "SYNCLINE_FLOWS": str(ROOT / "flows" / "dot-signs.yaml"),
+                "FNO__ENVIRONMENT_URL": "", "SALESFORCE__MY_DOMAIN_URL": "", "SAP__BASE_URL": ""}
         try:
             print(f"Dataverse simulator with {args.latency_ms:.0f} ms per request; "
                   f"batched path: {args.records} records, naive path: {args.naive_records} records", flush=True)
@@ -173,8 +182,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                "peak RSS < 300 MB": batched["peak_rss_mb"] < 300}
     for name, met in targets.items():
         print(f"target {name}: {'met' if met else 'NOT met'}")
-    out = ROOT / "reports" / "bench.json"
-    out.parent.mkdir(exist_ok=True)
+    out = args.report
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"latency_ms": args.latency_ms, "batched": batched, "naive": naive,
                                "ratio": round(speedup, 1), "targets": targets}, indent=2))
     print(f"figures written to {out}")

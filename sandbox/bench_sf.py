@@ -2,9 +2,10 @@
 
 The parent process runs the F&O and Salesforce simulators over TLS, both with injected latency; each path runs
 `controller.run_cycle()` (poll F&O -> queue -> drain -> Salesforce) in its own child process so its peak memory
-(ru_maxrss) is Syncline's alone. Both paths use the same engine, flow and mapping; only the Salesforce write
-differs: sObject Collections / Bulk API 2.0 vs one `PATCH /sobjects/Account/Dynamics_Account__c/<id>` per record.
-Salesforce API calls are counted by the simulator (token and describe included).
+(VmHWM, see `bench_sap.peak_rss_mb`; ru_maxrss is reported beside it) is Syncline's alone. Both paths use the
+same engine, flow and mapping; only the Salesforce write differs: sObject Collections / Bulk API 2.0 vs one
+`PATCH /sobjects/Account/Dynamics_Account__c/<id>` per record. Salesforce API calls are counted by the simulator
+(token and describe included).
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ class NaiveSalesforceSink:
 
 async def child(path: str, batch: int) -> dict[str, Any]:
     """Run one path against the simulators named in the environment; return its figures."""
+    from sandbox.bench_sap import peak_rss_mb
     from shared.bootstrap import build_services
     from shared.settings import Settings
 
@@ -84,6 +86,7 @@ async def child(path: str, batch: int) -> dict[str, Any]:
     started = time.perf_counter()
     report = await services.controller.run_cycle()
     seconds = time.perf_counter() - started
+    peak = peak_rss_mb()
     await services.aclose()
     if report.outcome != "ok":
         raise SystemExit(f"cycle failed: {report.error}")
@@ -91,7 +94,8 @@ async def child(path: str, batch: int) -> dict[str, Any]:
     return {
         "path": path, "polled": report.polled, "written": written, "seconds": round(seconds, 3),
         "records_per_second": round(written / seconds, 1) if seconds else 0.0,
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_mb": round(peak, 1),
+        "ru_maxrss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "statuses": report.statuses, "dead_lettered": report.dead_lettered,
     }
 
@@ -157,6 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--naive-records", type=int, default=2_000)
     parser.add_argument("--latency-ms", type=float, default=20.0)
     parser.add_argument("--batch", type=int, default=5000)
+    parser.add_argument("--report", type=Path, default=ROOT / "reports" / "bench-salesforce.json")
     parser.add_argument("--child", choices=["batched", "naive"])
     args = parser.parse_args(argv)
     if args.child:
@@ -182,8 +187,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                "every good customer written": batched["written"] == args.records == batched["accounts_in_org"]}
     for name, met in targets.items():
         print(f"target {name}: {'met' if met else 'NOT met'}")
-    out = ROOT / "reports" / "bench-salesforce.json"
-    out.parent.mkdir(exist_ok=True)
+    out = args.report
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"latency_ms": args.latency_ms, "batch_size": args.batch, "batched": batched,
                                "naive": naive, "ratio": round(speedup, 1), "targets": targets}, indent=2))
     print(f"figures written to {out}")
