@@ -1094,6 +1094,57 @@ class _RowView:
         return self.values.get(self.names.get(name, name), default)
 
 
+class _ColumnIndex:
+    """Equality index of one column of one table: normalised value (`_norm`, as `$filter` compares) -> primary
+    keys. A null or missing value is bucketed under None; a row whose value cannot be normalised or hashed sits
+    in `odd`, a candidate for every probe. The fast path only narrows the rows the filter is evaluated on."""
+
+    __slots__ = ("buckets", "odd", "typ")
+
+    def __init__(self, typ: str) -> None:
+        self.typ = typ
+        self.buckets: dict[Any, set[str]] = {}
+        self.odd: set[str] = set()
+
+    def _bucket_of(self, value: Any) -> tuple[bool, Any]:
+        try:
+            normed = _norm(value, self.typ)
+            hash(normed)
+        except (TypeError, ValueError, AttributeError):
+            return False, None
+        return True, normed
+
+    def add(self, key: str, value: Any) -> None:
+        ok, normed = self._bucket_of(value)
+        if ok:
+            self.buckets.setdefault(normed, set()).add(key)
+        else:
+            self.odd.add(key)
+
+    def discard(self, key: str, value: Any) -> None:
+        ok, normed = self._bucket_of(value)
+        if not ok:
+            self.odd.discard(key)
+            return
+        bucket = self.buckets.get(normed)
+        if bucket is not None:
+            bucket.discard(key)
+            if not bucket:
+                del self.buckets[normed]
+
+    def probe(self, wanted: Iterable[Any]) -> set[str] | None:
+        """Keys whose value may equal one of `wanted` (already normalised); None if a value cannot be looked up."""
+        out = set(self.odd)
+        for value in wanted:
+            try:
+                bucket = self.buckets.get(value)
+            except TypeError:
+                return None
+            if bucket:
+                out |= bucket
+        return out
+
+
 @dataclass
 class WebhookRegistration:
     """A registered service endpoint (webhook)."""
@@ -1325,6 +1376,7 @@ class DataverseSimulator:
         self._lock = threading.RLock()
         self._tables: dict[str, dict[str, Row]] = {s: {} for s in self.schema}
         self._key_index: dict[str, dict[tuple[str, ...], dict[tuple[Any, ...], str]]] = self._empty_index()
+        self._column_index: dict[str, dict[str, _ColumnIndex]] = self._empty_column_index()
         self._deleted: dict[str, list[tuple[int, str]]] = {s: [] for s in self.schema}
         self._child_links = self._collect_child_links()
         self._rollup_links: dict[str, list[tuple[TableSchema, str]]] = {}
@@ -1365,6 +1417,7 @@ class DataverseSimulator:
         with self._lock:
             self._tables = {s: {} for s in self.schema}
             self._key_index = self._empty_index()
+            self._column_index = self._empty_column_index()
             self._deleted = {s: [] for s in self.schema}
             self._children = self._empty_children()
             self._autonumbers.clear()
@@ -2095,12 +2148,13 @@ class DataverseSimulator:
             ast = parse_filter(req.query["$filter"], types, f"Microsoft.Dynamics.CRM.{schema.logical_name}")
             names = {schema.read_name(c): c for c in schema.columns}
             table = self._tables[schema.entity_set]
-            if ast[0] == "bool" and ast[1][0] == "in" and ast[1][1] == schema.primary_id and not ast[1][3]:
-                # Primary-key lookups (the connector's fetch) use the table's dict, like an index seek.
-                found = (table.get(k) for k in ast[1][2] if isinstance(k, str))
-                rows = [r for r in found if r is not None]
-            else:
-                rows = [r for r in rows if _evaluate(ast, _RowView(r.values, names), types)]
+            # Equality, In and or-chains of them on the primary key, a lookup or an alternate-key column seek
+            # the table's dict / column index for candidates (like an index seek); the filter is still evaluated
+            # on each candidate, and the sort below fixes the order, so the answer is exactly the scan's.
+            candidates = self._filter_candidates(schema, ast, names, types)
+            if candidates is not None:
+                rows = [table[k] for k in candidates if k in table]
+            rows = [r for r in rows if _evaluate(ast, _RowView(r.values, names), types)]
         orderby = req.query.get("$orderby")
         if orderby:
             keys: list[tuple[str, bool]] = []
@@ -2136,6 +2190,49 @@ class DataverseSimulator:
         if applied:
             headers["Preference-Applied"] = ",".join(applied)
         return self._json(200, body, headers)
+
+    def _filter_candidates(self, schema: TableSchema, ast: tuple[Any, ...], names: Mapping[str, str],
+                           types: Mapping[str, str]) -> set[str] | None:
+        """Primary keys of a superset of the rows `ast` matches, from the indexes; None = every row (a scan)."""
+        kind = ast[0]
+        if kind == "and":
+            left = self._filter_candidates(schema, ast[1], names, types)
+            right = self._filter_candidates(schema, ast[2], names, types)
+            if left is None or right is None:
+                return left if right is None else right
+            return left & right
+        if kind == "or":
+            left = self._filter_candidates(schema, ast[1], names, types)
+            if left is None:
+                return None
+            right = self._filter_candidates(schema, ast[2], names, types)
+            return None if right is None else left | right
+        if kind == "bool" and ast[1][0] == "in" and not ast[1][3]:
+            # In matches no null column: its values are normalised already and never None.
+            return self._index_probe(schema, ast[1][1], [v for v in ast[1][2] if v is not None], names)
+        if kind == "cmp" and ast[1] == "eq":
+            prop, lit = ast[2], ast[3]
+            if prop[0] == "lit":
+                prop, lit = lit, prop
+            if prop[0] != "prop" or lit[0] != "lit":
+                return None
+            try:
+                wanted = _norm(lit[1], types.get(prop[1]) or None)
+            except (TypeError, ValueError, AttributeError):
+                return None  # the scan reports it as it always did
+            return self._index_probe(schema, prop[1], [wanted], names)
+        return None
+
+    def _index_probe(self, schema: TableSchema, prop: str, wanted: list[Any],
+                     names: Mapping[str, str]) -> set[str] | None:
+        col = names.get(prop, prop)
+        if col == schema.primary_id:
+            # Stored keys are lower-case: an ASCII value names at most the row stored under it.
+            if all(isinstance(v, str) and v.isascii() for v in wanted):
+                return set(wanted)
+            return None
+        index = self._column_index[schema.entity_set].get(col)
+        return None if index is None else index.probe(wanted)
 
     def _delta(self, req: _ApiRequest, schema: TableSchema, select: list[str] | None, annotate: bool,
                page_size: int, cookie: dict[str, Any] | None, delta_token: str | None, context: str,
@@ -2316,6 +2413,15 @@ class DataverseSimulator:
     def _empty_index(self) -> dict[str, dict[tuple[str, ...], dict[tuple[Any, ...], str]]]:
         return {s: {cols: {} for cols in t.alternate_keys} for s, t in self.schema.items()}
 
+    def _empty_column_index(self) -> dict[str, dict[str, _ColumnIndex]]:
+        """entity set -> an equality index per lookup and alternate-key column (`$filter` fast path)."""
+        out: dict[str, dict[str, _ColumnIndex]] = {}
+        for entity_set, table in self.schema.items():
+            cols = set(table.lookups) | {c for key in table.alternate_keys for c in key}
+            cols.discard(table.primary_id)
+            out[entity_set] = {c: _ColumnIndex(table.columns[c]) for c in sorted(cols) if c in table.columns}
+        return out
+
     def _index_entries(self, schema: TableSchema, values: Mapping[str, Any]) -> list[tuple[tuple[str, ...],
                                                                                           tuple[Any, ...]]]:
         out = []
@@ -2330,8 +2436,11 @@ class DataverseSimulator:
         rows = self._tables[schema.entity_set]
         index = self._key_index[schema.entity_set]
         children = self._children.get(schema.entity_set)
+        column_index = self._column_index[schema.entity_set]
         old = rows.get(key)
         if old is not None:
+            for col, col_index in column_index.items():
+                col_index.discard(key, old.values.get(col))
             for cols, normed in self._index_entries(schema, old.values):
                 if index[cols].get(normed) == key:
                     del index[cols][normed]
@@ -2345,6 +2454,8 @@ class DataverseSimulator:
             rows.pop(key, None)
             return
         rows[key] = row
+        for col, col_index in column_index.items():
+            col_index.add(key, row.values.get(col))
         for cols, normed in self._index_entries(schema, row.values):
             index[cols][normed] = key
         for col, by_parent in (children or {}).items():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import ssl
 import uuid
@@ -9,6 +10,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -40,7 +42,7 @@ from sandbox.server import TestCA as SandboxCA
 from shared.connectors.dataverse import parse_remote_execution_context
 from shared.core.errors import RejectedError
 from shared.core.ports import Bind, WriteOp
-from tests.connectors.test_dataverse import DataverseEnv, Factory, Recorder, Wire
+from tests.connectors.test_dataverse import DataverseEnv, Factory, Recorder, Wire, raw_batch
 from tests.connectors.test_dataverse_crm import Crm, Receiver, batch_bodies, filters
 
 SPEC_FILE = Path(__file__).resolve().parents[2] / "flows" / "sap.yaml"
@@ -613,3 +615,127 @@ def test_bulk_sap_orders_inserts_submitted_orders_without_webhooks() -> None:
             twin.close()
     finally:
         sim.close()
+
+
+# ============================================================================================ $filter indexes
+
+
+async def _fast_and_scan(crm: Crm, monkeypatch: pytest.MonkeyPatch, table: str, text: str,
+                         extra: str = "") -> tuple[Any, Any, bool]:
+    """The simulator's answer to `$filter=text` with its column indexes, the same without them (every row
+    evaluated), and whether the first one was answered from an index."""
+    seeks: list[bool] = []
+    seek = crm.sim._filter_candidates
+
+    def spy(*args: Any) -> set[str] | None:
+        found = seek(*args)
+        seeks.append(found is not None)
+        return found
+
+    path = f"{table}?$filter={quote(text, safe='')}{extra}"
+    with monkeypatch.context() as patched:
+        patched.setattr(crm.sim, "_filter_candidates", spy)
+        fast = await crm.raw_get(path)
+    with monkeypatch.context() as patched:
+        patched.setattr(crm.sim, "_filter_candidates", lambda *args: None)
+        scan = await crm.raw_get(path)
+    assert fast.status_code == scan.status_code == 200, (text, fast.text)
+    return fast.json(), scan.json(), bool(seeks) and seeks[-1]
+
+
+async def test_lookup_and_alternate_key_filters_answer_from_indexes_exactly_as_a_scan(
+        crm: Crm, monkeypatch: pytest.MonkeyPatch) -> None:
+    account = _account(crm.sim)
+    products = [_product(crm.sim, f"PUMP-{n}") for n in (100, 200)]
+    orders = [_order(crm.sim, account, name=f"Order {i}", syn_sapsalesorder=f"40001{i:02d}" if i < 4 else None)
+              for i in range(5)]
+    lines = {o: [_line(crm.sim, o, products[j % 2], quantity=float(j + 1)) for j in range(i % 4)]
+             for i, o in enumerate(orders)}
+    loose = _line(crm.sim, orders[0], None)  # no product: a null lookup
+
+    def in_filter(prop: str, values: list[str]) -> str:
+        listed = ",".join(f"'{v}'" for v in values)
+        return f"Microsoft.Dynamics.CRM.In(PropertyName='{prop}',PropertyValues=[{listed}])"
+
+    missing = str(uuid.uuid4())
+
+    async def check() -> None:
+        seeking = [
+            ("salesorderdetails", f"_salesorderid_value eq {orders[1]}", ""),
+            ("salesorderdetails", f"_salesorderid_value eq {orders[2].upper()}", "&$orderby=quantity desc"),
+            ("salesorderdetails", in_filter("_salesorderid_value", [orders[1], orders[3].upper(), missing]), ""),
+            ("salesorderdetails", f"(_salesorderid_value eq {orders[1]} or _salesorderid_value eq {orders[3]})",
+             "&$top=2"),
+            ("salesorderdetails", f"_salesorderid_value eq {orders[1]} or _productid_value eq {products[1]}", ""),
+            ("salesorderdetails", f"_salesorderid_value eq {orders[3]} and quantity gt 1", ""),
+            ("salesorderdetails", "_productid_value eq null", ""),
+            ("salesorderdetails", f"salesorderdetailid eq {loose}", ""),
+            ("salesorders", "syn_sapsalesorder eq '4000101' or syn_sapsalesorder eq '4000103'", ""),
+            ("salesorders", in_filter("syn_sapsalesorder", ["4000102", "4000199"]), ""),
+            ("salesorders", "syn_sapsalesorder eq null", ""),
+            ("salesorders", f"_customerid_value eq {account} and syn_sapsalesorder eq '4000100'", ""),
+        ]
+        scanning = [
+            ("salesorderdetails", f"_salesorderid_value ne {orders[1]}", ""),
+            ("salesorderdetails", f"_salesorderid_value eq {orders[1]} or quantity ge 2", ""),
+            ("salesorderdetails", f"not (_salesorderid_value eq {orders[1]})", ""),
+            ("salesorderdetails", in_filter("_salesorderid_value", [orders[1]]).replace(".In(", ".NotIn("), ""),
+        ]
+        for expect_seek, cases in ((True, seeking), (False, scanning)):
+            for table, text, extra in cases:
+                fast, scan, seeked = await _fast_and_scan(crm, monkeypatch, table, text, extra)
+                assert fast == scan, text
+                assert seeked is expect_seek, text
+
+    await check()
+    found, _, _ = await _fast_and_scan(crm, monkeypatch, "salesorderdetails",
+                                       f"_salesorderid_value eq {orders[3]}")
+    assert [r["salesorderdetailid"] for r in found["value"]] == sorted(lines[orders[3]])
+
+    # Updates that move the indexed values: a line to another order, a product cleared, an SAP number changed
+    # and one cleared; then deletes (an order takes its lines with it) and a bulk insert.
+    moved = lines[orders[3]][0]
+    crm.sim.apply_change("salesorderdetails", {"salesorderid": orders[1].upper()}, key=moved)
+    crm.sim.apply_change("salesorderdetails", {"productid": None}, key=lines[orders[2]][1])
+    crm.sim.apply_change("salesorders", {"syn_sapsalesorder": "4000199"}, key=orders[2])
+    crm.sim.apply_change("salesorders", {"syn_sapsalesorder": None}, key=orders[1])
+    await check()
+    found, _, _ = await _fast_and_scan(crm, monkeypatch, "salesorderdetails",
+                                       in_filter("_salesorderid_value", [orders[1]]))
+    assert moved in [r["salesorderdetailid"] for r in found["value"]]
+
+    crm.sim.apply_change("salesorderdetails", key=lines[orders[1]][0], delete=True)
+    crm.sim.apply_change("salesorders", key=orders[3], delete=True)
+    crm.sim.insert_many("salesorderdetails", [
+        {"salesorderid": orders[3 if i == 0 else 1], "productid": products[0], "quantity": 5.0, "priceperunit": 1.0}
+        for i in range(3)])  # one points at the deleted order
+    await check()
+    found, _, _ = await _fast_and_scan(crm, monkeypatch, "salesorderdetails",
+                                       f"_salesorderid_value eq {orders[3]}")
+    assert len(found["value"]) == 1  # only the bulk-inserted orphan: the order's own lines went with it
+
+    # A change set rolled back by its failing request leaves the indexes as they were.
+    token = await crm.factory.provider().get_token()
+    target = lines[orders[2]][0]
+    move = (f"PATCH /api/data/v9.2/salesorderdetails({target}) HTTP/1.1\r\nContent-Type: application/json; "
+            f"type=entry\r\n\r\n" + json.dumps({"salesorderid@odata.bind": f"/salesorders({orders[4]})"}))
+    refused = ("POST /api/data/v9.2/salesorderdetails HTTP/1.1\r\nContent-Type: application/json; type=entry"
+               "\r\n\r\n" + json.dumps({"quantity": 1.0}))
+    resp = await crm.http.post(f"{crm.factory.env.url}/api/data/v9.2/$batch",
+                               content=raw_batch([move, refused], changeset=True),
+                               headers={"Authorization": f"Bearer {token}",
+                                        "Content-Type": "multipart/mixed; boundary=b"})
+    assert resp.status_code == 400
+    assert "required attribute 'salesorderid'" in resp.text
+    assert crm.sim.get("salesorderdetails", target)["salesorderid"] == orders[2]  # type: ignore[index]
+    await check()
+    found, _, _ = await _fast_and_scan(crm, monkeypatch, "salesorderdetails", f"_salesorderid_value eq {orders[4]}")
+    assert found["value"] == []
+
+    # And a reset forgets them with the records.
+    crm.sim.reset()
+    found, scan, seeked = await _fast_and_scan(crm, monkeypatch, "salesorderdetails",
+                                               f"_salesorderid_value eq {orders[1]}")
+    assert found == scan
+    assert found["value"] == []
+    assert seeked
