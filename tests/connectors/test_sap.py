@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time
 from decimal import Decimal
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
 import httpx
 import pytest
@@ -18,6 +18,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+import sandbox.sap_sim as sap_sim_module
 from sandbox.sap_sim import (
     BAD_ORDER,
     BAD_PARTNER_CURRENCY,
@@ -841,3 +842,123 @@ def test_seed_has_the_deliberately_bad_records(sap_env: SapEnv) -> None:
                 if o["SalesOrder"] <= f"40000{ORDERS:02d}"}
     assert {("A", "A"), ("C", "A"), ("C", "C")} <= statuses
     assert time(9, 30) == nameless["CreationTime"]
+
+
+# ============================================================================================ $filter indexes
+
+
+async def test_equality_filters_answer_from_field_indexes_exactly_as_a_scan(
+        sap: SapClient, sap_env: SapEnv, sap_sim: SapSimulator, monkeypatch: pytest.MonkeyPatch) -> None:
+    made = await sap.write([order_op(f"ix{i}", f"IDX-{i}") for i in range(1, 5)] +
+                           [partner_op(f"ixp{i}", f"SF-IDX-{i}", customer=False) for i in range(1, 4)])
+    assert all(r.ok for r in made), [r.error for r in made]
+    numbers = [r.key or "" for r in made[:4]]
+    partners = [r.key or "" for r in made[4:]]
+    seek = sap_sim_module._candidates
+    context = ssl.create_default_context(cafile=str(sap_env.ca.ca_path))
+
+    def any_of(name: str, values: list[str]) -> str:
+        return " or ".join(f"{name} eq '{v}'" for v in values)
+
+    async def fast_and_scan(raw: httpx.AsyncClient, path: str, text: str, extra: str = "") -> tuple[Any, Any, bool]:
+        seeks: list[bool] = []
+
+        def spy(node: tuple[Any, ...], table: Any) -> Any:
+            found = seek(node, table)
+            seeks.append(found is not None)
+            return found
+
+        url = f"{sap_env.url}{path}?$filter={quote(text, safe='')}{extra}"
+        with monkeypatch.context() as patched:
+            patched.setattr(sap_sim_module, "_candidates", spy)
+            fast = await raw.get(url)
+        with monkeypatch.context() as patched:
+            patched.setattr(sap_sim_module, "_candidates", lambda node, table: None)
+            scan = await raw.get(url)
+        assert fast.status_code == scan.status_code == 200, (text, fast.text)
+        return fast.json(), scan.json(), bool(seeks) and seeks[-1]
+
+    def keys(answer: Any, name: str) -> list[str]:
+        return [r[name] for r in answer["d"]["results"]]
+
+    async def check(raw: httpx.AsyncClient) -> None:
+        seeking = [
+            (f"{SO}A_SalesOrder", "PurchaseOrderByCustomer eq 'IDX-1'", ""),
+            (f"{SO}A_SalesOrder", any_of("PurchaseOrderByCustomer", ["IDX-1", "IDX-3", "IDX-8", "IDX-9", "NOPE"]),
+             "&$inlinecount=allpages"),
+            (f"{SO}A_SalesOrder", f"({any_of('PurchaseOrderByCustomer', ['IDX-2', 'IDX-4'])}) and "
+                                  "SoldToParty eq '17100002'", "&$orderby=SalesOrder desc&$top=1"),
+            (f"{SO}A_SalesOrder", "PurchaseOrderByCustomer eq 'idx-1'", ""),  # ABAP compares case-sensitively
+            (f"{SO}A_SalesOrderItem", any_of("PurchaseOrderByCustomer", ["IDX-1-L1", "IDX-2-L3", "IDX-4-L2"]),
+             "&$select=SalesOrder,SalesOrderItem,Material"),
+            (f"{SO}A_SalesOrderItem", f"SalesOrder eq '{numbers[1]}' and Material eq 'PV-GREASE'", ""),
+            (f"{BP}A_BusinessPartner", any_of(PARTNER_MATCH_FIELD, ["SF-IDX-1", "SF-IDX-3", "SF-IDX-7"]), ""),
+        ]
+        scanning = [
+            (f"{SO}A_SalesOrder", "PurchaseOrderByCustomer ne 'IDX-1'", ""),
+            (f"{SO}A_SalesOrder", "PurchaseOrderByCustomer eq 'IDX-1' or SoldToParty ne '17100002'", ""),
+            (f"{BP}A_BusinessPartner", f"not ({PARTNER_MATCH_FIELD} eq 'SF-IDX-1')", ""),
+        ]
+        for expect_seek, cases in ((True, seeking), (False, scanning)):
+            for path, text, extra in cases:
+                fast, scan, seeked = await fast_and_scan(raw, path, text, extra)
+                assert fast == scan, text
+                assert seeked is expect_seek, text
+
+    async with httpx.AsyncClient(verify=context, auth=(sap_sim.user, sap_sim.password),
+                                 headers={"Accept": "application/json"}) as raw:
+        await check(raw)
+        found, _, _ = await fast_and_scan(raw, f"{SO}A_SalesOrder", any_of("PurchaseOrderByCustomer",
+                                                                           ["IDX-1", "IDX-3"]))
+        assert keys(found, "SalesOrder") == [numbers[0], numbers[2]]
+
+        # Writes that move the indexed values: a UI edit, a PATCH through the API (order and partner), a
+        # delete, a status change and a direct insert with a value another order has.
+        sap_sim.apply_change("A_SalesOrder", (numbers[0],), {"PurchaseOrderByCustomer": "IDX-9"})
+        patched_order = await sap.write([WriteOp("ixu", "upsert", "A_SalesOrder", key=numbers[1],
+                                                 values={"PurchaseOrderByCustomer": "IDX-8"})])
+        patched_partner = await sap.write([WriteOp("ixpu", "upsert", "A_BusinessPartner", key=partners[0],
+                                                   values={PARTNER_MATCH_FIELD: "SF-IDX-7"})])
+        assert patched_order[0].ok, patched_order[0].error
+        assert patched_partner[0].ok, patched_partner[0].error
+        gone = await sap.write([WriteOp("ixd", "delete", "A_SalesOrder", key=numbers[2])])
+        assert gone[0].ok, gone[0].error
+        sap_sim.advance_order(numbers[3], "delivered")
+        twin = sap_sim.insert("A_SalesOrder", {"SalesOrder": "4999901", "PurchaseOrderByCustomer": "IDX-4",
+                                                "SoldToParty": "17100002"})
+
+        await check(raw)
+        found, _, _ = await fast_and_scan(raw, f"{SO}A_SalesOrder", any_of(
+            "PurchaseOrderByCustomer", ["IDX-1", "IDX-2", "IDX-3", "IDX-4", "IDX-8", "IDX-9", "IDX-RB"]))
+        assert [(r["SalesOrder"], r["PurchaseOrderByCustomer"]) for r in found["d"]["results"]] == [
+            (numbers[0], "IDX-9"), (numbers[1], "IDX-8"), (numbers[3], "IDX-4"), (twin["SalesOrder"], "IDX-4")]
+        found, _, _ = await fast_and_scan(raw, f"{BP}A_BusinessPartner", any_of(
+            PARTNER_MATCH_FIELD, ["SF-IDX-1", "SF-IDX-2", "SF-IDX-7"]))
+        assert keys(found, "BusinessPartner") == [partners[0], partners[1]]  # SF-IDX-7 now, and SF-IDX-2
+
+        # A change set rolled back by its failing request (the entity sets are restored from a snapshot).
+        def part(method: str, url: str, body: dict[str, Any], content_id: str) -> str:
+            text = json.dumps(body)
+            return (f"Content-Type: application/http\r\nContent-Transfer-Encoding: binary\r\nContent-ID: "
+                    f"{content_id}\r\n\r\n{method} {url} HTTP/1.1\r\nAccept: application/json\r\nContent-Type: "
+                    f"application/json\r\nContent-Length: {len(text)}\r\n\r\n{text}")
+
+        header = {"SalesOrderType": "OR", "SalesOrganization": "1710", "DistributionChannel": "10",
+                  "OrganizationDivision": "00", "SoldToParty": "17100002", "PurchaseOrderByCustomer": "IDX-RB",
+                  "to_Item": {"results": [{"Material": "PV-PUMP-100", "RequestedQuantity": "1"}]}}
+        changeset = ("--cs\r\n" + part("POST", "A_SalesOrder", header, "1") + "\r\n--cs\r\n" +
+                     part("POST", "$1/to_Item", {"Material": "NO-SUCH-PART", "RequestedQuantity": "2"}, "2") +
+                     "\r\n--cs--")
+        body = f"--b\r\nContent-Type: multipart/mixed; boundary=cs\r\n\r\n{changeset}\r\n--b--\r\n"
+        token = (await raw.get(f"{sap_env.url}{SO}", headers={"x-csrf-token": "Fetch"})).headers["x-csrf-token"]
+        answer = await raw.post(f"{sap_env.url}{SO}$batch", content=body,
+                                headers={"Content-Type": "multipart/mixed; boundary=b", "x-csrf-token": token})
+        assert answer.status_code == 202
+        assert "M3/305" in answer.text
+        assert orders_with(sap_sim, "IDX-RB") == []
+        await check(raw)  # the rolled-back set starts without indexes: they are built again on demand
+        sap_sim.apply_change("A_SalesOrder", (numbers[1],), {"PurchaseOrderByCustomer": "IDX-1"})  # a restored row
+        await check(raw)
+        found, _, _ = await fast_and_scan(raw, f"{SO}A_SalesOrder", "PurchaseOrderByCustomer eq 'IDX-1'")
+        assert keys(found, "SalesOrder") == [numbers[1]]
+
