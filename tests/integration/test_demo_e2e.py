@@ -81,7 +81,7 @@ async def test_demo_on_the_azure_runtime_azurite_and_the_service_bus_test_broker
     ok = await run_demo(Console(file=open(tmp_path / "out.txt", "w")), report_path=report_path,  # noqa: SIM115
                         signs=12, work_orders=3, workdir=tmp_path / "demo", runtime="azure", sales=False, sap=False)
     report = json.loads(report_path.read_text())
-    assert ok, report
+    assert ok, why(report)
     assert report["reconciliation"]["total_drift"] == 0
     assert report["webhook_failures"] == []
     assert sorted(d["reason"] for d in report["dead_letters"]) == [
