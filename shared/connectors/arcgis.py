@@ -806,8 +806,10 @@ class ArcGISFeatureServiceClient:
                     f"arcgis: {layer.name}: no feature matches {p.op.match} (object is missing); "
                     f"nothing to update (op {p.op.op_id})"))
             else:
-                # Client-made GlobalID: the key is known even if the answer is lost (replays find it).
-                p.gid, p.created = "{" + str(uuid.uuid4()).upper() + "}", True
+                # Client-made GlobalID, derived from the match: the key is known even if the answer is lost
+                # (replays find it), and two processes creating the same record at once pick the same GlobalID,
+                # so the second add is refused as a duplicate (1022) and becomes an update, never a twin.
+                p.gid, p.created = _globalid_for(layer, p.op.match), True
                 adds.append(p)
         if adds or updates or deletes:
             await self._apply_edits(layer, adds, updates, deletes, results)
@@ -1260,6 +1262,18 @@ def _feature_json(layer: LayerInfo, p: _Pending) -> dict[str, Any]:
     if p.has_geometry:
         feature["geometry"] = p.geometry
     return feature
+
+
+_GLOBALID_NAMESPACE = uuid.UUID("6f1c7a52-3a0e-4c1b-9a51-5e2f0d9b7c11")
+"""Namespace of the name-based (UUID v5) GlobalIDs Syncline gives the features it creates."""
+
+
+def _globalid_for(layer: LayerInfo, match: Mapping[str, Any] | None) -> str:
+    """A GlobalID that is a function of the layer and the record's match (random when there is no match)."""
+    if not match:
+        return "{" + str(uuid.uuid4()).upper() + "}"
+    name = layer.name + "|" + "|".join(f"{k.lower()}={v}" for k, v in sorted(match.items()))
+    return "{" + str(uuid.uuid5(_GLOBALID_NAMESPACE, name)).upper() + "}"
 
 
 def _match_identity(layer: LayerInfo, match: Mapping[str, Any]) -> tuple[Any, ...]:

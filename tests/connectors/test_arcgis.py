@@ -291,6 +291,19 @@ async def test_upsert_by_match_is_idempotent(arcgis_env, arcgis_http):
     assert sorted(r["DV_ID"] for r in rows) == sorted(op.match["DV_ID"] for op in ops)
 
 
+async def test_two_processes_creating_the_same_record_at_once_make_one_feature(arcgis_env, arcgis_http):
+    # Two clients (a webhook invocation and the controller, say) both look the record up, find nothing and
+    # add it: the GlobalID derives from the match, so the second add is a duplicate (1022) and becomes an update.
+    one, two = app_client(arcgis_env, arcgis_http), app_client(arcgis_env, arcgis_http)
+    first, second = await asyncio.gather(one.write([upsert(7)]), two.write([upsert(7, ROUTE="US-29")]))
+    assert first[0].ok
+    assert second[0].ok
+    assert first[0].key == second[0].key
+    [row] = arcgis_env.sim.all("SignAssets")
+    assert row["GlobalID"] == first[0].key
+    assert row["DV_ID"] == upsert(7).match["DV_ID"]
+
+
 async def test_same_record_twice_in_one_write_is_applied_in_order(arcgis_env, arcgis_http):
     client = app_client(arcgis_env, arcgis_http)
     results = await client.write([upsert(1, ROUTE="first"), upsert(1, ROUTE="second")])
