@@ -35,6 +35,10 @@ LAST_CYCLE = "controller:last_cycle"
 POLL_HINT = "poll-hint"
 PAUSE_PREFIX = "pause:"
 """Checkpoint `pause:<system>` holds the UTC time until which Syncline must not call that system."""
+HOUSEKEEPING = "controller:housekeeping"
+"""Checkpoint: when dedup keys were last pruned (once a day)."""
+DEDUP_RETENTION = timedelta(days=14)
+"""Dedup keys older than this are dropped: change streams redeliver within 72 h and retries end within days."""
 PAUSE_THRESHOLD_SECONDS = 60.0
 """Throttling advice at least this long (a spent daily API allocation) pauses the system instead of retrying."""
 """Application property `kind` of a queue message that asks the controller to read a change feed."""
@@ -203,6 +207,7 @@ class Controller:
             if poll:
                 report.polled = await self.poll()
             await self.drain(report, max_messages=max_messages)
+            await self._housekeeping()
             report.outcome = "ok"
             if report.poll_errors:
                 report.outcome, report.error = "failed", "; ".join(report.poll_errors)
@@ -388,6 +393,23 @@ class Controller:
                     self.clock(), env.correlation_id, env.flow, "replayed", env.source_system,
                     env.source_table, env.source_key, f"replayed message {msg.message_id}: {outcome.status}")])
             to_complete.append(msg)
+
+    async def _housekeeping(self) -> None:
+        """Once a day: drop dedup keys past their retention, so the dedup table does not grow for ever."""
+        now = self.clock()
+        point = await self.state.get_checkpoint(HOUSEKEEPING)
+        try:
+            last = datetime.fromisoformat(point.value) if point and point.value else None
+        except ValueError:
+            last = None
+        if last is not None and now - last < timedelta(days=1):
+            return
+        try:
+            await self.state.put_checkpoint(HOUSEKEEPING, now.isoformat(), expected_etag=point.etag if point else None)
+        except CheckpointConflictError:
+            return  # another controller does it
+        dropped = await self.state.forget_remembered(now - DEDUP_RETENTION)
+        log.info("housekeeping: %d dedup keys older than %s dropped", dropped, DEDUP_RETENTION)
 
     # ------------------------------------------------------------------------------ pauses
 

@@ -116,6 +116,10 @@ class StateStore(Protocol):
         """Record dedup keys; return the subset that had already been remembered before this call."""
         ...
 
+    async def forget_remembered(self, before: datetime) -> int:
+        """Drop dedup keys remembered before `before` (retention); returns how many were dropped."""
+        ...
+
     async def append_audit(self, entries: Sequence[AuditEntry]) -> None:
         """Append decisions to the ledger."""
         ...

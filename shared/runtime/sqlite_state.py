@@ -366,6 +366,15 @@ class SqliteStateStore:
 
         return await self._db.write(work) if unique else set()
 
+    async def forget_remembered(self, before: datetime) -> int:
+        """Drop dedup keys remembered before `before` (retention); returns how many were dropped."""
+        cutoff = to_iso(before)
+
+        def work(conn: sqlite3.Connection) -> int:
+            return conn.execute("DELETE FROM dedup WHERE remembered_at < ?", (cutoff,)).rowcount
+
+        return int(await self._db.write(work))
+
     # ---------------------------------------------------------------------------------------- audit
 
     async def append_audit(self, entries: Sequence[AuditEntry]) -> None:

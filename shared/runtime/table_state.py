@@ -880,6 +880,24 @@ class TableStateStore:
         await self._all_or_each(table, plan_transactions([op] for op in ops), 409, create_each)
         return seen
 
+    async def forget_remembered(self, before: datetime) -> int:
+        """Drop dedup keys remembered before `before` (retention); returns how many were dropped.
+
+        A filtered scan of the dedup table (run daily by the controller), then deletes grouped by partition.
+        """
+        table = await self._table("dedup")
+        ops = [TableOp("delete", {"PartitionKey": e["PartitionKey"], "RowKey": e["RowKey"]})
+               async for e in self._query(table, "remembered_at lt @cutoff", {"cutoff": _plain_utc(before)},
+                                          select=["PartitionKey", "RowKey"])]
+        if not ops:
+            return 0
+
+        async def delete_each(chunk: Sequence[TableOp]) -> None:
+            await self._each(chunk, lambda op: table.delete_entity(op.partition, op.row))
+
+        await self._all_or_each(table, plan_transactions([op] for op in ops), 404, delete_each)
+        return len(ops)
+
     # ---------------------------------------------------------------------------------------- audit
 
     async def append_audit(self, entries: Sequence[AuditEntry]) -> None:

@@ -298,3 +298,18 @@ async def test_audit_appends_accumulate(state_factory: StateFactory) -> None:
     await store.append_audit([audit(1, at=T0)])  # the very same decision twice is two ledger lines
 
     assert len(await store.read_audit()) == 2
+
+
+async def test_forget_remembered_drops_only_keys_older_than_the_cutoff(state_factory: StateFactory) -> None:
+    store = await state_factory()
+    await store.remember("webhook", ["old-1", "old-2"])
+    await store.remember("poll", ["old-3"])
+    cutoff = datetime.now(UTC) + timedelta(seconds=1)
+    await asyncio.sleep(1.2)
+    await store.remember("webhook", ["new"])
+
+    assert await store.forget_remembered(cutoff) == 3
+    # forgotten keys count as new again; the newer key is still remembered
+    assert await store.remember("webhook", ["old-1", "new"]) == {"new"}
+    assert await store.remember("poll", ["old-3"]) == set()
+    assert await store.forget_remembered(cutoff) == 0
