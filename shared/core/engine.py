@@ -268,8 +268,10 @@ class SyncEngine:
                 parent = str(row.values.get(flow.lines.parent_field) or "")
                 if parent in out:
                     out[parent].append(row)
+        order_by = flow.lines.match_source
         for rows in out.values():
-            rows.sort(key=lambda r: r.key)
+            # The source's own line order where it has one (line numbers), so target items follow it.
+            rows.sort(key=lambda r: (_sortable(r.values.get(order_by)) if order_by else (0, ""), r.key))
         return out
 
     def _line_projection(self, flow: FlowSpec, work: _Work, source_key: str) -> list[dict[str, Any]]:
@@ -677,6 +679,13 @@ class SyncEngine:
             env.source_system, env.source_table, env.source_key, detail,
             outcome.error.reason if outcome.error is not None else None,
         )
+
+
+def _sortable(value: Any) -> tuple[int, Any]:
+    """Numbers before text, each in its own order (a mix of int and str never compares)."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return (0, value)
+    return (1, "" if value is None else str(value))
 
 
 def in_scope(condition: Condition, payload: Mapping[str, Any]) -> bool:

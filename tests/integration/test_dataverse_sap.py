@@ -73,7 +73,8 @@ async def test_order_goes_in_one_deep_insert_after_its_partner_and_a_rerun_dupli
         partner = box.dv.get("accounts", customer)["syn_sapbusinesspartner"]
         assert sap_order["SoldToParty"] == partner
         items = box.sap.items_of(sap_order["SalesOrder"])
-        assert sorted(float(i["RequestedQuantity"]) for i in items) == [2.0, 3.0]
+        by_item = sorted(items, key=lambda i: int(i["SalesOrderItem"]))
+        assert [float(i["RequestedQuantity"]) for i in by_item] == [2.0, 3.0]  # in Dynamics line-number order
         # the partner lookup and create, then one POST for the order with both items (a deep insert)
         order_posts = [p for m, p in box.sap.requests if m == "POST" and "A_SalesOrder" in p]
         assert len(order_posts) == 1
