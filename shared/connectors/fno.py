@@ -68,7 +68,7 @@ from shared.core.errors import (
     ThrottledError,
     TransientError,
 )
-from shared.core.ports import LineWrite, SourceRecord, WriteOp, WriteResult
+from shared.core.ports import LineWrite, SourceRecord, WriteOp, WriteResult, join_key, split_key
 
 log = logging.getLogger(__name__)
 
@@ -104,10 +104,6 @@ _RETRIABLE_WRITE = frozenset({408, 429, 502, 503})
 # ============================================================================================ keys
 
 
-def _escape_part(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("|", "\\|")
-
-
 def format_key(entity: str, values: Mapping[str, Any]) -> str:
     """Canonical key of a row (or key dict): key field values in `ENTITY_KEYS` order joined by `|`."""
     fields = _key_fields(entity)
@@ -116,28 +112,17 @@ def format_key(entity: str, values: Mapping[str, Any]) -> str:
         value = values.get(name)
         if value is None or value == "":
             raise RejectedError(f"{SYSTEM}: {entity} key field {name!r} is missing (keys are {', '.join(fields)})")
-        parts.append(_escape_part(str(value)))
-    return "|".join(parts)
+        parts.append(str(value))
+    return join_key(parts)
 
 
 def parse_key(entity: str, key: str) -> dict[str, str]:
     """Inverse of `format_key`: {key field: value} in `ENTITY_KEYS` order; every field must be present."""
     fields = _key_fields(entity)
-    parts: list[str] = []
-    current: list[str] = []
-    chars = iter(key)
-    for ch in chars:
-        if ch == "\\":
-            nxt = next(chars, None)
-            if nxt not in ("\\", "|"):
-                raise RejectedError(f"{SYSTEM}: {entity} key {key!r} has a dangling escape")
-            current.append(nxt)
-        elif ch == "|":
-            parts.append("".join(current))
-            current = []
-        else:
-            current.append(ch)
-    parts.append("".join(current))
+    try:
+        parts = split_key(key)
+    except ValueError:
+        raise RejectedError(f"{SYSTEM}: {entity} key {key!r} has a dangling escape") from None
     if len(parts) != len(fields) or any(p == "" for p in parts):
         raise RejectedError(f"{SYSTEM}: {entity} key {key!r} must give {len(fields)} non-empty parts "
                             f"({'|'.join(fields)}), e.g. 'usmf|US-001'")

@@ -147,7 +147,7 @@ from shared.core.errors import (
     ThrottledError,
     TransientError,
 )
-from shared.core.ports import Lines, LineWrite, SourceRecord, WriteOp, WriteResult
+from shared.core.ports import Lines, LineWrite, SourceRecord, WriteOp, WriteResult, join_key, split_key
 
 log = logging.getLogger(__name__)
 
@@ -271,27 +271,18 @@ def format_key(table: str, values: Mapping[str, Any]) -> str:
         value = values.get(name)
         if (value is None or value == "") and name not in definition.blank_keys:
             raise RejectedError(f"{SYSTEM}: {table} key field {name!r} is missing")
-        value = "" if value is None else value
-        parts.append(str(value).replace("\\", "\\\\").replace("|", "\\|"))
-    return "|".join(parts)
+        parts.append("" if value is None else str(value))
+    return join_key(parts)
 
 
 def parse_key(table: str, key: str) -> dict[str, str]:
     """Inverse of `format_key`."""
     definition = _entity(table)
     fields = definition.keys
-    parts: list[str] = []
-    current: list[str] = []
-    chars = iter(key)
-    for ch in chars:
-        if ch == "\\":
-            current.append(next(chars, ""))
-        elif ch == "|":
-            parts.append("".join(current))
-            current = []
-        else:
-            current.append(ch)
-    parts.append("".join(current))
+    try:
+        parts = split_key(key)
+    except ValueError:
+        raise RejectedError(f"{SYSTEM}: {table} key {key!r} must give {'|'.join(fields)}") from None
     if len(parts) != len(fields) or any(p == "" and f not in definition.blank_keys
                                         for p, f in zip(parts, fields, strict=False)):
         raise RejectedError(f"{SYSTEM}: {table} key {key!r} must give {'|'.join(fields)}")

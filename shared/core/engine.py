@@ -36,6 +36,7 @@ from shared.core.ports import (
     WriteOp,
     WriteResult,
 )
+from shared.core.ports import split_key as key_parts  # re-exported: the engine's name for it
 from shared.mapping.engine import MappedValues, Mapper, normalize, same, values_hash
 from shared.mapping.spec import CascadeSpec, Condition, FlowSet, FlowSpec
 from shared.telemetry import correlated
@@ -114,6 +115,8 @@ class SyncEngine:
         self.clock = clock
         self.max_parent_waits = max_parent_waits
         self._locks: dict[str, asyncio.Lock] = {}
+        self._line_flows = {f.name: flowset.line_flow(f) for f in flowset.flows if f.lines is not None}
+        """Each document flow's lines as a flow of their own, built once (not per record)."""
         self._lock_users: Counter[str] = Counter()
 
     # ------------------------------------------------------------------------------------ public
@@ -200,7 +203,7 @@ class SyncEngine:
         work.parents = await self._parent_links(flow, [e.payload for e in envs])
         if flow.lines is not None:
             work.lines = await self._read_lines(flow, [e for e in envs if e.operation != "delete"])
-            line_flow = self.flowset.line_flow(flow)
+            line_flow = self._line_flows[flow.name]
             work.line_parents = await self._parent_links(
                 line_flow, [r.values for rows in work.lines.values() for r in rows])
         return work
@@ -275,7 +278,7 @@ class SyncEngine:
         return out
 
     def _line_projection(self, flow: FlowSpec, work: _Work, source_key: str) -> list[dict[str, Any]]:
-        line_flow = self.flowset.line_flow(flow)
+        line_flow = self._line_flows[flow.name]
         return [{"key": r.key, **self.mapper.project(line_flow, r.values)} for r in work.lines.get(source_key, [])]
 
     def _projection(self, flow: FlowSpec, env: ChangeEnvelope, work: _Work) -> dict[str, Any]:
@@ -440,7 +443,10 @@ class SyncEngine:
                     f"(flow {lk.parent_flow}) to be synced first"
                 )
             if lk.key_part is not None:
-                parts = key_parts(parent_key)
+                try:
+                    parts = key_parts(parent_key)
+                except ValueError:
+                    parts = []  # a malformed stored key has no usable part: reported just below
                 if lk.key_part >= len(parts):
                     raise ValidationError(
                         f"flow {flow.name} record {source_key}: parent key {parent_key!r} has no part "
@@ -454,7 +460,7 @@ class SyncEngine:
 
     def _map_lines(self, flow: FlowSpec, env: ChangeEnvelope, work: _Work) -> Lines:
         assert flow.lines is not None
-        line_flow = self.flowset.line_flow(flow)
+        line_flow = self._line_flows[flow.name]
         items: list[LineWrite] = []
         for row in work.lines.get(env.source_key, []):
             record = f"{line_flow.source.system}:{line_flow.source.table}:{row.key} (line of {env.source_key})"
@@ -694,23 +700,6 @@ def in_scope(condition: Condition, payload: Mapping[str, Any]) -> bool:
     if condition.present is not None:
         return _blank(value) != condition.present
     return normalize(value) in {normalize(v) for v in condition.in_ or ()}
-
-
-def key_parts(key: str) -> list[str]:
-    """The `|`-separated parts of a composite key (F&O `company|number`), honouring `\\|` escapes."""
-    parts: list[str] = []
-    current: list[str] = []
-    chars = iter(key)
-    for ch in chars:
-        if ch == "\\":
-            current.append(next(chars, ""))
-        elif ch == "|":
-            parts.append("".join(current))
-            current = []
-        else:
-            current.append(ch)
-    parts.append("".join(current))
-    return parts
 
 
 def _blank(value: Any) -> bool:

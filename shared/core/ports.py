@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal, Protocol, runtime_checkable
@@ -250,6 +250,31 @@ class Bind:
 
 
 WriteAction = Literal["upsert", "update", "delete"]
+
+
+def join_key(parts: Iterable[str]) -> str:
+    """A composite key (F&O `company|number`, SAP `order|item`): parts joined by `|`, `|` and `\\` escaped."""
+    return "|".join(p.replace("\\", "\\\\").replace("|", "\\|") for p in parts)
+
+
+def split_key(key: str) -> list[str]:
+    """Inverse of `join_key`; ValueError on a dangling escape (a `\\` not before `\\` or `|`)."""
+    parts: list[str] = []
+    current: list[str] = []
+    chars = iter(key)
+    for ch in chars:
+        if ch == "\\":
+            nxt = next(chars, None)
+            if nxt not in ("\\", "|"):
+                raise ValueError(f"key {key!r} has a dangling escape")
+            current.append(nxt)
+        elif ch == "|":
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+    parts.append("".join(current))
+    return parts
 
 
 LINES_KEY = "@lines"
