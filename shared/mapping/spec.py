@@ -283,15 +283,21 @@ class FlowSet(_Strict):
                     owners[key] = fm.owner
 
     def _check_acyclic(self, by_name: dict[str, FlowSpec]) -> None:
+        # Depth-first search with an explicit path: a flow met again on the current path is a cycle, a flow
+        # reached twice by different paths (a diamond: inspection -> sign, inspection -> work order -> sign) is not.
+        done: set[str] = set()
+
+        def visit(name: str, path: list[str]) -> None:
+            if name in path:
+                raise ValueError(f"lookup cycle through flows {[*path[path.index(name):], name]}")
+            if name in done:
+                return
+            for lk in by_name[name].lookups:
+                visit(lk.parent_flow, [*path, name])
+            done.add(name)
+
         for flow in self.flows:
-            seen: list[str] = [flow.name]
-            frontier = [lk.parent_flow for lk in flow.lookups]
-            while frontier:
-                nxt = frontier.pop()
-                if nxt in seen:
-                    raise ValueError(f"lookup cycle through flows {[*seen, nxt]}")
-                seen.append(nxt)
-                frontier.extend(lk.parent_flow for lk in by_name[nxt].lookups)
+            visit(flow.name, [])
 
     def restricted_to(self, systems: set[str]) -> FlowSet:
         """The flows (and cascades) whose systems are all in `systems`: a deployment connected to only some

@@ -88,6 +88,26 @@ def test_lookup_to_unknown_flow_and_cycles(tmp_path):
     assert "lookup cycle" in broken(tmp_path, data)
 
 
+def test_a_diamond_of_lookups_is_not_a_cycle(tmp_path):
+    # inspection -> sign asset, and inspection -> work order -> sign asset: two paths to one parent.
+    data = dot_data()
+    data["flows"][8]["lookups"].append({"source": "WO_GUID", "target": "dot_workorderid",
+                                        "parent_flow": "work_orders_from_field"})
+    path = tmp_path / "diamond.yaml"
+    path.write_text(yaml.safe_dump(data))
+    flowset = load_spec(path)
+    assert [lk.parent_flow for lk in flowset.flow("inspections_from_field").lookups] == [
+        "sign_assets_from_field", "work_orders_from_field"]
+
+
+def test_a_longer_cycle_is_named_with_its_flows(tmp_path):
+    data = dot_data()
+    data["flows"][1]["lookups"] = [{"source": "x", "target": "Y", "parent_flow": "work_order_tasks_from_field"}]
+    detail = broken(tmp_path, data)
+    assert "lookup cycle" in detail
+    assert "work_orders_from_field" in detail and "sign_assets_from_field" in detail
+
+
 def test_ambiguous_value_map_is_rejected(tmp_path):
     data = dot_data()
     data["value_maps"]["sign_type"][1]["arcgis"] = "REG"
