@@ -507,10 +507,10 @@ def wire_value(name: str, value: Any) -> Any:
     if isinstance(value, time):
         return f"PT{value.hour:02d}H{value.minute:02d}M{value.second:02d}S"
     if isinstance(value, str) and (name in DATE_FIELDS or name in DATETIMEOFFSET_FIELDS) \
-            and _ISO_DATE_RE.match(value):
+            and value.strip() and not _DATE_RE.match(value):
         moment = _parse_sap_datetime(value if "T" in value else value + "T00:00:00Z")
         if moment is None:
-            raise MappingError(f"{SYSTEM}: {name} = {value!r} is not a valid date")
+            raise MappingError(f"{SYSTEM}: {name} = {value!r} is not a date in range (ISO-8601, years 1-9999)")
         return wire_value(name, moment)
     if isinstance(value, Mapping):
         return {k: wire_value(str(k), v) for k, v in value.items()}
