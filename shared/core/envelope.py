@@ -15,6 +15,7 @@ from shared.core.dates import utc
 from shared.core.errors import EnvelopeError
 
 SCHEMA_VERSION = 1
+_SURROGATE_IDS = uuid.UUID("6f0b5c1e-2f4d-5a8e-9c3b-5d1e7a9c0b12")
 
 Operation = Literal["create", "update", "upsert", "delete"]
 Origin = Literal["webhook", "poll", "initial", "resubmit", "replay", "cascade", "demo", "bench", "manual"]
@@ -101,7 +102,11 @@ class ChangeEnvelope(BaseModel):
         """Deterministic id: the same source change always yields the same message id (dedup-friendly)."""
         version = self.source_version or (self.source_modified.isoformat() if self.source_modified else "")
         raw = f"{self.flow}|{self.record_id}|{self.operation}|{version}|{self.waits}"
-        return str(uuid.uuid5(uuid.NAMESPACE_URL, raw))
+        try:
+            return str(uuid.uuid5(uuid.NAMESPACE_URL, raw))
+        except UnicodeEncodeError:
+            # A lone surrogate: its exact code units, in a namespace of their own, so no look-alike shares the id.
+            return str(uuid.uuid5(_SURROGATE_IDS, raw.encode("utf-8", "surrogatepass").hex()))
 
     @classmethod
     def from_body(cls, body: bytes | str) -> ChangeEnvelope:
