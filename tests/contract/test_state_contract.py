@@ -359,7 +359,8 @@ async def test_lone_surrogates_round_trip_in_checkpoints(state_factory: StateFac
     second = await store.put_checkpoint("poll:\ud800", "cursor-\ud801", expected_etag=first.etag)
 
     got = await store.get_checkpoint("poll:\ud800")
-    assert got is not None and (got.value, got.etag) == ("cursor-\ud801", second.etag)
+    assert got is not None
+    assert (got.value, got.etag) == ("cursor-\ud801", second.etag)
     assert await store.get_checkpoint("poll:\ufffd") is None
 
 

@@ -154,7 +154,8 @@ def test_date_transforms_refuse_out_of_range_values_with_a_mapping_error(name: s
         t(name, value)
     assert err.value.reason == "MAPPING_FAILED"
     assert name in err.value.detail
-    assert "not" in err.value.detail and repr(value)[:20] in err.value.detail
+    assert "not" in err.value.detail
+    assert repr(value)[:20] in err.value.detail
 
 
 def test_date_transforms_at_the_edges_of_the_range() -> None:
@@ -176,6 +177,8 @@ def test_date_transforms_return_a_value_or_raise_a_mapping_error_only(value: Any
         if value in (None, ""):
             assert result is None
         elif name.endswith("epoch_ms"):
-            assert isinstance(result, int) and MIN_EPOCH_MS <= result <= MAX_EPOCH_MS
+            assert isinstance(result, int)
+            assert MIN_EPOCH_MS <= result <= MAX_EPOCH_MS
         else:
-            assert isinstance(result, str) and parse_iso(result) is not None
+            assert isinstance(result, str)
+            assert parse_iso(result) is not None

@@ -27,10 +27,12 @@ async def test_a_batch_with_one_out_of_range_date_fails_that_record_only(world, 
     ])
     assert [o.status for o in outs] == ["written", "failed", "written"]
     error = outs[1].error
-    assert error is not None and not error.retriable
+    assert error is not None
+    assert not error.retriable
     assert error.reason == "MAPPING_FAILED"
     assert "field dot_lastinspectedon" in error.detail
-    assert "sign_assets_to_field" in error.detail and SIGN_ID in error.detail
+    assert "sign_assets_to_field" in error.detail
+    assert SIGN_ID in error.detail
     assert "not an ISO-8601 date/time in range" in error.detail
     assert len(ag.tables["SignAssets"]) == 2
 
@@ -52,7 +54,8 @@ async def test_a_geometry_no_transform_can_handle_fails_that_record_only(world) 
     ])
     assert [o.status for o in outs] == ["failed", "written"]
     error = outs[0].error
-    assert error is not None and error.reason == "MAPPING_FAILED"  # an OverflowError escaped before
+    assert error is not None
+    assert error.reason == "MAPPING_FAILED"
     assert f"flow sign_assets_from_field record arcgis:SignAssets:{gids[0]}: field {GEOMETRY_KEY}" in error.detail
     assert len(dv.tables["dot_signassets"]) == 1
 
