@@ -918,7 +918,7 @@ class _Checkpoint:
     def text(self) -> str:
         if self.at is None:
             return ""
-        stamp = self.at.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+        stamp = iso_z(self.at, millis=True)  # four-digit years: a year-500 stamp must parse back
         return stamp + (";" + ",".join(sorted(self.keys)) if self.keys else "")
 
 
