@@ -94,6 +94,9 @@ class _TextSafeCursor:
     def __iter__(self) -> Iterator[tuple[Any, ...]]:
         return (_readable(row) for row in self._cursor)
 
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._cursor, name)  # lastrowid, description, ...: unchanged
+
 
 class _TextSafeConnection:
     """A connection whose str values survive lone surrogates (`"\\ud800"`, from JSON a SaaS or a webhook sent).
@@ -112,6 +115,9 @@ class _TextSafeConnection:
 
     def executemany(self, sql: str, rows: Iterable[Any]) -> _TextSafeCursor:
         return _TextSafeCursor(self._conn.executemany(sql, (_bind(row) for row in rows)))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)  # total_changes, executescript, ...: unchanged
 
 
 class SqliteDatabase:
