@@ -20,6 +20,7 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 
 from shared.connectors._http import RETRIABLE_STATUS, RetryPolicy, send_with_retry
+from shared.core.dates import from_epoch_ms
 from shared.core.errors import (
     AmbiguousWriteError,
     AuthError,
@@ -74,9 +75,12 @@ def canonical_guid(value: Any) -> str | None:
     return "{" + m.group(1).upper() + "}" if m else None
 
 
-def epoch_ms_to_datetime(ms: int | float) -> datetime:
-    """ArcGIS date (epoch milliseconds, UTC) -> aware datetime, without float rounding."""
-    return _EPOCH + timedelta(milliseconds=int(ms))
+def epoch_ms_to_datetime(ms: int | float) -> datetime | None:
+    """ArcGIS date (epoch milliseconds, UTC) -> aware datetime, without float rounding; None if out of range.
+
+    A feature whose edit date is out of range keeps its raw value and `modified=None`: its page still reads.
+    """
+    return from_epoch_ms(int(ms) if isinstance(ms, float) and math.isfinite(ms) else ms)
 
 
 def _datetime_to_ms(value: datetime | date) -> int:
@@ -88,6 +92,8 @@ def _datetime_to_ms(value: datetime | date) -> int:
 
 def _timestamp_literal(ms: int) -> str:
     moment = epoch_ms_to_datetime(ms)
+    if moment is None:
+        raise MappingError(f"arcgis: {ms} is not a date in range (epoch milliseconds of years 1-9999)")
     return f"TIMESTAMP '{moment:%Y-%m-%d %H:%M:%S}.{moment.microsecond // 1000:03d}'"
 
 

@@ -48,7 +48,7 @@ import re
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime
+from datetime import date, datetime
 from decimal import Decimal
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -58,6 +58,7 @@ import httpx
 from shared.connectors._http import RetryPolicy, send_with_retry
 from shared.connectors._odata import json_object, rebase_link
 from shared.connectors.dataverse import TokenProvider
+from shared.core.dates import iso_z, parse_iso, parse_wcf_date
 from shared.core.errors import (
     AmbiguousWriteError,
     AuthError,
@@ -94,8 +95,6 @@ MODIFIED_FIELDS: dict[str, str] = {
 """Entities polled by modification time; the others are change-detected by full-scan comparison."""
 
 _IDENT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_WCF_DATE_RE = re.compile(r"^\\?/Date\((?P<ms>-?\d+)(?P<offset>[+-]\d{4})?\)\\?/$")
-_FRACTION_RE = re.compile(r"(\.\d{6})\d+")
 _RETRIABLE_READ = frozenset({408, 429, 500, 502, 503, 504})
 _RETRIABLE_WRITE = frozenset({408, 429, 502, 503})
 """A write answered 500 may be a validation failure (not worth retrying); 504 may have been applied."""
@@ -173,9 +172,7 @@ def _ident(name: str, what: str) -> str:
 
 
 def _utc_text(value: datetime) -> str:
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=UTC)
-    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return iso_z(value)
 
 
 def filter_literal(value: Any, field_name: str = "value") -> str:
@@ -218,13 +215,12 @@ def _jsonable(value: Any) -> Any:
 
 
 def _parse_datetime(value: Any) -> datetime | None:
-    if not isinstance(value, str) or not value:
-        return None
-    try:
-        parsed = datetime.fromisoformat(_FRACTION_RE.sub(r"\1", value).replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    """ISO-8601 text (F&O sends 7 fraction digits) as aware UTC; None when absent, malformed or out of range.
+
+    A row whose modified time cannot be read keeps its raw value and `modified=None`: it still syncs (or
+    fails alone when a mapping needs the value), and never fails the page it came in.
+    """
+    return parse_iso(value)
 
 
 # ============================================================================================ errors
@@ -334,8 +330,7 @@ class FinOpsBusinessEvent:
 
 
 def _wcf_date(value: Any) -> datetime | None:
-    m = _WCF_DATE_RE.match(value) if isinstance(value, str) else None
-    return datetime.fromtimestamp(int(m.group("ms")) / 1000, tz=UTC) if m else None
+    return parse_wcf_date(value)  # None also for `/Date(99999999999999999)/`: out of any datetime's range
 
 
 def _one_event(obj: Any, where: str) -> FinOpsBusinessEvent:
@@ -827,6 +822,4 @@ class FinOpsClient:
 
 def _utc_text_precise(value: datetime) -> str:
     """ISO-8601 UTC with milliseconds (checkpoints must not lose sub-second ordering)."""
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=UTC)
-    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    return iso_z(value, millis=True)

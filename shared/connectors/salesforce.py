@@ -33,6 +33,7 @@ import requests
 from simple_salesforce.api import Salesforce
 from simple_salesforce.exceptions import SalesforceError, SalesforceExpiredSession
 
+from shared.core.dates import from_epoch_ms, parse_iso
 from shared.core.errors import (
     AmbiguousWriteError,
     AuthError,
@@ -97,19 +98,12 @@ def soql_quote(value: Any) -> str:
 
 
 def parse_sf_datetime(value: Any) -> datetime | None:
-    """Parse `2024-05-01T10:00:00.000+0000` (REST), ISO forms and epoch milliseconds (CDC)."""
+    """Parse `2024-05-01T10:00:00.000+0000` (REST), ISO forms and epoch milliseconds (CDC); None if not one in range."""
     if value is None or value == "":
         return None
     if isinstance(value, int | float) and not isinstance(value, bool):
-        return datetime.fromtimestamp(value / 1000, tz=UTC)
-    text = str(value).replace("Z", "+00:00")
-    if re.search(r"[+-]\d{4}$", text):
-        text = text[:-2] + ":" + text[-2:]
-    try:
-        parsed = datetime.fromisoformat(text)
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+        return from_epoch_ms(value)  # None for NaN, inf and instants outside years 1-9999
+    return parse_iso(value)
 
 
 def _to_record(raw: Mapping[str, Any]) -> SourceRecord:

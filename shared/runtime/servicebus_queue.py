@@ -27,7 +27,7 @@ from azure.servicebus.exceptions import (
     SessionLockLostError,
 )
 
-from shared.core.envelope import QueueMessage, ReceivedMessage
+from shared.core.envelope import QueueMessage, ReceivedMessage, wire_text
 from shared.core.ports import LockLostError, QueueDepth
 from shared.runtime.sqlite_queue import MAX_DELIVERY_EXCEEDED, LockLostBatchError
 
@@ -345,7 +345,8 @@ class ServiceBusQueue:
                 "complete or abandon it instead"
             )
         await self._settle(
-            message, held.receiver.dead_letter_message(held.message, reason=reason, error_description=description)
+            message, held.receiver.dead_letter_message(
+                held.message, reason=wire_text(reason), error_description=wire_text(description))
         )
 
     async def renew_lock(self, message: ReceivedMessage) -> datetime:

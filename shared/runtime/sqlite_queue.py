@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from shared.core.envelope import QueueMessage, ReceivedMessage
+from shared.core.envelope import QueueMessage, ReceivedMessage, wire_text
 from shared.core.ports import LockLostError, QueueDepth
 from shared.runtime.sqlite_state import SqliteDatabase, to_utc
 
@@ -282,7 +282,8 @@ class SqliteQueue:
                     f"message {message.sequence_number} is in the dead-letter sub-queue already; "
                     "complete or abandon it instead"
                 )
-            conn.execute(_MOVE_TO_DLQ, (self.dead_letter_name, reason, description, message.sequence_number))
+            conn.execute(_MOVE_TO_DLQ, (self.dead_letter_name, wire_text(reason), wire_text(description),
+                                        message.sequence_number))
 
         await self._db.write(work)
 

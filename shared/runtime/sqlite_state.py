@@ -7,10 +7,10 @@ import json
 import sqlite3
 import threading
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TypeVar, cast
+from typing import Any, TypeVar, cast
 
 from shared.core.ports import (
     AuditDecision,
@@ -54,14 +54,83 @@ def in_list(count: int) -> str:
     return f"({', '.join('?' * count)})"
 
 
+def _bindable(value: object) -> object:
+    """A str strict UTF-8 cannot encode (it holds a lone surrogate) as its `surrogatepass` bytes, a BLOB."""
+    if isinstance(value, str) and not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return value.encode("utf-8", "surrogatepass")
+    return value
+
+
+def _bind(params: Any) -> Any:
+    if isinstance(params, Mapping):
+        return {name: _bindable(value) for name, value in params.items()}
+    return tuple(_bindable(value) for value in params)
+
+
+def _readable(row: Sequence[object]) -> tuple[Any, ...]:
+    return tuple(value.decode("utf-8", "surrogatepass") if isinstance(value, bytes) else value for value in row)
+
+
+class _TextSafeCursor:
+    """The part of a cursor the state store uses, with `_TextSafeConnection`'s BLOBs read back as str."""
+
+    def __init__(self, cursor: sqlite3.Cursor) -> None:
+        self._cursor = cursor
+
+    @property
+    def rowcount(self) -> int:
+        return self._cursor.rowcount
+
+    def fetchone(self) -> tuple[Any, ...] | None:
+        row = self._cursor.fetchone()
+        return None if row is None else _readable(row)
+
+    def fetchall(self) -> list[tuple[Any, ...]]:
+        return [_readable(row) for row in self._cursor.fetchall()]
+
+    def __iter__(self) -> Iterator[tuple[Any, ...]]:
+        return (_readable(row) for row in self._cursor)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._cursor, name)  # lastrowid, description, ...: unchanged
+
+
+class _TextSafeConnection:
+    """A connection whose str values survive lone surrogates (`"\\ud800"`, from JSON a SaaS or a webhook sent).
+
+    Python binds str as strict UTF-8, which refuses them; such a str is stored as its `surrogatepass` bytes
+    (a BLOB) instead, and every BLOB read comes back as that str: an exact round trip. Every other str is
+    stored as TEXT exactly as before, and no str of one kind can equal one of the other, so keys stay
+    distinct. Only for tables without BLOB columns (all the state tables).
+    """
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+
+    def execute(self, sql: str, params: Any = ()) -> _TextSafeCursor:
+        return _TextSafeCursor(self._conn.execute(sql, _bind(params)))
+
+    def executemany(self, sql: str, rows: Iterable[Any]) -> _TextSafeCursor:
+        return _TextSafeCursor(self._conn.executemany(sql, (_bind(row) for row in rows)))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)  # total_changes, executescript, ...: unchanged
+
+
 class SqliteDatabase:
     """One SQLite connection in WAL mode, shared by the embedded adapters and serialised by a lock.
 
     Every call runs on a worker thread (`asyncio.to_thread`) so that an fsync never stalls the event loop;
-    callers batch their work so that the thread hop is paid once per batch, not once per record.
+    callers batch their work so that the thread hop is paid once per batch, not once per record. With
+    `text_safe`, work gets a connection that stores str values holding lone surrogates (see
+    `_TextSafeConnection`); the database must then have no BLOB columns.
     """
 
-    def __init__(self, path: str | Path, schema: str) -> None:
+    def __init__(self, path: str | Path, schema: str, *, text_safe: bool = False) -> None:
+        self._text_safe = text_safe
         target = str(path)
         if target != ":memory:":
             Path(target).parent.mkdir(parents=True, exist_ok=True)
@@ -77,8 +146,9 @@ class SqliteDatabase:
     def _run(self, begin: str, work: Callable[[sqlite3.Connection], T]) -> T:
         with self._lock:
             self._conn.execute(begin)
+            conn = cast(sqlite3.Connection, _TextSafeConnection(self._conn)) if self._text_safe else self._conn
             try:
-                result = work(self._conn)
+                result = work(conn)
             except BaseException:
                 self._conn.execute("ROLLBACK")
                 raise
@@ -170,7 +240,7 @@ class SqliteStateStore:
     """
 
     def __init__(self, path: str | Path) -> None:
-        self._db = SqliteDatabase(path, _SCHEMA)
+        self._db = SqliteDatabase(path, _SCHEMA, text_safe=True)
 
     # ------------------------------------------------------------------------------------------ links
 

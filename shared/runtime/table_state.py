@@ -138,6 +138,15 @@ def unescape_key(text: str) -> str:
     return decoded
 
 
+def _utf8(text: str) -> bool:
+    """Whether `text` can be sent as UTF-8 (a lone surrogate cannot: it can be stored, not put in a URL)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _units(text: str) -> int:
     """Length in UTF-16 code units, the measure of the service's key and string limits."""
     return len(text) if text.isascii() else len(text.encode("utf-16-le", "surrogatepass")) // 2
@@ -936,7 +945,7 @@ class TableStateStore:
         table = await self._table("audit")
         conditions: list[str] = []
         parameters: dict[str, Any] = {}
-        if correlation_id is not None:
+        if correlation_id is not None and _utf8(correlation_id):
             conditions.append("correlation_id eq @correlation_id")
             parameters["correlation_id"] = correlation_id
         if decision is not None:
@@ -945,6 +954,8 @@ class TableStateStore:
         query_filter = " and ".join(conditions) or None
         found: list[AuditEntry] = []
         async for row in self._query(table, query_filter, parameters, page=min(limit, 1000)):
+            if correlation_id is not None and str(row["correlation_id"]) != correlation_id:
+                continue  # one with a lone surrogate cannot travel in the URL's $filter: matched here instead
             found.append(
                 AuditEntry(
                     at=_plain_utc(row["at"]),
