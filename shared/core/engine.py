@@ -282,7 +282,7 @@ class SyncEngine:
                 value = e.payload.get(lk.source)
                 exc = failed.get(_canonical_key(src.system, str(value))) if not _blank(value) else None
                 if exc is not None and e.source_key not in work.read_errors:
-                    work.read_errors[e.source_key] = _rewrap(
+                    work.read_errors[e.source_key] = with_detail(
                         exc, f"flow {flow.name} record {e.source_key}: its parent {value} could not be read from "
                              f"{parent.source.system} {table}: {exc.detail}")
             correlation = next((e.correlation_id for e in envs), None)
@@ -326,7 +326,7 @@ class SyncEngine:
         for start in range(0, len(keys), LINE_QUERY_KEYS):
             rows, failed = await isolate(read, keys[start:start + LINE_QUERY_KEYS])
             for key, exc in failed.items():
-                errors[key] = _rewrap(exc, f"flow {flow.name} record {key}: its lines could not be read from "
+                errors[key] = with_detail(exc, f"flow {flow.name} record {key}: its lines could not be read from "
                                            f"{flow.source.system} {lines.source_table}: {exc.detail}")
             for row in rows:
                 parent = str(row.values.get(flow.lines.parent_field) or "")
@@ -709,7 +709,7 @@ class SyncEngine:
                                 flow.name, parent.env.source_key, len(errors), error)
                 outcomes[parent.index] = Outcome(
                     parent.env, "failed", target_key=current.target_key if current else None,
-                    error=_rewrap(error, f"record {parent.env.source_key} itself is synced, but its cascade is "
+                    error=with_detail(error, f"record {parent.env.source_key} itself is synced, but its cascade is "
                                          f"incomplete ({len(errors)} failed): {error.detail}"))
             elif ran:
                 marks += [Snapshot(s.system, s.table, s.key, {**s.values, CASCADED: True},
@@ -780,7 +780,7 @@ class SyncEngine:
                            correlation_id=correlation_id) for c in children]
             by_op = {r.op_id: r for r in await sink.write(ops)}
         except SyncError as exc:
-            return [_rewrap(exc, f"{where}: {exc.detail}")]
+            return [with_detail(exc, f"{where}: {exc.detail}")]
         errors: list[SyncError] = []
         done: list[SourceRecord] = []
         for child, op in zip(children, ops, strict=True):
@@ -789,7 +789,7 @@ class SyncEngine:
                 done.append(child)
                 continue
             error = res.error if res is not None and res.error else TransientError("the sink returned no result")
-            errors.append(_rewrap(error, f"{where}: child {child.key}: {error.detail}"))
+            errors.append(with_detail(error, f"{where}: child {child.key}: {error.detail}"))
             with correlated([correlation_id]):
                 log.warning("cascade %s: %s %s failed: %s", cascade.name, system, child.key, error)
         prev = await self.state.get_snapshots(system, table, [c.key for c in done])
@@ -856,7 +856,7 @@ async def isolate(read: Callable[[list[str]], Awaitable[Sequence[T]]], keys: lis
     return first + second, {**first_failed, **second_failed}
 
 
-def _rewrap(error: SyncError, detail: str) -> SyncError:
+def with_detail(error: SyncError, detail: str) -> SyncError:
     """The same kind of failure (class, reason, throttling advice) with a detail that names what failed."""
     if isinstance(error, ThrottledError):
         return ThrottledError(detail, retry_after=error.retry_after, reason=error.reason)
@@ -923,12 +923,24 @@ def _new_attachments(env: ChangeEnvelope, snap: Snapshot | None) -> bool:
     return any(str(_attachment_ref(r).id) not in done for r in refs)
 
 
-def _triggers(cascade: CascadeSpec, system: str, values: Mapping[str, Any]) -> bool:
+def cascade_triggered(cascade: CascadeSpec, system: str, values: Mapping[str, Any]) -> bool:
+    """Whether a parent with these values (on `system`) is in a state that triggers the cascade."""
     rules = cascade.when.get(system, {})
     return any(
         name in values and normalize(values[name]) in {normalize(v) for v in allowed}
         for name, allowed in rules.items()
     )
+
+
+_triggers = cascade_triggered
+
+
+def cascade_pending(cascade: CascadeSpec, system: str, values: Mapping[str, Any]) -> bool:
+    """Whether a child with these values (on `system`) is one the cascade still has to set (what its select finds)."""
+    unless = cascade.unless.get(system)
+    if unless:
+        return not any(normalize(values.get(f)) in {normalize(v) for v in vs} for f, vs in unless.items())
+    return any(not same(values.get(f), v) for f, v in cascade.set.get(system, {}).items())
 
 
 def _seen_token(env: ChangeEnvelope) -> str | None:
