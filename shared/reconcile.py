@@ -165,12 +165,21 @@ async def _half_applied(flowset: FlowSet, scans: _Scans, cascade: CascadeSpec) -
         if not triggered:
             continue
         for key, child in sorted((await scans.rows(system, child_table)).items()):
-            parent = child.values.get(link_field)
+            parent = _field(child.values, link_field)
             if parent in (None, "") or _bare(str(parent)) not in triggered:
                 continue
             if cascade_pending(cascade, system, child.values):
                 out.setdefault((system, triggered[_bare(str(parent))]), []).append(key)
     return out
+
+
+def _field(values: Mapping[str, Any], name: str) -> Any:
+    """A field's value; a Dataverse lookup is queried as `_<name>_value` but read under its logical name."""
+    if name in values:
+        return values[name]
+    if name.startswith("_") and name.endswith("_value"):
+        return values.get(name[1:-len("_value")])
+    return None
 
 
 def _table_of(flowset: FlowSet, entity: str, system: str) -> str | None:
