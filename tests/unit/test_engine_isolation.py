@@ -1,0 +1,97 @@
+"""One record the engine cannot read around (its lines refused, a bug hit while processing) fails alone."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import pytest
+
+from shared.core.engine import SyncEngine
+from shared.core.envelope import ChangeEnvelope
+from shared.core.errors import RejectedError
+from shared.core.ports import Link, SourceRecord, WriteOp, WriteResult
+from shared.runtime.sqlite_state import SqliteStateStore
+from tests.fakes import FakeSystem
+from tests.unit.test_engine_documents import SPEC, T0, deal, env
+
+
+class RefusingSalesforce(FakeSystem):
+    """Salesforce that refuses any query naming one malformed id (a 400 MALFORMED_ID on the whole query)."""
+
+    bad = "006BAD"
+
+    async def select(self, table: str, *, equals: Mapping[str, Any],
+                     not_in: Mapping[str, Sequence[Any]] | None = None) -> list[SourceRecord]:
+        if any(self.bad in (v if isinstance(v, list | tuple) else [v]) for v in equals.values()):
+            raise RejectedError(f"salesforce: MALFORMED_ID in query of {table}")
+        return await super().select(table, equals=equals, not_in=not_in)
+
+
+class CrashingFno(FakeSystem):
+    """F&O whose sales-order writes hit a bug of ours (not a SyncError)."""
+
+    async def write(self, ops: Sequence[WriteOp]) -> list[WriteResult]:
+        if any(op.table == "SalesOrderHeadersV2" for op in ops):
+            raise RuntimeError("boom: a bug in the sales-order path")
+        return await super().write(ops)
+
+
+@pytest.fixture
+async def state():
+    store = SqliteStateStore(":memory:")
+    await store.put_links([Link("customer", "fno", "usmf|US-001", "salesforce", "001A"),
+                           Link("product", "fno", "usmf|P-1001", "salesforce", "01tA")])
+    yield store
+    await store.close()
+
+
+def salesforce(cls: type[FakeSystem] = FakeSystem) -> FakeSystem:
+    sf = cls("salesforce")
+    sf.put("OpportunityLineItem", "00kA", {"OpportunityId": "006A", "Product2Id": "01tA", "Quantity": 2})
+    sf.put("OpportunityLineItem", "00kC", {"OpportunityId": "006C", "Product2Id": "01tA", "Quantity": 3})
+    for key in ("006A", "006BAD", "006C"):
+        sf.put("Opportunity", key, deal(Id=key))
+    return sf
+
+
+async def test_a_document_whose_lines_cannot_be_read_fails_alone(state):
+    sf, fno = salesforce(RefusingSalesforce), FakeSystem("fno")
+    engine = SyncEngine(SPEC, sinks={"salesforce": sf, "fno": fno}, sources={"salesforce": sf, "fno": fno},
+                        state=state, clock=lambda: T0)
+    outcomes = await engine.process([env(deal(Id="006A")), env(deal(Id="006BAD")), env(deal(Id="006C"))])
+    by_key = {o.envelope.source_key: o for o in outcomes}
+    assert by_key["006A"].status == "written", by_key["006A"].error
+    assert by_key["006C"].status == "written", by_key["006C"].error
+    bad = by_key["006BAD"]
+    assert bad.status == "failed"
+    assert bad.error is not None
+    assert not bad.error.retriable
+    assert bad.error.reason == "TARGET_REJECTED"
+    assert "006BAD" in bad.error.detail
+    assert "lines" in bad.error.detail
+    written = {op.match["SynclineSalesforceId"] for op in fno.writes if op.match}
+    assert written == {"006A", "006C"}
+
+
+async def test_an_unexpected_exception_fails_its_flow_group_as_retriable_and_is_logged(state, caplog):
+    sf, fno = salesforce(), CrashingFno("fno")
+    fno.put("CustomersV3", "usmf|US-002", {"OrganizationName": "Contoso"})
+    engine = SyncEngine(SPEC, sinks={"salesforce": sf, "fno": fno}, sources={"salesforce": sf, "fno": fno},
+                        state=state, clock=lambda: T0)
+    customer = ChangeEnvelope(flow="customers_out", operation="upsert", source_system="fno",
+                              source_table="CustomersV3", source_key="usmf|US-002", source_modified=T0,
+                              payload={"OrganizationName": "Contoso"})
+    with caplog.at_level(logging.ERROR, logger="shared.core.engine"):
+        outcomes = await engine.process([env(deal(Id="006A")), customer])
+    by_flow = {o.envelope.flow: o for o in outcomes}
+    assert by_flow["customers_out"].status == "written"  # the other flow of the batch went on
+    failed = by_flow["deals_in"]
+    assert failed.status == "failed"
+    assert failed.error is not None
+    assert failed.error.retriable
+    assert "RuntimeError" in failed.error.detail
+    [record] = [r for r in caplog.records if "unexpected RuntimeError" in r.getMessage()]
+    assert record.exc_info is not None  # the bug is logged in full, not hidden
+    assert failed.envelope.correlation_id in record.getMessage()
