@@ -12,9 +12,10 @@ from shared.core.engine import SyncEngine
 from shared.core.envelope import ChangeEnvelope
 from shared.core.errors import RejectedError
 from shared.core.ports import Link, SourceRecord, WriteOp, WriteResult
+from shared.mapping.spec import parse_spec
 from shared.runtime.sqlite_state import SqliteStateStore
 from tests.fakes import FakeSystem
-from tests.unit.test_engine_documents import SPEC, T0, deal, env
+from tests.unit.test_engine_documents import SPEC, SPEC_TEXT, T0, deal, env
 
 
 class RefusingSalesforce(FakeSystem):
@@ -95,3 +96,48 @@ async def test_an_unexpected_exception_fails_its_flow_group_as_retriable_and_is_
     [record] = [r for r in caplog.records if "unexpected RuntimeError" in r.getMessage()]
     assert record.exc_info is not None  # the bug is logged in full, not hidden
     assert failed.envelope.correlation_id in record.getMessage()
+
+
+ENSURE_SPEC = parse_spec(SPEC_TEXT.replace(
+    "parent_flow: accounts_in, key_part: 1}", "parent_flow: accounts_in, key_part: 1, ensure: true}"))
+
+
+class RefusingAccounts(FakeSystem):
+    """Salesforce that refuses any read by id naming one malformed account id."""
+
+    bad = "001BAD"
+
+    async def fetch(self, table: str, keys: Sequence[str]) -> dict[str, SourceRecord]:
+        if self.bad in keys:
+            raise RejectedError(f"salesforce: MALFORMED_ID in read of {table}")
+        return await super().fetch(table, keys)
+
+
+class Fno(FakeSystem):
+    """F&O with its composite keys (legal entity | account)."""
+
+    def new_key(self) -> str:
+        return f"usmf|US-{100 + next(self._counter)}"
+
+
+async def test_a_record_whose_parent_cannot_be_read_fails_alone(state):
+    assert any(lk.ensure for f in ENSURE_SPEC.flows for lk in f.lookups)
+    sf, fno = salesforce(RefusingAccounts), Fno("fno")
+    sf.put("Account", "001B", {"Name": "Fabrikam"})
+    sf.put("Opportunity", "006B", deal(Id="006B", AccountId="001B"))
+    sf.put("Opportunity", "006X", deal(Id="006X", AccountId="001BAD"))
+    sf.put("OpportunityLineItem", "00kB", {"OpportunityId": "006B", "Product2Id": "01tA", "Quantity": 1})
+    sf.put("OpportunityLineItem", "00kX", {"OpportunityId": "006X", "Product2Id": "01tA", "Quantity": 1})
+    engine = SyncEngine(ENSURE_SPEC, sinks={"salesforce": sf, "fno": fno}, sources={"salesforce": sf, "fno": fno},
+                        state=state, clock=lambda: T0)
+    outcomes = await engine.process([env(deal(Id="006A")), env(deal(Id="006X", AccountId="001BAD")),
+                                     env(deal(Id="006B", AccountId="001B"))])
+    by_key = {o.envelope.source_key: o for o in outcomes}
+    assert by_key["006A"].status == "written", by_key["006A"].error
+    assert by_key["006B"].status == "written", by_key["006B"].error  # its parent was synced first
+    bad = by_key["006X"]
+    assert bad.status == "failed"
+    assert bad.error is not None
+    assert bad.error.reason == "TARGET_REJECTED"
+    assert "001BAD" in bad.error.detail
+    assert "parent" in bad.error.detail
