@@ -131,7 +131,15 @@ async def reconcile(
         drift.orphans_in_target = sorted(set(target_rows) - linked_targets)
         report.append(drift)
     for cascade in flowset.cascades:
-        found = await _half_applied(flowset, scans, cascade)
+        # A dead-lettered parent is known and reported as such, like any excluded record (on both sides).
+        dead = sorted((exclude or {}).get(cascade.parent_entity, set()))
+        known = {_bare(k) for k in dead}
+        for a in cascade.when:
+            for b in cascade.when:
+                if a != b and dead:
+                    known |= {_bare(k) for k in (await state.get_links(cascade.parent_entity, a, dead, b)).values()}
+        found = {where: children for where, children in (await _half_applied(flowset, scans, cascade)).items()
+                 if _bare(where[1]) not in known}
         if not found:
             continue
         owner = next((d for d in report if d.entity == cascade.parent_entity), None)

@@ -140,6 +140,10 @@ async def test_reconcile_finds_a_half_applied_cascade_and_repair_completes_it(se
                 in incomplete)
     assert all(wo["GlobalID"] in e or wo["DV_ID"] in e for e in incomplete)  # only this parent's children
     assert open_tasks(box, wo) != ([], [])  # reporting changes nothing
+    # A dead-lettered parent (its message key, from either side) is excluded, on both sides, like any such record.
+    excluded = await reconcile(services.flowset, services.sources, services.state,
+                               exclude={"work_order": {wo["GlobalID"]}})
+    assert sum(len(d.cascade_incomplete) for d in excluded) == 0
 
     repaired = await reconcile(services.flowset, services.sources, services.state, repair=True,
                                engine=services.engine)
