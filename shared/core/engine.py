@@ -837,23 +837,45 @@ class SyncEngine:
 
 async def isolate(read: Callable[[list[str]], Awaitable[Sequence[T]]], keys: list[str],
                   ) -> tuple[list[T], dict[str, SyncError]]:
-    """Read `keys` in one call; when that fails permanently, split the keys until the bad ones stand alone.
+    """Read `keys` in one call; when that fails, split the keys until the bad ones stand alone.
 
     One malformed or refused key must not fail every record of a batch: the others are read, and each key
-    that still fails on its own gets its error. A retriable failure is not split (splitting multiplies the
-    calls into a system that is already struggling): every key of the call gets it.
+    that still fails on its own gets its error. A retriable failure of both halves is the system's, not a
+    key's: the split stops there (a struggling system gets three calls, not one per key), and throttling
+    is never split.
     """
     if not keys:
         return [], {}
     try:
         return list(await read(keys)), {}
     except SyncError as exc:
-        if exc.retriable or len(keys) == 1:
-            return [], dict.fromkeys(keys, exc)
-    half = len(keys) // 2
-    first, first_failed = await isolate(read, keys[:half])
-    second, second_failed = await isolate(read, keys[half:])
-    return first + second, {**first_failed, **second_failed}
+        return await _split(read, keys, exc)
+
+
+async def _split(read: Callable[[list[str]], Awaitable[Sequence[T]]], keys: list[str],
+                 error: SyncError) -> tuple[list[T], dict[str, SyncError]]:
+    if len(keys) == 1 or isinstance(error, ThrottledError):
+        return [], dict.fromkeys(keys, error)
+    mid = len(keys) // 2
+    parts = [keys[:mid], keys[mid:]]
+    tried: list[tuple[list[T], SyncError | None]] = []
+    for part in parts:
+        try:
+            tried.append((list(await read(part)), None))
+        except SyncError as exc:
+            tried.append(([], exc))
+    if error.retriable and all(e is not None and e.retriable for _, e in tried):
+        return [], dict.fromkeys(keys, error)
+    rows: list[T] = []
+    failed: dict[str, SyncError] = {}
+    for part, (got, part_error) in zip(parts, tried, strict=True):
+        if part_error is None:
+            rows += got
+            continue
+        more, bad = await _split(read, part, part_error)
+        rows += more
+        failed.update(bad)
+    return rows, failed
 
 
 def with_detail(error: SyncError, detail: str) -> SyncError:

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from shared.core.engine import SyncEngine
+from shared.core.engine import SyncEngine, isolate
 from shared.core.envelope import ChangeEnvelope
-from shared.core.errors import RejectedError
+from shared.core.errors import RejectedError, TransientError
 from shared.core.ports import Link, SourceRecord, WriteOp, WriteResult
 from shared.mapping.spec import parse_spec
 from shared.runtime.sqlite_state import SqliteStateStore
@@ -141,3 +141,50 @@ async def test_a_record_whose_parent_cannot_be_read_fails_alone(state):
     assert bad.error.reason == "TARGET_REJECTED"
     assert "001BAD" in bad.error.detail
     assert "parent" in bad.error.detail
+
+
+class Reader:
+    """A batched read by keys that fails for some keys (permanent, or retriable), or for every call (an outage)."""
+
+    def __init__(self, *, refused: frozenset[str] = frozenset(), flaky: frozenset[str] = frozenset(),
+                 down: bool = False) -> None:
+        self.refused, self.flaky, self.down = refused, flaky, down
+        self.calls = 0
+
+    async def __call__(self, keys: list[str]) -> list[str]:
+        self.calls += 1
+        if self.down:
+            raise TransientError("HTTP 503")
+        if self.refused & set(keys):
+            raise RejectedError("HTTP 400 malformed key")
+        if self.flaky & set(keys):
+            raise TransientError("HTTP 500 from that record's plug-in")
+        return list(keys)
+
+
+KEYS = [f"k{i:02d}" for i in range(16)]
+
+
+async def test_isolate_reads_around_refused_keys():
+    read = Reader(refused=frozenset({"k03", "k12"}))
+    rows, failed = await isolate(read, KEYS)
+    assert sorted(rows) == sorted(set(KEYS) - {"k03", "k12"})
+    assert set(failed) == {"k03", "k12"}
+    assert all(e.reason == "TARGET_REJECTED" for e in failed.values())
+
+
+async def test_isolate_fails_only_a_key_whose_retriable_failure_is_its_own():
+    read = Reader(flaky=frozenset({"k07"}))
+    rows, failed = await isolate(read, KEYS)
+    assert set(failed) == {"k07"}
+    assert failed["k07"].retriable
+    assert len(rows) == 15
+
+
+async def test_isolate_does_not_split_an_outage_key_by_key():
+    read = Reader(down=True)
+    rows, failed = await isolate(read, KEYS)
+    assert rows == []
+    assert set(failed) == set(KEYS)
+    assert all(e.retriable for e in failed.values())
+    assert read.calls == 3  # the batch, then its two halves: a struggling system is not called once per key
