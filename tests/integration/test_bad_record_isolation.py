@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 
 from shared.core.controller import to_messages
 from shared.core.envelope import ChangeEnvelope
+from shared.core.errors import TransientError
 from shared.intake import initial_load
 
 BAD_KEY = "SGN-0042"  # not a Dataverse GUID: the connector refuses to query it (a hand-edited resubmission, say)
@@ -52,3 +53,39 @@ async def test_a_record_that_cannot_be_read_is_dead_lettered_alone(seeded):
     depth = await services.queue.depth()
     assert (depth.active, depth.scheduled) == (0, 0)
     assert len(await services.queue.peek_dead_letters(1000)) == dead_before + 1
+
+
+async def test_a_record_whose_read_fails_transiently_is_retried_alone(seeded, monkeypatch):
+    box, _summary, services = seeded
+    await initial_load(services)
+    await services.controller.run_cycle(poll=False)
+    signs = [f for f in box.ag.all("SignAssets") if f.get("DV_ID")][:4]
+    flaky = signs[2]["DV_ID"]
+    envelopes = []
+    for i, feature in enumerate(signs):
+        stale = box.dv.get("dot_signassets", feature["DV_ID"])
+        box.dv.apply_change("dot_signassets", {"dot_route": f"VA-{800 + i}"}, key=feature["DV_ID"])
+        envelopes.append(resubmission(feature["DV_ID"], stale))
+    await services.queue.send(await to_messages(services.flowset, services.state, envelopes))
+    dataverse = services.engine.sinks["dataverse"]
+    real_fetch = dataverse.fetch
+
+    async def fetch(table: str, keys: list[str]) -> dict:
+        if flaky in keys:  # that one record's read keeps timing out (a plug-in on retrieve, say)
+            raise TransientError("dataverse: timeout reading dot_signassets")
+        return await real_fetch(table, keys)
+
+    monkeypatch.setattr(dataverse, "fetch", fetch)
+    report = await services.controller.run_cycle(poll=False)
+    assert report.outcome == "ok", report.error
+    assert report.statuses.get("written") == 3
+    assert report.retried == 1
+    assert report.dead_lettered == {}
+    assert box.ag.get("SignAssets", signs[2]["GlobalID"])["ROUTE"] != "VA-802"
+
+    monkeypatch.setattr(dataverse, "fetch", real_fetch)  # the record reads again
+    again = await services.controller.run_cycle(poll=False)
+    assert again.outcome == "ok"
+    assert again.statuses.get("written") == 1
+    for i, feature in enumerate(signs):
+        assert box.ag.get("SignAssets", feature["GlobalID"])["ROUTE"] == f"VA-{800 + i}"
