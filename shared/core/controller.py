@@ -13,9 +13,9 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from shared.core.engine import Outcome, SyncEngine
+from shared.core.engine import Outcome, SyncEngine, isolate, with_detail
 from shared.core.envelope import ChangeEnvelope, Origin, QueueMessage, ReceivedMessage
-from shared.core.errors import EnvelopeError, SyncError, ThrottledError
+from shared.core.errors import EnvelopeError, SyncError, ThrottledError, TransientError
 from shared.core.ports import (
     ATTACHMENTS_KEY,
     AuditEntry,
@@ -348,7 +348,18 @@ class Controller:
         await self._complete(held)
         if not parsed:
             return
-        parsed = await self._refresh_replays(parsed)
+        parsed, unreadable = await self._refresh_replays(parsed)
+        to_complete: list[ReceivedMessage] = []
+        failed = [(msg, Outcome(env, "failed", error=error)) for msg, env, error in unreadable]
+        if failed:
+            self.metrics.record_outcomes([o for _, o in failed], self.flowset)
+        for msg, outcome in failed:
+            # Its current record could not be read: it fails alone (retried, or dead-lettered with the reason).
+            with correlated([outcome.envelope.correlation_id]):
+                await self._settle(msg, outcome.envelope, outcome, report, statuses, dead, to_complete)
+        if not parsed:
+            await self._complete(to_complete)
+            return
         renewer = asyncio.create_task(self._renew_locks([m for m, _ in parsed]))  # noqa: RUF006 - awaited below
         try:
             outcomes = await self.engine.process([env for _, env in parsed])
@@ -358,7 +369,6 @@ class Controller:
                 await renewer
         self.metrics.record_outcomes(outcomes, self.flowset)
         by_env = {id(o.envelope): o for o in outcomes}
-        to_complete: list[ReceivedMessage] = []
         for msg, env in parsed:
             with correlated([env.correlation_id]):
                 await self._settle(msg, env, by_env[id(env)], report, statuses, dead, to_complete)
@@ -478,29 +488,54 @@ class Controller:
 
     async def _refresh_replays(
         self, parsed: list[tuple[ReceivedMessage, ChangeEnvelope]]
-    ) -> list[tuple[ReceivedMessage, ChangeEnvelope]]:
+    ) -> tuple[list[tuple[ReceivedMessage, ChangeEnvelope]], list[tuple[ReceivedMessage, ChangeEnvelope, SyncError]]]:
         """Replayed and resubmitted changes are applied with the source record as it is now.
 
         A replay follows an operator's fix; a resubmission (a deferred or failed direct write) may have been
         overtaken by newer edits meanwhile — writing the current state keeps a late copy from undoing them.
         The message body stays as evidence; only the payload used for this attempt is fresh.
+        Returns the changes to process and, apart, those whose record could not be read (with the error):
+        a key the source refuses fails its own messages only, never the batch.
         """
         wanted: dict[tuple[str, str], set[str]] = {}
         for _, env in parsed:
             if env.origin in ("replay", "resubmit") and env.operation != "delete" and env.source_system in self.sources:
                 wanted.setdefault((env.source_system, env.source_table), set()).add(env.source_key)
         if not wanted:
-            return parsed
+            return parsed, []
         fresh: dict[tuple[str, str, str], SourceRecord] = {}
+        errors: dict[tuple[str, str, str], SyncError] = {}
         for (system, table), keys in wanted.items():
             fetch = getattr(self.sinks_for_refresh(system), "fetch", None)
             if fetch is None:
                 continue
-            for key, record in (await fetch(table, sorted(keys))).items():
-                fresh[(system, table, key)] = record
+
+            async def read(chunk: list[str], fetch: Any = fetch, system: str = system,
+                           table: str = table) -> list[SourceRecord]:
+                try:
+                    return list((await fetch(table, chunk)).values())
+                except SyncError:
+                    raise
+                except Exception as unexpected:
+                    # Not a failure the connector knows: retried (and logged in full), never a wedged batch.
+                    log.exception("reading %d current %s %s records failed unexpectedly", len(chunk), system, table)
+                    raise TransientError(f"reading current {system} {table} records failed: "
+                                         f"{type(unexpected).__name__}: {str(unexpected)[:300]}") from unexpected
+
+            records, failed = await isolate(read, sorted(keys))
+            for found in records:
+                fresh[(system, table, found.key)] = found
+            for key, exc in failed.items():
+                errors[(system, table, key)] = exc if exc.retriable else with_detail(
+                    exc, f"the current {system} {table} record {key} could not be read: {exc.detail}")
         out = []
+        unreadable = []
         for msg, env in parsed:
-            record = fresh.get((env.source_system, env.source_table, env.source_key))
+            where = (env.source_system, env.source_table, env.source_key)
+            if where in errors and where not in fresh:
+                unreadable.append((msg, env, errors[where]))
+                continue
+            record = fresh.get(where)
             if record is not None:
                 payload = dict(record.values)
                 if record.attachments:
@@ -508,7 +543,7 @@ class Controller:
                 env = env.model_copy(update={"payload": payload, "source_modified": record.modified or
                                              env.source_modified, "source_version": record.version})
             out.append((msg, env))
-        return out
+        return out, unreadable
 
     def sinks_for_refresh(self, system: str) -> object:
         """The system's reader of current records (its sink, which can fetch by key)."""
