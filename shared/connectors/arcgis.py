@@ -1603,4 +1603,5 @@ def verify_signature(body: bytes, signature_header: str | None, key: str) -> boo
     if presented.lower().startswith("sha256="):
         presented = presented[7:]
     expected = hmac.new(key.encode(), body, hashlib.sha256).hexdigest()
-    return hmac.compare_digest(expected, presented.strip().lower())
+    # Bytes, not text: compare_digest refuses non-ASCII text, and a header can hold anything.
+    return hmac.compare_digest(expected.encode(), presented.strip().lower().encode("utf-8", "surrogatepass"))

@@ -17,7 +17,6 @@ import asyncio
 import csv
 import io
 import itertools
-import json
 import logging
 import re
 import threading
