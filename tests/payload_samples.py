@@ -179,7 +179,8 @@ def bodies(draw: st.DrawFn, samples: list[Any]) -> bytes:
         return draw(st.binary(max_size=200))
     if kind == "deep":
         depth = draw(st.sampled_from([65, 1000, 100_000]))
-        return draw(st.sampled_from([b"[" * depth, b"[" * depth + b"]" * depth, b'{"a":' * depth + b"1" + b"}" * depth]))
+        return draw(st.sampled_from([b"[" * depth, b"[" * depth + b"]" * depth,
+                                     b'{"a":' * depth + b"1" + b"}" * depth]))
     if kind == "json":
         value = draw(json_values)
     else:

@@ -3,11 +3,7 @@ refused request changes nothing (queue, state store, simulators' writes)."""
 
 from __future__ import annotations
 
-import asyncio
-import hashlib
-import sqlite3
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import azure.functions as func
@@ -15,14 +11,9 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from sandbox.dataverse_seed import seed_dataverse
-from sandbox.demo import WEBHOOK_SECRET, Sandbox, environment, start_sandbox
-from sandbox.fno_sim import seed_fno
-from sandbox.salesforce_sim import seed_salesforce
-from sandbox.sap_sim import seed_sap
-from shared.bootstrap import Services, build_services, set_services
-from shared.settings import Settings
+from sandbox.demo import WEBHOOK_SECRET, Sandbox
 from tests import payload_samples as samples
+from tests.functions.harness import Harness
 
 pytestmark = pytest.mark.integration
 
@@ -31,74 +22,6 @@ def fuzz(examples: int) -> settings:
     return settings(max_examples=examples, deadline=None, database=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
                                            HealthCheck.data_too_large, HealthCheck.large_base_example])
-
-
-@pytest.fixture(scope="module")
-def box(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Sandbox, dict[str, Any]]]:
-    """Every simulator, seeded small; module-scoped (starting them is the slow part)."""
-    sandbox = start_sandbox(tmp_path_factory.mktemp("fuzz") / "sandbox", sales=True, sap=True)
-    try:
-        with environment(sandbox.env):
-            seed_dataverse(sandbox.dv, signs=3, work_orders=1)
-            seed_fno(sandbox.fno, customers=2, products=2)
-            seed_sap(sandbox.sap, partners=2, orders=1)
-            made = {"salesforce": seed_salesforce(sandbox.sf, accounts=2, opportunities=1)}
-            yield sandbox, made
-    finally:
-        sandbox.stop()
-
-
-class Harness:
-    """Services on a private event loop (hypothesis drives a sync test), plus the means to fingerprint them."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, services: Services, state_dir: Path, box: Sandbox,
-                 functions: dict[str, Any]) -> None:
-        self.loop, self.services, self.state_dir, self.box, self.functions = loop, services, state_dir, box, functions
-
-    def __repr__(self) -> str:
-        return "Harness()"
-
-    def call(self, name: str, req: func.HttpRequest) -> func.HttpResponse:
-        response: func.HttpResponse = self.loop.run_until_complete(
-            self.functions[name].get_user_function()(req))
-        return response
-
-    def fingerprint(self) -> dict[str, Any]:
-        """Queue (depth + message ids), every state table (links, snapshots, checkpoints, dedup, audit), and
-        the simulators' write counters."""
-        out: dict[str, Any] = {}
-        with sqlite3.connect(self.state_dir / "state.db") as conn:
-            for table in ("links", "snapshots", "checkpoints", "dedup", "audit"):
-                digest = hashlib.sha256()
-                for row in sorted(repr(r) for r in conn.execute(f"SELECT * FROM {table}")):  # noqa: S608
-                    digest.update(row.encode("utf-8", "surrogatepass"))
-                out[table] = digest.hexdigest()
-        with sqlite3.connect(self.state_dir / "queue.db") as conn:
-            out["queue"] = sorted(conn.execute("SELECT message_id, visible_us FROM queue_messages"))
-        box = self.box
-        out["arcgis.serverGen"] = box.ag.server_gen
-        out["dataverse.version"] = box.dv._version
-        writes = ("POST", "PATCH", "PUT", "DELETE", "MERGE")
-        out["fno.writes"] = sum(1 for m, p in box.fno.requests if m in writes and "token" not in p.lower())
-        out["sap.writes"] = sum(1 for m, p in [*box.sap.requests, *box.sap.batch_requests] if m in writes)
-        out["salesforce.writes"] = sum(1 for m, p, _ in box.sf.requests if m in writes and "token" not in p.lower())
-        return out
-
-
-@pytest.fixture
-def harness(box: tuple[Sandbox, dict[str, Any]], tmp_path: Path, functions: dict[str, Any]) -> Iterator[Harness]:
-    """One services object per test on its own state directory, reused by every example of the test."""
-    sandbox, _ = box
-    loop = asyncio.new_event_loop()
-    state_dir = tmp_path / "state"
-    services = build_services(Settings(syncline_state_dir=str(state_dir)))  # type: ignore[call-arg]
-    set_services(services)
-    try:
-        yield Harness(loop, services, state_dir, sandbox, functions)
-    finally:
-        set_services(None)
-        loop.run_until_complete(services.aclose())
-        loop.close()
 
 
 content_types = st.sampled_from(["application/json", "application/json; charset=utf-8",
