@@ -361,6 +361,9 @@ async def handle_sap_events(services: Services, body: bytes) -> IntakeResult:
             records = [SourceRecord(key=event.key, values={}, deleted=True)]
         else:
             records = list((await sap.fetch(event.entity_set, [event.key])).values())
+            if not records:
+                raise RejectedError(f"sap event {event.event_id}: {event.entity_set} {event.key} cannot be read "
+                                    "(not found); nothing was accepted, the event may be sent again")
         pending.append((event.event_id, envelopes_for(services.flowset, "sap", event.entity_set, records,
                                                       origin="webhook", mode="queue")))
     await _accept_events(services, namespace, pending, result)
@@ -406,7 +409,13 @@ async def handle_salesforce_change_events(services: Services, body: bytes) -> In
         if change.change_type.upper() == "DELETE":
             records = [SourceRecord(key=rid, values={}, deleted=True) for rid in change.record_ids]
         else:
-            records = list((await sf.fetch(change.entity, change.record_ids)).values())
+            found = await sf.fetch(change.entity, change.record_ids)
+            missing = [rid for rid in change.record_ids if rid not in found]
+            if missing:
+                raise RejectedError(f"salesforce: {change.entity} {', '.join(missing[:5])} of a {change.change_type} "
+                                    "event cannot be read (not found); nothing was accepted, the event may be sent "
+                                    "again")
+            records = list(found.values())
         pending.append((token, envelopes_for(services.flowset, "salesforce", change.entity, records,
                                              origin="webhook", mode="queue")))
     await _accept_events(services, namespace, pending, result)

@@ -194,7 +194,7 @@ class SalesforceChangeHeader(Payload):
     """ChangeEventHeader of a CDC event."""
 
     entityName: str
-    recordIds: list[str]
+    recordIds: list[str] = Field(min_length=1)
     changeType: str
     changedFields: list[str] | None = None
     commitTimestamp: int | str | None = None
