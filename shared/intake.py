@@ -59,9 +59,9 @@ AUTH_RETRY_SECONDS = 120
 """Delay before the queue retries a direct write refused for credentials (time for a rotation to land)."""
 
 
-def _json_body(services: Services, body: bytes) -> Any:
-    return read_json(body, "request body", max_bytes=services.settings.syncline_max_body_bytes,
-                     max_depth=services.settings.syncline_max_json_depth)
+def _json_body(body: bytes) -> Any:
+    # Bounded (size, nesting, finite numbers, real text) for every endpoint; see shared.payloads.
+    return read_json(body, "request body")
 
 
 async def enqueue_new(services: Services, envelopes: list[ChangeEnvelope], *,
@@ -103,7 +103,7 @@ async def handle_dataverse_webhook(services: Services, body: bytes) -> IntakeRes
     """
     from shared.connectors.dataverse import DataverseClient, parse_remote_execution_context
 
-    change = parse_remote_execution_context(_json_body(services, body), date_only=_dataverse_date_columns(services))
+    change = parse_remote_execution_context(_json_body(body), date_only=_dataverse_date_columns(services))
     dv = services.sinks.get("dataverse")
     if not isinstance(dv, DataverseClient):
         raise EnvelopeError("Dataverse is not configured (DATAVERSE__URL is empty)")
@@ -265,8 +265,7 @@ async def handle_arcgis_webhook(services: Services, body: bytes, content_type: s
         check_shared_secret(services, shared_key)
         if not services.settings.syncline_webhook_secret.get_secret_value() and sig_key:
             raise Unauthorized("a signed feature-service webhook (x-esriHook-Signature) is required")
-    hook = parse_webhook(body, content_type, max_bytes=services.settings.syncline_max_body_bytes,
-                         max_depth=services.settings.syncline_max_json_depth)
+    hook = parse_webhook(body, content_type)
     result = IntakeResult()
     if hook.record is not None and hook.table is not None:
         envelopes = envelopes_for(services.flowset, "arcgis", hook.table, [hook.record], origin="webhook",
@@ -307,7 +306,7 @@ async def handle_fno_business_events(services: Services, body: bytes) -> IntakeR
     """F&O business events: stubs deduplicated on ControlNumber, read back in full through OData, enqueued."""
     from shared.connectors.fno import FinOpsClient, parse_business_events
 
-    events = parse_business_events(_json_body(services, body))
+    events = parse_business_events(_json_body(body))
     fno = services.sinks.get("fno")
     if not isinstance(fno, FinOpsClient):
         raise EnvelopeError("F&O is not configured (FNO__ENVIRONMENT_URL is empty)")
@@ -335,7 +334,7 @@ async def handle_sap_events(services: Services, body: bytes) -> IntakeResult:
     the record read back in full through OData, enqueued for the flows reading it."""
     from shared.connectors.sap import SapClient, parse_event
 
-    data = _json_body(services, body)
+    data = _json_body(body)
     items = data if isinstance(data, list) else [data]
     if not items:
         raise EnvelopeError("sap event: the array is empty")
@@ -379,7 +378,7 @@ async def handle_salesforce_change_events(services: Services, body: bytes) -> In
     id, or transaction key), the records read back in full, enqueued for the flows reading that object."""
     from shared.connectors.salesforce import SalesforceClient, parse_cdc_event
 
-    data = _json_body(services, body)
+    data = _json_body(body)
     bodies = data if isinstance(data, list) else [data]
     if not bodies:
         raise EnvelopeError("salesforce: the array of CDC events is empty")

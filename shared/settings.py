@@ -137,10 +137,6 @@ class Settings(BaseSettings):
     """Peek-lock duration of the embedded queue (Service Bus: the queue's LockDuration)."""
     syncline_inline_retries: int = Field(default=2, ge=0, le=5)
     """Short retries of an outbound direct write before it is scheduled on the queue."""
-    syncline_max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, le=100 * 1024 * 1024)
-    """Largest webhook body accepted (a larger one is answered 400)."""
-    syncline_max_json_depth: int = Field(default=64, ge=8, le=200)
-    """Deepest JSON nesting accepted in a webhook body (checked before parsing; deeper is answered 400)."""
     syncline_ca_bundle: str = ""
     """Extra CA bundle to trust (the sandbox's test CA); empty in production."""
     syncline_inbound_queue: str = "syncline-inbound"
