@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import json
 import logging
@@ -292,6 +293,11 @@ async def handle_arcgis_webhook(services: Services, body: bytes, content_type: s
     return result
 
 
+def _event_token(text: str) -> str:
+    """An event's dedup key: kept as sent when short, else its digest (state stores bound key sizes)."""
+    return text if len(text) <= 200 else "sha256:" + hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
 async def _accept_events(services: Services, namespace: str, pending: list[tuple[str, list[ChangeEnvelope]]],
                          result: IntakeResult) -> None:
     """Enqueue the envelopes of every new event, then remember the events (never before: a refused or failed
@@ -312,10 +318,10 @@ async def handle_fno_business_events(services: Services, body: bytes) -> IntakeR
         raise EnvelopeError("F&O is not configured (FNO__ENVIRONMENT_URL is empty)")
     result = IntakeResult()
     namespace = "fno-business-event"
-    seen = await services.state.seen(namespace, [str(e.control_number) for e in events])
+    seen = await services.state.seen(namespace, [_event_token(str(e.control_number)) for e in events])
     pending: list[tuple[str, list[ChangeEnvelope]]] = []
     for event in events:
-        token = str(event.control_number)
+        token = _event_token(str(event.control_number))
         if token in seen:
             result.skipped += 1  # the endpoint received this event before (F&O retries deliveries)
             continue
@@ -345,16 +351,17 @@ async def handle_sap_events(services: Services, body: bytes) -> IntakeResult:
         raise EnvelopeError("SAP is not configured (SAP__BASE_URL is empty)")
     result = IntakeResult()
     namespace = "sap-event"
-    seen = await services.state.seen(namespace, [e.event_id for e in events])
+    tokens = [_event_token(e.event_id) for e in events]
+    seen = await services.state.seen(namespace, tokens)
     pending: list[tuple[str, list[ChangeEnvelope]]] = []
-    for event in events:
-        if event.event_id in seen:
+    for event, token in zip(events, tokens, strict=True):
+        if token in seen:
             result.skipped += 1  # delivered before (Event Mesh delivers at least once)
             continue
-        seen.add(event.event_id)
+        seen.add(token)
         result.accepted += 1
         if not services.flowset.flows_from("sap", event.entity_set):
-            pending.append((event.event_id, []))
+            pending.append((token, []))
             continue
         if event.operation.lower() == "deleted":
             records = [SourceRecord(key=event.key, values={}, deleted=True)]
@@ -363,8 +370,8 @@ async def handle_sap_events(services: Services, body: bytes) -> IntakeResult:
             if not records:
                 raise RejectedError(f"sap event {event.event_id}: {event.entity_set} {event.key} cannot be read "
                                     "(not found); nothing was accepted, the event may be sent again")
-        pending.append((event.event_id, envelopes_for(services.flowset, "sap", event.entity_set, records,
-                                                      origin="webhook", mode="queue")))
+        pending.append((token, envelopes_for(services.flowset, "sap", event.entity_set, records, origin="webhook",
+                                             mode="queue")))
     await _accept_events(services, namespace, pending, result)
     return result
 
@@ -389,8 +396,8 @@ async def handle_salesforce_change_events(services: Services, body: bytes) -> In
         raise EnvelopeError("Salesforce is not configured (SALESFORCE__MY_DOMAIN_URL is empty)")
     result = IntakeResult()
     namespace = "salesforce-cdc"
-    tokens = [str(c.replay_id) if c.replay_id is not None else f"{c.transaction_key}:{','.join(c.record_ids)}"
-              for c in changes]
+    tokens = [_event_token(str(c.replay_id) if c.replay_id is not None else
+                           f"{c.transaction_key}:{','.join(c.record_ids)}") for c in changes]
     seen = await services.state.seen(namespace, tokens)
     pending: list[tuple[str, list[ChangeEnvelope]]] = []
     for change, token in zip(changes, tokens, strict=True):

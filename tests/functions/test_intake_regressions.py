@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import sqlite3
 from typing import Any
 
 import azure.functions as func
@@ -262,3 +264,12 @@ def test_a_fault_of_ours_is_a_500_with_a_correlation_id_in_the_body_and_the_log(
     correlation_id = json.loads(resp.get_body())["correlation_id"]
     assert correlation_id
     assert any(correlation_id in r.getMessage() for r in caplog.records)
+
+
+def test_a_long_event_id_is_deduplicated_by_its_digest(harness: Harness) -> None:
+    event = samples.sap_event("4000001", event_id="e" * 5000)  # state stores bound their key sizes (Azure: 1 KiB)
+    assert accepted(harness, "sap_webhook", post("sap_webhook", event))["accepted"] == 1
+    assert accepted(harness, "sap_webhook", post("sap_webhook", event))["skipped"] == 1
+    with sqlite3.connect(harness.state_dir / "state.db") as conn:
+        keys = [k for (k,) in conn.execute("SELECT key FROM dedup WHERE namespace = 'sap-event'")]
+    assert keys == ["sha256:" + hashlib.sha256(b"e" * 5000).hexdigest()]
