@@ -1,5 +1,4 @@
-"""Hypothesis fuzz of every HTTP endpoint through azure-functions against the simulators: never a 5xx, and a
-refused request changes nothing (queue, state store, simulators' writes)."""
+"""Fuzz of every HTTP endpoint through azure-functions: never a 5xx; a refused request changes nothing."""
 
 from __future__ import annotations
 
