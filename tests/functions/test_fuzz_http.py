@@ -28,7 +28,7 @@ def fuzz(examples: int) -> settings:
 content_types = st.sampled_from(["application/json", "application/json; charset=utf-8",
                                  "application/cloudevents+json", "application/x-www-form-urlencoded",
                                  "text/plain", "", "multipart/form-data; boundary=x"])
-header_text = st.text(max_size=30)
+header_text = st.one_of(st.text(max_size=30), st.sampled_from(["\ud800", "sha256=\udfff", "é", "\x00", " " * 3]))
 
 
 @st.composite

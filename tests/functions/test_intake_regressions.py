@@ -273,3 +273,15 @@ def test_a_long_event_id_is_deduplicated_by_its_digest(harness: Harness) -> None
     with sqlite3.connect(harness.state_dir / "state.db") as conn:
         keys = [k for (k,) in conn.execute("SELECT key FROM dedup WHERE namespace = 'sap-event'")]
     assert keys == ["sha256:" + hashlib.sha256(b"e" * 5000).hexdigest()]
+
+
+@pytest.mark.parametrize(("name", "header", "value"), [
+    ("fno_webhook", "x-syncline-key", "\ud800"),
+    ("arcgis_webhook", "x-esriHook-Signature", "sha256=é"),
+], ids=["lone-surrogate-secret", "non-ascii-signature"])
+def test_odd_credentials_are_a_401(harness: Harness, name: str, header: str, value: str) -> None:
+    req = post(name, samples.fno_event() if name == "fno_webhook" else samples.feature_service_body())
+    headers = {k: v for k, v in req.headers.items() if k != "x-syncline-key"}
+    odd = func.HttpRequest(method="POST", url=req.url, headers={**headers, header: value}, params={},
+                           route_params={}, body=req.get_body())
+    refused(harness, name, odd, 401)
