@@ -34,6 +34,7 @@ from shared.core.errors import (
     TransientError,
 )
 from shared.core.ports import ATTACHMENTS_KEY, GEOMETRY_KEY, Attachment, Bind, SourceRecord, WriteOp, WriteResult
+from shared.payloads import DataverseContext, DataverseEntity, bad_values, validate
 
 if TYPE_CHECKING:
     from azure.core.credentials import TokenCredential
@@ -1132,7 +1133,12 @@ def _canonical(name: str, value: Any, where: str, date_only: Collection[str]) ->
                 return True, float(raw)
             return True, raw
         if type_name == "OptionSetValueCollection":
-            return True, [int(v["Value"]) for v in value.get("Values") or [] if isinstance(v, Mapping)]
+            items = value.get("Values") or []
+            codes = [v.get("Value") for v in items if isinstance(v, Mapping)] if isinstance(items, list) else None
+            if codes is None or any(isinstance(c, bool) or not isinstance(c, int) for c in codes):
+                raise EnvelopeError(f"webhook body: {where} attribute {name!r} OptionSetValueCollection must hold "
+                                    "integer Values")
+            return True, codes
         log.debug("webhook: skipping %s attribute %r of unsupported type %r", where, name, type_name)
         return False, None
     if isinstance(value, list):
@@ -1143,6 +1149,7 @@ def _canonical(name: str, value: Any, where: str, date_only: Collection[str]) ->
 def _entity_values(entity: Any, where: str, date_only: Collection[str], primary_id: str) -> dict[str, Any]:
     if not isinstance(entity, Mapping) or "Attributes" not in entity:
         raise EnvelopeError(f"webhook body: {where} is not an Entity (no Attributes)")
+    validate(DataverseEntity, entity, f"webhook body: {where}")
     values: dict[str, Any] = {}
     for name, raw in _kv(entity.get("Attributes"), f"{where}.Attributes").items():
         keep, value = _canonical(name, raw, where, date_only)
@@ -1174,6 +1181,12 @@ def parse_remote_execution_context(
     """
     if not isinstance(body, Mapping):
         raise EnvelopeError("webhook body is not a JSON object (expected a RemoteExecutionContext)")
+    validate(DataverseContext, body, "webhook body")
+    with bad_values("webhook body"):
+        return _parse_context(body, date_only)
+
+
+def _parse_context(body: Mapping[str, Any], date_only: Collection[str]) -> DataverseWebhookChange:
     message = body.get("MessageName")
     if not message:
         raise EnvelopeError("webhook body has no MessageName (is this a Dataverse RemoteExecutionContext?)")

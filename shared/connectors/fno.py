@@ -70,6 +70,7 @@ from shared.core.errors import (
     TransientError,
 )
 from shared.core.ports import LineWrite, SourceRecord, WriteOp, WriteResult, join_key, split_key
+from shared.payloads import FinOpsEvent, bad_values, read_json, validate
 
 log = logging.getLogger(__name__)
 
@@ -336,6 +337,12 @@ def _wcf_date(value: Any) -> datetime | None:
 def _one_event(obj: Any, where: str) -> FinOpsBusinessEvent:
     if not isinstance(obj, dict):
         raise EnvelopeError(f"{SYSTEM} business event{where}: expected a JSON object, got {type(obj).__name__}")
+    validate(FinOpsEvent, obj, f"{SYSTEM} business event{where}")
+    with bad_values(f"{SYSTEM} business event{where}"):
+        return _checked_event(obj, where)
+
+
+def _checked_event(obj: dict[str, Any], where: str) -> FinOpsBusinessEvent:
     event_id_name = obj.get("BusinessEventId")
     if not isinstance(event_id_name, str) or not event_id_name:
         raise EnvelopeError(f"{SYSTEM} business event{where}: BusinessEventId is missing")
@@ -364,6 +371,9 @@ def _one_event(obj: Any, where: str) -> FinOpsBusinessEvent:
         if value is None or value == "":
             raise EnvelopeError(f"{SYSTEM} business event{where}: {event_id_name} lacks field {source!r} "
                                 f"(needed for {entity_set}.{key_field})")
+        if isinstance(value, bool) or not isinstance(value, str | int):
+            raise EnvelopeError(f"{SYSTEM} business event{where}: {source}: must be text or an integer (it is "
+                                f"the key field {entity_set}.{key_field}), got {type(value).__name__}")
         key[key_field] = str(value)
     key = {name: key[name] for name in ENTITY_KEYS[entity_set]}
     fields = {k: v for k, v in obj.items() if k not in STANDARD_EVENT_FIELDS}
@@ -373,10 +383,7 @@ def _one_event(obj: Any, where: str) -> FinOpsBusinessEvent:
 
 def _load(body: bytes | str | Mapping[str, Any] | Sequence[Any]) -> Any:
     if isinstance(body, bytes | str):
-        try:
-            return json.loads(body)
-        except ValueError as exc:
-            raise EnvelopeError(f"{SYSTEM} business event: body is not JSON ({exc})") from exc
+        return read_json(body, f"{SYSTEM} business event: body")
     return body
 
 

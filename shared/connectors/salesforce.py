@@ -17,7 +17,6 @@ import asyncio
 import csv
 import io
 import itertools
-import json
 import logging
 import re
 import threading
@@ -45,6 +44,7 @@ from shared.core.errors import (
     TransientError,
 )
 from shared.core.ports import SourceRecord, WriteOp, WriteResult
+from shared.payloads import SalesforceChangeEvent, bad_values, read_json, validate
 
 log = logging.getLogger(__name__)
 
@@ -143,12 +143,15 @@ class SalesforceChange:
 
 def parse_cdc_event(body: Any) -> SalesforceChange:
     """Parse one CDC event (bytes, str or decoded JSON); malformed input raises EnvelopeError."""
-    try:
-        data = json.loads(body) if isinstance(body, bytes | str) else body
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise EnvelopeError(f"{SYSTEM}: CDC event is not JSON ({exc})") from exc
+    data = read_json(body, f"{SYSTEM}: CDC event") if isinstance(body, bytes | str) else body
     if not isinstance(data, dict):
         raise EnvelopeError(f"{SYSTEM}: CDC event must be a JSON object")
+    validate(SalesforceChangeEvent, data, f"{SYSTEM}: CDC event")
+    with bad_values(f"{SYSTEM}: CDC event"):
+        return _checked_cdc_event(data)
+
+
+def _checked_cdc_event(data: dict[str, Any]) -> SalesforceChange:
     replay: Any = data.get("replayId")
     if isinstance(data.get("data"), dict):  # CometD envelope
         inner = data["data"]

@@ -149,6 +149,7 @@ from shared.core.errors import (
     TransientError,
 )
 from shared.core.ports import Lines, LineWrite, SourceRecord, WriteOp, WriteResult, join_key, split_key
+from shared.payloads import SapCloudEvent, bad_values, read_json, validate
 
 log = logging.getLogger(__name__)
 
@@ -718,15 +719,15 @@ EVENT_OBJECTS: dict[str, tuple[str, str]] = {
 
 def parse_event(body: bytes | str | Mapping[str, Any]) -> SapEvent:
     """Parse a CloudEvent such as `sap.s4.beh.salesorder.v1.SalesOrder.Changed.v1` (EnvelopeError when malformed)."""
-    if isinstance(body, bytes | str):
-        try:
-            data = json.loads(body)
-        except ValueError as exc:
-            raise EnvelopeError(f"{SYSTEM} event: body is not JSON ({exc})") from exc
-    else:
-        data = dict(body)
-    if not isinstance(data, dict):
+    data = read_json(body, f"{SYSTEM} event: body") if isinstance(body, bytes | str) else body
+    if not isinstance(data, Mapping):
         raise EnvelopeError(f"{SYSTEM} event: expected a JSON object, got {type(data).__name__}")
+    validate(SapCloudEvent, data, f"{SYSTEM} event")
+    with bad_values(f"{SYSTEM} event"):
+        return _checked_event(dict(data))
+
+
+def _checked_event(data: dict[str, Any]) -> SapEvent:
     event_type = data.get("type")
     if not isinstance(event_type, str) or event_type.count(".") < 2:
         raise EnvelopeError(f"{SYSTEM} event: 'type' is missing or malformed ({event_type!r})")

@@ -116,6 +116,10 @@ class StateStore(Protocol):
         """Record dedup keys; return the subset that had already been remembered before this call."""
         ...
 
+    async def seen(self, namespace: str, keys: Sequence[str]) -> set[str]:
+        """The subset of `keys` remembered in `namespace` (read-only: remembers nothing)."""
+        ...
+
     async def forget_remembered(self, before: datetime) -> int:
         """Drop dedup keys remembered before `before` (retention); returns how many were dropped."""
         ...

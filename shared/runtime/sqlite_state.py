@@ -436,6 +436,20 @@ class SqliteStateStore:
 
         return await self._db.write(work) if unique else set()
 
+    async def seen(self, namespace: str, keys: Sequence[str]) -> set[str]:
+        """The subset of `keys` remembered in `namespace` (read-only)."""
+        unique = list(dict.fromkeys(keys))
+
+        def work(conn: sqlite3.Connection) -> set[str]:
+            found: set[str] = set()
+            for chunk in chunked(unique):
+                sql = "SELECT key FROM dedup WHERE namespace = ?"
+                rows = conn.execute(f"{sql} AND key IN {in_list(len(chunk))}", (namespace, *chunk))
+                found.update(key for (key,) in rows)
+            return found
+
+        return await self._db.read(work) if unique else set()
+
     async def forget_remembered(self, before: datetime) -> int:
         """Drop dedup keys remembered before `before` (retention); returns how many were dropped."""
         cutoff = to_iso(before)

@@ -889,6 +889,17 @@ class TableStateStore:
         await self._all_or_each(table, plan_transactions([op] for op in ops), 409, create_each)
         return seen
 
+    async def seen(self, namespace: str, keys: Sequence[str]) -> set[str]:
+        """The subset of `keys` remembered in `namespace` (concurrent point reads; read-only)."""
+        unique = list(dict.fromkeys(keys))
+        if not unique:
+            return set()
+        table = await self._table("dedup")
+        partition = table_key(namespace)
+        addresses = {(partition, table_key(key)): key for key in unique}
+        found = await self._read_many(table, addresses)
+        return {addresses[address] for address in found}
+
     async def forget_remembered(self, before: datetime) -> int:
         """Drop dedup keys remembered before `before` (retention); returns how many were dropped.
 

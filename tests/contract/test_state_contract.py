@@ -258,6 +258,17 @@ async def test_remember_is_shared_by_clients_of_the_same_store(state_factory: St
     assert await second.remember("webhook", ["a", "b"]) == {"a"}
 
 
+async def test_seen_reports_remembered_keys_and_remembers_nothing(state_factory: StateFactory) -> None:
+    store = await state_factory()
+    await store.remember("webhook", ["a"])
+
+    assert await store.seen("webhook", ["a", "b", "a"]) == {"a"}
+    assert await store.seen("poll", ["a"]) == set()
+    assert await store.seen("webhook", []) == set()
+    # seen() stored nothing: "b" is still new to remember()
+    assert await store.remember("webhook", ["b"]) == set()
+
+
 # ---------------------------------------------------------------------------------------------- audit
 
 
