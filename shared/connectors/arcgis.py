@@ -1545,11 +1545,10 @@ def _webhook_time(value: Any, where: str) -> datetime | None:
     """Epoch milliseconds of a webhook field; EnvelopeError when outside the years 1-9999."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
-    try:
-        return epoch_ms_to_datetime(value)
-    except (OverflowError, ValueError) as exc:
-        raise EnvelopeError(f"{where}: {value!r} is not a time (epoch milliseconds in the years 1-9999)"[:300]) \
-            from exc
+    moment = epoch_ms_to_datetime(value)
+    if moment is None:
+        raise EnvelopeError(f"{where}: {value!r} is not a time (epoch milliseconds in range, years 1-9999)"[:300])
+    return moment
 
 
 def _survey123_hook(data: Mapping[str, Any]) -> ArcGISWebhook:

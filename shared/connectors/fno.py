@@ -357,7 +357,12 @@ def _checked_event(obj: dict[str, Any], where: str) -> FinOpsBusinessEvent:
     legal = obj.get("LegalEntity") or obj.get("BusinessEventLegalEntity")
     if not isinstance(legal, str) or not legal:
         raise EnvelopeError(f"{SYSTEM} business event{where}: LegalEntity / BusinessEventLegalEntity is missing")
-    when = _wcf_date(obj.get("EventTime")) or _parse_datetime(obj.get("EventTimeIso8601"))
+    raw_time = obj.get("EventTime")
+    when = _wcf_date(raw_time) if raw_time not in (None, "") else None
+    if when is None and raw_time not in (None, ""):
+        raise EnvelopeError(f"{SYSTEM} business event{where}: EventTime {str(raw_time)[:40]!r} is not a "
+                            "'/Date(ms)/' value in range (years 1-9999)")
+    when = when or _parse_datetime(obj.get("EventTimeIso8601"))
     if when is None:
         raise EnvelopeError(f"{SYSTEM} business event{where}: EventTime {obj.get('EventTime')!r} is not "
                             "'/Date(ms)/' and EventTimeIso8601 is not ISO-8601")

@@ -180,9 +180,15 @@ def _checked_cdc_event(data: dict[str, Any]) -> SalesforceChange:
     except ValueError as exc:
         raise EnvelopeError(f"{SYSTEM}: CDC replayId {replay!r} is not a number") from exc
     values = {k: v for k, v in payload.items() if k != "ChangeEventHeader"}
+    raw_commit = header.get("commitTimestamp")
+    commit_timestamp = parse_sf_datetime(raw_commit)
+    if commit_timestamp is None and raw_commit not in (None, ""):
+        # The sender's own metadata, not record data: a value we cannot read refuses the event.
+        raise EnvelopeError(f"{SYSTEM}: CDC event header commitTimestamp {str(raw_commit)[:40]!r} is not a date/time "
+                            "in range (years 1-9999)")
     return SalesforceChange(
         entity=entity, record_ids=list(ids), change_type=change_type, changed_fields=[str(f) for f in changed],
-        commit_timestamp=parse_sf_datetime(header.get("commitTimestamp")),
+        commit_timestamp=commit_timestamp,
         transaction_key=str(header.get("transactionKey") or ""), replay_id=replay_id,
         change_origin=str(header.get("changeOrigin") or ""), commit_user=header.get("commitUser"), values=values,
     )

@@ -746,8 +746,13 @@ def _checked_event(data: dict[str, Any]) -> SapEvent:
     event_id = data.get("id")
     if not isinstance(event_id, str) or not event_id:
         raise EnvelopeError(f"{SYSTEM} event {event_type}: 'id' is missing")
-    return SapEvent(event_type, event_id, str(data.get("source") or ""), _parse_sap_datetime(data.get("time")),
-                    entity_set, key, operation, dict(payload))
+    raw_time = data.get("time")
+    when = _parse_sap_datetime(raw_time)
+    if when is None and raw_time not in (None, ""):
+        raise EnvelopeError(f"{SYSTEM} event {event_type}: time {str(raw_time)[:40]!r} is not a date/time in range "
+                            "(years 1-9999)")
+    return SapEvent(event_type, event_id, str(data.get("source") or ""), when, entity_set, key, operation,
+                    dict(payload))
 
 
 # ============================================================================================ $batch

@@ -45,8 +45,12 @@ def test_fno_business_event_with_an_out_of_range_time_is_an_envelope_error() -> 
     event = {**HEXALITH_EVENT, "EventTime": "/Date(99999999999999999)/", "EventTimeIso8601": "99999-01-01"}
     with pytest.raises(EnvelopeError, match="EventTime"):
         fno.parse_business_events(json.dumps(event))
-    # only one of the two times readable: the event is accepted with it
-    fallback = fno.parse_business_events(json.dumps({**event, "EventTimeIso8601": "2023-10-16T15:42:46.3440655Z"}))
+    # a present but unreadable EventTime refuses the event even when the ISO copy is readable (they must agree)
+    with pytest.raises(EnvelopeError, match="EventTime"):
+        fno.parse_business_events(json.dumps({**event, "EventTimeIso8601": "2023-10-16T15:42:46.3440655Z"}))
+    # without EventTime, the ISO-8601 copy is enough
+    no_wcf = {k: v for k, v in event.items() if k != "EventTime"}
+    fallback = fno.parse_business_events(json.dumps({**no_wcf, "EventTimeIso8601": "2023-10-16T15:42:46.3440655Z"}))
     assert fallback[0].event_time == datetime(2023, 10, 16, 15, 42, 46, 344065, tzinfo=UTC)
 
 

@@ -115,11 +115,11 @@ def test_a_wrong_json_type_is_a_400_naming_the_field(harness: Harness, name: str
 
 @pytest.mark.parametrize(("name", "body", "field"), [
     ("salesforce_webhook", {**samples.salesforce_event(), "payload": {"ChangeEventHeader": {
-        **samples.salesforce_event()["payload"]["ChangeEventHeader"], "commitTimestamp": 10**20}}}, "out of range"),
-    ("fno_webhook", {**samples.fno_event(), "EventTime": "/Date(99999999999999999)/"}, "out of range"),
+        **samples.salesforce_event()["payload"]["ChangeEventHeader"], "commitTimestamp": 10**20}}}, "in range"),
+    ("fno_webhook", {**samples.fno_event(), "EventTime": "/Date(99999999999999999)/"}, "in range"),
     ("dataverse_webhook", {**samples.dataverse_body(), "OperationCreatedOn": "/Date(99999999999999999)/"},
-     "out of range"),
-    ("sap_webhook", {**samples.sap_event(), "time": "/Date(99999999999999999)/"}, "out of range"),
+     "in range"),
+    ("sap_webhook", {**samples.sap_event(), "time": "/Date(99999999999999999)/"}, "in range"),
     ("dataverse_webhook", b'{"MessageName": NaN}', "not valid JSON"),
     ("sap_webhook", b'{"type": "\\ud800"}', "lone UTF-16 surrogate"),
 ], ids=["sf-commit-time", "fno-event-time", "dv-created-on", "sap-time", "nan", "lone-surrogate"])
