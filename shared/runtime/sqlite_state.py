@@ -461,7 +461,8 @@ class SqliteStateStore:
             )
             counts: dict[str, int] = {}
             for chunk in chunked(unique):
-                rows = conn.execute(f"SELECT key, count FROM failures WHERE key IN {in_list(len(chunk))}", chunk)
+                sql = "SELECT key, count FROM failures WHERE key"
+                rows = conn.execute(f"{sql} IN {in_list(len(chunk))}", chunk)
                 counts.update((str(key), int(count)) for key, count in rows)
             return counts
 
@@ -473,7 +474,8 @@ class SqliteStateStore:
 
         def work(conn: sqlite3.Connection) -> None:
             for chunk in chunked(unique):
-                conn.execute(f"DELETE FROM failures WHERE key IN {in_list(len(chunk))}", chunk)
+                sql = "DELETE FROM failures WHERE key"
+                conn.execute(f"{sql} IN {in_list(len(chunk))}", chunk)
 
         if unique:
             await self._db.write(work)
@@ -505,8 +507,8 @@ class SqliteStateStore:
             )
             held: set[str] = set()
             for chunk in chunked(unique):
-                sql = f"SELECT key FROM leases WHERE owner = ? AND key IN {in_list(len(chunk))}"
-                held.update(str(key) for (key,) in conn.execute(sql, (owner, *chunk)))
+                sql = "SELECT key FROM leases WHERE owner = ? AND key"
+                held.update(str(key) for (key,) in conn.execute(f"{sql} IN {in_list(len(chunk))}", (owner, *chunk)))
             return held
 
         return await self._db.write(work) if unique else set()
@@ -517,8 +519,8 @@ class SqliteStateStore:
 
         def work(conn: sqlite3.Connection) -> None:
             for chunk in chunked(unique):
-                sql = f"DELETE FROM leases WHERE owner = ? AND key IN {in_list(len(chunk))}"
-                conn.execute(sql, (owner, *chunk))
+                sql = "DELETE FROM leases WHERE owner = ? AND key"
+                conn.execute(f"{sql} IN {in_list(len(chunk))}", (owner, *chunk))
 
         if unique:
             await self._db.write(work)
