@@ -398,8 +398,10 @@ class Controller:
                 report.retried += 1
                 to_complete.append(msg)
             elif outcome.error.retriable:
-                report.retried += 1
-                await self._retry(msg, env, outcome)
+                if await self._retry(msg, env, outcome):
+                    dead["MAX_DELIVERY_EXCEEDED"] += 1
+                else:
+                    report.retried += 1
             else:
                 await self._dead_letter(msg, outcome.error, env)
                 dead[outcome.error.reason] += 1
@@ -554,17 +556,19 @@ class Controller:
         for m in messages:
             await self._settle_quietly(self.queue.complete, m)
 
-    async def _retry(self, msg: ReceivedMessage, env: ChangeEnvelope, outcome: Outcome) -> None:
+    async def _retry(self, msg: ReceivedMessage, env: ChangeEnvelope, outcome: Outcome) -> bool:
+        """Abandon for another attempt, or dead-letter once the attempts are spent (returns True then)."""
         error = outcome.error
         assert error is not None
         # Failed attempts, not deliveries: a delivery whose lock a crashed process lost is no failure.
         attempts = (await self.state.record_failures([msg.message_id])).get(msg.message_id, 1)
         if attempts >= self.max_attempts:
             await self._dead_letter(msg, error, env, exhausted=True, attempts=attempts)
-            return
+            return True
         if isinstance(error, ThrottledError) and error.retry_after and error.retry_after > 1:
             log.info("flow %s key %s throttled; retry after %ss", env.flow, env.source_key, error.retry_after)
         await self._settle_quietly(self.queue.abandon, msg)
+        return False
 
     async def _defer(self, env: ChangeEnvelope) -> None:
         waited = env.model_copy(update={"waits": env.waits + 1, "origin": "resubmit"})
