@@ -229,7 +229,10 @@ def build_services(
     if idle:
         log.info("flows without a configured system are idle: %s", ", ".join(idle))
     flowset = active
-    engine = SyncEngine(flowset, sinks=sinks, state=state, sources=sources)
+    # A record lease lasts as long as a message lock: a killed instance's records are free again by the time its
+    # messages are redelivered, so those never meet their own stale leases.
+    engine = SyncEngine(flowset, sinks=sinks, state=state, sources=sources,
+                        lease_seconds=settings.syncline_lock_seconds)
     controller = Controller(flowset, engine=engine, queue=queue, state=state, sources=sources,
                             batch_size=settings.syncline_batch_size,
                             # three renewals per lock period: one late or failed round still keeps the lock

@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 SEEN_MODIFIED = "@seen_modified"
 """Snapshot key: modified time of the newest change that came *from* this record's own system."""
 
-LEASE_SECONDS = 120.0
+LEASE_SECONDS = 60.0
 """How long a record lease lasts without renewal: a crashed holder blocks its records at most this long."""
 
 LINE_QUERY_KEYS = 100
