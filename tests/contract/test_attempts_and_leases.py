@@ -22,7 +22,7 @@ from tests.contract.conftest import QueueHarness
 from tests.fakes import FakeSystem
 from tests.unit.test_engine import SIGN_ID, SPEC, T0, sign_payload
 
-ATTEMPTS = 3
+ATTEMPTS = 2
 LOCK_SECONDS = 30.0
 RUNTIMES = {"embedded": ("embedded", "embedded"), "azure": ("servicebus", "azure-tables")}
 
@@ -37,7 +37,7 @@ class World:
 
     async def crash(self) -> int:
         """A process receives the change, then dies: its lock is never settled and runs out."""
-        got = await self.harness.queue.receive(10)
+        got = await self.harness.queue.receive(1)
         assert [m.message_id for m in got] == [message_id()]
         await self.harness.advance(LOCK_SECONDS + 1)
         return got[0].delivery_count
