@@ -378,6 +378,10 @@ class Controller:
                       statuses: Counter[str], dead: Counter[str], to_complete: list[ReceivedMessage]) -> None:
         """Settle one message by its outcome (inside the change's correlation scope, for its log lines)."""
         statuses[outcome.status] += 1
+        # Only a redelivered message can have failed attempts on record; they end with it. (A busy or held
+        # change's copy keeps the message id, and with it the count: not cleared then.)
+        if outcome.status != "failed" and msg.delivery_count > 1:
+            self._clear_after_complete.append(msg.message_id)
         if outcome.status == "deferred":
             await self._defer(env)
             report.deferred += 1
@@ -410,8 +414,6 @@ class Controller:
                 await self.state.append_audit([AuditEntry(
                     self.clock(), env.correlation_id, env.flow, "replayed", env.source_system,
                     env.source_table, env.source_key, f"replayed message {msg.message_id}: {outcome.status}")])
-            if msg.delivery_count > 1:  # only a redelivered message can have failed attempts on record
-                self._clear_after_complete.append(msg.message_id)
             to_complete.append(msg)
 
     async def _housekeeping(self) -> None:
