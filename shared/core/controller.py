@@ -584,8 +584,9 @@ class Controller:
         description = error.detail if not exhausted else (
             f"failed {attempts or msg.delivery_count} attempts (SYNCLINE_MAX_DELIVERY_COUNT is "
             f"{self.max_attempts}) in {msg.delivery_count} deliveries; last error {error.reason}: {error.detail}")
-        await self._settle_quietly(self.queue.dead_letter, msg, reason=reason, description=description[:4000])
-        if exhausted or msg.delivery_count > 1:
+        settled = await self._settle_quietly(self.queue.dead_letter, msg, reason=reason,
+                                             description=description[:4000])
+        if settled and (exhausted or msg.delivery_count > 1):
             await self.state.clear_failures([msg.message_id])
         await self.state.append_audit([AuditEntry(
             self.clock(), env.correlation_id if env else (msg.correlation_id or msg.message_id),
@@ -594,11 +595,14 @@ class Controller:
             env.source_key if env else msg.message_id, description[:1000], reason)])
         log.warning("dead-lettered message %s (%s): %s", msg.message_id, reason, description)
 
-    async def _settle_quietly(self, fn: Callable[..., Any], msg: ReceivedMessage, **kwargs: Any) -> None:
+    async def _settle_quietly(self, fn: Callable[..., Any], msg: ReceivedMessage, **kwargs: Any) -> bool:
+        """Settle; a lost lock is logged (the message comes back) and reported as False."""
         try:
             await fn(msg, **kwargs)
         except LockLostError:
             log.warning("lock lost on message %s; it will be delivered again", msg.message_id)
+            return False
+        return True
 
     async def _renew_locks(self, messages: Sequence[ReceivedMessage]) -> None:
         """Keep the batch's locks (Service Bus: its sessions' locks) while the engine works on it."""
