@@ -15,7 +15,7 @@ from typing import Any
 
 from shared.core.engine import Outcome, SyncEngine, isolate, with_detail
 from shared.core.envelope import ChangeEnvelope, Origin, QueueMessage, ReceivedMessage
-from shared.core.errors import EnvelopeError, SyncError, ThrottledError, TransientError
+from shared.core.errors import EnvelopeError, RecordBusyError, SyncError, ThrottledError, TransientError
 from shared.core.ports import (
     ATTACHMENTS_KEY,
     AuditEntry,
@@ -39,6 +39,8 @@ HOUSEKEEPING = "controller:housekeeping"
 """Checkpoint: when dedup keys were last pruned (once a day)."""
 DEDUP_RETENTION = timedelta(days=14)
 """Dedup keys older than this are dropped: change streams redeliver within 72 h and retries end within days."""
+BUSY_RETRY_SECONDS = 5.0
+"""A change whose record another process is writing (RECORD_BUSY) is tried again this much later."""
 PAUSE_THRESHOLD_SECONDS = 60.0
 """Throttling advice at least this long (a spent daily API allocation) pauses the system instead of retrying."""
 """Application property `kind` of a queue message that asks the controller to read a change feed."""
@@ -179,6 +181,8 @@ class Controller:
         progress: Callable[[str, int], None] | None = None,
         metrics: Metrics | None = None,
         api_calls: Callable[[], Mapping[str, int]] | None = None,
+        max_attempts: int | None = None,
+        busy_retry_seconds: float = BUSY_RETRY_SECONDS,
     ) -> None:
         self.flowset = flowset
         self.engine = engine
@@ -192,6 +196,12 @@ class Controller:
         self.progress = progress
         self.metrics = metrics or Metrics()
         self.api_calls = api_calls
+        self.max_attempts = max_attempts or queue.max_delivery_count
+        """Failed attempts (SYNCLINE_MAX_DELIVERY_COUNT) before a change is dead-lettered; the queue's own max
+        delivery count is a higher backstop, so locks lost to crashed processes never dead-letter a change."""
+        self.busy_retry_seconds = busy_retry_seconds
+        self._clear_after_complete: list[str] = []
+        """Message ids with failed attempts on record whose messages are being completed."""
         self._current_report = CycleReport(started_at="")
         """The report of the cycle in progress (poll pauses are recorded on it)."""
         """Running HTTP request totals per system (the composition root's CallCounter), for the api_calls metric."""
@@ -378,6 +388,10 @@ class Controller:
                       statuses: Counter[str], dead: Counter[str], to_complete: list[ReceivedMessage]) -> None:
         """Settle one message by its outcome (inside the change's correlation scope, for its log lines)."""
         statuses[outcome.status] += 1
+        # Only a redelivered message can have failed attempts on record; they end with it. (A busy or held
+        # change's copy keeps the message id, and with it the count: not cleared then.)
+        if outcome.status != "failed" and msg.delivery_count > 1:
+            self._clear_after_complete.append(msg.message_id)
         if outcome.status == "deferred":
             await self._defer(env)
             report.deferred += 1
@@ -391,9 +405,17 @@ class Controller:
                 await self._reschedule(env, until)
                 report.held += 1
                 to_complete.append(msg)
-            elif outcome.error.retriable:
+            elif isinstance(error, RecordBusyError):
+                # Not a failure of the change: another process holds the record. A fresh copy comes back
+                # shortly (and is applied with the record as it is then); no attempt is spent.
+                await self._reschedule(env, self.clock() + timedelta(seconds=self.busy_retry_seconds))
                 report.retried += 1
-                await self._retry(msg, env, outcome)
+                to_complete.append(msg)
+            elif outcome.error.retriable:
+                if await self._retry(msg, env, outcome):
+                    dead["MAX_DELIVERY_EXCEEDED"] += 1
+                else:
+                    report.retried += 1
             else:
                 await self._dead_letter(msg, outcome.error, env)
                 dead[outcome.error.reason] += 1
@@ -420,6 +442,9 @@ class Controller:
             return  # another controller does it
         dropped = await self.state.forget_remembered(now - DEDUP_RETENTION)
         log.info("housekeeping: %d dedup keys older than %s dropped", dropped, DEDUP_RETENTION)
+        # Counts of messages that ended without a settle by us (the queue's backstop, a lost completion).
+        stale = await self.state.forget_failures(now - DEDUP_RETENTION)
+        log.info("housekeeping: %d failed-attempt counts older than %s dropped", stale, DEDUP_RETENTION)
 
     # ------------------------------------------------------------------------------ pauses
 
@@ -550,6 +575,14 @@ class Controller:
         return self.engine.sinks.get(system)
 
     async def _complete(self, messages: list[ReceivedMessage]) -> None:
+        await self._complete_messages(messages)
+        settled = {m.message_id for m in messages}
+        clear = [mid for mid in self._clear_after_complete if mid in settled]
+        if clear:
+            self._clear_after_complete = [mid for mid in self._clear_after_complete if mid not in settled]
+            await self.state.clear_failures(clear)
+
+    async def _complete_messages(self, messages: list[ReceivedMessage]) -> None:
         many = getattr(self.queue, "complete_many", None)
         if many is not None and messages:
             try:
@@ -560,16 +593,19 @@ class Controller:
         for m in messages:
             await self._settle_quietly(self.queue.complete, m)
 
-    async def _retry(self, msg: ReceivedMessage, env: ChangeEnvelope, outcome: Outcome) -> None:
+    async def _retry(self, msg: ReceivedMessage, env: ChangeEnvelope, outcome: Outcome) -> bool:
+        """Abandon for another attempt, or dead-letter once the attempts are spent (returns True then)."""
         error = outcome.error
         assert error is not None
-        if msg.delivery_count >= self.queue.max_delivery_count:
-            # The queue would move it on the next receive anyway; doing it now keeps the real reason.
-            await self._dead_letter(msg, error, env, exhausted=True)
-            return
+        # Failed attempts, not deliveries: a delivery whose lock a crashed process lost is no failure.
+        attempts = (await self.state.record_failures([msg.message_id])).get(msg.message_id, 1)
+        if attempts >= self.max_attempts:
+            await self._dead_letter(msg, error, env, exhausted=True, attempts=attempts)
+            return True
         if isinstance(error, ThrottledError) and error.retry_after and error.retry_after > 1:
             log.info("flow %s key %s throttled; retry after %ss", env.flow, env.source_key, error.retry_after)
         await self._settle_quietly(self.queue.abandon, msg)
+        return False
 
     async def _defer(self, env: ChangeEnvelope) -> None:
         waited = env.model_copy(update={"waits": env.waits + 1, "origin": "resubmit"})
@@ -578,11 +614,15 @@ class Controller:
                               scheduled_at=self.clock() + timedelta(seconds=delay))
 
     async def _dead_letter(self, msg: ReceivedMessage, error: SyncError, env: ChangeEnvelope | None,
-                           *, exhausted: bool = False) -> None:
+                           *, exhausted: bool = False, attempts: int | None = None) -> None:
         reason = "MAX_DELIVERY_EXCEEDED" if exhausted else error.reason
         description = error.detail if not exhausted else (
-            f"failed on all {msg.delivery_count} deliveries; last error {error.reason}: {error.detail}")
-        await self._settle_quietly(self.queue.dead_letter, msg, reason=reason, description=description[:4000])
+            f"failed {attempts or msg.delivery_count} attempts (SYNCLINE_MAX_DELIVERY_COUNT is "
+            f"{self.max_attempts}) in {msg.delivery_count} deliveries; last error {error.reason}: {error.detail}")
+        settled = await self._settle_quietly(self.queue.dead_letter, msg, reason=reason,
+                                             description=description[:4000])
+        if settled and (exhausted or msg.delivery_count > 1):
+            await self.state.clear_failures([msg.message_id])
         await self.state.append_audit([AuditEntry(
             self.clock(), env.correlation_id if env else (msg.correlation_id or msg.message_id),
             env.flow if env else str(msg.application_properties.get("flow", "?")), "dead_lettered",
@@ -590,18 +630,31 @@ class Controller:
             env.source_key if env else msg.message_id, description[:1000], reason)])
         log.warning("dead-lettered message %s (%s): %s", msg.message_id, reason, description)
 
-    async def _settle_quietly(self, fn: Callable[..., Any], msg: ReceivedMessage, **kwargs: Any) -> None:
+    async def _settle_quietly(self, fn: Callable[..., Any], msg: ReceivedMessage, **kwargs: Any) -> bool:
+        """Settle; a lost lock is logged (the message comes back) and reported as False."""
         try:
             await fn(msg, **kwargs)
         except LockLostError:
             log.warning("lock lost on message %s; it will be delivered again", msg.message_id)
+            return False
+        return True
 
     async def _renew_locks(self, messages: Sequence[ReceivedMessage]) -> None:
+        """Keep the batch's locks (Service Bus: its sessions' locks) while the engine works on it."""
+        many = getattr(self.queue, "renew_many", None)
         while True:
             await asyncio.sleep(self.lock_renew_seconds)
-            for m in messages:
-                with contextlib.suppress(LockLostError):
-                    await self.queue.renew_lock(m)
+            try:
+                if many is not None:
+                    with contextlib.suppress(LockLostError):
+                        await many(messages)
+                    continue
+                for m in messages:
+                    with contextlib.suppress(LockLostError):
+                        await self.queue.renew_lock(m)
+            except Exception as exc:  # a failed round must not end the renewals (or fail the batch)
+                log.warning("lock renewal failed (%s: %s); trying again in %ss", type(exc).__name__, exc,
+                            self.lock_renew_seconds)
 
     async def _store_report(self, report: CycleReport) -> None:
         current = await self.state.get_checkpoint(LAST_CYCLE)

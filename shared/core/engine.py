@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import uuid
 from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -15,6 +17,7 @@ from shared.core.errors import (
     ParentMissingError,
     ParentPendingError,
     PermanentError,
+    RecordBusyError,
     SyncError,
     ThrottledError,
     TransientError,
@@ -56,6 +59,9 @@ ECHO_DETAIL = "equal to the last in-sync state (Syncline's own write or no mappe
 HOLDS_DETAIL = "target already holds these values"
 _IN_SYNC = frozenset({ECHO_DETAIL, HOLDS_DETAIL})
 """Skips that mean "both sides already hold this change": the only ones whose cascades are re-checked."""
+
+LEASE_SECONDS = 60.0
+"""How long a record lease lasts without renewal: a crashed holder blocks its records at most this long."""
 
 LINE_QUERY_KEYS = 100
 """Headers whose lines are read in one source query (keeps the IN list / or-chain inside URL limits)."""
@@ -129,6 +135,7 @@ class SyncEngine:
         sources: Mapping[str, ChangeSource] | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         max_parent_waits: int = 48,
+        lease_seconds: float = LEASE_SECONDS,
     ) -> None:
         self.flowset = flowset
         self.mapper = Mapper(flowset)
@@ -137,6 +144,7 @@ class SyncEngine:
         self.state = state
         self.clock = clock
         self.max_parent_waits = max_parent_waits
+        self.lease_seconds = lease_seconds
         self._locks: dict[str, asyncio.Lock] = {}
         self._line_flows = {f.name: flowset.line_flow(f) for f in flowset.flows if f.lines is not None}
         """Each document flow's lines as a flow of their own, built once (not per record)."""
@@ -148,16 +156,19 @@ class SyncEngine:
         """Process a batch; returns one outcome per envelope, in input order.
 
         Concurrent calls in one process (parallel webhook invocations) never work on the same record at the
-        same time: each call holds the locks of its records, taken in a fixed order.
+        same time: each call holds the locks of its records, taken in a fixed order. Across processes (a
+        webhook and the controller, scaled-out instances) each call leases its records in the state store,
+        in one round trip per batch; a record leased elsewhere is not touched and comes back `failed` with a
+        `RecordBusyError` (RECORD_BUSY, retriable), so the caller retries it shortly.
         """
-        keys = sorted({f"{e.source_system}:{e.source_table}:{e.source_key}" for e in envelopes})
+        keys = sorted({e.record_id for e in envelopes})
         locks = [self._locks.setdefault(k, asyncio.Lock()) for k in keys]
         self._lock_users.update(keys)
         try:
             for lock in locks:
                 await lock.acquire()
             try:
-                return await self._process(envelopes)
+                return await self._process_leased(envelopes, keys)
             finally:
                 for lock in reversed(locks):
                     lock.release()
@@ -167,6 +178,47 @@ class SyncEngine:
                 if self._lock_users[k] <= 0:
                     del self._lock_users[k]
                     self._locks.pop(k, None)
+
+    async def _process_leased(self, envelopes: Sequence[ChangeEnvelope], keys: list[str]) -> list[Outcome]:
+        if not keys:
+            return await self._process(envelopes)
+        owner = uuid.uuid4().hex
+        held = await self.state.acquire_leases(keys, owner, self.lease_seconds)
+        mine = [e for e in envelopes if e.record_id in held]
+        renewer = asyncio.create_task(self._renew_leases(sorted(held), owner))
+        try:
+            done = await self._process(mine) if mine else []
+        finally:
+            renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewer
+            try:
+                await self.state.release_leases(sorted(held), owner)
+            except Exception as exc:  # the leases expire by themselves; the outcomes stand
+                log.warning("releasing %d record leases failed (%s); they expire in %ss",
+                            len(held), type(exc).__name__, self.lease_seconds)
+        if len(mine) == len(envelopes):
+            return done
+        busy = [Outcome(e, "failed", error=RecordBusyError(
+            f"{e.record_id} is being written by another process (a webhook or another instance); retried shortly"))
+            for e in envelopes if e.record_id not in held]
+        await self.state.append_audit([self._audit_for(o) for o in busy])
+        by_env = {id(o.envelope): o for o in (*done, *busy)}
+        return [by_env[id(e)] for e in envelopes]
+
+    async def _renew_leases(self, keys: list[str], owner: str) -> None:
+        """Extend the batch's leases while it runs (a batch may outlast one lease period)."""
+        while keys:
+            await asyncio.sleep(self.lease_seconds / 3)
+            try:
+                kept = await self.state.acquire_leases(keys, owner, self.lease_seconds)
+            except Exception as exc:  # the next round tries again; the lease is still valid for a while
+                log.warning("renewing %d record leases failed: %s", len(keys), type(exc).__name__)
+                continue
+            if len(kept) < len(keys):
+                log.warning("%d record leases expired and were taken over during a long batch",
+                            len(keys) - len(kept))
+                keys = sorted(kept)
 
     async def _process(self, envelopes: Sequence[ChangeEnvelope]) -> list[Outcome]:
         outcomes: list[Outcome | None] = [None] * len(envelopes)

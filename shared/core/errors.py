@@ -5,7 +5,8 @@
     │   ├── ThrottledError            429 / service protection; `retry_after` seconds when the server said
     │   ├── TransientError            5xx, timeouts, connection resets, 498/499 after a failed refresh
     │   ├── AmbiguousWriteError       the write may have been applied (e.g. 504); re-check before retrying
-    │   └── ParentPendingError        a parent record has no target id yet; the child waits
+    │   ├── ParentPendingError        a parent record has no target id yet; the child waits
+    │   └── RecordBusyError           another process holds the record's lease; try again shortly
     └── PermanentError                retrying cannot help; dead-letter with the reason
         ├── SpecError                 a flow spec is invalid (file, path, problem)
         ├── EnvelopeError             a queue message or webhook body is malformed
@@ -30,6 +31,7 @@ REASONS: dict[str, str] = {
     "TRANSIENT": "A network error, timeout or 5xx from the target system.",
     "AMBIGUOUS_WRITE": "The target may have applied the write (e.g. 504); it is re-checked before retrying.",
     "PARENT_PENDING": "The parent record has not been synced yet; the child waits for it.",
+    "RECORD_BUSY": "Another process (a webhook, another instance) is writing the record; retried shortly.",
     "SPEC_INVALID": "A flow spec file is invalid.",
     "ENVELOPE_INVALID": "A queue message or webhook body is malformed.",
     "UNKNOWN_FLOW": "The message names a flow that the loaded specs do not define.",
@@ -93,6 +95,12 @@ class ParentPendingError(RetriableError):
     """A parent has no target id yet; the child is deferred, not failed."""
 
     default_reason = "PARENT_PENDING"
+
+
+class RecordBusyError(RetriableError):
+    """Another process holds the record's lease: nothing was done; retried shortly, never a failed attempt."""
+
+    default_reason = "RECORD_BUSY"
 
 
 class PermanentError(SyncError):

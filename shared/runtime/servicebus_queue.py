@@ -363,6 +363,35 @@ class ServiceBusQueue:
         message.locked_until = until
         return until
 
+    async def renew_many(self, messages: Sequence[ReceivedMessage]) -> None:
+        """Renew a batch's locks concurrently: each session once (its lock covers all its messages), each
+        sessionless message by itself; lost locks are raised afterwards as `LockLostBatchError`."""
+        by_session: dict[ServiceBusReceiver, list[ReceivedMessage]] = {}
+        singles: list[ReceivedMessage] = []
+        lost: list[ReceivedMessage] = []
+        for message in messages:
+            held = self._held.get(message.lock_token)
+            if held is None:
+                lost.append(message)
+            elif held.receiver in self._session_receivers:
+                by_session.setdefault(held.receiver, []).append(message)
+            else:
+                singles.append(message)
+
+        async def renew(first: ReceivedMessage, others: Sequence[ReceivedMessage]) -> None:
+            try:
+                until = await self.renew_lock(first)
+            except LockLostError:
+                lost.extend([first, *others])
+                return
+            for message in others:
+                message.locked_until = until
+
+        await asyncio.gather(*(renew(group[0], group[1:]) for group in by_session.values()),
+                             *(renew(message, ()) for message in singles))
+        if lost:
+            raise LockLostBatchError(lost)
+
     async def complete_many(self, messages: Sequence[ReceivedMessage]) -> None:
         """Complete each message; the ones whose lock was lost are raised together as `LockLostBatchError`."""
         await self._settle_many(messages, self.complete)

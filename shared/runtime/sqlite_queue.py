@@ -302,6 +302,34 @@ class SqliteQueue:
         message.locked_until = locked_until  # as the Service Bus SDK does on its message object
         return locked_until
 
+    async def renew_many(self, messages: Sequence[ReceivedMessage]) -> None:
+        """Renew a batch's locks in one transaction; lost locks are raised afterwards as `LockLostBatchError`."""
+
+        def work(conn: sqlite3.Connection) -> tuple[list[ReceivedMessage], datetime]:
+            now = self._now_us()
+            until = now + self._lock_us
+            held: list[tuple[int, int]] = []
+            lost: list[ReceivedMessage] = []
+            for message in messages:
+                try:
+                    self._check_lock(conn, message, now)
+                except LockLostError:
+                    lost.append(message)
+                else:
+                    held.append((until, message.sequence_number))
+            conn.executemany("UPDATE queue_messages SET locked_until_us = ? WHERE seq = ?", held)
+            return lost, _from_us(until)
+
+        if not messages:
+            return
+        lost, locked_until = await self._db.write(work)
+        gone = {id(m) for m in lost}
+        for message in messages:
+            if id(message) not in gone:
+                message.locked_until = locked_until
+        if lost:
+            raise LockLostBatchError(lost)
+
     async def complete_many(self, messages: Sequence[ReceivedMessage]) -> None:
         """Complete a batch in one transaction.
 

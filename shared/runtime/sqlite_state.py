@@ -8,7 +8,7 @@ import sqlite3
 import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -226,6 +226,21 @@ CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
 BEGIN SELECT RAISE(ABORT, 'the audit ledger is append-only'); END;
 CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
 BEGIN SELECT RAISE(ABORT, 'the audit ledger is append-only'); END;
+
+-- failed attempts per message id (not deliveries: a lock lost to a crash is no failure of the record)
+CREATE TABLE IF NOT EXISTS failures (
+    key TEXT PRIMARY KEY,
+    count INTEGER NOT NULL,
+    updated_at TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS failures_by_updated ON failures (updated_at);
+
+-- per-record leases: one writer of a record at a time across processes
+CREATE TABLE IF NOT EXISTS leases (
+    key TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    expires_at TEXT NOT NULL
+) WITHOUT ROWID;
 """
 
 _AUDIT_COLUMNS = 'at, correlation_id, flow, decision, system, "table", key, detail, reason'
@@ -514,6 +529,85 @@ class SqliteStateStore:
             ]
 
         return await self._db.read(work)
+
+    # -------------------------------------------------------------------------------- failed attempts
+
+    async def record_failures(self, keys: Sequence[str]) -> dict[str, int]:
+        """Count one more failed attempt of each of `keys`; returns each key's count after it."""
+        unique = list(dict.fromkeys(keys))
+        stamp = to_iso(datetime.now(UTC))
+
+        def work(conn: sqlite3.Connection) -> dict[str, int]:
+            conn.executemany(
+                "INSERT INTO failures (key, count, updated_at) VALUES (?, 1, ?)"
+                " ON CONFLICT (key) DO UPDATE SET count = count + 1, updated_at = excluded.updated_at",
+                [(key, stamp) for key in unique],
+            )
+            counts: dict[str, int] = {}
+            for chunk in chunked(unique):
+                sql = "SELECT key, count FROM failures WHERE key"
+                rows = conn.execute(f"{sql} IN {in_list(len(chunk))}", chunk)
+                counts.update((str(key), int(count)) for key, count in rows)
+            return counts
+
+        return await self._db.write(work) if unique else {}
+
+    async def clear_failures(self, keys: Sequence[str]) -> None:
+        """Forget the failed attempts of `keys`; unknown keys are ignored."""
+        unique = list(dict.fromkeys(keys))
+
+        def work(conn: sqlite3.Connection) -> None:
+            for chunk in chunked(unique):
+                sql = "DELETE FROM failures WHERE key"
+                conn.execute(f"{sql} IN {in_list(len(chunk))}", chunk)
+
+        if unique:
+            await self._db.write(work)
+
+    async def forget_failures(self, before: datetime) -> int:
+        """Drop failure counts last raised before `before`; returns how many were dropped."""
+        cutoff = to_iso(before)
+
+        def work(conn: sqlite3.Connection) -> int:
+            return conn.execute("DELETE FROM failures WHERE updated_at < ?", (cutoff,)).rowcount
+
+        return int(await self._db.write(work))
+
+    # ------------------------------------------------------------------------------------------ leases
+
+    async def acquire_leases(self, keys: Sequence[str], owner: str, ttl_seconds: float) -> set[str]:
+        """Take or extend the leases of `keys` for `owner` in one transaction; returns the keys it holds."""
+        unique = list(dict.fromkeys(keys))
+        now = datetime.now(UTC)
+        until, stamp = to_iso(now + timedelta(seconds=ttl_seconds)), to_iso(now)
+
+        def work(conn: sqlite3.Connection) -> set[str]:
+            # One statement per key decides atomically: free, ours, or expired -> ours; else untouched.
+            conn.executemany(
+                "INSERT INTO leases (key, owner, expires_at) VALUES (?, ?, ?) ON CONFLICT (key) DO UPDATE"
+                " SET owner = excluded.owner, expires_at = excluded.expires_at"
+                " WHERE leases.owner = excluded.owner OR leases.expires_at <= ?",
+                [(key, owner, until, stamp) for key in unique],
+            )
+            held: set[str] = set()
+            for chunk in chunked(unique):
+                sql = "SELECT key FROM leases WHERE owner = ? AND key"
+                held.update(str(key) for (key,) in conn.execute(f"{sql} IN {in_list(len(chunk))}", (owner, *chunk)))
+            return held
+
+        return await self._db.write(work) if unique else set()
+
+    async def release_leases(self, keys: Sequence[str], owner: str) -> None:
+        """Release the leases of `keys` that `owner` holds."""
+        unique = list(dict.fromkeys(keys))
+
+        def work(conn: sqlite3.Connection) -> None:
+            for chunk in chunked(unique):
+                sql = "DELETE FROM leases WHERE owner = ? AND key"
+                conn.execute(f"{sql} IN {in_list(len(chunk))}", (owner, *chunk))
+
+        if unique:
+            await self._db.write(work)
 
     async def close(self) -> None:
         """Close the database."""
