@@ -14,7 +14,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from shared.bootstrap import Services
-from shared.core.controller import LAST_CYCLE, POLL_HINT, envelopes_for, to_messages
+from shared.core.controller import ENQUEUED, LAST_CYCLE, POLL_HINT, envelopes_for, to_messages
 from shared.core.envelope import ChangeEnvelope, QueueMessage
 from shared.core.errors import AuthError, EnvelopeError, RejectedError, SyncError, TransientError
 from shared.core.ports import AuditEntry, SourceRecord
@@ -54,8 +54,6 @@ class IntakeResult:
                 "queued": self.queued, "statuses": self.statuses, "correlation_id": self.correlation_id}
 
 
-ENQUEUED = "enqueued"
-"""Dedup namespace of enqueued changes' message ids (shared with the controller's `drop_duplicates`)."""
 AUTH_RETRY_SECONDS = 120
 """Delay before the queue retries a direct write refused for credentials (time for a rotation to land)."""
 
@@ -182,7 +180,8 @@ async def write_direct(services: Services, envelopes: list[ChangeEnvelope], resu
             elif o.status in ("skipped_echo", "skipped_noop"):
                 result.skipped += 1
             elif o.status == "failed" and o.error is not None and o.error.retriable and \
-                    attempt < services.settings.syncline_inline_retries:
+                    not isinstance(o.error, AuthError) and attempt < services.settings.syncline_inline_retries:
+                # Credentials refused after a refresh will not heal in a second: those wait on the queue instead.
                 retry.append(o.envelope)
             else:
                 env = o.envelope.model_copy(update={"origin": "resubmit"})

@@ -32,6 +32,8 @@ from shared.telemetry import Metrics, correlated
 log = logging.getLogger(__name__)
 
 LAST_CYCLE = "controller:last_cycle"
+ENQUEUED = "enqueued"
+"""Dedup namespace of enqueued changes' message ids (the poll path and the webhook intake share it)."""
 POLL_HINT = "poll-hint"
 PAUSE_PREFIX = "pause:"
 """Checkpoint `pause:<system>` holds the UTC time until which Syncline must not call that system."""
@@ -84,11 +86,13 @@ async def drop_duplicates(
     """Keep envelopes whose message id was never enqueued before (a webhook and a poll can report one change).
 
     Message ids are derived from the record, operation and source version, so the same change seen twice
-    has the same id; a later change of the record has a new version and passes.
+    has the same id; a later change of the record has a new version and passes. The lookup is read-only:
+    the caller calls `remember_enqueued` once the messages are durably on the queue, so a failed send (or a
+    crash before it) leaves no key behind that would drop the change when it is read again.
     """
     if not envelopes:
         return []
-    seen = await state.remember("enqueued", [e.message_id() for e in envelopes])
+    seen = await state.seen(ENQUEUED, [e.message_id() for e in envelopes])
     fresh: list[ChangeEnvelope] = []
     batch_ids: set[str] = set()
     dropped: list[AuditEntry] = []
@@ -103,6 +107,12 @@ async def drop_duplicates(
     if dropped:
         await state.append_audit(dropped)
     return fresh
+
+
+async def remember_enqueued(state: StateStore, envelopes: Sequence[ChangeEnvelope]) -> None:
+    """Record the message ids of envelopes now durably on the queue (see `drop_duplicates`)."""
+    if envelopes:
+        await state.remember(ENQUEUED, [e.message_id() for e in envelopes])
 
 
 async def to_messages(flowset: FlowSet, state: StateStore, envelopes: Sequence[ChangeEnvelope]) -> list[QueueMessage]:
@@ -267,17 +277,20 @@ class Controller:
             try:
                 total += await self._poll_table(system, table, source)
             except ThrottledError as exc:
-                if (exc.retry_after or 0) < PAUSE_THRESHOLD_SECONDS:
-                    raise
-                # The allocation is spent: pausing keeps the remaining polls and drains off this system.
-                await self._pause(system, exc.retry_after or 0, self._current_report)
+                if (exc.retry_after or 0) >= PAUSE_THRESHOLD_SECONDS:
+                    # The allocation is spent: pausing keeps the remaining polls and drains off this system.
+                    await self._pause(system, exc.retry_after or 0, self._current_report)
+                    continue
+                self._poll_failed(system, table, exc)
             except SyncError as exc:
-                if exc.retriable:
-                    raise
-                # One unreadable table (renamed, permission removed) must not stop the other feeds or the drain.
-                log.error("poll of %s %s failed: %s", system, table, exc)
-                self._current_report.poll_errors.append(f"{system} {table}: {exc}")
+                self._poll_failed(system, table, exc)
         return total
+
+    def _poll_failed(self, system: str, table: str, exc: SyncError) -> None:
+        # One unreadable feed (down, throttled, credentials refused, renamed) must not stop the other feeds or the
+        # drain: its checkpoint did not move, so the next cycle reads the same changes again.
+        log.error("poll of %s %s failed: %s", system, table, exc)
+        self._current_report.poll_errors.append(f"{system} {table}: {exc}")
 
     async def _poll_table(self, system: str, table: str, source: ChangeSource) -> int:
         total = 0
@@ -289,6 +302,7 @@ class Controller:
             envelopes = await drop_duplicates(self.state, envelopes, self.clock())
             if envelopes:
                 await self.queue.send(await to_messages(self.flowset, self.state, envelopes))
+                await remember_enqueued(self.state, envelopes)
                 await self.state.append_audit([
                     AuditEntry(self.clock(), e.correlation_id, e.flow, "enqueued", system, table, e.source_key,
                                "change feed backfill") for e in envelopes])

@@ -89,8 +89,11 @@ async def test_leases_are_released_when_the_batch_crashes(tmp_path):
 
     engine, state = await engine_on(tmp_path, Broken("arcgis"))
     try:
-        with pytest.raises(RuntimeError):
-            await engine.process([env("sign_assets_to_field", SIGN_ID, sign_payload())])
+        # An unexpected exception fails its flow group as retriable (logged); the lease must not outlive it.
+        outcomes = await engine.process([env("sign_assets_to_field", SIGN_ID, sign_payload())])
+        assert [o.status for o in outcomes] == ["failed"]
+        assert outcomes[0].error is not None
+        assert outcomes[0].error.retriable
         assert await state.acquire_leases([record(SIGN_ID)], "next", 60) == {record(SIGN_ID)}
     finally:
         await state.close()
