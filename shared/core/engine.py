@@ -14,10 +14,12 @@ from typing import Any, Literal, TypeVar
 
 from shared.core.envelope import ChangeEnvelope
 from shared.core.errors import (
+    AuthError,
     ParentMissingError,
     ParentPendingError,
     PermanentError,
     RecordBusyError,
+    RetriableError,
     SyncError,
     ThrottledError,
     TransientError,
@@ -54,6 +56,10 @@ SEEN_MODIFIED = "@seen_modified"
 
 CASCADED = "@cascaded"
 """Snapshot key: set once every cascade the record's current state triggers has completed (cleared on a write)."""
+
+UNCONFIRMED = "@unconfirmed"
+"""Snapshot key: a write to this record may have been applied without an acknowledgement (a 504, a timeout after
+the request was sent), so what it holds is unknown until Syncline writes or reads it again."""
 
 ECHO_DETAIL = "equal to the last in-sync state (Syncline's own write or no mapped change)"
 HOLDS_DETAIL = "target already holds these values"
@@ -286,8 +292,9 @@ class SyncEngine:
             known = env.payload.get(flow.link.write_back) if flow.link.write_back else None
             if env.source_key not in work.links and isinstance(known, str) and known.strip():
                 work.links[env.source_key] = _canonical_key(tgt.system, known)
-        work.src_snaps = await self.state.get_snapshots(src.system, src.table, keys)
-        work.tgt_snaps = await self.state.get_snapshots(tgt.system, tgt.table, list(set(work.links.values())))
+        work.src_snaps = await read_snapshots(self.state, flow.entity, src.system, src.table, keys)
+        work.tgt_snaps = await read_snapshots(self.state, flow.entity, tgt.system, tgt.table,
+                                              sorted(set(work.links.values())))
         work.parents = await self._parent_links(flow, [e.payload for e in envs])
         if flow.lines is not None:
             work.lines = await self._read_lines(flow, [e for e in envs if e.operation != "delete"], work.read_errors)
@@ -428,7 +435,12 @@ class SyncEngine:
             else:
                 plans.append(plan_or_outcome)
         if plans:
-            results = await self.sinks[flow.target.system].write([p.op for p in plans])
+            try:
+                results = await self.sinks[flow.target.system].write([p.op for p in plans])
+            except SyncError as exc:
+                if _maybe_applied(exc):
+                    await self._mark_unconfirmed(flow, [(p, p.target_key) for p in plans], work)
+                raise
             await self._settle(flow, plans, {r.op_id: r for r in results}, work, outcomes)
         skipped = [o for i in indexes
                    if (o := outcomes[i]) is not None and o.status in ("skipped_echo", "skipped_noop")]
@@ -475,7 +487,9 @@ class SyncEngine:
                            detail=f"out of scope of flow {flow.name} (needs {'; '.join(unmet)})")
         wanted = "create" if is_create else "update"
         if wanted not in flow.operations:
-            return Outcome(env, "skipped_noop", detail=f"flow {flow.name} does not sync {wanted}s from {src.system}")
+            # The target key goes with it: a create-only flow's failed id write-back is repaired from here.
+            return Outcome(env, "skipped_noop", target_key=target_key,
+                           detail=f"flow {flow.name} does not sync {wanted}s from {src.system}")
         projection = self._projection(flow, env, work)
         snap = work.src_snaps.get(env.source_key)
         seen = snap.values.get(SEEN_MODIFIED) if snap is not None else None
@@ -484,9 +498,11 @@ class SyncEngine:
             # A retried or scheduled copy of an older change: the newer state of this record already synced.
             return Outcome(env, "skipped_noop", target_key=target_key,
                            detail=f"older than the last synced change of this record ({seen})")
-        if not is_create and snap is not None and _covers(snap.values, projection):
-            return Outcome(env, "skipped_echo", target_key=target_key, detail=ECHO_DETAIL)
         tsnap = work.tgt_snaps.get(target_key) if target_key else None
+        # After an unacknowledged write the target may hold anything: no echo, no "already holds" until rewritten.
+        unknown = tsnap is not None and bool(tsnap.values.get(UNCONFIRMED))
+        if not is_create and snap is not None and not unknown and _covers(snap.values, projection):
+            return Outcome(env, "skipped_echo", target_key=target_key, detail=ECHO_DETAIL)
         target_newer = bool(
             tsnap is not None and tsnap.modified is not None and env.source_modified is not None
             and tsnap.modified > env.source_modified
@@ -500,7 +516,8 @@ class SyncEngine:
         if flow.lines is not None:
             lines = self._map_lines(flow, env, work)
             compare[LINES_KEY] = [{"key": i.source_key, **i.values} for i in lines.items]
-        if tsnap is not None and not binds and _covers(tsnap.values, compare) and not _new_attachments(env, snap):
+        if (tsnap is not None and not unknown and not binds and _covers(tsnap.values, compare)
+                and not _new_attachments(env, snap)):
             return Outcome(env, "skipped_noop", target_key=target_key, detail=HOLDS_DETAIL)
         attachments = await self._attachments(flow, env, snap)
         values = {**flow.defaults, **mapped.values} if is_create else mapped.values
@@ -634,6 +651,7 @@ class SyncEngine:
         writebacks: list[tuple[_Plan, WriteOp]] = []
         forget: list[str] = []
         parents: list[_Parent] = []
+        unsure: list[tuple[_Plan, str | None]] = []
         for plan in plans:
             env = plan.env
             result = results.get(plan.op.op_id)
@@ -641,13 +659,15 @@ class SyncEngine:
                 result = WriteResult(plan.op.op_id, False, error=TransientError("the sink returned no result"))
             if not result.ok:
                 outcomes[plan.index] = Outcome(env, "failed", error=result.error)
+                if result.error is None or _maybe_applied(result.error):
+                    unsure.append((plan, result.key or plan.target_key))
                 continue
             key = result.key or plan.target_key
             if plan.op.action == "delete":
                 outcomes[plan.index] = Outcome(env, "deleted", target_key=key)
                 forget.append(env.source_key)
                 if key:
-                    await self.state.delete_snapshots(tgt.system, tgt.table, [key])
+                    await forget_snapshots(self.state, flow.entity, tgt.system, tgt.table, [key])
                 audit.append(AuditEntry(now, env.correlation_id, flow.name, "deleted", tgt.system, tgt.table,
                                         key or "", f"deleted after {src.system} delete of {env.source_key}"))
                 continue
@@ -661,16 +681,19 @@ class SyncEngine:
             if plan.op.lines is not None:
                 tvalues[LINES_KEY] = [{"key": i.source_key, **i.values} for i in plan.op.lines.items]
             tvalues.pop(CASCADED, None)  # a new state: its cascades are not done yet
+            tvalues.pop(UNCONFIRMED, None)  # acknowledged: the target holds what was just written
             tmod = _latest(prev_t.modified if prev_t else None, env.source_modified)
-            tsnap = Snapshot(tgt.system, tgt.table, key, tvalues, values_hash(tvalues), tmod)
+            tsnap = Snapshot(tgt.system, snapshot_table(tgt.table, flow.entity), key, tvalues, values_hash(tvalues),
+                             tmod)
             prev_s = work.src_snaps.get(env.source_key)
             svalues = {**(dict(prev_s.values) if prev_s else {}), **self._projection(flow, env, work)}
             token = _seen_token(env)
             if token is not None and token > str(svalues.get(SEEN_MODIFIED) or ""):
                 svalues[SEEN_MODIFIED] = token
             svalues.pop(CASCADED, None)
-            ssnap = Snapshot(src.system, src.table, env.source_key, svalues, values_hash(svalues),
-                             _latest(prev_s.modified if prev_s else None, env.source_modified))
+            svalues.pop(UNCONFIRMED, None)  # the source record was just read whole (its change's full state)
+            ssnap = Snapshot(src.system, snapshot_table(src.table, flow.entity), env.source_key, svalues,
+                             values_hash(svalues), _latest(prev_s.modified if prev_s else None, env.source_modified))
             snaps += [tsnap, ssnap]
             how = "created" if result.created else "updated"
             detail = f"{how} {tgt.system}:{tgt.table}:{key}"
@@ -694,13 +717,41 @@ class SyncEngine:
         if snaps:
             await self.state.put_snapshots(snaps)
         if forget:
-            await self.state.delete_snapshots(src.system, src.table, forget)
+            await forget_snapshots(self.state, flow.entity, src.system, src.table, forget)
+        if unsure:
+            await self._mark_unconfirmed(flow, unsure, work)
         if writebacks:
             await self._write_back(flow, writebacks, outcomes, audit, now)
         if parents:
             await self._cascade(flow, parents, outcomes, audit, now)
         if audit:
             await self.state.append_audit(audit)
+
+    async def _mark_unconfirmed(self, flow: FlowSpec, plans: Sequence[tuple[_Plan, str | None]],
+                                work: _Work) -> None:
+        """Mark the targets of writes that may have been applied unanswered: until one is written again (or read
+        back through the reverse flow), its next change is written, never skipped as an echo of the old state.
+
+        Without the mark, a user who reverts the source to the last in-sync value sees the revert (and any
+        resubmission) dropped as an echo, and the target keeps the unacknowledged value.
+        """
+        tgt = flow.target
+        marks: list[Snapshot] = []
+        for _plan, key in plans:
+            if not key:
+                continue  # a create that may have happened is found again by its match on retry
+            prev = work.tgt_snaps.get(key)
+            values = {**(dict(prev.values) if prev else {}), UNCONFIRMED: True}
+            mark = Snapshot(tgt.system, snapshot_table(tgt.table, flow.entity), key, values, values_hash(values),
+                            prev.modified if prev else None)
+            work.tgt_snaps[key] = mark
+            marks.append(mark)
+        if marks:
+            try:
+                await self.state.put_snapshots(marks)
+            except Exception as exc:  # the write's own failure is what gets reported and retried
+                log.warning("flow %s: marking %d unacknowledged writes failed (%s)", flow.name, len(marks),
+                            type(exc).__name__)
 
     async def _write_back(
         self,
@@ -844,12 +895,13 @@ class SyncEngine:
             errors.append(with_detail(error, f"{where}: child {child.key}: {error.detail}"))
             with correlated([correlation_id]):
                 log.warning("cascade %s: %s %s failed: %s", cascade.name, system, child.key, error)
-        prev = await self.state.get_snapshots(system, table, [c.key for c in done])
+        prev = await read_snapshots(self.state, cascade.child_entity, system, table, [c.key for c in done])
         snaps = []
         for child in done:
             merged = {**(dict(prev[child.key].values) if child.key in prev else {}), **values}
             before = prev[child.key].modified if child.key in prev else None
-            snaps.append(Snapshot(system, table, child.key, merged, values_hash(merged), _latest(before, modified)))
+            snaps.append(Snapshot(system, snapshot_table(table, cascade.child_entity), child.key, merged,
+                                  values_hash(merged), _latest(before, modified)))
             audit.append(AuditEntry(now, correlation_id, flow_name, "cascaded", system, table, child.key,
                                     f"{cascade.name}: parent {parent_key} closed; set {values}"))
         if snaps:
@@ -885,6 +937,44 @@ class SyncEngine:
             env.source_system, env.source_table, env.source_key, detail,
             outcome.error.reason if outcome.error is not None else None,
         )
+
+
+def snapshot_table(table: str, entity: str) -> str:
+    """Where a record's snapshot is kept for one entity (one pair of flows): per entity, not per record.
+
+    A value one entity's flow wrote is an echo for that entity's reverse flow only. A record in two entities
+    (a Salesforce Account that is an F&O customer and a Customer 360 account) has one snapshot for each, so a
+    change that arrives through one entity's flow still continues through the other's.
+    """
+    return f"{table}@{entity}"
+
+
+async def read_snapshots(state: StateStore, entity: str, system: str, table: str,
+                         keys: Sequence[str]) -> dict[str, Snapshot]:
+    """The records' snapshots for `entity`; a record with none yet is read from the per-record snapshot that
+    earlier versions kept (returned as the entity's, so the next write stores it in the new place)."""
+    found = await state.get_snapshots(system, snapshot_table(table, entity), keys)
+    missing = [k for k in keys if k not in found]
+    if missing:
+        for key, old in (await state.get_snapshots(system, table, missing)).items():
+            found[key] = Snapshot(system, snapshot_table(table, entity), key, old.values, old.hash, old.modified)
+    return found
+
+
+async def forget_snapshots(state: StateStore, entity: str, system: str, table: str, keys: Sequence[str]) -> None:
+    """Forget deleted records' snapshots for `entity`, and the per-record ones of earlier versions (a key reused
+    later must not inherit them)."""
+    await state.delete_snapshots(system, snapshot_table(table, entity), keys)
+    await state.delete_snapshots(system, table, keys)
+
+
+def _maybe_applied(error: SyncError) -> bool:
+    """Whether a failed write may still have been applied (sent, then no or a failed answer).
+
+    Throttling and authentication are refused before anything is applied; a permanent rejection is the
+    target refusing the record. Everything else (504, timeouts, dropped connections, 5xx) may have landed.
+    """
+    return isinstance(error, RetriableError) and not isinstance(error, ThrottledError | AuthError)
 
 
 async def isolate(read: Callable[[list[str]], Awaitable[Sequence[T]]], keys: list[str],
