@@ -16,6 +16,7 @@ from shared.core.errors import AmbiguousWriteError, SyncError, ThrottledError, T
 from shared.core.ports import Link, Snapshot, WriteOp, WriteResult
 from shared.mapping.engine import values_hash
 from shared.mapping.spec import FlowSet
+from shared.reconcile import reconcile
 from shared.runtime.sqlite_state import SqliteStateStore
 from tests.fakes import FakeSystem
 
@@ -233,3 +234,23 @@ async def test_a_throttled_write_was_never_applied_so_the_old_state_stays_an_ech
                                             T0 + timedelta(minutes=6))])
     assert revert.status == "skipped_echo"
     assert not sf.writes
+
+
+async def test_reconcile_reports_drift_of_a_field_the_target_owns_on_the_flow_that_writes_it(world, spec: FlowSet):
+    _engine, fno, sf, _dv, state, _fno_key, dv_key = world
+    # What a lost revert leaves: Salesforce holds a credit limit Dynamics (its owner) no longer has.
+    sf.tables["Account"][SF_ID]["Credit_Limit__c"] = 80_000.0
+    sf.tables["Account"][SF_ID]["Phone"] = "+1 412 555 0199"  # and a Salesforce-owned field Dynamics lacks
+    report = {d.entity: d for d in await reconcile(spec, {"fno": fno, "salesforce": sf, "dataverse": _dv}, state)}
+    crm = report["crm_account"]
+    assert crm.flow == "crm_accounts_from_salesforce"
+    assert crm.field_drift == {SF_ID: ["telephone1: expected '+1 412 555 0199', found '+1 412 555 0100'"]}
+    # Salesforce -> Dynamics never writes the credit limit on an update: the Dynamics record is the one to replay.
+    assert crm.reverse_flow == "crm_accounts_to_salesforce"
+    assert crm.reverse_field_drift == {
+        dv_key: ["Credit_Limit__c: expected 50000.0 (dataverse creditlimit), found 80000.0"]}
+    assert crm.drift == 2
+    excluded = {d.entity: d for d in await reconcile(spec, {"fno": fno, "salesforce": sf, "dataverse": _dv}, state,
+                                                    exclude={"crm_account": {dv_key}})}
+    assert excluded["crm_account"].reverse_field_drift == {}
+    assert dv_key in excluded["crm_account"].excluded
