@@ -435,13 +435,16 @@ class SyncEngine:
             else:
                 plans.append(plan_or_outcome)
         if plans:
+            # Write-ahead: a crash between the target applying a write and Syncline storing the answer must leave
+            # the target unknown too, so the mark is stored before the call and undone only when nothing landed.
+            before = await self._mark_unconfirmed(flow, plans, work)
             try:
                 results = await self.sinks[flow.target.system].write([p.op for p in plans])
             except SyncError as exc:
-                if _maybe_applied(exc):
-                    await self._mark_unconfirmed(flow, [(p, p.target_key) for p in plans], work)
+                if not _maybe_applied(exc):
+                    await self._unmark(flow, before, [p.target_key for p in plans])
                 raise
-            await self._settle(flow, plans, {r.op_id: r for r in results}, work, outcomes)
+            await self._settle(flow, plans, {r.op_id: r for r in results}, work, outcomes, before)
         skipped = [o for i in indexes
                    if (o := outcomes[i]) is not None and o.status in ("skipped_echo", "skipped_noop")]
         await self._repair_write_backs(flow, indexes, outcomes)
@@ -642,6 +645,7 @@ class SyncEngine:
         results: Mapping[str, WriteResult],
         work: _Work,
         outcomes: list[Outcome | None],
+        before: Mapping[str, Snapshot | None],
     ) -> None:
         now = self.clock()
         src, tgt = flow.source, flow.target
@@ -651,7 +655,7 @@ class SyncEngine:
         writebacks: list[tuple[_Plan, WriteOp]] = []
         forget: list[str] = []
         parents: list[_Parent] = []
-        unsure: list[tuple[_Plan, str | None]] = []
+        refused: list[str | None] = []
         for plan in plans:
             env = plan.env
             result = results.get(plan.op.op_id)
@@ -659,8 +663,8 @@ class SyncEngine:
                 result = WriteResult(plan.op.op_id, False, error=TransientError("the sink returned no result"))
             if not result.ok:
                 outcomes[plan.index] = Outcome(env, "failed", error=result.error)
-                if result.error is None or _maybe_applied(result.error):
-                    unsure.append((plan, result.key or plan.target_key))
+                if result.error is not None and not _maybe_applied(result.error):
+                    refused.append(plan.target_key)
                 continue
             key = result.key or plan.target_key
             if plan.op.action == "delete":
@@ -690,8 +694,9 @@ class SyncEngine:
             token = _seen_token(env)
             if token is not None and token > str(svalues.get(SEEN_MODIFIED) or ""):
                 svalues[SEEN_MODIFIED] = token
+            # An UNCONFIRMED mark stays: this flow wrote the source's fields, not what the reverse flow may have
+            # left unacknowledged in the source record (the reverse flow's next write clears it).
             svalues.pop(CASCADED, None)
-            svalues.pop(UNCONFIRMED, None)  # the source record was just read whole (its change's full state)
             ssnap = Snapshot(src.system, snapshot_table(src.table, flow.entity), env.source_key, svalues,
                              values_hash(svalues), _latest(prev_s.modified if prev_s else None, env.source_modified))
             snaps += [tsnap, ssnap]
@@ -718,8 +723,8 @@ class SyncEngine:
             await self.state.put_snapshots(snaps)
         if forget:
             await forget_snapshots(self.state, flow.entity, src.system, src.table, forget)
-        if unsure:
-            await self._mark_unconfirmed(flow, unsure, work)
+        if refused:
+            await self._unmark(flow, before, refused)
         if writebacks:
             await self._write_back(flow, writebacks, outcomes, audit, now)
         if parents:
@@ -727,31 +732,51 @@ class SyncEngine:
         if audit:
             await self.state.append_audit(audit)
 
-    async def _mark_unconfirmed(self, flow: FlowSpec, plans: Sequence[tuple[_Plan, str | None]],
-                                work: _Work) -> None:
-        """Mark the targets of writes that may have been applied unanswered: until one is written again (or read
-        back through the reverse flow), its next change is written, never skipped as an echo of the old state.
+    async def _mark_unconfirmed(self, flow: FlowSpec, plans: Sequence[_Plan],
+                                work: _Work) -> dict[str, Snapshot | None]:
+        """Mark the targets of the updates about to be written as unknown; returns their snapshots before.
 
-        Without the mark, a user who reverts the source to the last in-sync value sees the revert (and any
-        resubmission) dropped as an echo, and the target keeps the unacknowledged value.
+        A write may be applied without Syncline learning it (a 504 after apply, a timeout, a kill between the
+        write and its answer). Until the target is written again with an answer, its next change is written,
+        never skipped as an echo of the last in-sync state: otherwise a user who reverts the source to that
+        state sees the revert (and any resubmission) dropped, and the target keeps the unacknowledged value.
         """
         tgt = flow.target
+        before: dict[str, Snapshot | None] = {}
         marks: list[Snapshot] = []
-        for _plan, key in plans:
-            if not key:
+        for plan in plans:
+            key = plan.target_key
+            if not key or plan.op.action == "delete" or key in before:
                 continue  # a create that may have happened is found again by its match on retry
             prev = work.tgt_snaps.get(key)
+            before[key] = prev
+            if prev is not None and prev.values.get(UNCONFIRMED):
+                continue
             values = {**(dict(prev.values) if prev else {}), UNCONFIRMED: True}
             mark = Snapshot(tgt.system, snapshot_table(tgt.table, flow.entity), key, values, values_hash(values),
                             prev.modified if prev else None)
             work.tgt_snaps[key] = mark
             marks.append(mark)
         if marks:
-            try:
-                await self.state.put_snapshots(marks)
-            except Exception as exc:  # the write's own failure is what gets reported and retried
-                log.warning("flow %s: marking %d unacknowledged writes failed (%s)", flow.name, len(marks),
-                            type(exc).__name__)
+            await self.state.put_snapshots(marks)  # no mark, no write: a failure here retries the changes
+        return before
+
+    async def _unmark(self, flow: FlowSpec, before: Mapping[str, Snapshot | None],
+                      keys: Sequence[str | None]) -> None:
+        """Put back the snapshots of targets whose write was refused before anything was applied (throttled,
+        unauthorized, rejected): what they hold is known again."""
+        tgt = flow.target
+        restore = [snap for key in dict.fromkeys(keys) if key and (snap := before.get(key)) is not None
+                   and not snap.values.get(UNCONFIRMED)]
+        unknown_before = [key for key in dict.fromkeys(keys) if key and key in before and before[key] is None]
+        try:
+            if restore:
+                await self.state.put_snapshots(restore)
+            if unknown_before:
+                await self.state.delete_snapshots(tgt.system, snapshot_table(tgt.table, flow.entity), unknown_before)
+        except Exception as exc:  # the mark only costs a redundant write later; the write's own error is reported
+            log.warning("flow %s: clearing %d unknown-target marks failed (%s)", flow.name,
+                        len(restore) + len(unknown_before), type(exc).__name__)
 
     async def _write_back(
         self,

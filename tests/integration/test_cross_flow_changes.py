@@ -14,6 +14,7 @@ from sandbox.demo import Sandbox, environment, settle, start_sandbox
 from sandbox.fno_sim import seed_fno
 from sandbox.salesforce_sim import seed_new_accounts
 from shared.bootstrap import build_services
+from shared.core.controller import envelopes_for
 from shared.settings import Settings
 
 
@@ -64,5 +65,43 @@ async def test_an_fno_rename_reaches_dynamics_through_salesforce_and_comes_back_
         assert await written_per_flow(services) - before == Counter(
             {"customers_to_salesforce": 1, "crm_accounts_from_salesforce": 1})
         assert (await services.queue.depth()).active == 0
+    finally:
+        await services.aclose()
+
+
+async def test_a_revert_after_a_504_that_was_applied_reaches_dynamics(box: Sandbox):
+    """Issue 13, defect 6, through the real Salesforce and Dataverse connectors: Dataverse applies a write and
+    answers 504; the user then reverts the Salesforce change to the last in-sync value. The revert is written."""
+    seed_fno(box.fno, customers=1, products=1)
+    new = seed_new_accounts(box.sf, n=1)
+    services = build_services(Settings())
+    services.controller.parent_wait_seconds = 0.2
+    try:
+        await settle(services, box, [])
+        sf_id = new["good"][0]
+        before = crm_account(box, sf_id)["telephone1"]
+        source = services.sources["salesforce"]
+
+        async def sync_current() -> Any:
+            record = (await source.fetch("Account", [sf_id]))[sf_id]
+            [env] = [e for e in envelopes_for(services.flowset, "salesforce", "Account", [record], origin="poll")
+                     if e.flow == "crm_accounts_from_salesforce"]
+            [outcome] = await services.engine.process([env])
+            return outcome
+
+        box.sf.ui_change("Account", sf_id, {"Phone": "+1 412 555 0199"})
+        box.dv.faults.apply_then_504(1)
+        failed = await sync_current()
+        assert failed.status == "failed"
+        assert failed.error is not None
+        assert failed.error.reason == "AMBIGUOUS_WRITE"
+        assert crm_account(box, sf_id)["telephone1"] == "+1 412 555 0199"  # applied, never acknowledged
+
+        box.sf.ui_change("Account", sf_id, {"Phone": before})
+        reverted = await sync_current()
+        assert reverted.status == "written", reverted
+        assert crm_account(box, sf_id)["telephone1"] == before
+        again = await sync_current()
+        assert again.status == "skipped_echo"  # in sync again: the next copy is an echo
     finally:
         await services.aclose()

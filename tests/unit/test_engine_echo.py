@@ -222,13 +222,16 @@ async def test_a_resubmission_after_an_unacknowledged_write_is_written_again(wor
     assert sf.tables["Account"][SF_ID]["Credit_Limit__c"] == 50_000.0
 
 
-async def test_a_throttled_write_was_never_applied_so_the_old_state_stays_an_echo(world):
-    engine, _fno, sf, dv, _state, _fno_key, dv_key = world
+@pytest.mark.parametrize("whole_call", [False, True], ids=["per-record", "whole-call"])
+async def test_a_throttled_write_was_never_applied_so_the_old_state_stays_an_echo(world, whole_call):
+    engine, _fno, sf, dv, state, _fno_key, dv_key = world
     dv_row = {**dv.tables["accounts"][dv_key], "accountid": dv_key}
-    sf.fail_next(ThrottledError("salesforce: HTTP 429", retry_after=5), applied=False)
+    sf.fail_next(ThrottledError("salesforce: HTTP 429", retry_after=5), applied=False, whole_call=whole_call)
     [throttled] = await engine.process([change("crm_accounts_to_salesforce", "dataverse", "accounts", dv_key,
                                                {**dv_row, "creditlimit": 80_000.0}, T0 + timedelta(minutes=5))])
     assert throttled.status == "failed"
+    snaps = await state.get_snapshots("salesforce", snapshot_table("Account", "crm_account"), [SF_ID])
+    assert UNCONFIRMED not in snaps[SF_ID].values  # the mark taken before the call is undone
     sf.writes.clear()
     [revert] = await engine.process([change("crm_accounts_to_salesforce", "dataverse", "accounts", dv_key, dv_row,
                                             T0 + timedelta(minutes=6))])
@@ -254,3 +257,55 @@ async def test_reconcile_reports_drift_of_a_field_the_target_owns_on_the_flow_th
                                                     exclude={"crm_account": {dv_key}})}
     assert excluded["crm_account"].reverse_field_drift == {}
     assert dv_key in excluded["crm_account"].excluded
+
+
+class Killed(BaseException):
+    """The process dies (kill -9) between the target applying a write and Syncline reading the answer."""
+
+
+async def test_a_revert_after_a_crash_mid_write_reaches_the_target(world, spec: FlowSet):
+    engine, fno, sf, dv, state, _fno_key, dv_key = world
+    dv_row = {**dv.tables["accounts"][dv_key], "accountid": dv_key}
+    first = change("crm_accounts_to_salesforce", "dataverse", "accounts", dv_key, {**dv_row, "creditlimit": 80_000.0},
+                   T0 + timedelta(minutes=5))
+
+    async def applied_then_killed(ops: Sequence[WriteOp]) -> list[WriteResult]:
+        await FakeSystem.write(sf, ops)
+        raise Killed
+
+    sf.write = applied_then_killed  # type: ignore[method-assign]
+    with pytest.raises(Killed):
+        await engine.process([first])
+    del sf.write
+    assert sf.tables["Account"][SF_ID]["Credit_Limit__c"] == 80_000.0  # applied; no answer was ever read
+    # A new process over the same state: the user's revert comes before the dead process's message is redelivered.
+    systems = {"fno": fno, "salesforce": sf, "dataverse": dv}
+    restarted = SyncEngine(spec, sinks=systems, sources=systems, state=state, clock=lambda: T0)
+    [revert] = await restarted.process([change("crm_accounts_to_salesforce", "dataverse", "accounts", dv_key, dv_row,
+                                               T0 + timedelta(minutes=6))])
+    assert revert.status == "written", revert
+    assert sf.tables["Account"][SF_ID]["Credit_Limit__c"] == 50_000.0
+    [late] = await restarted.process([first])  # the redelivered message of the dead process
+    assert late.status == "skipped_noop", late
+    assert sf.tables["Account"][SF_ID]["Credit_Limit__c"] == 50_000.0
+
+
+async def test_a_reverse_write_of_other_fields_leaves_the_target_unknown(world):
+    engine, _fno, sf, dv, _state, _fno_key, dv_key = world
+    dv_row = {**dv.tables["accounts"][dv_key], "accountid": dv_key}
+    sf.fail_next(AmbiguousWriteError("salesforce: HTTP 504"), applied=True)
+    [failed] = await engine.process([change("crm_accounts_to_salesforce", "dataverse", "accounts", dv_key,
+                                            {**dv_row, "creditlimit": 80_000.0}, T0 + timedelta(minutes=5))])
+    assert failed.status == "failed"
+    # A Salesforce user edits the phone: Salesforce -> Dynamics writes it, but never the credit limit Dynamics owns,
+    # so what Salesforce holds for that field is as unknown as before.
+    sf.tables["Account"][SF_ID]["Phone"] = "+1 412 555 0199"
+    [phone] = await engine.process([change("crm_accounts_from_salesforce", "salesforce", "Account", SF_ID,
+                                           sf_now(sf), T0 + timedelta(minutes=6))])
+    assert phone.status == "written", phone
+    assert dv.tables["accounts"][dv_key]["creditlimit"] == 50_000.0
+    [revert] = await engine.process([change("crm_accounts_to_salesforce", "dataverse", "accounts", dv_key,
+                                            {**dv.tables["accounts"][dv_key], "accountid": dv_key},
+                                            T0 + timedelta(minutes=7))])
+    assert revert.status == "written", revert
+    assert sf.tables["Account"][SF_ID]["Credit_Limit__c"] == 50_000.0
