@@ -58,10 +58,12 @@ CASCADED = "@cascaded"
 """Snapshot key: set once every cascade the record's current state triggers has completed (cleared on a write)."""
 
 UNCONFIRMED = "@unconfirmed"
-"""Snapshot key: a write to this record may have been applied without an acknowledgement (a 504, a timeout after
-the request was sent), so what it holds is unknown until Syncline writes or reads it again."""
+"""Snapshot key: a write to this record may have been applied without an acknowledgement (a 504, a timeout, a
+kill before the answer was stored), so what it holds is unknown until that flow writes it again. The value maps
+the fields the write would change to what it carried: the record holds either those or the snapshot's values."""
 
 ECHO_DETAIL = "equal to the last in-sync state (Syncline's own write or no mapped change)"
+UNACKNOWLEDGED_DETAIL = "equal to Syncline's own write that was never acknowledged (read back: it was applied)"
 HOLDS_DETAIL = "target already holds these values"
 _IN_SYNC = frozenset({ECHO_DETAIL, HOLDS_DETAIL})
 """Skips that mean "both sides already hold this change": the only ones whose cascades are re-checked."""
@@ -503,15 +505,28 @@ class SyncEngine:
                            detail=f"older than the last synced change of this record ({seen})")
         tsnap = work.tgt_snaps.get(target_key) if target_key else None
         # After an unacknowledged write the target may hold anything: no echo, no "already holds" until rewritten.
-        unknown = tsnap is not None and bool(tsnap.values.get(UNCONFIRMED))
+        unknown = tsnap is not None and UNCONFIRMED in tsnap.values
         if not is_create and snap is not None and not unknown and _covers(snap.values, projection):
             return Outcome(env, "skipped_echo", target_key=target_key, detail=ECHO_DETAIL)
+        # The reverse flow's unanswered write, read back from this record: Syncline's own values, never a change
+        # to copy back over a newer state of this flow's target (a revert made there meanwhile). The mark stays
+        # until the reverse flow writes the record again.
+        pending = snap.values.get(UNCONFIRMED) if snap is not None and not is_create else None
+        echoed: set[str] = set()
+        if snap is not None and isinstance(pending, Mapping):
+            if not unknown and _covers({**snap.values, **pending}, projection):
+                return Outcome(env, "skipped_echo", target_key=target_key, detail=UNACKNOWLEDGED_DETAIL)
+            echoed = {k for k, v in pending.items()
+                      if k in projection and same(projection[k], v) and not same(snap.values.get(k), v)}
         target_newer = bool(
             tsnap is not None and tsnap.modified is not None and env.source_modified is not None
             and tsnap.modified > env.source_modified
         )
         mapped = self.mapper.map_values(flow, env.payload, is_create=is_create, target_newer=target_newer,
                                         record=f"{src.system}:{src.table}:{env.source_key}")
+        for fm in flow.fields:
+            if fm.source in echoed:
+                mapped.values.pop(fm.target, None)
         binds = self._resolve_lookups(flow, env.source_key, env.payload, work.parents, mapped.values,
                                       is_create=is_create, waits=env.waits)
         lines: Lines | None = None
@@ -679,11 +694,7 @@ class SyncEngine:
             assert plan.mapped is not None
             links.append(Link(flow.entity, src.system, env.source_key, tgt.system, key))
             prev_t = work.tgt_snaps.get(key)
-            tvalues = {**(dict(prev_t.values) if prev_t else {}), **plan.op.values}
-            for nav, bind in plan.op.binds.items():
-                tvalues[nav] = bind.key
-            if plan.op.lines is not None:
-                tvalues[LINES_KEY] = [{"key": i.source_key, **i.values} for i in plan.op.lines.items]
+            tvalues = {**(dict(prev_t.values) if prev_t else {}), **_written(plan.op)}
             tvalues.pop(CASCADED, None)  # a new state: its cascades are not done yet
             tvalues.pop(UNCONFIRMED, None)  # acknowledged: the target holds what was just written
             tmod = _latest(prev_t.modified if prev_t else None, env.source_modified)
@@ -750,9 +761,13 @@ class SyncEngine:
                 continue  # a create that may have happened is found again by its match on retry
             prev = work.tgt_snaps.get(key)
             before[key] = prev
-            if prev is not None and prev.values.get(UNCONFIRMED):
-                continue
-            values = {**(dict(prev.values) if prev else {}), UNCONFIRMED: True}
+            values = dict(prev.values) if prev else {}
+            # Only what would change (the read-back test needs no more); lines stay out, as no reverse flow reads
+            # them and they are what makes a snapshot large.
+            earlier = values.get(UNCONFIRMED)
+            values[UNCONFIRMED] = {**(earlier if isinstance(earlier, Mapping) else {}),
+                                   **{k: v for k, v in _written(plan.op).items()
+                                      if k != LINES_KEY and not same(values.get(k), v)}}
             mark = Snapshot(tgt.system, snapshot_table(tgt.table, flow.entity), key, values, values_hash(values),
                             prev.modified if prev else None)
             work.tgt_snaps[key] = mark
@@ -764,10 +779,9 @@ class SyncEngine:
     async def _unmark(self, flow: FlowSpec, before: Mapping[str, Snapshot | None],
                       keys: Sequence[str | None]) -> None:
         """Put back the snapshots of targets whose write was refused before anything was applied (throttled,
-        unauthorized, rejected): what they hold is known again."""
+        unauthorized, rejected): they hold what they held before the call."""
         tgt = flow.target
-        restore = [snap for key in dict.fromkeys(keys) if key and (snap := before.get(key)) is not None
-                   and not snap.values.get(UNCONFIRMED)]
+        restore = [snap for key in dict.fromkeys(keys) if key and (snap := before.get(key)) is not None]
         unknown_before = [key for key in dict.fromkeys(keys) if key and key in before and before[key] is None]
         try:
             if restore:
@@ -991,6 +1005,16 @@ async def forget_snapshots(state: StateStore, entity: str, system: str, table: s
     later must not inherit them)."""
     await state.delete_snapshots(system, snapshot_table(table, entity), keys)
     await state.delete_snapshots(system, table, keys)
+
+
+def _written(op: WriteOp) -> dict[str, Any]:
+    """What a target record holds once `op` is applied, in its snapshot's terms (values, bound keys, lines)."""
+    values = dict(op.values)
+    for nav, bind in op.binds.items():
+        values[nav] = bind.key
+    if op.lines is not None:
+        values[LINES_KEY] = [{"key": i.source_key, **i.values} for i in op.lines.items]
+    return values
 
 
 def _maybe_applied(error: SyncError) -> bool:

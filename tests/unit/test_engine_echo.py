@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from shared.bootstrap import load_flows
-from shared.core.engine import UNCONFIRMED, SyncEngine, snapshot_table
+from shared.core.engine import HOLDS_DETAIL, UNCONFIRMED, SyncEngine, snapshot_table
 from shared.core.envelope import ChangeEnvelope
 from shared.core.errors import AmbiguousWriteError, SyncError, ThrottledError, TransientError
 from shared.core.ports import Link, Snapshot, WriteOp, WriteResult
@@ -309,3 +309,49 @@ async def test_a_reverse_write_of_other_fields_leaves_the_target_unknown(world):
                                             T0 + timedelta(minutes=7))])
     assert revert.status == "written", revert
     assert sf.tables["Account"][SF_ID]["Credit_Limit__c"] == 50_000.0
+
+
+async def test_the_reverse_flow_reads_back_an_unacknowledged_write_as_an_echo_and_keeps_a_revert():
+    """Dynamics -> SAP writes a shared field (the city), SAP applies it and answers 504; the user reverts the city in
+    Dynamics, but SAP's change (Syncline's own write) is polled first. It must not be copied back over the revert."""
+    where = FLOWS.parent / "flows"
+    sap_spec = load_flows(where / "sap.yaml")
+    dv, sap = FakeSystem("dataverse"), FlakySystem("sap")
+    state = SqliteStateStore(":memory:")
+    engine = SyncEngine(sap_spec, sinks={"dataverse": dv, "sap": sap}, state=state, clock=lambda: T0)
+    acc = "7d2f5a9c-0000-4000-8000-000000000001"
+    row = {"accountid": acc, "name": "Front Range Pumps", "accountnumber": "ACC-70001", "address1_city": "Denver",
+           "address1_country": "US", "paymenttermscode": 1, "syn_currencycode": "USD"}
+    try:
+        dv.put("accounts", acc, row)
+        [created] = await engine.process([change("accounts_to_sap", "dataverse", "accounts", acc, row, T0)])
+        assert created.status == "written", created
+        partner = str(created.target_key)
+        row = {**dv.tables["accounts"][acc], "accountid": acc}  # with the partner number written back
+        dv.writes.clear()
+
+        sap.fail_next(AmbiguousWriteError("sap: HTTP 504 after the write was applied"), applied=True)
+        [failed] = await engine.process([change("accounts_to_sap", "dataverse", "accounts", acc,
+                                                {**row, "address1_city": "Boulder"}, T0 + timedelta(minutes=5))])
+        assert failed.status == "failed"
+        assert sap.tables["A_BusinessPartner"][partner]["to_BusinessPartnerAddress.CityName"] == "Boulder"
+        # The user reverts in Dynamics (still Denver there); SAP's change is polled before the revert is processed.
+        polled = dict(sap.tables["A_BusinessPartner"][partner], BusinessPartner=partner)
+        [back] = await engine.process([change("partners_to_dynamics", "sap", "A_BusinessPartner", partner, polled,
+                                              T0 + timedelta(minutes=6))])
+        assert back.status == "skipped_noop", back  # nothing else changed: Dynamics already holds the rest
+        assert back.detail == HOLDS_DETAIL
+        assert not dv.writes  # Dynamics keeps the user's Denver
+        [revert] = await engine.process([change("accounts_to_sap", "dataverse", "accounts", acc, row,
+                                                T0 + timedelta(minutes=7))])
+        assert revert.status == "written", revert
+        assert sap.tables["A_BusinessPartner"][partner]["to_BusinessPartnerAddress.CityName"] == "Denver"
+        # In sync again: SAP's change for the revert comes back and writes nothing either.
+        polled = dict(sap.tables["A_BusinessPartner"][partner], BusinessPartner=partner)
+        [echo] = await engine.process([change("partners_to_dynamics", "sap", "A_BusinessPartner", partner, polled,
+                                              T0 + timedelta(minutes=8))])
+        assert echo.status == "skipped_noop", echo
+        assert not dv.writes
+        assert dv.tables["accounts"][acc]["address1_city"] == "Denver"
+    finally:
+        await state.close()
