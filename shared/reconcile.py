@@ -28,7 +28,12 @@ class EntityDrift:
     missing_in_target: list[str] = field(default_factory=list)
     orphans_in_target: list[str] = field(default_factory=list)
     field_drift: dict[str, list[str]] = field(default_factory=dict)
-    """source key -> fields whose values differ."""
+    """source key -> fields whose values differ (fields this flow writes: the source's own and shared ones)."""
+    reverse_flow: str | None = None
+    """The flow of the other direction, which writes the fields this flow's target system owns."""
+    reverse_field_drift: dict[str, list[str]] = field(default_factory=dict)
+    """target key -> fields the target system owns whose values differ: drift of `reverse_flow` (the target
+    record is the one to replay), never of `flow`, which does not write them on an update."""
     excluded: list[str] = field(default_factory=list)
     """Source keys left out on purpose (dead-lettered records)."""
     out_of_scope: int = 0
@@ -41,14 +46,16 @@ class EntityDrift:
 
     @property
     def drift(self) -> int:
-        return len(self.missing_in_target) + len(self.field_drift) + len(self.cascade_incomplete)
+        return (len(self.missing_in_target) + len(self.field_drift) + len(self.reverse_field_drift)
+                + len(self.cascade_incomplete))
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "entity": self.entity, "flow": self.flow, "source_records": self.source_records,
             "target_records": self.target_records, "linked": self.linked, "drift": self.drift,
             "missing_in_target": self.missing_in_target[:20], "orphans_in_target": self.orphans_in_target[:20],
-            "field_drift": dict(list(self.field_drift.items())[:20]), "excluded": self.excluded,
+            "field_drift": dict(list(self.field_drift.items())[:20]), "reverse_flow": self.reverse_flow,
+            "reverse_field_drift": dict(list(self.reverse_field_drift.items())[:20]), "excluded": self.excluded,
             "out_of_scope": self.out_of_scope, "cascade_incomplete": self.cascade_incomplete[:20],
             "cascade_repaired": len(self.cascade_repaired),
         }
@@ -105,7 +112,9 @@ async def reconcile(
         src, tgt = flow.source, flow.target
         if src.system not in sources or tgt.system not in sources:
             continue
-        drift = EntityDrift(flow.entity, flow.name)
+        reverse = _reverse_flow(flowset, flow)
+        drift = EntityDrift(flow.entity, flow.name, reverse_flow=reverse.name if reverse else None)
+        moved = _owned_by_target(flow, reverse)
         sources_rows = await scans.rows(src.system, src.table)
         target_rows = await scans.rows(tgt.system, tgt.table)
         drift.source_records, drift.target_records = len(sources_rows), len(target_rows)
@@ -125,9 +134,25 @@ async def reconcile(
                 continue
             linked_targets.add(tkey)
             drift.linked += 1
-            differing = _compare(mapper, flow, record, target_rows[tkey])
-            if differing:
-                drift.field_drift[key] = differing
+            own: list[str] = []
+            theirs: list[str] = []
+            for name, expected, actual in _compare(mapper, flow, record, target_rows[tkey]):
+                if name in moved:
+                    # The target's system owns it: its value is the one expected on the source side.
+                    theirs.append(f"{moved[name]}: expected {actual!r} ({tgt.system} {name}), "
+                                  f"found {record.values.get(moved[name])!r}")
+                elif name.startswith("<"):
+                    own.append(name)
+                else:
+                    own.append(f"{name}: expected {expected!r}, found {actual!r}" if name != "geometry"
+                               else "geometry")
+            if own:
+                drift.field_drift[key] = own
+            if theirs:
+                if tkey in excluded:
+                    drift.excluded.append(tkey)
+                else:
+                    drift.reverse_field_drift[tkey] = theirs
         drift.orphans_in_target = sorted(set(target_rows) - linked_targets)
         report.append(drift)
     for cascade in flowset.cascades:
@@ -204,21 +229,38 @@ def _bare(key: str) -> str:
     return key.strip().strip("{}").lower()
 
 
-def _compare(mapper: Mapper, flow: FlowSpec, source: SourceRecord, target: SourceRecord) -> list[str]:
+def _reverse_flow(flowset: FlowSet, flow: FlowSpec) -> FlowSpec | None:
+    """The flow that syncs the same entity the other way round and writes updates, if there is one."""
+    return next((f for f in flowset.flows if f.entity == flow.entity and f.source.system == flow.target.system
+                 and f.target.system == flow.source.system and "update" in f.operations), None)
+
+
+def _owned_by_target(flow: FlowSpec, reverse: FlowSpec | None) -> dict[str, str]:
+    """Target field -> source field, for the fields the target system owns that the reverse flow writes back."""
+    if reverse is None:
+        return {}
+    back = {(fm.source, fm.target) for fm in reverse.fields}
+    return {fm.target: fm.source for fm in flow.fields
+            if fm.owner == flow.target.system and (fm.target, fm.source) in back}
+
+
+def _compare(mapper: Mapper, flow: FlowSpec, source: SourceRecord,
+             target: SourceRecord) -> list[tuple[str, Any, Any]]:
+    """(target field, value mapped from the source, value the target holds) for each field that differs."""
     try:
         mapped = mapper.map_values(flow, source.values, is_create=True, target_newer=False)
     except SyncError as exc:
-        return [f"<unmappable: {exc.reason}>"]
-    differing = []
+        return [(f"<unmappable: {exc.reason}>", None, None)]
+    differing: list[tuple[str, Any, Any]] = []
     for name, value in mapped.values.items():
         if name == ATTACHMENTS_KEY:
             continue
         actual = target.values.get(name)
         if name == GEOMETRY_KEY:
             if not _near(value, actual):
-                differing.append("geometry")
+                differing.append(("geometry", value, actual))
         elif not same(value, actual):
-            differing.append(f"{name}: expected {value!r}, found {actual!r}")
+            differing.append((name, value, actual))
     return differing
 
 

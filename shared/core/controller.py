@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from shared.core.engine import Outcome, SyncEngine, isolate, with_detail
+from shared.core.engine import Outcome, SyncEngine, isolate, read_snapshots, with_detail
 from shared.core.envelope import ChangeEnvelope, Origin, QueueMessage, ReceivedMessage
 from shared.core.errors import EnvelopeError, RecordBusyError, SyncError, ThrottledError, TransientError
 from shared.core.ports import (
@@ -143,7 +143,7 @@ async def to_messages(flowset: FlowSet, state: StateStore, envelopes: Sequence[C
             root = f"{env.source_system}:{flow.source.table}:{parent_key}"
             where = (env.source_system, flow.source.table, str(parent_key))
             if where not in cache:
-                snaps = await state.get_snapshots(*where[:2], [where[2]])
+                snaps = await read_snapshots(state, flow.entity, *where[:2], [where[2]])
                 cache[where] = dict(snaps[where[2]].values) if where[2] in snaps else {}
             payload = cache[where]
         out.append(env.to_message(session_id=root))

@@ -14,10 +14,12 @@ from typing import Any, Literal, TypeVar
 
 from shared.core.envelope import ChangeEnvelope
 from shared.core.errors import (
+    AuthError,
     ParentMissingError,
     ParentPendingError,
     PermanentError,
     RecordBusyError,
+    RetriableError,
     SyncError,
     ThrottledError,
     TransientError,
@@ -55,7 +57,13 @@ SEEN_MODIFIED = "@seen_modified"
 CASCADED = "@cascaded"
 """Snapshot key: set once every cascade the record's current state triggers has completed (cleared on a write)."""
 
+UNCONFIRMED = "@unconfirmed"
+"""Snapshot key: a write to this record may have been applied without an acknowledgement (a 504, a timeout, a
+kill before the answer was stored), so what it holds is unknown until that flow writes it again. The value maps
+the fields the write would change to what it carried: the record holds either those or the snapshot's values."""
+
 ECHO_DETAIL = "equal to the last in-sync state (Syncline's own write or no mapped change)"
+UNACKNOWLEDGED_DETAIL = "equal to Syncline's own write that was never acknowledged (read back: it was applied)"
 HOLDS_DETAIL = "target already holds these values"
 _IN_SYNC = frozenset({ECHO_DETAIL, HOLDS_DETAIL})
 """Skips that mean "both sides already hold this change": the only ones whose cascades are re-checked."""
@@ -286,8 +294,9 @@ class SyncEngine:
             known = env.payload.get(flow.link.write_back) if flow.link.write_back else None
             if env.source_key not in work.links and isinstance(known, str) and known.strip():
                 work.links[env.source_key] = _canonical_key(tgt.system, known)
-        work.src_snaps = await self.state.get_snapshots(src.system, src.table, keys)
-        work.tgt_snaps = await self.state.get_snapshots(tgt.system, tgt.table, list(set(work.links.values())))
+        work.src_snaps = await read_snapshots(self.state, flow.entity, src.system, src.table, keys)
+        work.tgt_snaps = await read_snapshots(self.state, flow.entity, tgt.system, tgt.table,
+                                              sorted(set(work.links.values())))
         work.parents = await self._parent_links(flow, [e.payload for e in envs])
         if flow.lines is not None:
             work.lines = await self._read_lines(flow, [e for e in envs if e.operation != "delete"], work.read_errors)
@@ -428,8 +437,16 @@ class SyncEngine:
             else:
                 plans.append(plan_or_outcome)
         if plans:
-            results = await self.sinks[flow.target.system].write([p.op for p in plans])
-            await self._settle(flow, plans, {r.op_id: r for r in results}, work, outcomes)
+            # Write-ahead: a crash between the target applying a write and Syncline storing the answer must leave
+            # the target unknown too, so the mark is stored before the call and undone only when nothing landed.
+            before = await self._mark_unconfirmed(flow, plans, work)
+            try:
+                results = await self.sinks[flow.target.system].write([p.op for p in plans])
+            except SyncError as exc:
+                if not _maybe_applied(exc):
+                    await self._unmark(flow, before, [p.target_key for p in plans])
+                raise
+            await self._settle(flow, plans, {r.op_id: r for r in results}, work, outcomes, before)
         skipped = [o for i in indexes
                    if (o := outcomes[i]) is not None and o.status in ("skipped_echo", "skipped_noop")]
         await self._repair_write_backs(flow, indexes, outcomes)
@@ -475,7 +492,9 @@ class SyncEngine:
                            detail=f"out of scope of flow {flow.name} (needs {'; '.join(unmet)})")
         wanted = "create" if is_create else "update"
         if wanted not in flow.operations:
-            return Outcome(env, "skipped_noop", detail=f"flow {flow.name} does not sync {wanted}s from {src.system}")
+            # The target key goes with it: a create-only flow's failed id write-back is repaired from here.
+            return Outcome(env, "skipped_noop", target_key=target_key,
+                           detail=f"flow {flow.name} does not sync {wanted}s from {src.system}")
         projection = self._projection(flow, env, work)
         snap = work.src_snaps.get(env.source_key)
         seen = snap.values.get(SEEN_MODIFIED) if snap is not None else None
@@ -484,15 +503,30 @@ class SyncEngine:
             # A retried or scheduled copy of an older change: the newer state of this record already synced.
             return Outcome(env, "skipped_noop", target_key=target_key,
                            detail=f"older than the last synced change of this record ({seen})")
-        if not is_create and snap is not None and _covers(snap.values, projection):
-            return Outcome(env, "skipped_echo", target_key=target_key, detail=ECHO_DETAIL)
         tsnap = work.tgt_snaps.get(target_key) if target_key else None
+        # After an unacknowledged write the target may hold anything: no echo, no "already holds" until rewritten.
+        unknown = tsnap is not None and UNCONFIRMED in tsnap.values
+        if not is_create and snap is not None and not unknown and _covers(snap.values, projection):
+            return Outcome(env, "skipped_echo", target_key=target_key, detail=ECHO_DETAIL)
+        # The reverse flow's unanswered write, read back from this record: Syncline's own values, never a change
+        # to copy back over a newer state of this flow's target (a revert made there meanwhile). The mark stays
+        # until the reverse flow writes the record again.
+        pending = snap.values.get(UNCONFIRMED) if snap is not None and not is_create else None
+        echoed: set[str] = set()
+        if snap is not None and isinstance(pending, Mapping):
+            if not unknown and _covers({**snap.values, **pending}, projection):
+                return Outcome(env, "skipped_echo", target_key=target_key, detail=UNACKNOWLEDGED_DETAIL)
+            echoed = {k for k, v in pending.items()
+                      if k in projection and same(projection[k], v) and not same(snap.values.get(k), v)}
         target_newer = bool(
             tsnap is not None and tsnap.modified is not None and env.source_modified is not None
             and tsnap.modified > env.source_modified
         )
         mapped = self.mapper.map_values(flow, env.payload, is_create=is_create, target_newer=target_newer,
                                         record=f"{src.system}:{src.table}:{env.source_key}")
+        for fm in flow.fields:
+            if fm.source in echoed:
+                mapped.values.pop(fm.target, None)
         binds = self._resolve_lookups(flow, env.source_key, env.payload, work.parents, mapped.values,
                                       is_create=is_create, waits=env.waits)
         lines: Lines | None = None
@@ -500,7 +534,8 @@ class SyncEngine:
         if flow.lines is not None:
             lines = self._map_lines(flow, env, work)
             compare[LINES_KEY] = [{"key": i.source_key, **i.values} for i in lines.items]
-        if tsnap is not None and not binds and _covers(tsnap.values, compare) and not _new_attachments(env, snap):
+        if (tsnap is not None and not unknown and not binds and _covers(tsnap.values, compare)
+                and not _new_attachments(env, snap)):
             return Outcome(env, "skipped_noop", target_key=target_key, detail=HOLDS_DETAIL)
         attachments = await self._attachments(flow, env, snap)
         values = {**flow.defaults, **mapped.values} if is_create else mapped.values
@@ -625,6 +660,7 @@ class SyncEngine:
         results: Mapping[str, WriteResult],
         work: _Work,
         outcomes: list[Outcome | None],
+        before: Mapping[str, Snapshot | None],
     ) -> None:
         now = self.clock()
         src, tgt = flow.source, flow.target
@@ -634,6 +670,7 @@ class SyncEngine:
         writebacks: list[tuple[_Plan, WriteOp]] = []
         forget: list[str] = []
         parents: list[_Parent] = []
+        refused: list[str | None] = []
         for plan in plans:
             env = plan.env
             result = results.get(plan.op.op_id)
@@ -641,13 +678,15 @@ class SyncEngine:
                 result = WriteResult(plan.op.op_id, False, error=TransientError("the sink returned no result"))
             if not result.ok:
                 outcomes[plan.index] = Outcome(env, "failed", error=result.error)
+                if result.error is not None and not _maybe_applied(result.error):
+                    refused.append(plan.target_key)
                 continue
             key = result.key or plan.target_key
             if plan.op.action == "delete":
                 outcomes[plan.index] = Outcome(env, "deleted", target_key=key)
                 forget.append(env.source_key)
                 if key:
-                    await self.state.delete_snapshots(tgt.system, tgt.table, [key])
+                    await forget_snapshots(self.state, flow.entity, tgt.system, tgt.table, [key])
                 audit.append(AuditEntry(now, env.correlation_id, flow.name, "deleted", tgt.system, tgt.table,
                                         key or "", f"deleted after {src.system} delete of {env.source_key}"))
                 continue
@@ -655,22 +694,22 @@ class SyncEngine:
             assert plan.mapped is not None
             links.append(Link(flow.entity, src.system, env.source_key, tgt.system, key))
             prev_t = work.tgt_snaps.get(key)
-            tvalues = {**(dict(prev_t.values) if prev_t else {}), **plan.op.values}
-            for nav, bind in plan.op.binds.items():
-                tvalues[nav] = bind.key
-            if plan.op.lines is not None:
-                tvalues[LINES_KEY] = [{"key": i.source_key, **i.values} for i in plan.op.lines.items]
+            tvalues = {**(dict(prev_t.values) if prev_t else {}), **_written(plan.op)}
             tvalues.pop(CASCADED, None)  # a new state: its cascades are not done yet
+            tvalues.pop(UNCONFIRMED, None)  # acknowledged: the target holds what was just written
             tmod = _latest(prev_t.modified if prev_t else None, env.source_modified)
-            tsnap = Snapshot(tgt.system, tgt.table, key, tvalues, values_hash(tvalues), tmod)
+            tsnap = Snapshot(tgt.system, snapshot_table(tgt.table, flow.entity), key, tvalues, values_hash(tvalues),
+                             tmod)
             prev_s = work.src_snaps.get(env.source_key)
             svalues = {**(dict(prev_s.values) if prev_s else {}), **self._projection(flow, env, work)}
             token = _seen_token(env)
             if token is not None and token > str(svalues.get(SEEN_MODIFIED) or ""):
                 svalues[SEEN_MODIFIED] = token
+            # An UNCONFIRMED mark stays: this flow wrote the source's fields, not what the reverse flow may have
+            # left unacknowledged in the source record (the reverse flow's next write clears it).
             svalues.pop(CASCADED, None)
-            ssnap = Snapshot(src.system, src.table, env.source_key, svalues, values_hash(svalues),
-                             _latest(prev_s.modified if prev_s else None, env.source_modified))
+            ssnap = Snapshot(src.system, snapshot_table(src.table, flow.entity), env.source_key, svalues,
+                             values_hash(svalues), _latest(prev_s.modified if prev_s else None, env.source_modified))
             snaps += [tsnap, ssnap]
             how = "created" if result.created else "updated"
             detail = f"{how} {tgt.system}:{tgt.table}:{key}"
@@ -694,13 +733,64 @@ class SyncEngine:
         if snaps:
             await self.state.put_snapshots(snaps)
         if forget:
-            await self.state.delete_snapshots(src.system, src.table, forget)
+            await forget_snapshots(self.state, flow.entity, src.system, src.table, forget)
+        if refused:
+            await self._unmark(flow, before, refused)
         if writebacks:
             await self._write_back(flow, writebacks, outcomes, audit, now)
         if parents:
             await self._cascade(flow, parents, outcomes, audit, now)
         if audit:
             await self.state.append_audit(audit)
+
+    async def _mark_unconfirmed(self, flow: FlowSpec, plans: Sequence[_Plan],
+                                work: _Work) -> dict[str, Snapshot | None]:
+        """Mark the targets of the updates about to be written as unknown; returns their snapshots before.
+
+        A write may be applied without Syncline learning it (a 504 after apply, a timeout, a kill between the
+        write and its answer). Until the target is written again with an answer, its next change is written,
+        never skipped as an echo of the last in-sync state: otherwise a user who reverts the source to that
+        state sees the revert (and any resubmission) dropped, and the target keeps the unacknowledged value.
+        """
+        tgt = flow.target
+        before: dict[str, Snapshot | None] = {}
+        marks: list[Snapshot] = []
+        for plan in plans:
+            key = plan.target_key
+            if not key or plan.op.action == "delete" or key in before:
+                continue  # a create that may have happened is found again by its match on retry
+            prev = work.tgt_snaps.get(key)
+            before[key] = prev
+            values = dict(prev.values) if prev else {}
+            # Only what would change (the read-back test needs no more); lines stay out, as no reverse flow reads
+            # them and they are what makes a snapshot large.
+            earlier = values.get(UNCONFIRMED)
+            values[UNCONFIRMED] = {**(earlier if isinstance(earlier, Mapping) else {}),
+                                   **{k: v for k, v in _written(plan.op).items()
+                                      if k != LINES_KEY and not same(values.get(k), v)}}
+            mark = Snapshot(tgt.system, snapshot_table(tgt.table, flow.entity), key, values, values_hash(values),
+                            prev.modified if prev else None)
+            work.tgt_snaps[key] = mark
+            marks.append(mark)
+        if marks:
+            await self.state.put_snapshots(marks)  # no mark, no write: a failure here retries the changes
+        return before
+
+    async def _unmark(self, flow: FlowSpec, before: Mapping[str, Snapshot | None],
+                      keys: Sequence[str | None]) -> None:
+        """Put back the snapshots of targets whose write was refused before anything was applied (throttled,
+        unauthorized, rejected): they hold what they held before the call."""
+        tgt = flow.target
+        restore = [snap for key in dict.fromkeys(keys) if key and (snap := before.get(key)) is not None]
+        unknown_before = [key for key in dict.fromkeys(keys) if key and key in before and before[key] is None]
+        try:
+            if restore:
+                await self.state.put_snapshots(restore)
+            if unknown_before:
+                await self.state.delete_snapshots(tgt.system, snapshot_table(tgt.table, flow.entity), unknown_before)
+        except Exception as exc:  # the mark only costs a redundant write later; the write's own error is reported
+            log.warning("flow %s: clearing %d unknown-target marks failed (%s)", flow.name,
+                        len(restore) + len(unknown_before), type(exc).__name__)
 
     async def _write_back(
         self,
@@ -844,12 +934,13 @@ class SyncEngine:
             errors.append(with_detail(error, f"{where}: child {child.key}: {error.detail}"))
             with correlated([correlation_id]):
                 log.warning("cascade %s: %s %s failed: %s", cascade.name, system, child.key, error)
-        prev = await self.state.get_snapshots(system, table, [c.key for c in done])
+        prev = await read_snapshots(self.state, cascade.child_entity, system, table, [c.key for c in done])
         snaps = []
         for child in done:
             merged = {**(dict(prev[child.key].values) if child.key in prev else {}), **values}
             before = prev[child.key].modified if child.key in prev else None
-            snaps.append(Snapshot(system, table, child.key, merged, values_hash(merged), _latest(before, modified)))
+            snaps.append(Snapshot(system, snapshot_table(table, cascade.child_entity), child.key, merged,
+                                  values_hash(merged), _latest(before, modified)))
             audit.append(AuditEntry(now, correlation_id, flow_name, "cascaded", system, table, child.key,
                                     f"{cascade.name}: parent {parent_key} closed; set {values}"))
         if snaps:
@@ -885,6 +976,54 @@ class SyncEngine:
             env.source_system, env.source_table, env.source_key, detail,
             outcome.error.reason if outcome.error is not None else None,
         )
+
+
+def snapshot_table(table: str, entity: str) -> str:
+    """Where a record's snapshot is kept for one entity (one pair of flows): per entity, not per record.
+
+    A value one entity's flow wrote is an echo for that entity's reverse flow only. A record in two entities
+    (a Salesforce Account that is an F&O customer and a Customer 360 account) has one snapshot for each, so a
+    change that arrives through one entity's flow still continues through the other's.
+    """
+    return f"{table}@{entity}"
+
+
+async def read_snapshots(state: StateStore, entity: str, system: str, table: str,
+                         keys: Sequence[str]) -> dict[str, Snapshot]:
+    """The records' snapshots for `entity`; a record with none yet is read from the per-record snapshot that
+    earlier versions kept (returned as the entity's, so the next write stores it in the new place)."""
+    found = await state.get_snapshots(system, snapshot_table(table, entity), keys)
+    missing = [k for k in keys if k not in found]
+    if missing:
+        for key, old in (await state.get_snapshots(system, table, missing)).items():
+            found[key] = Snapshot(system, snapshot_table(table, entity), key, old.values, old.hash, old.modified)
+    return found
+
+
+async def forget_snapshots(state: StateStore, entity: str, system: str, table: str, keys: Sequence[str]) -> None:
+    """Forget deleted records' snapshots for `entity`, and the per-record ones of earlier versions (a key reused
+    later must not inherit them)."""
+    await state.delete_snapshots(system, snapshot_table(table, entity), keys)
+    await state.delete_snapshots(system, table, keys)
+
+
+def _written(op: WriteOp) -> dict[str, Any]:
+    """What a target record holds once `op` is applied, in its snapshot's terms (values, bound keys, lines)."""
+    values = dict(op.values)
+    for nav, bind in op.binds.items():
+        values[nav] = bind.key
+    if op.lines is not None:
+        values[LINES_KEY] = [{"key": i.source_key, **i.values} for i in op.lines.items]
+    return values
+
+
+def _maybe_applied(error: SyncError) -> bool:
+    """Whether a failed write may still have been applied (sent, then no or a failed answer).
+
+    Throttling and authentication are refused before anything is applied; a permanent rejection is the
+    target refusing the record. Everything else (504, timeouts, dropped connections, 5xx) may have landed.
+    """
+    return isinstance(error, RetriableError) and not isinstance(error, ThrottledError | AuthError)
 
 
 async def isolate(read: Callable[[list[str]], Awaitable[Sequence[T]]], keys: list[str],
