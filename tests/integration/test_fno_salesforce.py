@@ -190,3 +190,40 @@ async def test_spent_daily_allocation_pauses_salesforce_and_loses_nothing(sims, 
         assert (await queue.depth()).scheduled == 0
     finally:
         await services.aclose()
+
+
+async def test_a_customer_made_from_an_account_whose_link_was_lost_is_linked_back_not_twinned(sims):
+    """Issue 13 defect 5: F&O created the customer for a new Salesforce Account, but the answer (or the process)
+    was lost before the link was stored. The F&O poll then saw a "new" customer, and customers_to_salesforce
+    created a second Account for it, although the customer's SynclineSalesforceId names the Account it came
+    from. It must link to that Account (link.origin_field) instead."""
+    fno, sf = sims
+    services = build_services(Settings())
+    try:
+        first = await services.controller.run_cycle()
+        assert first.outcome == "ok", first.error
+        accounts_before = sf.count("Account")
+        origin = sf.ui_create("Account", {"Name": "Lost Answer Industries", "Legal_Entity__c": "US01",
+                                          "CurrencyIsoCode": "USD", "Type": "Customer - Direct",
+                                          "BillingCity": "Denver"})
+        # What accounts_to_fno's create left behind when its answer was lost: the customer, no link.
+        made = fno.insert("CustomersV3", {"dataAreaId": "usmf", "CustomerAccount": "US-C09001",
+                                          "OrganizationName": "Lost Answer Industries", "CustomerGroupId": "10",
+                                          "SalesCurrencyCode": "USD", "AddressCity": "Denver",
+                                          "AddressCountryRegionId": "USA", "SynclineSalesforceId": origin})
+        assert await services.controller.poll(only={("fno", "CustomersV3")}) >= 1
+        drained = await services.controller.run_cycle(poll=False)
+        assert drained.outcome == "ok", drained.error
+        assert sf.find("Account", Dynamics_Account__c=f"usmf|{made['CustomerAccount']}") == []  # no twin
+        assert sf.count("Account") == accounts_before + 1
+        account = sf.get("Account", origin)
+        assert account is not None
+        assert account["AccountNumber"] == made["CustomerAccount"]  # the customer's values reached its Account
+        # The Account's own change then finds the customer (by SynclineSalesforceId): no second customer either.
+        again = await services.controller.run_cycle()
+        assert again.outcome == "ok", again.error
+        assert [c["CustomerAccount"] for c in fno.all("CustomersV3") if c.get("SynclineSalesforceId") == origin] \
+            == [made["CustomerAccount"]]
+        assert sf.count("Account") == accounts_before + 1
+    finally:
+        await services.aclose()
