@@ -316,6 +316,8 @@ class _Fault:
     method: str | None = None
     after_apply: bool = False
     delay: float = 0.0
+    skip: int = 0
+    """Matching requests let through untouched before this fault strikes."""
 
 
 class Faults:
@@ -326,12 +328,13 @@ class Faults:
         self._fail: list[_Fault] = []
 
     def fail_next(self, n: int, status: int, path_contains: str | None = None, *, method: str | None = None,
-                  after_apply: bool = False) -> None:
+                  after_apply: bool = False, skip: int = 0) -> None:
         """The next `n` API requests (optionally only those whose path contains a text, or of one method) fail
         with `status` (`DROP`: the connection is dropped). `after_apply`: the request is applied first and only
-        its answer is lost (a gateway 504 after the write, a reset after the server committed)."""
-        self._fail.extend(_Fault(status, path_contains, method.upper() if method else None, after_apply)
-                          for _ in range(n))
+        its answer is lost (a gateway 504 after the write, a reset after the server committed). `skip`: that many
+        matching requests go through first (the fault strikes in the middle of a call)."""
+        self._fail.extend(_Fault(status, path_contains, method.upper() if method else None, after_apply,
+                                 skip=skip if i == 0 else 0) for i in range(n))
 
     def slow_next(self, n: int, seconds: float, path_contains: str | None = None, *,
                   method: str | None = None) -> None:
@@ -351,6 +354,9 @@ class Faults:
         for i, fault in enumerate(self._fail):
             if (fault.path_contains is None or fault.path_contains in path) and \
                     (fault.method is None or fault.method == method):
+                if fault.skip:
+                    fault.skip -= 1
+                    return None
                 return self._fail.pop(i)
         return None
 

@@ -227,3 +227,71 @@ async def test_a_customer_made_from_an_account_whose_link_was_lost_is_linked_bac
         assert sf.count("Account") == accounts_before + 1
     finally:
         await services.aclose()
+
+
+def won_deals(sf: SalesforceSimulator, n: int, lines: int) -> list[str]:
+    """`n` Closed Won opportunities of one US account, `lines` line items each (made open, then won, as a rep)."""
+    account = next(a for a in sf.find("Account") if a.get("Legal_Entity__c") == "US01"
+                   and a.get("CurrencyIsoCode") == "USD" and a.get("Dynamics_Account__c"))
+    products = [p for p in sf.find("Product2") if str(p.get("Dynamics_Item__c", "")).startswith("usmf|")]
+    deals = []
+    for i in range(n):
+        rid = sf.ui_create("Opportunity", {"Name": f"Auth fault deal {i}", "StageName": "Proposal/Price Quote",
+                                           "CloseDate": "2026-03-15", "AccountId": account["Id"],
+                                           "Legal_Entity__c": "US01", "CurrencyIsoCode": "USD"})
+        for product in products[:lines]:
+            sf.ui_create("OpportunityLineItem", {"OpportunityId": rid, "Product2Id": product["Id"],
+                                                 "Quantity": 2.0, "UnitPrice": 150.0})
+        sf.ui_change("Opportunity", rid, {"StageName": "Closed Won"})
+        deals.append(rid)
+    return deals
+
+
+def fno_orders(fno: FinOpsSimulator, deal: str) -> list[tuple[str, int]]:
+    """(order number, number of lines) of every F&O sales order made from the opportunity."""
+    return [(h["SalesOrderNumber"], sum(1 for ln in fno.all("SalesOrderLines")
+                                        if ln["SalesOrderNumber"] == h["SalesOrderNumber"]
+                                        and ln["dataAreaId"] == h["dataAreaId"]))
+            for h in fno.all("SalesOrderHeadersV2") if h.get("SynclineSalesforceId") == deal]
+
+
+async def test_a_401_in_one_line_write_retries_the_flow_later_and_keeps_the_orders_already_written(
+        sims, monkeypatch):
+    """Issue 13 defect 9: a 401 that survives the token refresh in one F&O line write failed the whole write call,
+    and every change of the flow in the batch failed with that error (AUTH_FAILED, another record's text),
+    including the orders already written. Now the order written before it is settled as written (its key is
+    written back), the refused one and those not attempted are retried later, none is dead-lettered, and the
+    retry completes them without a twin header or line."""
+    fno, sf = sims
+    monkeypatch.setenv("FNO__MAX_CONCURRENCY", "1")  # ops one after the other: the 401 strikes the second one
+    services = build_services(Settings())
+    try:
+        first = await services.controller.run_cycle()
+        assert first.outcome == "ok", first.error
+        dead_before = len(await services.queue.peek_dead_letters())
+        deals = won_deals(sf, 4, lines=2)
+        # The first order's two lines go in; the second order's first line is refused, refreshed, refused again.
+        fno.faults.fail_next(2, 401, path_contains="SalesOrderLines", method="POST", skip=2)
+        faulted = await services.controller.run_cycle()
+        assert faulted.outcome == "ok", faulted.error
+        assert fno.request_counts["fault401"] == 2
+        assert "AUTH_FAILED" not in faulted.dead_lettered
+        assert len(await services.queue.peek_dead_letters()) == dead_before
+        orders = {deal: fno_orders(fno, deal) for deal in deals}
+        written = [d for d in deals if (sf.get("Opportunity", d) or {}).get("Dynamics_Sales_Order__c")]
+        assert len(written) == 1, orders  # settled as written: its F&O key went back to Salesforce
+        [(number, lines)] = orders[written[0]]
+        assert lines == 2
+        assert (sf.get("Opportunity", written[0]) or {})["Dynamics_Sales_Order__c"] == f"usmf|{number}"
+        assert sorted(len(o) for o in orders.values()) == [0, 0, 1, 1]  # the refused one has its header only
+        assert faulted.retried >= 3
+        for _ in range(3):
+            again = await services.controller.run_cycle()
+            assert again.outcome == "ok", again.error
+        for deal in deals:
+            [(number, lines)] = fno_orders(fno, deal)  # one header each, no twin
+            assert lines == 2
+            assert (sf.get("Opportunity", deal) or {})["Dynamics_Sales_Order__c"] == f"usmf|{number}"
+        assert len(await services.queue.peek_dead_letters()) == dead_before
+    finally:
+        await services.aclose()
