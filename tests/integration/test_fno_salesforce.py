@@ -295,3 +295,65 @@ async def test_a_401_in_one_line_write_retries_the_flow_later_and_keeps_the_orde
         assert len(await services.queue.peek_dead_letters()) == dead_before
     finally:
         await services.aclose()
+
+
+async def test_a_customer_create_applied_as_the_controller_is_killed_is_found_again_not_twinned(sims):
+    """Issue 13 defect 4, after a crash: the controller is killed (`kill -9`) while F&O applies its customer
+    create; the change comes back and the next attempt finds the customer by its match field
+    (SynclineSalesforceId) before any create, so there is one customer, its key written back to the Account."""
+    import asyncio
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    fno, sf = sims
+    services = build_services(Settings())
+    try:
+        for _ in range(2):  # the initial load, then its own writes read back by the Salesforce poll
+            assert (await services.controller.run_cycle()).outcome == "ok"
+        origin = sf.ui_create("Account", {"Name": "Killed Mid-Create Corp", "Legal_Entity__c": "US01",
+                                          "CurrencyIsoCode": "USD", "Type": "Customer - Direct",
+                                          "BillingCity": "Denver", "BillingCountry": "US"})
+        assert await services.controller.poll(only={("salesforce", "Account")}) == 1
+    finally:
+        await services.aclose()
+    fno.faults.slow_next(1, 1.5, "CustomersV3", method="POST")  # F&O applies it after the process is gone
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.Popen([sys.executable, "-m", "shared.cli", "run", "--no-poll"], cwd=root,
+                            env={**os.environ, "SYNCLINE_LOCK_SECONDS": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while not fno.request_counts["fault-1"]:
+            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else "controller exited early"
+            assert time.monotonic() < deadline, "the controller never sent the create"
+            await asyncio.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if proc.stderr:
+            proc.stderr.close()
+
+    def made() -> list[dict]:
+        return [c for c in fno.all("CustomersV3") if c.get("SynclineSalesforceId") == origin]
+
+    for _ in range(100):
+        if made():
+            break
+        await asyncio.sleep(0.05)
+    [customer] = made()  # applied although nobody heard the answer
+    assert not (sf.get("Account", origin) or {}).get("Dynamics_Account__c")
+    await asyncio.sleep(1.2)  # the killed controller's lock expires: the change is delivered again
+    services = build_services(Settings())
+    try:
+        rerun = await services.controller.run_cycle(poll=False)
+        assert rerun.outcome == "ok", rerun.error
+        assert rerun.statuses.get("written") == 1, rerun.statuses
+    finally:
+        await services.aclose()
+    assert [c["CustomerAccount"] for c in made()] == [customer["CustomerAccount"]]  # no twin
+    assert sum(1 for m, p in fno.requests if m == "POST" and p.startswith("/data/CustomersV3")) == 1
+    assert (sf.get("Account", origin) or {})["Dynamics_Account__c"] == f"usmf|{customer['CustomerAccount']}"
