@@ -435,6 +435,17 @@ def patient(sf_env: SalesforceEnv, sim: SalesforceSimulator) -> Iterator[tuple[S
     session.close()
 
 
+async def test_a_poll_read_failing_once_is_retried_in_call(client: SalesforceClient, sim: SalesforceSimulator) -> None:
+    """Issue 13 defect 2: `SalesforceClient._call` made one attempt per read, so one 503 or reset on a SOQL query
+    failed the poll of the table (the default client, default retry policy)."""
+    [made] = await client.write([account_op(1)])
+    sim.faults.fail_next(1, 503, "query", method="GET")
+    assert [r.key async for page, _ in client.changes_since("Account", None) for r in page] == [made.key]
+    sim.faults.fail_next(1, DROP, "query", method="GET")
+    assert [r.key for r in await client.select("Account", equals={EXT: "D365-00001"})] == [made.key]
+    assert len(paths(sim, "GET", "query")) == 4
+
+
 async def test_a_read_answered_503_then_429_is_retried_honouring_retry_after(
         patient: tuple[SalesforceClient, list[float]], sim: SalesforceSimulator) -> None:
     """Issue 13 defect 2: a Salesforce read made one attempt; a 503 failed the poll."""
