@@ -3,9 +3,15 @@ upserts (a re-run duplicates nothing), collections of 200, and the bad records d
 
 from __future__ import annotations
 
+import asyncio
 import os
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -16,6 +22,8 @@ from sandbox.server import RunningServer
 from sandbox.server import TestCA as SandboxCA
 from shared.bootstrap import build_services
 from shared.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -297,17 +305,11 @@ async def test_a_401_in_one_line_write_retries_the_flow_later_and_keeps_the_orde
         await services.aclose()
 
 
-async def test_a_customer_create_applied_as_the_controller_is_killed_is_found_again_not_twinned(sims):
-    """Issue 13 defect 4, after a crash: the controller is killed (`kill -9`) while F&O applies its customer
-    create; the change comes back and the next attempt finds the customer by its match field
-    (SynclineSalesforceId) before any create, so there is one customer, its key written back to the Account."""
-    import asyncio
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    fno, sf = sims
+async def kill_while_f_and_o_creates_a_customer(fno: FinOpsSimulator, sf: SalesforceSimulator,
+                                               lock_seconds: float) -> tuple[str, dict[str, Any]]:
+    """A new ERP Account in Salesforce; the controller (a process of its own) is killed (`kill -9`) while F&O
+    applies the customer create for it, so the customer lands and nobody stores the link or writes its key back.
+    Returns the Account id and the customer."""
     services = build_services(Settings())
     try:
         for _ in range(2):  # the initial load, then its own writes read back by the Salesforce poll
@@ -319,9 +321,8 @@ async def test_a_customer_create_applied_as_the_controller_is_killed_is_found_ag
     finally:
         await services.aclose()
     fno.faults.slow_next(1, 1.5, "CustomersV3", method="POST")  # F&O applies it after the process is gone
-    root = Path(__file__).resolve().parents[2]
-    proc = subprocess.Popen([sys.executable, "-m", "shared.cli", "run", "--no-poll"], cwd=root,
-                            env={**os.environ, "SYNCLINE_LOCK_SECONDS": "1"},
+    proc = subprocess.Popen([sys.executable, "-m", "shared.cli", "run", "--no-poll"], cwd=ROOT,
+                            env={**os.environ, "SYNCLINE_LOCK_SECONDS": str(lock_seconds)},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 60
@@ -336,16 +337,29 @@ async def test_a_customer_create_applied_as_the_controller_is_killed_is_found_ag
             proc.kill()
         if proc.stderr:
             proc.stderr.close()
-
-    def made() -> list[dict]:
-        return [c for c in fno.all("CustomersV3") if c.get("SynclineSalesforceId") == origin]
-
     for _ in range(100):
-        if made():
+        if customers_from(fno, origin):
             break
         await asyncio.sleep(0.05)
-    [customer] = made()  # applied although nobody heard the answer
+    [customer] = customers_from(fno, origin)  # applied although nobody heard the answer
     assert not (sf.get("Account", origin) or {}).get("Dynamics_Account__c")
+    return origin, customer
+
+
+def customers_from(fno: FinOpsSimulator, account_id: str) -> list[dict[str, Any]]:
+    return [c for c in fno.all("CustomersV3") if c.get("SynclineSalesforceId") == account_id]
+
+
+def customer_posts(fno: FinOpsSimulator) -> int:
+    return sum(1 for m, p in fno.requests if m == "POST" and p.startswith("/data/CustomersV3"))
+
+
+async def test_a_customer_create_applied_as_the_controller_is_killed_is_found_again_not_twinned(sims):
+    """Issue 13 defect 4, after a crash: the controller is killed while F&O applies its customer create; the
+    change comes back and the next attempt finds the customer by its match field (SynclineSalesforceId) before
+    any create: one customer, its key written back to the Account."""
+    fno, sf = sims
+    origin, customer = await kill_while_f_and_o_creates_a_customer(fno, sf, lock_seconds=1)
     await asyncio.sleep(1.2)  # the killed controller's lock expires: the change is delivered again
     services = build_services(Settings())
     try:
@@ -354,6 +368,34 @@ async def test_a_customer_create_applied_as_the_controller_is_killed_is_found_ag
         assert rerun.statuses.get("written") == 1, rerun.statuses
     finally:
         await services.aclose()
-    assert [c["CustomerAccount"] for c in made()] == [customer["CustomerAccount"]]  # no twin
-    assert sum(1 for m, p in fno.requests if m == "POST" and p.startswith("/data/CustomersV3")) == 1
+    assert [c["CustomerAccount"] for c in customers_from(fno, origin)] == [customer["CustomerAccount"]]  # no twin
+    assert customer_posts(fno) == 1
     assert (sf.get("Account", origin) or {})["Dynamics_Account__c"] == f"usmf|{customer['CustomerAccount']}"
+
+
+async def test_the_reverse_flow_links_a_customer_whose_create_was_killed_to_its_account(sims):
+    """Issue 13 defect 5, end to end: the F&O poll reads the customer whose create the killed controller never
+    heard about before the Account's change comes back; customers_to_salesforce must update the Account the
+    customer came from (its SynclineSalesforceId), not create a second Account. The Account's own change then
+    finds the customer: no second customer either."""
+    fno, sf = sims
+    origin, customer = await kill_while_f_and_o_creates_a_customer(fno, sf, lock_seconds=4)
+    accounts = sf.count("Account")
+    services = build_services(Settings())
+    try:
+        # The Account's message is still locked by the dead process: only the customer's change is drained.
+        assert await services.controller.poll(only={("fno", "CustomersV3")}) == 1
+        reverse = await services.controller.run_cycle(poll=False)
+        assert reverse.outcome == "ok", reverse.error
+        assert reverse.statuses.get("written") == 1, reverse.statuses
+        assert sf.count("Account") == accounts  # no twin Account
+        assert (sf.get("Account", origin) or {})["AccountNumber"] == customer["CustomerAccount"]
+        await asyncio.sleep(4.2)  # the dead process's lock expires: the Account's change comes back
+        rerun = await services.controller.run_cycle(poll=False)
+        assert rerun.outcome == "ok", rerun.error
+        assert rerun.received >= 1
+    finally:
+        await services.aclose()
+    assert sf.count("Account") == accounts
+    assert [c["CustomerAccount"] for c in customers_from(fno, origin)] == [customer["CustomerAccount"]]
+    assert customer_posts(fno) == 1
