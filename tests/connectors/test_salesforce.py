@@ -478,8 +478,7 @@ async def test_an_upsert_whose_answer_is_lost_is_replayed_safely(
 
 @pytest.mark.parametrize("status", [504, DROP], ids=["gateway-504", "connection-dropped"])
 async def test_a_plain_create_whose_answer_is_lost_is_never_resent(
-        patient: tuple[SalesforceClient, list[float]], sim: SalesforceSimulator, status: int) -> None:
-    client, _ = patient
+        client: SalesforceClient, sim: SalesforceSimulator, status: int) -> None:
     sim.faults.fail_next(1, status, "composite/sobjects", method="POST", after_apply=True)
     [result] = await client.write([WriteOp("c1", "upsert", "Account", values={"Name": "Lost answer"})])
     assert isinstance(result.error, AmbiguousWriteError)
@@ -492,10 +491,9 @@ async def test_a_plain_create_whose_answer_is_lost_is_never_resent(
 
 
 async def test_an_auth_failure_keeps_the_written_records_and_leaves_the_rest_unattempted(
-        patient: tuple[SalesforceClient, list[float]], sim: SalesforceSimulator) -> None:
+        client: SalesforceClient, sim: SalesforceSimulator) -> None:
     """Issue 13 defect 9 (Salesforce side): an auth failure in one call used to discard the results of the calls
     already made (the whole write raised); now they stand and the later calls are not attempted."""
-    client, _ = patient
     [seed] = await client.write([account_op(0)])
     assert seed.key is not None
     ops = [account_op(1),
