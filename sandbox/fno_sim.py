@@ -303,10 +303,21 @@ def evaluate(node: tuple[Any, ...], row: Mapping[str, Any]) -> bool:
 # ============================================================================================ faults
 
 
+DROP = 0
+"""`fail_next` status meaning "the connection is dropped": the client sees a reset, not an HTTP status."""
+SLOW = -1
+"""Status of a `slow_next` fault: answered normally, only late."""
+
+
 @dataclass
 class _Fault:
     status: int
     path_contains: str | None
+    method: str | None = None
+    after_apply: bool = False
+    delay: float = 0.0
+    skip: int = 0
+    """Matching requests let through untouched before this fault strikes."""
 
 
 class Faults:
@@ -316,9 +327,21 @@ class Faults:
         self._sim = sim
         self._fail: list[_Fault] = []
 
-    def fail_next(self, n: int, status: int, path_contains: str | None = None) -> None:
-        """The next `n` API requests (optionally only those whose path contains a text) fail with `status`."""
-        self._fail.extend(_Fault(status, path_contains) for _ in range(n))
+    def fail_next(self, n: int, status: int, path_contains: str | None = None, *, method: str | None = None,
+                  after_apply: bool = False, skip: int = 0) -> None:
+        """The next `n` API requests (optionally only those whose path contains a text, or of one method) fail
+        with `status` (`DROP`: the connection is dropped). `after_apply`: the request is applied first and only
+        its answer is lost (a gateway 504 after the write, a reset after the server committed). `skip`: that many
+        matching requests go through first (the fault strikes in the middle of a call)."""
+        self._fail.extend(_Fault(status, path_contains, method.upper() if method else None, after_apply,
+                                 skip=skip if i == 0 else 0) for i in range(n))
+
+    def slow_next(self, n: int, seconds: float, path_contains: str | None = None, *,
+                  method: str | None = None) -> None:
+        """Hold the next `n` matching requests `seconds` before applying and answering them normally: a client
+        with a shorter timeout gives up, and the write still lands (late), as with a real overloaded AOS."""
+        self._fail.extend(_Fault(SLOW, path_contains, method.upper() if method else None, True, seconds)
+                          for _ in range(n))
 
     def expire_tokens(self) -> None:
         """Invalidate every access token issued so far (the next API call gets 401)."""
@@ -327,11 +350,33 @@ class Faults:
     def clear(self) -> None:
         self._fail.clear()
 
-    def take(self, path: str) -> _Fault | None:
+    def take(self, path: str, method: str = "") -> _Fault | None:
         for i, fault in enumerate(self._fail):
-            if fault.path_contains is None or fault.path_contains in path:
+            if (fault.path_contains is None or fault.path_contains in path) and \
+                    (fault.method is None or fault.method == method):
+                if fault.skip:
+                    fault.skip -= 1
+                    return None
                 return self._fail.pop(i)
         return None
+
+
+def _fault_response(status: int) -> Response:
+    if status == DROP:
+        return _Dropped()
+    return JSONResponse({"error": {"code": "", "message": "An error has occurred."}}, status_code=status)
+
+
+class _Dropped(Response):
+    """A response that starts and never finishes: the server closes the connection mid-answer (a reset)."""
+
+    def __init__(self) -> None:
+        super().__init__(status_code=200)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", b"4096")]})
+        raise ConnectionAbortedError("connection dropped by the simulator's fault knob")
 
 
 @dataclass
@@ -660,11 +705,16 @@ class FinOpsSimulator:
         if throttled is not None:
             self.request_counts["429"] += 1
             return JSONResponse(throttled.body(), status_code=429, headers=throttled.headers)
-        fault = self.faults.take(raw_path)
+        fault = self.faults.take(raw_path, request.method)
         if fault is not None:
             self.request_counts[f"fault{fault.status}"] += 1
-            return JSONResponse({"error": {"code": "", "message": "An error has occurred."}},
-                                status_code=fault.status)
+            if not fault.after_apply:
+                return _fault_response(fault.status)
+            if fault.delay:
+                await request.body()  # read now: the client is gone when the delay ends, the request is not
+                await asyncio.sleep(fault.delay)
+            if fault.status == SLOW:
+                fault = None
         if self.latency_ms:
             await asyncio.sleep(self.latency_ms / 1000)
         query = parse_qsl(request.url.query, keep_blank_values=True)
@@ -675,7 +725,11 @@ class FinOpsSimulator:
                                                           dict(query), request.headers, body,
                                                           str(request.base_url).rstrip("/"))
         except ODataError as err:
+            if fault is not None:
+                return _fault_response(fault.status)
             return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+        if fault is not None:
+            return _fault_response(fault.status)
         if payload is None:
             return Response(status_code=status, headers=headers)
         return JSONResponse(payload, status_code=status, headers=headers)

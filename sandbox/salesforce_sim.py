@@ -397,18 +397,74 @@ class Limits:
     used: int = 0
 
 
+DROP = 0
+"""`fail_next` status meaning "the connection is dropped": the client sees a reset, not an HTTP status."""
+
+
+@dataclass
+class _Fault:
+    status: int
+    path_contains: str | None
+    method: str | None
+    after_apply: bool
+    retry_after: float | None
+
+
 @dataclass
 class Faults:
     expired: set[str] = field(default_factory=set)
     sim: SalesforceSimulator | None = None
     reject_sessions: bool = False
     """Every API call answers 401 INVALID_SESSION_ID, even with a fresh token (e.g. the run-as user was frozen)."""
+    failing: list[_Fault] = field(default_factory=list)
+
+    def fail_next(self, n: int, status: int, path_contains: str | None = None, *, method: str | None = None,
+                  after_apply: bool = False, retry_after: float | None = None) -> None:
+        """The next `n` API requests (optionally whose path, relative to the API root, contains a text, or of
+        one method) fail with `status` (`DROP`: the connection is dropped). `after_apply`: the request is
+        applied first and only its answer is lost (a gateway 504 after the write, a reset after the commit)."""
+        assert self.sim is not None
+        with self.sim._lock:
+            self.failing.extend(_Fault(status, path_contains, method.upper() if method else None, after_apply,
+                                       retry_after) for _ in range(n))
+
+    def take(self, method: str, path: str) -> _Fault | None:
+        for i, fault in enumerate(self.failing):
+            if (fault.path_contains is None or fault.path_contains in path) and \
+                    (fault.method is None or fault.method == method):
+                return self.failing.pop(i)
+        return None
 
     def expire_tokens(self) -> None:
         """Every token issued so far answers 401 INVALID_SESSION_ID from now on."""
         assert self.sim is not None
         with self.sim._lock:
             self.expired.update(self.sim._tokens)
+
+
+def _injected(fault: _Fault) -> Response:
+    if fault.status == DROP:
+        return _Dropped()
+    headers = {"Retry-After": f"{fault.retry_after:g}"} if fault.retry_after is not None else {}
+    if fault.status == 401:
+        return JSONResponse([{"message": "Session expired or invalid", "errorCode": "INVALID_SESSION_ID"}],
+                            status_code=401)
+    message = {503: "Server Unavailable", 502: "Bad Gateway", 504: "Gateway Timeout"}.get(
+        fault.status, f"Injected fault (HTTP {fault.status})")
+    return JSONResponse([{"message": message, "errorCode": "SERVER_UNAVAILABLE"}], status_code=fault.status,
+                        headers=headers)
+
+
+class _Dropped(Response):
+    """A response that starts and never finishes: the server closes the connection mid-answer (a reset)."""
+
+    def __init__(self) -> None:
+        super().__init__(status_code=200)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", b"4096")]})
+        raise ConnectionAbortedError("connection dropped by the simulator's fault knob")
 
 
 @dataclass
@@ -452,6 +508,7 @@ class SalesforceSimulator:
             self._tokens: set[str] = set()
             self.faults.expired = set()
             self.faults.reject_sessions = False
+            self.faults.failing = []
             self.limits.used = 0
             self.request_count = 0
             self.requests: list[tuple[str, str, dict[str, str]]] = []
@@ -863,12 +920,17 @@ class SalesforceSimulator:
             client = next((p.split("=", 1)[1].strip() for p in options.split(",") if p.strip().startswith("client=")),
                           None)
             origin = f"com/salesforce/api/rest/{API_VERSION}" + (f";client={client}" if client else "")
+            injected = self.faults.take(request.method, rest)
+            if injected is not None and not injected.after_apply:
+                return _injected(injected)
             try:
-                return self._dispatch(request, rest, body, origin, client)
+                answer = self._dispatch(request, rest, body, origin, client)
             except SalesforceFault as fault:
                 if fault.status == 300:
-                    return self._json(fault.fields, 300)
-                return self._json(fault.body(), fault.status)
+                    answer = self._json(fault.fields, 300)
+                else:
+                    answer = self._json(fault.body(), fault.status)
+            return answer if injected is None else _injected(injected)
 
     def _dispatch(self, request: Request, rest: str, body: bytes, origin: str, client: str | None) -> Response:
         method = request.method

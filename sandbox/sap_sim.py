@@ -794,6 +794,23 @@ class _Fault:
     method: str | None
     retry_after: float | None
     headers: dict[str, str]
+    after_apply: bool = False
+
+
+DROP = 0
+"""`fail_next` status meaning "the connection is dropped": the client sees a reset, not an HTTP status."""
+
+
+class _Dropped(Response):
+    """A response that starts and never finishes: the server closes the connection mid-answer (a reset)."""
+
+    def __init__(self) -> None:
+        super().__init__(status_code=200)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", b"4096")]})
+        raise ConnectionAbortedError("connection dropped by the simulator's fault knob")
 
 
 class Faults:
@@ -804,15 +821,17 @@ class Faults:
         self._lock = threading.Lock()
 
     def fail_next(self, n: int, status: int, *, path_contains: str | None = None, method: str | None = None,
-                  retry_after: float | None = None, headers: Mapping[str, str] | None = None) -> None:
+                  retry_after: float | None = None, headers: Mapping[str, str] | None = None,
+                  after_apply: bool = False) -> None:
         """Fail the next `n` matching API requests with `status` (429/503 carry `Retry-After` when given).
 
         `headers` go on the response, e.g. `{"x-csrf-token": "Required"}` with 403 for a CSRF rejection that
-        survives a fresh token.
+        survives a fresh token. `after_apply`: the request is served (applied) first and only its answer is
+        lost: `status` replaces it (a gateway 504 after the write; `DROP`: the connection is dropped).
         """
         with self._lock:
             self._fail.extend(_Fault(status, path_contains, method.upper() if method else None, retry_after,
-                                     dict(headers or {})) for _ in range(n))
+                                     dict(headers or {}), after_apply) for _ in range(n))
 
     def throttle_next(self, n: int, *, status: int = 429, retry_after: float = 1.0, method: str | None = None) -> None:
         """Answer the next `n` API requests with 429 (or 503) and `Retry-After: retry_after`."""
@@ -822,11 +841,11 @@ class Faults:
         with self._lock:
             self._fail.clear()
 
-    def take(self, method: str, path: str) -> _Fault | None:
+    def take(self, method: str, path: str, *, after_apply: bool = False) -> _Fault | None:
         with self._lock:
             for i, fault in enumerate(self._fail):
                 if (fault.path_contains is None or fault.path_contains in path) and \
-                        (fault.method is None or fault.method == method):
+                        (fault.method is None or fault.method == method) and fault.after_apply == after_apply:
                     return self._fail.pop(i)
         return None
 
@@ -1243,6 +1262,17 @@ class SapSimulator:
     # ------------------------------------------------------------------------------------ HTTP: dispatch
 
     async def _api(self, request: Request) -> Response:
+        lost = self.faults.take(request.method.upper(), request.url.path, after_apply=True)
+        response = await self._serve(request)
+        if lost is None:
+            return response
+        if lost.status == DROP:
+            return _Dropped()
+        text = f"Injected fault after the request was served (HTTP {lost.status})"
+        return _json_response(GatewayError(lost.status, "/IWFND/CM_BEC/026", text).body(
+            request.path_params["service"]), lost.status, {})
+
+    async def _serve(self, request: Request) -> Response:
         if self.latency_ms:
             await asyncio.sleep(self.latency_ms / 1000)
         method = request.method.upper()
@@ -1257,6 +1287,8 @@ class SapSimulator:
         out_headers: dict[str, str] = {}
         try:
             fault = self.faults.take(method, path)
+            if fault is not None and fault.status == DROP:
+                return _Dropped()
             if fault is not None:
                 extra = {"Retry-After": f"{fault.retry_after:g}"} if fault.retry_after is not None else {}
                 extra.update(fault.headers)

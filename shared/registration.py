@@ -112,9 +112,9 @@ def mapped_columns(flowset: FlowSet, table: str) -> list[str]:
     """The Dataverse columns Syncline reads from a table: what its webhook images must carry.
 
     Every source field of the flows reading the table, their lookups, geometry latitude/longitude, key and
-    modified fields, the link's write-back column (the engine recovers a lost cross-reference from it) and
-    match column, the scope (`when`) columns, the lines' roll-up column and the fields cascades test on this
-    side.
+    modified fields, the link's write-back and origin columns (the engine recovers a lost cross-reference from
+    them) and match column, the scope (`when`) columns, the lines' roll-up column and the fields cascades test
+    on this side.
     """
     flows = flowset.flows_from("dataverse", table)
     cols: set[str] = set()
@@ -126,8 +126,7 @@ def mapped_columns(flowset: FlowSet, table: str) -> list[str]:
         cols.add(flow.source.key_field)
         if flow.source.modified_field:
             cols.add(flow.source.modified_field)
-        if flow.link.write_back:
-            cols.add(flow.link.write_back)
+        cols |= {c for c in (flow.link.write_back, flow.link.origin_field) if c}
         if flow.link.match_source:
             cols.add(flow.link.match_source)  # the value that finds the record in the target
         cols |= {c.field for c in flow.when}  # a record entering the flow's scope is a change to deliver
@@ -152,7 +151,7 @@ def _filtering_attributes(flowset: FlowSet, table: str) -> list[str]:
     skip: set[str] = set()
     for flow in flowset.flows_from("dataverse", table):
         skip.add(flow.source.key_field)
-        skip |= {c for c in (flow.source.modified_field, flow.link.write_back) if c}
+        skip |= {c for c in (flow.source.modified_field, flow.link.write_back, flow.link.origin_field) if c}
     return [c for c in mapped_columns(flowset, table) if c not in skip]
 
 

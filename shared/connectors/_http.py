@@ -11,11 +11,18 @@ from dataclasses import dataclass
 
 import httpx
 
-from shared.core.errors import RetriableError, SyncError, ThrottledError, TransientError
+from shared.core.errors import AmbiguousWriteError, RetriableError, SyncError, ThrottledError, TransientError
 
 log = logging.getLogger(__name__)
 
 RETRIABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+UNSENT_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.UnsupportedProtocol)
+"""Transport failures before any byte of the request left: resending can never apply a request twice."""
+
+
+def maybe_applied(exc: httpx.TransportError) -> bool:
+    """Whether a request that failed with `exc` may have reached the server (read timeout, reset after send)."""
+    return not isinstance(exc, UNSENT_ERRORS)
 
 
 @dataclass(frozen=True)
@@ -60,21 +67,31 @@ async def send_with_retry(
     policy: RetryPolicy,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     retriable_status: frozenset[int] = RETRIABLE_STATUS,
+    idempotent: bool = True,
 ) -> httpx.Response:
     """Call `send` until it returns a non-retriable response or the attempts run out.
 
     Network errors and retriable statuses are retried with back-off (Retry-After wins when present).
     The final retriable failure raises ThrottledError (429) or TransientError (others, network). Any
     other response, success or error, is returned for the connector to interpret.
+
+    A non-idempotent request (a create) is resent only after a failure that proves it never left (connect
+    errors, pool timeouts); a timeout or a reset after it was sent raises AmbiguousWriteError at once, so the
+    caller looks the record up before anything is sent again. Its `retriable_status` must hold only statuses
+    that mean "refused before processing" (429, 503).
     """
     last_error: SyncError | None = None
     for attempt in range(1, policy.max_attempts + 1):
         try:
             response = await send()
-        except httpx.TimeoutException as exc:
-            last_error = TransientError(f"{system}: request timed out ({type(exc).__name__})")
         except httpx.TransportError as exc:
-            last_error = TransientError(f"{system}: network error ({type(exc).__name__}: {exc})")
+            if not idempotent and maybe_applied(exc):
+                raise AmbiguousWriteError(f"{system}: no answer after the request was sent ({type(exc).__name__}); "
+                                          "it may have been applied") from exc
+            if isinstance(exc, httpx.TimeoutException):
+                last_error = TransientError(f"{system}: request timed out ({type(exc).__name__})")
+            else:
+                last_error = TransientError(f"{system}: network error ({type(exc).__name__}: {exc})")
         else:
             if response.status_code not in retriable_status:
                 return response
@@ -99,6 +116,18 @@ async def send_with_retry(
             await sleep(policy.backoff(attempt))
     assert last_error is not None
     raise last_error
+
+
+def not_attempted(cause: SyncError, what: str) -> SyncError:
+    """The error of a write left unsent because the system refused the call (auth, throttling) for another
+    record: the same retriable kind (so the queue waits for the system), with a text about this record."""
+    detail = f"{what}: the system refused another write of the same call ({cause.reason}); retried later"
+    if isinstance(cause, ThrottledError):
+        return ThrottledError(detail, retry_after=cause.retry_after, reason=cause.reason)
+    try:
+        return type(cause)(detail, reason=cause.reason)
+    except TypeError:  # a subclass with its own constructor
+        return TransientError(detail, reason=cause.reason)
 
 
 class CallCounter:

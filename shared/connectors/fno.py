@@ -55,7 +55,7 @@ from urllib.parse import quote, urlsplit
 
 import httpx
 
-from shared.connectors._http import RetryPolicy, send_with_retry
+from shared.connectors._http import RetryPolicy, not_attempted, send_with_retry
 from shared.connectors._odata import json_object, rebase_link
 from shared.connectors.dataverse import TokenProvider
 from shared.core.dates import iso_z, parse_iso, parse_wcf_date
@@ -99,6 +99,9 @@ _IDENT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _RETRIABLE_READ = frozenset({408, 429, 500, 502, 503, 504})
 _RETRIABLE_WRITE = frozenset({408, 429, 502, 503})
 """A write answered 500 may be a validation failure (not worth retrying); 504 may have been applied."""
+_RETRIABLE_CREATE = frozenset({408, 429, 503})
+"""A create is resent only when F&O refused it unprocessed: a 502 or 504 may come after it was applied."""
+_AMBIGUOUS_CREATE = frozenset({502, 504})
 
 
 # ============================================================================================ keys
@@ -285,6 +288,8 @@ def _rewrap(exc: RetriableError, context: str) -> RetriableError:
     detail = f"{context}: {exc.detail}"
     if isinstance(exc, ThrottledError):
         return ThrottledError(detail, retry_after=exc.retry_after)
+    if isinstance(exc, AmbiguousWriteError):
+        return AmbiguousWriteError(detail)
     return TransientError(detail)
 
 
@@ -473,7 +478,13 @@ class FinOpsClient:
     async def _send(self, method: str, url: str, *, what: str, params: Mapping[str, str] | None = None,
                     body: Mapping[str, Any] | None = None, headers: Mapping[str, str] | None = None,
                     write: bool = False) -> httpx.Response:
-        """Bearer auth (one refresh-and-replay on 401) and short retries honouring Retry-After."""
+        """Bearer auth (one refresh-and-replay on 401) and short retries honouring Retry-After.
+
+        A POST (a create: F&O has no idempotent create) is never resent once it may have reached F&O; it raises
+        AmbiguousWriteError instead (see `_post`).
+        """
+        create = method == "POST"
+        retriable = _RETRIABLE_CREATE if create else _RETRIABLE_WRITE if write else _RETRIABLE_READ
         refreshed = False
         content = json.dumps({k: _jsonable(v) for k, v in body.items()}).encode() if body is not None else None
         while True:
@@ -489,7 +500,7 @@ class FinOpsClient:
 
             try:
                 response = await send_with_retry(attempt, system=SYSTEM, policy=self._policy, sleep=self._sleep,
-                                                  retriable_status=_RETRIABLE_WRITE if write else _RETRIABLE_READ)
+                                                  retriable_status=retriable, idempotent=not create)
             except RetriableError as exc:
                 raise _rewrap(exc, f"{SYSTEM} {what}") from exc
             if response.status_code == 401:
@@ -694,7 +705,16 @@ class FinOpsClient:
         if op.action == "update":
             raise RejectedError(f"{SYSTEM} {what}: the record does not exist (F&O has no upsert; use 'upsert')")
         body: dict[str, Any] = {**(op.match or {}), **op.values, **(key or {})}
-        response = await self._send("POST", self.data_root + op.table, what=what, body=body, write=True)
+        try:
+            response = await self._post(op.table, body, what)
+        except AmbiguousWriteError as exc:
+            # The create may have been applied: find it again (by key or match) before anything is resent.
+            _, found = await self._locate(op)
+            if found is None:
+                raise AmbiguousWriteError(f"{exc.detail}; it is not found (yet) by {op.key or op.match}, so it is "
+                                          "looked up again on the retry before any new create") from exc
+            log.info("%s %s: the create's answer was lost but F&O has the record (%s)", SYSTEM, what, found.key)
+            return await self._finish(op, found.values, created=True, has_lines=True)
         if not response.is_success:
             error = _error_for(response, what)
             if isinstance(error, RejectedError) and "already exists" in error.detail and not retried:
@@ -707,15 +727,27 @@ class FinOpsClient:
             created = body
         return await self._finish(op, created if isinstance(created, dict) else body, created=True)
 
-    async def _finish(self, op: WriteOp, header: Mapping[str, Any], *, created: bool) -> WriteResult:
-        """The op's result once its record is written: then its lines, if it has any."""
+    async def _post(self, table: str, body: Mapping[str, Any], what: str) -> httpx.Response:
+        """POST a create; AmbiguousWriteError when it may have been applied without our knowing (no answer after
+        it was sent, 502 or 504), so the caller looks the record up instead of creating it again."""
+        response = await self._send("POST", self.data_root + table, what=what, body=body, write=True)
+        if response.status_code in _AMBIGUOUS_CREATE:
+            raise AmbiguousWriteError(f"{SYSTEM} {what}: HTTP {response.status_code} after the create was sent; it "
+                                      "may have been applied")
+        return response
+
+    async def _finish(self, op: WriteOp, header: Mapping[str, Any], *, created: bool,
+                      has_lines: bool | None = None) -> WriteResult:
+        """The op's result once its record is written: then its lines, if it has any.
+
+        `has_lines` False: the header was just created by this call, so it has no lines to read first.
+        """
         key = format_key(op.table, header)
         if op.lines is None:
             return WriteResult(op.op_id, True, key=key, created=created)
         try:
-            error = await self._write_lines(op, key, header, created=created)
-        except (AuthError, ThrottledError):
-            raise
+            error = await self._write_lines(op, key, header, created=not has_lines if has_lines is not None
+                                            else created)
         except SyncError as exc:
             error = _with_detail(exc, f"{SYSTEM}: {op.table} {key} is written, but its lines could not be: "
                                       f"{exc.detail}")
@@ -747,17 +779,24 @@ class FinOpsClient:
         # item is matched locally (no query per line).
         existing = [] if created else await self.select(lines.table, equals=parent)
         failures: list[SyncError] = []
-        for item in lines.items:
+        for n, item in enumerate(lines.items):
             try:
                 await self._write_line(lines.table, item, parent, existing, op.op_id)
-            except (AuthError, ThrottledError):
-                raise
+            except (AuthError, ThrottledError) as exc:
+                # A system condition, not this line's: the remaining lines wait for the retry too.
+                failures.append(exc)
+                left = len(lines.items) - n - 1
+                if left:
+                    failures.append(_with_detail(exc, f"{left} more lines not attempted"))
+                break
             except SyncError as exc:
                 failures.append(exc)
         if not failures:
             return None
         # A permanent failure decides the outcome: retrying cannot fix it, and the operator needs its reason.
-        first = next((e for e in failures if not e.retriable), failures[0])
+        # Then a system condition (auth, throttling), so the caller waits for the system as a whole.
+        first = next((e for e in failures if not e.retriable),
+                     next((e for e in failures if isinstance(e, AuthError | ThrottledError)), failures[0]))
         return _with_detail(first, f"{SYSTEM}: {op.table} {header_key} is written, but {len(failures)} of "
                                    f"{len(lines.items)} {lines.table} lines failed (a retry adds only the "
                                    "missing ones): " + "; ".join(e.detail for e in failures))
@@ -787,7 +826,17 @@ class FinOpsClient:
             line.values.update({k: _jsonable(v) for k, v in changes.items()})
             return
         body = {**item.values, **item.match, **parent}
-        response = await self._send("POST", self.data_root + table, what=f"create {what}", body=body, write=True)
+        try:
+            response = await self._post(table, body, f"create {what}")
+        except AmbiguousWriteError as exc:
+            # The line may have been added: look it up by its match before it could be added a second time.
+            found = await self.select(table, equals={**parent, **item.match})
+            if not found:
+                raise AmbiguousWriteError(f"{exc.detail}; not found (yet) by {item.match}, so it is looked up "
+                                          "again on the retry before any new create") from exc
+            log.info("%s create %s: the answer was lost but F&O has the line (%s)", SYSTEM, what, found[0].key)
+            existing.append(found[0])
+            return
         if not response.is_success:
             raise _error_for(response, f"create {what}")
         try:
@@ -803,8 +852,9 @@ class FinOpsClient:
     async def write(self, ops: Sequence[WriteOp]) -> list[WriteResult]:
         """Apply ops with bounded concurrency (ops on the same record run in order); one result per op.
 
-        Auth failures and throttling that outlived the in-call retries fail the whole call; every other
-        failure fails only its op.
+        Every failure fails only its own op. Auth failures and throttling that outlived the in-call retries are
+        conditions of F&O, not of a record: the ops not started yet are not attempted (failed with the same
+        retriable kind and a text saying so), and the ops already written keep their results.
         """
         semaphore = asyncio.Semaphore(self._max_concurrency)
         groups: dict[tuple[str, str], list[int]] = {}
@@ -812,23 +862,27 @@ class FinOpsClient:
             ident = op.key or json.dumps(op.match or {}, sort_keys=True, default=str) or op.op_id
             groups.setdefault((op.table, ident), []).append(i)
         results: list[WriteResult | None] = [None] * len(ops)
+        halted: list[SyncError] = []
 
         async def run(indexes: list[int]) -> None:
             for i in indexes:
                 op = ops[i]
                 async with semaphore:
+                    if halted:
+                        results[i] = WriteResult(op.op_id, False, key=op.key, error=not_attempted(
+                            halted[0], f"{SYSTEM}: {op.action} {op.table} (op {op.op_id}) was not attempted"))
+                        continue
                     try:
-                        results[i] = await self._write_one(op)
-                    except (AuthError, ThrottledError):
-                        raise
+                        results[i] = result = await self._write_one(op)
+                        if isinstance(result.error, AuthError | ThrottledError):
+                            halted.append(result.error)
                     except SyncError as exc:
+                        if isinstance(exc, AuthError | ThrottledError):
+                            halted.append(exc)
                         log.warning("%s: op %s failed: %s", SYSTEM, op.op_id, exc)
                         results[i] = WriteResult(op.op_id, False, key=op.key, error=exc)
 
-        outcomes = await asyncio.gather(*(run(ix) for ix in groups.values()), return_exceptions=True)
-        for outcome in outcomes:
-            if isinstance(outcome, BaseException):
-                raise outcome
+        await asyncio.gather(*(run(ix) for ix in groups.values()))
         return [r for r in results if r is not None]
 
 

@@ -9,19 +9,26 @@ for large upserts of one object, Bulk API 2.0 ingest jobs. Every request carries
 `Sforce-Call-Options: client=<call_options_client>` so Syncline's own writes show up in Change Data Capture
 events as `changeOrigin ...;client=<call_options_client>` and can be dropped as echoes (`parse_cdc_event`).
 The daily request allocation (403 REQUEST_LIMIT_EXCEEDED) is never retried in-call: changes stay queued.
+
+Retries: reads, upserts by External ID and updates by Id (idempotent: a replay finds what the first attempt
+wrote) are retried in-call on 408/429/5xx, timeouts and resets, with back-off (Retry-After wins), a bounded
+number of attempts (`RetryPolicy`). Creates and deletes are resent only when they never left (connect
+failures) or were refused unprocessed (429, 503); a timeout, a reset after sending, 502 or 504 is an
+AmbiguousWriteError (the engine's retry finds the record by its match before anything is created again).
 """
 
 from __future__ import annotations
 
 import asyncio
 import csv
+import functools
 import io
 import itertools
 import logging
 import re
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
@@ -30,8 +37,9 @@ from urllib.parse import quote
 
 import requests
 from simple_salesforce.api import Salesforce
-from simple_salesforce.exceptions import SalesforceError, SalesforceExpiredSession
+from urllib3.exceptions import NewConnectionError
 
+from shared.connectors._http import RetryPolicy, not_attempted
 from shared.core.dates import from_epoch_ms, parse_iso
 from shared.core.errors import (
     AmbiguousWriteError,
@@ -59,6 +67,10 @@ _LIMIT_RE = re.compile(r"api-usage=(\d+)/(\d+)")
 _SOQL_ESCAPES = {"\\": "\\\\", "'": "\\'", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t", "\b": "\\b",
                  "\f": "\\f"}
 _TERMINAL_JOB_STATES = frozenset({"JobComplete", "Failed", "Aborted"})
+_RETRIABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+_REFUSED_STATUS = frozenset({429, 503})
+"""Statuses that mean "refused before processing": the only ones after which a create is resent."""
+_AMBIGUOUS_STATUS = frozenset({502, 504})
 
 
 # ============================================================================================ SOQL
@@ -213,7 +225,7 @@ def _first_error(content: Any) -> tuple[str, str]:
     return "", str(content)[:300]
 
 
-def _map_error(status: int, content: Any, what: str) -> SyncError:
+def _map_error(status: int, content: Any, what: str, *, retry_after: float | None = None) -> SyncError:
     code, message = _first_error(content)
     text = f"{SYSTEM}: {what}: HTTP {status} {code}: {message}".rstrip(": ")
     if status == 403 and code == "REQUEST_LIMIT_EXCEEDED":
@@ -222,9 +234,34 @@ def _map_error(status: int, content: Any, what: str) -> SyncError:
             "are retried after the allocation recovers (rolling 24 h)", retry_after=seconds_until_utc_midnight())
     if status == 401:
         return AuthError(f"{text} (session still rejected after re-authenticating)")
+    if status == 429:
+        return ThrottledError(text, retry_after=retry_after)
     if status in (408, 429) or status >= 500:
         return TransientError(text)
     return RejectedError(text)
+
+
+def _content(response: requests.Response) -> Any:
+    try:
+        return response.json()
+    except ValueError:
+        return response.text
+
+
+def _retry_after(response: requests.Response) -> float | None:
+    raw = response.headers.get("Retry-After")
+    try:
+        return max(0.0, float(raw)) if raw is not None else None
+    except ValueError:
+        return None
+
+
+def _unsent(exc: requests.RequestException) -> bool:
+    """Whether the request surely never reached Salesforce (connect timeout or refused connection)."""
+    if isinstance(exc, requests.ConnectTimeout):
+        return True
+    reason = getattr(exc.args[0], "reason", None) if exc.args else None
+    return isinstance(exc, requests.ConnectionError) and isinstance(reason, NewConnectionError)
 
 
 def _record_error(errors: Any, context: str) -> SyncError:
@@ -284,6 +321,8 @@ class SalesforceClient:
         bulk_timeout: float = 600.0,
         timeout: float = 60.0,
         sleep: Callable[[float], Any] = asyncio.sleep,
+        policy: RetryPolicy = RetryPolicy(),  # noqa: B008 - frozen dataclass, safe as a default
+        blocking_sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         if not 1 <= collection_size <= MAX_COLLECTION_SIZE:
             raise ValueError(f"collection_size must be within 1..{MAX_COLLECTION_SIZE}")
@@ -296,6 +335,9 @@ class SalesforceClient:
         self.call_options_client = call_options_client
         self.bulk_poll_interval, self.bulk_timeout, self.timeout = bulk_poll_interval, bulk_timeout, timeout
         self._sleep = sleep
+        self._policy = policy
+        self._blocking_sleep = blocking_sleep
+        """Back-off between in-call attempts: calls run in worker threads, so this one blocks."""
         self._sf: Salesforce | None = None
         self._lock = threading.Lock()
         self._fields: dict[str, list[str]] = {}
@@ -342,32 +384,66 @@ class SalesforceClient:
             sf = self._sf
         return sf if sf is not None else self._authenticate()
 
-    def _call(self, method: str, path: str, *, what: str, absolute: bool = False, **kwargs: Any) -> requests.Response:
-        """One REST call (blocking). `path` is relative to /services/data/vXX.X/ unless `absolute` (a server path)."""
+    def _call(self, method: str, path: str, *, what: str, absolute: bool = False, idempotent: bool | None = None,
+              **kwargs: Any) -> requests.Response:
+        """One REST call (blocking). `path` is relative to /services/data/vXX.X/ unless `absolute` (a server path).
+
+        `idempotent` (default: GET only) says whether a replay is harmless; see "Retries" in the module docstring.
+        """
+        safe = method == "GET" if idempotent is None else idempotent
+        retriable = _RETRIABLE_STATUS if safe else _REFUSED_STATUS
         sf = self._current()
         kwargs.setdefault("timeout", self.timeout)
-        for attempt in (1, 2):
+        extra_headers = kwargs.pop("headers", None) or {}
+        reauthenticated = False
+        attempt = 0
+        while True:
+            attempt += 1
             url = f"https://{sf.sf_instance}{path}" if absolute else sf.base_url + path
+            last = attempt >= self._policy.max_attempts
             try:
                 self.calls += 1
-                response = sf._call_salesforce(method, url, name=what, **kwargs)
-            except SalesforceExpiredSession as exc:
-                if attempt == 1:
+                response = self._session.request(method, url, headers={**sf.headers, **extra_headers}, **kwargs)
+            except requests.RequestException as exc:
+                unsent = _unsent(exc)
+                if not safe and not unsent:
+                    raise AmbiguousWriteError(f"{SYSTEM}: {what}: no answer after the request was sent "
+                                              f"({type(exc).__name__}); it may have been applied") from exc
+                kind = "request timed out" if isinstance(exc, requests.Timeout) else \
+                    f"network error ({type(exc).__name__}: {exc})"
+                if last:
+                    raise TransientError(f"{SYSTEM}: {what}: {kind} ({attempt} attempts)") from exc
+                delay = self._policy.backoff(attempt)
+                log.info("%s %s: %s, retrying in %.2fs (attempt %d/%d)", SYSTEM, what, kind, delay, attempt,
+                         self._policy.max_attempts)
+                self._blocking_sleep(delay)
+                continue
+            status = response.status_code
+            if status < 300:
+                self._note_usage(response)
+                return response
+            content = _content(response)
+            if status == 401:
+                if not reauthenticated:
                     log.info("%s: session expired (INVALID_SESSION_ID), re-authenticating once", SYSTEM)
+                    reauthenticated = True
+                    attempt -= 1  # a refused session is not a failed attempt: nothing was processed
                     sf = self._authenticate()
                     continue
-                raise _map_error(401, exc.content, what) from exc
-            except SalesforceError as exc:
-                raise _map_error(int(exc.status), exc.content, what) from exc
-            except requests.Timeout as exc:
-                if method in ("GET",):
-                    raise TransientError(f"{SYSTEM}: {what}: request timed out") from exc
-                raise AmbiguousWriteError(f"{SYSTEM}: {what}: request timed out; it may have been applied") from exc
-            except requests.RequestException as exc:
-                raise TransientError(f"{SYSTEM}: {what}: network error ({type(exc).__name__}: {exc})") from exc
-            self._note_usage(response)
-            return response
-        raise AssertionError("unreachable")
+                raise _map_error(401, content, what)
+            wait = _retry_after(response)
+            if status in retriable:
+                if not last and (wait is None or wait <= self._policy.max_retry_after):
+                    delay = wait if wait is not None else self._policy.backoff(attempt)
+                    log.info("%s %s: HTTP %s, retrying in %.2fs (attempt %d/%d)", SYSTEM, what, status, delay,
+                             attempt, self._policy.max_attempts)
+                    self._blocking_sleep(delay)
+                    continue
+            elif not safe and status in _AMBIGUOUS_STATUS:
+                code, message = _first_error(content)
+                raise AmbiguousWriteError(f"{SYSTEM}: {what}: HTTP {status} {code} {message}".rstrip() +
+                                          "; it may have been applied")
+            raise _map_error(status, content, what, retry_after=wait)
 
     def _note_usage(self, response: requests.Response) -> None:
         match = _LIMIT_RE.search(response.headers.get("Sforce-Limit-Info", ""))
@@ -420,20 +496,38 @@ class SalesforceClient:
                     creates.setdefault(op.table, []).append(index)
             except SyncError as error:
                 results[index] = WriteResult(op.op_id, ok=False, error=error)
+        calls: list[tuple[list[int], Callable[[list[tuple[int, WriteOp]]], Awaitable[dict[int, WriteResult]]]]] = []
         for (table, ext_field), indexes in upserts.items():
             if len(indexes) > self.bulk_threshold:
-                results.update(await self._bulk_upsert(table, ext_field, [(i, ops[i]) for i in indexes]))
+                calls.append((indexes, functools.partial(self._bulk_upsert, table, ext_field)))
             else:
-                for chunk in _chunks(indexes, self.collection_size):
-                    results.update(await self._collection_upsert(table, ext_field, [(i, ops[i]) for i in chunk]))
+                calls += [(chunk, functools.partial(self._collection_upsert, table, ext_field))
+                          for chunk in _chunks(indexes, self.collection_size)]
         for table, indexes in updates.items():
-            for chunk in _chunks(indexes, self.collection_size):
-                results.update(await self._collection_write("PATCH", table, [(i, ops[i]) for i in chunk]))
+            calls += [(chunk, functools.partial(self._collection_write, "PATCH", table))
+                      for chunk in _chunks(indexes, self.collection_size)]
         for table, indexes in creates.items():
-            for chunk in _chunks(indexes, self.collection_size):
-                results.update(await self._collection_write("POST", table, [(i, ops[i]) for i in chunk]))
-        for chunk in _chunks(deletes, self.collection_size):
-            results.update(await self._collection_delete([(i, ops[i]) for i in chunk]))
+            calls += [(chunk, functools.partial(self._collection_write, "POST", table))
+                      for chunk in _chunks(indexes, self.collection_size)]
+        calls += [(chunk, self._collection_delete) for chunk in _chunks(deletes, self.collection_size)]
+        halted: SyncError | None = None
+        for indexes, call in calls:
+            items = [(i, ops[i]) for i in indexes]
+            if halted is not None:
+                # The org refused the session or the allocation: the later calls wait for the retry untried.
+                for i, op in items:
+                    results[i] = WriteResult(op.op_id, ok=False, error=not_attempted(
+                        halted, f"{SYSTEM}: {op.action} {op.table} (op {op.op_id}) was not attempted"))
+                continue
+            try:
+                results.update(await call(items))
+            except SyncError as exc:
+                # One call's failure is its records' only: the records of the calls before it stay written.
+                log.warning("%s: a write call of %d records failed: %s", SYSTEM, len(items), exc)
+                for i, op in items:
+                    results[i] = WriteResult(op.op_id, ok=False, error=exc)
+                if isinstance(exc, AuthError | ThrottledError):
+                    halted = exc
         return [results[i] for i in range(len(ops))]
 
     async def _collection_upsert(self, table: str, ext_field: str,
@@ -443,7 +537,7 @@ class SalesforceClient:
             assert op.match is not None
             records.append({"attributes": {"type": table}, **_jsonable(op.values), ext_field: op.match[ext_field]})
         body = await self._ajson("PATCH", f"composite/sobjects/{table}/{ext_field}",
-                                 what=f"upsert {len(items)} {table} by {ext_field}",
+                                 what=f"upsert {len(items)} {table} by {ext_field}", idempotent=True,
                                  json={"allOrNone": False, "records": records})
         return self._per_record(body, items, lambda op: f"{table} {ext_field}={(op.match or {}).get(ext_field)}")
 
@@ -457,6 +551,7 @@ class SalesforceClient:
             records.append(record)
         verb = "update" if method == "PATCH" else "create"
         body = await self._ajson(method, "composite/sobjects", what=f"{verb} {len(items)} {table}",
+                                 idempotent=method == "PATCH",
                                  json={"allOrNone": False, "records": records})
         return self._per_record(body, items, lambda op: f"{table} {op.key or 'new record'}",
                                 created=method == "POST")
@@ -508,7 +603,8 @@ class SalesforceClient:
         await asyncio.to_thread(self._call, "PUT", f"jobs/ingest/{job_id}/batches", what=what,
                                 data=buffer.getvalue().encode("utf-8"),
                                 headers={"Content-Type": "text/csv", "Accept": "application/json"})
-        state = await self._ajson("PATCH", f"jobs/ingest/{job_id}", what=what, json={"state": "UploadComplete"})
+        state = await self._ajson("PATCH", f"jobs/ingest/{job_id}", what=what, json={"state": "UploadComplete"},
+                                  idempotent=True)
         deadline = time.monotonic() + self.bulk_timeout
         while str((state or {}).get("state")) not in _TERMINAL_JOB_STATES:
             if time.monotonic() > deadline:

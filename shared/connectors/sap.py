@@ -134,7 +134,7 @@ from zoneinfo import ZoneInfo
 
 import httpx
 
-from shared.connectors._http import RetryPolicy, send_with_retry
+from shared.connectors._http import RetryPolicy, not_attempted, send_with_retry
 from shared.connectors._odata import json_object, rebase_link
 from shared.core.dates import from_epoch_ms, iso_z, parse_duration_time, parse_iso, to_epoch_ms, utc
 from shared.core.errors import (
@@ -243,8 +243,6 @@ _ISO_DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}(T\d{2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[
 _RETRIABLE_READ = frozenset({408, 429, 500, 502, 503, 504})
 _RETRIABLE_WRITE = frozenset({429, 503})
 """A write answered 429/503 was refused before processing; anything else may have run in the backend."""
-_AMBIGUOUS_NETWORK = (httpx.ReadTimeout, httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError)
-"""Failures after the request may have reached SAP: a create is not replayed blindly."""
 _FETCH_CHUNK = 40
 """Keys per `fetch` query (an `or` chain; keeps the URL well under Gateway's limits)."""
 
@@ -1086,8 +1084,14 @@ class SapClient:
     async def _send(self, method: str, url: str, *, what: str, params: Mapping[str, str] | None = None,
                     body: Any = None, headers: Mapping[str, str] | None = None, write: bool = False,
                     create: bool = False, service_root: str | None = None, raw: bytes | None = None,
-                    content_type: str | None = None) -> httpx.Response:
-        """Auth (one refresh on 401), CSRF for writes (one re-fetch on 403 Required), short retries."""
+                    content_type: str | None = None, idempotent: bool | None = None) -> httpx.Response:
+        """Auth (one refresh on 401), CSRF for writes (one re-fetch on 403 Required), short retries.
+
+        Retried like a read unless `write` (`idempotent` overrides: a $batch of retrieve parts only is a read
+        that needs the CSRF token of a write). A `create` that may have reached SAP (no answer after it was
+        sent: read timeout, reset) is never resent: AmbiguousWriteError.
+        """
+        retriable = _RETRIABLE_READ if (not write if idempotent is None else idempotent) else _RETRIABLE_WRITE
         refreshed = False
         csrf_retried = False
         content = raw if raw is not None else json.dumps(body).encode() if body is not None else None
@@ -1109,19 +1113,13 @@ class SapClient:
             all_headers.update(headers or {})
 
             async def attempt(h: dict[str, str] = all_headers) -> httpx.Response:
-                try:
-                    return await self._http.request(method, target, content=content, headers=h)
-                except _AMBIGUOUS_NETWORK as exc:
-                    if create:
-                        raise AmbiguousWriteError(f"{SYSTEM} {what}: no answer after the request was sent "
-                                                  f"({type(exc).__name__}); it may have been applied") from exc
-                    raise
+                return await self._http.request(method, target, content=content, headers=h)
 
             try:
                 response = await send_with_retry(attempt, system=SYSTEM, policy=self._policy, sleep=self._sleep,
-                                                  retriable_status=_RETRIABLE_WRITE if write else _RETRIABLE_READ)
-            except AmbiguousWriteError:
-                raise
+                                                  retriable_status=retriable, idempotent=not create)
+            except AmbiguousWriteError as exc:
+                raise AmbiguousWriteError(f"{SYSTEM} {what}: {exc.detail}") from exc
             except RetriableError as exc:
                 raise _rewrap(exc, f"{SYSTEM} {what}") from exc
             self._absorb_cookies(response)
@@ -1164,7 +1162,7 @@ class SapClient:
         creates = any(r.method == "POST" for item in items if not isinstance(item, _Req) for r in item)
         response = await self._send("POST", root + "$batch", what=what, raw=encode_batch(items, boundary),
                                     content_type=f"multipart/mixed; boundary={boundary}", write=True,
-                                    create=creates, service_root=root,
+                                    create=creates, service_root=root, idempotent=not writes,
                                     headers={"Accept": "multipart/mixed"})
         if response.status_code == 504 and writes:
             raise AmbiguousWriteError(f"{SYSTEM} {what}: HTTP 504 (some changesets may have been applied)")
@@ -1564,8 +1562,9 @@ class SapClient:
     async def write(self, ops: Sequence[WriteOp]) -> list[WriteResult]:
         """Apply ops; one result per op, in order (see "Writes" and "$batch" in the module docstring).
 
-        Auth failures and throttling that outlived the in-call retries fail the whole call; every other
-        failure fails only its op.
+        Every failure fails only its own op. Auth failures and throttling that outlived the in-call retries are
+        SAP's conditions, not a record's: the ops still unsent are not attempted (failed with the same retriable
+        kind and a text saying so), and the ops already written keep their results.
         """
         results: list[WriteResult | None] = [None] * len(ops)
         by_service: dict[str, list[int]] = {}
@@ -1584,9 +1583,17 @@ class SapClient:
         if alone:
             jobs.append(self._write_alone(ops, sorted(alone), results))
         outcomes = await asyncio.gather(*jobs, return_exceptions=True)
+        halted: SyncError | None = None
         for outcome in outcomes:
-            if isinstance(outcome, BaseException):
+            if isinstance(outcome, AuthError | ThrottledError):
+                halted = halted or outcome
+            elif isinstance(outcome, BaseException):
                 raise outcome
+        if halted is not None:
+            for i, op in enumerate(ops):
+                if results[i] is None:
+                    results[i] = WriteResult(op.op_id, False, key=op.key, error=not_attempted(
+                        halted, f"{SYSTEM}: {op.action} {op.table} (op {op.op_id}) was not attempted"))
         return [r for r in results if r is not None]
 
     @staticmethod
@@ -1608,14 +1615,19 @@ class SapClient:
                            results: list[WriteResult | None]) -> None:
         """Every request on its own, ops with bounded concurrency (ops on the same record in order)."""
         semaphore = asyncio.Semaphore(self._max_concurrency)
+        halted: list[SyncError] = []
 
         async def run(group: list[int]) -> None:
             for i in group:
                 op = ops[i]
                 async with semaphore:
+                    if halted:
+                        return  # left without a result: `write` reports it not attempted
                     try:
                         results[i] = await self._write_one(op)
-                    except (AuthError, ThrottledError):
+                    except (AuthError, ThrottledError) as exc:
+                        results[i] = self._failed(op, exc)
+                        halted.append(exc)
                         raise
                     except SyncError as exc:
                         results[i] = self._failed(op, exc)
@@ -1639,7 +1651,9 @@ class SapClient:
                            results: list[WriteResult | None]) -> None:
         try:
             located = await self._locate_many([ops[i] for i in indexes])
-        except (AuthError, ThrottledError):
+        except (AuthError, ThrottledError) as exc:
+            for i in indexes:
+                results[i] = self._failed(ops[i], exc)
             raise
         except SyncError as exc:
             for i in indexes:
@@ -1674,7 +1688,9 @@ class SapClient:
                 except AmbiguousWriteError as exc:
                     await self._settle_lost(ops, chunk, exc, results)
                     return
-                except (AuthError, ThrottledError):
+                except (AuthError, ThrottledError) as exc:
+                    for i, _ in chunk:
+                        results[i] = self._failed(ops[i], exc)
                     raise
                 except SyncError as exc:
                     for i, _ in chunk:

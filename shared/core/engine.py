@@ -290,9 +290,12 @@ class SyncEngine:
         keys = [e.source_key for e in envs]
         src, tgt = flow.source, flow.target
         work.links = await self.state.get_links(flow.entity, src.system, keys, tgt.system)
+        # A source record that names its target record (a written-back id, or the id of the record it was made
+        # from) is linked to it even when the link was never stored (an ambiguous create, a crash before it).
+        named_by = [f for f in (flow.link.write_back, flow.link.origin_field) if f]
         for env in envs:
-            known = env.payload.get(flow.link.write_back) if flow.link.write_back else None
-            if env.source_key not in work.links and isinstance(known, str) and known.strip():
+            known = next((v for f in named_by if isinstance(v := env.payload.get(f), str) and v.strip()), None)
+            if env.source_key not in work.links and known is not None:
                 work.links[env.source_key] = _canonical_key(tgt.system, known)
         work.src_snaps = await read_snapshots(self.state, flow.entity, src.system, src.table, keys)
         work.tgt_snaps = await read_snapshots(self.state, flow.entity, tgt.system, tgt.table,

@@ -43,6 +43,11 @@ class LinkSpec(_Strict):
     match_source: str | None = None
     """Source field whose value `target_field` holds, when the target field is too short for the source key
     (an SAP field of 20 or 35 characters cannot hold a 36-character Dataverse GUID). Default: the source key."""
+    origin_field: str | None = None
+    """Source field holding the target key of the record this source record was created from (the reverse
+    flow's `target_field`, e.g. F&O `SynclineSalesforceId` on a customer made from a Salesforce Account). A source
+    record that carries it is linked to that record instead of creating another, even when the reverse flow's
+    answer was lost and its link never stored. Only for a field that always names a record of the target table."""
 
 
 class FieldMap(_Strict):

@@ -3,16 +3,19 @@ replays without duplicates, line failures, validation infologs) and the fulfilme
 
 from __future__ import annotations
 
+import asyncio
 import re
+import ssl
 from datetime import datetime
 from typing import Any
 from urllib.parse import unquote_plus
 
+import httpx
 import pytest
 
-from sandbox.fno_sim import INVOICE_EVENT, PACKING_SLIP_EVENT, FinOpsSimulator
+from sandbox.fno_sim import DROP, INVOICE_EVENT, PACKING_SLIP_EVENT, FinOpsSimulator
 from shared.connectors.fno import FinOpsClient, parse_business_events
-from shared.core.errors import RejectedError, ThrottledError, TransientError
+from shared.core.errors import AuthError, RejectedError, RetriableError, ThrottledError, TransientError
 from shared.core.ports import Lines, LineWrite, WriteOp, WriteResult
 from tests.connectors import test_fno as base
 from tests.connectors.test_fno import FnoEnv
@@ -244,16 +247,114 @@ async def test_a_line_failing_transiently_keeps_the_error_retriable(
         "00kTRN000000001", "00kTRN000000002"]
 
 
-async def test_throttling_while_writing_lines_fails_the_whole_call(
-        fno: FinOpsClient, fno_sim: FinOpsSimulator) -> None:
+async def test_throttling_while_writing_lines_fails_only_that_op_and_leaves_the_rest_unattempted(
+        factory: base.Factory, fno_sim: FinOpsSimulator) -> None:
+    fno = factory.client(max_concurrency=1)
     items = [line("00kTHR000000001", "P-1001", 1.0, 10.0)]
     fno_sim.faults.fail_next(3, 429, path_contains="SalesOrderLines")
-    with pytest.raises(ThrottledError):
-        await fno.write([order_op("h1", "006THR000000001", items)])
+    [throttled, waiting] = await fno.write([order_op("h1", "006THR000000001", items),
+                                            order_op("h2", "006THR000000002", items)])
+    assert isinstance(throttled.error, ThrottledError)
+    assert throttled.key is not None  # the header is written: the retry finds it and adds the line
+    assert isinstance(waiting.error, ThrottledError)
+    assert "was not attempted" in waiting.error.detail
+    assert headers_of(fno_sim, "006THR000000002") == []
     [retry] = await fno.write([order_op("h1", "006THR000000001", items)])
     assert retry.ok, retry.error
     assert len(headers_of(fno_sim, "006THR000000001")) == 1
     assert len(lines_of(fno_sim, number_of(retry))) == 1
+
+
+async def test_a_401_on_one_line_never_fails_the_records_written_before_it(
+        factory: base.Factory, fno_sim: FinOpsSimulator) -> None:
+    """Issue 13 defect 9: a 401 surviving the token refresh fails its own op and leaves the rest unattempted;
+    the record written before it keeps ok=True (it used to fail the whole call, every op with its text)."""
+    fno = factory.client(max_concurrency=1)
+    ops = [customer_op("a1", "001AUT000000001"),
+           order_op("a2", "006AUT000000002", [line("00kAUT000000002", "P-1002", 1.0, 10.0)]),
+           order_op("a3", "006AUT000000003", [line("00kAUT000000003", "P-1001", 1.0, 10.0)])]
+    # a2's header goes in, its line is refused: 401, token refresh, 401 again.
+    fno_sim.faults.fail_next(2, 401, path_contains="SalesOrderLines", method="POST")
+    customer, order, untried = await fno.write(ops)
+    assert customer.ok, customer.error
+    assert customer.created
+    assert isinstance(order.error, AuthError)
+    assert order.error.retriable
+    assert "00kAUT000000002" in order.error.detail
+    assert order.key is not None  # header written: the retry finds it and adds only the line
+    assert isinstance(untried.error, AuthError)
+    assert untried.error.retriable
+    assert "(op a3) was not attempted" in untried.error.detail
+    assert "00kAUT000000002" not in untried.error.detail
+    assert headers_of(fno_sim, "006AUT000000003") == []
+    retry = await fno.write(ops[1:])
+    assert all(r.ok for r in retry), [r.error for r in retry]
+    assert len(headers_of(fno_sim, "006AUT000000002")) == 1
+    assert len(lines_of(fno_sim, number_of(retry[0]))) == 1
+    assert [r for r in fno_sim.all("CustomersV3") if r["SynclineSalesforceId"] == "001AUT000000001"]
+
+
+# ============================================================================================ lost answers
+
+
+def customers_of(sim: FinOpsSimulator, sf_id: str) -> list[dict[str, Any]]:
+    return [r for r in sim.all("CustomersV3") if r["SynclineSalesforceId"] == sf_id]
+
+
+@pytest.mark.parametrize("status", [504, DROP], ids=["gateway-504", "connection-dropped"])
+async def test_a_customer_create_applied_but_unanswered_is_found_again_not_reposted(
+        fno: FinOpsClient, fno_sim: FinOpsSimulator, status: int) -> None:
+    """Issue 13 defect 4: a create whose answer is lost was re-POSTed (twin customers)."""
+    sf_id = f"001LOST{status:08d}"
+    fno_sim.faults.fail_next(1, status, path_contains="CustomersV3", method="POST", after_apply=True)
+    [result] = await fno.write([customer_op("l1", sf_id)])
+    assert len(customers_of(fno_sim, sf_id)) == 1
+    assert len(calls(fno_sim, "POST", "CustomersV3")) == 1
+    assert result.ok, result.error
+    assert result.key == f"usmf|{customers_of(fno_sim, sf_id)[0]['CustomerAccount']}"
+
+
+@pytest.mark.parametrize("status", [504, DROP], ids=["gateway-504", "connection-dropped"])
+async def test_an_order_and_its_lines_applied_but_unanswered_are_never_twinned(
+        fno: FinOpsClient, fno_sim: FinOpsSimulator, status: int) -> None:
+    sf_id = f"006LOST{status:08d}"
+    items = [line(f"00kLOST{status:04d}0001", "P-1001", 1.0, 10.0),
+             line(f"00kLOST{status:04d}0002", "P-1002", 2.0, 20.0)]
+    fno_sim.faults.fail_next(1, status, path_contains="SalesOrderHeadersV2", method="POST", after_apply=True)
+    fno_sim.faults.fail_next(1, status, path_contains="SalesOrderLines", method="POST", after_apply=True)
+    [result] = await fno.write([order_op("o1", sf_id, items)])
+    assert len(headers_of(fno_sim, sf_id)) == 1
+    number = headers_of(fno_sim, sf_id)[0]["SalesOrderNumber"]
+    assert [r["SynclineSalesforceId"] for r in lines_of(fno_sim, number)] == [i.source_key for i in items]
+    assert len(calls(fno_sim, "POST", "SalesOrderHeadersV2")) == 1
+    assert len(calls(fno_sim, "POST", "SalesOrderLines")) == 2
+    assert result.ok, result.error
+    assert result.key == f"usmf|{number}"
+
+
+async def test_a_create_timing_out_is_not_resent_and_the_retry_finds_it(
+        factory: base.Factory, fno_env: FnoEnv, fno_sim: FinOpsSimulator) -> None:
+    """A timed-out create that F&O applies late: the call reports it ambiguous (never resends it), and the
+    next attempt finds it by its match field instead of creating a twin."""
+    sf_id = "001SLOW00000001"
+    ctx = ssl.create_default_context(cafile=str(fno_env.ca.ca_path))
+    async with httpx.AsyncClient(verify=ctx, timeout=0.5) as impatient:
+        slow = base.Factory(fno_env, impatient, factory.recorder, factory.providers).client()
+        await slow.fetch("CustomersV3", ["usmf|US-001"])  # token first
+        fno_sim.faults.slow_next(1, 1.5, "CustomersV3", method="POST")
+        [result] = await slow.write([customer_op("s1", sf_id)])
+        assert not result.ok
+        assert isinstance(result.error, RetriableError)
+        for _ in range(50):
+            if customers_of(fno_sim, sf_id):
+                break
+            await asyncio.sleep(0.1)
+        assert len(calls(fno_sim, "POST", "CustomersV3")) == 1
+        [retry] = await slow.write([customer_op("s1", sf_id)])
+    assert retry.ok, retry.error
+    assert not retry.created
+    assert len(customers_of(fno_sim, sf_id)) == 1
+    assert len(calls(fno_sim, "POST", "CustomersV3")) == 1
 
 
 @pytest.mark.parametrize(("sf_id", "change", "infolog"), [

@@ -14,14 +14,23 @@ import requests
 from sandbox.salesforce_sim import (
     DEFAULT_CLIENT_ID,
     DEFAULT_CLIENT_SECRET,
+    DROP,
     SalesforceSimulator,
     parse_soql,
     seed_salesforce,
 )
 from sandbox.server import RunningServer
 from sandbox.server import TestCA as SandboxCA
+from shared.connectors._http import RetryPolicy
 from shared.connectors.salesforce import SalesforceClient, parse_cdc_event, soql_quote
-from shared.core.errors import AuthError, EnvelopeError, RejectedError, ThrottledError
+from shared.core.errors import (
+    AmbiguousWriteError,
+    AuthError,
+    EnvelopeError,
+    RejectedError,
+    ThrottledError,
+    TransientError,
+)
 from shared.core.ports import ChangeSource, RecordSink, WriteOp
 
 EXT = "Dynamics_Account__c"
@@ -113,8 +122,9 @@ async def test_rotated_secret_after_expiry_is_auth_error(client: SalesforceClien
     sim.client_secret = "rotated-secret"
     sim.faults.expire_tokens()
     try:
-        with pytest.raises(AuthError, match="token request refused"):
-            await client.write([account_op(2)])
+        [refused] = await client.write([account_op(2)])
+        assert isinstance(refused.error, AuthError)
+        assert "token request refused" in refused.error.detail
     finally:
         sim.client_secret = DEFAULT_CLIENT_SECRET
     assert client.token_fetches == 2
@@ -125,16 +135,18 @@ async def test_session_rejected_after_reauth_is_auth_error(client: SalesforceCli
     await client.write([account_op(1)])
     sim.faults.reject_sessions = True
     before = sim.request_count
-    with pytest.raises(AuthError, match="INVALID_SESSION_ID"):
-        await client.write([account_op(2)])
+    [refused] = await client.write([account_op(2)])
+    assert isinstance(refused.error, AuthError)
+    assert "INVALID_SESSION_ID" in refused.error.detail
     assert client.token_fetches == 2
     assert sim.request_count == before + 3  # call, token, replay: re-authenticated once only
 
 
 async def test_bad_secret_is_auth_error(sf_env: SalesforceEnv, sim: SalesforceSimulator) -> None:
     bad = SalesforceClient(sf_env.server.url, DEFAULT_CLIENT_ID, "wrong", session=make_session(sf_env))
-    with pytest.raises(AuthError, match="invalid_client"):
-        await bad.write([account_op(1)])
+    [refused] = await bad.write([account_op(1)])
+    assert isinstance(refused.error, AuthError)
+    assert "invalid_client" in refused.error.detail
     assert sim.count("Account") == 0
 
 
@@ -212,12 +224,14 @@ async def test_request_limit_exceeded_is_throttled_and_not_retried(
     await client.write([account_op(1)])
     sim.limits.daily_max = sim.limits.used
     before = sim.request_count
-    with pytest.raises(ThrottledError) as info:
-        await client.write([account_op(2), account_op(3)])
-    assert info.value.reason == "THROTTLED"
-    assert "queued" in info.value.detail
-    assert info.value.retry_after is not None
-    assert 0 < info.value.retry_after <= 86400
+    results = await client.write([account_op(2), account_op(3)])
+    for result in results:
+        error = result.error
+        assert isinstance(error, ThrottledError)
+        assert error.reason == "THROTTLED"
+        assert "queued" in error.detail
+        assert error.retry_after is not None
+        assert 0 < error.retry_after <= 86400
     assert sim.request_count == before + 1
     assert sim.count("Account") == 1
     sim.reset_allocation()
@@ -404,3 +418,94 @@ async def test_cdc_events_delivered_to_registered_webhook(
     assert [key for _, key in received] == ["k1", "k1"]
     changes = [parse_cdc_event(body) for body, _ in received]
     assert [c.is_own_write("syncline") for c in changes] == [True, False]
+
+
+# ----------------------------------------------------------------------------------------- retries (issue 13)
+
+
+@pytest.fixture
+def patient(sf_env: SalesforceEnv, sim: SalesforceSimulator) -> Iterator[tuple[SalesforceClient, list[float]]]:
+    """A client whose in-call back-off is recorded instead of slept."""
+    delays: list[float] = []
+    session = make_session(sf_env)
+    yield (SalesforceClient(sf_env.server.url, DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, session=session,
+                            collection_size=1, policy=RetryPolicy(max_attempts=3, initial_backoff=0.01,
+                                                                  max_backoff=0.02),
+                            blocking_sleep=delays.append), delays)
+    session.close()
+
+
+async def test_a_poll_read_failing_once_is_retried_in_call(client: SalesforceClient, sim: SalesforceSimulator) -> None:
+    """Issue 13 defect 2: `SalesforceClient._call` made one attempt per read, so one 503 or reset on a SOQL query
+    failed the poll of the table (the default client, default retry policy)."""
+    [made] = await client.write([account_op(1)])
+    sim.faults.fail_next(1, 503, "query", method="GET")
+    assert [r.key async for page, _ in client.changes_since("Account", None) for r in page] == [made.key]
+    sim.faults.fail_next(1, DROP, "query", method="GET")
+    assert [r.key for r in await client.select("Account", equals={EXT: "D365-00001"})] == [made.key]
+    assert len(paths(sim, "GET", "query")) == 4
+
+
+async def test_a_read_answered_503_then_429_is_retried_honouring_retry_after(
+        patient: tuple[SalesforceClient, list[float]], sim: SalesforceSimulator) -> None:
+    """Issue 13 defect 2: a Salesforce read made one attempt; a 503 failed the poll."""
+    client, delays = patient
+    made = await client.write([account_op(1)])
+    sim.faults.fail_next(1, 503, "query", method="GET")
+    sim.faults.fail_next(1, 429, "query", method="GET", retry_after=2)
+    found = await client.select("Account", equals={EXT: "D365-00001"})
+    assert [r.key for r in found] == [made[0].key]
+    assert len(delays) == 2
+    assert delays[1] == 2.0
+    assert len(paths(sim, "GET", "query")) == 3
+    sim.faults.fail_next(1, DROP, "query", method="GET")
+    assert [r.key async for page in client.scan("Account") for r in page] == [made[0].key]
+    sim.faults.fail_next(3, 503, "query", method="GET")
+    with pytest.raises(TransientError, match="HTTP 503"):
+        await client.select("Account", equals={EXT: "D365-00001"})
+
+
+async def test_an_upsert_whose_answer_is_lost_is_replayed_safely(
+        patient: tuple[SalesforceClient, list[float]], sim: SalesforceSimulator) -> None:
+    client, _ = patient
+    sim.faults.fail_next(1, DROP, f"composite/sobjects/Account/{EXT}", method="PATCH", after_apply=True)
+    sim.faults.fail_next(1, 504, f"composite/sobjects/Account/{EXT}", method="PATCH", after_apply=True)
+    [result] = await client.write([account_op(5)])
+    assert result.ok, result.error
+    assert len(sim.find("Account", **{EXT: "D365-00005"})) == 1
+    assert len(paths(sim, "PATCH", f"composite/sobjects/Account/{EXT}")) == 3
+
+
+@pytest.mark.parametrize("status", [504, DROP], ids=["gateway-504", "connection-dropped"])
+async def test_a_plain_create_whose_answer_is_lost_is_never_resent(
+        client: SalesforceClient, sim: SalesforceSimulator, status: int) -> None:
+    sim.faults.fail_next(1, status, "composite/sobjects", method="POST", after_apply=True)
+    [result] = await client.write([WriteOp("c1", "upsert", "Account", values={"Name": "Lost answer"})])
+    assert isinstance(result.error, AmbiguousWriteError)
+    assert len(sim.find("Account", Name="Lost answer")) == 1
+    assert len(paths(sim, "POST", "composite/sobjects")) == 1
+    sim.faults.fail_next(1, 503, "composite/sobjects", method="POST")  # refused unprocessed: resent
+    [retried] = await client.write([WriteOp("c2", "upsert", "Account", values={"Name": "Refused first"})])
+    assert retried.ok, retried.error
+    assert len(sim.find("Account", Name="Refused first")) == 1
+
+
+async def test_an_auth_failure_keeps_the_written_records_and_leaves_the_rest_unattempted(
+        client: SalesforceClient, sim: SalesforceSimulator) -> None:
+    """Issue 13 defect 9 (Salesforce side): an auth failure in one call used to discard the results of the calls
+    already made (the whole write raised); now they stand and the later calls are not attempted."""
+    [seed] = await client.write([account_op(0)])
+    assert seed.key is not None
+    ops = [account_op(1),
+           WriteOp("op-contact", "upsert", "Contact", match={"Dynamics_Contact__c": "D365-C-1"},
+                   values={"LastName": "Refused"}),
+           WriteOp("op-update", "update", "Account", key=seed.key, values={"BillingCity": "Never"})]
+    sim.faults.fail_next(2, 401, "composite/sobjects/Contact")  # rejected, re-authenticated, rejected again
+    written, refused, untried = await client.write(ops)
+    assert written.ok, written.error
+    assert isinstance(refused.error, AuthError)
+    assert isinstance(untried.error, AuthError)
+    assert untried.error.retriable
+    assert "(op op-update) was not attempted" in untried.error.detail
+    assert len(sim.find("Account", **{EXT: "D365-00001"})) == 1
+    assert (sim.get("Account", seed.key) or {})["BillingCity"] == "Lyon"

@@ -23,6 +23,7 @@ from sandbox.sap_sim import (
     BAD_ORDER,
     BAD_PARTNER_CURRENCY,
     BAD_PARTNER_NO_NAME,
+    DROP,
     PARTNER_CHANGED,
     SALES_ORDER_CHANGED,
     SALES_ORDER_CREATED,
@@ -448,8 +449,9 @@ async def test_expired_csrf_token_is_fetched_again_once_and_the_write_succeeds(
     assert len(orders_with(sap_sim, "SF-EXP-2")) == 1
     # A token refused again right after a fresh fetch is an auth problem, not something to loop on.
     sap_sim.faults.fail_next(2, 403, method="POST", headers={"x-csrf-token": "Required"})
-    with pytest.raises(AuthError, match="CSRF token validation failed even with a freshly fetched token"):
-        await sap.write([order_op("e3", "SF-EXP-3")])
+    [refused] = await sap.write([order_op("e3", "SF-EXP-3")])
+    assert isinstance(refused.error, AuthError)
+    assert "CSRF token validation failed even with a freshly fetched token" in refused.error.detail
     assert sap.csrf_fetches == 3
     assert orders_with(sap_sim, "SF-EXP-3") == []
 
@@ -649,9 +651,9 @@ async def test_throttling_and_unavailability_are_retried_honouring_retry_after(
     assert factory.recorder.delays == [2.0, 1.0]
     assert len(orders_with(sap_sim, "SF-THR-1")) == 1
     sap_sim.faults.throttle_next(1, retry_after=120, method="POST")
-    with pytest.raises(ThrottledError) as caught:
-        await sap.write([order_op("t2", "SF-THR-2")])
-    assert caught.value.retry_after == 120.0
+    [throttled] = await sap.write([order_op("t2", "SF-THR-2")])
+    assert isinstance(throttled.error, ThrottledError)
+    assert throttled.error.retry_after == 120.0
     sap_sim.faults.fail_next(3, 500, method="GET")
     with pytest.raises(TransientError, match="HTTP 500"):
         await sap.fetch("A_SalesOrder", ["4000001"])
@@ -962,3 +964,71 @@ async def test_equality_filters_answer_from_field_indexes_exactly_as_a_scan(
         found, _, _ = await fast_and_scan(raw, f"{SO}A_SalesOrder", "PurchaseOrderByCustomer eq 'IDX-1'")
         assert keys(found, "SalesOrder") == [numbers[1]]
 
+
+
+# ============================================================================================ issue 13
+
+
+def partners_with(sim: SapSimulator, source_id: str) -> list[dict[str, Any]]:
+    return [r for r in sim.all("A_BusinessPartner") if r[PARTNER_MATCH_FIELD] == source_id]
+
+
+@pytest.mark.parametrize("batch_size", [1, 100])
+@pytest.mark.parametrize("status", [504, DROP], ids=["gateway-504", "connection-dropped"])
+async def test_partner_and_order_creates_applied_but_unanswered_are_never_twinned(
+        factory: Factory, sap_sim: SapSimulator, status: int, batch_size: int) -> None:
+    """Issue 13 defect 4 (SAP side): a deep insert whose answer is lost is found again by its match field, in
+    the same call (alone or in a $batch), and nothing is POSTed a second time."""
+    sap = factory.client(batch_size=batch_size)
+    tag = f"{status}-{batch_size}"
+    ops = [partner_op("p1", f"SF-LOSTBP-{tag}"), partner_op("p2", f"SF-LOSTBP2-{tag}")]
+    sap_sim.faults.fail_next(len(ops) if batch_size == 1 else 1, status, method="POST", after_apply=True)
+    results = await sap.write(ops)
+    assert [len(partners_with(sap_sim, str(op.match and op.match[PARTNER_MATCH_FIELD]))) for op in ops] == [1, 1]
+    assert all(r.ok and r.created for r in results), [r.error for r in results]
+    assert len(posts(sap_sim)) == (2 if batch_size == 1 else 1)
+    sap_sim.requests.clear()
+    orders = [order_op("o1", f"SF-LOSTSO-{tag}"), order_op("o2", f"SF-LOSTSO2-{tag}")]
+    sap_sim.faults.fail_next(len(orders) if batch_size == 1 else 1, status, method="POST", after_apply=True)
+    made = await sap.write(orders)
+    assert [len(orders_with(sap_sim, f"SF-LOSTSO{n}-{tag}")) for n in ("", "2")] == [1, 1]
+    assert all(r.ok for r in made), [r.error for r in made]
+    assert len(posts(sap_sim)) == (2 if batch_size == 1 else 1)
+    again = await sap.write(orders)  # the engine's retry after a crash: found by match, nothing created
+    assert [r.created for r in again] == [False, False]
+    assert [len(orders_with(sap_sim, f"SF-LOSTSO{n}-{tag}")) for n in ("", "2")] == [1, 1]
+
+
+async def test_a_write_timing_out_after_it_was_sent_is_not_resent(factory: Factory, sap_sim: SapSimulator) -> None:
+    transport = factory.transport()
+    sap = factory.client(transport=transport)
+
+    def stall(request: httpx.Request) -> None:
+        if request.method == "POST":
+            transport.before = None
+            raise httpx.WriteTimeout("stalled while sending", request=request)
+
+    transport.before = stall
+    [result] = await sap.write([order_op("w1", "SF-WTO-1")])
+    assert isinstance(result.error, AmbiguousWriteError)
+    assert len([r for r in transport.sent if r.method == "POST"]) == 1
+    assert orders_with(sap_sim, "SF-WTO-1") == []
+    [retry] = await sap.write([order_op("w1", "SF-WTO-1")])
+    assert retry.ok, retry.error
+    assert len(orders_with(sap_sim, "SF-WTO-1")) == 1
+
+
+async def test_an_auth_failure_keeps_written_records_and_leaves_the_rest_unattempted(
+        factory: Factory, sap_sim: SapSimulator) -> None:
+    """Issue 13 defect 9 (SAP side): a 401 used to fail the whole write, including records already written."""
+    sap = factory.client(max_concurrency=1, batch_size=1)
+    ops = [order_op("a1", "SF-AUTH-1"), partner_op("a2", "SF-AUTH-BP-2"), order_op("a3", "SF-AUTH-3")]
+    sap_sim.faults.fail_next(1, 401, path_contains="A_BusinessPartner", method="POST")
+    written, refused, untried = await sap.write(ops)
+    assert written.ok, written.error
+    assert len(orders_with(sap_sim, "SF-AUTH-1")) == 1
+    assert isinstance(refused.error, AuthError)
+    assert partners_with(sap_sim, "SF-AUTH-BP-2") == []
+    assert isinstance(untried.error, AuthError)
+    assert "(op a3) was not attempted" in untried.error.detail
+    assert orders_with(sap_sim, "SF-AUTH-3") == []

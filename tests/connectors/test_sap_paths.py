@@ -12,7 +12,7 @@ from urllib.parse import unquote
 import httpx
 import pytest
 
-from sandbox.sap_sim import SapSimulator, seed_sap
+from sandbox.sap_sim import DROP, SapSimulator, seed_sap
 from sandbox.server import RunningServer
 from sandbox.server import TestCA as SandboxCA
 from shared.connectors._http import RetryPolicy
@@ -348,6 +348,18 @@ async def test_product_availability_scan_joins_product_price_and_stock(clients: 
     assert sum(1 for c in calls(sim) if c == f"GET {AVAILABILITY}DetermineAvailabilityAt") == 3
     selected = await sap.select(PRODUCT_AVAILABILITY, equals={"BaseUnit": "EA"})
     assert {r.key for r in selected} == {"PV-VALVE-50", "PV-MOTOR-7K5"}
+
+
+@pytest.mark.parametrize("status", [500, 502, 504, DROP], ids=["500", "502", "504", "connection-dropped"])
+async def test_the_read_only_availability_batch_is_retried_like_a_read(
+        clients: Clients, sim: SapSimulator, status: int) -> None:
+    """Issue 13 defect 2 (SAP side): the availability $batch holds only retrieve parts, yet it was retried as a
+    write (429/503 only), so one 5xx or reset failed the whole read model poll."""
+    sap = clients.client()
+    sim.faults.fail_next(1, status, path_contains="$batch", method="POST")
+    records = {r.key: r for page in [p async for p in sap.scan(PRODUCT_AVAILABILITY)] for r in page}
+    assert records["PV-PUMP-100"].values["AvailableQuantity"] == 40.0
+    assert sum(1 for c in calls(sim) if c == f"POST {AVAILABILITY}$batch") == 2
 
 
 async def test_product_availability_changes_report_only_changed_products(
