@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 import signal
 import sqlite3
@@ -80,6 +81,9 @@ class Figures:
     """Sequence number -> highest delivery count seen for that message."""
     notes: list[str] = field(default_factory=list)
     refused: Counter[str] = field(default_factory=Counter)
+    hung: int = 0
+    cycle_errors: Counter[str] = field(default_factory=Counter)
+    """Why controller cycles ended "failed" (digits masked), with counts."""
     notes_once: set[str] = field(default_factory=set)
 
 
@@ -336,10 +340,12 @@ class Chaos:
         assert self.box is not None
         return [self.box.dv, self.box.ag, self.box.fno, self.box.sf, self.box.sap]
 
-    async def run_controller(self, *, kill_after_calls: int | None = None) -> dict[str, Any] | None:
+    async def run_controller(self, *, kill_after_calls: int | None = None, poll: bool = True,
+                             ) -> dict[str, Any] | None:
         """One `syncline run` in a subprocess; SIGKILL once the simulators have served `kill_after_calls` more
         calls. Returns the cycle report, or None when killed (or when it printed none)."""
-        assert self.box is not None and self.probe is not None
+        assert self.box is not None
+        assert self.probe is not None
         figures = self.figures
         figures.controller_runs += 1
         before = self.plan.total_calls()
@@ -348,10 +354,11 @@ class Chaos:
         out_path = self.box.workdir / f"controller-{figures.controller_runs}.out"
         err_path = self.box.workdir / f"controller-{figures.controller_runs}.err"
         with out_path.open("wb") as out, err_path.open("wb") as err:
-            proc = subprocess.Popen([sys.executable, "-m", "shared.cli", "run"], cwd=ROOT, env=self.env,
+            command = [sys.executable, "-m", "shared.cli", "run", *([] if poll else ["--no-poll"])]
+            proc = subprocess.Popen(command, cwd=ROOT, env=self.env,
                                     stdout=out, stderr=err)
             deadline = time.monotonic() + self.o.cycle_timeout
-            killed = False
+            killed = hung = False
             try:
                 while proc.poll() is None:
                     calls = self.plan.total_calls()
@@ -359,6 +366,18 @@ class Chaos:
                         expire_all_tokens(self.sims())
                         figures.token_expiries += 1
                         expire_at = None
+                    if time.monotonic() > deadline:
+                        active, scheduled = self.probe.depth()
+                        evidence = (f"queue active {active}, scheduled {scheduled}, locked {self.probe.locked()}, "
+                                    f"simulator calls during the run {self.plan.total_calls() - before}")
+                        proc.send_signal(signal.SIGKILL)
+                        proc.wait(timeout=30)
+                        figures.hung += 1
+                        figures.notes.append(f"controller run {figures.controller_runs} "
+                                             f"({'drain only' if not poll else 'full cycle'}) made no exit in "
+                                             f"{self.o.cycle_timeout:.0f}s and was killed by the watchdog ({evidence})")
+                        killed = hung = True
+                        break
                     if kill_after_calls is not None and calls >= before + kill_after_calls:
                         # Past the call count, the kill waits for a batch under lock: a kill mid-drain, not
                         # mid-poll (the probe is read at most every 20 ms).
@@ -372,13 +391,6 @@ class Chaos:
                         figures.kills += 1
                         figures.kills_with_locked_messages += locked > 0
                         break
-                    if time.monotonic() > deadline:
-                        proc.send_signal(signal.SIGKILL)
-                        proc.wait(timeout=30)
-                        figures.notes.append(f"controller run {figures.controller_runs} hung for "
-                                             f"{self.o.cycle_timeout:.0f}s and was killed")
-                        killed = True
-                        break
                     await asyncio.sleep(0.005)
             finally:
                 if proc.poll() is None:
@@ -386,6 +398,8 @@ class Chaos:
                     proc.wait(timeout=30)
         await flush(self.box, self.figures)
         self.probe.release()
+        if hung:
+            return {"outcome": "hung"}
         if killed:
             return None
         if proc.returncode not in (0, 1):
@@ -400,6 +414,8 @@ class Chaos:
             return None
         if report.get("outcome") != "ok":
             figures.controller_failures += 1
+            error = str(report.get("error") or "?")
+            figures.cycle_errors[re.sub(r"\d+", "N", error.split("(")[0].split(":  ")[0])[:90].strip()] += 1
         return report
 
     async def drain(self, kills: int) -> None:
@@ -416,11 +432,14 @@ class Chaos:
             active, scheduled = self.probe.depth()
             if active + scheduled == 0 and attempts > 1:
                 break  # nothing left to drain: a kill now would not be mid-drain
-            before = self.plan.total_calls()
-            report = await self.run_controller(kill_after_calls=self.rng.randint(3, max(4, calls_per_run)))
-            if report is None:
+            before, kills_before = self.plan.total_calls(), self.figures.kills
+            # Drain-only runs: under faults a full cycle often ends in its poll (see the report's notes), and the
+            # kills are meant for the drain.
+            report = await self.run_controller(kill_after_calls=self.rng.randint(3, max(4, calls_per_run)),
+                                               poll=False)
+            if self.figures.kills > kills_before:
                 done += 1
-            else:
+            elif report is not None:
                 calls_per_run = max(4, (self.plan.total_calls() - before) // 2)
         for _ in range(self.o.faulted_cycles):
             await self.run_controller()
@@ -552,7 +571,8 @@ class Chaos:
         from shared.settings import Settings
 
         box = self.box
-        assert box is not None and self.probe is not None
+        assert box is not None
+        assert self.probe is not None
         self.plan.rate = 0.0
         services = build_services(Settings())
         try:
@@ -609,6 +629,7 @@ class Chaos:
             "half_applied_cascades": len(cascades),
             "unexpected_dead_letters": sum(unexpected.values()), "missing_dead_letters": sum(missing.values()),
             "queue_not_empty": active + scheduled,
+            "controller_hung": self.figures.hung,
         }
         ok = not any(failures.values())
         records_changed = sum(v for k, v in self.figures.activity.items()
@@ -627,6 +648,7 @@ class Chaos:
             "kills_with_locked_messages": self.figures.kills_with_locked_messages,
             "controller_runs": self.figures.controller_runs,
             "controller_runs_not_ok": self.figures.controller_failures,
+            "controller_cycle_errors": dict(self.figures.cycle_errors.most_common(15)),
             "deliveries_refused": refused,
             "failures": failures,
             "per_flow_set": {k: dict(v) for k, v in by_set.items()},
@@ -787,6 +809,8 @@ def print_summary(doc: dict[str, Any]) -> None:
                                         or "none") + f"; token expiries {doc['token_expiries']}",
         f"  controller kills         {doc['kills']} (with messages locked: {doc['kills_with_locked_messages']}); "
         f"runs {doc['controller_runs']}, not ok {doc['controller_runs_not_ok']}",
+        "  cycle errors             " + ("; ".join(f"{n}x {e}" for e, n in doc["controller_cycle_errors"].items())
+                                        or "none"),
         f"  deliveries refused       {doc['deliveries_refused']} (webhooks/events the senders gave up on)",
         f"  lost                     {f['lost']}",
         f"  duplicates               {f['duplicates']}",
@@ -827,6 +851,8 @@ def parse_args(argv: list[str] | None = None) -> ChaosOptions:
     p.add_argument("--faulted-cycles", type=int, default=d.faulted_cycles)
     p.add_argument("--token-expiry-probability", type=float, default=d.token_expiry_probability)
     p.add_argument("--max-cycles", type=int, default=d.max_cycles)
+    p.add_argument("--cycle-timeout", type=float, default=d.cycle_timeout,
+                   help="watchdog: seconds before a controller run that has not exited is killed and reported")
     p.add_argument("--workdir", type=Path, default=d.workdir)
     p.add_argument("--report", type=Path, default=d.report)
     a = p.parse_args(argv)
@@ -840,6 +866,7 @@ def parse_args(argv: list[str] | None = None) -> ChaosOptions:
                         customers=a.customers, opportunities=a.opportunities, sap_orders=a.sap_orders,
                         client_timeout=a.client_timeout, batch_size=a.batch_size, faulted_cycles=a.faulted_cycles,
                         token_expiry_probability=a.token_expiry_probability, max_cycles=a.max_cycles,
+                        cycle_timeout=a.cycle_timeout,
                         workdir=a.workdir, report=a.report)
 
 

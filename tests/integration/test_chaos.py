@@ -17,8 +17,8 @@ async def test_chaos_short(tmp_path: Path) -> None:
                            customers=8, opportunities=8, sap_orders=4, faulted_cycles=1, client_timeout=1.0,
                            workdir=tmp_path / "chaos", report=tmp_path / "chaos.json")
     doc = await run_chaos(options)
-    assert doc["kills"] >= 1 and doc["kills_with_locked_messages"] >= 1, "no kill came mid-drain"
-    assert sum(doc["faults_injected"].values()) > 0 and doc["token_expiries"] >= 0
+    assert doc["kills_with_locked_messages"] >= 1, "no kill came mid-drain"
+    assert sum(doc["faults_injected"].values()) > 0
     assert doc["failures"] == dict.fromkeys(doc["failures"], 0), doc["per_flow_set"]
     assert doc["dead_letters"]["count"] == doc["dead_letters"]["expected"] > 0
     assert doc["max_delivery_count_good_message"] < doc["max_delivery_count_allowed"]
@@ -52,5 +52,5 @@ async def test_the_checks_see_a_lost_change_a_twin_and_a_half_applied_cascade(se
                       for t in box.dv.all("dot_workordertasks")))
     box.dv.apply_change("dot_workorders", {"dot_status": 100000003}, key=wo["dot_workorderid"])
     half = half_applied_cascades(box)
-    assert half and {h["side"] for h in half} == {"dataverse"} and {h["work_order"] for h in half} == {
-        wo["dot_workorderid"]}
+    assert {h["side"] for h in half} == {"dataverse"}
+    assert {h["work_order"] for h in half} == {wo["dot_workorderid"]}
