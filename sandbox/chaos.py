@@ -423,7 +423,7 @@ class Chaos:
         assert self.probe is not None
         rate = self.o.fault_rate
         self.plan.rate = rate
-        calls_per_run = 200
+        calls_per_run = 40
         done = 0
         attempts = 0
         while done < kills and attempts < kills * 4:
