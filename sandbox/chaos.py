@@ -485,10 +485,6 @@ class Chaos:
                 "SYNCLINE_LOCK_SECONDS": str(o.lock_seconds), "SYNCLINE_BATCH_SIZE": str(o.batch_size),
                 "SYNCLINE_MAX_DELIVERY_COUNT": str(MAX_DELIVERY_COUNT),
             })
-            if box.broker is not None:
-                # The demo's broker queue locks for 60 s; the probe advances its clock past a dead controller's
-                # locks, so the lock duration only has to outlast the slowest live batch.
-                pass
             self.env = {**os.environ, **box.env}
             with demo.environment(box.env):
                 if "signs" in self.sets:
@@ -524,7 +520,6 @@ class Chaos:
         """Activity with faults on, each step drained through killed and faulted controller runs."""
         box, o, rng, act = self.box, self.o, self.rng, self.figures.activity
         assert box is not None
-        steps: list[Callable[[int], None]] = []
 
         def first(rnd: int) -> None:
             if "signs" in self.sets:
@@ -555,7 +550,7 @@ class Chaos:
             if "sap" in self.sets:
                 sap_activity(box, rng, rnd, act)
 
-        steps = [first, second] + [later] * max(0, o.rounds - 1)
+        steps: list[Callable[[int], None]] = [first, second] + [later] * max(0, o.rounds - 1)
         per_step = [o.kills // len(steps) + (1 if i < o.kills % len(steps) else 0) for i in range(len(steps))]
         for rnd, (step, kills) in enumerate(zip(steps, per_step, strict=True)):
             self.plan.rate = o.fault_rate
