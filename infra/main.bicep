@@ -63,7 +63,7 @@ param syncSchedule string = '0 */15 * * * *'
 @maxValue(5000)
 param batchSize int = 500
 
-@description('SYNCLINE_MAX_DELIVERY_COUNT and the queue\'s maxDeliveryCount.')
+@description('SYNCLINE_MAX_DELIVERY_COUNT (failed attempts per change); the queue\'s maxDeliveryCount is 10 times it.')
 @minValue(1)
 @maxValue(2000)
 param maxDeliveryCount int = 10

@@ -108,8 +108,10 @@ def start_azure_emulators(box: Sandbox) -> None:
     azurite = AzuriteTable(ensure_installed())
     azurite.start()
     box.stoppers.append(azurite.stop)
+    from shared.settings import queue_max_delivery_count
+
     broker = start_broker({"syncline-inbound": {"requires_session": True, "lock_duration": 60.0,
-                                                "max_delivery_count": 10}})
+                                                "max_delivery_count": queue_max_delivery_count(10)}})
     box.stoppers.append(broker.stop)
     box.broker = broker
     box.env.update({

@@ -15,7 +15,7 @@ from shared.core.engine import SyncEngine
 from shared.core.errors import SpecError
 from shared.core.ports import ChangeSource, InboundQueue, RecordSink, StateStore
 from shared.mapping.spec import FlowSet, load_spec, parse_spec
-from shared.settings import Settings
+from shared.settings import Settings, queue_max_delivery_count
 from shared.telemetry import Metrics, configure_logging, configure_telemetry, dataverse_correlation_hook
 
 log = logging.getLogger(__name__)
@@ -223,7 +223,7 @@ def build_services(
         state_dir.mkdir(parents=True, exist_ok=True)
         state = state or SqliteStateStore(state_dir / "state.db")
         queue = queue or SqliteQueue(state_dir / "queue.db", name=settings.syncline_inbound_queue,
-                                     max_delivery_count=settings.syncline_max_delivery_count,
+                                     max_delivery_count=queue_max_delivery_count(settings.syncline_max_delivery_count),
                                      lock_duration_seconds=settings.syncline_lock_seconds)
 
     active = flowset.restricted_to(set(sinks))
@@ -231,11 +231,16 @@ def build_services(
     if idle:
         log.info("flows without a configured system are idle: %s", ", ".join(idle))
     flowset = active
-    engine = SyncEngine(flowset, sinks=sinks, state=state, sources=sources)
+    # A record lease lasts as long as a message lock: a killed instance's records are free again by the time its
+    # messages are redelivered, so those never meet their own stale leases.
+    engine = SyncEngine(flowset, sinks=sinks, state=state, sources=sources,
+                        lease_seconds=settings.syncline_lock_seconds)
     controller = Controller(flowset, engine=engine, queue=queue, state=state, sources=sources,
                             batch_size=settings.syncline_batch_size,
-                            lock_renew_seconds=max(1.0, settings.syncline_lock_seconds / 3),
-                            metrics=metrics, api_calls=counter.snapshot)
+                            # three renewals per lock period: one late or failed round still keeps the lock
+                            lock_renew_seconds=settings.syncline_lock_seconds / 3,
+                            metrics=metrics, api_calls=counter.snapshot,
+                            max_attempts=settings.syncline_max_delivery_count)
     return Services(settings, flowset, state, queue, engine, controller, sinks, sources, counter, metrics, clients,
                     closers)
 
@@ -258,7 +263,8 @@ def _azure_runtime(settings: Settings, state: StateStore | None, queue: InboundQ
             raise SpecError("SYNCLINE_RUNTIME=azure needs SYNCLINE_TABLES__endpoint (or a connectionString for "
                             "Azurite)", reason="SPEC_INVALID")
     if queue is None:
-        name, max_count = settings.syncline_inbound_queue, settings.syncline_max_delivery_count
+        name = settings.syncline_inbound_queue
+        max_count = queue_max_delivery_count(settings.syncline_max_delivery_count)
         if bus.connectionString.get_secret_value():
             queue = ServiceBusQueue.from_connection_string(bus.connectionString.get_secret_value(), name,
                                                            max_delivery_count=max_count, sessions=True)

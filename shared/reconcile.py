@@ -1,16 +1,19 @@
-"""Reconciliation: compares both sides of every linked record pair through the flow maps and reports drift."""
+"""Reconciliation: compares linked pairs through the flow maps, checks cascades; reports (and repairs) drift."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from shared.core.engine import in_scope
+from shared.core.engine import SyncEngine, cascade_pending, cascade_triggered, in_scope
 from shared.core.errors import SyncError
 from shared.core.ports import ATTACHMENTS_KEY, GEOMETRY_KEY, ChangeSource, SourceRecord, StateStore
 from shared.mapping.engine import Mapper, same
-from shared.mapping.spec import FlowSet, FlowSpec
+from shared.mapping.spec import CascadeSpec, FlowSet, FlowSpec
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -30,10 +33,15 @@ class EntityDrift:
     """Source keys left out on purpose (dead-lettered records)."""
     out_of_scope: int = 0
     """Source records the flow's `when` conditions leave out (not drift)."""
+    cascade_incomplete: list[str] = field(default_factory=list)
+    """Half-applied cascades: "<cascade> <system>: parent <key> child <key>" for each child a parent in a
+    triggering state should have set (it still is what the cascade's select finds)."""
+    cascade_repaired: list[str] = field(default_factory=list)
+    """Entries of `cascade_incomplete` that `repair=True` completed through the engine (no longer drift)."""
 
     @property
     def drift(self) -> int:
-        return len(self.missing_in_target) + len(self.field_drift)
+        return len(self.missing_in_target) + len(self.field_drift) + len(self.cascade_incomplete)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -41,15 +49,25 @@ class EntityDrift:
             "target_records": self.target_records, "linked": self.linked, "drift": self.drift,
             "missing_in_target": self.missing_in_target[:20], "orphans_in_target": self.orphans_in_target[:20],
             "field_drift": dict(list(self.field_drift.items())[:20]), "excluded": self.excluded,
-            "out_of_scope": self.out_of_scope,
+            "out_of_scope": self.out_of_scope, "cascade_incomplete": self.cascade_incomplete[:20],
+            "cascade_repaired": len(self.cascade_repaired),
         }
 
 
-async def _all(source: ChangeSource, table: str) -> dict[str, SourceRecord]:
-    out: dict[str, SourceRecord] = {}
-    async for page in source.scan(table):
-        out.update({r.key: r for r in page})
-    return out
+class _Scans:
+    """Each table read once per reconciliation (the cascade check reads tables the pair check read already)."""
+
+    def __init__(self, sources: Mapping[str, ChangeSource]) -> None:
+        self.sources = sources
+        self._rows: dict[tuple[str, str], dict[str, SourceRecord]] = {}
+
+    async def rows(self, system: str, table: str) -> dict[str, SourceRecord]:
+        if (system, table) not in self._rows:
+            out: dict[str, SourceRecord] = {}
+            async for page in self.sources[system].scan(table):
+                out.update({r.key: r for r in page})
+            self._rows[(system, table)] = out
+        return self._rows[(system, table)]
 
 
 def _reference_flows(flowset: FlowSet) -> list[FlowSpec]:
@@ -68,20 +86,28 @@ async def reconcile(
     state: StateStore,
     *,
     exclude: Mapping[str, set[str]] | None = None,
+    repair: bool = False,
+    engine: SyncEngine | None = None,
 ) -> list[EntityDrift]:
-    """Scan both sides of each entity and compare every mapped field of every linked pair.
+    """Scan both sides of each entity and compare every mapped field of every linked pair; then check that
+    every parent in a cascade's triggering state has no child the cascade still has to set, on each side.
 
     `exclude` maps an entity to source keys that are known to be dead-lettered (reported, not drift).
+    `repair=True` completes each half-applied cascade found, through `engine` (the same code path a sync
+    takes), and reports those entries as repaired instead of drift.
     """
+    if repair and engine is None:
+        raise ValueError("reconcile(repair=True) needs the engine that applies the repairs")
     mapper = Mapper(flowset)
+    scans = _Scans(sources)
     report: list[EntityDrift] = []
     for flow in _reference_flows(flowset):
         src, tgt = flow.source, flow.target
         if src.system not in sources or tgt.system not in sources:
             continue
         drift = EntityDrift(flow.entity, flow.name)
-        sources_rows = await _all(sources[src.system], src.table)
-        target_rows = await _all(sources[tgt.system], tgt.table)
+        sources_rows = await scans.rows(src.system, src.table)
+        target_rows = await scans.rows(tgt.system, tgt.table)
         drift.source_records, drift.target_records = len(sources_rows), len(target_rows)
         links = await state.get_links(flow.entity, src.system, list(sources_rows), tgt.system)
         excluded = (exclude or {}).get(flow.entity, set())
@@ -104,7 +130,78 @@ async def reconcile(
                 drift.field_drift[key] = differing
         drift.orphans_in_target = sorted(set(target_rows) - linked_targets)
         report.append(drift)
+    for cascade in flowset.cascades:
+        # A dead-lettered parent is known and reported as such, like any excluded record (on both sides).
+        dead = sorted((exclude or {}).get(cascade.parent_entity, set()))
+        known = {_bare(k) for k in dead}
+        for a in cascade.when:
+            for b in cascade.when:
+                if a != b and dead:
+                    known |= {_bare(k) for k in (await state.get_links(cascade.parent_entity, a, dead, b)).values()}
+        found = {where: children for where, children in (await _half_applied(flowset, scans, cascade)).items()
+                 if _bare(where[1]) not in known}
+        if not found:
+            continue
+        owner = next((d for d in report if d.entity == cascade.parent_entity), None)
+        if owner is None:
+            owner = EntityDrift(cascade.parent_entity, f"cascade:{cascade.name}")
+            report.append(owner)
+        for (system, parent_key), children in found.items():
+            entries = [f"{cascade.name} {system}: parent {parent_key} child {c}" for c in children]
+            if repair and engine is not None:
+                errors = await engine.complete_cascade(cascade.name, system, parent_key)
+                if not errors:
+                    owner.cascade_repaired += entries
+                    continue
+                log.warning("reconcile: cascade %s of %s %s still incomplete after repair: %s", cascade.name,
+                            system, parent_key, "; ".join(str(e) for e in errors[:5]))
+            owner.cascade_incomplete += entries
     return report
+
+
+async def _half_applied(flowset: FlowSet, scans: _Scans, cascade: CascadeSpec) -> dict[tuple[str, str], list[str]]:
+    """(system, parent key) -> children the cascade should have set, for parents in a triggering state."""
+    out: dict[tuple[str, str], list[str]] = {}
+    for system in sorted(cascade.when):
+        parent_table = _table_of(flowset, cascade.parent_entity, system)
+        child_table = _table_of(flowset, cascade.child_entity, system)
+        link_field = cascade.child_parent_field.get(system)
+        if parent_table is None or child_table is None or link_field is None or system not in scans.sources:
+            continue
+        triggered = {_bare(k): k for k, r in (await scans.rows(system, parent_table)).items()
+                     if cascade_triggered(cascade, system, r.values)}
+        if not triggered:
+            continue
+        for key, child in sorted((await scans.rows(system, child_table)).items()):
+            parent = _field(child.values, link_field)
+            if parent in (None, "") or _bare(str(parent)) not in triggered:
+                continue
+            if cascade_pending(cascade, system, child.values):
+                out.setdefault((system, triggered[_bare(str(parent))]), []).append(key)
+    return out
+
+
+def _field(values: Mapping[str, Any], name: str) -> Any:
+    """A field's value; a Dataverse lookup is queried as `_<name>_value` but read under its logical name."""
+    if name in values:
+        return values[name]
+    if name.startswith("_") and name.endswith("_value"):
+        return values.get(name[1:-len("_value")])
+    return None
+
+
+def _table_of(flowset: FlowSet, entity: str, system: str) -> str | None:
+    for flow in flowset.flows:
+        if flow.entity == entity:
+            for side in (flow.source, flow.target):
+                if side.system == system:
+                    return side.table
+    return None
+
+
+def _bare(key: str) -> str:
+    """A key compared across representations (ArcGIS braces GUIDs in upper case, Dataverse does not)."""
+    return key.strip().strip("{}").lower()
 
 
 def _compare(mapper: Mapper, flow: FlowSpec, source: SourceRecord, target: SourceRecord) -> list[str]:

@@ -10,6 +10,20 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
+DELIVERY_BACKSTOP_FACTOR = 10
+"""The queue's own max delivery count is this many times the attempts (infra/modules/servicebus.bicep too)."""
+MAX_QUEUE_DELIVERY_COUNT = 2000
+"""Upper bound of the queue's max delivery count (the most the settings model and the Bicep accept)."""
+
+
+def queue_max_delivery_count(attempts: int) -> int:
+    """The queue's (broker's) max delivery count for `attempts` failed attempts: a backstop well above them.
+
+    The controller dead-letters a change after `attempts` failures of its own; deliveries whose lock a crashed
+    or killed process lost count at the broker only, so they must not reach its limit first.
+    """
+    return min(attempts * DELIVERY_BACKSTOP_FACTOR, MAX_QUEUE_DELIVERY_COUNT)
+
 
 class DataverseSettings(BaseModel):
     """Dynamics 365 CE / Dataverse Web API."""
@@ -133,6 +147,8 @@ class Settings(BaseSettings):
     """Shared secret the webhooks must present in the x-syncline-key header (function keys work too)."""
     syncline_batch_size: int = Field(default=500, ge=1, le=5000)
     syncline_max_delivery_count: int = Field(default=10, ge=1, le=2000)
+    """Failed attempts before a change is dead-lettered (MAX_DELIVERY_EXCEEDED). Lost locks (crashes) do not
+    count; the queue's own max delivery count is `queue_max_delivery_count` of this, a backstop."""
     syncline_lock_seconds: float = Field(default=60.0, gt=0, le=300)
     """Peek-lock duration of the embedded queue (Service Bus: the queue's LockDuration)."""
     syncline_inline_retries: int = Field(default=2, ge=0, le=5)

@@ -46,7 +46,7 @@ param syncSchedule string
 @description('SYNCLINE_BATCH_SIZE.')
 param batchSize int
 
-@description('SYNCLINE_MAX_DELIVERY_COUNT: must equal the queue\'s maxDeliveryCount.')
+@description('SYNCLINE_MAX_DELIVERY_COUNT: failed attempts per change; the queue\'s maxDeliveryCount is 10 times it.')
 param maxDeliveryCount int
 
 @description('SYNCLINE_LOCK_SECONDS: must equal the queue\'s lock duration.')

@@ -11,7 +11,7 @@ param name string
 @description('Name of the inbound queue (SYNCLINE_INBOUND_QUEUE).')
 param queueName string
 
-@description('Deliveries before Service Bus dead-letters a message itself (SYNCLINE_MAX_DELIVERY_COUNT).')
+@description('Failed attempts before Syncline dead-letters a change (SYNCLINE_MAX_DELIVERY_COUNT); the queue\'s own count is a backstop above it.')
 @minValue(1)
 @maxValue(2000)
 param maxDeliveryCount int
@@ -46,7 +46,10 @@ resource namespace 'Microsoft.ServiceBus/namespaces@2022-10-01-preview' = {
     properties: {
       // One session per record: Service Bus hands a record's changes to one receiver at a time, in order.
       requiresSession: true
-      maxDeliveryCount: maxDeliveryCount
+      // A backstop, 10 times the attempts (shared/settings.py queue_max_delivery_count): Syncline counts a
+      // change's own failed attempts in its state and dead-letters at SYNCLINE_MAX_DELIVERY_COUNT, so locks
+      // lost to crashed or killed instances (which Service Bus counts as deliveries) never dead-letter a change.
+      maxDeliveryCount: min(maxDeliveryCount * 10, 2000)
       lockDuration: 'PT${lockSeconds}S'
       deadLetteringOnMessageExpiration: true
       defaultMessageTimeToLive: messageTimeToLive

@@ -25,6 +25,8 @@ var tableSuffixes = [
   'checkpoints'
   'dedup'
   'audit'
+  'failures'
+  'leases'
 ]
 
 resource account 'Microsoft.Storage/storageAccounts@2023-05-01' = {

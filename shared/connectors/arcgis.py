@@ -20,6 +20,7 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 
 from shared.connectors._http import RETRIABLE_STATUS, RetryPolicy, send_with_retry
+from shared.core.dates import from_epoch_ms
 from shared.core.errors import (
     AmbiguousWriteError,
     AuthError,
@@ -40,6 +41,15 @@ from shared.core.ports import (
     SourceRecord,
     WriteOp,
     WriteResult,
+)
+from shared.payloads import (
+    MAX_BODY_BYTES,
+    MAX_JSON_DEPTH,
+    ArcGISLayerChange,
+    SurveyWebhook,
+    bad_values,
+    read_json,
+    validate,
 )
 
 log = logging.getLogger(__name__)
@@ -74,9 +84,12 @@ def canonical_guid(value: Any) -> str | None:
     return "{" + m.group(1).upper() + "}" if m else None
 
 
-def epoch_ms_to_datetime(ms: int | float) -> datetime:
-    """ArcGIS date (epoch milliseconds, UTC) -> aware datetime, without float rounding."""
-    return _EPOCH + timedelta(milliseconds=int(ms))
+def epoch_ms_to_datetime(ms: int | float) -> datetime | None:
+    """ArcGIS date (epoch milliseconds, UTC) -> aware datetime, without float rounding; None if out of range.
+
+    A feature whose edit date is out of range keeps its raw value and `modified=None`: its page still reads.
+    """
+    return from_epoch_ms(int(ms) if isinstance(ms, float) and math.isfinite(ms) else ms)
 
 
 def _datetime_to_ms(value: datetime | date) -> int:
@@ -88,6 +101,8 @@ def _datetime_to_ms(value: datetime | date) -> int:
 
 def _timestamp_literal(ms: int) -> str:
     moment = epoch_ms_to_datetime(ms)
+    if moment is None:
+        raise MappingError(f"arcgis: {ms} is not a date in range (epoch milliseconds of years 1-9999)")
     return f"TIMESTAMP '{moment:%Y-%m-%d %H:%M:%S}.{moment.microsecond // 1000:03d}'"
 
 
@@ -1450,32 +1465,37 @@ class ArcGISWebhook:
         return f"feature-service webhook {self.changes[0].webhook_name!r}: " + "; ".join(parts)
 
 
-def parse_webhook(body: bytes, content_type: str, *,
-                  layer_names: Mapping[int, str] | None = None) -> ArcGISWebhook:
+def parse_webhook(body: bytes, content_type: str, *, layer_names: Mapping[int, str] | None = None,
+                  max_bytes: int = MAX_BODY_BYTES, max_depth: int = MAX_JSON_DEPTH) -> ArcGISWebhook:
     """Parse a feature-service webhook (JSON array, or form-encoded `payload=[...]`) or a Survey123 webhook.
 
     Feature-service payloads carry layer ids only: names come from `layer_names`, else from the service
     definitions clients in this process have read, else stay None (see `ArcGISFeatureServiceClient.tables_for`).
+    The JSON (a form's `payload` field too) is read within `max_bytes` and `max_depth`.
     Raises EnvelopeError naming the problem.
     """
     media = content_type.split(";")[0].strip().lower()
+    if len(body) > max_bytes:
+        raise EnvelopeError(f"ArcGIS webhook body is too large: {len(body)} bytes (the limit is {max_bytes})")
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise EnvelopeError(f"ArcGIS webhook body is not UTF-8: {exc}") from exc
     if media == "application/x-www-form-urlencoded":
-        form = parse_qs(text, keep_blank_values=True)
+        try:
+            form = parse_qs(text, keep_blank_values=True, strict_parsing=False, errors="strict", max_num_fields=100)
+        except ValueError as exc:
+            raise EnvelopeError(f"form-encoded ArcGIS webhook is malformed: {exc}"[:300]) from exc
         if "payload" not in form:
-            raise EnvelopeError(f"form-encoded ArcGIS webhook has no 'payload' field (fields: {sorted(form)})")
+            raise EnvelopeError(f"form-encoded ArcGIS webhook has no 'payload' field (fields: {sorted(form)})"[:300])
         text = form["payload"][0]
-    try:
-        data = json.loads(text)
-    except ValueError as exc:
-        raise EnvelopeError(f"ArcGIS webhook body is not valid JSON: {exc}") from exc
-    if isinstance(data, list):
-        return _feature_service_hook(data, layer_names)
-    if isinstance(data, Mapping) and "eventType" in data and "feature" in data:
-        return _survey123_hook(data)
+    data = read_json(text.encode("utf-8", "surrogatepass"), "ArcGIS webhook body", max_bytes=max_bytes,
+                     max_depth=max_depth)
+    with bad_values("ArcGIS webhook body"):
+        if isinstance(data, list):
+            return _feature_service_hook(data, layer_names)
+        if isinstance(data, Mapping) and "eventType" in data and "feature" in data:
+            return _survey123_hook(data)
     raise EnvelopeError("ArcGIS webhook body is neither a feature-service payload (a JSON array of layer "
                         "changes) nor a Survey123 body (eventType + feature)")
 
@@ -1487,11 +1507,12 @@ def _feature_service_hook(entries: list[Any], layer_names: Mapping[int, str] | N
     for index, entry in enumerate(entries):
         if not isinstance(entry, Mapping):
             raise EnvelopeError(f"feature-service webhook entry {index} is not an object")
+        validate(ArcGISLayerChange, entry, f"feature-service webhook entry {index}")
         layer_id = entry.get("layerId")
-        if isinstance(layer_id, str) and layer_id.isdigit():
+        if isinstance(layer_id, str) and layer_id.isascii() and layer_id.isdigit() and len(layer_id) < 10:
             layer_id = int(layer_id)
-        if not isinstance(layer_id, int) or isinstance(layer_id, bool):
-            raise EnvelopeError(f"feature-service webhook entry {index}: layerId {layer_id!r} is not an integer")
+        if not isinstance(layer_id, int) or isinstance(layer_id, bool) or not 0 <= layer_id < 2**31:
+            raise EnvelopeError(f"feature-service webhook entry {index}: layerId {layer_id!r} is not a layer id"[:300])
         events = entry.get("events")
         if not isinstance(events, list) or not all(isinstance(e, str) for e in events):
             raise EnvelopeError(f"feature-service webhook entry {index}: events must be a list of strings")
@@ -1504,7 +1525,7 @@ def _feature_service_hook(entries: list[Any], layer_names: Mapping[int, str] | N
         changes.append(LayerChange(
             layer_id=layer_id, table=names.get(layer_id), events=tuple(events), changes_url=url,
             server_gens=_server_gens(url),
-            last_updated=epoch_ms_to_datetime(updated) if isinstance(updated, int) else None,
+            last_updated=_webhook_time(updated, f"feature-service webhook entry {index}: lastUpdatedTime"),
             webhook_name=str(entry.get("name") or ""), service_name=service, org_id=str(entry.get("orgId") or "")))
     return ArcGISWebhook("feature_service", changes=tuple(changes))
 
@@ -1514,13 +1535,24 @@ def _server_gens(url: str) -> tuple[int, int] | None:
     if not raw:
         return None
     try:
-        low, high = json.loads(raw[0])
+        low, high = read_json(raw[0], "serverGens")
         return int(low), int(high)
-    except (ValueError, TypeError):
+    except (EnvelopeError, ValueError, TypeError, OverflowError):
         return None
 
 
+def _webhook_time(value: Any, where: str) -> datetime | None:
+    """Epoch milliseconds of a webhook field; EnvelopeError when outside the years 1-9999."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    moment = epoch_ms_to_datetime(value)
+    if moment is None:
+        raise EnvelopeError(f"{where}: {value!r} is not a time (epoch milliseconds in range, years 1-9999)"[:300])
+    return moment
+
+
 def _survey123_hook(data: Mapping[str, Any]) -> ArcGISWebhook:
+    validate(SurveyWebhook, data, "Survey123 webhook")
     event = data.get("eventType")
     if event not in ("addData", "editData"):
         raise EnvelopeError(f"Survey123 webhook eventType {event!r} is not addData or editData")
@@ -1557,14 +1589,15 @@ def _survey123_hook(data: Mapping[str, Any]) -> ArcGISWebhook:
                 if isinstance(item, Mapping) and item.get("id") is not None:
                     refs.append(_attachment_ref(item))
     edited = next((v for k, v in attrs.items() if k.lower() == "editdate"), None)
-    record = SourceRecord(key, values, epoch_ms_to_datetime(edited) if isinstance(edited, int) else None,
-                          str(edited) if isinstance(edited, int) else None, attachments=refs)
+    edited = edited if isinstance(edited, int) and not isinstance(edited, bool) else None
+    record = SourceRecord(key, values, _webhook_time(edited, "Survey123 webhook feature.attributes.EditDate"),
+                          str(edited) if edited is not None else None, attachments=refs)
     survey = _mapping(data.get("surveyInfo"))
     layer_id = info.get("id")
     return ArcGISWebhook("survey123", table=table, record=record, event_type=str(event),
                          service_url=str(survey.get("serviceUrl")) if survey.get("serviceUrl") else None,
                          layer_id=layer_id if isinstance(layer_id, int) else None,
-                         extra={"username": (data.get("userInfo") or {}).get("username")})
+                         extra={"username": _mapping(data.get("userInfo")).get("username")})
 
 
 def verify_signature(body: bytes, signature_header: str | None, key: str) -> bool:
@@ -1575,4 +1608,5 @@ def verify_signature(body: bytes, signature_header: str | None, key: str) -> boo
     if presented.lower().startswith("sha256="):
         presented = presented[7:]
     expected = hmac.new(key.encode(), body, hashlib.sha256).hexdigest()
-    return hmac.compare_digest(expected, presented.strip().lower())
+    # Bytes, not text: compare_digest refuses non-ASCII text, and a header can hold anything.
+    return hmac.compare_digest(expected.encode(), presented.strip().lower().encode("utf-8", "surrogatepass"))

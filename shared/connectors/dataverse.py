@@ -13,7 +13,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime
+from datetime import date, datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Literal, Protocol, cast
 from urllib.parse import quote, urlsplit
@@ -22,6 +22,7 @@ import httpx
 
 from shared.connectors._http import RETRIABLE_STATUS, RetryPolicy, send_with_retry
 from shared.connectors._odata import json_object, rebase_link
+from shared.core.dates import is_wcf_date, iso_z, parse_iso, parse_wcf_date
 from shared.core.errors import (
     AmbiguousWriteError,
     AuthError,
@@ -33,6 +34,7 @@ from shared.core.errors import (
     TransientError,
 )
 from shared.core.ports import ATTACHMENTS_KEY, GEOMETRY_KEY, Attachment, Bind, SourceRecord, WriteOp, WriteResult
+from shared.payloads import DataverseContext, DataverseEntity, bad_values, validate
 
 if TYPE_CHECKING:
     from azure.core.credentials import TokenCredential
@@ -59,7 +61,6 @@ _URL_UNSAFE_KEY_CHARS = frozenset("/<>*%&:\\?+")
 """Characters Dataverse cannot take in an alternate-key value inside a URL (documented limitation)."""
 LOOKUP_ATTRIBUTE_TYPES = frozenset({"Lookup", "Customer", "Owner"})
 """AttributeType values of columns read and filtered as `_x_value` (Customer and Owner are polymorphic)."""
-_WCF_DATE_RE = re.compile(r"^\\?/Date\((?P<ms>-?\d+)(?P<offset>[+-]\d{4})?\)\\?/$")
 
 
 # ============================================================================================ tokens
@@ -227,19 +228,12 @@ def _guid(value: Any, what: str) -> str:
 
 
 def _utc_text(value: datetime) -> str:
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=UTC)
-    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return iso_z(value)
 
 
 def _parse_datetime(value: Any) -> datetime | None:
-    if not isinstance(value, str) or not value:
-        return None
-    try:
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    """ISO-8601 text as aware UTC; None when absent, malformed or out of range (the row keeps its raw value)."""
+    return parse_iso(value)
 
 
 def _jsonable(value: Any, column: str) -> Any:
@@ -1094,10 +1088,11 @@ def _kv(value: Any, where: str) -> dict[str, Any]:
 
 
 def _wcf_date(value: Any, where: str) -> datetime:
-    m = _WCF_DATE_RE.match(value) if isinstance(value, str) else None
-    if m is None:
-        raise EnvelopeError(f"webhook body: {where} is not a /Date(ms)/ value: {value!r}")
-    return datetime.fromtimestamp(int(m.group("ms")) / 1000, tz=UTC)
+    moment = parse_wcf_date(value)
+    if moment is None:
+        raise EnvelopeError(f"webhook body: {where} is not a /Date(ms)/ value in range (years 1-9999): "
+                            f"{value!r}"[:300])
+    return moment
 
 
 def _canonical(name: str, value: Any, where: str, date_only: Collection[str]) -> tuple[bool, Any]:
@@ -1106,7 +1101,14 @@ def _canonical(name: str, value: Any, where: str, date_only: Collection[str]) ->
         return True, None
     if isinstance(value, str):
         if value.startswith(("/Date(", "\\/Date(")):
-            moment = _wcf_date(value, f"{where} attribute {name!r}")
+            if not is_wcf_date(value):
+                raise EnvelopeError(f"webhook body: {where} attribute {name!r} is not a /Date(ms)/ value: "
+                                    f"{value!r}"[:300])
+            moment = parse_wcf_date(value)
+            if moment is None:
+                # A well-formed date out of range (year 0, 99999) is this record's problem, not the body's: it
+                # is kept raw, and a flow that maps the column dead-letters the record with the column named.
+                return True, value
             return True, moment.date().isoformat() if name in date_only else _utc_text(moment)
         return True, value
     if isinstance(value, bool | int | float):
@@ -1131,7 +1133,12 @@ def _canonical(name: str, value: Any, where: str, date_only: Collection[str]) ->
                 return True, float(raw)
             return True, raw
         if type_name == "OptionSetValueCollection":
-            return True, [int(v["Value"]) for v in value.get("Values") or [] if isinstance(v, Mapping)]
+            items = value.get("Values") or []
+            codes = [v.get("Value") for v in items if isinstance(v, Mapping)] if isinstance(items, list) else None
+            if codes is None or any(isinstance(c, bool) or not isinstance(c, int) for c in codes):
+                raise EnvelopeError(f"webhook body: {where} attribute {name!r} OptionSetValueCollection must hold "
+                                    "integer Values")
+            return True, codes
         log.debug("webhook: skipping %s attribute %r of unsupported type %r", where, name, type_name)
         return False, None
     if isinstance(value, list):
@@ -1142,6 +1149,7 @@ def _canonical(name: str, value: Any, where: str, date_only: Collection[str]) ->
 def _entity_values(entity: Any, where: str, date_only: Collection[str], primary_id: str) -> dict[str, Any]:
     if not isinstance(entity, Mapping) or "Attributes" not in entity:
         raise EnvelopeError(f"webhook body: {where} is not an Entity (no Attributes)")
+    validate(DataverseEntity, entity, f"webhook body: {where}")
     values: dict[str, Any] = {}
     for name, raw in _kv(entity.get("Attributes"), f"{where}.Attributes").items():
         keep, value = _canonical(name, raw, where, date_only)
@@ -1173,6 +1181,12 @@ def parse_remote_execution_context(
     """
     if not isinstance(body, Mapping):
         raise EnvelopeError("webhook body is not a JSON object (expected a RemoteExecutionContext)")
+    validate(DataverseContext, body, "webhook body")
+    with bad_values("webhook body"):
+        return _parse_context(body, date_only)
+
+
+def _parse_context(body: Mapping[str, Any], date_only: Collection[str]) -> DataverseWebhookChange:
     message = body.get("MessageName")
     if not message:
         raise EnvelopeError("webhook body has no MessageName (is this a Dataverse RemoteExecutionContext?)")

@@ -48,7 +48,7 @@ import re
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime
+from datetime import date, datetime
 from decimal import Decimal
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -58,6 +58,7 @@ import httpx
 from shared.connectors._http import RetryPolicy, send_with_retry
 from shared.connectors._odata import json_object, rebase_link
 from shared.connectors.dataverse import TokenProvider
+from shared.core.dates import iso_z, parse_iso, parse_wcf_date
 from shared.core.errors import (
     AmbiguousWriteError,
     AuthError,
@@ -69,6 +70,7 @@ from shared.core.errors import (
     TransientError,
 )
 from shared.core.ports import LineWrite, SourceRecord, WriteOp, WriteResult, join_key, split_key
+from shared.payloads import FinOpsEvent, bad_values, read_json, validate
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +96,6 @@ MODIFIED_FIELDS: dict[str, str] = {
 """Entities polled by modification time; the others are change-detected by full-scan comparison."""
 
 _IDENT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_WCF_DATE_RE = re.compile(r"^\\?/Date\((?P<ms>-?\d+)(?P<offset>[+-]\d{4})?\)\\?/$")
-_FRACTION_RE = re.compile(r"(\.\d{6})\d+")
 _RETRIABLE_READ = frozenset({408, 429, 500, 502, 503, 504})
 _RETRIABLE_WRITE = frozenset({408, 429, 502, 503})
 """A write answered 500 may be a validation failure (not worth retrying); 504 may have been applied."""
@@ -173,9 +173,7 @@ def _ident(name: str, what: str) -> str:
 
 
 def _utc_text(value: datetime) -> str:
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=UTC)
-    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return iso_z(value)
 
 
 def filter_literal(value: Any, field_name: str = "value") -> str:
@@ -218,13 +216,12 @@ def _jsonable(value: Any) -> Any:
 
 
 def _parse_datetime(value: Any) -> datetime | None:
-    if not isinstance(value, str) or not value:
-        return None
-    try:
-        parsed = datetime.fromisoformat(_FRACTION_RE.sub(r"\1", value).replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    """ISO-8601 text (F&O sends 7 fraction digits) as aware UTC; None when absent, malformed or out of range.
+
+    A row whose modified time cannot be read keeps its raw value and `modified=None`: it still syncs (or
+    fails alone when a mapping needs the value), and never fails the page it came in.
+    """
+    return parse_iso(value)
 
 
 # ============================================================================================ errors
@@ -334,13 +331,18 @@ class FinOpsBusinessEvent:
 
 
 def _wcf_date(value: Any) -> datetime | None:
-    m = _WCF_DATE_RE.match(value) if isinstance(value, str) else None
-    return datetime.fromtimestamp(int(m.group("ms")) / 1000, tz=UTC) if m else None
+    return parse_wcf_date(value)  # None also for `/Date(99999999999999999)/`: out of any datetime's range
 
 
 def _one_event(obj: Any, where: str) -> FinOpsBusinessEvent:
     if not isinstance(obj, dict):
         raise EnvelopeError(f"{SYSTEM} business event{where}: expected a JSON object, got {type(obj).__name__}")
+    validate(FinOpsEvent, obj, f"{SYSTEM} business event{where}")
+    with bad_values(f"{SYSTEM} business event{where}"):
+        return _checked_event(obj, where)
+
+
+def _checked_event(obj: dict[str, Any], where: str) -> FinOpsBusinessEvent:
     event_id_name = obj.get("BusinessEventId")
     if not isinstance(event_id_name, str) or not event_id_name:
         raise EnvelopeError(f"{SYSTEM} business event{where}: BusinessEventId is missing")
@@ -355,7 +357,12 @@ def _one_event(obj: Any, where: str) -> FinOpsBusinessEvent:
     legal = obj.get("LegalEntity") or obj.get("BusinessEventLegalEntity")
     if not isinstance(legal, str) or not legal:
         raise EnvelopeError(f"{SYSTEM} business event{where}: LegalEntity / BusinessEventLegalEntity is missing")
-    when = _wcf_date(obj.get("EventTime")) or _parse_datetime(obj.get("EventTimeIso8601"))
+    raw_time = obj.get("EventTime")
+    when = _wcf_date(raw_time) if raw_time not in (None, "") else None
+    if when is None and raw_time not in (None, ""):
+        raise EnvelopeError(f"{SYSTEM} business event{where}: EventTime {str(raw_time)[:40]!r} is not a "
+                            "'/Date(ms)/' value in range (years 1-9999)")
+    when = when or _parse_datetime(obj.get("EventTimeIso8601"))
     if when is None:
         raise EnvelopeError(f"{SYSTEM} business event{where}: EventTime {obj.get('EventTime')!r} is not "
                             "'/Date(ms)/' and EventTimeIso8601 is not ISO-8601")
@@ -369,6 +376,9 @@ def _one_event(obj: Any, where: str) -> FinOpsBusinessEvent:
         if value is None or value == "":
             raise EnvelopeError(f"{SYSTEM} business event{where}: {event_id_name} lacks field {source!r} "
                                 f"(needed for {entity_set}.{key_field})")
+        if isinstance(value, bool) or not isinstance(value, str | int):
+            raise EnvelopeError(f"{SYSTEM} business event{where}: {source}: must be text or an integer (it is "
+                                f"the key field {entity_set}.{key_field}), got {type(value).__name__}")
         key[key_field] = str(value)
     key = {name: key[name] for name in ENTITY_KEYS[entity_set]}
     fields = {k: v for k, v in obj.items() if k not in STANDARD_EVENT_FIELDS}
@@ -378,10 +388,7 @@ def _one_event(obj: Any, where: str) -> FinOpsBusinessEvent:
 
 def _load(body: bytes | str | Mapping[str, Any] | Sequence[Any]) -> Any:
     if isinstance(body, bytes | str):
-        try:
-            return json.loads(body)
-        except ValueError as exc:
-            raise EnvelopeError(f"{SYSTEM} business event: body is not JSON ({exc})") from exc
+        return read_json(body, f"{SYSTEM} business event: body")
     return body
 
 
@@ -827,6 +834,4 @@ class FinOpsClient:
 
 def _utc_text_precise(value: datetime) -> str:
     """ISO-8601 UTC with milliseconds (checkpoints must not lose sub-second ordering)."""
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=UTC)
-    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    return iso_z(value, millis=True)

@@ -17,7 +17,6 @@ import asyncio
 import csv
 import io
 import itertools
-import json
 import logging
 import re
 import threading
@@ -33,6 +32,7 @@ import requests
 from simple_salesforce.api import Salesforce
 from simple_salesforce.exceptions import SalesforceError, SalesforceExpiredSession
 
+from shared.core.dates import from_epoch_ms, parse_iso
 from shared.core.errors import (
     AmbiguousWriteError,
     AuthError,
@@ -44,6 +44,7 @@ from shared.core.errors import (
     TransientError,
 )
 from shared.core.ports import SourceRecord, WriteOp, WriteResult
+from shared.payloads import SalesforceChangeEvent, bad_values, read_json, validate
 
 log = logging.getLogger(__name__)
 
@@ -97,19 +98,12 @@ def soql_quote(value: Any) -> str:
 
 
 def parse_sf_datetime(value: Any) -> datetime | None:
-    """Parse `2024-05-01T10:00:00.000+0000` (REST), ISO forms and epoch milliseconds (CDC)."""
+    """Parse `2024-05-01T10:00:00.000+0000` (REST), ISO forms and epoch milliseconds (CDC); None if not one in range."""
     if value is None or value == "":
         return None
     if isinstance(value, int | float) and not isinstance(value, bool):
-        return datetime.fromtimestamp(value / 1000, tz=UTC)
-    text = str(value).replace("Z", "+00:00")
-    if re.search(r"[+-]\d{4}$", text):
-        text = text[:-2] + ":" + text[-2:]
-    try:
-        parsed = datetime.fromisoformat(text)
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+        return from_epoch_ms(value)  # None for NaN, inf and instants outside years 1-9999
+    return parse_iso(value)
 
 
 def _to_record(raw: Mapping[str, Any]) -> SourceRecord:
@@ -149,12 +143,15 @@ class SalesforceChange:
 
 def parse_cdc_event(body: Any) -> SalesforceChange:
     """Parse one CDC event (bytes, str or decoded JSON); malformed input raises EnvelopeError."""
-    try:
-        data = json.loads(body) if isinstance(body, bytes | str) else body
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise EnvelopeError(f"{SYSTEM}: CDC event is not JSON ({exc})") from exc
+    data = read_json(body, f"{SYSTEM}: CDC event") if isinstance(body, bytes | str) else body
     if not isinstance(data, dict):
         raise EnvelopeError(f"{SYSTEM}: CDC event must be a JSON object")
+    validate(SalesforceChangeEvent, data, f"{SYSTEM}: CDC event")
+    with bad_values(f"{SYSTEM}: CDC event"):
+        return _checked_cdc_event(data)
+
+
+def _checked_cdc_event(data: dict[str, Any]) -> SalesforceChange:
     replay: Any = data.get("replayId")
     if isinstance(data.get("data"), dict):  # CometD envelope
         inner = data["data"]
@@ -183,9 +180,15 @@ def parse_cdc_event(body: Any) -> SalesforceChange:
     except ValueError as exc:
         raise EnvelopeError(f"{SYSTEM}: CDC replayId {replay!r} is not a number") from exc
     values = {k: v for k, v in payload.items() if k != "ChangeEventHeader"}
+    raw_commit = header.get("commitTimestamp")
+    commit_timestamp = parse_sf_datetime(raw_commit)
+    if commit_timestamp is None and raw_commit not in (None, ""):
+        # The sender's own metadata, not record data: a value we cannot read refuses the event.
+        raise EnvelopeError(f"{SYSTEM}: CDC event header commitTimestamp {str(raw_commit)[:40]!r} is not a date/time "
+                            "in range (years 1-9999)")
     return SalesforceChange(
         entity=entity, record_ids=list(ids), change_type=change_type, changed_fields=[str(f) for f in changed],
-        commit_timestamp=parse_sf_datetime(header.get("commitTimestamp")),
+        commit_timestamp=commit_timestamp,
         transaction_key=str(header.get("transactionKey") or ""), replay_id=replay_id,
         change_origin=str(header.get("changeOrigin") or ""), commit_user=header.get("commitUser"), values=values,
     )

@@ -136,6 +136,7 @@ import httpx
 
 from shared.connectors._http import RetryPolicy, send_with_retry
 from shared.connectors._odata import json_object, rebase_link
+from shared.core.dates import from_epoch_ms, iso_z, parse_duration_time, parse_iso, to_epoch_ms, utc
 from shared.core.errors import (
     AmbiguousWriteError,
     AuthError,
@@ -148,6 +149,7 @@ from shared.core.errors import (
     TransientError,
 )
 from shared.core.ports import Lines, LineWrite, SourceRecord, WriteOp, WriteResult, join_key, split_key
+from shared.payloads import SapCloudEvent, bad_values, read_json, validate
 
 log = logging.getLogger(__name__)
 
@@ -234,7 +236,8 @@ DECIMAL_FIELDS = frozenset({
 """Edm.Decimal fields: compared numerically ("2" equals SAP's "2.000") and read as floats."""
 
 _IDENT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_DATE_RE = re.compile(r"^/Date\((?P<ms>-?\d+)(?P<off>[+-]\d{4})?\)/$")
+# Bounded digits: int() of a 5,000-digit text raises (Python's int/str conversion limit).
+_DATE_RE = re.compile(r"^/Date\((?P<ms>-?\d{1,30})(?P<off>[+-]\d{4})?\)/$")
 _TIME_RE = re.compile(r"^PT(?:(?P<h>\d+)H)?(?:(?P<m>\d+)M)?(?:(?P<s>\d+)(?:\.\d+)?S)?$")
 _ISO_DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}(T\d{2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]\d{2}:\d{2})?)?$")
 _RETRIABLE_READ = frozenset({408, 429, 500, 502, 503, 504})
@@ -305,7 +308,10 @@ def key_path(table: str, key: Mapping[str, str]) -> str:
 
 
 def _utc(value: datetime) -> datetime:
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    moment = utc(value)
+    if moment is None:
+        raise MappingError(f"{SYSTEM}: {value!r} is out of range once in UTC (years 1-9999)")
+    return moment
 
 
 def filter_literal(value: Any, field_name: str = "value") -> str:
@@ -323,8 +329,8 @@ def filter_literal(value: Any, field_name: str = "value") -> str:
     if isinstance(value, datetime):
         moment = _utc(value)
         if field_name in DATETIMEOFFSET_FIELDS:
-            return f"datetimeoffset'{moment.strftime('%Y-%m-%dT%H:%M:%S.%f')[:-3]}Z'"
-        return f"datetime'{moment.strftime('%Y-%m-%dT%H:%M:%S')}'"
+            return f"datetimeoffset'{iso_z(moment, millis=True)}'"
+        return f"datetime'{iso_z(moment)[:-1]}'"
     if isinstance(value, date):
         return f"datetime'{value.isoformat()}T00:00:00'"
     if isinstance(value, time):
@@ -362,28 +368,18 @@ def build_filter(equals: Mapping[str, Any], not_in: Mapping[str, Sequence[Any]] 
 
 
 def _parse_sap_datetime(value: Any) -> datetime | None:
-    """`/Date(ms)/`, `/Date(ms+0000)/` or ISO-8601 text as an aware UTC datetime."""
+    """`/Date(ms)/`, `/Date(ms+0000)/` or ISO-8601 text as an aware UTC datetime; None if not one in range."""
     if not isinstance(value, str) or not value:
         return None
     m = _DATE_RE.match(value)
     if m:
-        return datetime.fromtimestamp(int(m.group("ms")) / 1000, tz=UTC)
-    try:
-        parsed = datetime.fromisoformat(re.sub(r"(\.\d{6})\d+", r"\1", value).replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return _utc(parsed)
+        return from_epoch_ms(int(m.group("ms")))
+    return parse_iso(value)
 
 
 def _parse_sap_time(value: Any) -> time | None:
-    if not isinstance(value, str):
-        return None
-    m = _TIME_RE.match(value)
-    if m is None or value == "PT":
-        if re.fullmatch(r"\d{2}:\d{2}:\d{2}", value):
-            return time.fromisoformat(value)
-        return None
-    return time(int(m.group("h") or 0), int(m.group("m") or 0), int(m.group("s") or 0))
+    """`PT12H30M00S` (Edm.Time) or `12:30:00`; None if not a time of day (`PT25H`, `PT99M`)."""
+    return parse_duration_time(value)
 
 
 def plain_value(value: Any) -> Any:
@@ -391,11 +387,14 @@ def plain_value(value: Any) -> Any:
     if isinstance(value, str):
         m = _DATE_RE.match(value)
         if m:
-            moment = datetime.fromtimestamp(int(m.group("ms")) / 1000, tz=UTC)
+            moment = from_epoch_ms(int(m.group("ms")))
+            if moment is None:
+                # Out of any datetime's range: the row keeps the raw value (and the rest of its page reads on);
+                # a flow that maps the field fails this record alone.
+                return value
             if m.group("off") is None and moment.time() == time(0):
                 return moment.date().isoformat()
-            return moment.strftime("%Y-%m-%dT%H:%M:%S") + (f".{moment.microsecond // 1000:03d}"
-                                                           if moment.microsecond else "") + "Z"
+            return iso_z(moment, millis=bool(moment.microsecond))
         if value.startswith("PT") and _TIME_RE.match(value) and value != "PT":
             parsed = _parse_sap_time(value)
             return parsed.isoformat() if parsed is not None else value
@@ -491,7 +490,7 @@ def _blank(value: Any) -> bool:
 
 
 def _ms(moment: datetime) -> int:
-    return int(_utc(moment).timestamp() * 1000)
+    return to_epoch_ms(_utc(moment))
 
 
 def wire_value(name: str, value: Any) -> Any:
@@ -509,10 +508,10 @@ def wire_value(name: str, value: Any) -> Any:
     if isinstance(value, time):
         return f"PT{value.hour:02d}H{value.minute:02d}M{value.second:02d}S"
     if isinstance(value, str) and (name in DATE_FIELDS or name in DATETIMEOFFSET_FIELDS) \
-            and _ISO_DATE_RE.match(value):
+            and value.strip() and not _DATE_RE.match(value):
         moment = _parse_sap_datetime(value if "T" in value else value + "T00:00:00Z")
         if moment is None:
-            raise MappingError(f"{SYSTEM}: {name} = {value!r} is not a valid date")
+            raise MappingError(f"{SYSTEM}: {name} = {value!r} is not a date in range (ISO-8601, years 1-9999)")
         return wire_value(name, moment)
     if isinstance(value, Mapping):
         return {k: wire_value(str(k), v) for k, v in value.items()}
@@ -533,7 +532,7 @@ def _normal(name: str, value: Any, numeric: bool) -> Any:
         return _parse_sap_datetime(wire_value(name, value))
     if isinstance(value, str):
         if _DATE_RE.match(value):
-            return _parse_sap_datetime(value)
+            return _parse_sap_datetime(value) or value
         if (name in DATE_FIELDS or name in DATETIMEOFFSET_FIELDS) and _ISO_DATE_RE.match(value):
             return _parse_sap_datetime(value if "T" in value else value + "T00:00:00Z") or value
         if value.startswith("PT"):
@@ -720,15 +719,15 @@ EVENT_OBJECTS: dict[str, tuple[str, str]] = {
 
 def parse_event(body: bytes | str | Mapping[str, Any]) -> SapEvent:
     """Parse a CloudEvent such as `sap.s4.beh.salesorder.v1.SalesOrder.Changed.v1` (EnvelopeError when malformed)."""
-    if isinstance(body, bytes | str):
-        try:
-            data = json.loads(body)
-        except ValueError as exc:
-            raise EnvelopeError(f"{SYSTEM} event: body is not JSON ({exc})") from exc
-    else:
-        data = dict(body)
-    if not isinstance(data, dict):
+    data = read_json(body, f"{SYSTEM} event: body") if isinstance(body, bytes | str) else body
+    if not isinstance(data, Mapping):
         raise EnvelopeError(f"{SYSTEM} event: expected a JSON object, got {type(data).__name__}")
+    validate(SapCloudEvent, data, f"{SYSTEM} event")
+    with bad_values(f"{SYSTEM} event"):
+        return _checked_event(dict(data))
+
+
+def _checked_event(data: dict[str, Any]) -> SapEvent:
     event_type = data.get("type")
     if not isinstance(event_type, str) or event_type.count(".") < 2:
         raise EnvelopeError(f"{SYSTEM} event: 'type' is missing or malformed ({event_type!r})")
@@ -747,8 +746,13 @@ def parse_event(body: bytes | str | Mapping[str, Any]) -> SapEvent:
     event_id = data.get("id")
     if not isinstance(event_id, str) or not event_id:
         raise EnvelopeError(f"{SYSTEM} event {event_type}: 'id' is missing")
-    return SapEvent(event_type, event_id, str(data.get("source") or ""), _parse_sap_datetime(data.get("time")),
-                    entity_set, key, operation, dict(payload))
+    raw_time = data.get("time")
+    when = _parse_sap_datetime(raw_time)
+    if when is None and raw_time not in (None, ""):
+        raise EnvelopeError(f"{SYSTEM} event {event_type}: time {str(raw_time)[:40]!r} is not a date/time in range "
+                            "(years 1-9999)")
+    return SapEvent(event_type, event_id, str(data.get("source") or ""), when, entity_set, key, operation,
+                    dict(payload))
 
 
 # ============================================================================================ $batch
@@ -920,7 +924,7 @@ class _Checkpoint:
     def text(self) -> str:
         if self.at is None:
             return ""
-        stamp = self.at.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+        stamp = iso_z(self.at, millis=True)  # four-digit years: a year-500 stamp must parse back
         return stamp + (";" + ",".join(sorted(self.keys)) if self.keys else "")
 
 
@@ -1277,7 +1281,7 @@ class SapClient:
         if moment is None:
             return None
         at = _parse_sap_time(clock) or time(0)
-        return datetime.combine(moment.date(), at, self._tz).astimezone(UTC)
+        return utc(datetime.combine(moment.date(), at, self._tz))  # None past 9999-12-31 in UTC
 
     def _modified(self, table: str, row: Mapping[str, Any]) -> datetime | None:
         kind = _entity(table).changes

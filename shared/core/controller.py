@@ -13,9 +13,9 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from shared.core.engine import Outcome, SyncEngine
+from shared.core.engine import Outcome, SyncEngine, isolate, with_detail
 from shared.core.envelope import ChangeEnvelope, Origin, QueueMessage, ReceivedMessage
-from shared.core.errors import EnvelopeError, SyncError, ThrottledError
+from shared.core.errors import EnvelopeError, RecordBusyError, SyncError, ThrottledError, TransientError
 from shared.core.ports import (
     ATTACHMENTS_KEY,
     AuditEntry,
@@ -32,6 +32,8 @@ from shared.telemetry import Metrics, correlated
 log = logging.getLogger(__name__)
 
 LAST_CYCLE = "controller:last_cycle"
+ENQUEUED = "enqueued"
+"""Dedup namespace of enqueued changes' message ids (the poll path and the webhook intake share it)."""
 POLL_HINT = "poll-hint"
 PAUSE_PREFIX = "pause:"
 """Checkpoint `pause:<system>` holds the UTC time until which Syncline must not call that system."""
@@ -39,6 +41,8 @@ HOUSEKEEPING = "controller:housekeeping"
 """Checkpoint: when dedup keys were last pruned (once a day)."""
 DEDUP_RETENTION = timedelta(days=14)
 """Dedup keys older than this are dropped: change streams redeliver within 72 h and retries end within days."""
+BUSY_RETRY_SECONDS = 5.0
+"""A change whose record another process is writing (RECORD_BUSY) is tried again this much later."""
 PAUSE_THRESHOLD_SECONDS = 60.0
 """Throttling advice at least this long (a spent daily API allocation) pauses the system instead of retrying."""
 """Application property `kind` of a queue message that asks the controller to read a change feed."""
@@ -82,11 +86,13 @@ async def drop_duplicates(
     """Keep envelopes whose message id was never enqueued before (a webhook and a poll can report one change).
 
     Message ids are derived from the record, operation and source version, so the same change seen twice
-    has the same id; a later change of the record has a new version and passes.
+    has the same id; a later change of the record has a new version and passes. The lookup is read-only:
+    the caller calls `remember_enqueued` once the messages are durably on the queue, so a failed send (or a
+    crash before it) leaves no key behind that would drop the change when it is read again.
     """
     if not envelopes:
         return []
-    seen = await state.remember("enqueued", [e.message_id() for e in envelopes])
+    seen = await state.seen(ENQUEUED, [e.message_id() for e in envelopes])
     fresh: list[ChangeEnvelope] = []
     batch_ids: set[str] = set()
     dropped: list[AuditEntry] = []
@@ -101,6 +107,12 @@ async def drop_duplicates(
     if dropped:
         await state.append_audit(dropped)
     return fresh
+
+
+async def remember_enqueued(state: StateStore, envelopes: Sequence[ChangeEnvelope]) -> None:
+    """Record the message ids of envelopes now durably on the queue (see `drop_duplicates`)."""
+    if envelopes:
+        await state.remember(ENQUEUED, [e.message_id() for e in envelopes])
 
 
 async def to_messages(flowset: FlowSet, state: StateStore, envelopes: Sequence[ChangeEnvelope]) -> list[QueueMessage]:
@@ -179,6 +191,8 @@ class Controller:
         progress: Callable[[str, int], None] | None = None,
         metrics: Metrics | None = None,
         api_calls: Callable[[], Mapping[str, int]] | None = None,
+        max_attempts: int | None = None,
+        busy_retry_seconds: float = BUSY_RETRY_SECONDS,
     ) -> None:
         self.flowset = flowset
         self.engine = engine
@@ -192,6 +206,12 @@ class Controller:
         self.progress = progress
         self.metrics = metrics or Metrics()
         self.api_calls = api_calls
+        self.max_attempts = max_attempts or queue.max_delivery_count
+        """Failed attempts (SYNCLINE_MAX_DELIVERY_COUNT) before a change is dead-lettered; the queue's own max
+        delivery count is a higher backstop, so locks lost to crashed processes never dead-letter a change."""
+        self.busy_retry_seconds = busy_retry_seconds
+        self._clear_after_complete: list[str] = []
+        """Message ids with failed attempts on record whose messages are being completed."""
         self._current_report = CycleReport(started_at="")
         """The report of the cycle in progress (poll pauses are recorded on it)."""
         """Running HTTP request totals per system (the composition root's CallCounter), for the api_calls metric."""
@@ -257,17 +277,20 @@ class Controller:
             try:
                 total += await self._poll_table(system, table, source)
             except ThrottledError as exc:
-                if (exc.retry_after or 0) < PAUSE_THRESHOLD_SECONDS:
-                    raise
-                # The allocation is spent: pausing keeps the remaining polls and drains off this system.
-                await self._pause(system, exc.retry_after or 0, self._current_report)
+                if (exc.retry_after or 0) >= PAUSE_THRESHOLD_SECONDS:
+                    # The allocation is spent: pausing keeps the remaining polls and drains off this system.
+                    await self._pause(system, exc.retry_after or 0, self._current_report)
+                    continue
+                self._poll_failed(system, table, exc)
             except SyncError as exc:
-                if exc.retriable:
-                    raise
-                # One unreadable table (renamed, permission removed) must not stop the other feeds or the drain.
-                log.error("poll of %s %s failed: %s", system, table, exc)
-                self._current_report.poll_errors.append(f"{system} {table}: {exc}")
+                self._poll_failed(system, table, exc)
         return total
+
+    def _poll_failed(self, system: str, table: str, exc: SyncError) -> None:
+        # One unreadable feed (down, throttled, credentials refused, renamed) must not stop the other feeds or the
+        # drain: its checkpoint did not move, so the next cycle reads the same changes again.
+        log.error("poll of %s %s failed: %s", system, table, exc)
+        self._current_report.poll_errors.append(f"{system} {table}: {exc}")
 
     async def _poll_table(self, system: str, table: str, source: ChangeSource) -> int:
         total = 0
@@ -279,6 +302,7 @@ class Controller:
             envelopes = await drop_duplicates(self.state, envelopes, self.clock())
             if envelopes:
                 await self.queue.send(await to_messages(self.flowset, self.state, envelopes))
+                await remember_enqueued(self.state, envelopes)
                 await self.state.append_audit([
                     AuditEntry(self.clock(), e.correlation_id, e.flow, "enqueued", system, table, e.source_key,
                                "change feed backfill") for e in envelopes])
@@ -348,7 +372,18 @@ class Controller:
         await self._complete(held)
         if not parsed:
             return
-        parsed = await self._refresh_replays(parsed)
+        parsed, unreadable = await self._refresh_replays(parsed)
+        to_complete: list[ReceivedMessage] = []
+        failed = [(msg, Outcome(env, "failed", error=error)) for msg, env, error in unreadable]
+        if failed:
+            self.metrics.record_outcomes([o for _, o in failed], self.flowset)
+        for msg, outcome in failed:
+            # Its current record could not be read: it fails alone (retried, or dead-lettered with the reason).
+            with correlated([outcome.envelope.correlation_id]):
+                await self._settle(msg, outcome.envelope, outcome, report, statuses, dead, to_complete)
+        if not parsed:
+            await self._complete(to_complete)
+            return
         renewer = asyncio.create_task(self._renew_locks([m for m, _ in parsed]))  # noqa: RUF006 - awaited below
         try:
             outcomes = await self.engine.process([env for _, env in parsed])
@@ -358,7 +393,6 @@ class Controller:
                 await renewer
         self.metrics.record_outcomes(outcomes, self.flowset)
         by_env = {id(o.envelope): o for o in outcomes}
-        to_complete: list[ReceivedMessage] = []
         for msg, env in parsed:
             with correlated([env.correlation_id]):
                 await self._settle(msg, env, by_env[id(env)], report, statuses, dead, to_complete)
@@ -368,6 +402,10 @@ class Controller:
                       statuses: Counter[str], dead: Counter[str], to_complete: list[ReceivedMessage]) -> None:
         """Settle one message by its outcome (inside the change's correlation scope, for its log lines)."""
         statuses[outcome.status] += 1
+        # Only a redelivered message can have failed attempts on record; they end with it. (A busy or held
+        # change's copy keeps the message id, and with it the count: not cleared then.)
+        if outcome.status != "failed" and msg.delivery_count > 1:
+            self._clear_after_complete.append(msg.message_id)
         if outcome.status == "deferred":
             await self._defer(env)
             report.deferred += 1
@@ -381,9 +419,17 @@ class Controller:
                 await self._reschedule(env, until)
                 report.held += 1
                 to_complete.append(msg)
-            elif outcome.error.retriable:
+            elif isinstance(error, RecordBusyError):
+                # Not a failure of the change: another process holds the record. A fresh copy comes back
+                # shortly (and is applied with the record as it is then); no attempt is spent.
+                await self._reschedule(env, self.clock() + timedelta(seconds=self.busy_retry_seconds))
                 report.retried += 1
-                await self._retry(msg, env, outcome)
+                to_complete.append(msg)
+            elif outcome.error.retriable:
+                if await self._retry(msg, env, outcome):
+                    dead["MAX_DELIVERY_EXCEEDED"] += 1
+                else:
+                    report.retried += 1
             else:
                 await self._dead_letter(msg, outcome.error, env)
                 dead[outcome.error.reason] += 1
@@ -410,6 +456,9 @@ class Controller:
             return  # another controller does it
         dropped = await self.state.forget_remembered(now - DEDUP_RETENTION)
         log.info("housekeeping: %d dedup keys older than %s dropped", dropped, DEDUP_RETENTION)
+        # Counts of messages that ended without a settle by us (the queue's backstop, a lost completion).
+        stale = await self.state.forget_failures(now - DEDUP_RETENTION)
+        log.info("housekeeping: %d failed-attempt counts older than %s dropped", stale, DEDUP_RETENTION)
 
     # ------------------------------------------------------------------------------ pauses
 
@@ -478,29 +527,54 @@ class Controller:
 
     async def _refresh_replays(
         self, parsed: list[tuple[ReceivedMessage, ChangeEnvelope]]
-    ) -> list[tuple[ReceivedMessage, ChangeEnvelope]]:
+    ) -> tuple[list[tuple[ReceivedMessage, ChangeEnvelope]], list[tuple[ReceivedMessage, ChangeEnvelope, SyncError]]]:
         """Replayed and resubmitted changes are applied with the source record as it is now.
 
         A replay follows an operator's fix; a resubmission (a deferred or failed direct write) may have been
         overtaken by newer edits meanwhile — writing the current state keeps a late copy from undoing them.
         The message body stays as evidence; only the payload used for this attempt is fresh.
+        Returns the changes to process and, apart, those whose record could not be read (with the error):
+        a key the source refuses fails its own messages only, never the batch.
         """
         wanted: dict[tuple[str, str], set[str]] = {}
         for _, env in parsed:
             if env.origin in ("replay", "resubmit") and env.operation != "delete" and env.source_system in self.sources:
                 wanted.setdefault((env.source_system, env.source_table), set()).add(env.source_key)
         if not wanted:
-            return parsed
+            return parsed, []
         fresh: dict[tuple[str, str, str], SourceRecord] = {}
+        errors: dict[tuple[str, str, str], SyncError] = {}
         for (system, table), keys in wanted.items():
             fetch = getattr(self.sinks_for_refresh(system), "fetch", None)
             if fetch is None:
                 continue
-            for key, record in (await fetch(table, sorted(keys))).items():
-                fresh[(system, table, key)] = record
+
+            async def read(chunk: list[str], fetch: Any = fetch, system: str = system,
+                           table: str = table) -> list[SourceRecord]:
+                try:
+                    return list((await fetch(table, chunk)).values())
+                except SyncError:
+                    raise
+                except Exception as unexpected:
+                    # Not a failure the connector knows: retried (and logged in full), never a wedged batch.
+                    log.exception("reading %d current %s %s records failed unexpectedly", len(chunk), system, table)
+                    raise TransientError(f"reading current {system} {table} records failed: "
+                                         f"{type(unexpected).__name__}: {str(unexpected)[:300]}") from unexpected
+
+            records, failed = await isolate(read, sorted(keys))
+            for found in records:
+                fresh[(system, table, found.key)] = found
+            for key, exc in failed.items():
+                errors[(system, table, key)] = exc if exc.retriable else with_detail(
+                    exc, f"the current {system} {table} record {key} could not be read: {exc.detail}")
         out = []
+        unreadable = []
         for msg, env in parsed:
-            record = fresh.get((env.source_system, env.source_table, env.source_key))
+            where = (env.source_system, env.source_table, env.source_key)
+            if where in errors and where not in fresh:
+                unreadable.append((msg, env, errors[where]))
+                continue
+            record = fresh.get(where)
             if record is not None:
                 payload = dict(record.values)
                 if record.attachments:
@@ -508,13 +582,21 @@ class Controller:
                 env = env.model_copy(update={"payload": payload, "source_modified": record.modified or
                                              env.source_modified, "source_version": record.version})
             out.append((msg, env))
-        return out
+        return out, unreadable
 
     def sinks_for_refresh(self, system: str) -> object:
         """The system's reader of current records (its sink, which can fetch by key)."""
         return self.engine.sinks.get(system)
 
     async def _complete(self, messages: list[ReceivedMessage]) -> None:
+        await self._complete_messages(messages)
+        settled = {m.message_id for m in messages}
+        clear = [mid for mid in self._clear_after_complete if mid in settled]
+        if clear:
+            self._clear_after_complete = [mid for mid in self._clear_after_complete if mid not in settled]
+            await self.state.clear_failures(clear)
+
+    async def _complete_messages(self, messages: list[ReceivedMessage]) -> None:
         many = getattr(self.queue, "complete_many", None)
         if many is not None and messages:
             try:
@@ -525,16 +607,19 @@ class Controller:
         for m in messages:
             await self._settle_quietly(self.queue.complete, m)
 
-    async def _retry(self, msg: ReceivedMessage, env: ChangeEnvelope, outcome: Outcome) -> None:
+    async def _retry(self, msg: ReceivedMessage, env: ChangeEnvelope, outcome: Outcome) -> bool:
+        """Abandon for another attempt, or dead-letter once the attempts are spent (returns True then)."""
         error = outcome.error
         assert error is not None
-        if msg.delivery_count >= self.queue.max_delivery_count:
-            # The queue would move it on the next receive anyway; doing it now keeps the real reason.
-            await self._dead_letter(msg, error, env, exhausted=True)
-            return
+        # Failed attempts, not deliveries: a delivery whose lock a crashed process lost is no failure.
+        attempts = (await self.state.record_failures([msg.message_id])).get(msg.message_id, 1)
+        if attempts >= self.max_attempts:
+            await self._dead_letter(msg, error, env, exhausted=True, attempts=attempts)
+            return True
         if isinstance(error, ThrottledError) and error.retry_after and error.retry_after > 1:
             log.info("flow %s key %s throttled; retry after %ss", env.flow, env.source_key, error.retry_after)
         await self._settle_quietly(self.queue.abandon, msg)
+        return False
 
     async def _defer(self, env: ChangeEnvelope) -> None:
         waited = env.model_copy(update={"waits": env.waits + 1, "origin": "resubmit"})
@@ -543,11 +628,15 @@ class Controller:
                               scheduled_at=self.clock() + timedelta(seconds=delay))
 
     async def _dead_letter(self, msg: ReceivedMessage, error: SyncError, env: ChangeEnvelope | None,
-                           *, exhausted: bool = False) -> None:
+                           *, exhausted: bool = False, attempts: int | None = None) -> None:
         reason = "MAX_DELIVERY_EXCEEDED" if exhausted else error.reason
         description = error.detail if not exhausted else (
-            f"failed on all {msg.delivery_count} deliveries; last error {error.reason}: {error.detail}")
-        await self._settle_quietly(self.queue.dead_letter, msg, reason=reason, description=description[:4000])
+            f"failed {attempts or msg.delivery_count} attempts (SYNCLINE_MAX_DELIVERY_COUNT is "
+            f"{self.max_attempts}) in {msg.delivery_count} deliveries; last error {error.reason}: {error.detail}")
+        settled = await self._settle_quietly(self.queue.dead_letter, msg, reason=reason,
+                                             description=description[:4000])
+        if settled and (exhausted or msg.delivery_count > 1):
+            await self.state.clear_failures([msg.message_id])
         await self.state.append_audit([AuditEntry(
             self.clock(), env.correlation_id if env else (msg.correlation_id or msg.message_id),
             env.flow if env else str(msg.application_properties.get("flow", "?")), "dead_lettered",
@@ -555,18 +644,31 @@ class Controller:
             env.source_key if env else msg.message_id, description[:1000], reason)])
         log.warning("dead-lettered message %s (%s): %s", msg.message_id, reason, description)
 
-    async def _settle_quietly(self, fn: Callable[..., Any], msg: ReceivedMessage, **kwargs: Any) -> None:
+    async def _settle_quietly(self, fn: Callable[..., Any], msg: ReceivedMessage, **kwargs: Any) -> bool:
+        """Settle; a lost lock is logged (the message comes back) and reported as False."""
         try:
             await fn(msg, **kwargs)
         except LockLostError:
             log.warning("lock lost on message %s; it will be delivered again", msg.message_id)
+            return False
+        return True
 
     async def _renew_locks(self, messages: Sequence[ReceivedMessage]) -> None:
+        """Keep the batch's locks (Service Bus: its sessions' locks) while the engine works on it."""
+        many = getattr(self.queue, "renew_many", None)
         while True:
             await asyncio.sleep(self.lock_renew_seconds)
-            for m in messages:
-                with contextlib.suppress(LockLostError):
-                    await self.queue.renew_lock(m)
+            try:
+                if many is not None:
+                    with contextlib.suppress(LockLostError):
+                        await many(messages)
+                    continue
+                for m in messages:
+                    with contextlib.suppress(LockLostError):
+                        await self.queue.renew_lock(m)
+            except Exception as exc:  # a failed round must not end the renewals (or fail the batch)
+                log.warning("lock renewal failed (%s: %s); trying again in %ss", type(exc).__name__, exc,
+                            self.lock_renew_seconds)
 
     async def _store_report(self, report: CycleReport) -> None:
         current = await self.state.get_checkpoint(LAST_CYCLE)

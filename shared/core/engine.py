@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import uuid
 from collections import Counter, defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from shared.core.envelope import ChangeEnvelope
 from shared.core.errors import (
     ParentMissingError,
     ParentPendingError,
+    PermanentError,
+    RecordBusyError,
     SyncError,
+    ThrottledError,
     TransientError,
     ValidationError,
 )
@@ -42,9 +47,21 @@ from shared.mapping.spec import CascadeSpec, Condition, FlowSet, FlowSpec
 from shared.telemetry import correlated
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 SEEN_MODIFIED = "@seen_modified"
 """Snapshot key: modified time of the newest change that came *from* this record's own system."""
+
+CASCADED = "@cascaded"
+"""Snapshot key: set once every cascade the record's current state triggers has completed (cleared on a write)."""
+
+ECHO_DETAIL = "equal to the last in-sync state (Syncline's own write or no mapped change)"
+HOLDS_DETAIL = "target already holds these values"
+_IN_SYNC = frozenset({ECHO_DETAIL, HOLDS_DETAIL})
+"""Skips that mean "both sides already hold this change": the only ones whose cascades are re-checked."""
+
+LEASE_SECONDS = 60.0
+"""How long a record lease lasts without renewal: a crashed holder blocks its records at most this long."""
 
 LINE_QUERY_KEYS = 100
 """Headers whose lines are read in one source query (keeps the IN list / or-chain inside URL limits)."""
@@ -76,6 +93,16 @@ class _Plan:
 
 
 @dataclass
+class _Parent:
+    """A parent record whose cascades are due: its key and values per side, and its snapshots to mark done."""
+
+    index: int
+    env: ChangeEnvelope
+    sides: list[tuple[str, str, Mapping[str, Any]]]
+    snaps: list[Snapshot]
+
+
+@dataclass
 class _Work:
     """Everything one flow group of a batch loads once from state."""
 
@@ -86,6 +113,8 @@ class _Work:
     lines: dict[str, list[SourceRecord]] = field(default_factory=dict)
     """Header source key -> its document lines, read from the source in one query per 100 headers."""
     line_parents: dict[str, dict[str, str]] = field(default_factory=dict)
+    read_errors: dict[str, SyncError] = field(default_factory=dict)
+    """Source key -> why something it needs (its lines, its parent) could not be read: it fails alone."""
 
 
 class SyncEngine:
@@ -106,6 +135,7 @@ class SyncEngine:
         sources: Mapping[str, ChangeSource] | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         max_parent_waits: int = 48,
+        lease_seconds: float = LEASE_SECONDS,
     ) -> None:
         self.flowset = flowset
         self.mapper = Mapper(flowset)
@@ -114,6 +144,7 @@ class SyncEngine:
         self.state = state
         self.clock = clock
         self.max_parent_waits = max_parent_waits
+        self.lease_seconds = lease_seconds
         self._locks: dict[str, asyncio.Lock] = {}
         self._line_flows = {f.name: flowset.line_flow(f) for f in flowset.flows if f.lines is not None}
         """Each document flow's lines as a flow of their own, built once (not per record)."""
@@ -125,16 +156,19 @@ class SyncEngine:
         """Process a batch; returns one outcome per envelope, in input order.
 
         Concurrent calls in one process (parallel webhook invocations) never work on the same record at the
-        same time: each call holds the locks of its records, taken in a fixed order.
+        same time: each call holds the locks of its records, taken in a fixed order. Across processes (a
+        webhook and the controller, scaled-out instances) each call leases its records in the state store,
+        in one round trip per batch; a record leased elsewhere is not touched and comes back `failed` with a
+        `RecordBusyError` (RECORD_BUSY, retriable), so the caller retries it shortly.
         """
-        keys = sorted({f"{e.source_system}:{e.source_table}:{e.source_key}" for e in envelopes})
+        keys = sorted({e.record_id for e in envelopes})
         locks = [self._locks.setdefault(k, asyncio.Lock()) for k in keys]
         self._lock_users.update(keys)
         try:
             for lock in locks:
                 await lock.acquire()
             try:
-                return await self._process(envelopes)
+                return await self._process_leased(envelopes, keys)
             finally:
                 for lock in reversed(locks):
                     lock.release()
@@ -144,6 +178,47 @@ class SyncEngine:
                 if self._lock_users[k] <= 0:
                     del self._lock_users[k]
                     self._locks.pop(k, None)
+
+    async def _process_leased(self, envelopes: Sequence[ChangeEnvelope], keys: list[str]) -> list[Outcome]:
+        if not keys:
+            return await self._process(envelopes)
+        owner = uuid.uuid4().hex
+        held = await self.state.acquire_leases(keys, owner, self.lease_seconds)
+        mine = [e for e in envelopes if e.record_id in held]
+        renewer = asyncio.create_task(self._renew_leases(sorted(held), owner))
+        try:
+            done = await self._process(mine) if mine else []
+        finally:
+            renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewer
+            try:
+                await self.state.release_leases(sorted(held), owner)
+            except Exception as exc:  # the leases expire by themselves; the outcomes stand
+                log.warning("releasing %d record leases failed (%s); they expire in %ss",
+                            len(held), type(exc).__name__, self.lease_seconds)
+        if len(mine) == len(envelopes):
+            return done
+        busy = [Outcome(e, "failed", error=RecordBusyError(
+            f"{e.record_id} is being written by another process (a webhook or another instance); retried shortly"))
+            for e in envelopes if e.record_id not in held]
+        await self.state.append_audit([self._audit_for(o) for o in busy])
+        by_env = {id(o.envelope): o for o in (*done, *busy)}
+        return [by_env[id(e)] for e in envelopes]
+
+    async def _renew_leases(self, keys: list[str], owner: str) -> None:
+        """Extend the batch's leases while it runs (a batch may outlast one lease period)."""
+        while keys:
+            await asyncio.sleep(self.lease_seconds / 3)
+            try:
+                kept = await self.state.acquire_leases(keys, owner, self.lease_seconds)
+            except Exception as exc:  # the next round tries again; the lease is still valid for a while
+                log.warning("renewing %d record leases failed: %s", len(keys), type(exc).__name__)
+                continue
+            if len(kept) < len(keys):
+                log.warning("%d record leases expired and were taken over during a long batch",
+                            len(keys) - len(kept))
+                keys = sorted(kept)
 
     async def _process(self, envelopes: Sequence[ChangeEnvelope]) -> list[Outcome]:
         outcomes: list[Outcome | None] = [None] * len(envelopes)
@@ -159,16 +234,29 @@ class SyncEngine:
         for name in ordered:
             flow = self.flowset.flow(name)
             indexes = self._collapse(envelopes, groups[name], outcomes)
-            try:
-                # One change (a webhook's) has one correlation id for its logs and requests; a mixed batch has none.
-                with correlated(envelopes[i].correlation_id for i in indexes):
+            # One change (a webhook's) has one correlation id for its logs and requests; a mixed batch has none.
+            with correlated(envelopes[i].correlation_id for i in indexes):
+                try:
                     await self._process_flow(flow, envelopes, indexes, outcomes)
-            except SyncError as exc:
-                # A whole-call failure (auth, throttling beyond the in-call budget): every pending change
-                # of this flow keeps its message and is retried or dead-lettered as a unit.
-                for i in indexes:
-                    if outcomes[i] is None:
-                        outcomes[i] = Outcome(envelopes[i], "failed", error=exc)
+                except SyncError as exc:
+                    # A whole-call failure (auth, throttling beyond the in-call budget): every pending change
+                    # of this flow keeps its message and is retried or dead-lettered as a unit.
+                    for i in indexes:
+                        if outcomes[i] is None:
+                            outcomes[i] = Outcome(envelopes[i], "failed", error=exc)
+                except Exception as exc:
+                    # A bug or an unforeseen failure: this flow's changes are retried (and dead-lettered when it
+                    # persists), the other flows of the batch go on. Outcomes already reached are not trusted
+                    # (their links or snapshots may be unstored), and a retry of a synced change is an echo.
+                    log.exception("flow %s: unexpected %s while processing %d changes (%s); they will be retried",
+                                  name, type(exc).__name__, len(indexes),
+                                  ", ".join(envelopes[i].correlation_id for i in indexes[:20]))
+                    error = TransientError(f"unexpected {type(exc).__name__} while processing flow {name}: "
+                                           f"{str(exc)[:500]}")
+                    for i in indexes:
+                        current = outcomes[i]
+                        if current is None or current.status != "failed":
+                            outcomes[i] = Outcome(envelopes[i], "failed", error=error)
         audit = [self._audit_for(o) for o in outcomes if o is not None and o.status in ("failed", "deferred")]
         if audit:
             await self.state.append_audit(audit)
@@ -202,7 +290,7 @@ class SyncEngine:
         work.tgt_snaps = await self.state.get_snapshots(tgt.system, tgt.table, list(set(work.links.values())))
         work.parents = await self._parent_links(flow, [e.payload for e in envs])
         if flow.lines is not None:
-            work.lines = await self._read_lines(flow, [e for e in envs if e.operation != "delete"])
+            work.lines = await self._read_lines(flow, [e for e in envs if e.operation != "delete"], work.read_errors)
             line_flow = self._line_flows[flow.name]
             work.line_parents = await self._parent_links(
                 line_flow, [r.values for rows in work.lines.values() for r in rows])
@@ -235,7 +323,20 @@ class SyncEngine:
             source = self.sources.get(parent.source.system)
             if source is None:
                 continue
-            records = await source.fetch(parent.source.table, missing)
+            table = parent.source.table
+
+            async def read(chunk: list[str], table: str = table, source: ChangeSource = source) -> list[SourceRecord]:
+                return list((await source.fetch(table, chunk)).values())
+
+            found, failed = await isolate(read, missing)
+            records = {r.key: r for r in found}
+            for e in envs:
+                value = e.payload.get(lk.source)
+                exc = failed.get(_canonical_key(src.system, str(value))) if not _blank(value) else None
+                if exc is not None and e.source_key not in work.read_errors:
+                    work.read_errors[e.source_key] = with_detail(
+                        exc, f"flow {flow.name} record {e.source_key}: its parent {value} could not be read from "
+                             f"{parent.source.system} {table}: {exc.detail}")
             correlation = next((e.correlation_id for e in envs), None)
             parent_envs = [ChangeEnvelope(
                 flow=parent.name, operation="upsert", source_system=parent.source.system,
@@ -246,7 +347,11 @@ class SyncEngine:
             if not parent_envs:
                 continue
             outcomes: list[Outcome | None] = [None] * len(parent_envs)
-            await self._process_flow(parent, parent_envs, list(range(len(parent_envs))), outcomes)
+            try:
+                await self._process_flow(parent, parent_envs, list(range(len(parent_envs))), outcomes)
+            except SyncError as exc:
+                # The parents stay unsynced, so their children wait (deferred) as for any parent not there yet.
+                log.warning("flow %s: parents could not be synced first: %s", flow.name, exc)
             audit = [self._audit_for(o) for o in outcomes if o is not None and o.status in ("failed", "deferred")]
             if audit:
                 await self.state.append_audit(audit)
@@ -256,7 +361,8 @@ class SyncEngine:
                                 o.envelope.source_key, o.error)
             work.parents.update(await self._parent_links(flow, [e.payload for e in envs]))
 
-    async def _read_lines(self, flow: FlowSpec, envs: Sequence[ChangeEnvelope]) -> dict[str, list[SourceRecord]]:
+    async def _read_lines(self, flow: FlowSpec, envs: Sequence[ChangeEnvelope],
+                          errors: dict[str, SyncError]) -> dict[str, list[SourceRecord]]:
         # Lines are read when their header syncs, so a document is always written whole and in one piece.
         assert flow.lines is not None
         source = self.sinks.get(flow.source.system)  # select() is on the sink port (cascades use it too)
@@ -264,9 +370,16 @@ class SyncEngine:
             raise TransientError(f"no {flow.source.system} connector configured to read {flow.lines.source_table}")
         out: dict[str, list[SourceRecord]] = {e.source_key: [] for e in envs}
         keys = list(out)
+        lines = flow.lines
+
+        async def read(chunk: list[str]) -> list[SourceRecord]:
+            return await source.select(lines.source_table, equals={lines.parent_field: chunk})
+
         for start in range(0, len(keys), LINE_QUERY_KEYS):
-            chunk = keys[start:start + LINE_QUERY_KEYS]
-            rows = await source.select(flow.lines.source_table, equals={flow.lines.parent_field: chunk})
+            rows, failed = await isolate(read, keys[start:start + LINE_QUERY_KEYS])
+            for key, exc in failed.items():
+                errors[key] = with_detail(exc, f"flow {flow.name} record {key}: its lines could not be read from "
+                                           f"{flow.source.system} {lines.source_table}: {exc.detail}")
             for row in rows:
                 parent = str(row.values.get(flow.lines.parent_field) or "")
                 if parent in out:
@@ -301,6 +414,9 @@ class SyncEngine:
         plans: list[_Plan] = []
         for i in indexes:
             env = envelopes[i]
+            if env.source_key in work.read_errors:
+                outcomes[i] = Outcome(env, "failed", error=work.read_errors[env.source_key])
+                continue
             try:
                 plan_or_outcome = await self._plan(flow, i, env, work)
             except SyncError as exc:
@@ -317,6 +433,7 @@ class SyncEngine:
         skipped = [o for i in indexes
                    if (o := outcomes[i]) is not None and o.status in ("skipped_echo", "skipped_noop")]
         await self._repair_write_backs(flow, indexes, outcomes)
+        await self._recheck_cascades(flow, indexes, outcomes, work)
         await self._record_skips(flow, skipped)
 
     async def _repair_write_backs(self, flow: FlowSpec, indexes: list[int], outcomes: list[Outcome | None]) -> None:
@@ -368,8 +485,7 @@ class SyncEngine:
             return Outcome(env, "skipped_noop", target_key=target_key,
                            detail=f"older than the last synced change of this record ({seen})")
         if not is_create and snap is not None and _covers(snap.values, projection):
-            return Outcome(env, "skipped_echo", target_key=target_key,
-                           detail="equal to the last in-sync state (Syncline's own write or no mapped change)")
+            return Outcome(env, "skipped_echo", target_key=target_key, detail=ECHO_DETAIL)
         tsnap = work.tgt_snaps.get(target_key) if target_key else None
         target_newer = bool(
             tsnap is not None and tsnap.modified is not None and env.source_modified is not None
@@ -385,7 +501,7 @@ class SyncEngine:
             lines = self._map_lines(flow, env, work)
             compare[LINES_KEY] = [{"key": i.source_key, **i.values} for i in lines.items]
         if tsnap is not None and not binds and _covers(tsnap.values, compare) and not _new_attachments(env, snap):
-            return Outcome(env, "skipped_noop", target_key=target_key, detail="target already holds these values")
+            return Outcome(env, "skipped_noop", target_key=target_key, detail=HOLDS_DETAIL)
         attachments = await self._attachments(flow, env, snap)
         values = {**flow.defaults, **mapped.values} if is_create else mapped.values
         op = WriteOp(
@@ -517,7 +633,7 @@ class SyncEngine:
         audit: list[AuditEntry] = []
         writebacks: list[tuple[_Plan, WriteOp]] = []
         forget: list[str] = []
-        written: list[tuple[_Plan, str]] = []
+        parents: list[_Parent] = []
         for plan in plans:
             env = plan.env
             result = results.get(plan.op.op_id)
@@ -544,15 +660,18 @@ class SyncEngine:
                 tvalues[nav] = bind.key
             if plan.op.lines is not None:
                 tvalues[LINES_KEY] = [{"key": i.source_key, **i.values} for i in plan.op.lines.items]
+            tvalues.pop(CASCADED, None)  # a new state: its cascades are not done yet
             tmod = _latest(prev_t.modified if prev_t else None, env.source_modified)
-            snaps.append(Snapshot(tgt.system, tgt.table, key, tvalues, values_hash(tvalues), tmod))
+            tsnap = Snapshot(tgt.system, tgt.table, key, tvalues, values_hash(tvalues), tmod)
             prev_s = work.src_snaps.get(env.source_key)
             svalues = {**(dict(prev_s.values) if prev_s else {}), **self._projection(flow, env, work)}
             token = _seen_token(env)
             if token is not None and token > str(svalues.get(SEEN_MODIFIED) or ""):
                 svalues[SEEN_MODIFIED] = token
-            snaps.append(Snapshot(src.system, src.table, env.source_key, svalues, values_hash(svalues),
-                                  _latest(prev_s.modified if prev_s else None, env.source_modified)))
+            svalues.pop(CASCADED, None)
+            ssnap = Snapshot(src.system, src.table, env.source_key, svalues, values_hash(svalues),
+                             _latest(prev_s.modified if prev_s else None, env.source_modified))
+            snaps += [tsnap, ssnap]
             how = "created" if result.created else "updated"
             detail = f"{how} {tgt.system}:{tgt.table}:{key}"
             if plan.mapped.owned_by_target:
@@ -564,7 +683,8 @@ class SyncEngine:
                     f"{tgt.system} changed after this {src.system} change; kept target values of "
                     f"{sorted(plan.mapped.conflicts)} (last writer wins)"))
             outcomes[plan.index] = Outcome(env, "written", target_key=key, created=result.created)
-            written.append((plan, key))
+            parents.append(_Parent(plan.index, env, [(src.system, env.source_key, env.payload),
+                                                     (tgt.system, key, plan.op.values)], [ssnap, tsnap]))
             wb = flow.link.write_back
             if wb and not same(env.payload.get(wb), key):
                 writebacks.append((plan, WriteOp(f"wb:{plan.op.op_id}", "update", src.table, key=env.source_key,
@@ -577,8 +697,8 @@ class SyncEngine:
             await self.state.delete_snapshots(src.system, src.table, forget)
         if writebacks:
             await self._write_back(flow, writebacks, outcomes, audit, now)
-        if written:
-            await self._cascade(flow, written, audit, now)
+        if parents:
+            await self._cascade(flow, parents, outcomes, audit, now)
         if audit:
             await self.state.append_audit(audit)
 
@@ -611,50 +731,130 @@ class SyncEngine:
                                   f"{error.detail}", reason=error.reason) if isinstance(error, SyncError) else error,
             )
 
-    async def _cascade(self, flow: FlowSpec, written: list[tuple[_Plan, str]], audit: list[AuditEntry],
-                       now: datetime) -> None:
-        for cascade in self.flowset.cascades:
-            if cascade.parent_entity != flow.entity:
-                continue
-            for plan, target_key in written:
-                sides = (
-                    (flow.source.system, plan.env.source_key, plan.env.payload),
-                    (flow.target.system, target_key, plan.op.values),
-                )
-                for system, parent_key, values in sides:
-                    if _triggers(cascade, system, values):
-                        await self._cascade_side(cascade, system, parent_key, plan.env, flow, audit, now)
+    async def _cascade(self, flow: FlowSpec, parents: Sequence[_Parent], outcomes: list[Outcome | None],
+                       audit: list[AuditEntry], now: datetime) -> None:
+        """Run every cascade a parent's state triggers, on both sides; a cascade left incomplete fails the parent.
 
-    async def _cascade_side(self, cascade: CascadeSpec, system: str, parent_key: str, env: ChangeEnvelope,
-                            flow: FlowSpec, audit: list[AuditEntry], now: datetime) -> None:
+        The parent's message then comes back (retried, or dead-lettered for a permanent child failure and
+        replayed), finds the parent in sync, and `_recheck_cascades` finishes the cascade: the select skips
+        children already in a final state, so a re-run only writes what is still open.
+        """
+        cascades = [c for c in self.flowset.cascades if c.parent_entity == flow.entity]
+        if not cascades:
+            return
+        marks: list[Snapshot] = []
+        for parent in parents:
+            errors: list[SyncError] = []
+            ran = False
+            for cascade in cascades:
+                for system, parent_key, values in parent.sides:
+                    if _triggers(cascade, system, values):
+                        ran = True
+                        errors += await self._cascade_side(
+                            cascade, system, parent_key, correlation_id=parent.env.correlation_id,
+                            modified=parent.env.source_modified, flow_name=flow.name, audit=audit, now=now)
+            if errors:
+                error = next((e for e in errors if e.retriable), errors[0])
+                current = outcomes[parent.index]
+                with correlated([parent.env.correlation_id]):
+                    log.warning("flow %s: cascade of %s incomplete (%d failures); it is retried with the parent: %s",
+                                flow.name, parent.env.source_key, len(errors), error)
+                outcomes[parent.index] = Outcome(
+                    parent.env, "failed", target_key=current.target_key if current else None,
+                    error=with_detail(error, f"record {parent.env.source_key} itself is synced, but its cascade is "
+                                         f"incomplete ({len(errors)} failed): {error.detail}"))
+            elif ran:
+                marks += [Snapshot(s.system, s.table, s.key, {**s.values, CASCADED: True},
+                                   values_hash({**s.values, CASCADED: True}), s.modified) for s in parent.snaps]
+        if marks:
+            await self.state.put_snapshots(marks)
+
+    async def _recheck_cascades(self, flow: FlowSpec, indexes: list[int], outcomes: list[Outcome | None],
+                                work: _Work) -> None:
+        """Finish cascades of parents already in sync (a redelivery after a crash or a failed child write).
+
+        Only a parent in a triggering state whose snapshot lacks the completion mark is checked, so echoes of
+        long-closed parents cost nothing.
+        """
+        if not any(c.parent_entity == flow.entity for c in self.flowset.cascades):
+            return
+        src, tgt = flow.source, flow.target
+        parents: list[_Parent] = []
+        for i in indexes:
+            o = outcomes[i]
+            if (o is None or o.status not in ("skipped_echo", "skipped_noop") or o.detail not in _IN_SYNC
+                    or not o.target_key or o.envelope.operation == "delete"):
+                continue
+            ssnap = work.src_snaps.get(o.envelope.source_key)
+            tsnap = work.tgt_snaps.get(o.target_key)
+            if ssnap is not None and ssnap.values.get(CASCADED):
+                continue
+            sides: list[tuple[str, str, Mapping[str, Any]]] = [(src.system, o.envelope.source_key, o.envelope.payload)]
+            if tsnap is not None:
+                sides.append((tgt.system, o.target_key, tsnap.values))
+            parents.append(_Parent(i, o.envelope, sides, [s for s in (ssnap, tsnap) if s is not None]))
+        if parents:
+            audit: list[AuditEntry] = []
+            await self._cascade(flow, parents, outcomes, audit, self.clock())
+            if audit:
+                await self.state.append_audit(audit)
+
+    async def complete_cascade(self, cascade_name: str, system: str, parent_key: str) -> list[SyncError]:
+        """Apply one cascade to one parent's children on one system (reconciliation's repair of a half-applied
+        cascade) through the same code path as a sync; returns the child writes that failed."""
+        cascade = next((c for c in self.flowset.cascades if c.name == cascade_name), None)
+        if cascade is None:
+            raise ValidationError(f"no cascade named {cascade_name!r} in flow set {self.flowset.name}")
+        flow_name = next((f.name for f in self.flowset.flows if f.entity == cascade.parent_entity), cascade.name)
+        audit: list[AuditEntry] = []
+        errors = await self._cascade_side(cascade, system, parent_key, correlation_id=f"reconcile:{cascade.name}",
+                                          modified=None, flow_name=flow_name, audit=audit, now=self.clock())
+        if audit:
+            await self.state.append_audit(audit)
+        return errors
+
+    async def _cascade_side(self, cascade: CascadeSpec, system: str, parent_key: str, *, correlation_id: str,
+                            modified: datetime | None, flow_name: str, audit: list[AuditEntry],
+                            now: datetime) -> list[SyncError]:
+        """Set the parent's open children on one system; returns one error per child left unset."""
         table = self._table_of(cascade.child_entity, system)
         if table is None or system not in cascade.child_parent_field or system not in cascade.set:
-            return
+            return []
         sink = self.sinks[system]
-        children = await sink.select(table, equals={cascade.child_parent_field[system]: parent_key},
-                                     not_in=cascade.unless.get(system))
-        if not children:
-            return
         values = dict(cascade.set[system])
-        ops = [WriteOp(f"cascade:{c.key}", "update", table, key=c.key, values=values,
-                       correlation_id=env.correlation_id) for c in children]
-        results = await sink.write(ops)
-        done = [c for c, r in zip(children, results, strict=True) if r.ok]
+        where = f"cascade {cascade.name} on {system} {table} (parent {parent_key})"
+        try:
+            children = await sink.select(table, equals={cascade.child_parent_field[system]: parent_key},
+                                         not_in=cascade.unless.get(system))
+            if not children:
+                return []
+            ops = [WriteOp(f"cascade:{c.key}", "update", table, key=c.key, values=values,
+                           correlation_id=correlation_id) for c in children]
+            by_op = {r.op_id: r for r in await sink.write(ops)}
+        except SyncError as exc:
+            return [with_detail(exc, f"{where}: {exc.detail}")]
+        errors: list[SyncError] = []
+        done: list[SourceRecord] = []
+        for child, op in zip(children, ops, strict=True):
+            res = by_op.get(op.op_id)
+            if res is not None and res.ok:
+                done.append(child)
+                continue
+            error = res.error if res is not None and res.error else TransientError("the sink returned no result")
+            errors.append(with_detail(error, f"{where}: child {child.key}: {error.detail}"))
+            with correlated([correlation_id]):
+                log.warning("cascade %s: %s %s failed: %s", cascade.name, system, child.key, error)
         prev = await self.state.get_snapshots(system, table, [c.key for c in done])
         snaps = []
         for child in done:
             merged = {**(dict(prev[child.key].values) if child.key in prev else {}), **values}
             before = prev[child.key].modified if child.key in prev else None
-            snaps.append(Snapshot(system, table, child.key, merged, values_hash(merged),
-                                  _latest(before, env.source_modified)))
-            audit.append(AuditEntry(now, env.correlation_id, flow.name, "cascaded", system, table, child.key,
+            snaps.append(Snapshot(system, table, child.key, merged, values_hash(merged), _latest(before, modified)))
+            audit.append(AuditEntry(now, correlation_id, flow_name, "cascaded", system, table, child.key,
                                     f"{cascade.name}: parent {parent_key} closed; set {values}"))
         if snaps:
             await self.state.put_snapshots(snaps)
-        for child, res in zip(children, results, strict=True):
-            if not res.ok:
-                with correlated([env.correlation_id]):
-                    log.warning("cascade %s: %s %s failed: %s", cascade.name, system, child.key, res.error)
+        return errors
 
     def _table_of(self, entity: str, system: str) -> str | None:
         for f in self.flowset.flows:
@@ -685,6 +885,59 @@ class SyncEngine:
             env.source_system, env.source_table, env.source_key, detail,
             outcome.error.reason if outcome.error is not None else None,
         )
+
+
+async def isolate(read: Callable[[list[str]], Awaitable[Sequence[T]]], keys: list[str],
+                  ) -> tuple[list[T], dict[str, SyncError]]:
+    """Read `keys` in one call; when that fails, split the keys until the bad ones stand alone.
+
+    One malformed or refused key must not fail every record of a batch: the others are read, and each key
+    that still fails on its own gets its error. A retriable failure of both halves is the system's, not a
+    key's: the split stops there (a struggling system gets three calls, not one per key), and throttling
+    is never split.
+    """
+    if not keys:
+        return [], {}
+    try:
+        return list(await read(keys)), {}
+    except SyncError as exc:
+        return await _split(read, keys, exc)
+
+
+async def _split(read: Callable[[list[str]], Awaitable[Sequence[T]]], keys: list[str],
+                 error: SyncError) -> tuple[list[T], dict[str, SyncError]]:
+    if len(keys) == 1 or isinstance(error, ThrottledError):
+        return [], dict.fromkeys(keys, error)
+    mid = len(keys) // 2
+    parts = [keys[:mid], keys[mid:]]
+    tried: list[tuple[list[T], SyncError | None]] = []
+    for part in parts:
+        try:
+            tried.append((list(await read(part)), None))
+        except SyncError as exc:
+            tried.append(([], exc))
+    if error.retriable and all(e is not None and e.retriable for _, e in tried):
+        return [], dict.fromkeys(keys, error)
+    rows: list[T] = []
+    failed: dict[str, SyncError] = {}
+    for part, (got, part_error) in zip(parts, tried, strict=True):
+        if part_error is None:
+            rows += got
+            continue
+        more, bad = await _split(read, part, part_error)
+        rows += more
+        failed.update(bad)
+    return rows, failed
+
+
+def with_detail(error: SyncError, detail: str) -> SyncError:
+    """The same kind of failure (class, reason, throttling advice) with a detail that names what failed."""
+    if isinstance(error, ThrottledError):
+        return ThrottledError(detail, retry_after=error.retry_after, reason=error.reason)
+    try:
+        return type(error)(detail, reason=error.reason)
+    except TypeError:  # a subclass with its own constructor: keep the retry semantics, lose only the class
+        return (TransientError if error.retriable else PermanentError)(detail, reason=error.reason)
 
 
 def _sortable(value: Any) -> tuple[int, Any]:
@@ -744,12 +997,24 @@ def _new_attachments(env: ChangeEnvelope, snap: Snapshot | None) -> bool:
     return any(str(_attachment_ref(r).id) not in done for r in refs)
 
 
-def _triggers(cascade: CascadeSpec, system: str, values: Mapping[str, Any]) -> bool:
+def cascade_triggered(cascade: CascadeSpec, system: str, values: Mapping[str, Any]) -> bool:
+    """Whether a parent with these values (on `system`) is in a state that triggers the cascade."""
     rules = cascade.when.get(system, {})
     return any(
         name in values and normalize(values[name]) in {normalize(v) for v in allowed}
         for name, allowed in rules.items()
     )
+
+
+_triggers = cascade_triggered
+
+
+def cascade_pending(cascade: CascadeSpec, system: str, values: Mapping[str, Any]) -> bool:
+    """Whether a child with these values (on `system`) is one the cascade still has to set (what its select finds)."""
+    unless = cascade.unless.get(system)
+    if unless:
+        return not any(normalize(values.get(f)) in {normalize(v) for v in vs} for f, vs in unless.items())
+    return any(not same(values.get(f), v) for f, v in cascade.set.get(system, {}).items())
 
 
 def _seen_token(env: ChangeEnvelope) -> str | None:

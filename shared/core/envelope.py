@@ -7,12 +7,15 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic import ValidationError as PydanticValidationError
+from pydantic_core import PydanticSerializationError
 
+from shared.core.dates import utc
 from shared.core.errors import EnvelopeError
 
 SCHEMA_VERSION = 1
+_SURROGATE_IDS = uuid.UUID("6f0b5c1e-2f4d-5a8e-9c3b-5d1e7a9c0b12")
 
 Operation = Literal["create", "update", "upsert", "delete"]
 Origin = Literal["webhook", "poll", "initial", "resubmit", "replay", "cascade", "demo", "bench", "manual"]
@@ -53,6 +56,17 @@ class ChangeEnvelope(BaseModel):
     waits: int = 0
     """How many times this change was deferred because a parent was pending."""
 
+    @field_validator("source_modified")
+    @classmethod
+    def _modified_in_utc(cls, value: datetime | None) -> datetime | None:
+        # Every comparison and stored stamp is UTC; one that cannot be shifted to UTC is not a usable time.
+        if value is None:
+            return None
+        moment = utc(value)
+        if moment is None:
+            raise ValueError(f"{value.isoformat()} is not a date in range once in UTC (years 1-9999)")
+        return moment
+
     @property
     def record_id(self) -> str:
         """A stable id of the source record across systems and flows (used for sessions and dedup)."""
@@ -61,7 +75,7 @@ class ChangeEnvelope(BaseModel):
     def to_message(self, *, session_id: str | None = None) -> QueueMessage:
         """Serialise for the inbound queue, with application properties an operator can read at a glance."""
         return QueueMessage(
-            body=self.model_dump_json().encode(),
+            body=self.body(),
             message_id=self.message_id(),
             session_id=session_id or self.record_id,
             correlation_id=self.correlation_id,
@@ -76,11 +90,23 @@ class ChangeEnvelope(BaseModel):
             },
         )
 
+    def body(self) -> bytes:
+        """The envelope as UTF-8 JSON; a lone surrogate in a value (`\\ud800`) is escaped, and reads back exactly."""
+        try:
+            return self.model_dump_json().encode()
+        except (PydanticSerializationError, UnicodeEncodeError):
+            # Strict UTF-8 cannot hold a lone surrogate; ASCII-escaped JSON can, and json.loads restores it.
+            return json.dumps(self.model_dump(mode="json"), separators=(",", ":")).encode()
+
     def message_id(self) -> str:
         """Deterministic id: the same source change always yields the same message id (dedup-friendly)."""
         version = self.source_version or (self.source_modified.isoformat() if self.source_modified else "")
         raw = f"{self.flow}|{self.record_id}|{self.operation}|{version}|{self.waits}"
-        return str(uuid.uuid5(uuid.NAMESPACE_URL, raw))
+        try:
+            return str(uuid.uuid5(uuid.NAMESPACE_URL, raw))
+        except UnicodeEncodeError:
+            # A lone surrogate: its exact code units, in a namespace of their own, so no look-alike shares the id.
+            return str(uuid.uuid5(_SURROGATE_IDS, raw.encode("utf-8", "surrogatepass").hex()))
 
     @classmethod
     def from_body(cls, body: bytes | str) -> ChangeEnvelope:
@@ -103,6 +129,19 @@ class ChangeEnvelope(BaseModel):
             raise EnvelopeError(f"invalid change envelope: {problems}") from exc
 
 
+def wire_text(text: str) -> str:
+    """`text` with each lone surrogate written as `\\udXXX`: a broker carries only valid UTF-8 strings.
+
+    For message metadata (ids, session ids, properties, dead-letter text), whose exact value is never read
+    back as data: the body carries the data, exactly.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
 class QueueMessage(BaseModel):
     """A message as sent to the inbound queue (Service Bus shape, transport-neutral)."""
 
@@ -114,6 +153,16 @@ class QueueMessage(BaseModel):
     correlation_id: str | None = None
     content_type: str = "application/json"
     application_properties: dict[str, str | int | float | bool] = Field(default_factory=dict)
+
+    @field_validator("message_id", "session_id", "correlation_id", "content_type")
+    @classmethod
+    def _valid_text(cls, value: str | None) -> str | None:
+        return wire_text(value) if value is not None else None
+
+    @field_validator("application_properties")
+    @classmethod
+    def _valid_properties(cls, value: dict[str, str | int | float | bool]) -> dict[str, str | int | float | bool]:
+        return {wire_text(k): wire_text(v) if isinstance(v, str) else v for k, v in value.items()}
 
 
 class ReceivedMessage(BaseModel):

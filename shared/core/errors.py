@@ -5,13 +5,16 @@
     │   ├── ThrottledError            429 / service protection; `retry_after` seconds when the server said
     │   ├── TransientError            5xx, timeouts, connection resets, 498/499 after a failed refresh
     │   ├── AmbiguousWriteError       the write may have been applied (e.g. 504); re-check before retrying
-    │   └── ParentPendingError        a parent record has no target id yet; the child waits
+    │   ├── ParentPendingError        a parent record has no target id yet; the child waits
+    │   ├── RecordBusyError           another process holds the record's lease; try again shortly
+    │   └── AuthError                 credentials rejected even after one refresh: a rotation or consent
+    │                                 takes minutes to land, so it is retried on the queue like any failure
+    │                                 and dead-letters only when it lasts every allowed attempt
     └── PermanentError                retrying cannot help; dead-letter with the reason
         ├── SpecError                 a flow spec is invalid (file, path, problem)
         ├── EnvelopeError             a queue message or webhook body is malformed
         ├── MappingError              a value cannot be translated (unmapped choice, bad unit, bad geometry)
         ├── ValidationError           a required field is missing or a value breaks a rule
-        ├── AuthError                 credentials rejected (after one refresh)
         ├── RejectedError             the target refused the record (4xx other than throttling)
         └── ParentMissingError        a parent never arrived within the wait budget
 
@@ -30,6 +33,7 @@ REASONS: dict[str, str] = {
     "TRANSIENT": "A network error, timeout or 5xx from the target system.",
     "AMBIGUOUS_WRITE": "The target may have applied the write (e.g. 504); it is re-checked before retrying.",
     "PARENT_PENDING": "The parent record has not been synced yet; the child waits for it.",
+    "RECORD_BUSY": "Another process (a webhook, another instance) is writing the record; retried shortly.",
     "SPEC_INVALID": "A flow spec file is invalid.",
     "ENVELOPE_INVALID": "A queue message or webhook body is malformed.",
     "UNKNOWN_FLOW": "The message names a flow that the loaded specs do not define.",
@@ -95,6 +99,18 @@ class ParentPendingError(RetriableError):
     default_reason = "PARENT_PENDING"
 
 
+class RecordBusyError(RetriableError):
+    """Another process holds the record's lease: nothing was done; retried shortly, never a failed attempt."""
+
+    default_reason = "RECORD_BUSY"
+
+
+class AuthError(RetriableError):
+    """Credentials were rejected even after a refresh; retried with the queue's backoff, alarmed when sustained."""
+
+    default_reason = "AUTH_FAILED"
+
+
 class PermanentError(SyncError):
     """Retrying cannot help; the change is dead-lettered with its reason."""
 
@@ -124,12 +140,6 @@ class ValidationError(PermanentError):
     """A record breaks a rule of the flow (for example a required field is empty)."""
 
     default_reason = "REQUIRED_FIELD_MISSING"
-
-
-class AuthError(PermanentError):
-    """Credentials were rejected even after a refresh."""
-
-    default_reason = "AUTH_FAILED"
 
 
 class RejectedError(PermanentError):

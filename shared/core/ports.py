@@ -116,6 +116,10 @@ class StateStore(Protocol):
         """Record dedup keys; return the subset that had already been remembered before this call."""
         ...
 
+    async def seen(self, namespace: str, keys: Sequence[str]) -> set[str]:
+        """The subset of `keys` remembered in `namespace` (read-only: remembers nothing)."""
+        ...
+
     async def forget_remembered(self, before: datetime) -> int:
         """Drop dedup keys remembered before `before` (retention); returns how many were dropped."""
         ...
@@ -128,6 +132,34 @@ class StateStore(Protocol):
         self, *, limit: int = 100, correlation_id: str | None = None, decision: str | None = None
     ) -> list[AuditEntry]:
         """Newest first."""
+        ...
+
+    # Failed attempts: a message is dead-lettered for its own failures, never for the locks that crashed
+    # processes lost (those raise the broker's delivery count only).
+
+    async def record_failures(self, keys: Sequence[str]) -> dict[str, int]:
+        """Count one more failed attempt of each of `keys` (message ids); returns each key's count after it."""
+        ...
+
+    async def clear_failures(self, keys: Sequence[str]) -> None:
+        """Forget the failed attempts of `keys` (their messages were settled); unknown keys are ignored."""
+        ...
+
+    async def forget_failures(self, before: datetime) -> int:
+        """Drop failure counts last raised before `before` (retention); returns how many were dropped."""
+        ...
+
+    # Leases: one writer per record across processes (webhook invocations, scaled-out controllers).
+
+    async def acquire_leases(self, keys: Sequence[str], owner: str, ttl_seconds: float) -> set[str]:
+        """Take, or extend when `owner` holds it, the lease of each key until now + `ttl_seconds`.
+
+        Returns the keys `owner` holds afterwards; a key leased to another owner and not expired is left alone.
+        """
+        ...
+
+    async def release_leases(self, keys: Sequence[str], owner: str) -> None:
+        """Release the leases of `keys` that `owner` holds (a lease taken over since is left alone)."""
         ...
 
     async def close(self) -> None:

@@ -151,29 +151,48 @@ class Mapper:
                 if exc.reason == "UNMAPPED_CHOICE":
                     raise
                 raise MappingError(f"{where}: field {fm.source}: {exc.detail}") from exc
+            except Exception as exc:  # any transform failure is this record's, never the batch's
+                raise _unexpected(where, fm.source, value, exc) from exc
             out.values[fm.target] = mapped
         geo = flow.geometry
         if geo is not None:
             skip = (geo.owner == flow.target.system and not is_create) or (
                 geo.owner == "shared" and target_newer and not is_create
             )
-            if geo.transform == "latlon_to_point":
-                present = geo.latitude in payload or geo.longitude in payload
-                if present and not skip:
-                    out.values[GEOMETRY_KEY] = point_from_latlon(
-                        payload.get(geo.latitude), payload.get(geo.longitude), geo.wkid
-                    )
-            else:
-                present = GEOMETRY_KEY in payload
-                if present and not skip:
-                    latlon = latlon_from_point(payload.get(GEOMETRY_KEY))
-                    out.values[geo.latitude] = latlon[0] if latlon else None
-                    out.values[geo.longitude] = latlon[1] if latlon else None
+            field_name = f"{geo.latitude}/{geo.longitude}" if geo.transform == "latlon_to_point" else GEOMETRY_KEY
+            try:
+                if geo.transform == "latlon_to_point":
+                    present = geo.latitude in payload or geo.longitude in payload
+                    if present and not skip:
+                        out.values[GEOMETRY_KEY] = point_from_latlon(
+                            payload.get(geo.latitude), payload.get(geo.longitude), geo.wkid
+                        )
+                else:
+                    present = GEOMETRY_KEY in payload
+                    if present and not skip:
+                        latlon = latlon_from_point(payload.get(GEOMETRY_KEY))
+                        out.values[geo.latitude] = latlon[0] if latlon else None
+                        out.values[geo.longitude] = latlon[1] if latlon else None
+            except MappingError as exc:
+                raise MappingError(f"{where}: field {field_name}: {exc.detail}") from exc
+            except Exception as exc:  # as for fields: this record fails, not the batch
+                shown = (payload.get(geo.latitude), payload.get(geo.longitude)) if geo.transform == "latlon_to_point" \
+                    else payload.get(GEOMETRY_KEY)
+                raise _unexpected(where, field_name, shown, exc) from exc
             if geo.required and (is_create or present) and _geometry_missing(geo.transform, out.values, payload, geo):
                 raise ValidationError(f"{where}: required geometry is missing (no location on the source record)")
             if skip and present:
                 (out.conflicts if geo.owner == "shared" else out.owned_by_target).append("geometry")
         return out
+
+
+def _unexpected(where: str, field_name: str, value: Any, exc: Exception) -> MappingError:
+    """A transform's unforeseen exception (OverflowError, TypeError, ...) as this record's MappingError."""
+    shown = repr(value)
+    if len(shown) > 200:
+        shown = shown[:200] + "..."
+    return MappingError(f"{where}: field {field_name}: value {shown} cannot be translated "
+                        f"({type(exc).__name__}: {exc})")
 
 
 def _geometry_missing(transform: str, values: Mapping[str, Any], payload: Mapping[str, Any], geo: Any) -> bool:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from datetime import UTC, date, datetime
+from datetime import datetime
 from typing import Any
 
+from shared.core.dates import from_epoch_ms, iso_z, parse_iso, to_epoch_ms
 from shared.core.errors import MappingError
 
 Scalar = str | int | float | bool
@@ -101,22 +102,19 @@ def meters_to_feet(value: Any, args: Mapping[str, Scalar]) -> Any:
 
 
 def _parse_datetime(value: str, what: str) -> datetime:
-    text = value.strip()
-    if text.endswith("Z"):
-        text = text[:-1] + "+00:00"
-    try:
-        parsed = datetime.fromisoformat(text)
-    except ValueError as exc:
-        raise MappingError(f"{what}: {value!r} is not an ISO-8601 date/time") from exc
-    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+    parsed = parse_iso(value.strip())
+    if parsed is None:
+        raise MappingError(f"{what}: value {value!r} is not an ISO-8601 date/time in range (years 1-9999)")
+    return parsed
 
 
 def _epoch_ms(value: Any, what: str) -> datetime:
-    number = _number(value, what)
-    try:
-        return datetime.fromtimestamp(number / 1000.0, tz=UTC)
-    except (OverflowError, OSError, ValueError) as exc:
-        raise MappingError(f"{what}: {value!r} is out of range for epoch milliseconds") from exc
+    # Integers go through as they are: a float of a large ms value would lose the last milliseconds.
+    exact = isinstance(value, int) and not isinstance(value, bool)
+    moment = from_epoch_ms(value if exact else _number(value, what))
+    if moment is None:
+        raise MappingError(f"{what}: value {value!r} is not a date in range (epoch milliseconds of years 1-9999)")
+    return moment
 
 
 @transform("date_to_epoch_ms")
@@ -126,11 +124,10 @@ def date_to_epoch_ms(value: Any, args: Mapping[str, Scalar]) -> Any:
         return None
     if not isinstance(value, str):
         raise MappingError(f"date_to_epoch_ms: expected 'YYYY-MM-DD', got {value!r}")
-    try:
-        day = date.fromisoformat(value[:10])
-    except ValueError as exc:
-        raise MappingError(f"date_to_epoch_ms: {value!r} is not a date") from exc
-    return int(datetime(day.year, day.month, day.day, tzinfo=UTC).timestamp() * 1000)
+    day = parse_iso(value.strip()[:10])
+    if day is None:
+        raise MappingError(f"date_to_epoch_ms: value {value!r} is not a date in range (YYYY-MM-DD, years 1-9999)")
+    return to_epoch_ms(day)
 
 
 @transform("epoch_ms_to_date")
@@ -146,14 +143,14 @@ def datetime_to_epoch_ms(value: Any, args: Mapping[str, Scalar]) -> Any:
         return None
     if not isinstance(value, str):
         raise MappingError(f"datetime_to_epoch_ms: expected an ISO-8601 string, got {value!r}")
-    return int(_parse_datetime(value, "datetime_to_epoch_ms").timestamp() * 1000)
+    return to_epoch_ms(_parse_datetime(value, "datetime_to_epoch_ms"))
 
 
 @transform("epoch_ms_to_datetime")
 def epoch_ms_to_datetime(value: Any, args: Mapping[str, Scalar]) -> Any:
     if value in (None, ""):
         return None
-    return _epoch_ms(value, "epoch_ms_to_datetime").strftime("%Y-%m-%dT%H:%M:%SZ")
+    return iso_z(_epoch_ms(value, "epoch_ms_to_datetime"))
 
 
 @transform("choice")

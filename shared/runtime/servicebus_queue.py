@@ -27,7 +27,7 @@ from azure.servicebus.exceptions import (
     SessionLockLostError,
 )
 
-from shared.core.envelope import QueueMessage, ReceivedMessage
+from shared.core.envelope import QueueMessage, ReceivedMessage, wire_text
 from shared.core.ports import LockLostError, QueueDepth
 from shared.runtime.sqlite_queue import MAX_DELIVERY_EXCEEDED, LockLostBatchError
 
@@ -345,7 +345,8 @@ class ServiceBusQueue:
                 "complete or abandon it instead"
             )
         await self._settle(
-            message, held.receiver.dead_letter_message(held.message, reason=reason, error_description=description)
+            message, held.receiver.dead_letter_message(
+                held.message, reason=wire_text(reason), error_description=wire_text(description))
         )
 
     async def renew_lock(self, message: ReceivedMessage) -> datetime:
@@ -361,6 +362,35 @@ class ServiceBusQueue:
             raise LockLostError(f"lock lost for message {message.sequence_number}: {exc}") from exc
         message.locked_until = until
         return until
+
+    async def renew_many(self, messages: Sequence[ReceivedMessage]) -> None:
+        """Renew a batch's locks concurrently: each session once (its lock covers all its messages), each
+        sessionless message by itself; lost locks are raised afterwards as `LockLostBatchError`."""
+        by_session: dict[ServiceBusReceiver, list[ReceivedMessage]] = {}
+        singles: list[ReceivedMessage] = []
+        lost: list[ReceivedMessage] = []
+        for message in messages:
+            held = self._held.get(message.lock_token)
+            if held is None:
+                lost.append(message)
+            elif held.receiver in self._session_receivers:
+                by_session.setdefault(held.receiver, []).append(message)
+            else:
+                singles.append(message)
+
+        async def renew(first: ReceivedMessage, others: Sequence[ReceivedMessage]) -> None:
+            try:
+                until = await self.renew_lock(first)
+            except LockLostError:
+                lost.extend([first, *others])
+                return
+            for message in others:
+                message.locked_until = until
+
+        await asyncio.gather(*(renew(group[0], group[1:]) for group in by_session.values()),
+                             *(renew(message, ()) for message in singles))
+        if lost:
+            raise LockLostBatchError(lost)
 
     async def complete_many(self, messages: Sequence[ReceivedMessage]) -> None:
         """Complete each message; the ones whose lock was lost are raised together as `LockLostBatchError`."""

@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from shared.core.envelope import QueueMessage, ReceivedMessage
+from shared.core.envelope import QueueMessage, ReceivedMessage, wire_text
 from shared.core.ports import LockLostError, QueueDepth
 from shared.runtime.sqlite_state import SqliteDatabase, to_utc
 
@@ -282,7 +282,8 @@ class SqliteQueue:
                     f"message {message.sequence_number} is in the dead-letter sub-queue already; "
                     "complete or abandon it instead"
                 )
-            conn.execute(_MOVE_TO_DLQ, (self.dead_letter_name, reason, description, message.sequence_number))
+            conn.execute(_MOVE_TO_DLQ, (self.dead_letter_name, wire_text(reason), wire_text(description),
+                                        message.sequence_number))
 
         await self._db.write(work)
 
@@ -300,6 +301,34 @@ class SqliteQueue:
         locked_until = await self._db.write(work)
         message.locked_until = locked_until  # as the Service Bus SDK does on its message object
         return locked_until
+
+    async def renew_many(self, messages: Sequence[ReceivedMessage]) -> None:
+        """Renew a batch's locks in one transaction; lost locks are raised afterwards as `LockLostBatchError`."""
+
+        def work(conn: sqlite3.Connection) -> tuple[list[ReceivedMessage], datetime]:
+            now = self._now_us()
+            until = now + self._lock_us
+            held: list[tuple[int, int]] = []
+            lost: list[ReceivedMessage] = []
+            for message in messages:
+                try:
+                    self._check_lock(conn, message, now)
+                except LockLostError:
+                    lost.append(message)
+                else:
+                    held.append((until, message.sequence_number))
+            conn.executemany("UPDATE queue_messages SET locked_until_us = ? WHERE seq = ?", held)
+            return lost, _from_us(until)
+
+        if not messages:
+            return
+        lost, locked_until = await self._db.write(work)
+        gone = {id(m) for m in lost}
+        for message in messages:
+            if id(message) not in gone:
+                message.locked_until = locked_until
+        if lost:
+            raise LockLostBatchError(lost)
 
     async def complete_many(self, messages: Sequence[ReceivedMessage]) -> None:
         """Complete a batch in one transaction.

@@ -7,10 +7,10 @@ import json
 import sqlite3
 import threading
 import uuid
-from collections.abc import Callable, Iterator, Sequence
-from datetime import UTC, datetime
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TypeVar, cast
+from typing import Any, TypeVar, cast
 
 from shared.core.ports import (
     AuditDecision,
@@ -54,14 +54,83 @@ def in_list(count: int) -> str:
     return f"({', '.join('?' * count)})"
 
 
+def _bindable(value: object) -> object:
+    """A str strict UTF-8 cannot encode (it holds a lone surrogate) as its `surrogatepass` bytes, a BLOB."""
+    if isinstance(value, str) and not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return value.encode("utf-8", "surrogatepass")
+    return value
+
+
+def _bind(params: Any) -> Any:
+    if isinstance(params, Mapping):
+        return {name: _bindable(value) for name, value in params.items()}
+    return tuple(_bindable(value) for value in params)
+
+
+def _readable(row: Sequence[object]) -> tuple[Any, ...]:
+    return tuple(value.decode("utf-8", "surrogatepass") if isinstance(value, bytes) else value for value in row)
+
+
+class _TextSafeCursor:
+    """The part of a cursor the state store uses, with `_TextSafeConnection`'s BLOBs read back as str."""
+
+    def __init__(self, cursor: sqlite3.Cursor) -> None:
+        self._cursor = cursor
+
+    @property
+    def rowcount(self) -> int:
+        return self._cursor.rowcount
+
+    def fetchone(self) -> tuple[Any, ...] | None:
+        row = self._cursor.fetchone()
+        return None if row is None else _readable(row)
+
+    def fetchall(self) -> list[tuple[Any, ...]]:
+        return [_readable(row) for row in self._cursor.fetchall()]
+
+    def __iter__(self) -> Iterator[tuple[Any, ...]]:
+        return (_readable(row) for row in self._cursor)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._cursor, name)  # lastrowid, description, ...: unchanged
+
+
+class _TextSafeConnection:
+    """A connection whose str values survive lone surrogates (`"\\ud800"`, from JSON a SaaS or a webhook sent).
+
+    Python binds str as strict UTF-8, which refuses them; such a str is stored as its `surrogatepass` bytes
+    (a BLOB) instead, and every BLOB read comes back as that str: an exact round trip. Every other str is
+    stored as TEXT exactly as before, and no str of one kind can equal one of the other, so keys stay
+    distinct. Only for tables without BLOB columns (all the state tables).
+    """
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+
+    def execute(self, sql: str, params: Any = ()) -> _TextSafeCursor:
+        return _TextSafeCursor(self._conn.execute(sql, _bind(params)))
+
+    def executemany(self, sql: str, rows: Iterable[Any]) -> _TextSafeCursor:
+        return _TextSafeCursor(self._conn.executemany(sql, (_bind(row) for row in rows)))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)  # total_changes, executescript, ...: unchanged
+
+
 class SqliteDatabase:
     """One SQLite connection in WAL mode, shared by the embedded adapters and serialised by a lock.
 
     Every call runs on a worker thread (`asyncio.to_thread`) so that an fsync never stalls the event loop;
-    callers batch their work so that the thread hop is paid once per batch, not once per record.
+    callers batch their work so that the thread hop is paid once per batch, not once per record. With
+    `text_safe`, work gets a connection that stores str values holding lone surrogates (see
+    `_TextSafeConnection`); the database must then have no BLOB columns.
     """
 
-    def __init__(self, path: str | Path, schema: str) -> None:
+    def __init__(self, path: str | Path, schema: str, *, text_safe: bool = False) -> None:
+        self._text_safe = text_safe
         target = str(path)
         if target != ":memory:":
             Path(target).parent.mkdir(parents=True, exist_ok=True)
@@ -77,8 +146,9 @@ class SqliteDatabase:
     def _run(self, begin: str, work: Callable[[sqlite3.Connection], T]) -> T:
         with self._lock:
             self._conn.execute(begin)
+            conn = cast(sqlite3.Connection, _TextSafeConnection(self._conn)) if self._text_safe else self._conn
             try:
-                result = work(self._conn)
+                result = work(conn)
             except BaseException:
                 self._conn.execute("ROLLBACK")
                 raise
@@ -156,6 +226,21 @@ CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
 BEGIN SELECT RAISE(ABORT, 'the audit ledger is append-only'); END;
 CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
 BEGIN SELECT RAISE(ABORT, 'the audit ledger is append-only'); END;
+
+-- failed attempts per message id (not deliveries: a lock lost to a crash is no failure of the record)
+CREATE TABLE IF NOT EXISTS failures (
+    key TEXT PRIMARY KEY,
+    count INTEGER NOT NULL,
+    updated_at TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS failures_by_updated ON failures (updated_at);
+
+-- per-record leases: one writer of a record at a time across processes
+CREATE TABLE IF NOT EXISTS leases (
+    key TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    expires_at TEXT NOT NULL
+) WITHOUT ROWID;
 """
 
 _AUDIT_COLUMNS = 'at, correlation_id, flow, decision, system, "table", key, detail, reason'
@@ -170,7 +255,7 @@ class SqliteStateStore:
     """
 
     def __init__(self, path: str | Path) -> None:
-        self._db = SqliteDatabase(path, _SCHEMA)
+        self._db = SqliteDatabase(path, _SCHEMA, text_safe=True)
 
     # ------------------------------------------------------------------------------------------ links
 
@@ -366,6 +451,20 @@ class SqliteStateStore:
 
         return await self._db.write(work) if unique else set()
 
+    async def seen(self, namespace: str, keys: Sequence[str]) -> set[str]:
+        """The subset of `keys` remembered in `namespace` (read-only)."""
+        unique = list(dict.fromkeys(keys))
+
+        def work(conn: sqlite3.Connection) -> set[str]:
+            found: set[str] = set()
+            for chunk in chunked(unique):
+                sql = "SELECT key FROM dedup WHERE namespace = ?"
+                rows = conn.execute(f"{sql} AND key IN {in_list(len(chunk))}", (namespace, *chunk))
+                found.update(key for (key,) in rows)
+            return found
+
+        return await self._db.read(work) if unique else set()
+
     async def forget_remembered(self, before: datetime) -> int:
         """Drop dedup keys remembered before `before` (retention); returns how many were dropped."""
         cutoff = to_iso(before)
@@ -430,6 +529,85 @@ class SqliteStateStore:
             ]
 
         return await self._db.read(work)
+
+    # -------------------------------------------------------------------------------- failed attempts
+
+    async def record_failures(self, keys: Sequence[str]) -> dict[str, int]:
+        """Count one more failed attempt of each of `keys`; returns each key's count after it."""
+        unique = list(dict.fromkeys(keys))
+        stamp = to_iso(datetime.now(UTC))
+
+        def work(conn: sqlite3.Connection) -> dict[str, int]:
+            conn.executemany(
+                "INSERT INTO failures (key, count, updated_at) VALUES (?, 1, ?)"
+                " ON CONFLICT (key) DO UPDATE SET count = count + 1, updated_at = excluded.updated_at",
+                [(key, stamp) for key in unique],
+            )
+            counts: dict[str, int] = {}
+            for chunk in chunked(unique):
+                sql = "SELECT key, count FROM failures WHERE key"
+                rows = conn.execute(f"{sql} IN {in_list(len(chunk))}", chunk)
+                counts.update((str(key), int(count)) for key, count in rows)
+            return counts
+
+        return await self._db.write(work) if unique else {}
+
+    async def clear_failures(self, keys: Sequence[str]) -> None:
+        """Forget the failed attempts of `keys`; unknown keys are ignored."""
+        unique = list(dict.fromkeys(keys))
+
+        def work(conn: sqlite3.Connection) -> None:
+            for chunk in chunked(unique):
+                sql = "DELETE FROM failures WHERE key"
+                conn.execute(f"{sql} IN {in_list(len(chunk))}", chunk)
+
+        if unique:
+            await self._db.write(work)
+
+    async def forget_failures(self, before: datetime) -> int:
+        """Drop failure counts last raised before `before`; returns how many were dropped."""
+        cutoff = to_iso(before)
+
+        def work(conn: sqlite3.Connection) -> int:
+            return conn.execute("DELETE FROM failures WHERE updated_at < ?", (cutoff,)).rowcount
+
+        return int(await self._db.write(work))
+
+    # ------------------------------------------------------------------------------------------ leases
+
+    async def acquire_leases(self, keys: Sequence[str], owner: str, ttl_seconds: float) -> set[str]:
+        """Take or extend the leases of `keys` for `owner` in one transaction; returns the keys it holds."""
+        unique = list(dict.fromkeys(keys))
+        now = datetime.now(UTC)
+        until, stamp = to_iso(now + timedelta(seconds=ttl_seconds)), to_iso(now)
+
+        def work(conn: sqlite3.Connection) -> set[str]:
+            # One statement per key decides atomically: free, ours, or expired -> ours; else untouched.
+            conn.executemany(
+                "INSERT INTO leases (key, owner, expires_at) VALUES (?, ?, ?) ON CONFLICT (key) DO UPDATE"
+                " SET owner = excluded.owner, expires_at = excluded.expires_at"
+                " WHERE leases.owner = excluded.owner OR leases.expires_at <= ?",
+                [(key, owner, until, stamp) for key in unique],
+            )
+            held: set[str] = set()
+            for chunk in chunked(unique):
+                sql = "SELECT key FROM leases WHERE owner = ? AND key"
+                held.update(str(key) for (key,) in conn.execute(f"{sql} IN {in_list(len(chunk))}", (owner, *chunk)))
+            return held
+
+        return await self._db.write(work) if unique else set()
+
+    async def release_leases(self, keys: Sequence[str], owner: str) -> None:
+        """Release the leases of `keys` that `owner` holds."""
+        unique = list(dict.fromkeys(keys))
+
+        def work(conn: sqlite3.Connection) -> None:
+            for chunk in chunked(unique):
+                sql = "DELETE FROM leases WHERE owner = ? AND key"
+                conn.execute(f"{sql} IN {in_list(len(chunk))}", (owner, *chunk))
+
+        if unique:
+            await self._db.write(work)
 
     async def close(self) -> None:
         """Close the database."""

@@ -1,7 +1,8 @@
 """The Azure `StateStore`: links, snapshots, checkpoints, dedup keys and audit ledger in Azure Table Storage.
 
-Same semantics as `shared.runtime.sqlite_state.SqliteStateStore`, on five tables named `{prefix}links`,
-`{prefix}snapshots`, `{prefix}checkpoints`, `{prefix}dedup` and `{prefix}audit` (created on first use).
+Same semantics as `shared.runtime.sqlite_state.SqliteStateStore`, on seven tables named `{prefix}links`,
+`{prefix}snapshots`, `{prefix}checkpoints`, `{prefix}dedup`, `{prefix}audit`, `{prefix}failures` and
+`{prefix}leases` (created on first use).
 Every key component is escaped with `escape_key` and composite keys are joined with "|" (see below);
 docs/state-tables.md shows the same design with examples.
 
@@ -10,6 +11,8 @@ docs/state-tables.md shows the same design with examples.
     snapshots    {system}|{table}                     {key}                                  values, hash, modified
     checkpoints  checkpoint                           {name}                                 value, updated_at
     dedup        {namespace}                          {key}                                  remembered_at
+    failures     {message id}                         count                                  count, updated_at
+    leases       lease{crc32(row) % 16:02d}             {record id}                            owner, expires
     audit        {99999999-yyyymmdd}_{yyyy-mm-dd}     {inverted ticks}_{inverted seq}_{id}   the AuditEntry
 
 - links: both directions of a link live in ONE partition per (entity, unordered system pair), so a link, its
@@ -23,6 +26,9 @@ docs/state-tables.md shows the same design with examples.
 - checkpoints: compare-and-set with the service's own ETag (`update_entity(REPLACE, IfNotModified)`;
   "must not exist" is `create_entity`); 409, 412 and 404 become CheckpointConflictError.
 - dedup: `create_entity` is the atomic "first one wins"; a 409 means the key was remembered before.
+- failures: one row per message id, raised by read + ETag-conditional replace (insert for the first failure).
+- leases: insert when free (409 when taken); an expired or own lease is replaced under its ETag; release
+  deletes under the ETag the store wrote, so a lease that expired and was taken over is never deleted.
 - audit: partition and row keys both count down, so the service's natural (PartitionKey, RowKey) order is
   newest first, with appends of the same instant ordered by a per-process sequence, newest first.
 
@@ -34,11 +40,13 @@ Point reads run concurrently, at most `concurrency` requests at a time per store
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import threading
 import time
 import uuid
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -85,6 +93,8 @@ AZURITE_KEY: Final = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4
 _TABLE_PREFIX = re.compile(r"[A-Za-z][A-Za-z0-9]{0,51}")
 _CHECKPOINT_PARTITION = "checkpoint"
 _LINK_RETRIES = 5
+_FAILURE_ROW = "count"
+_LEASE_PARTITIONS = 16
 _MAX_TICKS = 3_155_378_975_999_999_999  # .NET DateTime.MaxValue.Ticks: inverted ticks stay positive
 _EPOCH_0001 = datetime(1, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
@@ -136,6 +146,15 @@ def unescape_key(text: str) -> str:
     if escape_key(decoded) != text:
         raise ValueError(f"{text!r} is not an escaped table key")
     return decoded
+
+
+def _utf8(text: str) -> bool:
+    """Whether `text` can be sent as UTF-8 (a lone surrogate cannot: it can be stored, not put in a URL)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _units(text: str) -> int:
@@ -374,7 +393,7 @@ class TableStateStore:
     that is already linked elsewhere removes the old link in both directions, in the same transaction.
     """
 
-    TABLES: Final = ("links", "snapshots", "checkpoints", "dedup", "audit")
+    TABLES: Final = ("links", "snapshots", "checkpoints", "dedup", "audit", "failures", "leases")
 
     def __init__(
         self,
@@ -395,6 +414,8 @@ class TableStateStore:
         self._credential = owned_credential
         self._tables: dict[str, TableClient] = {}
         self._create_lock = asyncio.Lock()
+        self._lease_etags: dict[tuple[str, str], str] = {}
+        """(row key, owner) -> the ETag of the lease row this store last wrote for that owner."""
 
     @classmethod
     def from_connection_string(
@@ -880,6 +901,17 @@ class TableStateStore:
         await self._all_or_each(table, plan_transactions([op] for op in ops), 409, create_each)
         return seen
 
+    async def seen(self, namespace: str, keys: Sequence[str]) -> set[str]:
+        """The subset of `keys` remembered in `namespace` (concurrent point reads; read-only)."""
+        unique = list(dict.fromkeys(keys))
+        if not unique:
+            return set()
+        table = await self._table("dedup")
+        partition = table_key(namespace)
+        addresses = {(partition, table_key(key)): key for key in unique}
+        found = await self._read_many(table, addresses)
+        return {addresses[address] for address in found}
+
     async def forget_remembered(self, before: datetime) -> int:
         """Drop dedup keys remembered before `before` (retention); returns how many were dropped.
 
@@ -936,7 +968,7 @@ class TableStateStore:
         table = await self._table("audit")
         conditions: list[str] = []
         parameters: dict[str, Any] = {}
-        if correlation_id is not None:
+        if correlation_id is not None and _utf8(correlation_id):
             conditions.append("correlation_id eq @correlation_id")
             parameters["correlation_id"] = correlation_id
         if decision is not None:
@@ -945,6 +977,8 @@ class TableStateStore:
         query_filter = " and ".join(conditions) or None
         found: list[AuditEntry] = []
         async for row in self._query(table, query_filter, parameters, page=min(limit, 1000)):
+            if correlation_id is not None and str(row["correlation_id"]) != correlation_id:
+                continue  # one with a lone surrogate cannot travel in the URL's $filter: matched here instead
             found.append(
                 AuditEntry(
                     at=_plain_utc(row["at"]),
@@ -961,6 +995,176 @@ class TableStateStore:
             if len(found) >= limit:
                 break
         return found
+
+    # -------------------------------------------------------------------------------- failed attempts
+
+    async def record_failures(self, keys: Sequence[str]) -> dict[str, int]:
+        """Count one more failed attempt of each of `keys` (a row per key, raised with optimistic concurrency)."""
+        unique = list(dict.fromkeys(keys))
+        if not unique:
+            return {}
+        table = await self._table("failures")
+
+        async def raise_one(key: str) -> int:
+            partition = table_key(key)
+            for _ in range(_LINK_RETRIES * 4):
+                stamp = _plain_utc(datetime.now(UTC))
+                try:
+                    row = await table.get_entity(partition, _FAILURE_ROW)
+                except ResourceNotFoundError:
+                    entity = {"PartitionKey": partition, "RowKey": _FAILURE_ROW, "count": 1, "updated_at": stamp}
+                    try:
+                        await table.create_entity(entity)
+                    except ResourceExistsError:
+                        continue  # raised concurrently: read again
+                    return 1
+                count = int(row["count"]) + 1
+                entity = {"PartitionKey": partition, "RowKey": _FAILURE_ROW, "count": count, "updated_at": stamp}
+                try:
+                    await table.update_entity(entity, mode=UpdateMode.REPLACE, etag=row.metadata["etag"],
+                                              match_condition=MatchConditions.IfNotModified)
+                except (ResourceModifiedError, ResourceNotFoundError):
+                    continue
+                return count
+            raise RuntimeError(f"the failure count of {key!r} kept changing under concurrent writers")
+
+        counts = await self._each(unique, raise_one)
+        return dict(zip(unique, counts, strict=True))
+
+    async def clear_failures(self, keys: Sequence[str]) -> None:
+        """Forget the failed attempts of `keys`; unknown keys are ignored."""
+        unique = list(dict.fromkeys(keys))
+        if not unique:
+            return
+        table = await self._table("failures")
+        # delete_entity ignores a missing entity: one request per key, concurrently
+        await self._each(unique, lambda key: table.delete_entity(table_key(key), _FAILURE_ROW))
+
+    async def forget_failures(self, before: datetime) -> int:
+        """Drop failure counts last raised before `before` (a filtered scan, run daily by the controller)."""
+        table = await self._table("failures")
+        rows = [(str(e["PartitionKey"]), str(e["RowKey"]))
+                async for e in self._query(table, "updated_at lt @cutoff", {"cutoff": _plain_utc(before)},
+                                           select=["PartitionKey", "RowKey"])]
+        await self._each(rows, lambda row: table.delete_entity(row[0], row[1]))
+        return len(rows)
+
+    # ------------------------------------------------------------------------------------------ leases
+
+    @staticmethod
+    def _lease_address(key: str) -> tuple[str, str]:
+        # A few partitions, so that a batch's leases go in entity group transactions (100 per request).
+        row = table_key(key)
+        return f"lease{zlib.crc32(row.encode('utf-8', 'surrogatepass')) % _LEASE_PARTITIONS:02d}", row
+
+    async def acquire_leases(self, keys: Sequence[str], owner: str, ttl_seconds: float) -> set[str]:
+        """Take or extend the leases of `keys` for `owner`; returns the keys it holds afterwards.
+
+        The common cases cost one transaction per 100 keys: an insert of a free lease, or an ETag-conditional
+        replace of one this store wrote for `owner`. A transaction that meets a taken, expired or concurrently
+        changed lease fails whole, and only its keys go key by key: insert (409 when taken), else read and,
+        when ours or expired, replace under the read ETag (412 when someone was faster: read again).
+        """
+        unique = list(dict.fromkeys(keys))
+        if not unique:
+            return set()
+        table = await self._table("leases")
+        now = datetime.now(UTC)
+        expires = _plain_utc(now + timedelta(seconds=ttl_seconds))
+        by_row = {self._lease_address(key)[1]: key for key in unique}
+        held: set[str] = set()
+
+        def entity(key: str) -> dict[str, Any]:
+            partition, row = self._lease_address(key)
+            return {"PartitionKey": partition, "RowKey": row, "owner": owner, "expires": expires}
+
+        ops = []
+        for key in unique:
+            known = self._lease_etags.get((self._lease_address(key)[1], owner))
+            ops.append(TableOp("update", entity(key), known) if known else TableOp("create", entity(key)))
+
+        async def one(key: str) -> None:
+            partition, row = self._lease_address(key)
+            for _ in range(_LINK_RETRIES):
+                try:
+                    written = await table.create_entity(entity(key))
+                except ResourceExistsError:
+                    pass
+                else:
+                    self._lease_etags[(row, owner)] = str(written["etag"])
+                    held.add(key)
+                    return
+                try:
+                    current = await table.get_entity(partition, row)
+                except ResourceNotFoundError:
+                    continue  # released meanwhile: insert again
+                if current.get("owner") != owner and _plain_utc(current["expires"]) > now:
+                    self._lease_etags.pop((row, owner), None)
+                    return  # held elsewhere
+                try:
+                    written = await table.update_entity(entity(key), mode=UpdateMode.REPLACE,
+                                                        etag=current.metadata["etag"],
+                                                        match_condition=MatchConditions.IfNotModified)
+                except (ResourceModifiedError, ResourceNotFoundError):
+                    continue
+                self._lease_etags[(row, owner)] = str(written["etag"])
+                held.add(key)
+                return
+
+        async def run(chunk: Sequence[TableOp]) -> None:
+            try:
+                async with self._limit:
+                    results = await table.submit_transaction([op.to_sdk() for op in chunk])
+            except (TableTransactionError, ResourceExistsError, ResourceModifiedError, ResourceNotFoundError):
+                await self._each([by_row[op.row] for op in chunk], one)
+                return
+            for op, result in zip(chunk, results, strict=True):
+                self._lease_etags[(op.row, owner)] = str(result["etag"])
+                held.add(by_row[op.row])
+
+        await _settle(run(chunk) for chunk in plan_transactions([op] for op in ops))
+        return held
+
+    async def release_leases(self, keys: Sequence[str], owner: str) -> None:
+        """Release the leases of `keys` that `owner` holds: deletes under the ETag of the lease as last written,
+        in transactions of 100 (a lease that expired and was taken over since has another ETag: left alone)."""
+        unique = list(dict.fromkeys(keys))
+        if not unique:
+            return
+        table = await self._table("leases")
+        by_row = {self._lease_address(key)[1]: key for key in unique}
+
+        async def one(key: str) -> None:
+            partition, row = self._lease_address(key)
+            etag = self._lease_etags.pop((row, owner), None)
+            if etag is None:
+                try:
+                    current = await table.get_entity(partition, row)
+                except ResourceNotFoundError:
+                    return
+                if current.get("owner") != owner:
+                    return
+                etag = str(current.metadata["etag"])
+            with contextlib.suppress(ResourceModifiedError, ResourceNotFoundError):
+                await table.delete_entity(partition, row, etag=etag, match_condition=MatchConditions.IfNotModified)
+
+        known = [TableOp("delete", dict(zip(("PartitionKey", "RowKey"), self._lease_address(key), strict=True)),
+                         self._lease_etags[(self._lease_address(key)[1], owner)])
+                 for key in unique if (self._lease_address(key)[1], owner) in self._lease_etags]
+        unknown = [key for key in unique if (self._lease_address(key)[1], owner) not in self._lease_etags]
+
+        async def run(chunk: Sequence[TableOp]) -> None:
+            try:
+                async with self._limit:
+                    await table.submit_transaction([op.to_sdk() for op in chunk])
+            except (TableTransactionError, ResourceModifiedError, ResourceNotFoundError):
+                await self._each([by_row[op.row] for op in chunk], one)
+                return
+            for op in chunk:
+                self._lease_etags.pop((op.row, owner), None)
+
+        await _settle([*(run(chunk) for chunk in plan_transactions([op] for op in known)),
+                       *(one(key) for key in unknown)])
 
     async def close(self) -> None:
         """Close the HTTP transport (and the credential the store created itself)."""

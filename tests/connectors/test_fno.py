@@ -216,7 +216,7 @@ def test_parse_business_event_reference_payload_and_array() -> None:
 def test_parse_business_event_rejects_malformed(change: dict[str, Any], problem: str) -> None:
     with pytest.raises(EnvelopeError, match=problem):
         parse_business_event({**HEXALITH_EVENT, **change})
-    with pytest.raises(EnvelopeError, match="not JSON"):
+    with pytest.raises(EnvelopeError, match="not valid JSON"):
         parse_business_event(b"{nope")
 
 

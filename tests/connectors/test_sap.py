@@ -341,7 +341,7 @@ def test_parse_event_reads_the_key_from_data() -> None:
         parse_event({**body, "type": "sap.s4.beh.product.v1.Product.Changed.v1"})
     with pytest.raises(EnvelopeError, match=r"data\.SalesOrder"):
         parse_event({**body, "data": {}})
-    with pytest.raises(EnvelopeError, match="not JSON"):
+    with pytest.raises(EnvelopeError, match="not valid JSON"):
         parse_event(b"{nope")
 
 

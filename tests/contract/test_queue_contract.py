@@ -467,3 +467,33 @@ async def test_receive_returns_as_soon_as_a_message_arrives_during_the_wait(
 
     assert numbers(got) == [1]
     assert time.monotonic() - started < 5.0
+
+
+# ------------------------------------------------------------------------------- lone surrogates (#12)
+
+
+async def test_lone_surrogates_reach_the_queue_body_exactly_and_the_metadata_as_valid_text(
+    queue_factory: QueueFactory,
+) -> None:
+    from shared.core.envelope import ChangeEnvelope
+
+    h = await queue_factory()
+    change = ChangeEnvelope(flow="parcels", operation="upsert", source_system="dataverse", source_table="account",
+                            source_key="k-\ud800", payload={"name": "caf\udce9", "tags": ["\udfff"]})
+    sent = change.to_message()  # a PydanticSerializationError before: the body could not be made
+    sent = QueueMessage(body=sent.body, message_id=sent.message_id, session_id=sent.session_id,
+                        correlation_id="corr-\ud800", application_properties={**sent.application_properties,
+                                                                              "note\udc00": "x\ud800"})
+    await h.queue.send([sent])  # a UnicodeEncodeError on both queues before
+
+    [got] = await h.queue.receive(1)
+    assert ChangeEnvelope.from_body(got.body) == change
+    assert got.session_id == "dataverse:account:k-\\ud800"
+    assert got.correlation_id == "corr-\\ud800"
+    assert got.application_properties["key"] == "k-\\ud800"
+    assert got.application_properties["note\\udc00"] == "x\\ud800"
+
+    await h.queue.dead_letter(got, reason="MAPPING_FAILED", description="field name: value 'caf\udce9' is bad")
+    [dead] = await h.queue.peek_dead_letters()
+    assert dead.dead_letter_description == "field name: value 'caf\\udce9' is bad"
+    assert ChangeEnvelope.from_body(dead.body) == change

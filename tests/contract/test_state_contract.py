@@ -258,6 +258,17 @@ async def test_remember_is_shared_by_clients_of_the_same_store(state_factory: St
     assert await second.remember("webhook", ["a", "b"]) == {"a"}
 
 
+async def test_seen_reports_remembered_keys_and_remembers_nothing(state_factory: StateFactory) -> None:
+    store = await state_factory()
+    await store.remember("webhook", ["a"])
+
+    assert await store.seen("webhook", ["a", "b", "a"]) == {"a"}
+    assert await store.seen("poll", ["a"]) == set()
+    assert await store.seen("webhook", []) == set()
+    # seen() stored nothing: "b" is still new to remember()
+    assert await store.remember("webhook", ["b"]) == set()
+
+
 # ---------------------------------------------------------------------------------------------- audit
 
 
@@ -313,3 +324,63 @@ async def test_forget_remembered_drops_only_keys_older_than_the_cutoff(state_fac
     assert await store.remember("webhook", ["old-1", "new"]) == {"new"}
     assert await store.remember("poll", ["old-3"]) == set()
     assert await store.forget_remembered(cutoff) == 0
+
+
+# ------------------------------------------------------------------------------- lone surrogates (#12)
+# A str decoded from JSON may hold a lone surrogate ("\ud800"), which strict UTF-8 cannot encode. Every
+# adapter stores such a str and gives it back exactly, as a key and as a value, and keeps it distinct
+# from its look-alikes (the replacement character, the escaped text).
+
+LONE = "key-\ud800-\udfff"
+LOOK_ALIKES = ["key-\ufffd-\ufffd", "key-\\ud800-\\udfff", "key--"]
+
+
+async def test_lone_surrogates_round_trip_in_dedup_keys(state_factory: StateFactory) -> None:
+    store = await state_factory()
+
+    assert await store.remember("webhook\ud800", [LONE]) == set()
+    assert await store.remember("webhook\ud800", [LONE, *LOOK_ALIKES]) == {LONE}
+    assert await store.remember("webhook", [LONE]) == set()
+
+
+async def test_lone_surrogates_round_trip_in_links(state_factory: StateFactory) -> None:
+    store = await state_factory()
+    await store.put_links([Link("parcel", "arcgis", LONE, "dataverse", "d-\udc00")])
+
+    assert await store.get_links("parcel", "arcgis", [LONE, *LOOK_ALIKES], "dataverse") == {LONE: "d-\udc00"}
+    assert await store.get_links("parcel", "dataverse", ["d-\udc00"], "arcgis") == {"d-\udc00": LONE}
+    assert await store.iter_links("parcel", "arcgis", "dataverse") == [(LONE, "d-\udc00")]
+    await store.put_links([Link("parcel", "arcgis", LONE, "dataverse", "d-2")])  # re-linking replaces
+    assert await store.get_links("parcel", "dataverse", ["d-\udc00", "d-2"], "arcgis") == {"d-2": LONE}
+
+
+async def test_lone_surrogates_round_trip_in_snapshots(state_factory: StateFactory) -> None:
+    store = await state_factory()
+    snap = Snapshot("arcgis", "parcels", LONE, {"name": "caf\udce9", "k\ud800": ["\udfff", 1]}, "h-1", T0)
+    await store.put_snapshots([snap, snapshot("plain")])
+
+    assert await store.get_snapshots("arcgis", "parcels", [LONE, *LOOK_ALIKES]) == {LONE: snap}
+    await store.delete_snapshots("arcgis", "parcels", [LONE])
+    assert await store.get_snapshots("arcgis", "parcels", [LONE, "plain"]) == {"plain": snapshot("plain")}
+
+
+async def test_lone_surrogates_round_trip_in_checkpoints(state_factory: StateFactory) -> None:
+    store = await state_factory()
+    first = await store.put_checkpoint("poll:\ud800", "cursor-\udfff", expected_etag=None)
+    second = await store.put_checkpoint("poll:\ud800", "cursor-\ud801", expected_etag=first.etag)
+
+    got = await store.get_checkpoint("poll:\ud800")
+    assert got is not None
+    assert (got.value, got.etag) == ("cursor-\ud801", second.etag)
+    assert await store.get_checkpoint("poll:\ufffd") is None
+
+
+async def test_lone_surrogates_round_trip_in_the_audit_ledger(state_factory: StateFactory) -> None:
+    store = await state_factory()
+    entry = AuditEntry(at=T0, correlation_id="corr-\ud800", flow="parcels", decision="dead_lettered",
+                       system="dataverse", table="account", key=LONE,
+                       detail="field name: value 'caf\udce9' cannot be translated", reason="MAPPING_FAILED")
+    await store.append_audit([entry, audit(1, at=T0 - timedelta(seconds=1))])
+
+    assert await store.read_audit(correlation_id="corr-\ud800") == [entry]
+    assert (await store.read_audit(limit=1)) == [entry]

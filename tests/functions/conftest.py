@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from sandbox.dataverse_seed import seed_dataverse
+from sandbox.demo import Sandbox, environment, start_sandbox
+from sandbox.fno_sim import seed_fno
 from sandbox.funchost import registered_functions
+from sandbox.salesforce_sim import seed_salesforce
+from sandbox.sap_sim import seed_sap
 from shared.bootstrap import Services, build_services, set_services
 from shared.settings import Settings
+from tests.functions.harness import Harness
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -39,3 +46,34 @@ async def bare_services(tmp_path) -> AsyncIterator[Services]:
     yield services
     set_services(None)
     await services.aclose()
+
+
+@pytest.fixture(scope="module")
+def box(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Sandbox, dict[str, Any]]]:
+    """Every simulator, seeded small; module-scoped (starting them is the slow part)."""
+    sandbox = start_sandbox(tmp_path_factory.mktemp("fuzz") / "sandbox", sales=True, sap=True)
+    try:
+        with environment(sandbox.env):
+            seed_dataverse(sandbox.dv, signs=3, work_orders=1)
+            seed_fno(sandbox.fno, customers=2, products=2)
+            seed_sap(sandbox.sap, partners=2, orders=1)
+            made = {"salesforce": seed_salesforce(sandbox.sf, accounts=2, opportunities=1)}
+            yield sandbox, made
+    finally:
+        sandbox.stop()
+
+
+@pytest.fixture
+def harness(box: tuple[Sandbox, dict[str, Any]], tmp_path: Path, functions: dict[str, Any]) -> Iterator[Harness]:
+    """One services object per test on its own state directory, reused by every example of the test."""
+    sandbox, _ = box
+    loop = asyncio.new_event_loop()
+    state_dir = tmp_path / "state"
+    services = build_services(Settings(syncline_state_dir=str(state_dir)))  # type: ignore[call-arg]
+    set_services(services)
+    try:
+        yield Harness(loop, services, state_dir, sandbox, functions)
+    finally:
+        set_services(None)
+        loop.run_until_complete(services.aclose())
+        loop.close()

@@ -16,7 +16,7 @@ from pydantic import BaseModel, SecretStr
 from pydantic.fields import FieldInfo
 from tree_sitter import Node
 
-from shared.settings import Settings
+from shared.settings import DELIVERY_BACKSTOP_FACTOR, MAX_QUEUE_DELIVERY_COUNT, Settings, queue_max_delivery_count
 from tests.infra.bicep import (
     BicepFile,
     Module,
@@ -429,10 +429,20 @@ def test_each_setting_is_fed_by_its_main_parameter(param: str):
     assert origins(load("modules/functionapp.bicep"), app_settings()[setting]) == {param}
 
 
+def _walk(node: Node) -> list[Node]:
+    return [node, *(n for child in node.named_children for n in _walk(child))]
+
+
 def test_the_queue_uses_the_same_parameters_as_the_app_settings():
     sb_file, queue = one("Microsoft.ServiceBus/namespaces/queues")
     assert origins(sb_file, prop(queue, "name")) == {"inboundQueueName"}
-    assert origins(sb_file, prop(queue, "properties.maxDeliveryCount")) == {"maxDeliveryCount"}
+    # The queue's own count is a backstop above the attempts, computed as shared/settings.py computes it.
+    backstop = prop(queue, "properties.maxDeliveryCount")
+    assert backstop is not None
+    assert text(backstop) == f"min(maxDeliveryCount * {DELIVERY_BACKSTOP_FACTOR}, {MAX_QUEUE_DELIVERY_COUNT})"
+    [attempts] = [n for n in _walk(backstop) if n.type == "identifier" and text(n) == "maxDeliveryCount"]
+    assert origins(sb_file, attempts) == {"maxDeliveryCount"}
+    assert queue_max_delivery_count(model_default("syncline_max_delivery_count")) == 10 * 10  # type: ignore[arg-type]
     assert origins(sb_file, prop(queue, "properties.lockDuration")) == {"lockSeconds"}
     assert template(prop(queue, "properties.lockDuration")) == "PT${lockSeconds}S"
 

@@ -41,3 +41,23 @@ async def test_dedup_keys_older_than_the_retention_are_dropped_once_a_day(tmp_pa
         assert await state.remember("enqueued", ["m-3"]) == {"m-3"}
     finally:
         await state.close()
+
+
+async def test_failed_attempt_counts_past_the_retention_are_dropped_with_the_dedup_keys(tmp_path):
+    now = [datetime.now(UTC)]
+    state = SqliteStateStore(":memory:")
+    queue = SqliteQueue(tmp_path / "queue.db", name="inbound", clock=lambda: now[0])
+    controller = Controller(SPEC, engine=SyncEngine(SPEC, sinks={}, state=state), queue=queue, state=state,
+                            sources={}, clock=lambda: now[0])
+    try:
+        # a message the queue's backstop dead-lettered itself: nobody settled it, so its count stayed behind
+        await state.record_failures(["orphan"])
+        await controller.run_cycle()
+        assert await state.record_failures(["orphan"]) == {"orphan": 2}  # within the retention: kept
+
+        now[0] += DEDUP_RETENTION + timedelta(days=1)
+        await controller.run_cycle()
+        assert await state.record_failures(["orphan"]) == {"orphan": 1}  # dropped, counting starts afresh
+    finally:
+        await queue.close()
+        await state.close()

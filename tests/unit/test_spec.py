@@ -105,7 +105,8 @@ def test_a_longer_cycle_is_named_with_its_flows(tmp_path):
     data["flows"][1]["lookups"] = [{"source": "x", "target": "Y", "parent_flow": "work_order_tasks_from_field"}]
     detail = broken(tmp_path, data)
     assert "lookup cycle" in detail
-    assert "work_orders_from_field" in detail and "sign_assets_from_field" in detail
+    assert "work_orders_from_field" in detail
+    assert "sign_assets_from_field" in detail
 
 
 def test_ambiguous_value_map_is_rejected(tmp_path):
