@@ -689,14 +689,16 @@ async def lost_changes(services: Any, exclude: Mapping[str, set[str]]) -> list[d
     from shared.core.engine import in_scope
     from shared.core.errors import SyncError
     from shared.mapping.engine import Mapper, same
-    from shared.reconcile import _all
 
     mapper = Mapper(services.flowset)
     cache: dict[tuple[str, str], dict[str, Any]] = {}
 
     async def rows(system: str, table: str) -> dict[str, Any]:
         if (system, table) not in cache:
-            cache[(system, table)] = await _all(services.sources[system], table)
+            out: dict[str, Any] = {}
+            async for page in services.sources[system].scan(table):
+                out.update({r.key: r for r in page})
+            cache[(system, table)] = out
         return cache[(system, table)]
 
     lost: list[dict[str, Any]] = []
