@@ -56,6 +56,10 @@ class Sandbox:
     host_url: str = ""
     sales: dict[str, Any] = field(default_factory=dict)
     """What the sales-side seeds made (ids by category), for the expected dead letters."""
+    faults: Any = None
+    """The `sandbox.faults.FaultPlan` every simulator is wrapped in (None: no injector)."""
+    broker: Any = None
+    """The local Service Bus broker's handle (runtime azure)."""
 
     def stop(self) -> None:
         # Best effort: a slow shutdown must never hide the outcome (or the error) of the run.
@@ -109,6 +113,7 @@ def start_azure_emulators(box: Sandbox) -> None:
     broker = start_broker({"syncline-inbound": {"requires_session": True, "lock_duration": 60.0,
                                                 "max_delivery_count": queue_max_delivery_count(10)}})
     box.stoppers.append(broker.stop)
+    box.broker = broker
     box.env.update({
         "SYNCLINE_RUNTIME": "azure",
         "SYNCLINE_TABLES__connectionString": azurite.connection_string,
@@ -122,8 +127,8 @@ def start_sales_side(box: Sandbox, ca: TestCA) -> None:
     from sandbox.salesforce_sim import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, SalesforceSimulator
 
     box.fno, box.sf = FinOpsSimulator(), SalesforceSimulator()
-    fno_server = RunningServer(box.fno.app, ca=ca).start()
-    sf_server = RunningServer(box.sf.app, ca=ca).start()
+    fno_server = RunningServer(_app(box, box.fno.app, "fno"), ca=ca).start()
+    sf_server = RunningServer(_app(box, box.sf.app, "salesforce"), ca=ca).start()
     box.servers += [fno_server, sf_server]
     box.sf.instance_url = sf_server.url
     box.env.update({
@@ -140,15 +145,22 @@ def start_sap_side(box: Sandbox, ca: TestCA) -> None:
     from sandbox.sap_sim import SapSimulator
 
     box.sap = SapSimulator(event_verify=str(ca.ca_path))
-    server = RunningServer(box.sap.app, ca=ca).start()
+    server = RunningServer(_app(box, box.sap.app, "sap"), ca=ca).start()
     box.servers.append(server)
     box.env.update({"SAP__BASE_URL": server.url, "SAP__AUTH": "basic", "SAP__USER": box.sap.user,
                     "SAP__PASSWORD": box.sap.password})
 
 
+def _app(box: Sandbox, app: Any, name: str) -> Any:
+    """The simulator's ASGI app, behind the sandbox's fault injector when it has one."""
+    return app if box.faults is None else box.faults.wrap(app, name)
+
+
 def start_sandbox(workdir: Path, *, latency_ms: float = 0.0, max_record_count: int = 2000,
-                  runtime: str = "embedded", sales: bool = False, sap: bool = False) -> Sandbox:
-    """Start both simulators (TLS from a throwaway CA) and return the settings that point at them."""
+                  runtime: str = "embedded", sales: bool = False, sap: bool = False, faults: Any = None) -> Sandbox:
+    """Start both simulators (TLS from a throwaway CA) and return the settings that point at them.
+
+    `faults` (a `sandbox.faults.FaultPlan`) wraps every simulator in one fault-injection middleware."""
     from sandbox.arcgis_sim import ArcGISSimulator
 
     shutil.rmtree(workdir, ignore_errors=True)
@@ -157,9 +169,9 @@ def start_sandbox(workdir: Path, *, latency_ms: float = 0.0, max_record_count: i
     dv = dvs.DataverseSimulator(latency_ms=latency_ms, webhook_verify=str(ca.ca_path))
     ag = ArcGISSimulator(max_record_count=max_record_count)
     ag.latency_ms = latency_ms
-    box = Sandbox(workdir, dv, ag)
-    dv_server = RunningServer(dv.app, ca=ca).start()
-    ag_server = RunningServer(ag.app, ca=ca).start()
+    box = Sandbox(workdir, dv, ag, faults=faults)
+    dv_server = RunningServer(_app(box, dv.app, "dataverse"), ca=ca).start()
+    ag_server = RunningServer(_app(box, ag.app, "arcgis"), ca=ca).start()
     box.servers += [dv_server, ag_server]
     box.env = {
         "SYNCLINE_RUNTIME": "embedded",

@@ -84,7 +84,8 @@ def _client(system: str, counter: CallCounter, settings: Settings,
     return httpx.AsyncClient(
         transport=transport,
         verify=verify,
-        timeout=httpx.Timeout(30.0, connect=10.0),
+        timeout=httpx.Timeout(settings.syncline_http_timeout_seconds,
+                              connect=min(10.0, settings.syncline_http_timeout_seconds)),
         limits=httpx.Limits(max_connections=32, max_keepalive_connections=16),
         event_hooks={"request": hooks},
         trust_env=False,
@@ -170,6 +171,7 @@ def build_services(
             collection_size=settings.salesforce.collection_size,
             bulk_threshold=settings.salesforce.bulk_threshold,
             call_options_client=settings.salesforce.call_options_client,
+            timeout=settings.syncline_http_timeout_seconds,
         )
         sinks["salesforce"] = sf
         sources["salesforce"] = sf

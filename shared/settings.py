@@ -153,6 +153,8 @@ class Settings(BaseSettings):
     """Peek-lock duration of the embedded queue (Service Bus: the queue's LockDuration)."""
     syncline_inline_retries: int = Field(default=2, ge=0, le=5)
     """Short retries of an outbound direct write before it is scheduled on the queue."""
+    syncline_http_timeout_seconds: float = Field(default=30.0, gt=0, le=300)
+    """Read timeout of every outbound API call (the chaos harness makes it short to inject timeouts)."""
     syncline_ca_bundle: str = ""
     """Extra CA bundle to trust (the sandbox's test CA); empty in production."""
     syncline_inbound_queue: str = "syncline-inbound"

@@ -45,6 +45,7 @@ NOT_SET_IN_AZURE = {
     "DATAVERSE__AUTHORITY_HOST": "the sandbox's token endpoint; Azure uses the default Entra authority",
     "FNO__AUTHORITY_HOST": "the sandbox's token endpoint; Azure uses the default Entra authority",
     "SYNCLINE_FLOWS": "the default is the flows/ folder of the deployed package itself",
+    "SYNCLINE_HTTP_TIMEOUT_SECONDS": "the chaos harness shortens it to inject timeouts; the default suits Azure",
 }
 # Must never appear as app settings in Azure: identity replaces them, or Flex Consumption refuses them.
 FORBIDDEN_SETTINGS = {

@@ -1,0 +1,156 @@
+"""One ASGI fault-injection middleware for every simulator: 429, 5xx, resets, timeouts, 504 after the write."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import re
+import threading
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+KINDS = ("throttle", "error500", "unavailable503", "reset", "reset_after_apply", "timeout", "gateway504_after_apply")
+"""Every fault the middleware can inject; `FaultPlan.kinds` picks the ones in play (uniformly)."""
+
+# Token and discovery endpoints stay healthy: with them faulted nothing could work at all, and token loss is
+# exercised separately (the simulators' `expire_tokens` knobs, which make the next API call answer 401).
+_EXEMPT = re.compile(r"(oauth2|/token|openid|well-known|discovery|/sharing/rest/info)", re.IGNORECASE)
+
+Scope = dict[str, Any]
+Receive = Any
+Send = Any
+
+
+@dataclass
+class FaultPlan:
+    """What to inject, shared by every wrapped simulator; counters are per simulator name and fault kind."""
+
+    rate: float = 0.0
+    """Fraction of API calls that fail (0 switches the injector off)."""
+    seed: int = 0
+    kinds: tuple[str, ...] = KINDS
+    timeout_seconds: float = 3.0
+    """How long a `timeout` fault holds the request: longer than the client's timeout (then the write applies)."""
+    retry_after_seconds: int = 1
+    calls: Counter[str] = field(default_factory=Counter)
+    injected: Counter[tuple[str, str]] = field(default_factory=Counter)
+    _rng: random.Random = field(init=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
+
+    def __post_init__(self) -> None:
+        unknown = set(self.kinds) - set(KINDS)
+        if unknown:
+            raise ValueError(f"unknown fault kinds: {sorted(unknown)} (known: {', '.join(KINDS)})")
+        self._rng = random.Random(self.seed)
+
+    def wrap(self, app: Any, name: str) -> FaultInjector:
+        """The simulator's ASGI app behind the injector."""
+        return FaultInjector(app, name, self)
+
+    def pick(self, name: str, path: str) -> str | None:
+        """Count one call and decide its fault (None: served normally)."""
+        with self._lock:
+            self.calls[name] += 1
+            if self.rate <= 0 or not self.kinds or _EXEMPT.search(path):
+                return None
+            if self._rng.random() >= self.rate:
+                return None
+            kind = self._rng.choice(self.kinds)
+            self.injected[(name, kind)] += 1
+            return kind
+
+    def total_calls(self) -> int:
+        with self._lock:
+            return sum(self.calls.values())
+
+    def per_kind(self) -> dict[str, int]:
+        out: Counter[str] = Counter()
+        with self._lock:
+            for (_name, kind), n in self.injected.items():
+                out[kind] += n
+        return dict(out)
+
+    def per_system(self) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        with self._lock:
+            for name, n in self.calls.items():
+                out[name] = {"calls": n, "faults": sum(v for (s, _k), v in self.injected.items() if s == name)}
+        return out
+
+
+class _Drop(Exception):
+    """Raised after the response has started: uvicorn then closes the connection mid-response (a reset)."""
+
+
+class FaultInjector:
+    """ASGI middleware: passes calls to the simulator, or fails a fraction of them as the plan says."""
+
+    def __init__(self, app: Any, name: str, plan: FaultPlan) -> None:
+        self.app = app
+        self.name = name
+        self.plan = plan
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope.get("type") != "http":
+            await self.app(scope, receive, send)
+            return
+        kind = self.plan.pick(self.name, str(scope.get("path", "")))
+        if kind is None:
+            await self.app(scope, receive, send)
+        elif kind == "throttle":
+            await _respond(send, 429, b'{"error":"throttled by the fault injector"}',
+                           [(b"retry-after", str(self.plan.retry_after_seconds).encode())])
+        elif kind == "error500":
+            await _respond(send, 500, b'{"error":"internal error (injected)"}')
+        elif kind == "unavailable503":
+            await _respond(send, 503, b'{"error":"service unavailable (injected)"}')
+        elif kind == "reset":
+            await _reset(send)
+        elif kind == "reset_after_apply":
+            await self.app(scope, receive, _discard)
+            await _reset(send)
+        elif kind == "timeout":
+            # The client gives up first; the server still applies the request late, as real services do.
+            await asyncio.sleep(self.plan.timeout_seconds)
+            await self.app(scope, receive, _discard)
+            await _respond(send, 504, b"")
+        elif kind == "gateway504_after_apply":
+            await self.app(scope, receive, _discard)
+            await _respond(send, 504, b'{"error":"gateway timeout (injected after the request was applied)"}')
+        else:  # pragma: no cover - kinds are validated by the plan
+            raise ValueError(kind)
+
+
+async def _discard(message: Any) -> None:
+    return None
+
+
+async def _respond(send: Send, status: int, body: bytes, headers: Iterable[tuple[bytes, bytes]] = ()) -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            *headers]})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _reset(send: Send) -> None:
+    # A started response that promises a body and never sends it: the client sees the connection dropped.
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", b"4096")]})
+    raise _Drop("connection dropped by the fault injector")
+
+
+def expire_all_tokens(sims: Iterable[Any]) -> int:
+    """Invalidate every access token (and SAP CSRF token) the simulators issued; returns how many sims did."""
+    done = 0
+    for sim in sims:
+        if sim is None:
+            continue
+        faults = getattr(sim, "faults", None)
+        for fn in (getattr(faults, "expire_tokens", None), getattr(sim, "expire_oauth_tokens", None),
+                   getattr(sim, "expire_csrf_tokens", None)):
+            if callable(fn):
+                fn()
+                done += 1
+    return done
