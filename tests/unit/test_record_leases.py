@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 
-import pytest
-
 from shared.core.engine import SyncEngine
 from shared.core.ports import WriteOp, WriteResult
 from shared.runtime.sqlite_state import SqliteStateStore
