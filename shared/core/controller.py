@@ -46,8 +46,9 @@ BUSY_RETRY_SECONDS = 5.0
 PAUSE_THRESHOLD_SECONDS = 60.0
 """Throttling advice at least this long (a spent daily API allocation) pauses the system instead of retrying."""
 """Application property `kind` of a queue message that asks the controller to read a change feed."""
-MAX_HELD = 1000
-"""Failed changes a cycle holds (locked, on Service Bus with their sessions) until it ends; past that it ends early."""
+MAX_HELD = 500
+"""Failed changes a cycle holds (locked) until it ends; past that it ends early. On Service Bus each holds its
+session's receiver, a connection of its own, so the bound keeps them within about one batch's worth."""
 STALE_ROUNDS = 3
 """Receives in a row that bring only changes tried already this cycle (lost locks) before the drain stops."""
 

@@ -166,3 +166,19 @@ async def test_a_crash_mid_batch_returns_only_the_changes_not_yet_worked_and_cha
     assert report.statuses == {"written": len(ORDERS)}, report
     assert len(world.ag.tables["WorkOrders"]) == len(ORDERS)
     assert len(world.ag.tables["SignAssets"]) == len(signs)
+
+
+async def test_past_the_most_failed_changes_a_cycle_may_hold_it_ends_and_the_rest_waits_for_the_next(world: World):
+    bad = [sign(key, f"SGN-B{n}") for n, key in enumerate(BAD)]
+    good = [sign(key, f"SGN-G{n}") for n, key in enumerate(GOOD)]
+    await world.send([*bad, *good])
+    controller = world.controller(batch_size=2)
+    controller.max_held = len(BAD)
+
+    report = await controller.drain()
+
+    assert report.received == len(BAD), report  # it stopped receiving once it held as many as it may
+    assert report.statuses == {"failed": len(BAD)}, report
+    assert [await world.attempts(e) for e in bad] == [1, 1]
+    depth = await world.harness.queue.depth()
+    assert depth.active == len(BAD) + len(GOOD)  # the held ones were released, nothing was lost or settled
