@@ -25,9 +25,9 @@ SAP_LATENCY_MS = 300  # each side's find-then-create takes >= 0.6 s in SAP: the 
 RETRIES = 100
 
 
-@pytest.fixture
-def box(tmp_path: Path) -> Iterator[Sandbox]:
-    sandbox = start_sandbox(tmp_path / "box", sap=True)
+@pytest.fixture(params=["embedded", "azure"])
+def box(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Sandbox]:
+    sandbox = start_sandbox(tmp_path / "box", sap=True, runtime=request.param)
     assert sandbox.sap is not None
     seed_sap(sandbox.sap, partners=2, orders=0)
     try:
