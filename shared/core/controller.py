@@ -386,14 +386,17 @@ class Controller:
         if not held:
             return
         many = getattr(self.queue, "abandon_many", None)
-        if many is not None:
-            try:
+        try:
+            if many is not None:
                 await many(held)
-            except LockLostError as exc:
-                log.warning("locks lost before release (the messages will be redelivered): %s", exc)
-            return
-        for m in held:
-            await self._settle_quietly(self.queue.abandon, m)
+                return
+            for m in held:
+                await self._settle_quietly(self.queue.abandon, m)
+        except LockLostError as exc:
+            log.warning("locks lost before release (the messages will be redelivered): %s", exc)
+        except Exception as exc:  # never hide why the cycle ended (this runs in drain's finally)
+            log.warning("releasing %d failed changes failed (%s: %s); they come back when their locks expire",
+                        len(held), type(exc).__name__, exc)
 
     # ------------------------------------------------------------------------------- internals
 
