@@ -46,6 +46,11 @@ BUSY_RETRY_SECONDS = 5.0
 PAUSE_THRESHOLD_SECONDS = 60.0
 """Throttling advice at least this long (a spent daily API allocation) pauses the system instead of retrying."""
 """Application property `kind` of a queue message that asks the controller to read a change feed."""
+MAX_HELD = 500
+"""Failed changes a cycle holds (locked) until it ends; past that it ends early. On Service Bus each holds its
+session's receiver, a connection of its own, so the bound keeps them within about one batch's worth."""
+STALE_ROUNDS = 3
+"""Receives in a row that bring only changes tried already this cycle (lost locks) before the drain stops."""
 
 
 def envelopes_for(
@@ -193,6 +198,7 @@ class Controller:
         api_calls: Callable[[], Mapping[str, int]] | None = None,
         max_attempts: int | None = None,
         busy_retry_seconds: float = BUSY_RETRY_SECONDS,
+        max_held: int = MAX_HELD,
     ) -> None:
         self.flowset = flowset
         self.engine = engine
@@ -210,6 +216,11 @@ class Controller:
         """Failed attempts (SYNCLINE_MAX_DELIVERY_COUNT) before a change is dead-lettered; the queue's own max
         delivery count is a higher backstop, so locks lost to crashed processes never dead-letter a change."""
         self.busy_retry_seconds = busy_retry_seconds
+        self.max_held = max_held
+        self._held: list[ReceivedMessage] = []
+        """Messages of changes that failed in this cycle: kept locked until it ends, then abandoned."""
+        self._in_flight: list[ReceivedMessage] = []
+        """Messages of the batch being worked that are not settled yet (their locks are renewed)."""
         self._clear_after_complete: list[str] = []
         """Message ids with failed attempts on record whose messages are being completed."""
         self._current_report = CycleReport(started_at="")
@@ -317,35 +328,88 @@ class Controller:
         return total
 
     async def drain(self, report: CycleReport | None = None, *, max_messages: int | None = None) -> CycleReport:
-        """Receive in batches until the queue is empty (or only already-tried messages come back)."""
+        """Receive in batches until the queue has nothing more for this cycle.
+
+        A change that fails is not abandoned at once: its lock is kept (and renewed) until the cycle ends, then
+        released. So it is not received again in the same cycle (which would spend a delivery for nothing), the
+        batches behind it are all received and worked (no head-of-line blocking), and its delivery count rises
+        once per cycle, as its failed attempts do. Holding the lock also holds its session on Service Bus, so a
+        later change of the same record or family never overtakes it. (Rescheduling a fresh copy instead would
+        reset the delivery count but let later changes of the record overtake it, and a late upsert could
+        resurrect a record deleted meanwhile.) At most `max_held` failed messages are held: past that the cycle
+        ends early, and the queue's remaining messages wait for the next one.
+        """
         report = report or CycleReport(started_at=self.clock().isoformat())
         seen: set[int] = set()
         statuses: Counter[str] = Counter(report.statuses)
         dead: Counter[str] = Counter(report.dead_lettered)
-        while max_messages is None or report.received < max_messages:
-            want = self.batch_size if max_messages is None else min(self.batch_size, max_messages - report.received)
-            batch = await self.queue.receive(want)
-            if not batch:
-                break
-            fresh = [m for m in batch if m.sequence_number not in seen]
-            # Messages abandoned earlier in this cycle come straight back: leave them for the next cycle.
-            for m in batch:
-                if m.sequence_number in seen:
-                    await self._settle_quietly(self.queue.abandon, m)
-            if not fresh:
-                break
-            seen.update(m.sequence_number for m in fresh)
-            report.received += len(fresh)
-            await self._process_batch(fresh, report, statuses, dead)
-            if self.progress:
-                self.progress("drain", len(fresh))
+        self._held, self._in_flight = [], []
+        renewer = asyncio.create_task(self._renew_locks(lambda: [*self._in_flight, *self._held]))
+        stale_rounds = 0
+        try:
+            while max_messages is None or report.received < max_messages:
+                if len(self._held) >= self.max_held:
+                    log.warning("%d failed changes held until the end of the cycle (the most allowed); the rest "
+                                "of the queue waits for the next cycle", len(self._held))
+                    break
+                want = self.batch_size if max_messages is None else min(self.batch_size,
+                                                                         max_messages - report.received)
+                batch = await self.queue.receive(want)
+                if not batch:
+                    break
+                fresh = [m for m in batch if m.sequence_number not in seen]
+                # Tried already in this cycle and its lock was lost meanwhile: hold it too. Abandoning it now would
+                # spend a delivery, and it would only come straight back.
+                self._held.extend(m for m in batch if m.sequence_number in seen)
+                if not fresh:
+                    stale_rounds += 1
+                    if stale_rounds >= STALE_ROUNDS:
+                        break
+                    continue
+                stale_rounds = 0
+                seen.update(m.sequence_number for m in fresh)
+                report.received += len(fresh)
+                await self._process_batch(fresh, report, statuses, dead)
+                if self.progress:
+                    self.progress("drain", len(fresh))
+        finally:
+            renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewer
+            held, self._held, self._in_flight = self._held, [], []
+            await self._release(held)
         report.statuses, report.dead_lettered = dict(statuses), dict(dead)
         return report
+
+    async def _release(self, held: Sequence[ReceivedMessage]) -> None:
+        """Abandon the messages held to the end of the cycle (their next delivery is their next attempt)."""
+        if not held:
+            return
+        many = getattr(self.queue, "abandon_many", None)
+        try:
+            if many is not None:
+                await many(held)
+                return
+            for m in held:
+                await self._settle_quietly(self.queue.abandon, m)
+        except LockLostError as exc:
+            log.warning("locks lost before release (the messages will be redelivered): %s", exc)
+        except Exception as exc:  # never hide why the cycle ended (this runs in drain's finally)
+            log.warning("releasing %d failed changes failed (%s: %s); they come back when their locks expire",
+                        len(held), type(exc).__name__, exc)
 
     # ------------------------------------------------------------------------------- internals
 
     async def _process_batch(self, messages: Sequence[ReceivedMessage], report: CycleReport,
                              statuses: Counter[str], dead: Counter[str]) -> None:
+        self._in_flight = list(messages)  # their locks are renewed until they are settled
+        try:
+            await self._work_batch(messages, report, statuses, dead)
+        finally:
+            self._in_flight = []
+
+    async def _work_batch(self, messages: Sequence[ReceivedMessage], report: CycleReport,
+                          statuses: Counter[str], dead: Counter[str]) -> None:
         parsed: list[tuple[ReceivedMessage, ChangeEnvelope]] = []
         hints: list[ReceivedMessage] = []
         for msg in messages:
@@ -384,19 +448,35 @@ class Controller:
         if not parsed:
             await self._complete(to_complete)
             return
-        renewer = asyncio.create_task(self._renew_locks([m for m, _ in parsed]))  # noqa: RUF006 - awaited below
-        try:
-            outcomes = await self.engine.process([env for _, env in parsed])
-        finally:
-            renewer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await renewer
-        self.metrics.record_outcomes(outcomes, self.flowset)
-        by_env = {id(o.envelope): o for o in outcomes}
+        # Each flow group is settled as soon as the engine is done with it (parents' flows first, as the engine
+        # orders them): a crash later in the batch leaves only the changes not yet worked to come back.
+        self._in_flight = [m for m, _ in parsed]
+        for group in self._flow_groups(parsed):
+            outcomes = await self.engine.process([env for _, env in group])
+            self.metrics.record_outcomes(outcomes, self.flowset)
+            by_env = {id(o.envelope): o for o in outcomes}
+            for msg, env in group:
+                with correlated([env.correlation_id]):
+                    await self._settle(msg, env, by_env[id(env)], report, statuses, dead, to_complete)
+            await self._complete(to_complete)
+            to_complete = []
+            done = {id(m) for m, _ in group}
+            self._in_flight = [m for m in self._in_flight if id(m) not in done]
+
+    def _flow_groups(self, parsed: list[tuple[ReceivedMessage, ChangeEnvelope]],
+                     ) -> list[list[tuple[ReceivedMessage, ChangeEnvelope]]]:
+        """The batch's changes per flow, parents' flows first (unknown flows first: the engine fails them)."""
+        by_flow: dict[str, list[tuple[ReceivedMessage, ChangeEnvelope]]] = {}
         for msg, env in parsed:
-            with correlated([env.correlation_id]):
-                await self._settle(msg, env, by_env[id(env)], report, statuses, dead, to_complete)
-        await self._complete(to_complete)
+            by_flow.setdefault(env.flow, []).append((msg, env))
+
+        def depth(name: str) -> int:
+            try:
+                return self.flowset.depth(self.flowset.flow(name))
+            except SyncError:
+                return -1
+
+        return [by_flow[name] for name in sorted(by_flow, key=depth)]
 
     async def _settle(self, msg: ReceivedMessage, env: ChangeEnvelope, outcome: Outcome, report: CycleReport,
                       statuses: Counter[str], dead: Counter[str], to_complete: list[ReceivedMessage]) -> None:
@@ -618,7 +698,7 @@ class Controller:
             return True
         if isinstance(error, ThrottledError) and error.retry_after and error.retry_after > 1:
             log.info("flow %s key %s throttled; retry after %ss", env.flow, env.source_key, error.retry_after)
-        await self._settle_quietly(self.queue.abandon, msg)
+        self._held.append(msg)  # released when the cycle ends (see drain)
         return False
 
     async def _defer(self, env: ChangeEnvelope) -> None:
@@ -653,11 +733,15 @@ class Controller:
             return False
         return True
 
-    async def _renew_locks(self, messages: Sequence[ReceivedMessage]) -> None:
-        """Keep the batch's locks (Service Bus: its sessions' locks) while the engine works on it."""
+    async def _renew_locks(self, current: Callable[[], Sequence[ReceivedMessage]]) -> None:
+        """Keep the locks (Service Bus: their sessions' locks) of the messages the cycle holds: the batch being
+        worked and the failed changes held to its end."""
         many = getattr(self.queue, "renew_many", None)
         while True:
             await asyncio.sleep(self.lock_renew_seconds)
+            messages = list(current())
+            if not messages:
+                continue
             try:
                 if many is not None:
                     with contextlib.suppress(LockLostError):

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal, TypeVar
@@ -70,6 +71,12 @@ _IN_SYNC = frozenset({ECHO_DETAIL, HOLDS_DETAIL})
 
 LEASE_SECONDS = 60.0
 """How long a record lease lasts without renewal: a crashed holder blocks its records at most this long."""
+
+PARENT_LOCK_WAIT_SECONDS = 10.0
+"""How long ensuring a parent waits for another call of this process that is writing it (then the child is busy)."""
+
+_LEASED: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar("syncline_leased", default=frozenset())
+"""Record ids the current `process` call holds (locked and leased), so ensuring a parent never waits for itself."""
 
 LINE_QUERY_KEYS = 100
 """Headers whose lines are read in one source query (keeps the IN list / or-chain inside URL limits)."""
@@ -194,9 +201,11 @@ class SyncEngine:
         held = await self.state.acquire_leases(keys, owner, self.lease_seconds)
         mine = [e for e in envelopes if e.record_id in held]
         renewer = asyncio.create_task(self._renew_leases(sorted(held), owner))
+        leased = _LEASED.set(frozenset(held))
         try:
             done = await self._process(mine) if mine else []
         finally:
+            _LEASED.reset(leased)
             renewer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await renewer
@@ -321,7 +330,8 @@ class SyncEngine:
 
     async def _ensure_parents(self, flow: FlowSpec, envs: Sequence[ChangeEnvelope], work: _Work) -> None:
         """Sync parents that were never synced (read from the source now), so children need not wait for a
-        change of the parent that may never come. A parent that fails keeps its children deferred as usual."""
+        change of the parent that may never come. A parent that fails keeps its children deferred as usual.
+        Each parent is held (locked and leased) while it is ensured, as its own change would hold it."""
         src = flow.source
         for lk in flow.lookups:
             if not lk.ensure:
@@ -335,43 +345,118 @@ class SyncEngine:
             source = self.sources.get(parent.source.system)
             if source is None:
                 continue
-            table = parent.source.table
+            async with self._parents_locked(parent, missing) as (mine, busy):
+                await self._ensure_locked(flow, lk.source, parent, source, envs, work, mine, busy)
+            work.parents.update(await self._parent_links(flow, [e.payload for e in envs]))
 
-            async def read(chunk: list[str], table: str = table, source: ChangeSource = source) -> list[SourceRecord]:
+    async def _ensure_locked(self, flow: FlowSpec, field_name: str, parent: FlowSpec, source: ChangeSource,
+                             envs: Sequence[ChangeEnvelope], work: _Work, mine: list[str], busy: set[str]) -> None:
+        """Sync the parents `mine` (locked and leased by this call) that are still unlinked; children of the
+        parents in `busy` (another call or process is writing them) are busy too, and retried shortly."""
+        src = flow.source
+        table = parent.source.table
+        for e in envs:
+            value = e.payload.get(field_name)
+            if e.operation != "delete" and not _blank(value) and _canonical_key(src.system, str(value)) in busy \
+                    and e.source_key not in work.read_errors:
+                work.read_errors[e.source_key] = RecordBusyError(
+                    f"flow {flow.name} record {e.source_key}: its parent {value} ({parent.source.system} {table}) "
+                    "is being written by another process; retried shortly")
+        # Find before create, under the lock: the parent may have been synced since this batch loaded its links.
+        linked = await self.state.get_links(parent.entity, src.system, mine, flow.target.system) if mine else {}
+        work.parents.setdefault(field_name, {}).update(linked)
+        missing = [k for k in mine if k not in linked]
+        if missing:
+
+            async def read(chunk: list[str]) -> list[SourceRecord]:
                 return list((await source.fetch(table, chunk)).values())
 
             found, failed = await isolate(read, missing)
             records = {r.key: r for r in found}
             for e in envs:
-                value = e.payload.get(lk.source)
+                value = e.payload.get(field_name)
                 exc = failed.get(_canonical_key(src.system, str(value))) if not _blank(value) else None
                 if exc is not None and e.source_key not in work.read_errors:
                     work.read_errors[e.source_key] = with_detail(
                         exc, f"flow {flow.name} record {e.source_key}: its parent {value} could not be read from "
                              f"{parent.source.system} {table}: {exc.detail}")
-            correlation = next((e.correlation_id for e in envs), None)
-            parent_envs = [ChangeEnvelope(
-                flow=parent.name, operation="upsert", source_system=parent.source.system,
-                source_table=parent.source.table, source_key=r.key, source_version=r.version,
-                source_modified=r.modified, payload=dict(r.values), origin="resubmit",
-                **({"correlation_id": correlation} if correlation else {}),
-            ) for r in records.values()]
-            if not parent_envs:
-                continue
-            outcomes: list[Outcome | None] = [None] * len(parent_envs)
-            try:
-                await self._process_flow(parent, parent_envs, list(range(len(parent_envs))), outcomes)
-            except SyncError as exc:
-                # The parents stay unsynced, so their children wait (deferred) as for any parent not there yet.
-                log.warning("flow %s: parents could not be synced first: %s", flow.name, exc)
-            audit = [self._audit_for(o) for o in outcomes if o is not None and o.status in ("failed", "deferred")]
-            if audit:
-                await self.state.append_audit(audit)
-            for o in outcomes:
-                if o is not None and o.status == "failed":
-                    log.warning("flow %s: parent %s could not be synced first: %s", flow.name,
-                                o.envelope.source_key, o.error)
-            work.parents.update(await self._parent_links(flow, [e.payload for e in envs]))
+        else:
+            records = {}
+        correlation = next((e.correlation_id for e in envs), None)
+        parent_envs = [ChangeEnvelope(
+            flow=parent.name, operation="upsert", source_system=parent.source.system,
+            source_table=parent.source.table, source_key=r.key, source_version=r.version,
+            source_modified=r.modified, payload=dict(r.values), origin="resubmit",
+            **({"correlation_id": correlation} if correlation else {}),
+        ) for r in records.values()]
+        if not parent_envs:
+            return
+        outcomes: list[Outcome | None] = [None] * len(parent_envs)
+        try:
+            await self._process_flow(parent, parent_envs, list(range(len(parent_envs))), outcomes)
+        except SyncError as exc:
+            # The parents stay unsynced, so their children wait (deferred) as for any parent not there yet.
+            log.warning("flow %s: parents could not be synced first: %s", flow.name, exc)
+        audit = [self._audit_for(o) for o in outcomes if o is not None and o.status in ("failed", "deferred")]
+        if audit:
+            await self.state.append_audit(audit)
+        for o in outcomes:
+            if o is not None and o.status == "failed":
+                log.warning("flow %s: parent %s could not be synced first: %s", flow.name,
+                            o.envelope.source_key, o.error)
+
+    @contextlib.asynccontextmanager
+    async def _parents_locked(self, parent: FlowSpec, keys: Sequence[str],
+                              ) -> AsyncIterator[tuple[list[str], set[str]]]:
+        """Hold parent records as `process` holds its own: this process's lock (waiting a little for another call
+        of this process) and the cross-process lease (never waiting). Yields the keys held and the keys busy.
+
+        Without it an ensured parent and the parent's own change (a webhook, another instance, the same batch
+        elsewhere) could both find no target record and both create one: twin SAP business partners.
+        """
+        ids = {k: f"{parent.source.system}:{parent.source.table}:{k}" for k in keys}
+        own = _LEASED.get()
+        wanted = sorted(k for k in keys if ids[k] not in own)
+        locks: list[tuple[str, asyncio.Lock]] = []
+        busy: set[str] = set()
+        self._lock_users.update(ids[k] for k in wanted)
+        owner = uuid.uuid4().hex
+        leased: set[str] = set()
+        renewer: asyncio.Task[None] | None = None
+        try:
+            deadline = asyncio.get_running_loop().time() + PARENT_LOCK_WAIT_SECONDS
+            for k in wanted:  # in key order, as `process` takes its locks
+                lock = self._locks.setdefault(ids[k], asyncio.Lock())
+                try:
+                    async with asyncio.timeout(max(0.0, deadline - asyncio.get_running_loop().time())):
+                        await lock.acquire()
+                except TimeoutError:
+                    busy.add(k)
+                    continue
+                locks.append((k, lock))
+            if locks:
+                leased = await self.state.acquire_leases([ids[k] for k, _ in locks], owner, self.lease_seconds)
+                busy.update(k for k, _ in locks if ids[k] not in leased)
+                renewer = asyncio.create_task(self._renew_leases(sorted(leased), owner))
+            yield [k for k in keys if k not in busy], busy
+        finally:
+            if renewer is not None:
+                renewer.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await renewer
+            if leased:
+                try:
+                    await self.state.release_leases(sorted(leased), owner)
+                except Exception as exc:  # the leases expire by themselves
+                    log.warning("releasing %d parent leases failed (%s); they expire in %ss",
+                                len(leased), type(exc).__name__, self.lease_seconds)
+            for _, lock in reversed(locks):
+                lock.release()
+            for k in wanted:
+                self._lock_users[ids[k]] -= 1
+                if self._lock_users[ids[k]] <= 0:
+                    del self._lock_users[ids[k]]
+                    self._locks.pop(ids[k], None)
 
     async def _read_lines(self, flow: FlowSpec, envs: Sequence[ChangeEnvelope],
                           errors: dict[str, SyncError]) -> dict[str, list[SourceRecord]]:

@@ -332,8 +332,22 @@ class ServiceBusQueue:
         await self._settle(message, held.receiver.complete_message(held.message))
 
     async def abandon(self, message: ReceivedMessage) -> None:
-        """Release the lock; Service Bus redelivers the message (or dead-letters it at the max count)."""
+        """Release the lock; Service Bus redelivers the message (or dead-letters it at the max count).
+
+        A session message is released with its session: when the session's last outstanding message is settled,
+        its receiver detaches, which frees the session and releases its unsettled messages (a delivery counted
+        once, as an abandon). Abandoning on the session's link instead would hand the message straight back to
+        that link (it keeps the link credit a short receive left), locking and counting it once more for nothing.
+        """
         held = self._lookup(message)
+        if held.receiver in self._session_receivers:
+            try:  # the lock must still be ours, as for any settlement
+                await held.receiver.session.renew_lock()
+            except _LOCK_LOST as exc:
+                await self._drop(message.lock_token, session_lost=isinstance(exc, SessionLockLostError))
+                raise LockLostError(f"lock lost for message {message.sequence_number}: {exc}") from exc
+            await self._drop(message.lock_token, session_lost=False)
+            return
         await self._settle(message, held.receiver.abandon_message(held.message))
 
     async def dead_letter(self, message: ReceivedMessage, *, reason: str, description: str) -> None:

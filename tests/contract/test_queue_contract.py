@@ -125,6 +125,20 @@ async def test_abandon_redelivers_at_once_with_a_higher_delivery_count(queue_fac
     assert again.lock_token != first.lock_token
 
 
+async def test_an_abandon_costs_one_delivery_even_when_the_receive_asked_for_more(queue_factory: QueueFactory) -> None:
+    # A receive that got fewer messages than it asked for leaves its link with credit: an abandoned message must
+    # not be handed straight back to that link (locked and counted once more while nobody reads it).
+    h = await queue_factory(max_delivery_count=10)
+    await h.queue.send([message(1, session="s-1"), message(2, session="s-1"), message(3)])
+    first, second, third = await h.queue.receive(10)
+
+    await h.queue.abandon(first)
+    await h.queue.complete(second)
+    await h.queue.abandon(third)
+    again = await h.queue.receive(10)
+
+    assert sorted((numbers([m])[0], m.delivery_count) for m in again) == [(1, 2), (3, 2)]
+
 async def test_an_expired_lock_counts_as_an_abandon(queue_factory: QueueFactory) -> None:
     h = await queue_factory()
     await h.queue.send([message(1)])
