@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -97,6 +98,8 @@ class QueueProbe:
         self.box = box
         self.figures = figures
         self.path = box.workdir / "state" / "queue.db"
+        self.what: dict[int, str] = {}
+        """sequence number -> "flow key" of the messages seen, to name the most delivered ones."""
         if box.broker is not None:
             self._hook_broker()
 
@@ -107,10 +110,12 @@ class QueueProbe:
             return
         with sqlite3.connect(self.path, timeout=30) as conn:
             conn.executescript("""
-            CREATE TABLE IF NOT EXISTS chaos_deliveries (seq INTEGER PRIMARY KEY, max_count INTEGER NOT NULL);
+            CREATE TABLE IF NOT EXISTS chaos_deliveries (seq INTEGER PRIMARY KEY, max_count INTEGER NOT NULL,
+                                                         properties TEXT);
             CREATE TRIGGER IF NOT EXISTS chaos_delivery_count AFTER UPDATE OF delivery_count ON queue_messages
             BEGIN
-              INSERT INTO chaos_deliveries (seq, max_count) VALUES (NEW.seq, NEW.delivery_count)
+              INSERT INTO chaos_deliveries (seq, max_count, properties)
+              VALUES (NEW.seq, NEW.delivery_count, NEW.properties)
               ON CONFLICT (seq) DO UPDATE SET max_count = max(max_count, excluded.max_count);
             END;
             """)
@@ -127,6 +132,7 @@ class QueueProbe:
                 token = original(message, consumer, now)
                 seq = message.sequence_number
                 deliveries[seq] = max(deliveries.get(seq, 0), message.delivery_count)
+                self.what[seq] = f"session {message.session_id}"  # the broker keeps the message encoded
                 return token
 
             queue.lock = lock
@@ -136,8 +142,12 @@ class QueueProbe:
     def read_deliveries(self) -> dict[int, int]:
         if self.box.broker is None:
             with sqlite3.connect(self.path, timeout=30) as conn:
-                self.figures.deliveries = {int(s): int(c) for s, c in
-                                           conn.execute("SELECT seq, max_count FROM chaos_deliveries")}
+                rows = conn.execute("SELECT seq, max_count, properties FROM chaos_deliveries").fetchall()
+            self.figures.deliveries = {int(s): int(c) for s, c, _ in rows}
+            for s, _, props in rows:
+                with contextlib.suppress(ValueError, TypeError):
+                    p = json.loads(props)
+                    self.what[int(s)] = f"{p.get('flow', '?')} {p.get('key', '?')}"
         return dict(self.figures.deliveries)
 
     def locked(self) -> int:
@@ -661,6 +671,9 @@ class Chaos:
             "max_delivery_count_good_message": max_good,
             "max_delivery_count_allowed": MAX_DELIVERY_COUNT,
             "good_messages_tracked": len(good),
+            "most_delivered_good_messages": [
+                {"deliveries": c, "message": self.probe.what.get(s, "?")}
+                for s, c in sorted(good.items(), key=lambda kv: -kv[1])[:10]],
             "lost_records": lost[:100],
             "duplicate_records": dups[:100],
             "half_applied_cascades": cascades[:100],
@@ -815,8 +828,9 @@ def print_summary(doc: dict[str, Any]) -> None:
         f"  half-applied cascades    {f['half_applied_cascades']}",
         f"  dead letters             {dl['count']} (expected {dl['expected']}; unexpected "
         f"{f['unexpected_dead_letters']}, missing {f['missing_dead_letters']})",
-        f"  max delivery count (good messages) {doc['max_delivery_count_good_message']} of "
-        f"{doc['max_delivery_count_allowed']}",
+        f"  max delivery count (good messages) {doc['max_delivery_count_good_message']} "
+        f"(failed attempts allowed {doc['max_delivery_count_allowed']}; the queue's own backstop is 10x that)"
+        + "".join(f"\n    {m['deliveries']}x {m['message']}" for m in doc["most_delivered_good_messages"][:3]),
         f"  queue left               {doc['queue']}",
         "  per flow set             " + "; ".join(f"{k}: {dict(v) or 'clean'}" for k, v in doc["per_flow_set"].items()),
     ]
