@@ -36,7 +36,7 @@ bench: $(STAMP)
 # drift, dead letters vs expected and the highest delivery count of a good message. Fails on any finding.
 CHAOS_ARGS ?=
 chaos: $(STAMP)
-	$(PY) -m sandbox.chaos --runtime embedded --signs 8000 --work-orders 2000 --changes 6000 --rounds 3 \
+	$(PY) -m sandbox.chaos --runtime embedded --signs 8000 --work-orders 2000 --changes 4000 --rounds 2 \
 		--customers 200 --opportunities 120 --sap-orders 30 --kills 10 --report reports/chaos-embedded.json $(CHAOS_ARGS)
 	$(PY) -m sandbox.chaos --runtime azure --signs 400 --work-orders 100 --changes 400 --rounds 2 \
 		--customers 30 --opportunities 20 --sap-orders 8 --kills 6 --report reports/chaos-azure.json $(CHAOS_ARGS)
