@@ -147,7 +147,9 @@ class QueueProbe:
             for s, _, props in rows:
                 with contextlib.suppress(ValueError, TypeError):
                     p = json.loads(props)
-                    self.what[int(s)] = f"{p.get('flow', '?')} {p.get('key', '?')}"
+                    # a change names its flow and record; a poll hint its system and table
+                    self.what[int(s)] = (f"{p.get('flow') or p.get('kind', '?')} "
+                                         f"{p.get('key') or p.get('system', '?') + ' ' + p.get('table', '?')}")
         return dict(self.figures.deliveries)
 
     def locked(self) -> int:
