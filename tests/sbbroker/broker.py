@@ -35,7 +35,6 @@ message size limits, authorisation (every token is accepted).
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import socket
 import threading
@@ -67,6 +66,7 @@ from proton import (
 )
 from proton.reactor import ApplicationEvent, Container, EventInjector
 
+from sandbox.latency_proxy import check_latency, latency_from_environment
 from tests.sbbroker.entities import (
     Consumer,
     LockLost,
@@ -90,22 +90,6 @@ _DOTNET_EPOCH_TICKS = 621355968000000000  # .NET ticks at 1970-01-01, as the ses
 _TICK_SECONDS = 0.02
 _CREDIT = 100
 _DEFAULT_SESSION_WAIT = 65.0  # what Service Bus waits for a session when the client names no timeout
-LATENCY_VARIABLE = "SYNCLINE_EMULATOR_LATENCY_MS"
-"""Milliseconds added to each broker operation (and by `sandbox.latency_proxy` to each Azurite request)."""
-
-
-def latency_from_environment() -> float:
-    """`SYNCLINE_EMULATOR_LATENCY_MS` in milliseconds (0 when unset); a bad value is an error, not a silent 0."""
-    raw = os.environ.get(LATENCY_VARIABLE, "").strip()
-    if not raw:
-        return 0.0
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"{LATENCY_VARIABLE} must be a number of milliseconds, not {raw!r}") from None
-    if not 0 <= value < 60_000:
-        raise ValueError(f"{LATENCY_VARIABLE} must be between 0 and 60000 ms, not {raw!r}")
-    return value
 
 
 class BrokerClock:
@@ -779,11 +763,10 @@ class BrokerHandle:
 
     @latency_ms.setter
     def latency_ms(self, value: float) -> None:
-        if not 0 <= value < 60_000:
-            raise ValueError(f"latency must be between 0 and 60000 ms, not {value!r}")
+        seconds = check_latency(value) / 1000
 
         def set_latency() -> None:
-            self._broker.latency = value / 1000
+            self._broker.latency = seconds
         self._call(set_latency)
 
     def operations(self) -> dict[str, int]:
@@ -812,9 +795,7 @@ def start_broker(queues: Mapping[str, Mapping[str, Any]] | None = None, *, host:
     """Start a broker on `host` and a free port, with `queues` ({name: QueueSettings fields}) created.
 
     `latency_ms` is added to every operation; None reads `SYNCLINE_EMULATOR_LATENCY_MS` (unset: none)."""
-    latency = latency_from_environment() if latency_ms is None else latency_ms
-    if not 0 <= latency < 60_000:
-        raise ValueError(f"latency must be between 0 and 60000 ms, not {latency!r}")
+    latency = latency_from_environment() if latency_ms is None else check_latency(latency_ms)
     broker = _Broker(BrokerClock(), latency / 1000)
     for name, settings in (queues or {}).items():
         broker.queues[name.lower()] = Queue(name.lower(), QueueSettings(**settings))
