@@ -151,6 +151,32 @@ class LatencyProxy:
         asyncio.run_coroutine_threadsafe(shut(), loop)
         thread.join(10)
 
+    async def _forward(
+        self, upstream: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None, request: bytes
+    ) -> tuple[tuple[asyncio.StreamReader, asyncio.StreamWriter], bytes]:
+        """Send `request` upstream and read the head of the answer, on a new connection if the kept one closed.
+
+        Azurite (Node) closes a keep-alive connection after 5 idle seconds while the client's connection to us
+        stays open: such a request is sent again, once, on a fresh connection. It never reached Azurite, which
+        closes only idle connections.
+        """
+        for attempt in (1, 2):
+            if upstream is None or upstream[1].is_closing() or upstream[0].at_eof():
+                if upstream is not None:
+                    upstream[1].close()
+                upstream = await asyncio.open_connection(*self.upstream, limit=_MAX_HEAD)
+            reader, writer = upstream
+            try:
+                writer.write(request)
+                await writer.drain()
+                return upstream, await _read_head(reader)
+            except (_Closed, ConnectionError):
+                writer.close()
+                upstream = None
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
     async def _serve(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
@@ -166,18 +192,15 @@ class LatencyProxy:
                     self._counts[method] += 1
                 if self.latency_ms > 0:
                     await asyncio.sleep(self.latency_ms / 1000)
-                if upstream is None:
-                    upstream = await asyncio.open_connection(*self.upstream, limit=_MAX_HEAD)
-                up_reader, up_writer = upstream
-                up_writer.write(head + body)
-                await up_writer.drain()
+                upstream, answer = await self._forward(upstream, head + body)
+                up_reader = upstream[0]
                 while True:  # interim 1xx answers come before the real one
-                    answer = await _read_head(up_reader)
                     status_line, answer_fields = _headers(answer)
                     status = int(status_line.split(" ")[1])
                     if status >= 200:
                         break
                     client_writer.write(answer)
+                    answer = await _read_head(up_reader)
                 no_body = method == "HEAD" or status in _NO_BODY_STATUSES
                 closes = answer_fields.get("connection", "").lower() == "close"
                 answer_body = b"" if no_body else await _read_body(up_reader, answer_fields, until_eof=True)

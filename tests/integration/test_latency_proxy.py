@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import http.client
 import socket
+import socketserver
+import threading
 import time
 from collections.abc import Iterator
 
@@ -83,3 +86,41 @@ def test_stop_closes_the_listener(azurite: AzuriteTable) -> None:
     proxy.stop()  # idempotent
     with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
         pass
+
+
+class _ClosesWhenIdle(socketserver.BaseRequestHandler):
+    """Answers each request, and closes a connection idle for 0.2 s (as Node closes idle keep-alive ones)."""
+
+    def handle(self) -> None:
+        self.request.settimeout(0.2)
+        pending = b""
+        while True:
+            try:
+                chunk = self.request.recv(65536)
+            except TimeoutError:
+                return
+            if not chunk:
+                return
+            pending += chunk
+            while b"\r\n\r\n" in pending:
+                _, pending = pending.split(b"\r\n\r\n", 1)
+                self.request.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: keep-alive\r\n\r\nok")
+
+
+def test_a_kept_client_connection_outlives_the_upstream_closing_its_idle_one() -> None:
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _ClosesWhenIdle)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with running(server.server_address[1]) as proxy:
+            connection = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=5)
+            for _ in range(2):
+                connection.request("GET", "/")
+                answer = connection.getresponse()
+                assert (answer.status, answer.read()) == (200, b"ok")
+                time.sleep(0.5)  # the upstream closes its side meanwhile; ours stays open
+            connection.close()
+            assert proxy.requests() == {"GET": 2}
+    finally:
+        server.shutdown()
+        server.server_close()
