@@ -5,12 +5,14 @@ The parent serves the Dataverse simulator (TLS, `--latency-ms` per request), Azu
 per operation, so the Azure runtime pays a modelled cloud round trip rather than loopback. For each scenario
 (K changes spread over R existing records, change i on record i mod R, in order) and each runtime, a child
 process builds the services, queues the K ArcGIS edits and links the records (untimed), then waits for the parent
-to read its counters; it then drains through `Controller.drain` (as many cycles as it takes, all timed) and
-reports. The parent counts Service Bus operations at the broker and Table Storage requests at the proxy, between
+to read its counters; it then drains through `Controller.drain` (again while changes are unsettled, all timed)
+and reports. The parent counts Service Bus operations at the broker and Table Storage requests at the proxy, between
 the child's "ready" and "done" (the drain alone: queueing is set-up). Peak memory is the child's VmHWM.
 
 `--variant NAME:KEY=VALUE,...` adds an Azure column run with extra environment (e.g. a session setting), so the
-old and new session shapes can be printed side by side in one run.
+old and new session shapes can be printed side by side in one run; `--baseline NAME` names the variant that is
+today's path, for the 20x target. Issue 14's targets are printed (met or not) and kept in the report; the exit
+code is 1 only for wrong results (a change dead-lettered, left on the queue, or neither written nor skipped).
 """
 
 from __future__ import annotations
@@ -37,6 +39,11 @@ MAX_DRAIN_CYCLES = 50
 FULL_CHANGES = 10_000
 FULL_RECORDS = (10_000, 100)
 READY, GO = "ready", "go"
+SB_OPERATIONS_PER_CHANGE = 0.1
+TABLE_REQUESTS_PER_CHANGE = 0.1
+PEAK_RSS_MB = 300
+EMBEDDED_RATIO = 3
+BASELINE_RATIO = 20
 
 
 # ------------------------------------------------------------------------------------------ child
@@ -274,6 +281,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--runtimes", default="embedded,azure", help="which runtimes (default embedded,azure)")
     parser.add_argument("--variant", type=parse_variant, action="append", default=[],
                         help="an extra Azure column NAME:KEY=VALUE,... run with that environment added")
+    parser.add_argument("--baseline", default="",
+                        help="the variant that stands for today's path, for the 20x target (e.g. one whose "
+                             "environment restores one session per record)")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds allowed per child run")
     parser.add_argument("--report", type=Path, default=ROOT / "reports" / "bench-azure.json")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -286,6 +296,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     runtimes = [r.strip() for r in args.runtimes.split(",") if r.strip()]
     if not set(runtimes) <= {"embedded", "azure"} or not runtimes:
         parser.error("--runtimes takes embedded and/or azure")
+    if args.baseline and args.baseline not in {name for name, _ in args.variant}:
+        parser.error(f"--baseline {args.baseline!r} is not one of the --variant names")
 
     from sandbox import dataverse_sim as dvs
     from sandbox.dataverse_seed import seed_dataverse
@@ -293,6 +305,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from shared.settings import queue_max_delivery_count
 
     scenarios: dict[str, dict[str, dict[str, Any]]] = {}
+    targets: dict[str, dict[str, bool]] = {}
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         ca = TestCA.create(Path(tmp) / "tls")
@@ -331,6 +344,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     columns[name]["environment"] = extra
                 scenarios[scenario] = columns
                 print_table(scenario, columns)
+                targets[scenario] = _targets(columns, args.baseline)
+                for name, met in targets[scenario].items():
+                    print(f"target {name}: {'met' if met else 'NOT met'}")
         finally:
             if emulators is not None:
                 emulators.stop()
@@ -346,10 +362,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     out.write_text(json.dumps({
         "command": "python -m sandbox.bench_azure " + " ".join(sys.argv[1:] if argv is None else argv),
         "latency_ms": args.latency_ms, "changes": args.changes, "records": args.records,
-        "wall_seconds": round(time.perf_counter() - started, 1), "scenarios": scenarios, "problems": problems,
+        "wall_seconds": round(time.perf_counter() - started, 1), "scenarios": scenarios, "targets": targets,
+        "problems": problems,
     }, indent=2))
     print(f"figures written to {out}")
     return 1 if problems else 0
+
+
+def _targets(columns: dict[str, dict[str, Any]], baseline: str) -> dict[str, bool]:
+    """Issue 14's targets (set for 10,000 changes at 20 ms; printed at every size, met or not)."""
+    azure, embedded = columns.get("azure"), columns.get("embedded")
+    if azure is None:
+        return {}
+    found = {
+        f"Service Bus operations/change <= {SB_OPERATIONS_PER_CHANGE}":
+            azure["servicebus_operations_per_change"] <= SB_OPERATIONS_PER_CHANGE,
+        f"Table Storage requests/change <= {TABLE_REQUESTS_PER_CHANGE}":
+            azure["table_requests_per_change"] <= TABLE_REQUESTS_PER_CHANGE,
+        f"azure peak RSS < {PEAK_RSS_MB} MB": azure["peak_rss_mb"] < PEAK_RSS_MB,
+    }
+    if embedded is not None:
+        found[f"azure within {EMBEDDED_RATIO}x of embedded"] = (
+            azure["changes_per_second"] * EMBEDDED_RATIO >= embedded["changes_per_second"])
+    if baseline in columns:
+        found[f"azure >= {BASELINE_RATIO}x {baseline}"] = (
+            azure["changes_per_second"] >= BASELINE_RATIO * columns[baseline]["changes_per_second"])
+    return found
 
 
 def _problems(figures: dict[str, Any]) -> list[str]:
