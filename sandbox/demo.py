@@ -108,6 +108,16 @@ def start_azure_emulators(box: Sandbox) -> None:
     azurite = AzuriteTable(ensure_installed())
     azurite.start()
     box.stoppers.append(azurite.stop)
+    tables = azurite.connection_string
+    # SYNCLINE_EMULATOR_LATENCY_MS: each Table Storage request and broker operation costs a cloud round trip
+    from sandbox.latency_proxy import LatencyProxy, latency_from_environment
+    from shared.runtime.table_state import azurite_connection_string
+
+    latency = latency_from_environment()
+    if latency > 0:
+        proxy = LatencyProxy(azurite.port, latency_ms=latency).start()
+        box.stoppers.append(proxy.stop)
+        tables = azurite_connection_string(proxy.port)
     from shared.settings import queue_max_delivery_count
 
     broker = start_broker({"syncline-inbound": {"requires_session": True, "lock_duration": 60.0,
@@ -116,7 +126,7 @@ def start_azure_emulators(box: Sandbox) -> None:
     box.broker = broker
     box.env.update({
         "SYNCLINE_RUNTIME": "azure",
-        "SYNCLINE_TABLES__connectionString": azurite.connection_string,
+        "SYNCLINE_TABLES__connectionString": tables,
         "SYNCLINE_SERVICEBUS__connectionString": broker.connection_string,
     })
 

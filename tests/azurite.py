@@ -3,6 +3,8 @@
 Use it as a pytest plugin (`pytest_plugins = ["tests.azurite"]`, or `-p tests.azurite`) for the session
 fixture `azurite_tables_connection_string`; the contract suite's azure-tables builder registers the plugin
 itself when it first needs it. Without pytest: `with running_azurite() as azurite: azurite.connection_string`.
+With `SYNCLINE_EMULATOR_LATENCY_MS` set, the fixture's connection string leads through `sandbox.latency_proxy`,
+which delays every request by that much (a cloud round trip rather than loopback).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from sandbox.latency_proxy import LatencyProxy, latency_from_environment
 from shared.runtime.table_state import azurite_connection_string
 
 #: 3.36+ needs Node >= 21; CI machines have Node 20.
@@ -181,7 +184,15 @@ def azurite_tables_connection_string() -> Iterator[str]:
         azurite.start()
     except AzuriteUnavailableError as error:
         pytest.fail(str(error), pytrace=False)
+    proxy: LatencyProxy | None = None
     try:
-        yield azurite.connection_string
+        latency = latency_from_environment()
+        if latency > 0:
+            proxy = LatencyProxy(azurite.port, latency_ms=latency).start()
+            yield azurite_connection_string(proxy.port, HOST)
+        else:
+            yield azurite.connection_string
     finally:
+        if proxy is not None:
+            proxy.stop()
         azurite.stop()

@@ -17,6 +17,12 @@ One proton `Container` runs in a daemon thread and owns every entity; other thre
   `session-lock-lost`;
 * `<entity>/$management` request/response operations, status in the `statusCode` application property.
 
+Latency (`start_broker(latency_ms=...)`, `BrokerHandle.latency_ms`, or `SYNCLINE_EMULATOR_LATENCY_MS`; 0 by
+default): every operation a client waits for is answered that much later, as a cloud round trip would be, without
+holding up other clients: a link attach (a session accept included), a transfer in (a send, a batch counting
+once; a CBS put-token; a management request), a flow (a receive: deliveries wait for it), a settlement echo and a
+detach echo. `BrokerHandle.operations()` counts them by kind (connections are counted, not delayed).
+
 Deviations from Service Bus, on purpose: the clock can be moved forward (`BrokerHandle.advance`), so that
 tests of lock expiry and schedules need not sleep; a receive link without a session filter on a session
 entity is accepted but never delivers (Service Bus refuses it; the Python SDK opens its receive link even
@@ -34,6 +40,7 @@ import socket
 import threading
 import time
 import uuid
+from collections import Counter, deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from typing import Any, TypeVar
@@ -59,6 +66,7 @@ from proton import (
 )
 from proton.reactor import ApplicationEvent, Container, EventInjector
 
+from sandbox.latency_proxy import check_latency, latency_from_environment
 from tests.sbbroker.entities import (
     Consumer,
     LockLost,
@@ -106,6 +114,8 @@ class _Consumer(Consumer):
         self.requested_session = session_id
         self.pending_until = pending_until
         self.attached = False
+        self.ready_at = 0.0
+        """Monotonic time before which nothing is delivered: a flow's round trip under latency."""
 
 
 def _ms(seconds: float) -> timestamp:
@@ -155,12 +165,30 @@ def _is_encoded_message(raw: bytes) -> bool:
     return len(raw) > 3 and raw[0] == 0x00 and raw[1] == 0x53 and raw[2] in _SECTION_CODES
 
 
+class _DelayTimer(Handler):
+    """Wakes the broker when its oldest delayed operation is due (the broker's own timer is its 20 ms tick)."""
+
+    def __init__(self, broker: _Broker) -> None:
+        super().__init__()
+        self.broker = broker
+
+    def on_timer_task(self, event: Event) -> None:
+        self.broker.run_due()
+
+
 class _Broker(Handler):
     """The proton event handler: every callback runs on the broker thread."""
 
-    def __init__(self, clock: BrokerClock) -> None:
+    def __init__(self, clock: BrokerClock, latency_seconds: float = 0.0) -> None:
         super().__init__()
         self.clock = clock
+        self.latency = latency_seconds
+        self.operations: Counter[str] = Counter()
+        # One constant delay makes due times non-decreasing: a FIFO keeps operations in arrival order (a send
+        # and the settlement after it never swap), which a heap of equal deadlines would not promise.
+        self.delayed: deque[tuple[float, Callable[[], None]]] = deque()
+        self.delay_timer = _DelayTimer(self)
+        self.container: Any = None
         self.queues: dict[str, Queue] = {}
         self.consumers: list[_Consumer] = []
         self.calls: queue.Queue[tuple[Callable[[], Any], Future[Any]]] = queue.Queue()
@@ -171,6 +199,7 @@ class _Broker(Handler):
     # ---------------------------------------------------------------------------------- cross-thread
 
     def on_reactor_init(self, event: Event) -> None:
+        self.container = event.container
         event.container.selectable(self.injector)
         event.container.schedule(_TICK_SECONDS, self)
 
@@ -187,6 +216,31 @@ class _Broker(Handler):
         self.pump()
         event.container.schedule(_TICK_SECONDS, self)
 
+    # -------------------------------------------------------------------------------------- latency
+
+    def later(self, operation: str, action: Callable[[], None]) -> None:
+        """Count one operation and perform `action` (its answer) one latency from now; at once without one."""
+        self.operations[operation] += 1
+        if self.latency <= 0:
+            action()
+            return
+        due = time.monotonic() + self.latency
+        if not self.delayed:
+            self.container.schedule(self.latency, self.delay_timer)
+        self.delayed.append((due, action))
+
+    def run_due(self) -> None:
+        now = time.monotonic()
+        while self.delayed and self.delayed[0][0] <= now:
+            _, action = self.delayed.popleft()
+            try:
+                action()
+            except Exception:  # one client's vanished link must not stop the others' answers
+                _LOG.exception("a delayed broker operation failed")
+        if self.delayed:
+            self.container.schedule(max(self.delayed[0][0] - now, 0.0), self.delay_timer)
+        self.pump()
+
     # ---------------------------------------------------------------------------------- connections
 
     def on_connection_bound(self, event: Event) -> None:
@@ -195,6 +249,7 @@ class _Broker(Handler):
         sasl = event.transport.sasl()
         sasl.allowed_mechs("ANONYMOUS")
         self.connections.append(event.connection)
+        self.operations["connect"] += 1
 
     def on_connection_remote_open(self, event: Event) -> None:
         if event.connection.state & Endpoint.LOCAL_UNINIT:
@@ -227,7 +282,11 @@ class _Broker(Handler):
 
     def on_link_remote_open(self, event: Event) -> None:
         link = event.link
-        if not link.state & Endpoint.LOCAL_UNINIT:
+        if link.state & Endpoint.LOCAL_UNINIT:
+            self.later("attach", lambda: self._attach(link))
+
+    def _attach(self, link: Link) -> None:
+        if not link.state & Endpoint.LOCAL_UNINIT or link.state & Endpoint.REMOTE_CLOSED:
             return
         link.source.copy(link.remote_source)
         link.target.copy(link.remote_target)
@@ -308,10 +367,11 @@ class _Broker(Handler):
         link.open()
 
     def on_link_remote_close(self, event: Event) -> None:
-        consumer = getattr(event.link, "sb_consumer", None)
+        link = event.link
+        consumer = getattr(link, "sb_consumer", None)
         if consumer is not None:
             self._forget(consumer, self.clock.now())
-        event.link.close()
+        self.later("detach", lambda: None if link.state & Endpoint.LOCAL_CLOSED else link.close())
 
     on_link_remote_detach = on_link_remote_close
 
@@ -322,7 +382,14 @@ class _Broker(Handler):
 
     def on_link_flow(self, event: Event) -> None:
         consumer = getattr(event.link, "sb_consumer", None)
-        if consumer is not None:
+        if consumer is None:
+            return
+        if self.latency > 0:
+            # a receive: what its credit brings arrives one round trip later
+            consumer.ready_at = time.monotonic() + self.latency
+            self.later("receive", lambda: self._feed(consumer, self.clock.now()))
+        else:
+            self.operations["receive"] += 1
             self._feed(consumer, self.clock.now())
 
     # ------------------------------------------------------------------------------------ deliveries
@@ -338,7 +405,7 @@ class _Broker(Handler):
 
     def _feed(self, consumer: _Consumer, now: float) -> None:
         link = consumer.link
-        if not consumer.attached or link.state & Endpoint.LOCAL_CLOSED:
+        if not consumer.attached or link.state & Endpoint.LOCAL_CLOSED or consumer.ready_at > time.monotonic():
             return
         while link.credit > 0:
             message = consumer.queue.next_for(consumer, now)
@@ -385,22 +452,43 @@ class _Broker(Handler):
         while (chunk := link.recv(1 << 16)) is not None and chunk:
             chunks.append(chunk)
         link.advance()
+        if link.credit < _CREDIT // 2:
+            link.flow(_CREDIT - link.credit)
         path = _entity_path(link.remote_target.address)
         try:
             messages = split_messages(b"".join(chunks))
+        except (ValueError, KeyError) as exc:
+            problem = exc  # `exc` is unbound after the handler; the delayed answer needs it
+            self.later("send", lambda: self._answer(delivery, problem))
+            return
+        if path == "$cbs":
+            operation = "cbs"
+        elif path.endswith(MANAGEMENT_SUFFIX):
+            operation = "management:" + str((messages[0].properties or {}).get("operation", "")).split(":")[-1]
+        else:
+            operation = "send"
+        self.later(operation, lambda: self._apply_incoming(link, delivery, path, messages))
+
+    def _apply_incoming(self, link: Receiver, delivery: Delivery, path: str, messages: list[Message]) -> None:
+        try:
             if path == "$cbs":
                 self._reply(link, messages[0], {"status-code": int32(202), "status-description": "Accepted"})
             elif path.endswith(MANAGEMENT_SUFFIX):
                 self._management(link, path[: -len(MANAGEMENT_SUFFIX)], messages[0])
             else:
                 self._enqueue(path, messages)
-            delivery.update(Delivery.ACCEPTED)
         except (ValueError, KeyError) as exc:
-            delivery.local.condition = _error("com.microsoft:argument-error", str(exc))
+            self._answer(delivery, exc)
+            return
+        self._answer(delivery, None)
+
+    def _answer(self, delivery: Delivery, problem: Exception | None) -> None:
+        if problem is None:
+            delivery.update(Delivery.ACCEPTED)
+        else:
+            delivery.local.condition = _error("com.microsoft:argument-error", str(problem))
             delivery.update(Delivery.REJECTED)
         delivery.settle()
-        if link.credit < _CREDIT // 2:
-            link.flow(_CREDIT - link.credit)
         self.pump()
 
     def _enqueue(self, path: str, messages: list[Message]) -> list[int]:
@@ -427,7 +515,7 @@ class _Broker(Handler):
             if delivery.settled:
                 delivery.settle()
             return
-        if delivery.local_state:  # settled by us already
+        if delivery.local_state or getattr(delivery, "sb_settling", False):  # settled by us, or about to be
             return
         remote = delivery.remote
         outcome = {
@@ -443,6 +531,12 @@ class _Broker(Handler):
             info = {str(k): v for k, v in dict(remote.condition.info or {}).items()}
             reason = str(info.get("DeadLetterReason") or "")
             description = str(info.get("DeadLetterErrorDescription") or remote.condition.description or "")
+        delivery.sb_settling = True
+        self.later("settle", lambda: self._apply_settlement(consumer, delivery, token, outcome, reason, description))
+
+    def _apply_settlement(self, consumer: _Consumer, delivery: Delivery, token: uuid.UUID, outcome: str,
+                          reason: str, description: str) -> None:
+        remote = delivery.remote
         try:
             consumer.queue.settle(token, outcome, self.clock.now(), reason=reason, description=description)
         except (LockLost, ValueError) as exc:
@@ -662,6 +756,23 @@ class BrokerHandle:
         entity = Queue(name.lower(), QueueSettings(**settings))
         self._call(lambda: self._broker.queues.__setitem__(entity.name, entity))
 
+    @property
+    def latency_ms(self) -> float:
+        """Milliseconds added to each operation (see the module docstring); settable while running."""
+        return self._broker.latency * 1000
+
+    @latency_ms.setter
+    def latency_ms(self, value: float) -> None:
+        seconds = check_latency(value) / 1000
+
+        def set_latency() -> None:
+            self._broker.latency = seconds
+        self._call(set_latency)
+
+    def operations(self) -> dict[str, int]:
+        """Operations served so far, by kind (`send`, `receive`, `settle`, `attach`, `management:<op>`, ...)."""
+        return self._call(lambda: dict(self._broker.operations))
+
     def advance(self, seconds: float) -> None:
         """Move the broker's clock forward: locks expire and schedules come due without waiting."""
         def move() -> None:
@@ -679,9 +790,13 @@ class BrokerHandle:
             raise RuntimeError(f"the test broker did not stop within {timeout} s")
 
 
-def start_broker(queues: Mapping[str, Mapping[str, Any]] | None = None, *, host: str = "127.0.0.1") -> BrokerHandle:
-    """Start a broker on `host` and a free port, with `queues` ({name: QueueSettings fields}) created."""
-    broker = _Broker(BrokerClock())
+def start_broker(queues: Mapping[str, Mapping[str, Any]] | None = None, *, host: str = "127.0.0.1",
+                 latency_ms: float | None = None) -> BrokerHandle:
+    """Start a broker on `host` and a free port, with `queues` ({name: QueueSettings fields}) created.
+
+    `latency_ms` is added to every operation; None reads `SYNCLINE_EMULATOR_LATENCY_MS` (unset: none)."""
+    latency = latency_from_environment() if latency_ms is None else check_latency(latency_ms)
+    broker = _Broker(BrokerClock(), latency / 1000)
     for name, settings in (queues or {}).items():
         broker.queues[name.lower()] = Queue(name.lower(), QueueSettings(**settings))
     container = Container(broker)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from azure.servicebus import NEXT_AVAILABLE_SESSION, ServiceBusMessage
@@ -16,7 +18,7 @@ from shared.core.envelope import QueueMessage
 from shared.core.ports import QueueDepth
 from shared.runtime.servicebus_queue import ServiceBusQueue
 from shared.runtime.sqlite_queue import MAX_DELIVERY_EXCEEDED, LockLostBatchError
-from tests.sbbroker import BrokerHandle, start_broker
+from tests.sbbroker import LATENCY_VARIABLE, BrokerHandle, latency_from_environment, start_broker
 
 
 @pytest.fixture(scope="module")
@@ -100,3 +102,73 @@ async def test_unknown_entities_and_sessionless_sends_to_session_queues_are_refu
         with pytest.raises(ServiceBusError):
             async with client.get_queue_sender("missing") as sender:
                 await sender.send_messages(ServiceBusMessage(b"x"))
+
+
+LATENCY_MS = 50.0
+OPERATIONS = 12
+
+
+async def _timed_sends_and_completes(handle: BrokerHandle) -> tuple[float, float]:
+    """Seconds taken by OPERATIONS sequential sends, then by OPERATIONS sequential completes."""
+    handle.create_queue("timed", lock_duration=60)
+    async with ServiceBusClient.from_connection_string(handle.connection_string) as client:
+        async with client.get_queue_sender("timed") as sender:
+            started = time.perf_counter()
+            for n in range(OPERATIONS):
+                await sender.send_messages(ServiceBusMessage(f"m{n}"))
+            sent = time.perf_counter() - started
+        async with client.get_queue_receiver("timed") as receiver:
+            received: list[Any] = []
+            while len(received) < OPERATIONS:
+                received += await receiver.receive_messages(OPERATIONS, max_wait_time=5)
+            started = time.perf_counter()
+            for item in received:
+                await receiver.complete_message(item)
+            completed = time.perf_counter() - started
+    return sent, completed
+
+
+async def test_the_latency_knob_delays_every_operation() -> None:
+    handle = start_broker(latency_ms=LATENCY_MS)
+    try:
+        assert handle.latency_ms == LATENCY_MS
+        async with asyncio.timeout(60):
+            sent, completed = await _timed_sends_and_completes(handle)
+        operations = handle.operations()
+    finally:
+        handle.stop()
+    # a lower bound only: the knob must cost at least its delay per operation (not a speed claim)
+    assert sent >= OPERATIONS * LATENCY_MS / 1000
+    assert completed >= OPERATIONS * LATENCY_MS / 1000
+    assert operations["send"] == OPERATIONS
+    assert operations["settle"] == OPERATIONS
+    assert min(operations["receive"], operations["cbs"]) >= 1
+    assert operations["attach"] >= 2
+
+
+async def test_the_latency_knob_is_off_by_default_and_read_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv(LATENCY_VARIABLE, raising=False)
+    handle = start_broker()
+    try:
+        assert handle.latency_ms == 0.0
+        async with asyncio.timeout(60):
+            sent, completed = await _timed_sends_and_completes(handle)
+        assert handle.operations()["send"] == OPERATIONS  # counted even without a delay
+    finally:
+        handle.stop()
+    assert sent + completed < 2 * OPERATIONS * LATENCY_MS / 1000  # what the knob at 50 ms would cost at least
+
+    monkeypatch.setenv(LATENCY_VARIABLE, "7.5")
+    assert latency_from_environment() == 7.5
+    handle = start_broker()
+    try:
+        assert handle.latency_ms == 7.5
+        handle.latency_ms = 0
+        assert handle.latency_ms == 0.0
+    finally:
+        handle.stop()
+    monkeypatch.setenv(LATENCY_VARIABLE, "fast")
+    with pytest.raises(ValueError, match=LATENCY_VARIABLE):
+        start_broker()
