@@ -81,7 +81,10 @@ class _Session:
     pending: list[ServiceBusReceivedMessage] = field(default_factory=list)
     """Received from the broker but not handed out: behind a record still being worked, or past the budget."""
     drained: bool = False
-    """Its last read brought nothing: not read again; closed once nothing it delivered is outstanding."""
+    """Its last read brought fewer than asked: not read again; closed once nothing of it is outstanding."""
+    released: list[str | None] = field(default_factory=list)
+    """Record sessions of messages abandoned while others were outstanding: released when it closes (their
+    records wait until then)."""
 
 
 class ServiceBusQueue:
@@ -96,11 +99,11 @@ class ServiceBusQueue:
     Sessions (`sessions=True`, for a session-enabled queue; docs/sessions.md explains the choice). A message's
     own session id (the record's) is carried in the `SESSION_PROPERTY` application property, and its Service
     Bus session is a bucket, a stable hash of it (`session_bucket`, `session_buckets` of them), so one accept
-    brings the messages of many records. A message without a session goes to the bucket of its message id
-    and reads back with `session_id=None`: ordered against nothing. `session_buckets=0` sends the shape of
-    earlier releases, one Service Bus session per record (messages without one get a session of their own,
-    `SESSIONLESS_PREFIX` + a random id); messages in that shape, or any other, are received alike, so a queue
-    filled by an earlier release drains after an upgrade.
+    brings the messages of many records. A session-enabled queue refuses messages without a session id, so
+    such a message gets a session of its own (`SESSIONLESS_PREFIX` + a random id) and reads back with
+    `session_id=None`: like on the embedded queue it is ordered against nothing. `session_buckets=0` sends
+    the shape of earlier releases, one Service Bus session per record; messages in that shape, or any other,
+    are received alike, so a queue filled by an earlier release drains after an upgrade.
 
     `receive` reuses the sessions it holds (one receiver, one connection each) and accepts further ones
     (`NEXT_AVAILABLE_SESSION`) while fewer than `max_concurrent_sessions` are being read, until it has
@@ -259,10 +262,9 @@ class ServiceBusQueue:
         properties: dict[str, Any] = dict(message.application_properties)
         if SESSION_PROPERTY in properties:
             raise ValueError(f"the application property {SESSION_PROPERTY!r} is reserved")
-        if self.sessions and self.session_buckets:
-            if session_id is not None:
-                properties[SESSION_PROPERTY] = session_id
-            session_id = session_bucket(session_id or message.message_id, self.session_buckets)
+        if self.sessions and self.session_buckets and session_id is not None:
+            properties[SESSION_PROPERTY] = session_id
+            session_id = session_bucket(session_id, self.session_buckets)
         elif session_id is None and self.sessions:
             session_id = f"{SESSIONLESS_PREFIX}{uuid.uuid4().hex}"
         return ServiceBusMessage(
@@ -300,26 +302,25 @@ class ServiceBusQueue:
         # Held sessions are read first (no accept, no new connection); further sessions are accepted only
         # while fewer than the bound are being read. Reads of several sessions run concurrently.
         await self._refresh_idle()
-        busy = {key for key, count in self._busy.items() if count > 0}
         waited = False
-        while (short := max_messages - self._ready(busy, max_messages)) > 0:
+        while (short := max_messages - len(self._eligible(max_messages))) > 0:
             readers = [s for s in self._sessions.values() if not s.drained and len(s.pending) < _PENDING_CAP]
             if readers and await self._read(readers, -(-short // len(readers))):
                 continue
             reading = sum(1 for s in self._sessions.values() if not s.drained)
-            slots = self.max_concurrent_sessions - reading
+            slots = min(self.max_concurrent_sessions - reading, short)
             if slots <= 0:
                 break  # every slot holds a session that still has messages, behind records being worked
             # When the caller waits longer than a probe does, one session first takes that wait (the rest
             # would all wait it out), then further ones are probed.
-            long = wait > self._wait and not waited and self._ready(busy, 1) == 0
+            long = wait > self._wait and not waited and not self._eligible(1)
             waited = waited or long
             accepted = await self._accept_sessions(client, 1 if long else slots, wait if long else self._wait)
             if not accepted:
                 break
             for receiver in accepted:
                 self._adopt(receiver)
-        return self._hand_out(busy, max_messages)
+        return self._hand_out(max_messages)
 
     async def _refresh_idle(self) -> None:
         """Renew the sessions nobody renewed since the last receive (nothing of theirs is outstanding)."""
@@ -352,22 +353,21 @@ class ServiceBusQueue:
                 self._lose(session)
                 if not isinstance(result, _LOCK_LOST):
                     failure = failure or result
-            elif result:
-                session.pending.extend(result)
-                progressed = True
             else:
-                session.drained = True
-                if not session.outstanding and not session.pending:
+                session.pending.extend(result)
+                progressed = progressed or bool(result)
+                # Fewer than asked: the session had no more for now (a read of an empty one would only wait).
+                session.drained = len(result) < budget
+                if session.drained and not session.outstanding and not session.pending:
                     self._close_session(session)
         if failure is not None:
             raise failure
         return progressed
 
-    def _ready(self, busy: set[str], limit: int) -> int:
-        return len(self._eligible(busy, limit))
-
-    def _eligible(self, busy: set[str], limit: int) -> list[tuple[ServiceBusReceivedMessage, _Session]]:
+    def _eligible(self, limit: int) -> list[tuple[ServiceBusReceivedMessage, _Session]]:
         """Pending messages that may be handed out, oldest first: none behind a busy or held-back record."""
+        busy = {key for key, count in self._busy.items() if count > 0}
+        busy.update(key for s in self._sessions.values() for key in s.released if key is not None)
         candidates = sorted(((m, s) for s in self._sessions.values() for m in s.pending),
                             key=lambda pair: pair[0].sequence_number or 0)
         held_back: set[str] = set()
@@ -381,8 +381,8 @@ class ServiceBusQueue:
             out.append((message, session))
         return out
 
-    def _hand_out(self, busy: set[str], max_messages: int) -> list[ReceivedMessage]:
-        chosen = self._eligible(busy, max_messages)
+    def _hand_out(self, max_messages: int) -> list[ReceivedMessage]:
+        chosen = self._eligible(max_messages)
         taken = {id(m) for m, _ in chosen}
         for session in {id(s): s for _, s in chosen}.values():
             session.pending = [m for m in session.pending if id(m) not in taken]
@@ -484,10 +484,11 @@ class ServiceBusQueue:
     async def abandon(self, message: ReceivedMessage) -> None:
         """Release the lock; Service Bus redelivers the message (or dead-letters it at the max count).
 
-        A session message that is the last one outstanding on its session is released with the session: its
-        receiver detaches, which frees the session (for any process) and releases its unsettled messages (a
-        delivery counted once). Otherwise it is abandoned on the session's link, which hands it straight back
-        to that link: the next `receive` reads it again, behind nothing of its record.
+        A session message is released with its session: when nothing else the session delivered is
+        outstanding, its receiver detaches, which frees the session (for any process) and releases its
+        unsettled messages (a delivery counted once, as an abandon); until then the message stays locked, and
+        its record's later messages wait. (Abandoning on the session's link instead would hand the message
+        straight back to that link, locking and counting it once more if the link is closed before reading it.)
         """
         await self._abandon_group([message])
 
@@ -495,7 +496,7 @@ class ServiceBusQueue:
         """Abandon messages of one receiver (the caller groups them); `LockLostError` on the first lost lock."""
         helds = [self._lookup(m) for m in messages]
         session = self._sessions.get(helds[0].receiver)
-        if session is None or not session.outstanding <= {m.lock_token for m in messages}:
+        if session is None:
             for message, held in zip(messages, helds, strict=True):
                 await self._settle(message, held.receiver.abandon_message(held.message))
             return
@@ -504,9 +505,9 @@ class ServiceBusQueue:
         except _LOCK_LOST as exc:
             self._lose(session)
             raise LockLostError(f"lock lost for message {messages[0].sequence_number}: {exc}") from exc
+        session.released.extend(held.logical for held in helds)
         for message in messages:
             self._forget(message.lock_token)
-        self._close_session(session)
 
     async def dead_letter(self, message: ReceivedMessage, *, reason: str, description: str) -> None:
         """Move the message to the DLQ; a message received from the DLQ cannot be (`ValueError`)."""
@@ -637,7 +638,7 @@ class ServiceBusQueue:
         if session is None:
             return
         session.outstanding.discard(token)
-        if session.drained and not session.outstanding and not session.pending:
+        if not session.outstanding and (session.released or (session.drained and not session.pending)):
             self._close_session(session)
 
     def _lost(self, token: str, *, session_lost: bool) -> None:
