@@ -8,6 +8,7 @@ import json
 import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -227,3 +228,61 @@ def test_the_bucket_of_a_record_is_stable_and_spread() -> None:
     assert session_bucket("k-\ud800", 64).startswith(f"{BUCKET_PREFIX}64:")  # lone surrogates hash too
     spread = {session_bucket(f"dataverse:dot_signassets:{n}", 64) for n in range(2000)}
     assert len(spread) == 64
+
+
+async def test_a_drain_works_past_a_failing_record_in_its_bucket_and_releases_its_sessions_at_the_end(
+    queues: Queues, tmp_path: Path,
+) -> None:
+    for max_messages in (2, None):  # a drain cut short (its session still full), then one past a failure
+        await _drain_past_a_failing_record(queues, tmp_path / str(max_messages), max_messages)
+
+
+async def _drain_past_a_failing_record(queues: Queues, tmp_path: Path, max_messages: int | None) -> None:
+    from shared.core.controller import Controller
+    from shared.core.engine import SyncEngine
+    from shared.core.envelope import ChangeEnvelope
+    from shared.core.errors import TransientError
+    from shared.runtime.sqlite_state import SqliteStateStore
+    from tests.fakes import FakeSystem
+    from tests.unit.test_engine import SPEC, T0, sign_payload
+
+    queue = queues.make(session_buckets=1)  # the failing record shares its bucket with every other one
+    tmp_path.mkdir()
+    state = SqliteStateStore(tmp_path / "state.db")
+    dv, ag = FakeSystem("dataverse"), FakeSystem("arcgis", key_style="globalid")
+    keys = [f"5160000{n}-0000-0000-0000-000000000000" for n in range(6)]
+    for n, key in enumerate(keys):
+        dv.put("dot_signassets", key, sign_payload(dot_signassetid=key, dot_assettag=f"SGN-{n:06d}"))
+    if max_messages is None:
+        ag.fail_match[keys[0]] = TransientError("arcgis answered 503")  # type: ignore[assignment]
+    systems = {"dataverse": dv, "arcgis": ag}
+    controller = Controller(SPEC, engine=SyncEngine(SPEC, sinks=systems, sources=systems, state=state), queue=queue,
+                            state=state, sources=systems, max_attempts=3, batch_size=2)
+    try:
+        for n, key in enumerate(keys):  # the failing change first, then the others behind it in the bucket
+            await queue.send([ChangeEnvelope(
+                flow="sign_assets_to_field", operation="upsert", source_system="dataverse",
+                source_table="dot_signassets", source_key=key, source_modified=T0,
+                payload=sign_payload(dot_signassetid=key, dot_assettag=f"SGN-{n:06d}")).to_message()])
+
+        if max_messages is not None:
+            report = await controller.drain(max_messages=max_messages)
+            await asyncio.gather(*queue._closing)
+            assert report.received == max_messages
+            assert queues.locked_sessions(queue) == 0  # released at the end of the drain: any instance may take it
+            await controller.drain()
+            assert (await queue.depth()).active == 0
+            return
+        report = await controller.drain()
+        await asyncio.gather(*queue._closing)
+
+        assert report.statuses == {"written": 5, "failed": 1}, report
+        assert report.retried == 1
+        assert {row["DV_ID"] for row in ag.tables["SignAssets"].values()} == set(keys[1:])
+        assert queues.locked_sessions(queue) == 0  # released at the end of the drain: any instance may take it
+        [again] = await queue.receive(10)
+        assert again.application_properties["key"] == keys[0]
+        assert again.delivery_count == 2  # one delivery for the one failed attempt, none for the batch rounds
+        await queue.abandon(again)
+    finally:
+        await state.close()
