@@ -73,6 +73,16 @@ param maxDeliveryCount int = 10
 @maxValue(300)
 param lockSeconds int = 60
 
+@description('SYNCLINE_SESSION_BUCKETS: Service Bus sessions the records are hashed into (0: one per record); see docs/sessions.md.')
+@minValue(0)
+@maxValue(4096)
+param sessionBuckets int = 64
+
+@description('SYNCLINE_MAX_CONCURRENT_SESSIONS: Service Bus sessions a controller reads at once.')
+@minValue(1)
+@maxValue(64)
+param maxConcurrentSessions int = 8
+
 @description('SYNCLINE_INLINE_RETRIES: short retries of a direct write before it goes to the queue.')
 @minValue(0)
 @maxValue(5)
@@ -317,6 +327,8 @@ module functionApp 'modules/functionapp.bicep' = {
     maxDeliveryCount: maxDeliveryCount
     lockSeconds: lockSeconds
     inlineRetries: inlineRetries
+    sessionBuckets: sessionBuckets
+    maxConcurrentSessions: maxConcurrentSessions
     inboundQueueName: serviceBus.outputs.queueName
     tablePrefix: tablePrefix
     dataverseUrl: dataverseUrl

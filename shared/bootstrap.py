@@ -265,15 +265,19 @@ def _azure_runtime(settings: Settings, state: StateStore | None, queue: InboundQ
     if queue is None:
         name = settings.syncline_inbound_queue
         max_count = queue_max_delivery_count(settings.syncline_max_delivery_count)
+        buckets, concurrent = settings.syncline_session_buckets, settings.syncline_max_concurrent_sessions
         if bus.connectionString.get_secret_value():
             queue = ServiceBusQueue.from_connection_string(bus.connectionString.get_secret_value(), name,
-                                                           max_delivery_count=max_count, sessions=True)
+                                                           max_delivery_count=max_count, sessions=True,
+                                                           session_buckets=buckets,
+                                                           max_concurrent_sessions=concurrent)
         elif bus.fullyQualifiedNamespace:
             from azure.identity.aio import DefaultAzureCredential
 
             credential = DefaultAzureCredential()
             queue = ServiceBusQueue.from_namespace(bus.fullyQualifiedNamespace, credential, name,
-                                                   max_delivery_count=max_count, sessions=True)
+                                                   max_delivery_count=max_count, sessions=True,
+                                                   session_buckets=buckets, max_concurrent_sessions=concurrent)
         else:
             raise SpecError("SYNCLINE_RUNTIME=azure needs SYNCLINE_SERVICEBUS__fullyQualifiedNamespace (or a "
                             "connectionString for an emulator)", reason="SPEC_INVALID")

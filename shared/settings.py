@@ -151,6 +151,11 @@ class Settings(BaseSettings):
     count; the queue's own max delivery count is `queue_max_delivery_count` of this, a backstop."""
     syncline_lock_seconds: float = Field(default=60.0, gt=0, le=300)
     """Peek-lock duration of the embedded queue (Service Bus: the queue's LockDuration)."""
+    syncline_session_buckets: int = Field(default=64, ge=0, le=4096)
+    """Service Bus sessions the records are hashed into (docs/sessions.md); 0: one session per record, the shape
+    of releases before it (messages in either shape drain whatever it is)."""
+    syncline_max_concurrent_sessions: int = Field(default=8, ge=1, le=64)
+    """Service Bus sessions (one connection each) a controller reads at once."""
     syncline_inline_retries: int = Field(default=2, ge=0, le=5)
     """Short retries of an outbound direct write before it is scheduled on the queue."""
     syncline_http_timeout_seconds: float = Field(default=30.0, gt=0, le=300)

@@ -55,6 +55,12 @@ param lockSeconds int
 @description('SYNCLINE_INLINE_RETRIES.')
 param inlineRetries int
 
+@description('SYNCLINE_SESSION_BUCKETS.')
+param sessionBuckets int
+
+@description('SYNCLINE_MAX_CONCURRENT_SESSIONS.')
+param maxConcurrentSessions int
+
 @description('SYNCLINE_INBOUND_QUEUE.')
 param inboundQueueName string
 
@@ -284,6 +290,8 @@ resource appSettings 'Microsoft.Web/sites/config@2024-04-01' = {
     SYNCLINE_MAX_DELIVERY_COUNT: string(maxDeliveryCount)
     SYNCLINE_LOCK_SECONDS: string(lockSeconds)
     SYNCLINE_INLINE_RETRIES: string(inlineRetries)
+    SYNCLINE_SESSION_BUCKETS: string(sessionBuckets)
+    SYNCLINE_MAX_CONCURRENT_SESSIONS: string(maxConcurrentSessions)
     SYNCLINE_INBOUND_QUEUE: inboundQueueName
     SYNCLINE_SERVICEBUS__fullyQualifiedNamespace: serviceBusFullyQualifiedNamespace
     SYNCLINE_TABLES__endpoint: storage.properties.primaryEndpoints.table

@@ -47,8 +47,8 @@ PAUSE_THRESHOLD_SECONDS = 60.0
 """Throttling advice at least this long (a spent daily API allocation) pauses the system instead of retrying."""
 """Application property `kind` of a queue message that asks the controller to read a change feed."""
 MAX_HELD = 500
-"""Failed changes a cycle holds (locked) until it ends; past that it ends early. On Service Bus each holds its
-session's receiver, a connection of its own, so the bound keeps them within about one batch's worth."""
+"""Failed changes a cycle holds (locked) until it ends; past that it ends early. On Service Bus each keeps its
+session (bucket) held, and its record's later messages waiting (docs/sessions.md)."""
 STALE_ROUNDS = 3
 """Receives in a row that bring only changes tried already this cycle (lost locks) before the drain stops."""
 
@@ -378,6 +378,7 @@ class Controller:
                 await renewer
             held, self._held, self._in_flight = self._held, [], []
             await self._release(held)
+            await self._release_sessions()
         report.statuses, report.dead_lettered = dict(statuses), dict(dead)
         return report
 
@@ -397,6 +398,16 @@ class Controller:
         except Exception as exc:  # never hide why the cycle ended (this runs in drain's finally)
             log.warning("releasing %d failed changes failed (%s: %s); they come back when their locks expire",
                         len(held), type(exc).__name__, exc)
+
+    async def _release_sessions(self) -> None:
+        """Let other processes take the sessions this cycle held open for its next receive (Service Bus)."""
+        release = getattr(self.queue, "release_sessions", None)
+        if release is None:
+            return
+        try:
+            await release()
+        except Exception as exc:  # never hide why the cycle ended; their locks expire anyway
+            log.warning("releasing the held sessions failed (%s: %s)", type(exc).__name__, exc)
 
     # ------------------------------------------------------------------------------- internals
 

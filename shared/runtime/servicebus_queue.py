@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import uuid
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -32,16 +34,29 @@ from shared.core.ports import LockLostError, QueueDepth
 from shared.runtime.sqlite_queue import MAX_DELIVERY_EXCEEDED, LockLostBatchError
 
 SESSIONLESS_PREFIX = "syncline-sessionless:"
-"""Session ids that stand for "no session" on a session-enabled queue (see `ServiceBusQueue`)."""
+"""Session ids that stand for "no session" on a session-enabled queue (the one-session-per-record shape)."""
+BUCKET_PREFIX = "syncline-bucket:"
+"""Service Bus session ids of buckets: `syncline-bucket:<buckets>:<n>` (see `session_bucket`)."""
+SESSION_PROPERTY = "syncline-session"
+"""Application property that carries a bucketed message's own session id (its record's) on the wire."""
+DEFAULT_SESSION_BUCKETS = 64
+DEFAULT_MAX_CONCURRENT_SESSIONS = 8
 
 _SERVICE_BUS_REASONS = {"MaxDeliveryCountExceeded": MAX_DELIVERY_EXCEEDED}
 """Dead-letter reasons Service Bus itself gives, as the `InboundQueue` port names them."""
 _DEAD_LETTER_PROPERTIES = {"DeadLetterReason", "DeadLetterErrorDescription"}
 _LOCK_LOST = (MessageLockLostError, SessionLockLostError, MessageAlreadySettled)
 _PEEK_PAGE = 250
-_PARALLEL_SESSIONS = 8
+_PENDING_CAP = 500
+"""A session with this many messages received but not handed out is not read further until some are."""
 
 DepthSource = Literal["admin", "peek"]
+
+
+def session_bucket(key: str, buckets: int) -> str:
+    """The Service Bus session (bucket) of `key`: a stable hash, the same in every process and release."""
+    digest = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return f"{BUCKET_PREFIX}{buckets}:{int.from_bytes(digest, 'big') % buckets}"
 
 
 @dataclass(eq=False)
@@ -51,14 +66,25 @@ class _Held:
     message: ServiceBusReceivedMessage
     receiver: ServiceBusReceiver
     dead: bool
+    logical: str | None = None
+    """The message's own session id (the record's), which may share its Service Bus session (its bucket)."""
 
 
 @dataclass(eq=False)
-class _SessionReceiver:
-    """A receiver that holds one session's lock for as long as any message it delivered is unsettled."""
+class _Session:
+    """An accepted session (a bucket): one receiver, reused across receives while it holds the session lock."""
 
     receiver: ServiceBusReceiver
-    tokens: set[str] = field(default_factory=set)
+    session_id: str
+    outstanding: set[str] = field(default_factory=set)
+    """Lock tokens handed out by `receive` and not settled yet."""
+    pending: list[ServiceBusReceivedMessage] = field(default_factory=list)
+    """Received from the broker but not handed out: behind a record still being worked, or past the budget."""
+    drained: bool = False
+    """Its last read brought fewer than asked: not read again; closed once nothing of it is outstanding."""
+    released: list[str | None] = field(default_factory=list)
+    """Record sessions of messages abandoned while others were outstanding: released when it closes (their
+    records wait until then)."""
 
 
 class ServiceBusQueue:
@@ -70,17 +96,25 @@ class ServiceBusQueue:
     and the lock duration are properties of the entity: `max_delivery_count` here only states what the queue
     was created with.
 
-    Sessions (`sessions=True`, for a session-enabled queue): each `receive` accepts the next available session
-    (`NEXT_AVAILABLE_SESSION`), takes its deliverable messages, and goes on with further sessions until it
-    has `max_messages` or none is offered within `session_wait_seconds`; the result is in sequence order.
-    A session stays locked by this queue until every message it delivered is settled (or its lock expires),
-    so while a message of a session is locked no later message of that session is delivered to anyone: that
-    is the per-record ordering guarantee. Messages of one session come in order; there is no order between
-    sessions, and which session Service Bus offers next is its choice. A session-enabled queue refuses
-    messages without a session id, so such a message is sent with a session of its own
-    (`SESSIONLESS_PREFIX` + a random id) and reads back with `session_id=None`: like on the embedded queue it
-    is ordered against nothing. The lock of a session message is its session's lock: `renew_lock` renews the
-    session, and with it every message the session delivered.
+    Sessions (`sessions=True`, for a session-enabled queue; docs/sessions.md explains the choice). A message's
+    own session id (the record's) is carried in the `SESSION_PROPERTY` application property, and its Service
+    Bus session is a bucket, a stable hash of it (`session_bucket`, `session_buckets` of them), so one accept
+    brings the messages of many records. A session-enabled queue refuses messages without a session id, so
+    such a message gets a session of its own (`SESSIONLESS_PREFIX` + a random id) and reads back with
+    `session_id=None`: like on the embedded queue it is ordered against nothing. `session_buckets=0` sends
+    the shape of earlier releases, one Service Bus session per record; messages in that shape, or any other,
+    are received alike, so a queue filled by an earlier release drains after an upgrade.
+
+    `receive` reuses the sessions it holds (one receiver, one connection each) and accepts further ones
+    (`NEXT_AVAILABLE_SESSION`) while fewer than `max_concurrent_sessions` are being read, until it has
+    `max_messages` or none is offered within `session_wait_seconds`; the result is in sequence order. The
+    port's ordering guarantee holds per record session: while a message of a record session is handed out
+    and unsettled, no later message of it is handed out; such later messages are kept under this queue's
+    session lock (pending) until it is settled. A bucket is only ever held by one receiver (Service Bus locks
+    a session to one), so no other process gets a record's later messages either. Sessions with nothing
+    outstanding stay open for the next `receive` (renewed then) until `release_sessions` or `close`.
+    The lock of a session message is its session's lock: `renew_lock` renews the session, and with it every
+    message the session delivered.
 
     `depth()` reads the queue's runtime properties through `ServiceBusAdministrationClient` (needs the
     Manage right). Against the development emulator or the test broker, which serve no
@@ -98,6 +132,8 @@ class ServiceBusQueue:
         admin: ServiceBusAdministrationClient | None = None,
         max_delivery_count: int = 10,
         session_wait_seconds: float = 1.0,
+        session_buckets: int = DEFAULT_SESSION_BUCKETS,
+        max_concurrent_sessions: int = DEFAULT_MAX_CONCURRENT_SESSIONS,
     ) -> None:
         """Prefer `from_connection_string` / `from_namespace`; `session_client` set means sessions are on.
 
@@ -107,9 +143,15 @@ class ServiceBusQueue:
             raise ValueError("max_delivery_count must be at least 1")
         if session_wait_seconds <= 0:
             raise ValueError("session_wait_seconds must be positive")
+        if session_buckets < 0:
+            raise ValueError("session_buckets must be 0 (one session per record) or more")
+        if max_concurrent_sessions < 1:
+            raise ValueError("max_concurrent_sessions must be at least 1")
         self.name = queue_name
         self.max_delivery_count = max_delivery_count
         self.sessions = session_client is not None
+        self.session_buckets = session_buckets
+        self.max_concurrent_sessions = max_concurrent_sessions
         self._client = client
         self._session_client = session_client
         self._admin = admin
@@ -118,7 +160,9 @@ class ServiceBusQueue:
         self._receiver: ServiceBusReceiver | None = None
         self._dead_receiver: ServiceBusReceiver | None = None
         self._held: dict[str, _Held] = {}
-        self._session_receivers: dict[ServiceBusReceiver, _SessionReceiver] = {}
+        self._sessions: dict[ServiceBusReceiver, _Session] = {}
+        self._busy: Counter[str] = Counter()
+        """Record sessions with messages handed out and unsettled (their later messages wait)."""
         self._receive_lock = asyncio.Lock()
         # The SDK's sender is not safe for concurrent use (its link opening races): one send at a time.
         self._send_lock = asyncio.Lock()
@@ -136,6 +180,8 @@ class ServiceBusQueue:
         sessions: bool = False,
         session_wait_seconds: float = 1.0,
         depth_source: DepthSource | None = None,
+        session_buckets: int = DEFAULT_SESSION_BUCKETS,
+        max_concurrent_sessions: int = DEFAULT_MAX_CONCURRENT_SESSIONS,
     ) -> ServiceBusQueue:
         """Connect with a connection string; `UseDevelopmentEmulator=true` selects peek-based `depth()`."""
         emulator = "usedevelopmentemulator=true" in conn_str.replace(" ", "").lower()
@@ -151,6 +197,8 @@ class ServiceBusQueue:
             admin=admin,
             max_delivery_count=max_delivery_count,
             session_wait_seconds=session_wait_seconds,
+            session_buckets=session_buckets,
+            max_concurrent_sessions=max_concurrent_sessions,
         )
 
     @classmethod
@@ -163,6 +211,8 @@ class ServiceBusQueue:
         max_delivery_count: int = 10,
         sessions: bool = False,
         session_wait_seconds: float = 1.0,
+        session_buckets: int = DEFAULT_SESSION_BUCKETS,
+        max_concurrent_sessions: int = DEFAULT_MAX_CONCURRENT_SESSIONS,
     ) -> ServiceBusQueue:
         """Connect with an Entra ID identity (e.g. `azure.identity.aio.DefaultAzureCredential`)."""
         return cls(
@@ -174,6 +224,8 @@ class ServiceBusQueue:
             admin=ServiceBusAdministrationClient(fully_qualified_namespace, credential),
             max_delivery_count=max_delivery_count,
             session_wait_seconds=session_wait_seconds,
+            session_buckets=session_buckets,
+            max_concurrent_sessions=max_concurrent_sessions,
         )
 
     # ------------------------------------------------------------------------------------------ send
@@ -205,9 +257,15 @@ class ServiceBusQueue:
 
     def _outgoing(self, message: QueueMessage) -> ServiceBusMessage:
         session_id = message.session_id
-        if session_id is not None and session_id.startswith(SESSIONLESS_PREFIX):
-            raise ValueError(f"session ids starting with {SESSIONLESS_PREFIX!r} are reserved")
-        if session_id is None and self.sessions:
+        if session_id is not None and session_id.startswith((SESSIONLESS_PREFIX, BUCKET_PREFIX)):
+            raise ValueError(f"session ids starting with {SESSIONLESS_PREFIX!r} or {BUCKET_PREFIX!r} are reserved")
+        properties: dict[str, Any] = dict(message.application_properties)
+        if SESSION_PROPERTY in properties:
+            raise ValueError(f"the application property {SESSION_PROPERTY!r} is reserved")
+        if self.sessions and self.session_buckets and session_id is not None:
+            properties[SESSION_PROPERTY] = session_id
+            session_id = session_bucket(session_id, self.session_buckets)
+        elif session_id is None and self.sessions:
             session_id = f"{SESSIONLESS_PREFIX}{uuid.uuid4().hex}"
         return ServiceBusMessage(
             message.body,
@@ -215,7 +273,7 @@ class ServiceBusQueue:
             session_id=session_id,
             correlation_id=message.correlation_id,
             content_type=message.content_type,
-            application_properties=dict(message.application_properties),  # type: ignore[arg-type]
+            application_properties=properties,  # type: ignore[arg-type]
         )
 
     async def _get_sender(self) -> ServiceBusSender:
@@ -235,31 +293,100 @@ class ServiceBusQueue:
                 receiver = await self._open(self._main_receiver())
                 got = await receiver.receive_messages(max_message_count=max_messages, max_wait_time=wait)
             return [self._hold(m, receiver, dead=False) for m in got]
-        return await self._receive_sessions(self._session_client, max_messages, wait)
+        async with self._receive_lock:
+            return await self._receive_sessions(self._session_client, max_messages, wait)
 
     async def _receive_sessions(
         self, client: ServiceBusClient, max_messages: int, wait: float
     ) -> list[ReceivedMessage]:
-        # Opening a session receiver costs the SDK a connection of its own (and closing one up to a second),
-        # so sessions are accepted several at a time. When the caller waits longer than a probe does, one
-        # session first takes that wait (the rest would all wait it out), then further ones are probed.
-        received: list[ReceivedMessage] = []
-        asked = 1 if wait > self._wait else min(max_messages, _PARALLEL_SESSIONS)
-        accepted = await self._accept_sessions(client, asked, wait)
-        while accepted:
+        # Held sessions are read first (no accept, no new connection); further sessions are accepted only
+        # while fewer than the bound are being read. Reads of several sessions run concurrently.
+        await self._refresh_idle()
+        waited = False
+        while (short := max_messages - len(self._eligible(max_messages))) > 0:
+            readers = [s for s in self._sessions.values() if not s.drained and len(s.pending) < _PENDING_CAP]
+            if readers and await self._read(readers, -(-short // len(readers))):
+                continue
+            reading = sum(1 for s in self._sessions.values() if not s.drained)
+            slots = min(self.max_concurrent_sessions - reading, short)
+            if slots <= 0:
+                break  # every slot holds a session that still has messages, behind records being worked
+            # When the caller waits longer than a probe does, one session first takes that wait (the rest
+            # would all wait it out), then further ones are probed.
+            long = wait > self._wait and not waited and not self._eligible(1)
+            waited = waited or long
+            accepted = await self._accept_sessions(client, 1 if long else slots, wait if long else self._wait)
+            if not accepted:
+                break
             for receiver in accepted:
-                budget = max_messages - len(received)
-                got = await self._first_messages(receiver, budget) if budget > 0 else []
-                if not got:  # no budget left, or the session emptied between being offered and being read
-                    self._close_later(receiver)
-                    continue
-                self._session_receivers[receiver] = _SessionReceiver(receiver)
-                received.extend(self._hold(m, receiver, dead=False) for m in got)
-            if len(accepted) < asked or len(received) >= max_messages:
-                break  # sessions ran out, or the batch is full
-            asked = min(max_messages - len(received), _PARALLEL_SESSIONS)
-            accepted = await self._accept_sessions(client, asked, self._wait)
-        return sorted(received, key=lambda m: m.sequence_number)
+                self._adopt(receiver)
+        return self._hand_out(max_messages)
+
+    async def _refresh_idle(self) -> None:
+        """Renew the sessions nobody renewed since the last receive (nothing of theirs is outstanding)."""
+        idle = [s for s in self._sessions.values() if not s.outstanding]
+
+        async def renew(session: _Session) -> None:
+            try:
+                await session.receiver.session.renew_lock()
+            except _LOCK_LOST:
+                self._lose(session)
+
+        await asyncio.gather(*(renew(s) for s in idle))
+
+    def _adopt(self, receiver: ServiceBusReceiver) -> None:
+        session_id = str(receiver.session.session_id)
+        for stale in [s for s in self._sessions.values() if s.session_id == session_id]:
+            self._lose(stale)  # Service Bus gave its session to us again: that receiver's lock is gone
+        self._sessions[receiver] = _Session(receiver, session_id)
+
+    async def _read(self, readers: list[_Session], budget: int) -> bool:
+        """Read up to `budget` more messages from each of `readers` at once; True if any brought some."""
+        results = await asyncio.gather(
+            *(s.receiver.receive_messages(max_message_count=budget, max_wait_time=self._wait) for s in readers),
+            return_exceptions=True,
+        )
+        progressed = False
+        failure: BaseException | None = None
+        for session, result in zip(readers, results, strict=True):
+            if isinstance(result, BaseException):
+                self._lose(session)
+                if not isinstance(result, _LOCK_LOST):
+                    failure = failure or result
+            else:
+                session.pending.extend(result)
+                progressed = progressed or bool(result)
+                # Fewer than asked: the session had no more for now (a read of an empty one would only wait).
+                session.drained = len(result) < budget
+                if session.drained and not session.outstanding and not session.pending:
+                    self._close_session(session)
+        if failure is not None:
+            raise failure
+        return progressed
+
+    def _eligible(self, limit: int) -> list[tuple[ServiceBusReceivedMessage, _Session]]:
+        """Pending messages that may be handed out, oldest first: none behind a busy or held-back record."""
+        busy = {key for key, count in self._busy.items() if count > 0}
+        busy.update(key for s in self._sessions.values() for key in s.released if key is not None)
+        candidates = sorted(((m, s) for s in self._sessions.values() for m in s.pending),
+                            key=lambda pair: pair[0].sequence_number or 0)
+        held_back: set[str] = set()
+        out: list[tuple[ServiceBusReceivedMessage, _Session]] = []
+        for message, session in candidates:
+            key = _own_session(message)
+            if len(out) >= limit or (key is not None and (key in busy or key in held_back)):
+                if key is not None:
+                    held_back.add(key)  # nothing later of that record may overtake it
+                continue
+            out.append((message, session))
+        return out
+
+    def _hand_out(self, max_messages: int) -> list[ReceivedMessage]:
+        chosen = self._eligible(max_messages)
+        taken = {id(m) for m, _ in chosen}
+        for session in {id(s): s for _, s in chosen}.values():
+            session.pending = [m for m in session.pending if id(m) not in taken]
+        return [self._hold(m, s.receiver, dead=False) for m, s in chosen]
 
     async def _accept_sessions(self, client: ServiceBusClient, count: int, wait: float) -> list[ServiceBusReceiver]:
         """Accept up to `count` sessions at once; fewer (or none) when no more are offered within `wait`."""
@@ -288,12 +415,32 @@ class ServiceBusQueue:
             raise failure
         return accepted
 
-    async def _first_messages(self, receiver: ServiceBusReceiver, budget: int) -> list[ServiceBusReceivedMessage]:
-        try:
-            return await receiver.receive_messages(max_message_count=budget, max_wait_time=self._wait)
-        except BaseException:
-            self._close_later(receiver)
-            raise
+    def _lose(self, session: _Session) -> None:
+        """The session's lock is gone (or its link failed): forget what it delivered, and close it."""
+        for token in session.outstanding:
+            held = self._held.pop(token, None)
+            if held is not None:
+                self._unbusy(held.logical)
+        session.outstanding.clear()
+        session.pending.clear()
+        self._close_session(session)
+
+    def _close_session(self, session: _Session) -> None:
+        """Detach: frees the session, and releases whatever it delivered that is not settled (pending too)."""
+        if self._sessions.get(session.receiver) is session:
+            del self._sessions[session.receiver]
+            self._close_later(session.receiver)
+
+    async def release_sessions(self) -> None:
+        """Close the sessions with nothing outstanding (the end of a cycle): other processes may take them."""
+        for session in [s for s in self._sessions.values() if not s.outstanding]:
+            self._close_session(session)
+
+    def _unbusy(self, key: str | None) -> None:
+        if key is not None:
+            self._busy[key] -= 1
+            if self._busy[key] <= 0:
+                del self._busy[key]
 
     def _close_later(self, handler: ServiceBusReceiver | ServiceBusSender) -> None:
         """Close in the background: the link detaches (releasing a session) at once, but the SDK then waits
@@ -314,11 +461,14 @@ class ServiceBusQueue:
 
     def _hold(self, message: ServiceBusReceivedMessage, receiver: ServiceBusReceiver, *, dead: bool) -> ReceivedMessage:
         token = str(message.lock_token)
-        self._held[token] = _Held(message, receiver, dead)
         locked_until = message.locked_until_utc
-        session = self._session_receivers.get(receiver)
+        session = self._sessions.get(receiver)
+        key = _own_session(message) if session is not None else None
+        self._held[token] = _Held(message, receiver, dead, key)
         if session is not None:
-            session.tokens.add(token)
+            session.outstanding.add(token)
+            if key is not None:
+                self._busy[key] += 1
             locked_until = receiver.session.locked_until_utc
         # the AMQP header counts previous attempts; the port counts this delivery too
         return _received(message, lock_token=token, delivery_count=(message.delivery_count or 0) + 1,
@@ -334,21 +484,30 @@ class ServiceBusQueue:
     async def abandon(self, message: ReceivedMessage) -> None:
         """Release the lock; Service Bus redelivers the message (or dead-letters it at the max count).
 
-        A session message is released with its session: when the session's last outstanding message is settled,
-        its receiver detaches, which frees the session and releases its unsettled messages (a delivery counted
-        once, as an abandon). Abandoning on the session's link instead would hand the message straight back to
-        that link (it keeps the link credit a short receive left), locking and counting it once more for nothing.
+        A session message is released with its session: when nothing else the session delivered is
+        outstanding, its receiver detaches, which frees the session (for any process) and releases its
+        unsettled messages (a delivery counted once, as an abandon); until then the message stays locked, and
+        its record's later messages wait. (Abandoning on the session's link instead would hand the message
+        straight back to that link, locking and counting it once more if the link is closed before reading it.)
         """
-        held = self._lookup(message)
-        if held.receiver in self._session_receivers:
-            try:  # the lock must still be ours, as for any settlement
-                await held.receiver.session.renew_lock()
-            except _LOCK_LOST as exc:
-                await self._drop(message.lock_token, session_lost=isinstance(exc, SessionLockLostError))
-                raise LockLostError(f"lock lost for message {message.sequence_number}: {exc}") from exc
-            await self._drop(message.lock_token, session_lost=False)
+        await self._abandon_group([message])
+
+    async def _abandon_group(self, messages: Sequence[ReceivedMessage]) -> None:
+        """Abandon messages of one receiver (the caller groups them); `LockLostError` on the first lost lock."""
+        helds = [self._lookup(m) for m in messages]
+        session = self._sessions.get(helds[0].receiver)
+        if session is None:
+            for message, held in zip(messages, helds, strict=True):
+                await self._settle(message, held.receiver.abandon_message(held.message))
             return
-        await self._settle(message, held.receiver.abandon_message(held.message))
+        try:  # the lock must still be ours, as for any settlement
+            await session.receiver.session.renew_lock()
+        except _LOCK_LOST as exc:
+            self._lose(session)
+            raise LockLostError(f"lock lost for message {messages[0].sequence_number}: {exc}") from exc
+        session.released.extend(held.logical for held in helds)
+        for message in messages:
+            self._forget(message.lock_token)
 
     async def dead_letter(self, message: ReceivedMessage, *, reason: str, description: str) -> None:
         """Move the message to the DLQ; a message received from the DLQ cannot be (`ValueError`)."""
@@ -366,13 +525,14 @@ class ServiceBusQueue:
     async def renew_lock(self, message: ReceivedMessage) -> datetime:
         """Extend the lock (for a session message: its session's lock); returns and sets `locked_until`."""
         held = self._lookup(message)
+        session = self._sessions.get(held.receiver)
         try:
-            if held.receiver in self._session_receivers:
+            if session is not None:
                 until = await held.receiver.session.renew_lock()
             else:
                 until = await held.receiver.renew_message_lock(held.message)
         except _LOCK_LOST as exc:
-            await self._drop(message.lock_token, session_lost=isinstance(exc, SessionLockLostError))
+            self._lost(message.lock_token, session_lost=isinstance(exc, SessionLockLostError))
             raise LockLostError(f"lock lost for message {message.sequence_number}: {exc}") from exc
         message.locked_until = until
         return until
@@ -387,7 +547,7 @@ class ServiceBusQueue:
             held = self._held.get(message.lock_token)
             if held is None:
                 lost.append(message)
-            elif held.receiver in self._session_receivers:
+            elif held.receiver in self._sessions:
                 by_session.setdefault(held.receiver, []).append(message)
             else:
                 singles.append(message)
@@ -407,22 +567,49 @@ class ServiceBusQueue:
             raise LockLostBatchError(lost)
 
     async def complete_many(self, messages: Sequence[ReceivedMessage]) -> None:
-        """Complete each message; the ones whose lock was lost are raised together as `LockLostBatchError`."""
-        await self._settle_many(messages, self.complete)
-
-    async def abandon_many(self, messages: Sequence[ReceivedMessage]) -> None:
-        """Abandon each message (e.g. on shutdown); lost locks as in `complete_many`."""
-        await self._settle_many(messages, self.abandon)
-
-    async def _settle_many(self, messages: Sequence[ReceivedMessage], settle: Any) -> None:
+        """Complete each message, the sessions' in parallel (each on its own link, in order); the ones whose
+        lock was lost are raised together as `LockLostBatchError`."""
         lost: list[ReceivedMessage] = []
-        for message in messages:
-            try:
-                await settle(message)
-            except LockLostError:
-                lost.append(message)
+
+        async def complete(group: Sequence[ReceivedMessage]) -> None:
+            for message in group:
+                try:
+                    await self.complete(message)
+                except LockLostError:
+                    lost.append(message)
+
+        await asyncio.gather(*(complete(group) for group in self._by_receiver(messages)))
         if lost:
             raise LockLostBatchError(lost)
+
+    async def abandon_many(self, messages: Sequence[ReceivedMessage]) -> None:
+        """Abandon each message (e.g. at the end of a cycle), the sessions' in parallel; a session whose every
+        outstanding message is among them is released whole (see `abandon`); lost locks as in `complete_many`."""
+        lost: list[ReceivedMessage] = []
+
+        async def abandon(group: Sequence[ReceivedMessage]) -> None:
+            try:
+                await self._abandon_group(group)
+                return
+            except LockLostError:
+                pass
+            for message in group:  # one at a time, to tell which locks were lost
+                try:
+                    await self._abandon_group([message])
+                except LockLostError:
+                    lost.append(message)
+
+        await asyncio.gather(*(abandon(group) for group in self._by_receiver(messages)))
+        if lost:
+            raise LockLostBatchError(lost)
+
+    def _by_receiver(self, messages: Sequence[ReceivedMessage]) -> list[list[ReceivedMessage]]:
+        """Messages grouped by the receiver holding them (unknown ones alone, to fail as lost locks)."""
+        groups: dict[object, list[ReceivedMessage]] = {}
+        for message in messages:
+            held = self._held.get(message.lock_token)
+            groups.setdefault(held.receiver if held is not None else object(), []).append(message)
+        return list(groups.values())
 
     def _lookup(self, message: ReceivedMessage) -> _Held:
         held = self._held.get(message.lock_token)
@@ -437,24 +624,30 @@ class ServiceBusQueue:
         try:
             await settlement
         except _LOCK_LOST as exc:
-            await self._drop(message.lock_token, session_lost=isinstance(exc, SessionLockLostError))
+            self._lost(message.lock_token, session_lost=isinstance(exc, SessionLockLostError))
             raise LockLostError(f"lock lost for message {message.sequence_number}: {exc}") from exc
-        await self._drop(message.lock_token, session_lost=False)
+        self._forget(message.lock_token)
 
-    async def _drop(self, token: str, *, session_lost: bool) -> None:
-        """Forget a settled message; release its session once nothing it delivered is outstanding."""
+    def _forget(self, token: str) -> None:
+        """A settled message: its record's later messages may go; a drained session with nothing left closes."""
         held = self._held.pop(token, None)
-        session = self._session_receivers.get(held.receiver) if held is not None else None
+        if held is None:
+            return
+        self._unbusy(held.logical)
+        session = self._sessions.get(held.receiver)
         if session is None:
             return
-        session.tokens.discard(token)
-        if session_lost:  # every other message of that session lost its lock with it
-            for other in session.tokens:
-                self._held.pop(other, None)
-            session.tokens.clear()
-        if not session.tokens:
-            del self._session_receivers[session.receiver]
-            self._close_later(session.receiver)
+        session.outstanding.discard(token)
+        if not session.outstanding and (session.released or (session.drained and not session.pending)):
+            self._close_session(session)
+
+    def _lost(self, token: str, *, session_lost: bool) -> None:
+        held = self._held.get(token)
+        session = self._sessions.get(held.receiver) if held is not None else None
+        if session_lost and session is not None:
+            self._lose(session)  # every other message of that session lost its lock with it
+        else:
+            self._forget(token)
 
     # ---------------------------------------------------------------------------------- dead letters
 
@@ -512,8 +705,9 @@ class ServiceBusQueue:
 
     async def close(self) -> None:
         """Close every link and client; unsettled messages are released when their lock expires."""
-        receivers = [s.receiver for s in self._session_receivers.values()]
-        self._session_receivers.clear()
+        receivers = [s.receiver for s in self._sessions.values()]
+        self._sessions.clear()
+        self._busy.clear()
         self._held.clear()
         for handler in (*receivers, self._receiver, self._dead_receiver, self._sender):
             if handler is not None:
@@ -522,6 +716,17 @@ class ServiceBusQueue:
         for client in (self._session_client, self._client, self._admin):
             if client is not None:
                 await client.close()
+
+
+def _own_session(message: ServiceBusReceivedMessage) -> str | None:
+    """The session id the message was sent with (its record's): from the property when it was bucketed."""
+    for key, value in (message.application_properties or {}).items():
+        if _text(key) == SESSION_PROPERTY:
+            return _text(value)
+    session_id = message.session_id
+    if session_id is not None and session_id.startswith((SESSIONLESS_PREFIX, BUCKET_PREFIX)):
+        return None
+    return session_id
 
 
 def _aware(value: datetime) -> datetime:
@@ -547,9 +752,8 @@ def _received(
         _text(k): _property(v) for k, v in (message.application_properties or {}).items()
         if _text(k) not in _DEAD_LETTER_PROPERTIES  # Service Bus keeps the dead-letter reason there
     }
-    session_id = message.session_id
-    if session_id is not None and session_id.startswith(SESSIONLESS_PREFIX):
-        session_id = None
+    properties.pop(SESSION_PROPERTY, None)
+    session_id = _own_session(message)
     reason = message.dead_letter_reason
     body = message.body
     fields: dict[str, Any] = {}

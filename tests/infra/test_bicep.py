@@ -65,6 +65,8 @@ PARAM_SETTINGS = {
     "maxDeliveryCount": ("syncline_max_delivery_count", "SYNCLINE_MAX_DELIVERY_COUNT"),
     "lockSeconds": ("syncline_lock_seconds", "SYNCLINE_LOCK_SECONDS"),
     "inlineRetries": ("syncline_inline_retries", "SYNCLINE_INLINE_RETRIES"),
+    "sessionBuckets": ("syncline_session_buckets", "SYNCLINE_SESSION_BUCKETS"),
+    "maxConcurrentSessions": ("syncline_max_concurrent_sessions", "SYNCLINE_MAX_CONCURRENT_SESSIONS"),
     "inboundQueueName": ("syncline_inbound_queue", "SYNCLINE_INBOUND_QUEUE"),
     "tablePrefix": ("syncline_tables.tablePrefix", "SYNCLINE_TABLES__tablePrefix"),
     "dataverseBatchSize": ("dataverse.batch_size", "DATAVERSE__BATCH_SIZE"),
