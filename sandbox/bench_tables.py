@@ -37,6 +37,8 @@ class Phase:
     kinds: dict[str, int]
     tables: dict[str, int]
     statuses: dict[str, int] = field(default_factory=dict)
+    requests: dict[str, int] = field(default_factory=dict)
+    """`{table}/{kind}` (table without the store's prefix) -> requests."""
 
     @property
     def total(self) -> int:
@@ -56,11 +58,12 @@ class Phase:
             "phase": self.name, "changes": self.changes, "requests": self.total,
             "per_change": round(self.total / per, 3), "writes_per_change": round(self.writes / per, 3),
             "reads_per_change": round(self.reads / per, 3), "seconds": round(self.seconds, 2),
-            "kinds": self.kinds, "tables": self.tables, "statuses": self.statuses,
+            "requests_by_table_and_kind": self.requests, "statuses": self.statuses,
         }
 
 
-async def measure(conn_str: str, records: int, *, batch_size: int = 500, prefix: str | None = None) -> list[Phase]:
+async def measure(conn_str: str, records: int, *, batch_size: int = 500, prefix: str | None = None,
+                  lease_partitions: int | None = None) -> list[Phase]:
     """Run the phases against the Azurite (or account) of `conn_str`; returns one `Phase` per step."""
     import uuid
 
@@ -73,7 +76,10 @@ async def measure(conn_str: str, records: int, *, batch_size: int = 500, prefix:
     from tests.unit.test_engine import SPEC, T0, sign_payload
 
     prefix = prefix or f"bench{uuid.uuid4().hex[:12]}"
-    state = TableStateStore.from_connection_string(conn_str, table_prefix=prefix)
+    from shared.runtime.table_state import LEASE_PARTITIONS
+
+    state = TableStateStore.from_connection_string(conn_str, table_prefix=prefix,
+                                                   lease_partitions=lease_partitions or LEASE_PARTITIONS)
     counter = state.requests
     dv, ag = FakeSystem("dataverse"), FakeSystem("arcgis", key_style="globalid")
     systems = {"dataverse": dv, "arcgis": ag}
@@ -107,6 +113,9 @@ async def measure(conn_str: str, records: int, *, batch_size: int = 500, prefix:
                                       source_table="dot_workorders", source_key=key, source_modified=T0,
                                       payload=payload, origin="poll")
 
+            def detail() -> dict[str, int]:
+                return {f"{table.removeprefix(prefix)}/{kind}": n for (table, kind), n in counter.counts.items()}
+
             async def phase(name: str, envelopes: Sequence[ChangeEnvelope]) -> None:
                 # The poll path's state work (dedup, the session walk, the enqueued audit), then the drain.
                 counter.reset()
@@ -120,12 +129,12 @@ async def measure(conn_str: str, records: int, *, batch_size: int = 500, prefix:
                 await state.append_audit([AuditEntry(T0, e.correlation_id, e.flow, "enqueued", e.source_system,
                                                      e.source_table, e.source_key, "bench") for e in fresh])
                 phases.append(Phase(f"{name}: enqueue", len(envelopes), time.perf_counter() - started,
-                                    counter.by_kind(), counter.by_table()))
+                                    counter.by_kind(), counter.by_table(), requests=detail()))
                 counter.reset()
                 started = time.perf_counter()
                 report = await controller.drain()
                 phases.append(Phase(f"{name}: drain", len(envelopes), time.perf_counter() - started,
-                                    counter.by_kind(), counter.by_table(), dict(report.statuses)))
+                                    counter.by_kind(), counter.by_table(), dict(report.statuses), detail()))
 
             await phase("new signs", [sign(k, n, 0) for n, k in enumerate(signs)])
             await phase("changed signs", [sign(k, n, 1) for n, k in enumerate(signs)])
@@ -151,14 +160,15 @@ def print_table(phases: Sequence[Phase]) -> None:
         print(f"{p.name:<26}{p.changes:>8}{p.total:>10}{r['per_change']:>12.3f}{r['writes_per_change']:>11.3f}"
               f"{r['reads_per_change']:>10.3f}{p.seconds:>9.2f}")
     for p in phases:
-        print(f"  {p.name}: {json.dumps(p.kinds, sort_keys=True)} {json.dumps(p.tables, sort_keys=True)}"
-              f" {json.dumps(p.statuses, sort_keys=True)}")
+        print(f"  {p.name}: {json.dumps(p.requests, sort_keys=True)} {json.dumps(p.statuses, sort_keys=True)}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--records", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=500)
+    parser.add_argument("--lease-partitions", type=int, default=None,
+                        help="partitions of the leases table (default: the store's, 16)")
     parser.add_argument("--connection-string", help="a storage account to measure instead of a fresh Azurite")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON too")
     args = parser.parse_args(argv)
@@ -167,7 +177,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from tests.azurite import running_azurite
 
     def run(conn_str: str) -> list[Phase]:
-        return asyncio.run(measure(conn_str, args.records, batch_size=args.batch_size))
+        return asyncio.run(measure(conn_str, args.records, batch_size=args.batch_size,
+                                   lease_partitions=args.lease_partitions))
 
     if args.connection_string:
         phases = run(args.connection_string)

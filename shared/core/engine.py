@@ -122,6 +122,8 @@ class _Work:
     """Everything one flow group of a batch loads once from state."""
 
     links: dict[str, str] = field(default_factory=dict)
+    stored_links: dict[str, str] = field(default_factory=dict)
+    """The links read from state (`links` adds those a record names itself): re-putting one is a no-op, skipped."""
     src_snaps: dict[str, Snapshot] = field(default_factory=dict)
     tgt_snaps: dict[str, Snapshot] = field(default_factory=dict)
     parents: dict[str, dict[str, str]] = field(default_factory=dict)
@@ -299,6 +301,7 @@ class SyncEngine:
         keys = [e.source_key for e in envs]
         src, tgt = flow.source, flow.target
         work.links = await self.state.get_links(flow.entity, src.system, keys, tgt.system)
+        work.stored_links = dict(work.links)
         # A source record that names its target record (a written-back id, or the id of the record it was made
         # from) is linked to it even when the link was never stored (an ambiguous create, a crash before it).
         named_by = [f for f in (flow.link.write_back, flow.link.origin_field) if f]
@@ -757,6 +760,7 @@ class SyncEngine:
         audit: list[AuditEntry] = []
         writebacks: list[tuple[_Plan, WriteOp]] = []
         forget: list[str] = []
+        forget_targets: list[str] = []
         parents: list[_Parent] = []
         refused: list[str | None] = []
         for plan in plans:
@@ -774,13 +778,14 @@ class SyncEngine:
                 outcomes[plan.index] = Outcome(env, "deleted", target_key=key)
                 forget.append(env.source_key)
                 if key:
-                    await forget_snapshots(self.state, flow.entity, tgt.system, tgt.table, [key])
+                    forget_targets.append(key)
                 audit.append(AuditEntry(now, env.correlation_id, flow.name, "deleted", tgt.system, tgt.table,
                                         key or "", f"deleted after {src.system} delete of {env.source_key}"))
                 continue
             assert key is not None
             assert plan.mapped is not None
-            links.append(Link(flow.entity, src.system, env.source_key, tgt.system, key))
+            if work.stored_links.get(env.source_key) != key:
+                links.append(Link(flow.entity, src.system, env.source_key, tgt.system, key))
             prev_t = work.tgt_snaps.get(key)
             tvalues = {**(dict(prev_t.values) if prev_t else {}), **_written(plan.op)}
             tvalues.pop(CASCADED, None)  # a new state: its cascades are not done yet
@@ -816,6 +821,8 @@ class SyncEngine:
             if wb and not same(env.payload.get(wb), key):
                 writebacks.append((plan, WriteOp(f"wb:{plan.op.op_id}", "update", src.table, key=env.source_key,
                                                  values={wb: key}, correlation_id=env.correlation_id)))
+        if forget_targets:  # before the puts, as when each delete forgot its target at once
+            await forget_snapshots(self.state, flow.entity, tgt.system, tgt.table, forget_targets)
         if links:
             await self.state.put_links(links)
         if snaps:
@@ -1082,7 +1089,8 @@ async def read_snapshots(state: StateStore, entity: str, system: str, table: str
     earlier versions kept (returned as the entity's, so the next write stores it in the new place)."""
     found = await state.get_snapshots(system, snapshot_table(table, entity), keys)
     missing = [k for k in keys if k not in found]
-    if missing:
+    # Nothing writes the old layout any more: once it is empty (or was never used), one probe replaces a read per key.
+    if missing and await state.has_snapshots(system, table):
         for key, old in (await state.get_snapshots(system, table, missing)).items():
             found[key] = Snapshot(system, snapshot_table(table, entity), key, old.values, old.hash, old.modified)
     return found
@@ -1092,7 +1100,8 @@ async def forget_snapshots(state: StateStore, entity: str, system: str, table: s
     """Forget deleted records' snapshots for `entity`, and the per-record ones of earlier versions (a key reused
     later must not inherit them)."""
     await state.delete_snapshots(system, snapshot_table(table, entity), keys)
-    await state.delete_snapshots(system, table, keys)
+    if keys and await state.has_snapshots(system, table):
+        await state.delete_snapshots(system, table, keys)
 
 
 def _written(op: WriteOp) -> dict[str, Any]:

@@ -104,6 +104,11 @@ class StateStore(Protocol):
         """Forget snapshots (after a delete)."""
         ...
 
+    async def has_snapshots(self, system: str, table: str) -> bool:
+        """Whether any snapshot of (`system`, `table`) exists: one request, where reading keys costs one per key
+        on Table Storage (the engine probes the per-record layout of earlier versions before reading it)."""
+        ...
+
     async def get_checkpoint(self, name: str) -> Checkpoint | None:
         """Read a checkpoint, or None when it was never set."""
         ...

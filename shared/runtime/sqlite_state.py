@@ -388,6 +388,15 @@ class SqliteStateStore:
         if unique:
             await self._db.write(work)
 
+    async def has_snapshots(self, system: str, table: str) -> bool:
+        """Whether any snapshot of (`system`, `table`) exists."""
+
+        def work(conn: sqlite3.Connection) -> bool:
+            sql = 'SELECT 1 FROM snapshots WHERE system = ? AND "table" = ? LIMIT 1'
+            return conn.execute(sql, (system, table)).fetchone() is not None
+
+        return await self._db.read(work)
+
     # ------------------------------------------------------------------------------------ checkpoints
 
     async def get_checkpoint(self, name: str) -> Checkpoint | None:

@@ -96,7 +96,9 @@ _TABLE_PREFIX = re.compile(r"[A-Za-z][A-Za-z0-9]{0,51}")
 _CHECKPOINT_PARTITION = "checkpoint"
 _LINK_RETRIES = 5
 _FAILURE_ROW = "count"
-_LEASE_PARTITIONS = 16
+#: Partitions of the leases table. Every client of one account must use the same number (it addresses each lease
+#: row), so it changes only with every instance stopped; fewer partitions mean fewer transactions per batch.
+LEASE_PARTITIONS: Final = 16
 _MAX_TICKS = 3_155_378_975_999_999_999  # .NET DateTime.MaxValue.Ticks: inverted ticks stay positive
 _EPOCH_0001 = datetime(1, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
@@ -488,6 +490,7 @@ class TableStateStore:
         concurrency: int = DEFAULT_CONCURRENCY,
         owned_credential: AsyncTokenCredential | None = None,
         requests: TableRequestCounter | None = None,
+        lease_partitions: int = LEASE_PARTITIONS,
     ) -> None:
         if not _TABLE_PREFIX.fullmatch(table_prefix):
             raise ValueError(
@@ -500,6 +503,9 @@ class TableStateStore:
         self._credential = owned_credential
         self._tables: dict[str, TableClient] = {}
         self._create_lock = asyncio.Lock()
+        if not 1 <= lease_partitions <= 100:
+            raise ValueError(f"lease_partitions must be 1-100, got {lease_partitions}")
+        self._lease_partitions = lease_partitions
         self.requests = requests or TableRequestCounter()
         """What this store sent, by table and kind (attached to the client by `from_connection_string` and
         `from_endpoint`; a store built on a client of its own counts only if that client has the policy)."""
@@ -508,13 +514,19 @@ class TableStateStore:
 
     @classmethod
     def from_connection_string(
-        cls, conn_str: str, *, table_prefix: str = "syncline", concurrency: int = DEFAULT_CONCURRENCY
+        cls,
+        conn_str: str,
+        *,
+        table_prefix: str = "syncline",
+        concurrency: int = DEFAULT_CONCURRENCY,
+        lease_partitions: int = LEASE_PARTITIONS,
     ) -> TableStateStore:
         """Shared-key access: a storage account connection string, or `azurite_connection_string(port)`."""
         counter = TableRequestCounter()
         service = TableServiceClient.from_connection_string(conn_str, transport=default_transport(),
                                                             raw_request_hook=counter)
-        return cls(service, table_prefix=table_prefix, concurrency=concurrency, requests=counter)
+        return cls(service, table_prefix=table_prefix, concurrency=concurrency, requests=counter,
+                   lease_partitions=lease_partitions)
 
     @classmethod
     def from_endpoint(
@@ -888,6 +900,17 @@ class TableStateStore:
 
         await self._all_or_each(client, plan_transactions([op] for op in ops), 404, delete_each)
 
+    async def has_snapshots(self, system: str, table: str) -> bool:
+        """Whether any snapshot of (`system`, `table`) exists: a query of one row of its partition."""
+        client = await self._table("snapshots")
+        parameters = {"pk": table_key(system, table)}
+        rows = client.query_entities("PartitionKey eq @pk", parameters=parameters, results_per_page=1,
+                                     select=["RowKey"])
+        async with self._limit:
+            async for _ in rows:
+                return True
+        return False
+
     async def _all_or_each(
         self,
         client: TableClient,
@@ -1145,11 +1168,10 @@ class TableStateStore:
 
     # ------------------------------------------------------------------------------------------ leases
 
-    @staticmethod
-    def _lease_address(key: str) -> tuple[str, str]:
+    def _lease_address(self, key: str) -> tuple[str, str]:
         # A few partitions, so that a batch's leases go in entity group transactions (100 per request).
         row = table_key(key)
-        return f"lease{zlib.crc32(row.encode('utf-8', 'surrogatepass')) % _LEASE_PARTITIONS:02d}", row
+        return f"lease{zlib.crc32(row.encode('utf-8', 'surrogatepass')) % self._lease_partitions:02d}", row
 
     async def acquire_leases(self, keys: Sequence[str], owner: str, ttl_seconds: float) -> set[str]:
         """Take or extend the leases of `keys` for `owner`; returns the keys it holds afterwards.

@@ -154,6 +154,22 @@ async def test_delete_snapshots_forgets_only_the_given_keys(state_factory: State
     assert set(await store.get_snapshots("arcgis", "owners", ["a"])) == {"a"}
 
 
+async def test_has_snapshots_tells_whether_a_system_table_holds_any(state_factory: StateFactory) -> None:
+    store = await state_factory()
+    assert not await store.has_snapshots("arcgis", "parcels")
+    await store.put_snapshots([snapshot("a"), snapshot("b"), snapshot("k", table="parcels@parcel")])
+
+    assert await store.has_snapshots("arcgis", "parcels")
+    assert await store.has_snapshots("arcgis", "parcels@parcel")
+    assert not await store.has_snapshots("arcgis", "owners")
+    assert not await store.has_snapshots("dataverse", "parcels")
+    assert not await store.has_snapshots("arcgis", "parcel")  # a prefix of a table is another table
+
+    await store.delete_snapshots("arcgis", "parcels", ["a", "b"])
+    assert not await store.has_snapshots("arcgis", "parcels")
+    assert await store.has_snapshots("arcgis", "parcels@parcel")
+
+
 # ---------------------------------------------------------------------------------------- checkpoints
 
 
