@@ -536,6 +536,7 @@ class TableStateStore:
         *,
         table_prefix: str = "syncline",
         concurrency: int = DEFAULT_CONCURRENCY,
+        lease_partitions: int = LEASE_PARTITIONS,
     ) -> TableStateStore:
         """Identity-based access to `https://<account>.table.core.windows.net`.
 
@@ -553,7 +554,7 @@ class TableStateStore:
         service = TableServiceClient(endpoint, credential=credential, transport=default_transport(),
                                      raw_request_hook=counter)
         return cls(service, table_prefix=table_prefix, concurrency=concurrency, owned_credential=owned,
-                   requests=counter)
+                   requests=counter, lease_partitions=lease_partitions)
 
     @property
     def table_names(self) -> list[str]:
