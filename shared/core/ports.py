@@ -125,6 +125,19 @@ class StateStore(Protocol):
         """The subset of `keys` remembered in `namespace` (read-only: remembers nothing)."""
         ...
 
+    async def claim(self, namespace: str, keys: Sequence[str]) -> set[str]:
+        """The subset of `keys` remembered in `namespace`, as `seen` reports it; remembers nothing.
+
+        It may leave a claim on the other keys (Table Storage checks a batch of new keys with one insert per 100
+        instead of a read per key). A claim is not remembered: `seen`, `claim` and `remember` all ignore it, so a
+        caller that fails before `confirm` loses nothing.
+        """
+        ...
+
+    async def confirm(self, namespace: str, keys: Sequence[str]) -> None:
+        """Remember `keys` (claimed or not) without reporting which were known: a blind batch of writes."""
+        ...
+
     async def forget_remembered(self, before: datetime) -> int:
         """Drop dedup keys remembered before `before` (retention); returns how many were dropped."""
         ...

@@ -474,6 +474,14 @@ class SqliteStateStore:
 
         return await self._db.read(work) if unique else set()
 
+    async def claim(self, namespace: str, keys: Sequence[str]) -> set[str]:
+        """The subset of `keys` remembered in `namespace` (a read: one local query costs what a claim would)."""
+        return await self.seen(namespace, keys)
+
+    async def confirm(self, namespace: str, keys: Sequence[str]) -> None:
+        """Remember `keys`."""
+        await self.remember(namespace, keys)
+
     async def forget_remembered(self, before: datetime) -> int:
         """Drop dedup keys remembered before `before` (retention); returns how many were dropped."""
         cutoff = to_iso(before)

@@ -96,6 +96,8 @@ _TABLE_PREFIX = re.compile(r"[A-Za-z][A-Za-z0-9]{0,51}")
 _CHECKPOINT_PARTITION = "checkpoint"
 _LINK_RETRIES = 5
 _FAILURE_ROW = "count"
+_CLAIMED = "claimed"
+"""Dedup row property: the key is only claimed (`claim`), not remembered."""
 #: Partitions of the leases table. Every client of one account must use the same number (it addresses each lease
 #: row), so it changes only with every instance stopped; fewer partitions mean fewer transactions per batch.
 LEASE_PARTITIONS: Final = 16
@@ -1005,12 +1007,29 @@ class TableStateStore:
         seen: set[str] = set()
 
         async def create_each(chunk: Sequence[TableOp]) -> None:
-            # Insert is the atomic "first one wins": whoever gets 409 saw the key before (or concurrently).
+            # Insert is the atomic "first one wins": whoever gets 409 saw the key before (or concurrently), unless
+            # the row is only a claim: then this call remembers it (replace under the claim's ETag).
             async def create(op: TableOp) -> None:
-                try:
-                    await table.create_entity(op.entity)
-                except ResourceExistsError:
-                    seen.add(by_row[op.row])
+                for _ in range(_LINK_RETRIES):
+                    try:
+                        await table.create_entity(op.entity)
+                        return
+                    except ResourceExistsError:
+                        pass
+                    try:
+                        current = await table.get_entity(op.partition, op.row)
+                    except ResourceNotFoundError:
+                        continue  # forgotten meanwhile: insert again
+                    if not current.get(_CLAIMED):
+                        seen.add(by_row[op.row])
+                        return
+                    try:
+                        await table.update_entity(op.entity, mode=UpdateMode.REPLACE, etag=current.metadata["etag"],
+                                                  match_condition=MatchConditions.IfNotModified)
+                        return
+                    except (ResourceModifiedError, ResourceNotFoundError):
+                        continue  # remembered or forgotten concurrently: look again
+                raise RuntimeError(f"dedup key {by_row[op.row]!r} kept changing under concurrent writers")
 
             await self._each(chunk, create)
 
@@ -1028,7 +1047,45 @@ class TableStateStore:
         partition = table_key(namespace)
         addresses = {(partition, table_key(key)): key for key in unique}
         found = await self._read_many(table, addresses)
-        return {addresses[address] for address in found}
+        return {addresses[address] for address, row in found.items() if not row.get(_CLAIMED)}
+
+    async def claim(self, namespace: str, keys: Sequence[str]) -> set[str]:
+        """The subset of `keys` remembered in `namespace`, leaving a claim on the others where it costs nothing.
+
+        Keys that are all new (the common case) cost one insert transaction per 100, not a read each. A
+        transaction that meets an existing row (remembered, or claimed by an earlier call) fails whole and its
+        keys are read instead: remembered ones are reported, claims are not.
+        """
+        unique = list(dict.fromkeys(keys))
+        if not unique:
+            return set()
+        table = await self._table("dedup")
+        partition = table_key(namespace)
+        stamp = _plain_utc(datetime.now(UTC))
+        by_row = {table_key(key): key for key in unique}
+        ops = [TableOp("create", {"PartitionKey": partition, "RowKey": row, "remembered_at": stamp, _CLAIMED: True})
+               for row in by_row]
+        remembered: set[str] = set()
+
+        async def read_each(chunk: Sequence[TableOp]) -> None:
+            # The keys of this chunk stay unclaimed: a claim only makes the check cheaper, it is never needed.
+            found = await self._read_many(table, [(op.partition, op.row) for op in chunk])
+            remembered.update(by_row[row] for (_, row), entity in found.items() if not entity.get(_CLAIMED))
+
+        await self._all_or_each(table, plan_transactions([op] for op in ops), 409, read_each)
+        return remembered
+
+    async def confirm(self, namespace: str, keys: Sequence[str]) -> None:
+        """Remember `keys` (claimed or not): blind upserts, one transaction per 100 keys."""
+        unique = list(dict.fromkeys(keys))
+        if not unique:
+            return
+        table = await self._table("dedup")
+        partition = table_key(namespace)
+        stamp = _plain_utc(datetime.now(UTC))
+        ops = [TableOp("upsert", {"PartitionKey": partition, "RowKey": table_key(key), "remembered_at": stamp})
+               for key in unique]
+        await self._submit(table, plan_transactions([op] for op in ops))
 
     async def forget_remembered(self, before: datetime) -> int:
         """Drop dedup keys remembered before `before` (retention); returns how many were dropped.

@@ -76,3 +76,10 @@ async def test_the_counter_sees_reads_queries_single_writes_and_transactions(req
         names = store.table_names
         await store.close()
         await drop_tables(conn_str, names)
+
+
+def test_enqueueing_new_changes_reads_no_dedup_key(phases: dict[str, Phase]) -> None:
+    enqueue = phases["new signs: enqueue"]
+    # the keys are claimed with one insert per 100 (a read each before); sent, they are confirmed the same way
+    assert "dedup/read" not in enqueue.requests, enqueue.requests
+    assert enqueue.requests.get("dedup/transaction", 0) <= 2 * math.ceil(RECORDS / 100), enqueue.requests
