@@ -147,6 +147,8 @@ async def to_messages(flowset: FlowSet, state: StateStore, envelopes: Sequence[C
                 break
             flow = flowset.flow(lookup.parent_flow)
             root = f"{env.source_system}:{flow.source.table}:{parent_key}"
+            if not flow.lookups:
+                break  # the parent has no parent: its snapshot would not be read further
             where = (env.source_system, flow.source.table, str(parent_key))
             if where not in cache:
                 snaps = await read_snapshots(state, flow.entity, *where[:2], [where[2]])

@@ -83,3 +83,9 @@ def test_enqueueing_new_changes_reads_no_dedup_key(phases: dict[str, Phase]) -> 
     # the keys are claimed with one insert per 100 (a read each before); sent, they are confirmed the same way
     assert "dedup/read" not in enqueue.requests, enqueue.requests
     assert enqueue.requests.get("dedup/transaction", 0) <= 2 * math.ceil(RECORDS / 100), enqueue.requests
+
+
+def test_the_session_walk_reads_no_snapshot_of_a_parent_without_parents(phases: dict[str, Phase]) -> None:
+    enqueue = phases["new work orders: enqueue"]
+    # a work order's session is its sign's; the sign has no parent, so the sign's snapshot is not read
+    assert "snapshots/read" not in enqueue.requests, enqueue.requests
