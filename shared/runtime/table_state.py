@@ -10,9 +10,9 @@ docs/state-tables.md shows the same design with examples.
     links        {entity}|{system_lo}|{system_hi}     {system}|{key}                         other_key
     snapshots    {system}|{table}                     {key}                                  values, hash, modified
     checkpoints  checkpoint                           {name}                                 value, updated_at
-    dedup        {namespace}                          {key}                                  remembered_at
+    dedup        {namespace}                          {key}                                  remembered_at, claimed
     failures     {message id}                         count                                  count, updated_at
-    leases       lease{crc32(row) % 16:02d}             {record id}                            owner, expires
+    leases       lease{crc32(row) % P:02d} (P=16)       {record id}                            owner, expires
     audit        {99999999-yyyymmdd}_{yyyy-mm-dd}     {inverted ticks}_{inverted seq}_{id}   the AuditEntry
 
 - links: both directions of a link live in ONE partition per (entity, unordered system pair), so a link, its
@@ -25,7 +25,9 @@ docs/state-tables.md shows the same design with examples.
   ValueError. Audit `detail` is spread the same way.
 - checkpoints: compare-and-set with the service's own ETag (`update_entity(REPLACE, IfNotModified)`;
   "must not exist" is `create_entity`); 409, 412 and 404 become CheckpointConflictError.
-- dedup: `create_entity` is the atomic "first one wins"; a 409 means the key was remembered before.
+- dedup: `create_entity` is the atomic "first one wins"; a 409 means the key was remembered before. `claim`
+  checks a batch of keys with insert transactions of rows marked `claimed` (which no read counts as remembered),
+  `confirm` remembers them with blind upserts: enqueueing new changes costs no read per key.
 - failures: one row per message id, raised by read + ETag-conditional replace (insert for the first failure).
 - leases: insert when free (409 when taken); an expired or own lease is replaced under its ETag; release
   deletes under the ETag the store wrote, so a lease that expired and was taken over is never deleted.
