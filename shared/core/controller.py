@@ -226,6 +226,10 @@ class Controller:
         """Messages of the batch being worked that are not settled yet (their locks are renewed)."""
         self._clear_after_complete: list[str] = []
         """Message ids with failed attempts on record whose messages are being completed."""
+        self._audit: list[AuditEntry] = []
+        self._cleared: list[str] = []
+        """Per-message ledger entries and failure counts to clear (dead letters, replays), stored per flow group in
+        one call each (`_flush`) rather than one call per message."""
         self._current_report = CycleReport(started_at="")
         """The report of the cycle in progress (poll pauses are recorded on it)."""
         """Running HTTP request totals per system (the composition root's CallCounter), for the api_calls metric."""
@@ -410,6 +414,12 @@ class Controller:
             await self._work_batch(messages, report, statuses, dead)
         finally:
             self._in_flight = []
+            try:
+                await self._flush()
+            except Exception as exc:  # never hide why the batch failed
+                log.warning("storing %d ledger entries of settled messages failed (%s: %s)", len(self._audit),
+                            type(exc).__name__, exc)
+                self._audit, self._cleared = [], []
 
     async def _work_batch(self, messages: Sequence[ReceivedMessage], report: CycleReport,
                           statuses: Counter[str], dead: Counter[str]) -> None:
@@ -518,9 +528,9 @@ class Controller:
                 dead[outcome.error.reason] += 1
         else:
             if env.origin == "replay":
-                await self.state.append_audit([AuditEntry(
+                self._audit.append(AuditEntry(
                     self.clock(), env.correlation_id, env.flow, "replayed", env.source_system,
-                    env.source_table, env.source_key, f"replayed message {msg.message_id}: {outcome.status}")])
+                    env.source_table, env.source_key, f"replayed message {msg.message_id}: {outcome.status}"))
             to_complete.append(msg)
 
     async def _housekeeping(self) -> None:
@@ -677,7 +687,17 @@ class Controller:
         clear = [mid for mid in self._clear_after_complete if mid in settled]
         if clear:
             self._clear_after_complete = [mid for mid in self._clear_after_complete if mid not in settled]
-            await self.state.clear_failures(clear)
+            self._cleared += clear
+        await self._flush()
+
+    async def _flush(self) -> None:
+        """Store the ledger entries and clear the failure counts of the messages settled so far (one call each)."""
+        audit, cleared = self._audit, self._cleared
+        self._audit, self._cleared = [], []
+        if cleared:
+            await self.state.clear_failures(cleared)
+        if audit:
+            await self.state.append_audit(audit)
 
     async def _complete_messages(self, messages: list[ReceivedMessage]) -> None:
         many = getattr(self.queue, "complete_many", None)
@@ -719,12 +739,12 @@ class Controller:
         settled = await self._settle_quietly(self.queue.dead_letter, msg, reason=reason,
                                              description=description[:4000])
         if settled and (exhausted or msg.delivery_count > 1):
-            await self.state.clear_failures([msg.message_id])
-        await self.state.append_audit([AuditEntry(
+            self._cleared.append(msg.message_id)
+        self._audit.append(AuditEntry(
             self.clock(), env.correlation_id if env else (msg.correlation_id or msg.message_id),
             env.flow if env else str(msg.application_properties.get("flow", "?")), "dead_lettered",
             env.source_system if env else "?", env.source_table if env else "?",
-            env.source_key if env else msg.message_id, description[:1000], reason)])
+            env.source_key if env else msg.message_id, description[:1000], reason))
         log.warning("dead-lettered message %s (%s): %s", msg.message_id, reason, description)
 
     async def _settle_quietly(self, fn: Callable[..., Any], msg: ReceivedMessage, **kwargs: Any) -> bool:

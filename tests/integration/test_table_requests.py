@@ -4,11 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import math
+import uuid
+from pathlib import Path
 
 import pytest
 
 from sandbox.bench_tables import Phase, measure
+from shared.core.controller import Controller
+from shared.core.engine import SyncEngine
+from shared.core.envelope import ChangeEnvelope
+from shared.core.errors import RejectedError
+from shared.runtime.sqlite_queue import SqliteQueue
 from shared.runtime.table_state import TableStateStore
+from tests.fakes import FakeSystem
+from tests.unit.test_engine import SPEC, T0, sign_payload
 from tests.contract.adapters.azure_tables import drop_tables, fresh_prefix, tables_connection_string
 
 pytestmark = pytest.mark.integration
@@ -89,3 +98,40 @@ def test_the_session_walk_reads_no_snapshot_of_a_parent_without_parents(phases: 
     enqueue = phases["new work orders: enqueue"]
     # a work order's session is its sign's; the sign has no parent, so the sign's snapshot is not read
     assert "snapshots/read" not in enqueue.requests, enqueue.requests
+
+
+async def test_dead_letters_of_a_batch_are_recorded_in_one_ledger_call(request: pytest.FixtureRequest,
+                                                                       tmp_path: Path) -> None:
+    conn_str = tables_connection_string(request)
+    state = TableStateStore.from_connection_string(conn_str, table_prefix=fresh_prefix())
+    queue = SqliteQueue(tmp_path / "queue.db", lock_duration_seconds=300)
+    dv, ag = FakeSystem("dataverse"), FakeSystem("arcgis", key_style="globalid")
+    systems = {"dataverse": dv, "arcgis": ag}
+    keys = [str(uuid.UUID(int=0xBAD << 96 | n)) for n in range(30)]
+    for key in keys:
+        ag.fail_match[key] = RejectedError("arcgis refused the feature")
+    try:
+        await queue.send([ChangeEnvelope(
+            flow="sign_assets_to_field", operation="upsert", source_system="dataverse",
+            source_table="dot_signassets", source_key=key, source_modified=T0,
+            payload=sign_payload(dot_signassetid=key, dot_assettag=f"SGN-{n:06d}")).to_message()
+            for n, key in enumerate(keys)])
+        engine = SyncEngine(SPEC, sinks=systems, sources=systems, state=state)
+        controller = Controller(SPEC, engine=engine, queue=queue, state=state, sources=systems, batch_size=100)
+        for name in state.TABLES:
+            await state._table(name)
+        state.requests.reset()
+
+        report = await controller.drain()
+
+        assert report.dead_lettered == {"TARGET_REJECTED": len(keys)}, report
+        audit = {kind: n for (table, kind), n in state.requests.counts.items() if table.endswith("audit")}
+        # the engine's ledger of the failed outcomes, then the controller's dead letters: one call each
+        assert audit == {"transaction": 2}, audit
+        dead = await state.read_audit(limit=100, decision="dead_lettered")
+        assert len(dead) == 2 * len(keys)  # the engine's decision and the controller's settlement of each
+    finally:
+        await queue.close()
+        names = state.table_names
+        await state.close()
+        await drop_tables(conn_str, names)
