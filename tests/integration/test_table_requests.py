@@ -16,9 +16,9 @@ from shared.core.envelope import ChangeEnvelope
 from shared.core.errors import RejectedError
 from shared.runtime.sqlite_queue import SqliteQueue
 from shared.runtime.table_state import TableStateStore
+from tests.contract.adapters.azure_tables import drop_tables, fresh_prefix, tables_connection_string
 from tests.fakes import FakeSystem
 from tests.unit.test_engine import SPEC, T0, sign_payload
-from tests.contract.adapters.azure_tables import drop_tables, fresh_prefix, tables_connection_string
 
 pytestmark = pytest.mark.integration
 
