@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import contextvars
 import logging
+import time
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -77,6 +78,10 @@ PARENT_LOCK_WAIT_SECONDS = 10.0
 
 _LEASED: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar("syncline_leased", default=frozenset())
 """Record ids the current `process` call holds (locked and leased), so ensuring a parent never waits for itself."""
+
+OLD_LAYOUT_RECHECK_SECONDS = 600.0
+"""How long the per-record snapshot layout of earlier versions, once found empty for a table, is taken to stay empty
+(nothing writes it any more; probed again now and then for instances of an earlier version still running)."""
 
 LINE_QUERY_KEYS = 100
 """Headers whose lines are read in one source query (keeps the IN list / or-chain inside URL limits)."""
@@ -166,6 +171,7 @@ class SyncEngine:
         self._line_flows = {f.name: flowset.line_flow(f) for f in flowset.flows if f.lines is not None}
         """Each document flow's lines as a flow of their own, built once (not per record)."""
         self._lock_users: Counter[str] = Counter()
+        self._old_layout = OldLayout()
 
     # ------------------------------------------------------------------------------------ public
 
@@ -309,9 +315,9 @@ class SyncEngine:
             known = next((v for f in named_by if isinstance(v := env.payload.get(f), str) and v.strip()), None)
             if env.source_key not in work.links and known is not None:
                 work.links[env.source_key] = _canonical_key(tgt.system, known)
-        work.src_snaps = await read_snapshots(self.state, flow.entity, src.system, src.table, keys)
+        work.src_snaps = await read_snapshots(self.state, flow.entity, src.system, src.table, keys, self._old_layout)
         work.tgt_snaps = await read_snapshots(self.state, flow.entity, tgt.system, tgt.table,
-                                              sorted(set(work.links.values())))
+                                              sorted(set(work.links.values())), self._old_layout)
         work.parents = await self._parent_links(flow, [e.payload for e in envs])
         if flow.lines is not None:
             work.lines = await self._read_lines(flow, [e for e in envs if e.operation != "delete"], work.read_errors)
@@ -822,13 +828,13 @@ class SyncEngine:
                 writebacks.append((plan, WriteOp(f"wb:{plan.op.op_id}", "update", src.table, key=env.source_key,
                                                  values={wb: key}, correlation_id=env.correlation_id)))
         if forget_targets:  # before the puts, as when each delete forgot its target at once
-            await forget_snapshots(self.state, flow.entity, tgt.system, tgt.table, forget_targets)
+            await forget_snapshots(self.state, flow.entity, tgt.system, tgt.table, forget_targets, self._old_layout)
         if links:
             await self.state.put_links(links)
         if snaps:
             await self.state.put_snapshots(snaps)
         if forget:
-            await forget_snapshots(self.state, flow.entity, src.system, src.table, forget)
+            await forget_snapshots(self.state, flow.entity, src.system, src.table, forget, self._old_layout)
         if refused:
             await self._unmark(flow, before, refused)
         if writebacks:
@@ -1029,7 +1035,8 @@ class SyncEngine:
             errors.append(with_detail(error, f"{where}: child {child.key}: {error.detail}"))
             with correlated([correlation_id]):
                 log.warning("cascade %s: %s %s failed: %s", cascade.name, system, child.key, error)
-        prev = await read_snapshots(self.state, cascade.child_entity, system, table, [c.key for c in done])
+        prev = await read_snapshots(self.state, cascade.child_entity, system, table, [c.key for c in done],
+                                    self._old_layout)
         snaps = []
         for child in done:
             merged = {**(dict(prev[child.key].values) if child.key in prev else {}), **values}
@@ -1073,6 +1080,26 @@ class SyncEngine:
         )
 
 
+class OldLayout:
+    """Which system tables hold no snapshot in the per-record layout of earlier versions: one probe per table and
+    `OLD_LAYOUT_RECHECK_SECONDS`, where a batch would otherwise probe (or read every missing key) each time."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._empty_until: dict[tuple[str, str], float] = {}
+
+    async def holds(self, state: StateStore, system: str, table: str) -> bool:
+        """Whether (`system`, `table`) may hold snapshots in the old layout."""
+        now = self._clock()
+        if self._empty_until.get((system, table), now) > now:
+            return False
+        if await state.has_snapshots(system, table):
+            self._empty_until.pop((system, table), None)
+            return True
+        self._empty_until[(system, table)] = now + OLD_LAYOUT_RECHECK_SECONDS
+        return False
+
+
 def snapshot_table(table: str, entity: str) -> str:
     """Where a record's snapshot is kept for one entity (one pair of flows): per entity, not per record.
 
@@ -1084,23 +1111,30 @@ def snapshot_table(table: str, entity: str) -> str:
 
 
 async def read_snapshots(state: StateStore, entity: str, system: str, table: str,
-                         keys: Sequence[str]) -> dict[str, Snapshot]:
+                         keys: Sequence[str], layout: OldLayout | None = None) -> dict[str, Snapshot]:
     """The records' snapshots for `entity`; a record with none yet is read from the per-record snapshot that
     earlier versions kept (returned as the entity's, so the next write stores it in the new place)."""
     found = await state.get_snapshots(system, snapshot_table(table, entity), keys)
     missing = [k for k in keys if k not in found]
     # Nothing writes the old layout any more: once it is empty (or was never used), one probe replaces a read per key.
-    if missing and await state.has_snapshots(system, table):
+    if missing and await _old_layout_holds(state, system, table, layout):
         for key, old in (await state.get_snapshots(system, table, missing)).items():
             found[key] = Snapshot(system, snapshot_table(table, entity), key, old.values, old.hash, old.modified)
     return found
 
 
-async def forget_snapshots(state: StateStore, entity: str, system: str, table: str, keys: Sequence[str]) -> None:
+async def _old_layout_holds(state: StateStore, system: str, table: str, layout: OldLayout | None) -> bool:
+    if layout is None:
+        return await state.has_snapshots(system, table)
+    return await layout.holds(state, system, table)
+
+
+async def forget_snapshots(state: StateStore, entity: str, system: str, table: str, keys: Sequence[str],
+                           layout: OldLayout | None = None) -> None:
     """Forget deleted records' snapshots for `entity`, and the per-record ones of earlier versions (a key reused
     later must not inherit them)."""
     await state.delete_snapshots(system, snapshot_table(table, entity), keys)
-    if keys and await state.has_snapshots(system, table):
+    if keys and await _old_layout_holds(state, system, table, layout):
         await state.delete_snapshots(system, table, keys)
 
 
