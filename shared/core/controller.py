@@ -464,17 +464,21 @@ class Controller:
         # Each flow group is settled as soon as the engine is done with it (parents' flows first, as the engine
         # orders them): a crash later in the batch leaves only the changes not yet worked to come back.
         self._in_flight = [m for m, _ in parsed]
-        for group in self._flow_groups(parsed):
-            outcomes = await self.engine.process([env for _, env in group])
-            self.metrics.record_outcomes(outcomes, self.flowset)
-            by_env = {id(o.envelope): o for o in outcomes}
-            for msg, env in group:
-                with correlated([env.correlation_id]):
-                    await self._settle(msg, env, by_env[id(env)], report, statuses, dead, to_complete)
-            await self._complete(to_complete)
-            to_complete = []
-            done = {id(m) for m, _ in group}
-            self._in_flight = [m for m in self._in_flight if id(m) not in done]
+        # The batch's records are leased once for all its flow groups (a transaction per lease partition to take
+        # them and one to release them, where each group would pay that again). Leases only: a webhook of this
+        # process that wants one of them is told it is busy rather than waiting for the whole batch.
+        async with self.engine.hold([env for _, env in parsed], wait=False):
+            for group in self._flow_groups(parsed):
+                outcomes = await self.engine.process([env for _, env in group])
+                self.metrics.record_outcomes(outcomes, self.flowset)
+                by_env = {id(o.envelope): o for o in outcomes}
+                for msg, env in group:
+                    with correlated([env.correlation_id]):
+                        await self._settle(msg, env, by_env[id(env)], report, statuses, dead, to_complete)
+                await self._complete(to_complete)
+                to_complete = []
+                done = {id(m) for m, _ in group}
+                self._in_flight = [m for m in self._in_flight if id(m) not in done]
 
     def _flow_groups(self, parsed: list[tuple[ReceivedMessage, ChangeEnvelope]],
                      ) -> list[list[tuple[ReceivedMessage, ChangeEnvelope]]]:

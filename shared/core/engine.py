@@ -182,46 +182,13 @@ class SyncEngine:
         same time: each call holds the locks of its records, taken in a fixed order. Across processes (a
         webhook and the controller, scaled-out instances) each call leases its records in the state store,
         in one round trip per batch; a record leased elsewhere is not touched and comes back `failed` with a
-        `RecordBusyError` (RECORD_BUSY, retriable), so the caller retries it shortly.
+        `RecordBusyError` (RECORD_BUSY, retriable), so the caller retries it shortly. Records an enclosing
+        `hold` holds are not locked or leased again.
         """
-        keys = sorted({e.record_id for e in envelopes})
-        locks = [self._locks.setdefault(k, asyncio.Lock()) for k in keys]
-        self._lock_users.update(keys)
-        try:
-            for lock in locks:
-                await lock.acquire()
-            try:
-                return await self._process_leased(envelopes, keys)
-            finally:
-                for lock in reversed(locks):
-                    lock.release()
-        finally:
-            self._lock_users.subtract(keys)
-            for k in keys:
-                if self._lock_users[k] <= 0:
-                    del self._lock_users[k]
-                    self._locks.pop(k, None)
-
-    async def _process_leased(self, envelopes: Sequence[ChangeEnvelope], keys: list[str]) -> list[Outcome]:
-        if not keys:
-            return await self._process(envelopes)
-        owner = uuid.uuid4().hex
-        held = await self.state.acquire_leases(keys, owner, self.lease_seconds)
-        mine = [e for e in envelopes if e.record_id in held]
-        renewer = asyncio.create_task(self._renew_leases(sorted(held), owner))
-        leased = _LEASED.set(frozenset(held))
-        try:
+        async with self.hold(envelopes):
+            held = _LEASED.get()
+            mine = [e for e in envelopes if e.record_id in held]
             done = await self._process(mine) if mine else []
-        finally:
-            _LEASED.reset(leased)
-            renewer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await renewer
-            try:
-                await self.state.release_leases(sorted(held), owner)
-            except Exception as exc:  # the leases expire by themselves; the outcomes stand
-                log.warning("releasing %d record leases failed (%s); they expire in %ss",
-                            len(held), type(exc).__name__, self.lease_seconds)
         if len(mine) == len(envelopes):
             return done
         busy = [Outcome(e, "failed", error=RecordBusyError(
@@ -230,6 +197,57 @@ class SyncEngine:
         await self.state.append_audit([self._audit_for(o) for o in busy])
         by_env = {id(o.envelope): o for o in (*done, *busy)}
         return [by_env[id(e)] for e in envelopes]
+
+    @contextlib.asynccontextmanager
+    async def hold(self, envelopes: Sequence[ChangeEnvelope], *, wait: bool = True) -> AsyncIterator[None]:
+        """Hold the records of `envelopes` (this process's locks and the cross-process leases) for the block.
+
+        `process` calls inside it (in the same task) neither lock nor lease those records again, so a caller that
+        processes a batch flow group by flow group takes and releases the batch's leases once, not per group.
+        A record leased elsewhere is not held (its lock is let go at once): `process` tries it again and reports
+        it busy. With `wait=False` only the leases are taken: another call of this process that wants one of the
+        records finds it busy at once instead of waiting for the whole block (a webhook behind a long batch).
+        """
+        own = _LEASED.get()
+        keys = sorted({e.record_id for e in envelopes} - own)
+        if not keys:
+            yield
+            return
+        locks = {k: self._locks.setdefault(k, asyncio.Lock()) for k in keys} if wait else {}
+        self._lock_users.update(list(locks))
+        locked: list[str] = []
+        try:
+            for k, lock in locks.items():  # in key order, so two calls never wait for each other crosswise
+                await lock.acquire()
+                locked.append(k)
+            owner = uuid.uuid4().hex
+            held = await self.state.acquire_leases(keys, owner, self.lease_seconds)
+            for k in reversed([k for k in locked if k not in held]):
+                locks[k].release()
+            locked = [k for k in locked if k in held]
+            renewer = asyncio.create_task(self._renew_leases(sorted(held), owner))
+            token = _LEASED.set(own | frozenset(held))
+            try:
+                yield
+            finally:
+                _LEASED.reset(token)
+                renewer.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await renewer
+                if held:
+                    try:
+                        await self.state.release_leases(sorted(held), owner)
+                    except Exception as exc:  # the leases expire by themselves; the outcomes stand
+                        log.warning("releasing %d record leases failed (%s); they expire in %ss",
+                                    len(held), type(exc).__name__, self.lease_seconds)
+        finally:
+            for k in reversed(locked):
+                locks[k].release()
+            self._lock_users.subtract(list(locks))
+            for k in locks:
+                if self._lock_users[k] <= 0:
+                    del self._lock_users[k]
+                    self._locks.pop(k, None)
 
     async def _renew_leases(self, keys: list[str], owner: str) -> None:
         """Extend the batch's leases while it runs (a batch may outlast one lease period)."""
