@@ -4,7 +4,8 @@ The queue is the embedded SQLite one and the systems are in-memory fakes, so eve
 state store (`TableStateStore`) sent; `TableRequestCounter` counts them on the wire, by table and kind. Phases:
 N new sign assets enqueued (the poll path: dedup, snapshot walk, audit) and drained; the same N changed (updates:
 write-ahead marks, links re-put, snapshots); the same N again unchanged (echoes); N new work orders under those
-signs (children: parent links, the session walk). Run: `python -m sandbox.bench_tables [--records 1000]`.
+signs (children: parent links, the session walk); then both changed again, mixed in every batch (two flow
+groups). Run: `python -m sandbox.bench_tables [--records 1000]`.
 """
 
 from __future__ import annotations
@@ -104,14 +105,14 @@ async def measure(conn_str: str, records: int, *, batch_size: int = 500, prefix:
                                       source_table="dot_signassets", source_key=key,
                                       source_modified=T0 + timedelta(minutes=step), payload=payload, origin="poll")
 
-            def order(key: str, n: int) -> ChangeEnvelope:
-                payload = {"dot_workorderid": key, "dot_name": f"WO-{n:06d}", "dot_worktype": 100000001,
+            def order(key: str, n: int, step: int = 0) -> ChangeEnvelope:
+                payload = {"dot_workorderid": key, "dot_name": f"WO-{n:06d}-{step}", "dot_worktype": 100000001,
                            "dot_status": 100000000, "dot_signassetid": signs[n], "dot_latitude": 38.0,
                            "dot_longitude": -78.0}
                 dv.put("dot_workorders", key, payload)
                 return ChangeEnvelope(flow="work_orders_to_field", operation="upsert", source_system="dataverse",
-                                      source_table="dot_workorders", source_key=key, source_modified=T0,
-                                      payload=payload, origin="poll")
+                                      source_table="dot_workorders", source_key=key,
+                                      source_modified=T0 + timedelta(minutes=step), payload=payload, origin="poll")
 
             def detail() -> dict[str, int]:
                 return {f"{table.removeprefix(prefix)}/{kind}": n for (table, kind), n in counter.counts.items()}
@@ -142,6 +143,9 @@ async def measure(conn_str: str, records: int, *, batch_size: int = 500, prefix:
             again = [sign(k, n, 1).model_copy(update={"source_version": "2"}) for n, k in enumerate(signs)]
             await phase("unchanged signs", again)
             await phase("new work orders", [order(k, n) for n, k in enumerate(orders)])
+            # both flows in every batch: the batch's leases are taken once, not per flow group
+            mixed = [change for n in range(records) for change in (sign(signs[n], n, 2), order(orders[n], n, 2))]
+            await phase("signs + work orders", mixed)
         finally:
             await queue.close()
             names = state.table_names

@@ -135,3 +135,11 @@ async def test_dead_letters_of_a_batch_are_recorded_in_one_ledger_call(request: 
         names = state.table_names
         await state.close()
         await drop_tables(conn_str, names)
+
+
+def test_a_batch_of_two_flows_takes_its_leases_once(phases: dict[str, Phase]) -> None:
+    drain = phases["signs + work orders: drain"]
+    assert drain.statuses == {"written": 2 * RECORDS}, drain.statuses
+    batches = math.ceil(2 * RECORDS / RECORDS)
+    # one partition: take and release once per batch (per flow group, it was twice that)
+    assert drain.requests.get("leases/transaction") == 2 * batches, drain.requests
