@@ -68,13 +68,13 @@ async def enqueue_new(services: Services, envelopes: list[ChangeEnvelope], *,
     """Enqueue the envelopes whose change was never enqueued before; returns those sent.
 
     The message ids are remembered only once the messages are durably on the queue, so a failed send (or a
-    crash before it) leaves nothing behind and the sender's retry goes through. Two deliveries racing past
-    the read-only check both enqueue: harmless, the engine finds the second one a no-op.
+    crash before it) leaves nothing behind (a claim is not a remembered key) and the sender's retry goes
+    through. Two deliveries racing past the check both enqueue: harmless, the engine finds the second one a no-op.
     """
     if not envelopes:
         return []
     ids = [e.message_id() for e in envelopes]
-    known = await services.state.seen(ENQUEUED, ids)
+    known = await services.state.claim(ENQUEUED, ids)
     fresh: list[ChangeEnvelope] = []
     batch: set[str] = set()
     dropped: list[AuditEntry] = []
@@ -88,7 +88,7 @@ async def enqueue_new(services: Services, envelopes: list[ChangeEnvelope], *,
         fresh.append(env)
     if fresh:
         await enqueue(services, fresh, delay_seconds=delay_seconds)
-        await services.state.remember(ENQUEUED, [e.message_id() for e in fresh])
+        await services.state.confirm(ENQUEUED, [e.message_id() for e in fresh])
     if dropped:
         await services.state.append_audit(dropped)
     return fresh

@@ -91,13 +91,14 @@ async def drop_duplicates(
     """Keep envelopes whose message id was never enqueued before (a webhook and a poll can report one change).
 
     Message ids are derived from the record, operation and source version, so the same change seen twice
-    has the same id; a later change of the record has a new version and passes. The lookup is read-only:
-    the caller calls `remember_enqueued` once the messages are durably on the queue, so a failed send (or a
-    crash before it) leaves no key behind that would drop the change when it is read again.
+    has the same id; a later change of the record has a new version and passes. The lookup remembers nothing
+    (a claim, which costs Table Storage one insert per 100 new keys where a read costs one per key, is not a
+    remembered key): the caller calls `remember_enqueued` once the messages are durably on the queue, so a failed
+    send (or a crash before it) leaves no key behind that would drop the change when it is read again.
     """
     if not envelopes:
         return []
-    seen = await state.seen(ENQUEUED, [e.message_id() for e in envelopes])
+    seen = await state.claim(ENQUEUED, [e.message_id() for e in envelopes])
     fresh: list[ChangeEnvelope] = []
     batch_ids: set[str] = set()
     dropped: list[AuditEntry] = []
@@ -117,7 +118,7 @@ async def drop_duplicates(
 async def remember_enqueued(state: StateStore, envelopes: Sequence[ChangeEnvelope]) -> None:
     """Record the message ids of envelopes now durably on the queue (see `drop_duplicates`)."""
     if envelopes:
-        await state.remember(ENQUEUED, [e.message_id() for e in envelopes])
+        await state.confirm(ENQUEUED, [e.message_id() for e in envelopes])
 
 
 async def to_messages(flowset: FlowSet, state: StateStore, envelopes: Sequence[ChangeEnvelope]) -> list[QueueMessage]:
@@ -146,6 +147,8 @@ async def to_messages(flowset: FlowSet, state: StateStore, envelopes: Sequence[C
                 break
             flow = flowset.flow(lookup.parent_flow)
             root = f"{env.source_system}:{flow.source.table}:{parent_key}"
+            if not flow.lookups:
+                break  # the parent has no parent: its snapshot would not be read further
             where = (env.source_system, flow.source.table, str(parent_key))
             if where not in cache:
                 snaps = await read_snapshots(state, flow.entity, *where[:2], [where[2]])
@@ -223,6 +226,10 @@ class Controller:
         """Messages of the batch being worked that are not settled yet (their locks are renewed)."""
         self._clear_after_complete: list[str] = []
         """Message ids with failed attempts on record whose messages are being completed."""
+        self._audit: list[AuditEntry] = []
+        self._cleared: list[str] = []
+        """Per-message ledger entries and failure counts to clear (dead letters, replays), stored per flow group in
+        one call each (`_flush`) rather than one call per message."""
         self._current_report = CycleReport(started_at="")
         """The report of the cycle in progress (poll pauses are recorded on it)."""
         """Running HTTP request totals per system (the composition root's CallCounter), for the api_calls metric."""
@@ -418,6 +425,12 @@ class Controller:
             await self._work_batch(messages, report, statuses, dead)
         finally:
             self._in_flight = []
+            try:
+                await self._flush()
+            except Exception as exc:  # never hide why the batch failed
+                log.warning("storing %d ledger entries of settled messages failed (%s: %s)", len(self._audit),
+                            type(exc).__name__, exc)
+                self._audit, self._cleared = [], []
 
     async def _work_batch(self, messages: Sequence[ReceivedMessage], report: CycleReport,
                           statuses: Counter[str], dead: Counter[str]) -> None:
@@ -462,17 +475,21 @@ class Controller:
         # Each flow group is settled as soon as the engine is done with it (parents' flows first, as the engine
         # orders them): a crash later in the batch leaves only the changes not yet worked to come back.
         self._in_flight = [m for m, _ in parsed]
-        for group in self._flow_groups(parsed):
-            outcomes = await self.engine.process([env for _, env in group])
-            self.metrics.record_outcomes(outcomes, self.flowset)
-            by_env = {id(o.envelope): o for o in outcomes}
-            for msg, env in group:
-                with correlated([env.correlation_id]):
-                    await self._settle(msg, env, by_env[id(env)], report, statuses, dead, to_complete)
-            await self._complete(to_complete)
-            to_complete = []
-            done = {id(m) for m, _ in group}
-            self._in_flight = [m for m in self._in_flight if id(m) not in done]
+        # The batch's records are leased once for all its flow groups (a transaction per lease partition to take
+        # them and one to release them, where each group would pay that again). Leases only: a webhook of this
+        # process that wants one of them is told it is busy rather than waiting for the whole batch.
+        async with self.engine.hold([env for _, env in parsed], wait=False):
+            for group in self._flow_groups(parsed):
+                outcomes = await self.engine.process([env for _, env in group])
+                self.metrics.record_outcomes(outcomes, self.flowset)
+                by_env = {id(o.envelope): o for o in outcomes}
+                for msg, env in group:
+                    with correlated([env.correlation_id]):
+                        await self._settle(msg, env, by_env[id(env)], report, statuses, dead, to_complete)
+                await self._complete(to_complete)
+                to_complete = []
+                done = {id(m) for m, _ in group}
+                self._in_flight = [m for m in self._in_flight if id(m) not in done]
 
     def _flow_groups(self, parsed: list[tuple[ReceivedMessage, ChangeEnvelope]],
                      ) -> list[list[tuple[ReceivedMessage, ChangeEnvelope]]]:
@@ -526,9 +543,9 @@ class Controller:
                 dead[outcome.error.reason] += 1
         else:
             if env.origin == "replay":
-                await self.state.append_audit([AuditEntry(
+                self._audit.append(AuditEntry(
                     self.clock(), env.correlation_id, env.flow, "replayed", env.source_system,
-                    env.source_table, env.source_key, f"replayed message {msg.message_id}: {outcome.status}")])
+                    env.source_table, env.source_key, f"replayed message {msg.message_id}: {outcome.status}"))
             to_complete.append(msg)
 
     async def _housekeeping(self) -> None:
@@ -685,7 +702,17 @@ class Controller:
         clear = [mid for mid in self._clear_after_complete if mid in settled]
         if clear:
             self._clear_after_complete = [mid for mid in self._clear_after_complete if mid not in settled]
-            await self.state.clear_failures(clear)
+            self._cleared += clear
+        await self._flush()
+
+    async def _flush(self) -> None:
+        """Store the ledger entries and clear the failure counts of the messages settled so far (one call each)."""
+        audit, cleared = self._audit, self._cleared
+        self._audit, self._cleared = [], []
+        if cleared:
+            await self.state.clear_failures(cleared)
+        if audit:
+            await self.state.append_audit(audit)
 
     async def _complete_messages(self, messages: list[ReceivedMessage]) -> None:
         many = getattr(self.queue, "complete_many", None)
@@ -727,12 +754,12 @@ class Controller:
         settled = await self._settle_quietly(self.queue.dead_letter, msg, reason=reason,
                                              description=description[:4000])
         if settled and (exhausted or msg.delivery_count > 1):
-            await self.state.clear_failures([msg.message_id])
-        await self.state.append_audit([AuditEntry(
+            self._cleared.append(msg.message_id)
+        self._audit.append(AuditEntry(
             self.clock(), env.correlation_id if env else (msg.correlation_id or msg.message_id),
             env.flow if env else str(msg.application_properties.get("flow", "?")), "dead_lettered",
             env.source_system if env else "?", env.source_table if env else "?",
-            env.source_key if env else msg.message_id, description[:1000], reason)])
+            env.source_key if env else msg.message_id, description[:1000], reason))
         log.warning("dead-lettered message %s (%s): %s", msg.message_id, reason, description)
 
     async def _settle_quietly(self, fn: Callable[..., Any], msg: ReceivedMessage, **kwargs: Any) -> bool:

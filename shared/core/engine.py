@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import contextvars
 import logging
+import time
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -78,6 +79,10 @@ PARENT_LOCK_WAIT_SECONDS = 10.0
 _LEASED: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar("syncline_leased", default=frozenset())
 """Record ids the current `process` call holds (locked and leased), so ensuring a parent never waits for itself."""
 
+OLD_LAYOUT_RECHECK_SECONDS = 600.0
+"""How long the per-record snapshot layout of earlier versions, once found empty for a table, is taken to stay empty
+(nothing writes it any more; probed again now and then for instances of an earlier version still running)."""
+
 LINE_QUERY_KEYS = 100
 """Headers whose lines are read in one source query (keeps the IN list / or-chain inside URL limits)."""
 
@@ -122,6 +127,8 @@ class _Work:
     """Everything one flow group of a batch loads once from state."""
 
     links: dict[str, str] = field(default_factory=dict)
+    stored_links: dict[str, str] = field(default_factory=dict)
+    """The links read from state (`links` adds those a record names itself): re-putting one is a no-op, skipped."""
     src_snaps: dict[str, Snapshot] = field(default_factory=dict)
     tgt_snaps: dict[str, Snapshot] = field(default_factory=dict)
     parents: dict[str, dict[str, str]] = field(default_factory=dict)
@@ -164,6 +171,7 @@ class SyncEngine:
         self._line_flows = {f.name: flowset.line_flow(f) for f in flowset.flows if f.lines is not None}
         """Each document flow's lines as a flow of their own, built once (not per record)."""
         self._lock_users: Counter[str] = Counter()
+        self._old_layout = OldLayout()
 
     # ------------------------------------------------------------------------------------ public
 
@@ -174,46 +182,13 @@ class SyncEngine:
         same time: each call holds the locks of its records, taken in a fixed order. Across processes (a
         webhook and the controller, scaled-out instances) each call leases its records in the state store,
         in one round trip per batch; a record leased elsewhere is not touched and comes back `failed` with a
-        `RecordBusyError` (RECORD_BUSY, retriable), so the caller retries it shortly.
+        `RecordBusyError` (RECORD_BUSY, retriable), so the caller retries it shortly. Records an enclosing
+        `hold` holds are not locked or leased again.
         """
-        keys = sorted({e.record_id for e in envelopes})
-        locks = [self._locks.setdefault(k, asyncio.Lock()) for k in keys]
-        self._lock_users.update(keys)
-        try:
-            for lock in locks:
-                await lock.acquire()
-            try:
-                return await self._process_leased(envelopes, keys)
-            finally:
-                for lock in reversed(locks):
-                    lock.release()
-        finally:
-            self._lock_users.subtract(keys)
-            for k in keys:
-                if self._lock_users[k] <= 0:
-                    del self._lock_users[k]
-                    self._locks.pop(k, None)
-
-    async def _process_leased(self, envelopes: Sequence[ChangeEnvelope], keys: list[str]) -> list[Outcome]:
-        if not keys:
-            return await self._process(envelopes)
-        owner = uuid.uuid4().hex
-        held = await self.state.acquire_leases(keys, owner, self.lease_seconds)
-        mine = [e for e in envelopes if e.record_id in held]
-        renewer = asyncio.create_task(self._renew_leases(sorted(held), owner))
-        leased = _LEASED.set(frozenset(held))
-        try:
+        async with self.hold(envelopes):
+            held = _LEASED.get()
+            mine = [e for e in envelopes if e.record_id in held]
             done = await self._process(mine) if mine else []
-        finally:
-            _LEASED.reset(leased)
-            renewer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await renewer
-            try:
-                await self.state.release_leases(sorted(held), owner)
-            except Exception as exc:  # the leases expire by themselves; the outcomes stand
-                log.warning("releasing %d record leases failed (%s); they expire in %ss",
-                            len(held), type(exc).__name__, self.lease_seconds)
         if len(mine) == len(envelopes):
             return done
         busy = [Outcome(e, "failed", error=RecordBusyError(
@@ -222,6 +197,57 @@ class SyncEngine:
         await self.state.append_audit([self._audit_for(o) for o in busy])
         by_env = {id(o.envelope): o for o in (*done, *busy)}
         return [by_env[id(e)] for e in envelopes]
+
+    @contextlib.asynccontextmanager
+    async def hold(self, envelopes: Sequence[ChangeEnvelope], *, wait: bool = True) -> AsyncIterator[None]:
+        """Hold the records of `envelopes` (this process's locks and the cross-process leases) for the block.
+
+        `process` calls inside it (in the same task) neither lock nor lease those records again, so a caller that
+        processes a batch flow group by flow group takes and releases the batch's leases once, not per group.
+        A record leased elsewhere is not held (its lock is let go at once): `process` tries it again and reports
+        it busy. With `wait=False` only the leases are taken: another call of this process that wants one of the
+        records finds it busy at once instead of waiting for the whole block (a webhook behind a long batch).
+        """
+        own = _LEASED.get()
+        keys = sorted({e.record_id for e in envelopes} - own)
+        if not keys:
+            yield
+            return
+        locks = {k: self._locks.setdefault(k, asyncio.Lock()) for k in keys} if wait else {}
+        self._lock_users.update(list(locks))
+        locked: list[str] = []
+        try:
+            for k, lock in locks.items():  # in key order, so two calls never wait for each other crosswise
+                await lock.acquire()
+                locked.append(k)
+            owner = uuid.uuid4().hex
+            held = await self.state.acquire_leases(keys, owner, self.lease_seconds)
+            for k in reversed([k for k in locked if k not in held]):
+                locks[k].release()
+            locked = [k for k in locked if k in held]
+            renewer = asyncio.create_task(self._renew_leases(sorted(held), owner))
+            token = _LEASED.set(own | frozenset(held))
+            try:
+                yield
+            finally:
+                _LEASED.reset(token)
+                renewer.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await renewer
+                if held:
+                    try:
+                        await self.state.release_leases(sorted(held), owner)
+                    except Exception as exc:  # the leases expire by themselves; the outcomes stand
+                        log.warning("releasing %d record leases failed (%s); they expire in %ss",
+                                    len(held), type(exc).__name__, self.lease_seconds)
+        finally:
+            for k in reversed(locked):
+                locks[k].release()
+            self._lock_users.subtract(list(locks))
+            for k in locks:
+                if self._lock_users[k] <= 0:
+                    del self._lock_users[k]
+                    self._locks.pop(k, None)
 
     async def _renew_leases(self, keys: list[str], owner: str) -> None:
         """Extend the batch's leases while it runs (a batch may outlast one lease period)."""
@@ -299,6 +325,7 @@ class SyncEngine:
         keys = [e.source_key for e in envs]
         src, tgt = flow.source, flow.target
         work.links = await self.state.get_links(flow.entity, src.system, keys, tgt.system)
+        work.stored_links = dict(work.links)
         # A source record that names its target record (a written-back id, or the id of the record it was made
         # from) is linked to it even when the link was never stored (an ambiguous create, a crash before it).
         named_by = [f for f in (flow.link.write_back, flow.link.origin_field) if f]
@@ -306,9 +333,9 @@ class SyncEngine:
             known = next((v for f in named_by if isinstance(v := env.payload.get(f), str) and v.strip()), None)
             if env.source_key not in work.links and known is not None:
                 work.links[env.source_key] = _canonical_key(tgt.system, known)
-        work.src_snaps = await read_snapshots(self.state, flow.entity, src.system, src.table, keys)
+        work.src_snaps = await read_snapshots(self.state, flow.entity, src.system, src.table, keys, self._old_layout)
         work.tgt_snaps = await read_snapshots(self.state, flow.entity, tgt.system, tgt.table,
-                                              sorted(set(work.links.values())))
+                                              sorted(set(work.links.values())), self._old_layout)
         work.parents = await self._parent_links(flow, [e.payload for e in envs])
         if flow.lines is not None:
             work.lines = await self._read_lines(flow, [e for e in envs if e.operation != "delete"], work.read_errors)
@@ -757,6 +784,7 @@ class SyncEngine:
         audit: list[AuditEntry] = []
         writebacks: list[tuple[_Plan, WriteOp]] = []
         forget: list[str] = []
+        forget_targets: list[str] = []
         parents: list[_Parent] = []
         refused: list[str | None] = []
         for plan in plans:
@@ -774,13 +802,14 @@ class SyncEngine:
                 outcomes[plan.index] = Outcome(env, "deleted", target_key=key)
                 forget.append(env.source_key)
                 if key:
-                    await forget_snapshots(self.state, flow.entity, tgt.system, tgt.table, [key])
+                    forget_targets.append(key)
                 audit.append(AuditEntry(now, env.correlation_id, flow.name, "deleted", tgt.system, tgt.table,
                                         key or "", f"deleted after {src.system} delete of {env.source_key}"))
                 continue
             assert key is not None
             assert plan.mapped is not None
-            links.append(Link(flow.entity, src.system, env.source_key, tgt.system, key))
+            if work.stored_links.get(env.source_key) != key:
+                links.append(Link(flow.entity, src.system, env.source_key, tgt.system, key))
             prev_t = work.tgt_snaps.get(key)
             tvalues = {**(dict(prev_t.values) if prev_t else {}), **_written(plan.op)}
             tvalues.pop(CASCADED, None)  # a new state: its cascades are not done yet
@@ -816,12 +845,14 @@ class SyncEngine:
             if wb and not same(env.payload.get(wb), key):
                 writebacks.append((plan, WriteOp(f"wb:{plan.op.op_id}", "update", src.table, key=env.source_key,
                                                  values={wb: key}, correlation_id=env.correlation_id)))
+        if forget_targets:  # before the puts, as when each delete forgot its target at once
+            await forget_snapshots(self.state, flow.entity, tgt.system, tgt.table, forget_targets, self._old_layout)
         if links:
             await self.state.put_links(links)
         if snaps:
             await self.state.put_snapshots(snaps)
         if forget:
-            await forget_snapshots(self.state, flow.entity, src.system, src.table, forget)
+            await forget_snapshots(self.state, flow.entity, src.system, src.table, forget, self._old_layout)
         if refused:
             await self._unmark(flow, before, refused)
         if writebacks:
@@ -1022,7 +1053,8 @@ class SyncEngine:
             errors.append(with_detail(error, f"{where}: child {child.key}: {error.detail}"))
             with correlated([correlation_id]):
                 log.warning("cascade %s: %s %s failed: %s", cascade.name, system, child.key, error)
-        prev = await read_snapshots(self.state, cascade.child_entity, system, table, [c.key for c in done])
+        prev = await read_snapshots(self.state, cascade.child_entity, system, table, [c.key for c in done],
+                                    self._old_layout)
         snaps = []
         for child in done:
             merged = {**(dict(prev[child.key].values) if child.key in prev else {}), **values}
@@ -1066,6 +1098,26 @@ class SyncEngine:
         )
 
 
+class OldLayout:
+    """Which system tables hold no snapshot in the per-record layout of earlier versions: one probe per table and
+    `OLD_LAYOUT_RECHECK_SECONDS`, where a batch would otherwise probe (or read every missing key) each time."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._empty_until: dict[tuple[str, str], float] = {}
+
+    async def holds(self, state: StateStore, system: str, table: str) -> bool:
+        """Whether (`system`, `table`) may hold snapshots in the old layout."""
+        now = self._clock()
+        if self._empty_until.get((system, table), now) > now:
+            return False
+        if await state.has_snapshots(system, table):
+            self._empty_until.pop((system, table), None)
+            return True
+        self._empty_until[(system, table)] = now + OLD_LAYOUT_RECHECK_SECONDS
+        return False
+
+
 def snapshot_table(table: str, entity: str) -> str:
     """Where a record's snapshot is kept for one entity (one pair of flows): per entity, not per record.
 
@@ -1077,22 +1129,31 @@ def snapshot_table(table: str, entity: str) -> str:
 
 
 async def read_snapshots(state: StateStore, entity: str, system: str, table: str,
-                         keys: Sequence[str]) -> dict[str, Snapshot]:
+                         keys: Sequence[str], layout: OldLayout | None = None) -> dict[str, Snapshot]:
     """The records' snapshots for `entity`; a record with none yet is read from the per-record snapshot that
     earlier versions kept (returned as the entity's, so the next write stores it in the new place)."""
     found = await state.get_snapshots(system, snapshot_table(table, entity), keys)
     missing = [k for k in keys if k not in found]
-    if missing:
+    # Nothing writes the old layout any more: once it is empty (or was never used), one probe replaces a read per key.
+    if missing and await _old_layout_holds(state, system, table, layout):
         for key, old in (await state.get_snapshots(system, table, missing)).items():
             found[key] = Snapshot(system, snapshot_table(table, entity), key, old.values, old.hash, old.modified)
     return found
 
 
-async def forget_snapshots(state: StateStore, entity: str, system: str, table: str, keys: Sequence[str]) -> None:
+async def _old_layout_holds(state: StateStore, system: str, table: str, layout: OldLayout | None) -> bool:
+    if layout is None:
+        return await state.has_snapshots(system, table)
+    return await layout.holds(state, system, table)
+
+
+async def forget_snapshots(state: StateStore, entity: str, system: str, table: str, keys: Sequence[str],
+                           layout: OldLayout | None = None) -> None:
     """Forget deleted records' snapshots for `entity`, and the per-record ones of earlier versions (a key reused
     later must not inherit them)."""
     await state.delete_snapshots(system, snapshot_table(table, entity), keys)
-    await state.delete_snapshots(system, table, keys)
+    if keys and await _old_layout_holds(state, system, table, layout):
+        await state.delete_snapshots(system, table, keys)
 
 
 def _written(op: WriteOp) -> dict[str, Any]:

@@ -104,6 +104,11 @@ class StateStore(Protocol):
         """Forget snapshots (after a delete)."""
         ...
 
+    async def has_snapshots(self, system: str, table: str) -> bool:
+        """Whether any snapshot of (`system`, `table`) exists: one request, where reading keys costs one per key
+        on Table Storage (the engine probes the per-record layout of earlier versions before reading it)."""
+        ...
+
     async def get_checkpoint(self, name: str) -> Checkpoint | None:
         """Read a checkpoint, or None when it was never set."""
         ...
@@ -118,6 +123,19 @@ class StateStore(Protocol):
 
     async def seen(self, namespace: str, keys: Sequence[str]) -> set[str]:
         """The subset of `keys` remembered in `namespace` (read-only: remembers nothing)."""
+        ...
+
+    async def claim(self, namespace: str, keys: Sequence[str]) -> set[str]:
+        """The subset of `keys` remembered in `namespace`, as `seen` reports it; remembers nothing.
+
+        It may leave a claim on the other keys (Table Storage checks a batch of new keys with one insert per 100
+        instead of a read per key). A claim is not remembered: `seen`, `claim` and `remember` all ignore it, so a
+        caller that fails before `confirm` loses nothing.
+        """
+        ...
+
+    async def confirm(self, namespace: str, keys: Sequence[str]) -> None:
+        """Remember `keys` (claimed or not) without reporting which were known: a blind batch of writes."""
         ...
 
     async def forget_remembered(self, before: datetime) -> int:

@@ -388,6 +388,15 @@ class SqliteStateStore:
         if unique:
             await self._db.write(work)
 
+    async def has_snapshots(self, system: str, table: str) -> bool:
+        """Whether any snapshot of (`system`, `table`) exists."""
+
+        def work(conn: sqlite3.Connection) -> bool:
+            sql = 'SELECT 1 FROM snapshots WHERE system = ? AND "table" = ? LIMIT 1'
+            return conn.execute(sql, (system, table)).fetchone() is not None
+
+        return await self._db.read(work)
+
     # ------------------------------------------------------------------------------------ checkpoints
 
     async def get_checkpoint(self, name: str) -> Checkpoint | None:
@@ -464,6 +473,14 @@ class SqliteStateStore:
             return found
 
         return await self._db.read(work) if unique else set()
+
+    async def claim(self, namespace: str, keys: Sequence[str]) -> set[str]:
+        """The subset of `keys` remembered in `namespace` (a read: one local query costs what a claim would)."""
+        return await self.seen(namespace, keys)
+
+    async def confirm(self, namespace: str, keys: Sequence[str]) -> None:
+        """Remember `keys`."""
+        await self.remember(namespace, keys)
 
     async def forget_remembered(self, before: datetime) -> int:
         """Drop dedup keys remembered before `before` (retention); returns how many were dropped."""

@@ -10,9 +10,9 @@ docs/state-tables.md shows the same design with examples.
     links        {entity}|{system_lo}|{system_hi}     {system}|{key}                         other_key
     snapshots    {system}|{table}                     {key}                                  values, hash, modified
     checkpoints  checkpoint                           {name}                                 value, updated_at
-    dedup        {namespace}                          {key}                                  remembered_at
+    dedup        {namespace}                          {key}                                  remembered_at, claimed
     failures     {message id}                         count                                  count, updated_at
-    leases       lease{crc32(row) % 16:02d}             {record id}                            owner, expires
+    leases       lease{crc32(row) % P:02d} (P=16)       {record id}                            owner, expires
     audit        {99999999-yyyymmdd}_{yyyy-mm-dd}     {inverted ticks}_{inverted seq}_{id}   the AuditEntry
 
 - links: both directions of a link live in ONE partition per (entity, unordered system pair), so a link, its
@@ -25,7 +25,9 @@ docs/state-tables.md shows the same design with examples.
   ValueError. Audit `detail` is spread the same way.
 - checkpoints: compare-and-set with the service's own ETag (`update_entity(REPLACE, IfNotModified)`;
   "must not exist" is `create_entity`); 409, 412 and 404 become CheckpointConflictError.
-- dedup: `create_entity` is the atomic "first one wins"; a 409 means the key was remembered before.
+- dedup: `create_entity` is the atomic "first one wins"; a 409 means the key was remembered before. `claim`
+  checks a batch of keys with insert transactions of rows marked `claimed` (which no read counts as remembered),
+  `confirm` remembers them with blind upserts: enqueueing new changes costs no read per key.
 - failures: one row per message id, raised by read + ETag-conditional replace (insert for the first failure).
 - leases: insert when free (409 when taken); an expired or own lease is replaced under its ETag; release
   deletes under the ETag the store wrote, so a lease that expired and was taken over is never deleted.
@@ -47,6 +49,7 @@ import threading
 import time
 import uuid
 import zlib
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -61,6 +64,7 @@ from azure.core.exceptions import (
     ResourceModifiedError,
     ResourceNotFoundError,
 )
+from azure.core.pipeline import PipelineRequest
 from azure.core.pipeline.transport import AsyncHttpTransport
 from azure.data.tables import TableEntity, TableTransactionError, UpdateMode
 from azure.data.tables.aio import TableClient, TableServiceClient
@@ -94,7 +98,11 @@ _TABLE_PREFIX = re.compile(r"[A-Za-z][A-Za-z0-9]{0,51}")
 _CHECKPOINT_PARTITION = "checkpoint"
 _LINK_RETRIES = 5
 _FAILURE_ROW = "count"
-_LEASE_PARTITIONS = 16
+_CLAIMED = "claimed"
+"""Dedup row property: the key is only claimed (`claim`), not remembered."""
+#: Partitions of the leases table. Every client of one account must use the same number (it addresses each lease
+#: row), so it changes only with every instance stopped; fewer partitions mean fewer transactions per batch.
+LEASE_PARTITIONS: Final = 16
 _MAX_TICKS = 3_155_378_975_999_999_999  # .NET DateTime.MaxValue.Ticks: inverted ticks stay positive
 _EPOCH_0001 = datetime(1, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
@@ -320,6 +328,89 @@ def plan_transactions(
     return [chunk for chunks in planned.values() for chunk in chunks if chunk]
 
 
+# ------------------------------------------------------------------------------------ request counting
+
+_ENTITY_PATH = re.compile(r"/([A-Za-z][A-Za-z0-9]*)\((.*)\)$")
+_KIND_BY_METHOD: Final = {"PUT": "upsert", "MERGE": "merge", "PATCH": "merge", "DELETE": "delete"}
+
+
+class TableRequestCounter:
+    """Counts the HTTP requests a Table client sends, by (table, kind), retries included.
+
+    It is the client's `raw_request_hook` (azure-core's CustomHookPolicy, which runs after the retry policy, so
+    once per attempt: the Tables SDK takes no `per_retry_policies`).
+
+    Kinds: `read` (point read), `query` (filtered or listing GET), `insert`, `upsert` / `merge` (PUT / MERGE on
+    an entity: replace or conditional update), `delete`, `transaction` (one `$batch`, counted once; `ops` counts
+    its operations) and `table` (table creation). Tests and benchmarks read `counts`, `total` and `ops`.
+    """
+
+    def __init__(self) -> None:
+        self.counts: Counter[tuple[str, str]] = Counter()
+        self.ops: Counter[str] = Counter()
+        """Entity operations carried inside transactions, per table."""
+
+    @property
+    def total(self) -> int:
+        """Every request sent so far."""
+        return sum(self.counts.values())
+
+    def by_kind(self) -> dict[str, int]:
+        """Totals per kind (all tables)."""
+        out: Counter[str] = Counter()
+        for (_, kind), count in self.counts.items():
+            out[kind] += count
+        return dict(out)
+
+    def by_table(self) -> dict[str, int]:
+        """Totals per table (as named on the wire, prefix included; `$batch` ones by the table they write)."""
+        out: Counter[str] = Counter()
+        for (table, _), count in self.counts.items():
+            out[table] += count
+        return dict(out)
+
+    def reset(self) -> None:
+        self.counts.clear()
+        self.ops.clear()
+
+    def __call__(self, request: PipelineRequest[Any]) -> None:
+        table, kind = self.classify(request.http_request)
+        self.counts[(table, kind)] += 1
+
+    def classify(self, http: Any) -> tuple[str, str]:
+        """(table, kind) of one outgoing request."""
+        path = str(http.url).split("?", 1)[0]
+        method = str(http.method).upper()
+        if path.endswith("/$batch"):
+            table, ops = _batch_contents(http)
+            self.ops[table] += ops
+            return table, "transaction"
+        if path.endswith("/Tables") or "/Tables(" in path:
+            return "", "table"
+        match = _ENTITY_PATH.search(path)
+        if match is None:
+            return path.rsplit("/", 1)[-1], "insert" if method == "POST" else "query"
+        table, address = match.groups()
+        if method == "GET":
+            return table, "read" if address else "query"
+        if method == "POST":
+            return table, "insert"
+        return table, _KIND_BY_METHOD.get(method, method.lower())
+
+
+def _batch_contents(http: Any) -> tuple[str, int]:
+    """The table a `$batch` request writes and how many operations it carries (from the SDK's multipart parts)."""
+    try:
+        changeset = http.multipart_mixed_info[0][0]
+        parts = changeset.multipart_mixed_info[0]
+        first = str(parts[0].url).split("?", 1)[0]
+        match = _ENTITY_PATH.search(first)
+        table = match.group(1) if match else first.rsplit("/", 1)[-1]
+        return table, len(parts)
+    except (AttributeError, IndexError, TypeError):
+        return "$batch", 0
+
+
 # ------------------------------------------------------------------------------------------ helpers
 
 
@@ -402,6 +493,8 @@ class TableStateStore:
         table_prefix: str = "syncline",
         concurrency: int = DEFAULT_CONCURRENCY,
         owned_credential: AsyncTokenCredential | None = None,
+        requests: TableRequestCounter | None = None,
+        lease_partitions: int = LEASE_PARTITIONS,
     ) -> None:
         if not _TABLE_PREFIX.fullmatch(table_prefix):
             raise ValueError(
@@ -414,16 +507,30 @@ class TableStateStore:
         self._credential = owned_credential
         self._tables: dict[str, TableClient] = {}
         self._create_lock = asyncio.Lock()
+        if not 1 <= lease_partitions <= 100:
+            raise ValueError(f"lease_partitions must be 1-100, got {lease_partitions}")
+        self._lease_partitions = lease_partitions
+        self.requests = requests or TableRequestCounter()
+        """What this store sent, by table and kind (attached to the client by `from_connection_string` and
+        `from_endpoint`; a store built on a client of its own counts only if that client has the policy)."""
         self._lease_etags: dict[tuple[str, str], str] = {}
         """(row key, owner) -> the ETag of the lease row this store last wrote for that owner."""
 
     @classmethod
     def from_connection_string(
-        cls, conn_str: str, *, table_prefix: str = "syncline", concurrency: int = DEFAULT_CONCURRENCY
+        cls,
+        conn_str: str,
+        *,
+        table_prefix: str = "syncline",
+        concurrency: int = DEFAULT_CONCURRENCY,
+        lease_partitions: int = LEASE_PARTITIONS,
     ) -> TableStateStore:
         """Shared-key access: a storage account connection string, or `azurite_connection_string(port)`."""
-        service = TableServiceClient.from_connection_string(conn_str, transport=default_transport())
-        return cls(service, table_prefix=table_prefix, concurrency=concurrency)
+        counter = TableRequestCounter()
+        service = TableServiceClient.from_connection_string(conn_str, transport=default_transport(),
+                                                            raw_request_hook=counter)
+        return cls(service, table_prefix=table_prefix, concurrency=concurrency, requests=counter,
+                   lease_partitions=lease_partitions)
 
     @classmethod
     def from_endpoint(
@@ -433,6 +540,7 @@ class TableStateStore:
         *,
         table_prefix: str = "syncline",
         concurrency: int = DEFAULT_CONCURRENCY,
+        lease_partitions: int = LEASE_PARTITIONS,
     ) -> TableStateStore:
         """Identity-based access to `https://<account>.table.core.windows.net`.
 
@@ -446,8 +554,11 @@ class TableStateStore:
 
             # Its own transport, so that it too works when aiohttp is not installed.
             credential = owned = DefaultAzureCredential(transport=default_transport())
-        service = TableServiceClient(endpoint, credential=credential, transport=default_transport())
-        return cls(service, table_prefix=table_prefix, concurrency=concurrency, owned_credential=owned)
+        counter = TableRequestCounter()
+        service = TableServiceClient(endpoint, credential=credential, transport=default_transport(),
+                                     raw_request_hook=counter)
+        return cls(service, table_prefix=table_prefix, concurrency=concurrency, owned_credential=owned,
+                   requests=counter, lease_partitions=lease_partitions)
 
     @property
     def table_names(self) -> list[str]:
@@ -794,6 +905,17 @@ class TableStateStore:
 
         await self._all_or_each(client, plan_transactions([op] for op in ops), 404, delete_each)
 
+    async def has_snapshots(self, system: str, table: str) -> bool:
+        """Whether any snapshot of (`system`, `table`) exists: a query of one row of its partition."""
+        client = await self._table("snapshots")
+        parameters = {"pk": table_key(system, table)}
+        rows = client.query_entities("PartitionKey eq @pk", parameters=parameters, results_per_page=1,
+                                     select=["RowKey"])
+        async with self._limit:
+            async for _ in rows:
+                return True
+        return False
+
     async def _all_or_each(
         self,
         client: TableClient,
@@ -887,12 +1009,29 @@ class TableStateStore:
         seen: set[str] = set()
 
         async def create_each(chunk: Sequence[TableOp]) -> None:
-            # Insert is the atomic "first one wins": whoever gets 409 saw the key before (or concurrently).
+            # Insert is the atomic "first one wins": whoever gets 409 saw the key before (or concurrently), unless
+            # the row is only a claim: then this call remembers it (replace under the claim's ETag).
             async def create(op: TableOp) -> None:
-                try:
-                    await table.create_entity(op.entity)
-                except ResourceExistsError:
-                    seen.add(by_row[op.row])
+                for _ in range(_LINK_RETRIES):
+                    try:
+                        await table.create_entity(op.entity)
+                        return
+                    except ResourceExistsError:
+                        pass
+                    try:
+                        current = await table.get_entity(op.partition, op.row)
+                    except ResourceNotFoundError:
+                        continue  # forgotten meanwhile: insert again
+                    if not current.get(_CLAIMED):
+                        seen.add(by_row[op.row])
+                        return
+                    try:
+                        await table.update_entity(op.entity, mode=UpdateMode.REPLACE, etag=current.metadata["etag"],
+                                                  match_condition=MatchConditions.IfNotModified)
+                        return
+                    except (ResourceModifiedError, ResourceNotFoundError):
+                        continue  # remembered or forgotten concurrently: look again
+                raise RuntimeError(f"dedup key {by_row[op.row]!r} kept changing under concurrent writers")
 
             await self._each(chunk, create)
 
@@ -910,7 +1049,45 @@ class TableStateStore:
         partition = table_key(namespace)
         addresses = {(partition, table_key(key)): key for key in unique}
         found = await self._read_many(table, addresses)
-        return {addresses[address] for address in found}
+        return {addresses[address] for address, row in found.items() if not row.get(_CLAIMED)}
+
+    async def claim(self, namespace: str, keys: Sequence[str]) -> set[str]:
+        """The subset of `keys` remembered in `namespace`, leaving a claim on the others where it costs nothing.
+
+        Keys that are all new (the common case) cost one insert transaction per 100, not a read each. A
+        transaction that meets an existing row (remembered, or claimed by an earlier call) fails whole and its
+        keys are read instead: remembered ones are reported, claims are not.
+        """
+        unique = list(dict.fromkeys(keys))
+        if not unique:
+            return set()
+        table = await self._table("dedup")
+        partition = table_key(namespace)
+        stamp = _plain_utc(datetime.now(UTC))
+        by_row = {table_key(key): key for key in unique}
+        ops = [TableOp("create", {"PartitionKey": partition, "RowKey": row, "remembered_at": stamp, _CLAIMED: True})
+               for row in by_row]
+        remembered: set[str] = set()
+
+        async def read_each(chunk: Sequence[TableOp]) -> None:
+            # The keys of this chunk stay unclaimed: a claim only makes the check cheaper, it is never needed.
+            found = await self._read_many(table, [(op.partition, op.row) for op in chunk])
+            remembered.update(by_row[row] for (_, row), entity in found.items() if not entity.get(_CLAIMED))
+
+        await self._all_or_each(table, plan_transactions([op] for op in ops), 409, read_each)
+        return remembered
+
+    async def confirm(self, namespace: str, keys: Sequence[str]) -> None:
+        """Remember `keys` (claimed or not): blind upserts, one transaction per 100 keys."""
+        unique = list(dict.fromkeys(keys))
+        if not unique:
+            return
+        table = await self._table("dedup")
+        partition = table_key(namespace)
+        stamp = _plain_utc(datetime.now(UTC))
+        ops = [TableOp("upsert", {"PartitionKey": partition, "RowKey": table_key(key), "remembered_at": stamp})
+               for key in unique]
+        await self._submit(table, plan_transactions([op] for op in ops))
 
     async def forget_remembered(self, before: datetime) -> int:
         """Drop dedup keys remembered before `before` (retention); returns how many were dropped.
@@ -1051,11 +1228,10 @@ class TableStateStore:
 
     # ------------------------------------------------------------------------------------------ leases
 
-    @staticmethod
-    def _lease_address(key: str) -> tuple[str, str]:
+    def _lease_address(self, key: str) -> tuple[str, str]:
         # A few partitions, so that a batch's leases go in entity group transactions (100 per request).
         row = table_key(key)
-        return f"lease{zlib.crc32(row.encode('utf-8', 'surrogatepass')) % _LEASE_PARTITIONS:02d}", row
+        return f"lease{zlib.crc32(row.encode('utf-8', 'surrogatepass')) % self._lease_partitions:02d}", row
 
     async def acquire_leases(self, keys: Sequence[str], owner: str, ttl_seconds: float) -> set[str]:
         """Take or extend the leases of `keys` for `owner`; returns the keys it holds afterwards.

@@ -154,6 +154,22 @@ async def test_delete_snapshots_forgets_only_the_given_keys(state_factory: State
     assert set(await store.get_snapshots("arcgis", "owners", ["a"])) == {"a"}
 
 
+async def test_has_snapshots_tells_whether_a_system_table_holds_any(state_factory: StateFactory) -> None:
+    store = await state_factory()
+    assert not await store.has_snapshots("arcgis", "parcels")
+    await store.put_snapshots([snapshot("a"), snapshot("b"), snapshot("k", table="parcels@parcel")])
+
+    assert await store.has_snapshots("arcgis", "parcels")
+    assert await store.has_snapshots("arcgis", "parcels@parcel")
+    assert not await store.has_snapshots("arcgis", "owners")
+    assert not await store.has_snapshots("dataverse", "parcels")
+    assert not await store.has_snapshots("arcgis", "parcel")  # a prefix of a table is another table
+
+    await store.delete_snapshots("arcgis", "parcels", ["a", "b"])
+    assert not await store.has_snapshots("arcgis", "parcels")
+    assert await store.has_snapshots("arcgis", "parcels@parcel")
+
+
 # ---------------------------------------------------------------------------------------- checkpoints
 
 
@@ -249,6 +265,52 @@ async def test_remember_a_key_twice_in_one_call_is_not_seen_before(state_factory
 
     assert await store.remember("webhook", ["a", "a"]) == set()
     assert await store.remember("webhook", ["a"]) == {"a"}
+
+
+async def test_claim_reports_remembered_keys_and_a_claim_is_never_remembered(state_factory: StateFactory) -> None:
+    store, other = await state_factory(), await state_factory()
+    await store.remember("enqueued", ["old"])
+
+    assert await store.claim("enqueued", ["old", "new", "new"]) == {"old"}
+    # claimed, then never confirmed (a send that failed, a crash): the key was not remembered
+    assert await other.claim("enqueued", ["new", "old"]) == {"old"}
+    assert await store.seen("enqueued", ["new", "old"]) == {"old"}
+    assert await other.remember("enqueued", ["new"]) == set()  # the claim is not "remembered before"
+    assert await store.remember("enqueued", ["new"]) == {"new"}
+    assert await store.claim("enqueued", ["new"]) == {"new"}
+
+
+async def test_confirm_remembers_claimed_and_unclaimed_keys(state_factory: StateFactory) -> None:
+    store = await state_factory()
+    many = [f"k-{n:03d}" for n in range(130)]  # more than one transaction
+    assert await store.claim("enqueued", many[:120]) == set()
+
+    await store.confirm("enqueued", many)
+
+    assert await store.seen("enqueued", [*many, "other"]) == set(many)
+    assert await store.claim("enqueued", [*many, "other"]) == set(many)
+    assert await store.remember("enqueued", [many[0], "other"]) == {many[0]}
+    assert await store.claim("poll", many[:3]) == set()  # namespaces stay separate
+
+
+async def test_claim_of_a_large_mix_reports_exactly_the_remembered(state_factory: StateFactory) -> None:
+    store = await state_factory()
+    keys = [f"m-{n:03d}" for n in range(250)]
+    remembered = set(keys[::7])
+    await store.remember("enqueued", sorted(remembered))
+    await store.claim("enqueued", keys[1::5])  # some claimed already, some of them remembered too
+
+    assert await store.claim("enqueued", keys) == remembered
+    assert await store.seen("enqueued", keys) == remembered
+
+
+async def test_concurrent_remembers_of_a_claimed_key_exactly_one_is_first(state_factory: StateFactory) -> None:
+    first, second = await state_factory(), await state_factory()
+    await first.claim("enqueued", ["k"])
+
+    results = await asyncio.gather(first.remember("enqueued", ["k"]), second.remember("enqueued", ["k"]))
+
+    assert sorted(map(sorted, results)) == [[], ["k"]]
 
 
 async def test_remember_is_shared_by_clients_of_the_same_store(state_factory: StateFactory) -> None:
