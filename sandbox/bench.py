@@ -27,6 +27,20 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def dataverse_only_environment(ca_bundle: str, dataverse_url: str) -> dict[str, str]:
+    """Settings of a child that drains queued ArcGIS edits into the Dataverse simulator and nothing else."""
+    from sandbox import dataverse_sim as dvs
+
+    return {"SYNCLINE_CA_BUNDLE": ca_bundle, "DATAVERSE__URL": dataverse_url,
+            "DATAVERSE__AUTHORITY_HOST": dataverse_url, "DATAVERSE__TENANT_ID": dvs.DEFAULT_TENANT_ID,
+            "DATAVERSE__CLIENT_ID": dvs.DEFAULT_CLIENT_ID, "DATAVERSE__CLIENT_SECRET": dvs.DEFAULT_CLIENT_SECRET,
+            # ArcGIS is configured (never contacted: the edits are queued, the drain only writes Dataverse)
+            # because a flow whose source system is not configured stays idle and its messages would fail.
+            "ARCGIS__SERVICE_URL": "https://arcgis.invalid/arcgis/rest/services/Signs/FeatureServer",
+            "ARCGIS__API_KEY": "never-used", "SYNCLINE_FLOWS": str(ROOT / "flows" / "dot-signs.yaml"),
+            "FNO__ENVIRONMENT_URL": "", "SALESFORCE__MY_DOMAIN_URL": "", "SAP__BASE_URL": ""}
+
+
 # ------------------------------------------------------------------------------------------ child
 
 
@@ -152,14 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sim = dvs.DataverseSimulator(latency_ms=args.latency_ms)
         seed_dataverse(sim, signs=max(args.records, args.naive_records), work_orders=0)
         server = RunningServer(sim.app, ca=ca).start()
-        base = {**os.environ, "SYNCLINE_CA_BUNDLE": str(ca.ca_path), "DATAVERSE__URL": server.url,
-                "DATAVERSE__AUTHORITY_HOST": server.url, "DATAVERSE__TENANT_ID": dvs.DEFAULT_TENANT_ID,
-                "DATAVERSE__CLIENT_ID": dvs.DEFAULT_CLIENT_ID, "DATAVERSE__CLIENT_SECRET": dvs.DEFAULT_CLIENT_SECRET,
-                # ArcGIS is configured (never contacted: the edits are queued, the drain only writes Dataverse)
-                # because a flow whose source system is not configured stays idle and its messages would fail.
-                "ARCGIS__SERVICE_URL": "https://arcgis.invalid/arcgis/rest/services/Signs/FeatureServer",
-                "ARCGIS__API_KEY": "never-used", "SYNCLINE_FLOWS": str(ROOT / "flows" / "dot-signs.yaml"),
-                "FNO__ENVIRONMENT_URL": "", "SALESFORCE__MY_DOMAIN_URL": "", "SAP__BASE_URL": ""}
+        base = {**os.environ, **dataverse_only_environment(str(ca.ca_path), server.url)}
         try:
             print(f"Dataverse simulator with {args.latency_ms:.0f} ms per request; "
                   f"batched path: {args.records} records, naive path: {args.naive_records} records", flush=True)

@@ -300,6 +300,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--baseline {args.baseline!r} is not one of the --variant names")
 
     from sandbox import dataverse_sim as dvs
+    from sandbox.bench import dataverse_only_environment
     from sandbox.dataverse_seed import seed_dataverse
     from sandbox.server import RunningServer, TestCA
     from shared.settings import queue_max_delivery_count
@@ -313,14 +314,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         seed_dataverse(sim, signs=max(args.records), work_orders=0)
         server = RunningServer(sim.app, ca=ca).start()
         emulators = Emulators(args.latency_ms).start() if "azure" in runtimes or args.variant else None
-        base = {**os.environ, "SYNCLINE_CA_BUNDLE": str(ca.ca_path), "DATAVERSE__URL": server.url,
-                "DATAVERSE__AUTHORITY_HOST": server.url, "DATAVERSE__TENANT_ID": dvs.DEFAULT_TENANT_ID,
-                "DATAVERSE__CLIENT_ID": dvs.DEFAULT_CLIENT_ID, "DATAVERSE__CLIENT_SECRET": dvs.DEFAULT_CLIENT_SECRET,
-                # ArcGIS is configured but never contacted (the edits are queued; the drain writes Dataverse):
-                # a flow whose source system is not configured stays idle and its messages would fail.
-                "ARCGIS__SERVICE_URL": "https://arcgis.invalid/arcgis/rest/services/Signs/FeatureServer",
-                "ARCGIS__API_KEY": "never-used", "SYNCLINE_FLOWS": str(ROOT / "flows" / "dot-signs.yaml"),
-                "FNO__ENVIRONMENT_URL": "", "SALESFORCE__MY_DOMAIN_URL": "", "SAP__BASE_URL": ""}
+        base = {**os.environ, **dataverse_only_environment(str(ca.ca_path), server.url)}
         max_count = queue_max_delivery_count(int(base.get("SYNCLINE_MAX_DELIVERY_COUNT", "10")))
         print(f"{args.latency_ms:.0f} ms per Dataverse request, Table Storage request and Service Bus operation; "
               f"{args.changes} changes over {', '.join(map(str, args.records))} records; runtimes: "
