@@ -996,16 +996,23 @@ class TableStateStore:
 
     # ---------------------------------------------------------------------------------------- dedup
 
-    async def remember(self, namespace: str, keys: Sequence[str]) -> set[str]:
-        """Record dedup keys; return the subset that had already been remembered before this call."""
-        unique = list(dict.fromkeys(keys))
-        if not unique:
-            return set()
-        table = await self._table("dedup")
+    @staticmethod
+    def _dedup_rows(namespace: str, keys: Sequence[str], *, claimed: bool) -> tuple[dict[str, str], list[TableOp]]:
+        """Row key -> dedup key, and one insert per distinct key (a claim when `claimed`)."""
         partition = table_key(namespace)
         stamp = _plain_utc(datetime.now(UTC))
-        by_row = {table_key(key): key for key in unique}
-        ops = [TableOp("create", {"PartitionKey": partition, "RowKey": row, "remembered_at": stamp}) for row in by_row]
+        by_row = {table_key(key): key for key in dict.fromkeys(keys)}
+        extra = {_CLAIMED: True} if claimed else {}
+        ops = [TableOp("create", {"PartitionKey": partition, "RowKey": row, "remembered_at": stamp, **extra})
+               for row in by_row]
+        return by_row, ops
+
+    async def remember(self, namespace: str, keys: Sequence[str]) -> set[str]:
+        """Record dedup keys; return the subset that had already been remembered before this call."""
+        by_row, ops = self._dedup_rows(namespace, keys, claimed=False)
+        if not ops:
+            return set()
+        table = await self._table("dedup")
         seen: set[str] = set()
 
         async def create_each(chunk: Sequence[TableOp]) -> None:
@@ -1058,15 +1065,10 @@ class TableStateStore:
         transaction that meets an existing row (remembered, or claimed by an earlier call) fails whole and its
         keys are read instead: remembered ones are reported, claims are not.
         """
-        unique = list(dict.fromkeys(keys))
-        if not unique:
+        by_row, ops = self._dedup_rows(namespace, keys, claimed=True)
+        if not ops:
             return set()
         table = await self._table("dedup")
-        partition = table_key(namespace)
-        stamp = _plain_utc(datetime.now(UTC))
-        by_row = {table_key(key): key for key in unique}
-        ops = [TableOp("create", {"PartitionKey": partition, "RowKey": row, "remembered_at": stamp, _CLAIMED: True})
-               for row in by_row]
         remembered: set[str] = set()
 
         async def read_each(chunk: Sequence[TableOp]) -> None:
