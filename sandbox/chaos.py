@@ -250,18 +250,7 @@ def office_activity(box: demo.Sandbox, rng: random.Random, n: int, rnd: int, act
         activity["office closed work orders"] += 1
     for k in range(max(1, n // 30)):
         sign = rng.choice(signs)
-        wo = box.dv.apply_change("dot_workorders", {
-            "dot_name": f"WO-C{rnd:02d}-{k:05d}", "dot_worktype": 100000002, "dot_priority": 100000002,
-            "dot_status": 100000000, "dot_description": f"Knockdown reported at {sign['dot_route']}",
-            "dot_duedate": "2026-12-15", "dot_signassetid": sign["dot_signassetid"],
-            "dot_latitude": sign["dot_latitude"], "dot_longitude": sign["dot_longitude"]})
-        for seq, (name, kind) in enumerate((("Install post", 100000001), ("Mount sign", 100000002)), start=1):
-            box.dv.apply_change("dot_workordertasks", {"dot_name": name, "dot_sequence": seq, "dot_tasktype": kind,
-                                                       "dot_status": 100000000, "dot_workorderid": wo})
-        box.dv.apply_change("dot_fieldassignments", {
-            "dot_name": f"Knockdown {sign['dot_route']}", "dot_crew": "CREW-03", "dot_priority": 100000002,
-            "dot_status": 100000000, "dot_scheduledstart": "2026-12-01T08:00:00Z", "dot_workorderid": wo,
-            "dot_latitude": sign["dot_latitude"], "dot_longitude": sign["dot_longitude"]})
+        demo.raise_knockdown(box, sign, f"WO-C{rnd:02d}-{k:05d}")
         activity["office new work orders"] += 1
         activity["office new work-order tasks"] += 2
         activity["office new field assignments"] += 1

@@ -251,6 +251,22 @@ async def flush(box: Sandbox) -> None:
 # ------------------------------------------------------------------------------------------ activity
 
 
+def raise_knockdown(box: Sandbox, sign: dict[str, Any], name: str) -> str:
+    """An office user raises a knockdown work order at a sign, with its two tasks and a field assignment."""
+    wo = box.dv.apply_change("dot_workorders", {
+        "dot_name": name, "dot_worktype": 100000002, "dot_priority": 100000002,
+        "dot_status": 100000000, "dot_description": f"Knockdown reported at {sign['dot_route']}",
+        "dot_duedate": "2026-12-15", "dot_signassetid": sign["dot_signassetid"],
+        "dot_latitude": sign["dot_latitude"], "dot_longitude": sign["dot_longitude"]})
+    for seq, (task, kind) in enumerate((("Install post", 100000001), ("Mount sign", 100000002)), start=1):
+        box.dv.apply_change("dot_workordertasks", {"dot_name": task, "dot_sequence": seq, "dot_tasktype": kind,
+                                                   "dot_status": 100000000, "dot_workorderid": wo})
+    box.dv.apply_change("dot_fieldassignments", {
+        "dot_name": f"Knockdown {sign['dot_route']}", "dot_crew": "CREW-03", "dot_priority": 100000002,
+        "dot_status": 100000000, "dot_scheduledstart": "2026-12-01T08:00:00Z", "dot_workorderid": wo,
+        "dot_latitude": sign["dot_latitude"], "dot_longitude": sign["dot_longitude"]})
+    return str(wo)
+
 def office_activity(box: Sandbox, rng: random.Random, summary: Counter[str]) -> None:
     """Office users edit signs, raise new work orders with tasks, and close some work orders."""
     signs = [s for s in box.dv.all("dot_signassets") if s.get("dot_arcgisglobalid")]
@@ -260,19 +276,7 @@ def office_activity(box: Sandbox, rng: random.Random, summary: Counter[str]) -> 
         summary["office sign edits"] += 1
     for n in range(10):
         sign = rng.choice(signs)
-        wo = box.dv.apply_change("dot_workorders", {
-            "dot_name": f"WO-2026-9{n:04d}", "dot_worktype": 100000002, "dot_priority": 100000002,
-            "dot_status": 100000000, "dot_description": f"Knockdown reported at {sign['dot_route']}",
-            "dot_duedate": "2026-12-15", "dot_signassetid": sign["dot_signassetid"],
-            "dot_latitude": sign["dot_latitude"], "dot_longitude": sign["dot_longitude"]})
-        for seq, (name, kind) in enumerate((("Install post", 100000001), ("Mount sign", 100000002)), start=1):
-            box.dv.apply_change("dot_workordertasks", {"dot_name": f"{name}", "dot_sequence": seq,
-                                                       "dot_tasktype": kind, "dot_status": 100000000,
-                                                       "dot_workorderid": wo})
-        box.dv.apply_change("dot_fieldassignments", {
-            "dot_name": f"Knockdown {sign['dot_route']}", "dot_crew": "CREW-03", "dot_priority": 100000002,
-            "dot_status": 100000000, "dot_scheduledstart": "2026-12-01T08:00:00Z", "dot_workorderid": wo,
-            "dot_latitude": sign["dot_latitude"], "dot_longitude": sign["dot_longitude"]})
+        raise_knockdown(box, sign, f"WO-2026-9{n:04d}")
         summary["office new work orders"] += 1
     # Close work orders that existed before this round (closing one whose tasks are still being created in
     # the same second races the two write paths; see the known issues in README.md).
