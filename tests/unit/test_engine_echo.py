@@ -206,13 +206,19 @@ async def test_a_revert_after_an_unacknowledged_write_reaches_the_target(world, 
     assert echo.status == "skipped_echo"
 
 
-async def test_a_resubmission_after_an_unacknowledged_write_is_written_again(world):
-    engine, _fno, sf, dv, _state, _fno_key, dv_key = world
+async def credit_limit_applied_but_unanswered(engine, sf, dv, dv_key):
+    """Dynamics raises the credit limit to 80,000; Salesforce applies it and answers 504. The in-sync row."""
     dv_row = {**dv.tables["accounts"][dv_key], "accountid": dv_key}
     sf.fail_next(AmbiguousWriteError("salesforce: HTTP 504"), applied=True)
     [failed] = await engine.process([change("crm_accounts_to_salesforce", "dataverse", "accounts", dv_key,
                                             {**dv_row, "creditlimit": 80_000.0}, T0 + timedelta(minutes=5))])
     assert failed.status == "failed"
+    return dv_row
+
+
+async def test_a_resubmission_after_an_unacknowledged_write_is_written_again(world):
+    engine, _fno, sf, dv, _state, _fno_key, dv_key = world
+    dv_row = await credit_limit_applied_but_unanswered(engine, sf, dv, dv_key)
     # The revert happened before the resubmission read the record: it carries the old in-sync state.
     sf.writes.clear()
     [resubmitted] = await engine.process([change("crm_accounts_to_salesforce", "dataverse", "accounts", dv_key,
@@ -292,11 +298,7 @@ async def test_a_revert_after_a_crash_mid_write_reaches_the_target(world, spec: 
 
 async def test_a_reverse_write_of_other_fields_leaves_the_target_unknown(world):
     engine, _fno, sf, dv, _state, _fno_key, dv_key = world
-    dv_row = {**dv.tables["accounts"][dv_key], "accountid": dv_key}
-    sf.fail_next(AmbiguousWriteError("salesforce: HTTP 504"), applied=True)
-    [failed] = await engine.process([change("crm_accounts_to_salesforce", "dataverse", "accounts", dv_key,
-                                            {**dv_row, "creditlimit": 80_000.0}, T0 + timedelta(minutes=5))])
-    assert failed.status == "failed"
+    await credit_limit_applied_but_unanswered(engine, sf, dv, dv_key)
     # A Salesforce user edits the phone: Salesforce -> Dynamics writes it, but never the credit limit Dynamics owns,
     # so what Salesforce holds for that field is as unknown as before.
     sf.tables["Account"][SF_ID]["Phone"] = "+1 412 555 0199"
