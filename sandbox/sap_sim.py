@@ -62,16 +62,29 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from sandbox.sap_schema import (
+    AVAILABILITY_FUNCTION,
+    AVAILABILITY_SERVICE,
+    BOOL,
+    BP_SERVICE,
+    DEC,
+    DT,
+    DTO,
+    ENTITIES,
+    FUNCTION_IMPORTS,
+    ITEM_STATUS,
+    ORDER_STATUS,
+    PRICING_SERVICE,
+    PRODUCT_SERVICE,
+    SCALES,
+    SERVICE_SETS,
+    SO_SERVICE,
+    TM,
+    TYPES,
+)
 from sandbox.webhook_delivery import Deliverer
 
 SERVICE_PREFIX = "/sap/opu/odata/sap/"
-BP_SERVICE = "API_BUSINESS_PARTNER"
-SO_SERVICE = "API_SALES_ORDER_SRV"
-PRODUCT_SERVICE = "API_PRODUCT_SRV"
-PRICING_SERVICE = "API_SLSPRICINGCONDITIONRECORD_SRV"
-AVAILABILITY_SERVICE = "API_PRODUCT_AVAILY_INFO_BASIC"
-"""Technical name of API_PRODUCT_AVAILABILITY_INFO_BASIC (service names are cut to 30 characters)."""
-AVAILABILITY_FUNCTION = "DetermineAvailabilityAt"
 TOKEN_PATH = "/sap/bc/sec/oauth2/token"
 SYSTEM_ID = "S4H"
 SAP_CLIENT = "100"
@@ -86,166 +99,22 @@ PARTNER_CREATED = "sap.s4.beh.businesspartner.v1.BusinessPartner.Created.v1"
 
 # ============================================================================================ schema
 
-DT, DTO, TM, DEC, BOOL = "Edm.DateTime", "Edm.DateTimeOffset", "Edm.Time", "Edm.Decimal", "Edm.Boolean"
-TYPES: dict[str, str] = {
-    "CreationDate": DT, "LastChangeDate": DT, "SalesOrderDate": DT, "RequestedDeliveryDate": DT,
-    "CustomerPurchaseOrderDate": DT, "PricingDate": DT, "ValidityStartDate": DT, "ValidityEndDate": DT,
-    "CreationTime": TM, "LastChangeTime": TM, "LastChangeDateTime": DTO, "ValidFrom": DTO, "ValidTo": DTO,
-    "RequestedQuantity": DEC, "TotalNetAmount": DEC, "NetAmount": DEC, "ItemGrossWeight": DEC, "ItemNetWeight": DEC,
-    "BusinessPartnerIsBlocked": BOOL, "IsMarkedForArchiving": BOOL, "CompleteDeliveryIsDefined": BOOL,
-    "DeletionIndicator": BOOL, "OrderIsBlockedForCustomer": BOOL, "IsDefaultPhoneNumber": BOOL,
-    "IsDefaultEmailAddress": BOOL, "IsMarkedForDeletion": BOOL, "ConditionIsDeleted": BOOL,
-    "ConditionValidityStartDate": DT, "ConditionValidityEndDate": DT, "GrossWeight": DEC, "NetWeight": DEC,
-    "ConditionRateValue": DEC, "ConditionQuantity": DEC, "AvailableQuantityInBaseUnit": DEC,
-    "PeriodStartUTCDateTime": DT, "PeriodEndUTCDateTime": DT,
-}
-SCALES = {"RequestedQuantity": 3, "ItemGrossWeight": 3, "ItemNetWeight": 3, "TotalNetAmount": 2, "NetAmount": 2,
-          "ConditionRateValue": 2, "ConditionQuantity": 0, "GrossWeight": 3, "NetWeight": 3,
-          "AvailableQuantityInBaseUnit": 3}
-
-
-@dataclass(frozen=True)
-class Nav:
-    """A navigation property: target entity set, cardinality and {child field: parent field}."""
-
-    target: str
-    many: bool
-    link: tuple[tuple[str, str], ...]
-
-
-@dataclass(frozen=True)
-class EntityDef:
-    service: str
-    type_name: str
-    keys: tuple[str, ...]
-    fields: tuple[str, ...]
-    navs: Mapping[str, Nav] = field(default_factory=dict)
-    etag: str | None = None
-    """"stamp": W/"datetimeoffset'<change time>'"; "bp": W/"'<ETag property>'"; None: no concurrency token."""
-    computed: frozenset[str] = frozenset()
-    """Fields the backend maintains; a client's value is ignored."""
-
-
-_BP_FIELDS = (
-    "BusinessPartner", "Customer", "Supplier", "BusinessPartnerCategory", "BusinessPartnerFullName",
-    "BusinessPartnerGrouping", "BusinessPartnerName", "BusinessPartnerUUID", "CorrespondenceLanguage", "CreatedByUser",
-    "CreationDate", "CreationTime", "FirstName", "LastName", "Industry", "LastChangeDate", "LastChangeTime",
-    "LastChangedByUser", "OrganizationBPName1", "OrganizationBPName2", "SearchTerm1", "SearchTerm2", "Language",
-    "BusinessPartnerIsBlocked", "IsMarkedForArchiving", "BusinessPartnerIDByExtSystem", "ETag", "LegalForm")
-_ADDRESS_FIELDS = (
-    "BusinessPartner", "AddressID", "ValidityStartDate", "ValidityEndDate", "CityName", "Country", "District",
-    "HouseNumber", "PostalCode", "Region", "StreetName", "Language", "AddressTimeZone", "POBox")
-_PHONE_FIELDS = (
-    "AddressID", "Person", "OrdinalNumber", "DestinationLocationCountry", "IsDefaultPhoneNumber", "PhoneNumber",
-    "PhoneNumberExtension", "InternationalPhoneNumber", "PhoneNumberType", "AddressCommunicationRemarkText")
-_EMAIL_FIELDS = (
-    "AddressID", "Person", "OrdinalNumber", "IsDefaultEmailAddress", "EmailAddress", "SearchEmailAddress",
-    "AddressCommunicationRemarkText")
-_ROLE_FIELDS = ("BusinessPartner", "BusinessPartnerRole", "ValidFrom", "ValidTo")
-_CUSTOMER_FIELDS = (
-    "Customer", "CustomerAccountGroup", "CustomerClassification", "CustomerFullName", "CustomerName",
-    "DeletionIndicator", "OrderIsBlockedForCustomer", "Industry", "CreationDate", "CreatedByUser")
-_SALES_AREA_FIELDS = (
-    "Customer", "SalesOrganization", "DistributionChannel", "Division", "Currency", "CustomerPaymentTerms",
-    "IncotermsClassification", "IncotermsLocation1", "ShippingCondition", "SalesOffice", "SalesGroup",
-    "CustomerPricingProcedure", "CustomerAccountAssignmentGroup", "CustomerGroup", "SupplyingPlant",
-    "DeletionIndicator", "OrderIsBlockedForCustomer")
-_ORDER_STATUS = ("OverallSDProcessStatus", "OverallTotalDeliveryStatus", "OverallDeliveryStatus",
-                 "OverallOrdReltdBillgStatus", "TotalBlockStatus", "OverallSDDocumentRejectionSts",
-                 "TotalCreditCheckStatus")
-_ORDER_FIELDS = (
-    "SalesOrder", "SalesOrderType", "SalesOrganization", "DistributionChannel", "OrganizationDivision", "SalesGroup",
-    "SalesOffice", "SoldToParty", "CreationDate", "CreatedByUser", "LastChangeDate", "LastChangeDateTime",
-    "PurchaseOrderByCustomer", "CustomerPurchaseOrderType", "CustomerPurchaseOrderDate", "SalesOrderDate",
-    "TotalNetAmount", "TransactionCurrency", "RequestedDeliveryDate", "ShippingCondition",
-    "CompleteDeliveryIsDefined", "IncotermsClassification", "IncotermsLocation1", "CustomerPaymentTerms",
-    "PricingDate", "HeaderBillingBlockReason", "DeliveryBlockReason", "ExternalDocumentID",
-    "SenderBusinessSystemName", *_ORDER_STATUS)
-_ITEM_STATUS = ("SDProcessStatus", "DeliveryStatus", "OrderRelatedBillingStatus")
-_ITEM_FIELDS = (
-    "SalesOrder", "SalesOrderItem", "HigherLevelItem", "SalesOrderItemCategory", "SalesOrderItemText",
-    "PurchaseOrderByCustomer", "PurchaseOrderByShipToParty", "UnderlyingPurchaseOrderItem", "ExternalItemID",
-    "Material", "MaterialByCustomer", "RequestedQuantity", "RequestedQuantityUnit", "ItemGrossWeight",
-    "ItemNetWeight", "ItemWeightUnit", "NetAmount", "TransactionCurrency", "MaterialGroup", "ProductionPlant",
-    "StorageLocation", "ShippingPoint", "IncotermsClassification", "CustomerPaymentTerms", "SalesDocumentRjcnReason",
-    "ItemBillingBlockReason", *_ITEM_STATUS)
-_PRODUCT_FIELDS = (
-    "Product", "ProductType", "CrossPlantStatus", "CreationDate", "CreatedByUser", "LastChangeDate",
-    "LastChangedByUser", "LastChangeDateTime", "IsMarkedForDeletion", "ProductOldID", "GrossWeight", "WeightUnit",
-    "NetWeight", "ProductGroup", "BaseUnit", "Division", "ItemCategoryGroup")
-_PRODUCT_PLANT_FIELDS = ("Product", "Plant", "AvailabilityCheckType", "MRPType", "ProcurementType", "ProfitCenter",
-                         "IsMarkedForDeletion")
-_CONDITION_FIELDS = (
-    "ConditionRecord", "ConditionSequentialNumber", "ConditionTable", "ConditionApplication", "ConditionType",
-    "ConditionValidityEndDate", "ConditionValidityStartDate", "CreatedByUser", "CreationDate",
-    "ConditionCalculationType", "ConditionRateValue", "ConditionRateValueUnit", "ConditionQuantity",
-    "ConditionQuantityUnit", "BaseUnit", "ConditionIsDeleted", "ConditionCurrency")
-_VALIDITY_FIELDS = (
-    "ConditionRecord", "ConditionValidityEndDate", "ConditionValidityStartDate", "ConditionApplication",
-    "ConditionType", "ConditionReleaseStatus", "SalesOrganization", "DistributionChannel", "Division", "Customer",
-    "Material", "MaterialGroup", "Plant")
-
-ENTITIES: dict[str, EntityDef] = {
-    "A_BusinessPartner": EntityDef(
-        BP_SERVICE, "A_BusinessPartnerType", ("BusinessPartner",), _BP_FIELDS,
-        {"to_BusinessPartnerAddress": Nav("A_BusinessPartnerAddress", True, (("BusinessPartner", "BusinessPartner"),)),
-         "to_BusinessPartnerRole": Nav("A_BusinessPartnerRole", True, (("BusinessPartner", "BusinessPartner"),)),
-         "to_Customer": Nav("A_Customer", False, (("Customer", "Customer"),))},
-        etag="bp", computed=frozenset({"Customer", "Supplier", "BusinessPartnerFullName", "BusinessPartnerName",
-                                       "BusinessPartnerUUID", "CreatedByUser", "CreationDate", "CreationTime",
-                                       "LastChangeDate", "LastChangeTime", "LastChangedByUser", "ETag"})),
-    "A_BusinessPartnerAddress": EntityDef(
-        BP_SERVICE, "A_BusinessPartnerAddressType", ("BusinessPartner", "AddressID"), _ADDRESS_FIELDS,
-        {"to_PhoneNumber": Nav("A_AddressPhoneNumber", True, (("AddressID", "AddressID"),)),
-         "to_EmailAddress": Nav("A_AddressEmailAddress", True, (("AddressID", "AddressID"),))}),
-    "A_AddressPhoneNumber": EntityDef(BP_SERVICE, "A_AddressPhoneNumberType", ("AddressID", "Person", "OrdinalNumber"),
-                                      _PHONE_FIELDS, computed=frozenset({"InternationalPhoneNumber"})),
-    "A_AddressEmailAddress": EntityDef(BP_SERVICE, "A_AddressEmailAddressType",
-                                       ("AddressID", "Person", "OrdinalNumber"), _EMAIL_FIELDS),
-    "A_BusinessPartnerRole": EntityDef(BP_SERVICE, "A_BusinessPartnerRoleType",
-                                       ("BusinessPartner", "BusinessPartnerRole"), _ROLE_FIELDS),
-    "A_Customer": EntityDef(
-        BP_SERVICE, "A_CustomerType", ("Customer",), _CUSTOMER_FIELDS,
-        {"to_CustomerSalesArea": Nav("A_CustomerSalesArea", True, (("Customer", "Customer"),))},
-        computed=frozenset({"CustomerFullName", "CreationDate", "CreatedByUser"})),
-    "A_CustomerSalesArea": EntityDef(BP_SERVICE, "A_CustomerSalesAreaType",
-                                     ("Customer", "SalesOrganization", "DistributionChannel", "Division"),
-                                     _SALES_AREA_FIELDS),
-    "A_SalesOrder": EntityDef(
-        SO_SERVICE, "A_SalesOrderType", ("SalesOrder",), _ORDER_FIELDS,
-        {"to_Item": Nav("A_SalesOrderItem", True, (("SalesOrder", "SalesOrder"),))}, etag="stamp",
-        computed=frozenset({"CreationDate", "CreatedByUser", "LastChangeDate", "LastChangeDateTime", "TotalNetAmount",
-                            *_ORDER_STATUS})),
-    "A_SalesOrderItem": EntityDef(
-        SO_SERVICE, "A_SalesOrderItemType", ("SalesOrder", "SalesOrderItem"), _ITEM_FIELDS, etag="stamp",
-        computed=frozenset({"NetAmount", "ExternalItemID", *_ITEM_STATUS})),
-    "A_Product": EntityDef(
-        PRODUCT_SERVICE, "A_ProductType", ("Product",), _PRODUCT_FIELDS,
-        {"to_Description": Nav("A_ProductDescription", True, (("Product", "Product"),)),
-         "to_Plant": Nav("A_ProductPlant", True, (("Product", "Product"),))}),
-    "A_ProductDescription": EntityDef(PRODUCT_SERVICE, "A_ProductDescriptionType", ("Product", "Language"),
-                                      ("Product", "Language", "ProductDescription")),
-    "A_ProductPlant": EntityDef(PRODUCT_SERVICE, "A_ProductPlantType", ("Product", "Plant"), _PRODUCT_PLANT_FIELDS),
-    "A_SlsPrcgConditionRecord": EntityDef(
-        PRICING_SERVICE, "A_SlsPrcgConditionRecordType", ("ConditionRecord",), _CONDITION_FIELDS,
-        {"to_SlsPrcgCndnRecdValidity": Nav("A_SlsPrcgCndnRecdValidity", True,
-                                           (("ConditionRecord", "ConditionRecord"),))}),
-    "A_SlsPrcgCndnRecdValidity": EntityDef(
-        PRICING_SERVICE, "A_SlsPrcgCndnRecdValidityType", ("ConditionRecord", "ConditionValidityEndDate"),
-        _VALIDITY_FIELDS,
-        {"to_SlsPrcgConditionRecord": Nav("A_SlsPrcgConditionRecord", False,
-                                          (("ConditionRecord", "ConditionRecord"),))}),
-}
+# Entities, properties, Edm types and facets live in sandbox.sap_schema: requests are validated against it and
+# $metadata is generated from it.
+_PRODUCT_FIELDS = ENTITIES["A_Product"].fields
+_ADDRESS_FIELDS = ENTITIES["A_BusinessPartnerAddress"].fields
+_CUSTOMER_FIELDS = ENTITIES["A_Customer"].fields
+_SALES_AREA_FIELDS = ENTITIES["A_CustomerSalesArea"].fields
+_ITEM_FIELDS = ENTITIES["A_SalesOrderItem"].fields
+_CONDITION_FIELDS = ENTITIES["A_SlsPrcgConditionRecord"].fields
+_VALIDITY_FIELDS = ENTITIES["A_SlsPrcgCndnRecdValidity"].fields
+_ORDER_STATUS = ORDER_STATUS
+_ITEM_STATUS = ITEM_STATUS
 IF_MATCH_REQUIRED = frozenset({"A_BusinessPartner", "A_SalesOrder"})
-DELETABLE = frozenset({"A_SalesOrder", "A_SalesOrderItem", "A_BusinessPartnerAddress", "A_AddressPhoneNumber",
-                       "A_AddressEmailAddress"})
-READ_ONLY = frozenset({"A_Product", "A_ProductDescription", "A_ProductPlant", "A_SlsPrcgConditionRecord",
-                       "A_SlsPrcgCndnRecdValidity"})
+DELETABLE = frozenset(name for name, entity in ENTITIES.items() if entity.deletable)
+READ_ONLY = frozenset(name for name, entity in ENTITIES.items() if not entity.creatable and not entity.updatable)
 """Served for reading only here (the real APIs can also maintain products and prices)."""
 COMMUNICATION = {"to_PhoneNumber": "A_AddressPhoneNumber", "to_EmailAddress": "A_AddressEmailAddress"}
-SERVICE_SETS = {svc: sorted(n for n, e in ENTITIES.items() if e.service == svc)
-                for svc in (BP_SERVICE, SO_SERVICE, PRODUCT_SERVICE, PRICING_SERVICE, AVAILABILITY_SERVICE)}
-FUNCTION_IMPORTS = {AVAILABILITY_SERVICE: (AVAILABILITY_FUNCTION,)}
 DIALING_CODES = {"US": "+1", "CA": "+1", "MX": "+52", "DE": "+49", "GB": "+44", "FR": "+33", "NL": "+31", "CH": "+41",
                  "JP": "+81"}
 
@@ -1375,7 +1244,7 @@ class SapSimulator:
             if method not in ("GET", "HEAD"):
                 raise GatewayError(405, "/IWBEP/CM_MGW_RT/004", "Method not allowed on the service document")
             return 200, {}, {"d": {"EntitySets": SERVICE_SETS[service]}}
-        if rest.strip("/") in FUNCTION_IMPORTS.get(service, ()):
+        if rest.strip("/") in {f.name for f in FUNCTION_IMPORTS.get(service, ())}:
             if method != "GET":
                 raise GatewayError(405, "/IWBEP/CM_MGW_RT/004", f"Function import {rest} is called with GET")
             return self._availability(query)
