@@ -284,6 +284,9 @@ def _types() -> tuple[dict[str, str], dict[str, int]]:
 
 
 TYPES, SCALES = _types()
+MAX_LENGTHS: dict[tuple[str, str], int] = {(name, p.name): p.max_length for name, e in ENTITIES.items()
+                                           for p in e.props if p.max_length is not None}
+"""(entity set, property) -> MaxLength of an Edm.String property."""
 
 
 # ============================================================================================ $metadata

@@ -54,7 +54,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, time, timedelta
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from typing import Any
-from urllib.parse import parse_qsl, quote, urlencode
+from urllib.parse import parse_qsl, quote, unquote, urlencode
+from xml.sax.saxutils import escape as xml_escape
+from xml.sax.saxutils import quoteattr
 
 import httpx
 from starlette.applications import Starlette
@@ -67,20 +69,25 @@ from sandbox.sap_schema import (
     AVAILABILITY_SERVICE,
     BOOL,
     BP_SERVICE,
+    DATA_NS,
     DEC,
     DT,
     DTO,
     ENTITIES,
     FUNCTION_IMPORTS,
     ITEM_STATUS,
+    MAX_LENGTHS,
+    METADATA_NS,
     ORDER_STATUS,
     PRICING_SERVICE,
     PRODUCT_SERVICE,
+    SAP_NS,
     SCALES,
     SERVICE_SETS,
     SO_SERVICE,
     TM,
     TYPES,
+    metadata,
 )
 from sandbox.webhook_delivery import Deliverer
 
@@ -239,6 +246,12 @@ def from_wire(entity: str, name: str, raw: Any) -> Any:
         return raw
     if not isinstance(raw, str):
         raise wrong("Edm.String")
+    limit = MAX_LENGTHS.get((entity, name))
+    if limit is not None and len(raw) > limit:
+        # The Gateway checks a string against the property's MaxLength while reading the payload (SAP KBA
+        # 3642265: "Property '&1' at offset '&2' has invalid value '&3'"), before the backend sees it.
+        raise _bad("/IWBEP/CM_MGW_RT/013", f"Property '{name}' has invalid value '{raw}': longer than its "
+                                           f"MaxLength {limit} in type '{etype}'", target=name)
     return raw
 
 
@@ -794,6 +807,7 @@ class SapSimulator:
                          "ConditionRecord": 2000}
         self._last_stamp = datetime(2000, 1, 1, tzinfo=UTC)
         self._deliveries = Deliverer("sap-sim-events", verify=event_verify)
+        self._metadata_cache: dict[str, bytes] = {}
         methods = ["GET", "HEAD", "POST", "PUT", "PATCH", "MERGE", "DELETE"]
         self.app = Starlette(routes=[
             Route(TOKEN_PATH, self._token, methods=["POST"]),
@@ -1154,6 +1168,8 @@ class SapSimulator:
             self.requests.append((method, path + (f"?{query_text}" if query_text else "")))
         body = await request.body()
         out_headers: dict[str, str] = {}
+        cookies: dict[str, str] | None = None
+        xml = False
         try:
             fault = self.faults.take(method, path)
             if fault is not None and fault.status == DROP:
@@ -1180,11 +1196,7 @@ class SapSimulator:
                 return Response("CSRF token validation failed", status_code=403, media_type="text/plain",
                                 headers={"x-csrf-token": "Required"})
             query = dict(parse_qsl(query_text, keep_blank_values=True))
-            fmt = query.get("$format", "")
-            wants_xml = not fmt and "json" not in request.headers.get("accept", "json")
-            if (fmt and fmt != "json") or (wants_xml and method in ("GET", "HEAD")):
-                raise GatewayError(406, "/IWBEP/CM_MGW_RT/031", "This simulator answers OData v2 JSON only; send "
-                                                                "Accept: application/json or $format=json")
+            xml = _negotiate(query.get("$format"), request.headers.get("accept", "")) and method in ("GET", "HEAD")
             base = f"{request.url.scheme}://{request.url.netloc}"
             rest = request.path_params.get("rest", "")
             if rest == "$batch":
@@ -1195,10 +1207,15 @@ class SapSimulator:
                 if self.operation_latency_ms:
                     await asyncio.sleep(self.operation_latency_ms * operations / 1000)
                 self.request_counts["202"] += 1
-                response = Response(content, status_code=202, media_type=content_type)
-                for name, value in cookies.items():
-                    response.set_cookie(name, value, path="/", secure=request.url.scheme == "https", httponly=True)
-                return response
+                return self._with_cookies(Response(content, status_code=202, media_type=content_type), cookies,
+                                          request)
+            if rest.strip("/") == "$metadata":
+                if method not in ("GET", "HEAD"):
+                    raise GatewayError(405, "/IWBEP/CM_MGW_RT/004", "$metadata is read with GET")
+                self.request_counts["200"] += 1
+                return self._with_cookies(Response(self._metadata(service), media_type="application/xml",
+                                                   headers={**out_headers, "dataserviceversion": "2.0"}),
+                                          cookies, request)
             with self._lock:
                 status, headers, payload = self._dispatch(service, method, rest, query, request.headers, body, base)
             if self.operation_latency_ms:
@@ -1206,13 +1223,35 @@ class SapSimulator:
             out_headers.update(headers)
         except GatewayError as exc:
             self.request_counts[str(exc.status)] += 1
-            return _json_response(exc.body(service), exc.status, {**out_headers, **exc.headers})
+            # The Gateway sets the session cookies of a CSRF fetch on any answer, an error too.
+            error = _xml_error(exc, service) if xml else _json_response(exc.body(service), exc.status, {})
+            error.headers.update({**out_headers, **exc.headers})
+            return self._with_cookies(error, cookies, request)
         self.request_counts[str(status)] += 1
-        response = _json_response(payload, status, out_headers) if payload is not None else \
-            Response(status_code=status, headers=out_headers)
-        for name, value in cookies.items():
+        if isinstance(payload, _Count):
+            response: Response = Response(str(payload.value), status_code=status, headers=out_headers,
+                                          media_type="text/plain")
+        elif payload is None:
+            response = Response(status_code=status, headers=out_headers)
+        elif xml:
+            content, media_type = _atom(service, rest, payload, base)
+            response = Response(content, status_code=status if content else 204, headers=out_headers,
+                                media_type=media_type)
+        else:
+            response = _json_response(payload, status, out_headers)
+        return self._with_cookies(response, cookies, request)
+
+    @staticmethod
+    def _with_cookies(response: Response, cookies: Mapping[str, str] | None, request: Request) -> Response:
+        for name, value in (cookies or {}).items():
             response.set_cookie(name, value, path="/", secure=request.url.scheme == "https", httponly=True)
         return response
+
+    def _metadata(self, service: str) -> bytes:
+        cached = self._metadata_cache.get(service)
+        if cached is None:
+            cached = self._metadata_cache[service] = metadata(service)
+        return cached
 
     def _csrf(self, request: Request, method: str, user: str, out: dict[str, str]) -> dict[str, str] | None:
         """Cookies to set (empty dict: none), or None when a modifying request fails CSRF validation."""
@@ -1240,6 +1279,18 @@ class SapSimulator:
 
     def _dispatch(self, service: str, method: str, rest: str, query: dict[str, str], headers: Mapping[str, str],
                   body: bytes, base: str) -> tuple[int, dict[str, str], Any]:
+        if rest.rstrip("/").endswith("/$count"):
+            # GET <collection>/$count: the number of entities the collection addresses after $filter, as text/plain
+            # (MS-ODATA 2.2.7.2.10 RetrieveCount; $top, $skip and paging do not cut it here).
+            if method not in ("GET", "HEAD"):
+                raise GatewayError(405, "/IWBEP/CM_MGW_RT/004", "$count is read with GET")
+            inner = rest.rstrip("/")[:-len("/$count")]
+            counting = {k: v for k, v in query.items() if k == "$filter"} | {"$inlinecount": "allpages", "$top": "0"}
+            _, _, payload = self._dispatch(service, "GET", inner, counting, headers, b"", base)
+            data = payload.get("d") if isinstance(payload, dict) else None
+            if not isinstance(data, dict) or "results" not in data:
+                return 200, {}, _Count(0 if data is None else 1)
+            return 200, {}, _Count(int(data["__count"]))
         if rest.strip("/") == "":
             if method not in ("GET", "HEAD"):
                 raise GatewayError(405, "/IWBEP/CM_MGW_RT/004", "Method not allowed on the service document")
@@ -1266,8 +1317,10 @@ class SapSimulator:
             ktuple = tuple(named[k] for k in definition.keys)
         row = self._rows[entity].get(ktuple) if ktuple is not None else None
         if ktuple is not None and row is None:
-            raise GatewayError(404, "/IWBEP/CM_MGW_RT/021" if entity != "A_SalesOrder" else "V1/302",
-                               f"Resource not found for segment '{entity}'" if entity != "A_SalesOrder"
+            # As in SAP's published API_PRODUCT_SRV error sample: 404 /IWBEP/CM_MGW_RT/020 "Resource not found for
+            # segment 'A_ProductType'" (the entity type's name).
+            raise GatewayError(404, "/IWBEP/CM_MGW_RT/020" if entity != "A_SalesOrder" else "V1/302",
+                               f"Resource not found for segment '{definition.type_name}'" if entity != "A_SalesOrder"
                                else f"SD document {ktuple[0]} is not in the database or has been archived")
         if nav is not None:
             if row is None or nav not in definition.navs:
@@ -1403,6 +1456,9 @@ class SapSimulator:
         path, _, query_text = target.partition("?")
         if path.startswith(("http://", "https://")):
             path = "/" + path.split("/", 3)[-1]
+        # A part's request line is a request URI as on its own, so it is percent-decoded like a top-level one:
+        # `A_BusinessPartner%28%2717100001%27%29` names A_BusinessPartner('17100001').
+        path = unquote(path)
         prefix = f"{SERVICE_PREFIX}{service}/"
         if path.startswith("/"):
             if not path.startswith(prefix):
@@ -2096,6 +2152,164 @@ def _json_text(payload: Any) -> bytes:
 
 def _json_response(payload: Any, status: int, headers: Mapping[str, str]) -> Response:
     return Response(_json_text(payload), status_code=status, headers=dict(headers), media_type="application/json")
+
+
+# ============================================================================================ formats
+
+
+@dataclass(frozen=True)
+class _Count:
+    """The answer of `<collection>/$count`: a bare number, served as text/plain."""
+
+    value: int
+
+
+def _negotiate(fmt: str | None, accept: str) -> bool:
+    """True when the answer is Atom/XML: `$format` decides, else the Accept header; the Gateway's default (no
+    `$format`, Accept without JSON, `*/*` or none) is Atom/XML as in OData v2 (MS-ODATA 2.2.5.1, [MS-ODATA]
+    "Accept Request Header to Content-Type Response Header Mapping")."""
+    if fmt:
+        if fmt.lower() == "json":
+            return False
+        if fmt.lower() in ("xml", "atom"):
+            return True
+        raise GatewayError(406, "/IWBEP/CM_MGW_RT/031", f"Format '{fmt}' is not supported: use json, xml or atom")
+    return "json" not in accept.lower()
+
+
+_ATOM_NS = "http://www.w3.org/2005/Atom"
+_SET_OF_TYPE = {f"{e.service}.{e.type_name}": name for name, e in ENTITIES.items()}
+_WIRE_DATE_RE = re.compile(r"^/Date\((?P<ms>-?\d+)(?:[+-]\d{4})?\)/$")
+
+
+def _atom_value(name: str, value: Any) -> tuple[str, str]:
+    """(m:type attribute or "", literal text) of one JSON wire value, as the Atom format writes it."""
+    kind = TYPES.get(name)
+    if isinstance(value, bool):
+        return ' m:type="Edm.Boolean"', "true" if value else "false"
+    if kind in (DT, DTO) and isinstance(value, str) and (m := _WIRE_DATE_RE.match(value)):
+        moment = datetime.fromtimestamp(int(m.group("ms")) / 1000, tz=UTC)
+        text = moment.strftime("%Y-%m-%dT%H:%M:%S") + ("Z" if kind == DTO else "")
+        return f' m:type="{kind}"', text
+    if kind is not None:
+        return f' m:type="{kind}"', xml_escape(str(value))
+    return "", xml_escape(str(value))
+
+
+def _atom_properties(names: Iterable[str], public: Mapping[str, Any]) -> str:
+    out = []
+    for name in names:
+        if name not in public:
+            continue
+        value = public[name]
+        if value is None:
+            out.append(f'<d:{name} m:null="true"/>')
+            continue
+        mtype, text = _atom_value(name, value)
+        out.append(f"<d:{name}{mtype}>{text}</d:{name}>")
+    return "".join(out)
+
+
+def _atom_entry(root: str, public: Mapping[str, Any], now: str) -> str:
+    meta = public["__metadata"]
+    entity = _SET_OF_TYPE[meta["type"]]
+    definition = ENTITIES[entity]
+    href = str(meta["uri"]).removeprefix(root)
+    etag = f" m:etag={quoteattr(meta['etag'])}" if meta.get("etag") else ""
+    links = [f'<link href={quoteattr(href)} rel="edit" title="{definition.type_name}"/>']
+    for nav_name, nav in definition.navs.items():
+        if nav_name not in public:
+            continue
+        value = public[nav_name]
+        kind = "feed" if nav.many else "entry"
+        head = (f'<link href={quoteattr(href + "/" + nav_name)} rel="{DATA_NS}/related/{nav_name}" '
+                f'type="application/atom+xml;type={kind}" title="{xml_escape(nav_name)}"')
+        if isinstance(value, dict) and "__deferred" in value:
+            links.append(head + "/>")
+        elif isinstance(value, dict) and "results" in value:
+            links.append(head + "><m:inline>" + _atom_feed(root, nav.target, value, now, href + "/" + nav_name)
+                         + "</m:inline></link>")
+        else:
+            inline = _atom_entry(root, value, now) if isinstance(value, dict) else ""
+            links.append(head + f"><m:inline>{inline}</m:inline></link>")
+    return (f"<entry{etag}><id>{xml_escape(str(meta['id']))}</id><title type=\"text\">{xml_escape(href)}</title>"
+            f"<updated>{now}</updated><category term=\"{meta['type']}\" "
+            f"scheme=\"{DATA_NS}/scheme\"/>{''.join(links)}<content type=\"application/xml\"><m:properties>"
+            f"{_atom_properties(definition.fields, public)}</m:properties></content></entry>")
+
+
+def _atom_feed(root: str, entity: str, data: Mapping[str, Any], now: str, href: str) -> str:
+    parts = [f"<feed><id>{xml_escape(root + href)}</id><title type=\"text\">{xml_escape(entity)}</title>"
+             f"<updated>{now}</updated><author><name/></author><link href={quoteattr(href)} rel=\"self\" "
+             f"title={quoteattr(entity)}/>"]
+    if "__count" in data:
+        parts.append(f"<m:count>{data['__count']}</m:count>")
+    parts.extend(_atom_entry(root, item, now) for item in data.get("results", []))
+    if data.get("__next"):
+        parts.append(f'<link href={quoteattr(str(data["__next"]))} rel="next"/>')
+    parts.append("</feed>")
+    return "".join(parts)
+
+
+_ROOT_NS = f'xmlns="{_ATOM_NS}" xmlns:m="{METADATA_NS}" xmlns:d="{DATA_NS}"'
+
+
+def _atom(service: str, rest: str, payload: Any, base: str) -> tuple[bytes, str]:
+    """An Atom/XML answer (body, media type) for what `_dispatch` answered as OData v2 JSON: the service
+    document (AtomPub), a feed, an entry, or a function import's complex value. No body for a null entity."""
+    root = f"{base}{SERVICE_PREFIX}{service}/"
+    now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    head = '<?xml version="1.0" encoding="utf-8"?>'
+    data = payload.get("d") if isinstance(payload, dict) else None
+    path = rest.strip("/")
+    if path == "":
+        collections = "".join(
+            f'<app:collection sap:creatable="{str(ENTITIES[n].creatable).lower()}" '
+            f'sap:updatable="{str(ENTITIES[n].updatable).lower()}" '
+            f'sap:deletable="{str(ENTITIES[n].deletable).lower()}" sap:content-version="1" href="{n}">'
+            f'<atom:title type="text">{n}</atom:title><sap:member-title>{xml_escape(ENTITIES[n].label or n)}'
+            "</sap:member-title></app:collection>" for n in SERVICE_SETS[service])
+        body = (f'{head}<app:service xml:lang="en" xml:base={quoteattr(root)} xmlns:app="http://www.w3.org/2007/app" '
+                f'xmlns:atom="{_ATOM_NS}" xmlns:sap="{SAP_NS}"><app:workspace><atom:title type="text">Data'
+                f"</atom:title>{collections}</app:workspace><atom:link rel=\"self\" href={quoteattr(root)}/>"
+                f"<atom:link rel=\"latest-version\" href={quoteattr(root)}/></app:service>")
+        return body.encode(), "application/atomsvc+xml"
+    if data is None:
+        return b"", "application/atom+xml"
+    function = next((f for f in FUNCTION_IMPORTS.get(service, ()) if f.name == path), None)
+    if function is not None:
+        value = data[function.name]
+        body = (f'{head}<d:{function.name} xmlns:d="{DATA_NS}" xmlns:m="{METADATA_NS}" '
+                f'm:type="{service}.{function.returns}">'
+                f"{_atom_properties((p.name for p in function.result), value)}</d:{function.name}>")
+        return body.encode(), "application/xml"
+    if "results" in data:
+        entity, _, nav = _parse_resource(rest)
+        target = ENTITIES[entity].navs[nav].target if nav else entity
+        feed = _atom_feed(root, target, data, now, path)
+        return (head + feed.replace("<feed>", f"<feed xml:base={quoteattr(root)} {_ROOT_NS}>", 1)).encode(), \
+            "application/atom+xml;type=feed"
+    entry = _atom_entry(root, data, now)
+    return (head + entry.replace("<entry", f"<entry xml:base={quoteattr(root)} {_ROOT_NS}", 1)).encode(), \
+        "application/atom+xml;type=entry"
+
+
+def _xml_error(exc: GatewayError, service: str) -> Response:
+    """The Gateway's error document in XML (the answer to a request that negotiated Atom/XML)."""
+    error = exc.body(service)["error"]
+    inner = error["innererror"]
+    app = "".join(f"<{k}>{xml_escape(str(v))}</{k}>" for k, v in inner["application"].items())
+    resolution = "".join(f"<{k}>{xml_escape(str(v))}</{k}>" for k, v in inner["Error_Resolution"].items())
+    details = "".join(
+        "<errordetail>" + "".join(f"<{k}>{xml_escape(str(v).lower() if isinstance(v, bool) else str(v))}</{k}>"
+                                  for k, v in detail.items()) + "</errordetail>"
+        for detail in inner["errordetails"])
+    body = (f'<?xml version="1.0" encoding="utf-8"?><error xmlns="{METADATA_NS}"><code>{xml_escape(error["code"])}'
+            f'</code><message xml:lang="en">{xml_escape(error["message"]["value"])}</message><innererror>'
+            f"<application>{app}</application><transactionid>{inner['transactionid']}</transactionid>"
+            f"<timestamp>{inner['timestamp']}</timestamp><Error_Resolution>{resolution}</Error_Resolution>"
+            f"<errordetails>{details}</errordetails></innererror></error>")
+    return Response(body.encode(), status_code=exc.status, media_type="application/xml")
 
 
 # ============================================================================================ multipart
