@@ -8,18 +8,25 @@ products and prices are read-only here. What it does, as S/4HANA does:
 
 - Auth: Basic (communication user `sim.user` / `sim.password`) or a bearer token from the OAuth 2.0
   client-credentials endpoint `POST /sap/bc/sec/oauth2/token` (`sim.client_id` / `sim.client_secret`).
-- CSRF: a GET with `x-csrf-token: Fetch` answers the token in `x-csrf-token` and opens a session
-  (`SAP_SESSIONID_S4H_100` and `sap-usercontext` cookies); POST/PUT/PATCH/MERGE/DELETE (and every $batch)
-  without that token and its session cookie get 403 `x-csrf-token: Required` "CSRF token validation failed".
+- CSRF: a GET or HEAD with `x-csrf-token: Fetch` answers the token in `x-csrf-token` and opens a session
+  (`SAP_SESSIONID_S4H_100` and `sap-usercontext` cookies, set on any answer, an error too);
+  POST/PUT/PATCH/MERGE/DELETE (and every $batch) without that token and its session cookie get 403
+  `x-csrf-token: Required` "CSRF token validation failed".
+- Schema: `sandbox.sap_schema` declares every entity set, property (Edm type, MaxLength, precision/scale,
+  computed), key and navigation property; `<service>/$metadata` is the EDMX generated from it and writes are
+  validated against it (unknown properties, wrong Edm types, strings over MaxLength: 400).
+- Formats: Atom/XML is the default as on the Gateway (service document as AtomPub, feeds, entries, function
+  results, error documents) and JSON with `$format=json` or an Accept naming JSON; `<collection>/$count`
+  answers text/plain. Writes answer JSON and take JSON bodies only.
 - OData v2 JSON: `{"d": {"results": [...], "__count", "__next"}}`, `{"d": {...}}`, `__metadata` (id, uri,
   type, etag), `__deferred` navigation, `\\/Date(ms)\\/` dates, `PT..H..M..S` times, decimals as strings;
   `$filter` (eq ne gt ge lt le, and or not, parentheses, string / datetime / datetimeoffset / time / decimal
   literals), `$orderby`, `$top`, `$skip`, `$select`, `$expand` (nested paths too), `$inlinecount`, server
   paging with `__next`.
 - $batch (`POST <service>/$batch`, multipart/mixed): retrieve parts and changesets, answered 202 with one part
-  per item; a changeset runs its requests in order, resolves `$<Content-ID>` references to entities created
-  before it, and is rolled back as a whole by its first failing request (whose error is its only answer);
-  its events are raised only when it commits.
+  per item; each part's URL is percent-decoded as a top-level one is; a changeset runs its requests in order,
+  resolves `$<Content-ID>` references to entities created before it, and is rolled back as a whole by its
+  first failing request (whose error is its only answer); its events are raised only when it commits.
 - ETags: sales orders and items `W/"datetimeoffset'...'"` from their change time, business partners
   `W/"'<ETag>'"` from the `ETag` property (user + change time); header updates need `If-Match` (428 without,
   412 when stale).
