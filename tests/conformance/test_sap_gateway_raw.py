@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import re
 import uuid
+from urllib.parse import quote
 
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from lxml import etree
 
 from sandbox.sap_schema import ENTITIES, SERVICE_SETS
@@ -43,6 +46,9 @@ def _batch(parts: list[str | list[str]]) -> tuple[str, str]:
         lines.append(f"--{changeset}--")
     lines.append(f"--{boundary}--")
     return "\r\n".join(lines) + "\r\n", f"multipart/mixed; boundary={boundary}"
+
+
+BAD_KEY = "it's 50% / (odd)"
 
 
 def _statuses(body: str) -> list[int]:
@@ -230,3 +236,20 @@ def test_string_longer_than_its_max_length_is_refused(sap_gateway: SapGateway) -
                         json={"BusinessPartnerCategory": "2", "OrganizationBPName1": "N" * 40,
                               "BusinessPartnerGrouping": "BP02"})
     assert fits.status_code == 201
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(key=st.one_of(st.sampled_from(["17100001", "17100012", BAD_KEY]),
+                     st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=12)))
+def test_a_batch_part_answers_as_the_same_request_at_top_level(sap_gateway: SapGateway, key: str) -> None:
+    # Property: percent-decoding a part is the top-level decoding, so any encoded key answers the same status
+    # in a batch as on its own (and never a 5xx).
+    segment = quote("A_BusinessPartner(" + "'" + key.replace("'", "''") + "'" + ")", safe="")
+    session = sap_gateway.session()
+    alone = session.get(sap_gateway.root(BP_ROOT) + segment, headers={"Accept": "application/json"})
+    writer = sap_gateway.write_session(BP_ROOT)
+    body, content_type = _batch([f"GET {segment} HTTP/1.1\r\nAccept: application/json\r\n"])
+    answer = writer.post(sap_gateway.root(BP_ROOT) + "$batch", data=body, headers={"Content-Type": content_type})
+    assert answer.status_code == 202
+    assert _statuses(answer.text) == [alone.status_code]
+    assert alone.status_code < 500
