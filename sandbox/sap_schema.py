@@ -110,7 +110,9 @@ _BP = (
     _d("LastChangeTime", TM, computed=True), _s("LastChangedByUser", 12, computed=True), _s("OrganizationBPName1", 40),
     _s("OrganizationBPName2", 40), _s("SearchTerm1", 20), _s("SearchTerm2", 20), _s("Language", 2),
     _b("BusinessPartnerIsBlocked"), _b("IsMarkedForArchiving"), _s("BusinessPartnerIDByExtSystem", 20),
-    _s("ETag", 26, computed=True), _s("LegalForm", 2))
+    # Published as CHAR 26 (user + seconds); the simulator's ETag adds milliseconds so that two changes within one
+    # second differ, so it declares no MaxLength rather than a false one.
+    Prop("ETag", computed=True), _s("LegalForm", 2))
 _ADDRESS = (
     _s("BusinessPartner", 10), _s("AddressID", 10), _d("ValidityStartDate"), _d("ValidityEndDate"), _s("CityName", 40),
     _s("Country", 3), _s("District", 40), _s("HouseNumber", 10), _s("PostalCode", 10), _s("Region", 3),
