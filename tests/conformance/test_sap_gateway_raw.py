@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
+from decimal import Decimal
 from urllib.parse import quote
 
 from hypothesis import HealthCheck, given, settings
@@ -253,3 +254,39 @@ def test_a_batch_part_answers_as_the_same_request_at_top_level(sap_gateway: SapG
     assert answer.status_code == 202
     assert _statuses(answer.text) == [alone.status_code]
     assert alone.status_code < 500
+
+
+def test_atom_feed_with_inline_count_expand_and_paging(sap_gateway: SapGateway) -> None:
+    # Atom feed elements of OData v2: m:count for $inlinecount, m:inline inside the navigation link for $expand,
+    # <link rel="next"> for server paging.
+    sim = sap_gateway.sim
+    sim.page_size = 2
+    try:
+        answer = sap_gateway.session().get(sap_gateway.root(SO_ROOT) + "A_SalesOrder",
+                                           params={"$inlinecount": "allpages", "$expand": "to_Item"})
+    finally:
+        sim.page_size = 1000
+    assert answer.headers["content-type"].startswith("application/atom+xml")
+    feed = etree.fromstring(answer.content)
+    assert feed.xpath("/atom:feed/m:count/text()", namespaces=NS) == [str(len(sim.all("A_SalesOrder")))]
+    entries = feed.xpath("/atom:feed/atom:entry", namespaces=NS)
+    assert len(entries) == 2
+    first = entries[0].xpath("atom:content/m:properties/d:SalesOrder/text()", namespaces=NS)[0]
+    inline = entries[0].xpath(f"atom:link[@rel='{D}/related/to_Item']/m:inline/atom:feed/atom:entry",
+                              namespaces=NS)
+    assert len(inline) == len(sim.items_of(first))
+    assert "$skiptoken=2" in feed.xpath("/atom:feed/atom:link[@rel='next']/@href", namespaces=NS)[0]
+
+
+def test_function_import_without_format_is_xml(sap_gateway: SapGateway) -> None:
+    answer = sap_gateway.session().get(
+        sap_gateway.root("API_PRODUCT_AVAILY_INFO_BASIC") + "DetermineAvailabilityAt",
+        params={"SupplyingPlant": "'1710'", "Material": "'PV-VALVE-50'",
+                "RequestedUTCDateTime": "datetimeoffset'2026-01-01T00:00:00Z'"})
+    assert answer.status_code == 200
+    record = etree.fromstring(answer.content)
+    assert record.tag == f"{{{D}}}DetermineAvailabilityAt"
+    assert record.findtext(f"{{{D}}}BaseUnit") == "EA"
+    quantity = record.find(f"{{{D}}}AvailableQuantityInBaseUnit")
+    assert quantity.get(f"{{{M}}}type") == "Edm.Decimal"
+    assert Decimal(quantity.text) == sap_gateway.sim.stock[("PV-VALVE-50", "1710")]
