@@ -1224,7 +1224,9 @@ class SapSimulator:
                                                    headers={**out_headers, "dataserviceversion": "2.0"}),
                                           cookies, request)
             with self._lock:
-                status, headers, payload = self._dispatch(service, method, rest, query, request.headers, body, base)
+                # HEAD is a GET without the body (RFC 9110 9.3.2); the server drops the body.
+                status, headers, payload = self._dispatch(service, "GET" if method == "HEAD" else method, rest, query,
+                                                          request.headers, body, base)
             if self.operation_latency_ms:
                 await asyncio.sleep(self.operation_latency_ms / 1000)
             out_headers.update(headers)

@@ -103,6 +103,10 @@ def test_csrf_token_fetched_with_head_comes_with_the_session_cookie(sap_gateway:
                                  "BusinessPartnerGrouping": "BP02"},
                            headers={"x-csrf-token": token, "Accept": "application/json"})
     assert created.status_code == 201, created.text
+    on_a_set = sap_gateway.session().head(sap_gateway.root(SO_ROOT) + "A_SalesOrder", headers={"x-csrf-token": "fetch"})
+    assert on_a_set.status_code == 200
+    assert on_a_set.content == b""
+    assert SESSION_COOKIE in on_a_set.cookies
     # Even an answer that is an error carries the token and the session cookie ("The response may even be an
     # error, but it will contain the needed information in its headers", a.kabachnik.info on SAP CSRF tokens).
     failed = sap_gateway.session().get(sap_gateway.root(BP_ROOT) + "A_BusinessPartner('NO-SUCH')",
