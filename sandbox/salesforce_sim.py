@@ -277,8 +277,8 @@ class _SoqlParser:
         while self._punct(","):
             selected.append(self._expect("word"))
         self._expect("word", "FROM")
-        tok = self._expect("word")
-        self.sobject = sobject = self.resolve_sobject(tok.text, tok.pos)
+        entity = self._expect("word")
+        self.sobject = sobject = self.resolve_sobject(entity.text, entity.pos)
         fields = [self.resolve_field(sobject, t.text, t.pos) for t in selected]
         where, hints = self._or() if self._kw("WHERE") else (None, [])
         order = None
@@ -969,7 +969,8 @@ class SalesforceSimulator:
                 data = _json_body(body, request.headers.get("content-type", ""))
                 answer = self._dispatch(request.method, rest, dict(request.query_params), data, body, origin, client)
             except SalesforceFault as fault:
-                answer = self._json(*fault.answer())
+                status, content = fault.answer()
+                answer = self._json(content, status)
             return answer if injected is None else _injected(injected)
 
     def _dispatch(self, method: str, rest: str, params: Mapping[str, str], data: Any, body: bytes, origin: str,
