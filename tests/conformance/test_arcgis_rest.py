@@ -28,9 +28,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sandbox.arcgis_schema import dot_layers
-from tests.conformance._arcgis_fixtures import FeatureService, service  # noqa: F401  (fixture)
+from tests.conformance import _arcgis_fixtures as fx
+from tests.conformance._arcgis_fixtures import FeatureService
 
 pytestmark = pytest.mark.integration
+
+service = fx.service  # a fresh simulator and a raw REST client per test
 
 POINT = {"x": -93.0936, "y": 44.9537, "spatialReference": {"wkid": 4326}}
 

@@ -26,9 +26,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sandbox import salesforce_schema as schema
-from tests.conformance._salesforce_fixtures import Rest, SalesforceOrg, rest, sf_org  # noqa: F401  (fixtures)
+from tests.conformance import _salesforce_fixtures as fx
+from tests.conformance._salesforce_fixtures import Rest, SalesforceOrg
 
 pytestmark = pytest.mark.integration
+
+# the TLS simulator and a raw REST session per test
+sf_org, rest = fx.sf_org, fx.rest
 
 UNKNOWN_COLUMN = re.compile(
     r"^\n(?P<line>.*)\n(?P<pad> *)\^\nERROR at Row:(?P<row>\d+):Column:(?P<col>\d+)\nNo such column '(?P<name>[^']+)' "
@@ -61,7 +65,7 @@ def test_versions_list_needs_no_session_and_names_the_release(rest: Rest) -> Non
 # ------------------------------------------------------------------------------------------- SOQL
 
 
-@pytest.mark.parametrize("soql, name, column", [
+@pytest.mark.parametrize(("soql", "name", "column"), [
     ("SELECT Id, Dynamics_Nope__c FROM Account", "Dynamics_Nope__c", 12),
     # the issue's case: an undeployed custom field in WHERE used to answer 200 with no rows
     ("SELECT Id FROM Account WHERE Dynamics_Nope__c = 'ACC-1'", "Dynamics_Nope__c", 30),
@@ -306,5 +310,6 @@ def test_composite_request_errors_are_400_before_any_subrequest_runs(rest: Rest)
     for body in (too_many, missing_ref, duplicate, {"allOrNone": True}, [1, 2]):
         answer = rest.send("POST", "composite", body)
         assert answer.status_code == 400, body
-        assert isinstance(answer.json(), list) and answer.json()[0]["errorCode"]
+        assert isinstance(answer.json(), list)
+        assert answer.json()[0]["errorCode"]
     assert rest.query("SELECT Id FROM Account").json()["totalSize"] == 0

@@ -7,20 +7,21 @@ every URL itself from the REST API's layout; its exceptions map status codes (40
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 from simple_salesforce import Salesforce
 from simple_salesforce.exceptions import SalesforceMalformedRequest, SalesforceResourceNotFound
 
-from tests.conformance._salesforce_fixtures import VERSION, Rest, SalesforceOrg, rest, sf_org  # noqa: F401
+from tests.conformance import _salesforce_fixtures as fx
+from tests.conformance._salesforce_fixtures import VERSION, Rest, SalesforceOrg
 
 pytestmark = pytest.mark.integration
 
+sf_org, rest = fx.sf_org, fx.rest
+
 
 @pytest.fixture
-def sf(rest: Rest) -> Iterator[Salesforce]:
-    yield Salesforce(instance_url=rest.instance_url, session_id=rest.token, version=VERSION, session=rest.session)
+def sf(rest: Rest) -> Salesforce:
+    return Salesforce(instance_url=rest.instance_url, session_id=rest.token, version=VERSION, session=rest.session)
 
 
 def test_query_on_an_undeployed_custom_field_raises_instead_of_matching_nothing(sf: Salesforce) -> None:
