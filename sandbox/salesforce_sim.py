@@ -1028,8 +1028,14 @@ class SalesforceSimulator:
                     rec = self.records[sobject].get(rid) or self.records[sobject].get(to_18(rid[:15]))
                     if rec is None:
                         raise SalesforceFault(404, "NOT_FOUND", "The requested resource does not exist")
-                    wanted = [obj.field(n) for n in params.get("fields", "").split(",") if n.strip()]
-                    names = [f.name for f in wanted if f is not None] or list(rec)
+                    names = []
+                    for name in (n.strip() for n in params.get("fields", "").split(",") if n.strip()):
+                        known = obj.field(name)
+                        if known is None:
+                            raise SalesforceFault(400, "INVALID_FIELD", f"No such column '{name}' on entity "
+                                                  f"'{sobject}'.", [name])
+                        names.append(known.name)
+                    names = names or list(rec)
                     return 200, self._present(sobject, rec, names)
                 if method == "PATCH":
                     self._update(sobject, rid, _object(data), origin=origin, user=user)
@@ -1185,7 +1191,7 @@ class SalesforceSimulator:
         for sub in subrequests:
             ref = sub["referenceId"]
             try:
-                url = _substitute(sub["url"], answers, failed)
+                url = str(_substitute(sub["url"], answers, failed))
                 body = _substitute(sub.get("body"), answers, failed)
                 method = sub["method"].upper()
                 path, _, query = url.partition("?")

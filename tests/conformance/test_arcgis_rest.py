@@ -133,3 +133,25 @@ def test_errors_are_http_200_error_objects(service: FeatureService) -> None:
     assert (expired.status_code, expired.json()["error"]["code"]) == (200, 498)
     missing = service.http.post(f"{service.url}/0/query", data={"f": "json", "where": "1=1"})
     assert missing.json()["error"]["code"] == 499
+
+
+json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False)
+                           | st.text(max_size=12),
+                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+                               st.sampled_from(["attributes", "geometry", "ASSET_TAG", "SIGN_TYPE", "MILEPOST",
+                                                "GlobalID", "OBJECTID", "x", "y", "spatialReference", "wkid"]),
+                               inner, max_size=4), max_leaves=10)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(part=st.sampled_from(["adds", "updates", "deletes"]), value=json_values | st.text(max_size=30),
+       global_ids=st.booleans(), rollback=st.booleans())
+def test_whatever_a_client_posts_to_apply_edits_is_an_answer_not_a_crash(
+        service: FeatureService, part: str, value: object, global_ids: bool, rollback: bool) -> None:
+    raw = value if isinstance(value, str) else json.dumps(value)
+    answer = service.http.post(f"{service.url}/0/applyEdits", data={
+        "f": "json", "token": service.token, part: raw, "useGlobalIds": str(global_ids).lower(),
+        "rollbackOnFailure": str(rollback).lower()})
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert "error" in body or {"addResults", "updateResults", "deleteResults"} <= set(body)

@@ -313,3 +313,27 @@ def test_composite_request_errors_are_400_before_any_subrequest_runs(rest: Rest)
         assert isinstance(answer.json(), list)
         assert answer.json()[0]["errorCode"]
     assert rest.query("SELECT Id FROM Account").json()["totalSize"] == 0
+
+
+json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
+                           | st.text(max_size=20),
+                           lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner,
+                                                                                         max_size=4), max_leaves=12)
+subrequests = st.fixed_dictionaries({
+    "method": st.sampled_from(["GET", "POST", "PATCH", "DELETE", "PUT", "HEAD"]),
+    "url": st.sampled_from(["/services/data/v63.0/sobjects/Account", "/services/data/v63.0/query/?q=SELECT+Id+FROM+"
+                            "Account", "/services/data/v63.0/sobjects/Account/@{a.id}", "@{a}", "/x",
+                            "/services/data/v63.0/composite/sobjects"]),
+    "referenceId": st.sampled_from(["a", "b", "c", ""]), "body": json_values})
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(path=st.sampled_from(["composite", "composite/sobjects", "sobjects/Account",
+                             "composite/sobjects/Account/Dynamics_Account__c"]),
+       method=st.sampled_from(["POST", "PATCH"]),
+       body=json_values | st.fixed_dictionaries({"allOrNone": json_values, "records": st.lists(json_values)})
+       | st.fixed_dictionaries({"allOrNone": st.booleans(), "compositeRequest": st.lists(subrequests, max_size=4)}))
+def test_whatever_a_client_sends_is_answered_2xx_or_4xx(rest: Rest, path: str, method: str, body: object) -> None:
+    answer = rest.send(method, path, body)
+    assert answer.status_code < 500, answer.text
+    answer.json()
