@@ -1049,10 +1049,22 @@ class SalesforceSimulator:
         raise SalesforceFault(404, "NOT_FOUND", "The requested resource does not exist")
 
     @staticmethod
-    def _present(sobject: str, rec: Mapping[str, Any], fields: Iterable[str]) -> dict[str, Any]:
+    def _present(sobject: str, rec: Mapping[str, Any], fields: Iterable[str],
+                 paths: Mapping[str, tuple[str, str, str]] | None = None) -> dict[str, Any]:
         out: dict[str, Any] = {"attributes": {"type": sobject, "url": f"{API_PREFIX}sobjects/{sobject}/{rec['Id']}"}}
         for name in fields:
-            out[name] = rec.get(name)
+            if paths and name in paths:  # a parent field nests under the relationship, null when there is no parent
+                lookup, parent, leaf = paths[name]
+                relation, parent_id = name.partition(".")[0], rec.get(lookup)
+                if not parent_id:
+                    out[relation] = None
+                    continue
+                nested = out.get(relation) or {
+                    "attributes": {"type": parent, "url": f"{API_PREFIX}sobjects/{parent}/{parent_id}"}}
+                nested[leaf] = rec.get(name)
+                out[relation] = nested
+            else:
+                out[name] = rec.get(name)
         return out
 
     # ---------------------------------------------------------------------------------- transactions
@@ -1231,7 +1243,10 @@ class SalesforceSimulator:
                                  "WSDL or the describe call for the appropriate names.")
             return found.name
 
-        def resolve_field(sobject: str, name: str, pos: int) -> str:
+        # parent field path the query uses ("Account.Name") -> (lookup field, parent sObject, parent field)
+        paths: dict[str, tuple[str, str, str]] = {}
+
+        def column(sobject: str, name: str, pos: int) -> str:
             found = schema.BY_NAME[sobject].field(name)
             if found is None:
                 raise soql_error(soql, pos, "INVALID_FIELD",
@@ -1240,8 +1255,28 @@ class SalesforceSimulator:
                                  "reference your WSDL or the describe call for the appropriate names.")
             return found.name
 
+        def resolve_field(sobject: str, name: str, pos: int) -> str:
+            if "." not in name:
+                return column(sobject, name, pos)
+            relation, _, leaf = name.partition(".")
+            lookup = next((f for f in schema.BY_NAME[sobject].fields if f.reference_to and f.name.endswith("Id")
+                           and f.name[:-2].lower() == relation.lower()), None)
+            if lookup is None or lookup.reference_to is None or "." in leaf:
+                raise soql_error(soql, pos, "INVALID_FIELD",
+                                 f"Didn't understand relationship '{relation}' in field path. If you are attempting "
+                                 "to use a custom relationship, be sure to append the '__r' after the custom "
+                                 "relationship name. Please reference your WSDL or the describe call for the "
+                                 "appropriate names.")
+            target = column(lookup.reference_to, leaf, pos + len(relation) + 1)
+            path = f"{lookup.name[:-2]}.{target}"
+            paths[path] = (lookup.name, lookup.reference_to, target)
+            return path
+
         parsed = parse_soql(soql, resolve, resolve_field)
         rows = self._candidates(parsed)
+        if paths:  # parent fields (one level up), read from the parent record at query time
+            rows = [{**r, **{path: (self.records[parent].get(str(r.get(lookup) or "")) or {}).get(leaf)
+                             for path, (lookup, parent, leaf) in paths.items()}} for r in rows]
         if parsed.where is not None:
             rows = [r for r in rows if parsed.where(r)]
         if parsed.order is not None:
@@ -1250,7 +1285,7 @@ class SalesforceSimulator:
                       reverse=desc)
         if parsed.limit is not None:
             rows = rows[: parsed.limit]
-        presented = [self._present(parsed.sobject, r, parsed.fields) for r in rows]
+        presented = [self._present(parsed.sobject, r, parsed.fields, paths) for r in rows]
         cursor = "01g" + secrets.token_hex(8).upper()[:15]
         self._cursors[cursor] = presented
         return self._page(cursor, 0)

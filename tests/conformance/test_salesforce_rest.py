@@ -110,6 +110,29 @@ def test_soql_names_are_case_insensitive_and_answered_with_their_api_names(rest:
     assert record["Name"] == "Allegheny Tooling Inc."
 
 
+def test_parent_fields_one_level_up_are_queried_and_nested(rest: Rest) -> None:
+    # "Relationship Queries" (SOQL and SOSL Reference): child-to-parent paths use the relationship name
+    parent = account(rest, Dynamics_Account__c="ACC-1")
+    rest.send("POST", "sobjects/Contact", {"LastName": "Baker", "AccountId": parent})
+    rest.send("POST", "sobjects/Contact", {"LastName": "Orphan"})
+    answer = rest.query("SELECT LastName, Account.Name, account.dynamics_account__c FROM Contact "
+                        "WHERE Account.Name != null ORDER BY Account.Name")
+    assert answer.status_code == 200, answer.text
+    [record] = answer.json()["records"]
+    assert record["Account"] == {"attributes": {"type": "Account",
+                                                "url": f"/services/data/v63.0/sobjects/Account/{parent}"},
+                                 "Name": "Allegheny Tooling Inc.", "Dynamics_Account__c": "ACC-1"}
+    orphan = rest.query("SELECT Account.Name FROM Contact WHERE LastName = 'Orphan'").json()["records"][0]
+    assert orphan["Account"] is None
+    for soql, code in (("SELECT Owner.Name FROM Contact", "INVALID_FIELD"),
+                       ("SELECT Account.Nope__c FROM Contact", "INVALID_FIELD")):
+        bad = rest.query(soql)
+        assert bad.status_code == 400
+        assert bad.json()[0]["errorCode"] == code
+    assert "Didn't understand relationship 'Owner' in field path." in rest.query(
+        "SELECT Owner.Name FROM Contact").json()[0]["message"]
+
+
 field_names = st.from_regex(r"[A-Za-z][A-Za-z0-9_]{0,30}", fullmatch=True)
 
 
