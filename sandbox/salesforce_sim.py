@@ -18,6 +18,7 @@ import random
 import re
 import secrets
 import threading
+import urllib.parse
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -30,10 +31,29 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from sandbox import salesforce_schema as schema
+
 API_VERSION = "63.0"
 API_PREFIX = f"/services/data/v{API_VERSION}/"
 QUERY_BATCH = 2000
 COLLECTION_LIMIT = 200
+COMPOSITE_LIMIT = 25
+COMPOSITE_QUERY_LIMIT = 5
+
+
+def _release(version: int) -> str:
+    """Release name of an API version: 63.0 is Spring '25, one version back is one season back."""
+    back = 63 - version
+    season, year = [("Spring", 25), ("Winter", 25), ("Summer", 24)][back % 3]
+    return f"{season} '{year - back // 3}"
+
+
+API_VERSIONS = [(f"{v}.0", _release(v)) for v in range(31, 64)]
+"""`GET /services/data/`: every version is served, all with v63.0's behaviour."""
+_VERSION_NUMBERS = frozenset(v for v, _ in API_VERSIONS)
+_REF_ID_RE = re.compile(r"[A-Za-z0-9_]{1,80}")
+_SUB_URL_RE = re.compile(r"/services/data/v([0-9.]+)/(.*)")
+_REF_RE = re.compile(r"@\{([A-Za-z0-9_]+)((?:\.[A-Za-z0-9_]+|\[\d+\])*)\}")
 
 DEFAULT_CLIENT_ID = "3MVG9sim.Syncline.Connected.App"
 DEFAULT_CLIENT_SECRET = "sim-sf-secret-0123456789ABCDEF"  # a fixed test secret
@@ -41,58 +61,20 @@ ORG_ID = "00D5g00000SyncAAA"
 RUN_AS_USER_ID = "0055g00000SyncAAA"
 UI_USER_ID = "0055g00000OfficAAA"
 
-KEY_PREFIX = {"Account": "001", "Contact": "003", "Opportunity": "006", "Product2": "01t",
-              "OpportunityLineItem": "00k", "Order": "801", "OrderItem": "802"}
-SYSTEM_FIELDS = ("Id", "CreatedDate", "LastModifiedDate", "SystemModstamp", "IsDeleted")
-SCHEMAS: dict[str, dict[str, str]] = {
-    "Account": {"Name": "string", "AccountNumber": "string", "Type": "picklist", "Industry": "picklist",
-                "BillingStreet": "string", "BillingCity": "string", "BillingPostalCode": "string",
-                "BillingCountry": "string", "Phone": "phone", "Website": "url",
-                "AnnualRevenue": "currency", "NumberOfEmployees": "int", "Dynamics_Account__c": "string",
-                "CurrencyIsoCode": "picklist", "Legal_Entity__c": "picklist", "Credit_Limit__c": "currency",
-                "Payment_Terms__c": "picklist", "Dynamics_CRM_Id__c": "string"},
-    "Contact": {"FirstName": "string", "LastName": "string", "Email": "email", "Phone": "phone", "Title": "string",
-                "MailingCity": "string", "AccountId": "reference", "Dynamics_Contact__c": "string",
-                "Dynamics_CRM_Id__c": "string"},
-    "Product2": {"Name": "string", "ProductCode": "string", "Family": "picklist", "IsActive": "boolean",
-                 "Dynamics_Item__c": "string"},
-    "Opportunity": {"Name": "string", "StageName": "picklist", "CloseDate": "date", "Amount": "currency",
-                    "AccountId": "reference", "Dynamics_Opportunity__c": "string", "Legal_Entity__c": "picklist",
-                    "CurrencyIsoCode": "picklist", "Dynamics_Sales_Order__c": "string",
-                    "Fulfillment_Status__c": "picklist"},
-    "OpportunityLineItem": {"OpportunityId": "reference", "Product2Id": "reference", "Quantity": "double",
-                            "UnitPrice": "currency", "TotalPrice": "currency", "Dynamics_Line__c": "string"},
-    "Order": {"AccountId": "reference", "OpportunityId": "reference", "Status": "picklist", "EffectiveDate": "date",
-              "CurrencyIsoCode": "picklist", "Legal_Entity__c": "picklist", "OrderReferenceNumber": "string",
-              "TotalAmount": "currency", "Dynamics_Sales_Order__c": "string", "Fulfillment_Status__c": "picklist"},
-    "OrderItem": {"OrderId": "reference", "Product2Id": "reference", "Quantity": "double", "UnitPrice": "currency",
-                  "TotalPrice": "currency", "Dynamics_Line__c": "string"},
-}
-EXTERNAL_IDS: dict[str, frozenset[str]] = {
-    "Account": frozenset({"Dynamics_Account__c", "Dynamics_CRM_Id__c"}),
-    "Contact": frozenset({"Dynamics_Contact__c", "Dynamics_CRM_Id__c"}),
-    "Product2": frozenset({"Dynamics_Item__c"}),
-    "Opportunity": frozenset({"Dynamics_Opportunity__c", "Dynamics_Sales_Order__c"}),
-    "OpportunityLineItem": frozenset(),
-    "Order": frozenset({"Dynamics_Sales_Order__c"}),
-    "OrderItem": frozenset(),
-}
-REQUIRED: dict[str, tuple[str, ...]] = {
-    "Account": ("Name",), "Contact": ("LastName",), "Product2": ("Name",),
-    "Opportunity": ("Name", "StageName", "CloseDate"),
-    "OpportunityLineItem": ("OpportunityId", "Quantity"),
-    "Order": ("AccountId", "Status", "EffectiveDate"),
-    "OrderItem": ("OrderId", "Quantity", "UnitPrice"),
-}
-REFERENCES: dict[str, str] = {"AccountId": "Account", "OpportunityId": "Opportunity", "OrderId": "Order",
-                              "Product2Id": "Product2"}
+KEY_PREFIX = {o.name: o.key_prefix for o in schema.SOBJECTS}
+SYSTEM_FIELDS = schema.SYSTEM_NAMES
+SCHEMAS: dict[str, dict[str, str]] = {o.name: dict(schema.field_types(o)) for o in schema.SOBJECTS}
+"""sObject -> field -> describe type, from `sandbox.salesforce_schema` (the one place the org's schema is declared)."""
+EXTERNAL_IDS: dict[str, frozenset[str]] = {o.name: frozenset(f.name for f in o.fields if f.external_id)
+                                           for o in schema.SOBJECTS}
+REQUIRED: dict[str, tuple[str, ...]] = {o.name: tuple(f.name for f in o.fields if f.required) for o in schema.SOBJECTS}
+REFERENCES: dict[str, str] = {f.name: f.reference_to for o in schema.SOBJECTS for f in o.fields if f.reference_to}
 """Lookup field -> the sObject it points to (the same on every object that has it)."""
-CALCULATED: dict[str, frozenset[str]] = {"OpportunityLineItem": frozenset({"TotalPrice"}),
-                                         "Order": frozenset({"TotalAmount"}),
-                                         "OrderItem": frozenset({"TotalPrice"})}
+CALCULATED: dict[str, frozenset[str]] = {o.name: frozenset(f.name for f in o.fields if f.calculated)
+                                         for o in schema.SOBJECTS}
 """Formula / roll-up fields: computed by the org, refused on create and update."""
-CREATE_ONLY: dict[str, frozenset[str]] = {"OpportunityLineItem": frozenset({"OpportunityId", "Product2Id"}),
-                                          "OrderItem": frozenset({"OrderId", "Product2Id"})}
+CREATE_ONLY: dict[str, frozenset[str]] = {
+    o.name: frozenset(f.name for f in o.fields if f.createable and not f.updateable) for o in schema.SOBJECTS}
 """A line belongs to its header and product for life (master-detail; the price book entry is fixed)."""
 ROLLUPS: dict[str, tuple[str, str, str]] = {"OpportunityLineItem": ("OpportunityId", "Opportunity", "Amount"),
                                            "OrderItem": ("OrderId", "Order", "TotalAmount")}
@@ -141,6 +123,10 @@ class SalesforceFault(Exception):
     def __init__(self, status: int, code: str, message: str, fields: Sequence[str] | None = None) -> None:
         super().__init__(message)
         self.status, self.code, self.message, self.fields = status, code, message, list(fields or [])
+
+    def answer(self) -> tuple[int, Any]:
+        """(HTTP status, JSON body): the error array, or the matching record URLs of a 300."""
+        return (300, self.fields) if self.status == 300 else (self.status, self.body())
 
     def body(self) -> list[dict[str, Any]]:
         item: dict[str, Any] = {"message": self.message, "errorCode": self.code}
@@ -192,6 +178,7 @@ class _Tok:
     kind: str
     value: Any
     text: str
+    pos: int = 0
 
 
 def _tokenize(soql: str) -> list[_Tok]:
@@ -211,7 +198,7 @@ def _tokenize(soql: str) -> list[_Tok]:
             value = _parse_dt(text)
         elif kind == "num":
             value = float(text) if "." in text else int(text)
-        tokens.append(_Tok(kind, value, text))
+        tokens.append(_Tok(kind, value, text, match.start(kind)))
         pos = match.end()
     return tokens
 
@@ -231,10 +218,29 @@ class Soql:
     hints: list[Hint] = field(default_factory=list)
 
 
+Resolver = Callable[[str, str, int], str]
+"""(sObject, field name as written, its offset in the query) -> the field's API name, or a SalesforceFault."""
+
+
+def soql_error(soql: str, pos: int, code: str, text: str) -> SalesforceFault:
+    """A SOQL error the way the org reports it: the query line, a caret under the token, `ERROR at Row:r:Column:c`."""
+    row = soql.count("\n", 0, pos) + 1
+    line_start = soql.rfind("\n", 0, pos) + 1
+    line_end = soql.find("\n", pos)
+    line = soql[line_start: len(soql) if line_end < 0 else line_end]
+    column = pos - line_start + 1
+    return SalesforceFault(400, code, f"\n{line}\n{' ' * (column - 1)}^\nERROR at Row:{row}:Column:{column}\n{text}")
+
+
 class _SoqlParser:
-    def __init__(self, soql: str) -> None:
+    def __init__(self, soql: str, resolve: Callable[[str, int], str] | None = None,
+                 resolve_field: Resolver | None = None) -> None:
+        self.soql = soql
         self.tokens = _tokenize(soql)
         self.pos = 0
+        self.resolve_sobject = resolve or (lambda name, _pos: name)
+        self.resolve_field = resolve_field or (lambda _sobject, name, _pos: name)
+        self.sobject = ""
 
     def _peek(self) -> _Tok | None:
         return self.tokens[self.pos] if self.pos < len(self.tokens) else None
@@ -261,18 +267,24 @@ class _SoqlParser:
         self.pos += 1
         return tok
 
+    def _field(self) -> str:
+        tok = self._expect("word")
+        return self.resolve_field(self.sobject, tok.text, tok.pos)
+
     def parse(self) -> Soql:
         self._expect("word", "SELECT")
-        fields = [self._expect("word").text]
+        selected = [self._expect("word")]
         while self._punct(","):
-            fields.append(self._expect("word").text)
+            selected.append(self._expect("word"))
         self._expect("word", "FROM")
-        sobject = self._expect("word").text
+        entity = self._expect("word")
+        self.sobject = sobject = self.resolve_sobject(entity.text, entity.pos)
+        fields = [self.resolve_field(sobject, t.text, t.pos) for t in selected]
         where, hints = self._or() if self._kw("WHERE") else (None, [])
         order = None
         if self._kw("ORDER"):
             self._expect("word", "BY")
-            name = self._expect("word").text
+            name = self._field()
             desc = self._kw("DESC")
             if not desc:
                 self._kw("ASC")
@@ -321,7 +333,7 @@ class _SoqlParser:
             grouped, _ = self._or()
             self._expect("punct", ")")
             return grouped, None
-        name = self._expect("word").text
+        name = self._field()
         negate = self._kw("NOT")
         if self._kw("IN"):
             self._expect("punct", "(")
@@ -384,8 +396,10 @@ def _like_regex(pattern: str) -> re.Pattern[str]:
     return re.compile("".join(out), re.IGNORECASE | re.DOTALL)
 
 
-def parse_soql(soql: str) -> Soql:
-    return _SoqlParser(soql).parse()
+def parse_soql(soql: str, resolve: Callable[[str, int], str] | None = None,
+               resolve_field: Resolver | None = None) -> Soql:
+    """Parse a SOQL query; with resolvers, the sObject and field names are checked and made canonical."""
+    return _SoqlParser(soql, resolve, resolve_field).parse()
 
 
 # ============================================================================================ state
@@ -497,7 +511,10 @@ class SalesforceSimulator:
         self.reset()
         self.app = Starlette(routes=[
             Route("/services/oauth2/token", self._token, methods=["POST"]),
-            Route(API_PREFIX + "{rest:path}", self._api, methods=["GET", "POST", "PATCH", "PUT", "DELETE"]),
+            Route("/services/data", self._versions, methods=["GET"]),
+            Route("/services/data/", self._versions, methods=["GET"]),
+            Route("/services/data/v{version}/{rest:path}", self._api,
+                  methods=["GET", "POST", "PATCH", "PUT", "DELETE"]),
         ])
 
     # ------------------------------------------------------------------------------------ control
@@ -615,11 +632,24 @@ class SalesforceSimulator:
 
     # ------------------------------------------------------------------------------------ data ops
 
-    def _check_fields(self, sobject: str, values: Mapping[str, Any]) -> None:
-        for name in values:
-            if name not in SCHEMAS[sobject] and name not in ("Id",):
-                raise SalesforceFault(400, "INVALID_FIELD",
-                                      f"No such column '{name}' on sobject of type {sobject}", [name])
+    @staticmethod
+    def _canonical(sobject: str, values: Mapping[str, Any]) -> dict[str, Any]:
+        """Field names made canonical (API names are case-insensitive) and values checked against the schema."""
+        obj = schema.BY_NAME[sobject]
+        out: dict[str, Any] = {}
+        for name, value in values.items():
+            f = obj.field(name)
+            if f is None:
+                raise SalesforceFault(400, "INVALID_FIELD", f"No such column '{name}' on sobject of type {sobject}",
+                                      [name])
+            if f.name in SYSTEM_FIELDS and f.name != "Id":
+                raise SalesforceFault(400, "INVALID_FIELD_FOR_INSERT_UPDATE",
+                                      f"Unable to create/update fields: {f.name}. Please check the security settings "
+                                      "of this field and verify that it is read/write for your profile or permission "
+                                      "set.", [f.name])
+            _check_value(f, value)
+            out[f.name] = value
+        return out
 
     @staticmethod
     def _check_writable(sobject: str, values: Mapping[str, Any], record: Mapping[str, Any] | None) -> None:
@@ -752,7 +782,8 @@ class SalesforceSimulator:
                            origin, user, when, transaction)
 
     def _create(self, sobject: str, values: dict[str, Any], *, origin: str, user: str) -> str:
-        self._check_fields(sobject, values)
+        values = self._canonical(sobject, values)
+        values.pop("Id", None)
         values = self._resolve_references(sobject, values)
         self._check_writable(sobject, values, None)
         record: dict[str, Any] = dict.fromkeys(SCHEMAS[sobject])
@@ -774,7 +805,7 @@ class SalesforceSimulator:
         return rid
 
     def _update(self, sobject: str, rid: str, values: dict[str, Any], *, origin: str, user: str) -> None:
-        self._check_fields(sobject, values)
+        values = self._canonical(sobject, values)
         record = self.records[sobject].get(rid)
         if record is None:
             raise SalesforceFault(404, "NOT_FOUND", "The requested resource does not exist")
@@ -823,9 +854,11 @@ class SalesforceSimulator:
 
     def _upsert(self, sobject: str, ext_field: str, ext_value: str, values: dict[str, Any], *, origin: str,
                 user: str) -> tuple[str, bool]:
-        if ext_field not in EXTERNAL_IDS.get(sobject, frozenset()) and ext_field != "Id":
+        known = schema.BY_NAME[sobject].field(ext_field)
+        if known is None or not (known.external_id or known.name == "Id"):
             raise SalesforceFault(404, "NOT_FOUND", "The requested resource does not exist")
-        values = {k: v for k, v in values.items() if k != ext_field}
+        ext_field = known.name
+        values = {k: v for k, v in values.items() if k.lower() != ext_field.lower()}
         key = _ext_key(ext_value)
         if ext_field == "Id":
             matches = self._ids_for(sobject, [ext_value])
@@ -901,12 +934,21 @@ class SalesforceSimulator:
             "issued_at": str(int(datetime.now(UTC).timestamp() * 1000)), "scope": "api",
         })
 
+    async def _versions(self, request: Request) -> Response:
+        # the Versions resource needs no session (REST API Developer Guide, "Versions")
+        return JSONResponse([{"label": label, "url": f"/services/data/v{version}", "version": version}
+                             for version, label in API_VERSIONS])
+
     async def _api(self, request: Request) -> Response:
+        version = request.path_params["version"]
         rest = request.path_params["rest"].strip("/")
         body = await request.body()
         with self._lock:
             self.request_count += 1
             self.requests.append((request.method, rest, dict(request.headers)))
+            if version not in _VERSION_NUMBERS:
+                return JSONResponse([{"errorCode": "NOT_FOUND", "message": "The requested resource does not exist"}],
+                                    status_code=404)
             token = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
             if token not in self._tokens or token in self.faults.expired or self.faults.reject_sessions:
                 return JSONResponse([{"message": "Session expired or invalid", "errorCode": "INVALID_SESSION_ID"}],
@@ -924,165 +966,317 @@ class SalesforceSimulator:
             if injected is not None and not injected.after_apply:
                 return _injected(injected)
             try:
-                answer = self._dispatch(request, rest, body, origin, client)
+                data = _json_body(body, request.headers.get("content-type", ""))
+                answer = self._dispatch(request.method, rest, dict(request.query_params), data, body, origin, client)
             except SalesforceFault as fault:
-                if fault.status == 300:
-                    answer = self._json(fault.fields, 300)
-                else:
-                    answer = self._json(fault.body(), fault.status)
+                status, content = fault.answer()
+                answer = self._json(content, status)
             return answer if injected is None else _injected(injected)
 
-    def _dispatch(self, request: Request, rest: str, body: bytes, origin: str, client: str | None) -> Response:
-        method = request.method
-        parts = rest.split("/")
-        data: Any = None
-        if body and request.headers.get("content-type", "").startswith("application/json"):
-            try:
-                data = json.loads(body)
-            except json.JSONDecodeError as exc:
-                raise SalesforceFault(400, "JSON_PARSER_ERROR", f"Unexpected character: {exc}") from exc
+    def _dispatch(self, method: str, rest: str, params: Mapping[str, str], data: Any, body: bytes, origin: str,
+                  client: str | None) -> Response:
+        status, content = self._route(method, rest, params, data, body, origin, client)
+        if isinstance(content, Response):
+            return content
+        if status == 204:
+            return Response(status_code=204, headers=self._limit_header())
+        return self._json(content, status)
+
+    def _route(self, method: str, rest: str, params: Mapping[str, str], data: Any, body: bytes, origin: str,
+               client: str | None) -> tuple[int, Any]:
+        """One REST call: (status, JSON content), or a SalesforceFault. Composite subrequests come through here too."""
+        parts = rest.split("/") if rest else []
         user = RUN_AS_USER_ID
+        if not parts:
+            if method == "GET":
+                return 200, {name: f"{API_PREFIX}{name}" for name in ("sobjects", "query", "queryAll", "composite",
+                                                                       "limits", "jobs")}
+            raise SalesforceFault(405, "METHOD_NOT_ALLOWED", f"HTTP Method '{method}' not allowed. Allowed are GET")
         if parts[0] in ("query", "queryAll"):
             if len(parts) == 2:
-                return self._query_more(parts[1])
-            return self._query(request.query_params.get("q", ""))
+                return 200, self._query_more(parts[1])
+            return 200, self._query(params.get("q", ""))
         if parts[0] == "limits":
-            return self._json({"DailyApiRequests": {"Max": self.limits.daily_max,
-                                                    "Remaining": self.limits.daily_max - self.limits.used}})
+            return 200, {"DailyApiRequests": {"Max": self.limits.daily_max,
+                                              "Remaining": self.limits.daily_max - self.limits.used}}
         if parts[0] == "composite" and len(parts) >= 2 and parts[1] == "sobjects":
-            return self._collections(method, parts[2:], data, request, origin, user)
+            return 200, self._collections(method, parts[2:], data, params, origin, user)
+        if parts[0] == "composite" and len(parts) == 1 and method == "POST":
+            return 200, self._composite(data, origin, client)
         if parts[0] == "jobs" and len(parts) >= 2 and parts[1] == "ingest":
-            return self._bulk(method, parts[2:], data, body, origin, client)
-        if parts[0] == "sobjects" and len(parts) >= 2:
-            sobject = parts[1]
-            if sobject not in SCHEMAS:
+            return 200, self._bulk(method, parts[2:], data, body, origin, client)
+        if parts[0] == "sobjects":
+            if len(parts) == 1 and method == "GET":
+                return 200, {"encoding": "UTF-8", "maxBatchSize": COLLECTION_LIMIT,
+                             "sobjects": [schema.global_entry(o, API_VERSION) for o in schema.SOBJECTS]}
+            obj = schema.sobject(parts[1]) if len(parts) >= 2 else None
+            if obj is None:
                 raise SalesforceFault(404, "NOT_FOUND", "The requested resource does not exist")
+            sobject = obj.name
+            if len(parts) == 2 and method == "GET":
+                recent = [self._present(sobject, r, ("Id", *(["Name"] if "Name" in SCHEMAS[sobject] else [])))
+                          for r in list(self.records[sobject].values())[-5:]]
+                return 200, {"objectDescribe": schema.global_entry(obj, API_VERSION), "recentItems": recent}
             if len(parts) == 3 and parts[2] == "describe" and method == "GET":
-                return self._json(self._describe(sobject))
+                return 200, schema.describe(obj, API_VERSION)
             if len(parts) == 2 and method == "POST":
-                rid = self._create(sobject, dict(data or {}), origin=origin, user=user)
-                return self._json({"id": rid, "success": True, "errors": []}, 201)
+                rid = self._create(sobject, _object(data), origin=origin, user=user)
+                return 201, {"id": rid, "success": True, "errors": []}
             if len(parts) == 3:
                 rid = parts[2]
                 if method == "GET":
-                    rec = self.records[sobject].get(rid)
+                    rec = self.records[sobject].get(rid) or self.records[sobject].get(to_18(rid[:15]))
                     if rec is None:
                         raise SalesforceFault(404, "NOT_FOUND", "The requested resource does not exist")
-                    return self._json(self._present(sobject, rec, list(rec)))
+                    names = []
+                    for name in (n.strip() for n in params.get("fields", "").split(",") if n.strip()):
+                        known = obj.field(name)
+                        if known is None:
+                            raise SalesforceFault(400, "INVALID_FIELD", f"No such column '{name}' on entity "
+                                                  f"'{sobject}'.", [name])
+                        names.append(known.name)
+                    names = names or list(rec)
+                    return 200, self._present(sobject, rec, names)
                 if method == "PATCH":
-                    self._update(sobject, rid, dict(data or {}), origin=origin, user=user)
-                    return Response(status_code=204, headers=self._limit_header())
+                    self._update(sobject, rid, _object(data), origin=origin, user=user)
+                    return 204, None
                 if method == "DELETE":
                     self._delete(rid, origin=origin, user=user)
-                    return Response(status_code=204, headers=self._limit_header())
+                    return 204, None
             if len(parts) == 4 and method == "PATCH":
-                rid, created = self._upsert(sobject, parts[2], parts[3], dict(data or {}), origin=origin, user=user)
-                return self._json({"id": rid, "errors": [], "success": True, "created": created},
-                                  201 if created else 200)
+                rid, created = self._upsert(sobject, parts[2], parts[3], _object(data), origin=origin, user=user)
+                return (201 if created else 200), {"id": rid, "errors": [], "success": True, "created": created}
         raise SalesforceFault(404, "NOT_FOUND", "The requested resource does not exist")
 
-    def _describe(self, sobject: str) -> dict[str, Any]:
-        fields: list[dict[str, Any]] = [
-            {"name": n, "type": "id" if n == "Id" else "datetime" if n.endswith("Date") or n == "SystemModstamp"
-             else "boolean" if n == "IsDeleted" else "string", "externalId": False, "calculated": False,
-             "createable": False, "updateable": False, "nillable": n != "Id"}
-            for n in SYSTEM_FIELDS]
-        computed, fixed = CALCULATED.get(sobject, frozenset()), CREATE_ONLY.get(sobject, frozenset())
-        for name, kind in SCHEMAS[sobject].items():
-            entry = {"name": name, "type": kind, "externalId": name in EXTERNAL_IDS[sobject],
-                     "calculated": name in computed, "createable": name not in computed,
-                     "updateable": name not in computed and name not in fixed,
-                     "nillable": name not in REQUIRED[sobject]}
-            if kind == "reference":
-                entry["referenceTo"] = [REFERENCES[name]]
-            fields.append(entry)
-        return {"name": sobject, "keyPrefix": KEY_PREFIX[sobject], "fields": fields}
-
     @staticmethod
-    def _present(sobject: str, rec: Mapping[str, Any], fields: Iterable[str]) -> dict[str, Any]:
+    def _present(sobject: str, rec: Mapping[str, Any], fields: Iterable[str],
+                 paths: Mapping[str, tuple[str, str, str]] | None = None) -> dict[str, Any]:
         out: dict[str, Any] = {"attributes": {"type": sobject, "url": f"{API_PREFIX}sobjects/{sobject}/{rec['Id']}"}}
         for name in fields:
-            out[name] = rec.get(name)
+            if paths and name in paths:  # a parent field nests under the relationship, null when there is no parent
+                lookup, parent, leaf = paths[name]
+                relation, parent_id = name.partition(".")[0], rec.get(lookup)
+                if not parent_id:
+                    out[relation] = None
+                    continue
+                nested = out.get(relation) or {
+                    "attributes": {"type": parent, "url": f"{API_PREFIX}sobjects/{parent}/{parent_id}"}}
+                nested[leaf] = rec.get(name)
+                out[relation] = nested
+            else:
+                out[name] = rec.get(name)
         return out
+
+    # ---------------------------------------------------------------------------------- transactions
+
+    def _snapshot(self) -> tuple[Any, ...]:
+        """What a rolled-back transaction must restore: records, indexes, and the change events not yet kept."""
+        return ({s: {rid: dict(r) for rid, r in table.items()} for s, table in self.records.items()},
+                {k: {v: dict(ids) for v, ids in index.items()} for k, index in self._ext_index.items()},
+                {k: dict(v) for k, v in self._children.items()}, len(self._events), len(self._pending))
+
+    def _restore(self, snap: tuple[Any, ...]) -> None:
+        self.records, self._ext_index, self._children = snap[0], snap[1], snap[2]
+        del self._events[snap[3]:]
+        del self._pending[snap[4]:]
 
     # ---------------------------------------------------------------------------------- collections
 
-    def _collections(self, method: str, rest: list[str], data: Any, request: Request, origin: str,
-                     user: str) -> Response:
+    def _collections(self, method: str, rest: list[str], data: Any, params: Mapping[str, str], origin: str,
+                     user: str) -> list[dict[str, Any]]:
+        """sObject Collections; with allOrNone=true every record is rolled back when one fails (still HTTP 200)."""
         if method == "DELETE":
-            ids = [i for i in request.query_params.get("ids", "").split(",") if i]
+            ids = [i for i in params.get("ids", "").split(",") if i]
             if not ids or len(ids) > COLLECTION_LIMIT:
                 raise SalesforceFault(400, "EXCEEDED_ID_LIMIT", "record limit reached. cannot submit more than 200 "
                                       "records into this call")
-            results = []
-            for rid in ids:
-                try:
-                    self._delete(rid, origin=origin, user=user)
-                    results.append({"id": rid, "success": True, "errors": []})
-                except SalesforceFault as fault:
-                    results.append({"id": rid, "success": False, "errors": [fault.record_error()]})
-            return self._json(results)
-        if not isinstance(data, dict) or not isinstance(data.get("records"), list):
-            raise SalesforceFault(400, "JSON_PARSER_ERROR", "Expected a request body with records")
-        records = data["records"]
-        if len(records) > COLLECTION_LIMIT:
-            raise SalesforceFault(400, "EXCEEDED_ID_LIMIT",
-                                  "record limit reached. cannot submit more than 200 records into this call")
-        if data.get("allOrNone"):
-            raise SalesforceFault(400, "INVALID_INPUT", "allOrNone=true is not simulated")
-        results = []
-        for raw in records:
-            rec = dict(raw)
-            sobject = (rec.pop("attributes", None) or {}).get("type")
+            all_or_none = params.get("allOrNone", "false").lower() == "true"
+            records: list[Any] = [{"Id": rid} for rid in ids]
+        else:
+            if not isinstance(data, dict) or not isinstance(data.get("records"), list):
+                raise SalesforceFault(400, "JSON_PARSER_ERROR", "Expected a request body with records")
+            records = data["records"]
+            if len(records) > COLLECTION_LIMIT:
+                raise SalesforceFault(400, "EXCEEDED_ID_LIMIT",
+                                      "record limit reached. cannot submit more than 200 records into this call")
+            if not isinstance(data.get("allOrNone", False), bool):
+                raise SalesforceFault(400, "JSON_PARSER_ERROR", "allOrNone must be a boolean")
+            all_or_none = bool(data.get("allOrNone"))
+        snap = self._snapshot() if all_or_none else None
+        results = [self._collection_record(method, rest, raw, origin, user) for raw in records]
+        if snap is not None and not all(r["success"] for r in results):
+            self._restore(snap)
+            rolled = {"statusCode": "ALL_OR_NONE_OPERATION_ROLLED_BACK",
+                      "message": "Record rolled back because not all records were valid and the request was using "
+                                 "AllOrNone header", "fields": []}
+            for i, result in enumerate(results):
+                if result["success"]:
+                    given = records[i].get("Id") if isinstance(records[i], dict) else None
+                    results[i] = {**({"id": given} if given else {}), "success": False, "errors": [rolled]}
+        return results
+
+    def _collection_record(self, method: str, rest: list[str], raw: Any, origin: str, user: str) -> dict[str, Any]:
+        if method == "DELETE":
+            rid = str(raw["Id"])
             try:
-                if sobject not in SCHEMAS:
-                    raise SalesforceFault(400, "INVALID_TYPE", f"sObject type '{sobject}' is not supported.")
-                if method == "POST" and not rest:
-                    rid, created = self._create(sobject, rec, origin=origin, user=user), True
-                    results.append({"id": rid, "success": True, "errors": []})
-                elif method == "PATCH" and not rest:
-                    rid = str(rec.pop("Id", "") or "")
-                    if not rid:
-                        raise SalesforceFault(400, "MISSING_ARGUMENT", "Id not specified in an update call", ["Id"])
-                    self._update(sobject, rid, rec, origin=origin, user=user)
-                    results.append({"id": rid, "success": True, "errors": []})
-                elif method == "PATCH" and len(rest) == 2:
-                    if sobject != rest[0]:
-                        raise SalesforceFault(400, "INVALID_TYPE", f"record type {sobject} does not match {rest[0]}")
-                    ext = rec.get(rest[1])
-                    if ext in (None, ""):
-                        raise SalesforceFault(400, "MISSING_ARGUMENT",
-                                              f"{rest[1]} not specified in an upsert call", [rest[1]])
-                    rid, created = self._upsert(sobject, rest[1], str(ext), rec, origin=origin, user=user)
-                    results.append({"id": rid, "success": True, "errors": [], "created": created})
-                else:
-                    raise SalesforceFault(405, "METHOD_NOT_ALLOWED", "HTTP Method not allowed")
+                self._delete(rid, origin=origin, user=user)
+                return {"id": rid, "success": True, "errors": []}
             except SalesforceFault as fault:
-                if fault.status == 405:
-                    raise
-                if fault.status == 300:
-                    matches = ", ".join(url.rsplit("/", 1)[-1] for url in fault.fields)
-                    fault = SalesforceFault(400, "DUPLICATE_EXTERNAL_ID",
-                                            f"{rest[-1]}: more than one record found for external id field: "
-                                            f"[{matches}]",
-                                            [rest[-1]])
-                if fault.status == 404 and fault.code == "NOT_FOUND" and len(rest) == 2:
-                    raise  # unknown external id field: the whole call fails
-                results.append({"success": False, "errors": [fault.record_error()]})
-        return self._json(results)
+                return {"id": rid, "success": False, "errors": [fault.record_error()]}
+        rec = dict(raw) if isinstance(raw, dict) else {}
+        attributes = rec.pop("attributes", None)
+        kind = attributes.get("type") if isinstance(attributes, dict) else None
+        found = schema.sobject(kind) if isinstance(kind, str) else None
+        try:
+            if found is None:
+                raise SalesforceFault(400, "INVALID_TYPE", f"sObject type '{kind}' is not supported.")
+            sobject = found.name
+            if method == "POST" and not rest:
+                rid = self._create(sobject, rec, origin=origin, user=user)
+                return {"id": rid, "success": True, "errors": []}
+            if method == "PATCH" and not rest:
+                rid = str(next((v for k, v in rec.items() if k.lower() == "id"), "") or "")
+                if not rid:
+                    raise SalesforceFault(400, "MISSING_ARGUMENT", "Id not specified in an update call", ["Id"])
+                self._update(sobject, rid, {k: v for k, v in rec.items() if k.lower() != "id"}, origin=origin,
+                             user=user)
+                return {"id": rid, "success": True, "errors": []}
+            if method == "PATCH" and len(rest) == 2:
+                target = schema.sobject(rest[0])
+                if target is None or sobject != target.name:
+                    raise SalesforceFault(400, "INVALID_TYPE", f"record type {sobject} does not match {rest[0]}")
+                ext = next((v for k, v in rec.items() if k.lower() == rest[1].lower()), None)
+                if ext in (None, ""):
+                    raise SalesforceFault(400, "MISSING_ARGUMENT", f"{rest[1]} not specified in an upsert call",
+                                          [rest[1]])
+                rid, created = self._upsert(sobject, rest[1], str(ext), rec, origin=origin, user=user)
+                return {"id": rid, "success": True, "errors": [], "created": created}
+            raise SalesforceFault(405, "METHOD_NOT_ALLOWED", "HTTP Method not allowed")
+        except SalesforceFault as fault:
+            if fault.status == 405:
+                raise
+            if fault.status == 300:
+                matches = ", ".join(url.rsplit("/", 1)[-1] for url in fault.fields)
+                fault = SalesforceFault(400, "DUPLICATE_EXTERNAL_ID",
+                                        f"{rest[-1]}: more than one record found for external id field: [{matches}]",
+                                        [rest[-1]])
+            if fault.status == 404 and fault.code == "NOT_FOUND" and len(rest) == 2:
+                raise  # unknown external id field: the whole call fails
+            return {"success": False, "errors": [fault.record_error()]}
+
+    # ---------------------------------------------------------------------------------- composite
+
+    def _composite(self, data: Any, origin: str, client: str | None) -> dict[str, Any]:
+        """`POST /composite`: up to 25 subrequests run in order, `@{ref.path}` references resolved from earlier
+        answers; allOrNone=true rolls every subrequest back when one fails (REST API Developer Guide, "Composite")."""
+        if not isinstance(data, dict) or not isinstance(data.get("compositeRequest"), list):
+            raise SalesforceFault(400, "JSON_PARSER_ERROR", "The request body needs a compositeRequest array")
+        subrequests = data["compositeRequest"]
+        if not subrequests or len(subrequests) > COMPOSITE_LIMIT:
+            raise SalesforceFault(400, "INVALID_API_INPUT",
+                                  f"The composite request can have from 1 to {COMPOSITE_LIMIT} subrequests")
+        if not isinstance(data.get("allOrNone", False), bool):
+            raise SalesforceFault(400, "JSON_PARSER_ERROR", "allOrNone must be a boolean")
+        # the whole body is checked before any subrequest runs: a bad one fails the call with 400
+        seen: set[str] = set()
+        queries = 0
+        for sub in subrequests:
+            if not isinstance(sub, dict) or not all(isinstance(sub.get(k), str) and sub.get(k)
+                                                    for k in ("method", "url", "referenceId")):
+                raise SalesforceFault(400, "INVALID_API_INPUT",
+                                      "Each subrequest needs a method, a url and a referenceId")
+            ref = sub["referenceId"]
+            if not _REF_ID_RE.fullmatch(ref) or ref in seen:
+                raise SalesforceFault(400, "INVALID_API_INPUT", f"Invalid or duplicate referenceId: {ref}")
+            seen.add(ref)
+            if sub["method"].upper() not in ("GET", "POST", "PATCH", "PUT", "DELETE"):
+                raise SalesforceFault(400, "INVALID_API_INPUT", f"Unsupported method {sub['method']}")
+            queries += "/query" in sub["url"]
+        if queries > COMPOSITE_QUERY_LIMIT:
+            raise SalesforceFault(400, "INVALID_API_INPUT",
+                                  f"A composite request can have at most {COMPOSITE_QUERY_LIMIT} query subrequests")
+        all_or_none = bool(data.get("allOrNone"))
+        snap = self._snapshot() if all_or_none else None
+        answers: dict[str, Any] = {}
+        failed: set[str] = set()
+        out: list[dict[str, Any]] = []
+        for sub in subrequests:
+            ref = sub["referenceId"]
+            try:
+                url = str(_substitute(sub["url"], answers, failed))
+                body = _substitute(sub.get("body"), answers, failed)
+                method = sub["method"].upper()
+                path, _, query = url.partition("?")
+                match = _SUB_URL_RE.fullmatch(path)
+                if match is None or match.group(1) not in _VERSION_NUMBERS:
+                    raise SalesforceFault(404, "NOT_FOUND", "The requested resource does not exist")
+                if match.group(2).split("/")[0] in ("composite", "jobs"):
+                    raise SalesforceFault(400, "INVALID_API_INPUT", f"{path} is not supported in a composite request")
+                params = dict(urllib.parse.parse_qsl(query))
+                status, content = self._route(method, match.group(2).strip("/"), params, body, b"", origin, client)
+            except SalesforceFault as fault:
+                status, content = fault.answer()
+                failed.add(ref)
+            headers: dict[str, str] = {}
+            if status == 201 and isinstance(content, dict) and content.get("id"):
+                headers["Location"] = f"{API_PREFIX}sobjects/{_sobject_of(str(content['id']))}/{content['id']}"
+            answers[ref] = content
+            out.append({"body": content, "httpHeaders": headers, "httpStatusCode": status, "referenceId": ref})
+        if snap is not None and failed:
+            self._restore(snap)
+            halted = [{"errorCode": "PROCESSING_HALTED", "message": "The transaction was rolled back since another "
+                       "operation in the same transaction failed."}]
+            for item in out:
+                if item["referenceId"] not in failed:
+                    item.update(body=halted, httpHeaders={}, httpStatusCode=400)
+        return {"compositeResponse": out}
 
     # ---------------------------------------------------------------------------------- query
 
-    def _query(self, soql: str) -> Response:
-        parsed = parse_soql(soql)
-        if parsed.sobject not in SCHEMAS:
-            raise SalesforceFault(400, "INVALID_TYPE", f"sObject type '{parsed.sobject}' is not supported.")
-        known = set(SCHEMAS[parsed.sobject]) | set(SYSTEM_FIELDS)
-        for name in parsed.fields:
-            if name not in known:
-                raise SalesforceFault(400, "INVALID_FIELD",
-                                      f"No such column '{name}' on entity '{parsed.sobject}'.")
+    def _query(self, soql: str) -> dict[str, Any]:
+        def resolve(name: str, pos: int) -> str:
+            found = schema.sobject(name)
+            if found is None:
+                raise soql_error(soql, pos, "INVALID_TYPE",
+                                 f"sObject type '{name}' is not supported. If you are attempting to use a custom "
+                                 "object, be sure to append the '__c' after the entity name. Please reference your "
+                                 "WSDL or the describe call for the appropriate names.")
+            return found.name
+
+        # parent field path the query uses ("Account.Name") -> (lookup field, parent sObject, parent field)
+        paths: dict[str, tuple[str, str, str]] = {}
+
+        def column(sobject: str, name: str, pos: int) -> str:
+            found = schema.BY_NAME[sobject].field(name)
+            if found is None:
+                raise soql_error(soql, pos, "INVALID_FIELD",
+                                 f"No such column '{name}' on entity '{sobject}'. If you are attempting to use a "
+                                 "custom field, be sure to append the '__c' after the custom field name. Please "
+                                 "reference your WSDL or the describe call for the appropriate names.")
+            return found.name
+
+        def resolve_field(sobject: str, name: str, pos: int) -> str:
+            if "." not in name:
+                return column(sobject, name, pos)
+            relation, _, leaf = name.partition(".")
+            lookup = next((f for f in schema.BY_NAME[sobject].fields if f.reference_to and f.name.endswith("Id")
+                           and f.name[:-2].lower() == relation.lower()), None)
+            if lookup is None or lookup.reference_to is None or "." in leaf:
+                raise soql_error(soql, pos, "INVALID_FIELD",
+                                 f"Didn't understand relationship '{relation}' in field path. If you are attempting "
+                                 "to use a custom relationship, be sure to append the '__r' after the custom "
+                                 "relationship name. Please reference your WSDL or the describe call for the "
+                                 "appropriate names.")
+            target = column(lookup.reference_to, leaf, pos + len(relation) + 1)
+            path = f"{lookup.name[:-2]}.{target}"
+            paths[path] = (lookup.name, lookup.reference_to, target)
+            return path
+
+        parsed = parse_soql(soql, resolve, resolve_field)
         rows = self._candidates(parsed)
+        if paths:  # parent fields (one level up), read from the parent record at query time
+            rows = [{**r, **{path: (self.records[parent].get(str(r.get(lookup) or "")) or {}).get(leaf)
+                             for path, (lookup, parent, leaf) in paths.items()}} for r in rows]
         if parsed.where is not None:
             rows = [r for r in rows if parsed.where(r)]
         if parsed.order is not None:
@@ -1091,18 +1285,18 @@ class SalesforceSimulator:
                       reverse=desc)
         if parsed.limit is not None:
             rows = rows[: parsed.limit]
-        presented = [self._present(parsed.sobject, r, parsed.fields) for r in rows]
+        presented = [self._present(parsed.sobject, r, parsed.fields, paths) for r in rows]
         cursor = "01g" + secrets.token_hex(8).upper()[:15]
         self._cursors[cursor] = presented
         return self._page(cursor, 0)
 
-    def _query_more(self, token: str) -> Response:
+    def _query_more(self, token: str) -> dict[str, Any]:
         cursor, _, offset = token.rpartition("-")
         if cursor not in self._cursors or not offset.isdigit():
             raise SalesforceFault(400, "INVALID_QUERY_LOCATOR", "invalid query locator")
         return self._page(cursor, int(offset))
 
-    def _page(self, cursor: str, offset: int) -> Response:
+    def _page(self, cursor: str, offset: int) -> dict[str, Any]:
         rows = self._cursors[cursor]
         page = rows[offset: offset + QUERY_BATCH]
         done = offset + QUERY_BATCH >= len(rows)
@@ -1111,7 +1305,7 @@ class SalesforceSimulator:
             body["nextRecordsUrl"] = f"{API_PREFIX}query/{cursor}-{offset + QUERY_BATCH}"
         else:
             self._cursors.pop(cursor, None)
-        return self._json(body)
+        return body
 
     # ---------------------------------------------------------------------------------- Bulk API 2.0
 
@@ -1194,6 +1388,98 @@ class SalesforceSimulator:
             except SalesforceFault as fault:
                 job.failed.append({"sf__Id": "", "sf__Error": f"{fault.code}:{fault.message}:"
                                    f"{','.join(fault.fields)} --", **row})
+
+
+def _json_type_error(f: schema.SfField, value: Any) -> SalesforceFault:
+    kind = {"currency": "double", "int": "int", "double": "double", "boolean": "boolean", "date": "date",
+            "datetime": "datetime"}.get(f.type, "String")
+    token = "VALUE_STRING" if isinstance(value, str) else "START_OBJECT" if isinstance(value, dict) else \
+        "START_ARRAY" if isinstance(value, list) else "VALUE_TRUE" if value is True else \
+        "VALUE_FALSE" if value is False else "VALUE_NUMBER"
+    return SalesforceFault(400, "JSON_PARSER_ERROR", f"Cannot deserialize instance of {kind} from {token} value "
+                           f"{value} or request may be missing a required field", [f.name])
+
+
+def _check_value(f: schema.SfField, value: Any) -> None:
+    """A value as the org checks it on a write: JSON type, text length, restricted picklist."""
+    if value is None:
+        return
+    if isinstance(value, dict | list):
+        raise _json_type_error(f, value)
+    if f.type in schema.TEXT_TYPES or f.type in ("id", "reference"):
+        text = value if isinstance(value, str) else json.dumps(value)
+        if f.length and len(text) > f.length:
+            raise SalesforceFault(400, "STRING_TOO_LONG", f"{f.label}: data value too large: {text[:80]} "
+                                  f"(max length={f.length})", [f.name])
+        if f.restricted and text not in f.picklist:
+            raise SalesforceFault(400, "INVALID_OR_NULL_FOR_RESTRICTED_PICKLIST",
+                                  f"{f.label}: bad value for restricted picklist field: {text}", [f.name])
+    elif f.type in schema.NUMBER_TYPES:
+        if isinstance(value, bool):
+            raise _json_type_error(f, value)
+        if isinstance(value, str):
+            try:
+                float(value)
+            except ValueError:
+                raise _json_type_error(f, value) from None
+    else:
+        bad_bool = f.type == "boolean" and not isinstance(value, bool)
+        bad_date = f.type == "date" and not (isinstance(value, str) and re.fullmatch(r"\d{4}-\d{2}-\d{2}", value))
+        if bad_bool or bad_date:
+            raise _json_type_error(f, value)
+
+
+def _json_body(body: bytes, content_type: str) -> Any:
+    if not body or not content_type.startswith("application/json"):
+        return None
+    try:
+        return json.loads(body)
+    except json.JSONDecodeError as exc:
+        raise SalesforceFault(400, "JSON_PARSER_ERROR", f"Unexpected character: {exc}") from exc
+
+
+def _object(data: Any) -> dict[str, Any]:
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise SalesforceFault(400, "JSON_PARSER_ERROR", "Cannot deserialize instance of an sObject from START_ARRAY")
+    return dict(data)
+
+
+def _sobject_of(record_id: str) -> str:
+    return next((name for name, prefix in KEY_PREFIX.items() if record_id.startswith(prefix)), "sObject")
+
+
+def _substitute(value: Any, answers: Mapping[str, Any], failed: set[str]) -> Any:
+    """Composite references `@{refId.path}` (dots and `[n]`) replaced by values of earlier answers."""
+    def lookup(match: re.Match[str]) -> Any:
+        ref, path = match.group(1), match.group(2)
+        current = answers.get(ref)
+        if ref in failed or ref not in answers:
+            current = None
+        for name, index in re.findall(r"\.([A-Za-z0-9_]+)|\[(\d+)\]", path):
+            if index and isinstance(current, list) and int(index) < len(current):
+                current = current[int(index)]
+            elif name and isinstance(current, dict):
+                current = current.get(name)
+            else:
+                current = None
+        if current is None:
+            raise SalesforceFault(400, "PROCESSING_HALTED", f"Invalid reference specified. No value for "
+                                  f"{ref}{path} found in {ref}. Provided referenceId ('{ref}') must be an earlier "
+                                  "subrequest that succeeded.")
+        return current
+
+    if isinstance(value, str):
+        whole = _REF_RE.fullmatch(value)
+        if whole is not None:
+            return lookup(whole)
+        return _REF_RE.sub(lambda m: str(lookup(m)), value)
+    if isinstance(value, dict):
+        return {k: _substitute(v, answers, failed) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_substitute(v, answers, failed) for v in value]
+    return value
 
 
 def _csv_value(sobject: str, name: str, value: str) -> Any:

@@ -1269,7 +1269,25 @@ def _wire_value(f: FieldInfo, value: Any, layer: LayerInfo) -> Any:
         if guid is None:
             raise MappingError(f"arcgis: {layer.name}.{f.name} holds GUIDs: {value!r} is not one")
         return guid
+    _check_domain(f, value, layer)
     return value
+
+
+def _check_domain(f: FieldInfo, value: Any, layer: LayerInfo) -> None:
+    """Refuse a value outside the field's coded-value domain: the hosted layer itself would store it as is.
+
+    applyEdits does not enforce domains (Esri/arcgis-python-api#818; Esri technical article 000014410), so a
+    wrong code would reach every map and form as an unlabelled value; here it dead-letters with the field named.
+    """
+    if not f.domain or f.domain.get("type") != "codedValue":
+        return
+    codes = [c.get("code") for c in f.domain.get("codedValues") or [] if isinstance(c, Mapping)]
+    if any(value == code and isinstance(value, str) == isinstance(code, str) for code in codes):
+        return
+    shown = ", ".join(repr(c) for c in codes[:12]) + (", ..." if len(codes) > 12 else "")
+    raise MappingError(f"arcgis: {layer.name}.{f.name}: {value!r} is not a code of the field's domain "
+                       f"'{f.domain.get('name')}' ({shown}); the layer would store it unlabelled: map it in the "
+                       "flow's value_maps")
 
 
 def _feature_json(layer: LayerInfo, p: _Pending) -> dict[str, Any]:

@@ -32,6 +32,7 @@ from shared.connectors.arcgis import (
 from shared.core.errors import (
     AmbiguousWriteError,
     AuthError,
+    MappingError,
     RejectedError,
     SpecError,
     ThrottledError,
@@ -245,14 +246,14 @@ async def test_apply_edits_batches_adds_updates_deletes_and_isolates_a_bad_featu
     ops = [upsert(i) for i in range(7)]
     ops[4] = upsert(4, SIGN_TYPE="XYZ")  # not a code of the SignType domain
     results = await client.write(ops)
-    assert sim.request_count["applyEdits"] == 3  # 7 ops in batches of 3
+    assert sim.request_count["applyEdits"] == 2  # the 6 sendable ops in batches of 3
     assert [r.ok for r in results] == [True, True, True, True, False, True, True]
+    # The hosted layer would store 'XYZ' (applyEdits does not enforce coded-value domains, see
+    # tests/conformance/test_arcgis_rest.py), so the connector refuses it before sending, naming the domain.
     bad = results[4].error
-    assert isinstance(bad, RejectedError)
-    assert "1000" in bad.detail
+    assert isinstance(bad, MappingError)
     assert "SignType" in bad.detail
     assert "'XYZ'" in bad.detail
-    assert "op4" in bad.detail
     assert all(r.created and canonical_guid(r.key) == r.key for r in results if r.ok)
     assert len(sim.all("SignAssets")) == 6
 
@@ -544,7 +545,7 @@ async def test_simulator_ids_counts_and_rollback(arcgis_env, arcgis_http):
     assert [f["attributes"] for f in picked["features"]] == [{"ASSET_TAG": "C"}, {"ASSET_TAG": "A"}]
 
     updates = [{"attributes": {"GlobalID": gids[0], "ROUTE": "X"}},
-               {"attributes": {"GlobalID": gids[1], "SIGN_TYPE": "BAD"}}]
+               {"attributes": {"GlobalID": gids[1], "SIGN_TYPE": "TOO LONG"}}]  # 3 characters at most
     edits = {**auth, "useGlobalIds": "true", "updates": json.dumps(updates)}
     rolled_back = (await arcgis_http.post(f"{url}/applyEdits", data=edits)).json()  # rollbackOnFailure default
     assert rolled_back["error"]["code"] == 400
