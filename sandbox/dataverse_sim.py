@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import fnmatch
 import functools
 import json
 import math
@@ -2186,7 +2187,7 @@ class DataverseSimulator:
         page = rows[start:start + page_size]
         body: dict[str, Any] = {"@odata.context": context}
         if count:
-            body.update(self._count_annotations(total))
+            body.update(self._count_annotations(total, req.headers))
         body["value"] = [self._render(schema, r, select, annotate) for r in page]
         if start + page_size < len(rows) and page:
             token = self._skiptoken(schema, page_no + 1, page, tracking=False, version=None)
@@ -2220,11 +2221,17 @@ class DataverseSimulator:
         return raw.lower() == "true"
 
     @staticmethod
-    def _count_annotations(total: int) -> dict[str, Any]:
-        """`@odata.count`, capped at 5000 like the service (query-data-web-api: "Count number of rows")."""
-        if total > MAX_COUNT:
-            return {"@odata.count": MAX_COUNT, "@Microsoft.Dynamics.CRM.totalrecordcountlimitexceeded": True}
-        return {"@odata.count": total}
+    def _count_annotations(total: int, headers: Mapping[str, str]) -> dict[str, Any]:
+        """`@odata.count`, at most 5000 whatever the page size (webapi/query/count-rows); the exact-or-more
+        annotations only when `Prefer: odata.include-annotations` asks for them."""
+        out: dict[str, Any] = {"@odata.count": min(total, MAX_COUNT)}
+        m = re.search(r'odata\.include-annotations\s*=\s*(?:"([^"]*)"|([^,;\s]+))', headers.get("prefer", ""))
+        patterns = [p.strip() for p in (m.group(1) or m.group(2)).split(",")] if m else []
+        for name, value in (("totalrecordcount", min(total, MAX_COUNT)),
+                            ("totalrecordcountlimitexceeded", total > MAX_COUNT)):
+            if any(fnmatch.fnmatchcase(f"{NAMESPACE}.{name}", p) for p in patterns if p):
+                out[f"@{NAMESPACE}.{name}"] = value
+        return out
 
     def _count_only(self, req: _ApiRequest, schema: TableSchema) -> _ApiResponse:
         """`GET /{set}/$count`: the number of matching rows as plain text (at most 5000)."""

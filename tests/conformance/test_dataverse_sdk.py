@@ -10,7 +10,10 @@ from typing import Any
 
 import pytest
 
-from tests.conformance._dataverse_fixtures import DataverseEnv, dataverse, dataverse_env, sdk  # noqa: F401
+from tests.conformance import _dataverse_fixtures as fixtures
+from tests.conformance._dataverse_fixtures import DataverseEnv
+
+dataverse_env, dataverse, sdk = fixtures.dataverse_env, fixtures.dataverse, fixtures.sdk
 
 pytestmark = pytest.mark.integration
 
@@ -25,7 +28,8 @@ def test_sdk_create_read_update_delete(sdk: Any, dataverse: DataverseEnv) -> Non
     The SDK first resolves the entity set through EntityDefinitions?$filter=LogicalName eq 'account'."""
     rid = sdk.records.create("account", {"name": "Contoso (sdk)", "telephone1": "555-0100"})
     got = sdk.records.get("account", rid, select=["name", "telephone1"])
-    assert got["name"] == "Contoso (sdk)" and got["telephone1"] == "555-0100"
+    assert got["name"] == "Contoso (sdk)"
+    assert got["telephone1"] == "555-0100"
     sdk.records.update("account", rid, {"telephone1": "555-0199"})
     assert dataverse.sim.get("accounts", rid)["telephone1"] == "555-0199"
     sdk.records.delete("account", rid)
@@ -47,7 +51,8 @@ def test_sdk_create_list_uses_create_multiple(sdk: Any, dataverse: DataverseEnv)
     """webapi/reference/createmultiple: POST {set}/Microsoft.Dynamics.CRM.CreateMultiple with `Targets` typed by
     `@odata.type` answers 200 with the created `Ids` (the SDK returns them)."""
     ids = sdk.records.create("account", [{"name": f"Bulk {i}"} for i in range(5)])
-    assert len(ids) == 5 and len(set(ids)) == 5
+    assert len(ids) == 5
+    assert len(set(ids)) == 5
     stored = {a["accountid"]: a["name"] for a in _accounts(dataverse)}
     assert stored == {i: f"Bulk {n}" for n, i in enumerate(ids)}
 

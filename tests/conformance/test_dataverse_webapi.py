@@ -14,12 +14,10 @@ import httpx
 import pytest
 
 from sandbox.dataverse_schema import EDM, entity_metadata_id
-from tests.conformance._dataverse_fixtures import (  # noqa: F401
-    DataverseEnv,
-    dataverse,
-    dataverse_env,
-    web_api,
-)
+from tests.conformance import _dataverse_fixtures as fixtures
+from tests.conformance._dataverse_fixtures import DataverseEnv
+
+dataverse_env, dataverse, web_api = fixtures.dataverse_env, fixtures.dataverse, fixtures.web_api
 
 pytestmark = pytest.mark.integration
 
@@ -32,7 +30,8 @@ ACCOUNT_TYPE = "Microsoft.Dynamics.CRM.account"
 def _error(resp: httpx.Response) -> dict[str, Any]:
     """The Web API error shape: {"error": {"code": "0x...", "message": "..."}} (compose-http-requests-handle-errors)."""
     body = resp.json()
-    assert set(body) == {"error"} and {"code", "message"} <= set(body["error"])
+    assert set(body) == {"error"}
+    assert {"code", "message"} <= set(body["error"])
     return dict(body["error"])
 
 
@@ -44,11 +43,15 @@ def test_metadata_is_csdl_built_from_the_table_schemas(web_api: httpx.Client, da
     of the org, namespace Microsoft.Dynamics.CRM (alias mscrm), each table an EntityType keyed on its primary id,
     lookups as `_x_value` Edm.Guid properties plus single-valued navigation properties, container `System`."""
     resp = web_api.get("$metadata", headers={"Accept": "application/xml"})
-    assert resp.status_code == 200 and resp.headers["content-type"].startswith("application/xml")
+    assert resp.status_code == 200
+    assert resp.headers["content-type"].startswith("application/xml")
     root = ET.fromstring(resp.content)
-    assert root.tag == f"{EDMX}Edmx" and root.get("Version") == "4.0"
+    assert root.tag == f"{EDMX}Edmx"
+    assert root.get("Version") == "4.0"
     schema = root.find(f"{EDMX}DataServices/{EDM_NS}Schema")
-    assert schema is not None and schema.get("Namespace") == "Microsoft.Dynamics.CRM" and schema.get("Alias") == "mscrm"
+    assert schema is not None
+    assert schema.get("Namespace") == "Microsoft.Dynamics.CRM"
+    assert schema.get("Alias") == "mscrm"
     types = {t.get("Name"): t for t in schema.findall(f"{EDM_NS}EntityType")}
     for table in dataverse.sim.schema.values():
         entity = types[table.logical_name]
@@ -63,7 +66,8 @@ def test_metadata_is_csdl_built_from_the_table_schemas(web_api: httpx.Client, da
     account = types["account"]
     assert {p.get("Name"): p.get("Type") for p in account.findall(f"{EDM_NS}Property")}["_ownerid_value"] == "Edm.Guid"
     sets = {s.get("Name"): s.get("EntityType") for s in schema.findall(f"{EDM_NS}EntityContainer/{EDM_NS}EntitySet")}
-    assert sets["accounts"] == ACCOUNT_TYPE and sets["dot_signassets"] == "Microsoft.Dynamics.CRM.dot_signasset"
+    assert sets["accounts"] == ACCOUNT_TYPE
+    assert sets["dot_signassets"] == "Microsoft.Dynamics.CRM.dot_signasset"
     actions = {a.get("Name") for a in schema.findall(f"{EDM_NS}Action")}
     assert {"CreateMultiple", "UpdateMultiple", "UpsertMultiple"} <= actions
 
@@ -80,24 +84,40 @@ def test_count_true_adds_odata_count_of_every_matching_row(web_api: httpx.Client
                        headers={"Prefer": "odata.maxpagesize=2"})
     assert resp.status_code == 200
     body = resp.json()
-    assert body["@odata.count"] == 4 and len(body["value"]) == 2 and "@odata.nextLink" in body
+    assert body["@odata.count"] == 4
+    assert len(body["value"]) == 2
+    assert "@odata.nextLink" in body
     top = web_api.get("accounts", params={"$top": "3", "$count": "true"}).json()
-    assert top["@odata.count"] == 9 and len(top["value"]) == 3
+    assert top["@odata.count"] == 9
+    assert len(top["value"]) == 3
     assert "@odata.count" not in web_api.get("accounts", params={"$top": "1"}).json()
     bad = web_api.get("accounts", params={"$count": "maybe"})
-    assert bad.status_code == 400 and _error(bad)["message"]
+    assert bad.status_code == 400
+    assert _error(bad)["message"]
 
 
 def test_count_caps_at_5000(web_api: httpx.Client, dataverse: DataverseEnv) -> None:
-    """webapi/query/count-rows: the count is at most 5000; beyond it the response says
-    `@Microsoft.Dynamics.CRM.totalrecordcountlimitexceeded: true`. `/$count` answers the number as text."""
+    """webapi/query/count-rows: the count is at most 5,000 for standard tables; whether it is exactly 5,000 or more
+    is told by `@Microsoft.Dynamics.CRM.totalrecordcount` / `...totalrecordcountlimitexceeded`, returned only when
+    `Prefer: odata.include-annotations` asks for them. `/$count` answers the number as text."""
     dataverse.sim.insert_many("dot_signassets", [{**SIGN, "dot_assettag": f"T-{i}"} for i in range(5001)])
-    body = web_api.get("dot_signassets", params={"$select": "dot_assettag", "$count": "true"},
-                       headers={"Prefer": "odata.maxpagesize=1"}).json()
+    params = {"$select": "dot_assettag", "$count": "true"}
+    body = web_api.get("dot_signassets", params=params, headers={"Prefer": "odata.maxpagesize=1"}).json()
     assert body["@odata.count"] == 5000
-    assert body["@Microsoft.Dynamics.CRM.totalrecordcountlimitexceeded"] is True
+    assert "@Microsoft.Dynamics.CRM.totalrecordcountlimitexceeded" not in body
+    asked = web_api.get("dot_signassets", params=params, headers={"Prefer": (
+        'odata.maxpagesize=1,odata.include-annotations="Microsoft.Dynamics.CRM.totalrecordcount,'
+        'Microsoft.Dynamics.CRM.totalrecordcountlimitexceeded"')}).json()
+    assert asked["@Microsoft.Dynamics.CRM.totalrecordcount"] == 5000
+    assert asked["@Microsoft.Dynamics.CRM.totalrecordcountlimitexceeded"] is True
+    dataverse.sim.insert_many("accounts", [{"name": "only"}])
+    small = web_api.get("accounts", params={"$count": "true"},
+                        headers={"Prefer": 'odata.include-annotations="*"'}).json()
+    assert small["@odata.count"] == 1
+    assert small["@Microsoft.Dynamics.CRM.totalrecordcountlimitexceeded"] is False
     plain = web_api.get("dot_signassets/$count")
-    assert plain.status_code == 200 and plain.text == "5000"
+    assert plain.status_code == 200
+    assert plain.text == "5000"
     few = web_api.get("dot_signassets/$count", params={"$filter": "dot_assettag eq 'T-7'"})
     assert few.text == "1"
 
@@ -122,9 +142,11 @@ def test_entity_definitions_by_metadata_id_and_keys(web_api: httpx.Client) -> No
     same = web_api.get("EntityDefinitions(LogicalName='dot_signasset')/Keys").json()["value"]
     assert same == keys
     one = web_api.get(f"EntityDefinitions({metadata_id})/Keys({keys[0]['MetadataId']})")
-    assert one.status_code == 200 and one.json()["KeyAttributes"] == keys[0]["KeyAttributes"]
+    assert one.status_code == 200
+    assert one.json()["KeyAttributes"] == keys[0]["KeyAttributes"]
     missing = web_api.get("EntityDefinitions(00000000-0000-0000-0000-000000000001)")
-    assert missing.status_code == 404 and _error(missing)["message"]
+    assert missing.status_code == 404
+    assert _error(missing)["message"]
     attributes = web_api.get(f"EntityDefinitions({metadata_id})/Attributes").json()["value"]
     assert "dot_assettag" in {a["LogicalName"] for a in attributes}
 
@@ -145,7 +167,8 @@ def test_create_multiple_answers_ids(web_api: httpx.Client, dataverse: Dataverse
     assert resp.status_code == 200
     body = resp.json()
     assert body["@odata.context"].endswith("$metadata#Microsoft.Dynamics.CRM.CreateMultipleResponse")
-    assert len(body["Ids"]) == 2 and body["Ids"][1] == own
+    assert len(body["Ids"]) == 2
+    assert body["Ids"][1] == own
     assert [dataverse.sim.get("accounts", i)["name"] for i in body["Ids"]] == ["A", "B"]
 
 
@@ -173,7 +196,8 @@ def test_bulk_message_on_a_table_without_it_and_wrong_method(web_api: httpx.Clie
     typ = "Microsoft.Dynamics.CRM.serviceendpoint"
     resp = web_api.post("serviceendpoints/Microsoft.Dynamics.CRM.CreateMultiple",
                         json=_targets({"name": "x", "contract": 8}, typ=typ))
-    assert resp.status_code == 400 and "does not support entities of type 'serviceendpoint'" in _error(resp)["message"]
+    assert resp.status_code == 400
+    assert "does not support entities of type 'serviceendpoint'" in _error(resp)["message"]
     assert web_api.get("accounts/Microsoft.Dynamics.CRM.CreateMultiple").status_code == 405
     assert web_api.post("accounts/Microsoft.Dynamics.CRM.NoSuchAction", json={}).status_code == 404
 
@@ -186,7 +210,8 @@ def test_upsert_multiple_by_odata_id_creates_then_updates(web_api: httpx.Client,
                           for i in range(3)))
 
     first = web_api.post("accounts/Microsoft.Dynamics.CRM.UpsertMultiple", json=body("First"))
-    assert first.status_code == 204 and first.content == b""
+    assert first.status_code == 204
+    assert first.content == b""
     ids = {a["syn_salesforceid"]: a["accountid"] for a in dataverse.sim.all("accounts")}
     assert len(ids) == 3
     again = web_api.post("accounts/Microsoft.Dynamics.CRM.UpsertMultiple", json=body("Second"))
@@ -196,7 +221,8 @@ def test_upsert_multiple_by_odata_id_creates_then_updates(web_api: httpx.Client,
     assert sorted(a["name"] for a in rows) == ["Second 0", "Second 1", "Second 2"]
     wrong = web_api.post("accounts/Microsoft.Dynamics.CRM.UpsertMultiple",
                          json=_targets({"name": "x", "@odata.id": "accounts(nosuchkey='1')"}))
-    assert wrong.status_code == 400 and "not valid for resource" in _error(wrong)["message"]
+    assert wrong.status_code == 400
+    assert "not valid for resource" in _error(wrong)["message"]
 
 
 def test_update_multiple_needs_existing_primary_ids(web_api: httpx.Client, dataverse: DataverseEnv) -> None:

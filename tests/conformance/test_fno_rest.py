@@ -21,7 +21,10 @@ from hypothesis import strategies as st
 
 from sandbox.fno_schema import ENTITIES, ENUMS, EXTENSION_FIELD
 from sandbox.fno_sim import FinOpsSimulator
-from tests.conformance._fno_fixtures import FnoEnv, fno, fno_ca, fno_http, odata_client, serve  # noqa: F401
+from tests.conformance import _fno_fixtures as fixtures
+from tests.conformance._fno_fixtures import FnoEnv, odata_client, serve
+
+fno_ca, fno, fno_http = fixtures.fno_ca, fixtures.fno, fixtures.fno_http
 
 pytestmark = pytest.mark.integration
 
@@ -62,9 +65,11 @@ def test_valid_create_answers_201_with_the_entity_and_a_key_location(fno: FnoEnv
     assert resp.status_code == 201, resp.text
     assert resp.headers["Location"].endswith("/data/CustomersV3(dataAreaId='usmf',CustomerAccount='CONF-001')")
     body = resp.json()
-    assert body["@odata.context"].endswith("/data/$metadata#CustomersV3/$entity") and body["@odata.etag"]
+    assert body["@odata.context"].endswith("/data/$metadata#CustomersV3/$entity")
+    assert body["@odata.etag"]
     again = fno_http.get("CustomersV3(dataAreaId='usmf',CustomerAccount='CONF-001')")
-    assert again.status_code == 200 and again.json()[EXTENSION_FIELD] == "001000000000001AAA"
+    assert again.status_code == 200
+    assert again.json()[EXTENSION_FIELD] == "001000000000001AAA"
 
 
 def test_extension_field_is_refused_until_the_extension_is_deployed(fno_ca: Any) -> None:
@@ -84,7 +89,8 @@ def test_extension_field_is_refused_until_the_extension_is_deployed(fno_ca: Any)
             assert http.post("CustomersV3", json=NEW_CUSTOMER).status_code == 201
             metadata = ET.fromstring(http.get("$metadata").content)
             names = {p.get("Name") for p in metadata.iter(f"{EDM}Property")}
-            assert EXTENSION_FIELD not in names and "OrganizationName" in names
+            assert EXTENSION_FIELD not in names
+            assert "OrganizationName" in names
     finally:
         env.server.stop()
         env.sim.close()
@@ -112,10 +118,12 @@ def test_metadata_and_service_document_come_from_the_schema(fno: FnoEnv, fno_htt
     """`/data/$metadata` is the CSDL of the public entities (namespace Microsoft.Dynamics.DataEntities, keys with
     dataAreaId first, enum types such as NoYes); `/data/` lists the entity sets."""
     resp = fno_http.get("$metadata", headers={"Accept": "application/xml"})
-    assert resp.status_code == 200 and resp.headers["content-type"].startswith("application/xml")
+    assert resp.status_code == 200
+    assert resp.headers["content-type"].startswith("application/xml")
     root = ET.fromstring(resp.content)
     schema = root.find(f"{EDMX}DataServices/{EDM}Schema")
-    assert schema is not None and schema.get("Namespace") == "Microsoft.Dynamics.DataEntities"
+    assert schema is not None
+    assert schema.get("Namespace") == "Microsoft.Dynamics.DataEntities"
     types = {t.get("Name"): t for t in schema.findall(f"{EDM}EntityType")}
     sets = {s.get("Name"): s.get("EntityType") for s in schema.iter(f"{EDM}EntitySet")}
     for entity in ENTITIES.values():
@@ -127,7 +135,8 @@ def test_metadata_and_service_document_come_from_the_schema(fno: FnoEnv, fno_htt
     assert types["CustomerV3"].find(f"{EDM}Property[@Name='{EXTENSION_FIELD}']") is not None
     enums = {e.get("Name"): [m.get("Name") for m in e.findall(f"{EDM}Member")]
              for e in schema.findall(f"{EDM}EnumType")}
-    assert enums["NoYes"] == ["No", "Yes"] and enums == {k: list(v) for k, v in ENUMS.items()}
+    assert enums["NoYes"] == ["No", "Yes"]
+    assert enums == {k: list(v) for k, v in ENUMS.items()}
     service = fno_http.get("").json()
     assert {v["name"] for v in service["value"]} == set(ENTITIES)
 
