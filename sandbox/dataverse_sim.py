@@ -1467,7 +1467,8 @@ class DataverseSimulator:
         return self.schema[entity_set]
 
     def insert(self, entity_set: str, values: Mapping[str, Any]) -> str:
-        """Store a record as-is (no validation, no webhook): lookups as logical name -> GUID. Returns the id.
+        """Store a record as-is (no business validation, no webhook): lookups as logical name -> GUID. Returns
+        the id. Every column must be one the table declares (seeds cannot invent columns the org lacks).
 
         What the platform derives is filled in all the same (a contact's full name, an order's number and
         total, a line's number and amount), and a parent whose total changes gets a new version.
@@ -1484,6 +1485,9 @@ class DataverseSimulator:
         keys: list[str] = []
         with self._lock:
             for values in rows:
+                unknown = sorted(set(values) - set(schema.columns))
+                if unknown:
+                    raise ValueError(f"{entity_set}: {', '.join(unknown)} not declared by the table schema")
                 vals = dict(values)
                 key = str(vals.get(schema.primary_id) or uuid.uuid4()).lower()
                 vals[schema.primary_id] = key

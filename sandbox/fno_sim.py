@@ -387,9 +387,8 @@ class FinOpsSimulator:
     def __init__(self, *, page_size: int = MAX_PAGE_SIZE, latency_ms: float = 0.0, event_verify: Any = True,
                  clock: Callable[[], float] = time.monotonic, event_retry_delay: float = 1.0,
                  extensions: bool = True) -> None:
-        self.extensions = extensions
-        """Whether Syncline's extension (the `SynclineSalesforceId` fields) is deployed to the environment."""
         self.entities: dict[str, Entity] = dict(ENTITIES)
+        self.extensions = extensions
         self.entra = DataverseSimulator(schema={})
         self.tenant_id, self.client_id, self.client_secret = (self.entra.tenant_id, self.entra.client_id,
                                                               self.entra.client_secret)
@@ -408,9 +407,6 @@ class FinOpsSimulator:
         self._event_verify = event_verify
         self._lock = threading.RLock()
         self._tables: dict[str, dict[tuple[str, ...], dict[str, Any]]] = {e: {} for e in ENTITY_KEYS}
-        self._fields: dict[str, set[str]] = {
-            name: set(e.properties(extensions=extensions)) for name, e in self.entities.items()}
-        """Entity set -> its declared properties (from the schema; $select/$filter/$orderby and writes use them)."""
         self.currencies: dict[str, str] = dict(CURRENCIES)
         """The shared (not per company) currency table: code -> name."""
         self._sequences: Counter[tuple[str, str]] = Counter()
@@ -432,6 +428,18 @@ class FinOpsSimulator:
         ])
 
     # ------------------------------------------------------------------------------------ data helpers
+
+    @property
+    def extensions(self) -> bool:
+        """Whether Syncline's extension (the `SynclineSalesforceId` fields) is deployed to the environment."""
+        return self._extensions
+
+    @extensions.setter
+    def extensions(self, deployed: bool) -> None:
+        self._extensions = deployed
+        self._fields: dict[str, set[str]] = {
+            name: set(e.properties(extensions=deployed)) for name, e in self.entities.items()}
+        """Entity set -> its declared properties (from the schema; $select/$filter/$orderby and writes use them)."""
 
     @property
     def request_count(self) -> int:
