@@ -486,8 +486,9 @@ class FinOpsSimulator:
             return [dict(r) for r in self._tables[entity].values()]
 
     def apply_change(self, entity: str, key: tuple[str, ...], values: Mapping[str, Any]) -> dict[str, Any]:
-        """An edit made in the F&O UI: updates the row and posts its business event."""
+        """An edit made in the F&O UI: updates the row and posts its business event (declared fields only)."""
         with self._lock:
+            check_body(self.entities[entity], values, extensions=self.extensions)
             row = self._tables[entity][tuple(k.lower() for k in key)]
             before = dict(row)
             row.update(values)
