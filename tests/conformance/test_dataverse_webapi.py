@@ -7,11 +7,14 @@ the service accepting must be accepted, and what it refuses must be refused with
 from __future__ import annotations
 
 import json
+import string
 import xml.etree.ElementTree as ET
 from typing import Any
 
 import httpx
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from sandbox.dataverse_schema import EDM, entity_metadata_id
 from tests.conformance import _dataverse_fixtures as fixtures
@@ -236,3 +239,30 @@ def test_update_multiple_needs_existing_primary_ids(web_api: httpx.Client, datav
         {"accountid": a, "telephone1": "3"}, {"accountid": "00000000-0000-0000-0000-00000000dead", "name": "x"}))
     assert gone.status_code == 404
     assert dataverse.sim.get("accounts", a)["telephone1"] == "1"  # rolled back with the failing target
+
+
+_GOOD = st.fixed_dictionaries({"name": st.text(st.characters(codec="utf-8", exclude_categories=("Cs", "Cc")),
+                                               min_size=1, max_size=40)},
+                              optional={"telephone1": st.text(string.digits, max_size=12)})
+_BAD = st.sampled_from([{"telephone1": "no name"}, {"name": "x", "nosuchcolumn": 1}, {"name": 5},
+                        {"name": "x", "_ownerid_value": "00000000-0000-0000-0000-000000000001"}])
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(good=st.lists(_GOOD, max_size=6), bad=st.lists(_BAD, max_size=2), at=st.integers(0, 6))
+def test_create_multiple_is_all_or_nothing(web_api: httpx.Client, dataverse: DataverseEnv,
+                                           good: list[dict[str, Any]], bad: list[dict[str, Any]], at: int) -> None:
+    """bulk-operations: CreateMultiple runs in one transaction. Whatever the mix, either every target is created
+    (200, one id each, in order) or the request is refused with a 4xx error body and nothing is created."""
+    before = len(dataverse.sim.all("accounts"))
+    targets = good[:at] + bad + good[at:]
+    resp = web_api.post("accounts/Microsoft.Dynamics.CRM.CreateMultiple", json=_targets(*targets))
+    if bad or not targets:
+        assert 400 <= resp.status_code < 500, resp.text
+        assert _error(resp)["message"]
+        assert len(dataverse.sim.all("accounts")) == before
+    else:
+        assert resp.status_code == 200, resp.text
+        ids = resp.json()["Ids"]
+        assert [dataverse.sim.get("accounts", i)["name"] for i in ids] == [t["name"] for t in targets]
+        assert len(dataverse.sim.all("accounts")) == before + len(targets)
