@@ -203,8 +203,6 @@ def csdl(entities: Mapping[str, Entity], *, extensions: bool) -> str:
                 attrs += ' Nullable="false"'
             if f.max_length is not None:
                 attrs += f' MaxLength="{f.max_length}"'
-            if f.type == "Edm.Decimal":
-                attrs += ' Precision="32" Scale="6"'
             out.append(f"<Property {attrs} />")
         out.append("</EntityType>")
     for name, members in ENUMS.items():
