@@ -15,8 +15,13 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 
 from sandbox.dataverse_schema import EDM, entity_metadata_id
+from sandbox.server import RunningServer
 from tests.conformance import _dataverse_fixtures as fixtures
 from tests.conformance._dataverse_fixtures import DataverseEnv
 
@@ -266,3 +271,33 @@ def test_create_multiple_is_all_or_nothing(web_api: httpx.Client, dataverse: Dat
         ids = resp.json()["Ids"]
         assert [dataverse.sim.get("accounts", i)["name"] for i in ids] == [t["name"] for t in targets]
         assert len(dataverse.sim.all("accounts")) == before + len(targets)
+
+
+async def test_bulk_messages_fire_the_per_record_create_and_update_steps(web_api: httpx.Client,
+                                                                         dataverse: DataverseEnv) -> None:
+    """bulk-operations ("Plug-ins"): steps registered on Create and Update also run for each record of
+    CreateMultiple / UpsertMultiple, so a webhook subscriber sees one Create per created record and one Update
+    per updated record (the remote execution context carries MessageName and the record id)."""
+    bodies: list[dict[str, Any]] = []
+
+    async def receive(request: Request) -> Response:
+        bodies.append(json.loads(await request.body()))
+        return Response(status_code=200)
+
+    inbox = RunningServer(Starlette(routes=[Route("/hook", receive, methods=["POST"])])).start()
+    try:
+        dataverse.sim.register_webhook(f"{inbox.url}/hook", tables={"accounts"})
+        created = web_api.post("accounts/Microsoft.Dynamics.CRM.CreateMultiple",
+                               json=_targets({"name": "A", "syn_salesforceid": "001HOOK0000000001"}, {"name": "B"}))
+        assert created.status_code == 200
+        upsert = web_api.post("accounts/Microsoft.Dynamics.CRM.UpsertMultiple", json=_targets(
+            {"name": "A2", "@odata.id": "accounts(syn_salesforceid='001HOOK0000000001')"},
+            {"name": "C", "@odata.id": "accounts(syn_salesforceid='001HOOK0000000002')"}))
+        assert upsert.status_code == 204
+        await dataverse.sim.flush_webhooks()
+    finally:
+        inbox.stop()
+    seen = sorted((b["MessageName"], b["PrimaryEntityId"]) for b in bodies)
+    ids = created.json()["Ids"]
+    third = next(a["accountid"] for a in dataverse.sim.all("accounts") if a["name"] == "C")
+    assert seen == sorted([("Create", ids[0]), ("Create", ids[1]), ("Update", ids[0]), ("Create", third)])
