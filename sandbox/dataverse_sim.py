@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import fnmatch
 import functools
 import json
 import math
@@ -30,9 +31,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from sandbox.dataverse_schema import BULK_MESSAGES, EDM, csdl, entity_metadata_id, key_metadata, supports_bulk
 from sandbox.webhook_delivery import Deliverer
 
 API_PREFIX = "/api/data/v9.2/"
+NAMESPACE = "Microsoft.Dynamics.CRM"
+MAX_COUNT = 5000
+"""`$count` counts at most this many rows (beyond it: 5000 and `totalrecordcountlimitexceeded`)."""
 XRM_CONTRACTS = "http://schemas.microsoft.com/xrm/2011/Contracts"
 MAX_BATCH_REQUESTS = 1000
 MAX_PAGE_SIZE = 5000
@@ -55,11 +60,6 @@ SAP_FLOWS_FILE = Path(__file__).resolve().parent.parent / "flows" / "sap.yaml"
 STANDARD_TABLES = frozenset({"annotation", "account", "contact", "product", "salesorder", "salesorderdetail"})
 """Out-of-the-box tables (EntityDefinitions IsCustomEntity false); the rest of the data tables are custom."""
 
-EDM = {
-    "guid": "Edm.Guid", "string": "Edm.String", "memo": "Edm.String", "int": "Edm.Int32",
-    "decimal": "Edm.Decimal", "money": "Edm.Decimal", "float": "Edm.Double", "bool": "Edm.Boolean",
-    "date": "Edm.Date", "datetime": "Edm.DateTimeOffset", "choice": "Edm.Int32", "lookup": "Edm.Guid",
-}
 ATTRIBUTE_TYPES = {
     "guid": "Uniqueidentifier", "string": "String", "memo": "Memo", "int": "Integer", "decimal": "Decimal",
     "money": "Money", "float": "Double", "bool": "Boolean", "date": "DateTime", "datetime": "DateTime",
@@ -1467,7 +1467,8 @@ class DataverseSimulator:
         return self.schema[entity_set]
 
     def insert(self, entity_set: str, values: Mapping[str, Any]) -> str:
-        """Store a record as-is (no validation, no webhook): lookups as logical name -> GUID. Returns the id.
+        """Store a record as-is (no business validation, no webhook): lookups as logical name -> GUID. Returns
+        the id. Every column must be one the table declares (seeds cannot invent columns the org lacks).
 
         What the platform derives is filled in all the same (a contact's full name, an order's number and
         total, a line's number and amount), and a parent whose total changes gets a new version.
@@ -1484,6 +1485,9 @@ class DataverseSimulator:
         keys: list[str] = []
         with self._lock:
             for values in rows:
+                unknown = sorted(set(values) - set(schema.columns))
+                if unknown:
+                    raise ValueError(f"{entity_set}: {', '.join(unknown)} not declared by the table schema")
                 vals = dict(values)
                 key = str(vals.get(schema.primary_id) or uuid.uuid4()).lower()
                 vals[schema.primary_id] = key
@@ -1994,6 +1998,12 @@ class DataverseSimulator:
         if head is None:
             raise ODataError(404, "0x8006088a", f"Resource not found for the segment '{segments[0]}'.")
         name, key_text = head.group("name"), head.group("key")
+        if name == "$metadata" and key_text is None and len(segments) == 1:
+            if req.method != "GET":
+                raise ODataError(405, "0x80060888", f"The HTTP method '{req.method}' is not allowed on $metadata.")
+            self.request_counts["metadata"] += 1
+            return _ApiResponse(200, {"Content-Type": "application/xml", "OData-Version": "4.0"},
+                                csdl(self.schema).encode())
         if name == "WhoAmI":
             self.request_counts["whoami"] += 1
             return self._json(200, {"@odata.context": f"{req.base}{API_PREFIX}$metadata#Microsoft.Dynamics.CRM."
@@ -2005,6 +2015,12 @@ class DataverseSimulator:
         schema = self.schema.get(name)
         if schema is None:
             raise ODataError(404, "0x8006088a", f"Resource not found for the segment '{name}'.")
+        if len(segments) == 2 and key_text is None and segments[1] == "$count" and req.method == "GET":
+            self.request_counts["collection"] += 1
+            return self._count_only(req, schema)
+        if len(segments) == 2 and key_text is None and segments[1].startswith(f"{NAMESPACE}."):
+            self.request_counts["write"] += 1
+            return self._bound_action(req, schema, segments[1][len(NAMESPACE) + 1:], caller, txn)
         if len(segments) > 1:
             raise ODataError(400, "0x80060888", "The simulator supports only entity set and single record URLs.")
         if key_text is None:
@@ -2143,18 +2159,8 @@ class DataverseSimulator:
             headers["Preference-Applied"] = ",".join(applied)
             return self._delta(req, schema, select, annotate, page_size, cookie, delta_token, context, headers)
 
-        rows = list(self._tables[schema.entity_set].values())
-        if "$filter" in req.query:
-            ast = parse_filter(req.query["$filter"], types, f"Microsoft.Dynamics.CRM.{schema.logical_name}")
-            names = {schema.read_name(c): c for c in schema.columns}
-            table = self._tables[schema.entity_set]
-            # Equality, In and or-chains of them on the primary key, a lookup or an alternate-key column seek
-            # the table's dict / column index for candidates (like an index seek); the filter is still evaluated
-            # on each candidate, and the sort below fixes the order, so the answer is exactly the scan's.
-            candidates = self._filter_candidates(schema, ast, names, types)
-            if candidates is not None:
-                rows = [table[k] for k in candidates if k in table]
-            rows = [r for r in rows if _evaluate(ast, _RowView(r.values, names), types)]
+        count = self._count_option(req)
+        rows = self._filtered(req, schema, types)
         orderby = req.query.get("$orderby")
         if orderby:
             keys: list[tuple[str, bool]] = []
@@ -2171,6 +2177,7 @@ class DataverseSimulator:
                 rows.sort(key=_sort_key(col, typ), reverse=desc)
         else:
             rows.sort(key=lambda r: r.values[schema.primary_id])
+        total = len(rows)  # $count counts every matching row, whatever $top and paging return
         if "$top" in req.query and "odata.maxpagesize" not in prefer:
             try:
                 rows = rows[: int(req.query["$top"])]
@@ -2182,14 +2189,58 @@ class DataverseSimulator:
         else:
             start = (page_no - 1) * page_size
         page = rows[start:start + page_size]
-        body: dict[str, Any] = {"@odata.context": context,
-                                "value": [self._render(schema, r, select, annotate) for r in page]}
+        body: dict[str, Any] = {"@odata.context": context}
+        if count:
+            body.update(self._count_annotations(total, req.headers))
+        body["value"] = [self._render(schema, r, select, annotate) for r in page]
         if start + page_size < len(rows) and page:
             token = self._skiptoken(schema, page_no + 1, page, tracking=False, version=None)
             body["@odata.nextLink"] = self._link(req, schema, {"$skiptoken": token})
         if applied:
             headers["Preference-Applied"] = ",".join(applied)
         return self._json(200, body, headers)
+
+    def _filtered(self, req: _ApiRequest, schema: TableSchema, types: Mapping[str, str]) -> list[Row]:
+        rows = list(self._tables[schema.entity_set].values())
+        if "$filter" in req.query:
+            ast = parse_filter(req.query["$filter"], types, f"Microsoft.Dynamics.CRM.{schema.logical_name}")
+            names = {schema.read_name(c): c for c in schema.columns}
+            table = self._tables[schema.entity_set]
+            # Equality, In and or-chains of them on the primary key, a lookup or an alternate-key column seek
+            # the table's dict / column index for candidates (like an index seek); the filter is still evaluated
+            # on each candidate, and the sort fixes the order, so the answer is exactly the scan's.
+            candidates = self._filter_candidates(schema, ast, names, types)
+            if candidates is not None:
+                rows = [table[k] for k in candidates if k in table]
+            rows = [r for r in rows if _evaluate(ast, _RowView(r.values, names), types)]
+        return rows
+
+    @staticmethod
+    def _count_option(req: _ApiRequest) -> bool:
+        raw = req.query.get("$count")
+        if raw is None:
+            return False
+        if raw.lower() not in ("true", "false"):
+            raise ODataError(400, "0x80060888", f"'{raw}' is not a valid count option.")
+        return raw.lower() == "true"
+
+    @staticmethod
+    def _count_annotations(total: int, headers: Mapping[str, str]) -> dict[str, Any]:
+        """`@odata.count`, at most 5000 whatever the page size (webapi/query/count-rows); the exact-or-more
+        annotations only when `Prefer: odata.include-annotations` asks for them."""
+        out: dict[str, Any] = {"@odata.count": min(total, MAX_COUNT)}
+        m = re.search(r'odata\.include-annotations\s*=\s*(?:"([^"]*)"|([^,;\s]+))', headers.get("prefer", ""))
+        patterns = [p.strip() for p in (m.group(1) or m.group(2)).split(",")] if m else []
+        for name, value in (("totalrecordcount", min(total, MAX_COUNT)),
+                            ("totalrecordcountlimitexceeded", total > MAX_COUNT)):
+            if any(fnmatch.fnmatchcase(f"{NAMESPACE}.{name}", p) for p in patterns if p):
+                out[f"@{NAMESPACE}.{name}"] = value
+        return out
+
+    def _count_only(self, req: _ApiRequest, schema: TableSchema) -> _ApiResponse:
+        """`GET /{set}/$count`: the number of matching rows as plain text (at most 5000)."""
+        total = min(len(self._filtered(req, schema, schema.read_types())), MAX_COUNT)
+        return _ApiResponse(200, {"Content-Type": "text/plain", "OData-Version": "4.0"}, str(total).encode())
 
     def _filter_candidates(self, schema: TableSchema, ast: tuple[Any, ...], names: Mapping[str, str],
                            types: Mapping[str, str]) -> set[str] | None:
@@ -2307,7 +2358,7 @@ class DataverseSimulator:
         return {"LogicalName": schema.logical_name, "EntitySetName": schema.entity_set,
                 "SchemaName": schema.logical_name, "PrimaryIdAttribute": schema.primary_id,
                 "PrimaryNameAttribute": schema.primary_name,
-                "MetadataId": str(uuid.uuid5(uuid.NAMESPACE_URL, f"entity:{schema.logical_name}")),
+                "MetadataId": entity_metadata_id(schema.logical_name),
                 "ChangeTrackingEnabled": schema.change_tracking,
                 "IsCustomEntity": schema.logical_name not in STANDARD_TABLES and not schema.system}
 
@@ -2336,6 +2387,20 @@ class DataverseSimulator:
             out["Targets"] = [self.schema[t].logical_name if t in self.schema else t[:-1]
                               for t in schema.lookups[col].navs.values()]
         return out
+
+    def _keys_metadata(self, req: _ApiRequest, schema: TableSchema, key_text: str | None) -> _ApiResponse:
+        """`EntityDefinitions(...)/Keys` (the table's alternate keys) and `.../Keys(<MetadataId>)`."""
+        context = f"{req.base}{API_PREFIX}$metadata#EntityDefinitions({entity_metadata_id(schema.logical_name)})/Keys"
+        keys = [key_metadata(schema, cols) for cols in schema.alternate_keys]
+        if key_text is None:
+            return self._json(200, {"@odata.context": context, "value": keys})
+        wanted = _parse_key_predicate(key_text)
+        found = next((k for k in keys if (isinstance(wanted, str) and k["MetadataId"] == wanted)
+                      or (isinstance(wanted, dict) and k["LogicalName"] == wanted.get("LogicalName"))), None)
+        if found is None:
+            raise ODataError(404, "0x80040217", f"Could not find key '{key_text}' on entity "
+                             f"'{schema.logical_name}'.")
+        return self._json(200, {"@odata.context": f"{context}/$entity", **found})
 
     def _picklist_metadata(self, schema: TableSchema, col: str) -> dict[str, Any]:
         choice = schema.choices[col]
@@ -2378,13 +2443,25 @@ class DataverseSimulator:
             return self._json(200, {"@odata.context": f"{req.base}{API_PREFIX}$metadata#EntityDefinitions",
                                     "value": entities})
         key = _parse_key_predicate(key_text)
-        name = key.get("LogicalName") if isinstance(key, dict) else None
-        schema = by_logical.get(str(name)) if name is not None else None
-        if schema is None:
-            raise ODataError(404, "0x80040217", f"Could not find entity with name '{name or key_text}'.")
+        if isinstance(key, str):
+            # EntityDefinitions(<MetadataId>): the primary key of the metadata entity set.
+            schema = next((s for s in self.schema.values() if entity_metadata_id(s.logical_name) == key), None)
+            if schema is None:
+                raise ODataError(404, "0x80040217", f"Could not find entity with id '{key}'.")
+        else:
+            name = key.get("LogicalName")
+            if set(key) != {"LogicalName"}:
+                raise ODataError(400, "0x80060888", "The key in the request URI is not valid for resource "
+                                 "'Microsoft.Dynamics.CRM.EntityMetadata'.")
+            schema = by_logical.get(str(name))
+            if schema is None:
+                raise ODataError(404, "0x80040217", f"Could not find entity with name '{name}'.")
         if not rest:
             return self._json(200, {"@odata.context": f"{req.base}{API_PREFIX}$metadata#EntityDefinitions/$entity",
                                     **self._entity_metadata(schema)})
+        keys = _SEGMENT_RE.match(rest[0])
+        if keys is not None and keys.group("name") == "Keys" and len(rest) == 1:
+            return self._keys_metadata(req, schema, keys.group("key"))
         attr = _SEGMENT_RE.match(rest[0])
         if attr is None or attr.group("name") != "Attributes":
             raise ODataError(404, "0x8006088a", f"Resource not found for the segment '{rest[0]}'.")
@@ -2887,6 +2964,101 @@ class DataverseSimulator:
         values.pop(schema.primary_id, None)
         updated = self._update(schema, row, values, lookup_types, caller, txn)
         return self._write_response(req, schema, updated, False)
+
+    # ------------------------------------------------------------------------------------ bulk messages
+
+    def _bound_action(self, req: _ApiRequest, schema: TableSchema, action: str, caller: _Caller,
+                      txn: _Txn) -> _ApiResponse:
+        """CreateMultiple / UpdateMultiple / UpsertMultiple bound to the entity set: `{"Targets": [...]}`, each
+        target typed with `@odata.type`; one transaction (any refused target rolls every one back)."""
+        if action not in BULK_MESSAGES:
+            raise ODataError(404, "0x8006088a", f"Resource not found for the segment '{NAMESPACE}.{action}'.")
+        if req.method != "POST":
+            raise ODataError(405, "0x80060888", f"The HTTP method '{req.method}' is not allowed on the action "
+                             f"'{NAMESPACE}.{action}'.")
+        if not supports_bulk(schema):
+            raise ODataError(400, "0x80060888", f"The '{action}' method does not support entities of type "
+                             f"'{schema.logical_name}'. MessageProcessorCache returned MessageProcessor.Empty.")
+        body = self._load_body(req)
+        if not isinstance(body, dict):
+            raise ODataError(400, "0x80060888", "The request body must be a JSON object.")
+        for name in body:
+            if name != "Targets":
+                raise ODataError(400, "0x80060888", f"The parameter '{name}' in the request payload is not a valid "
+                                 f"parameter for the operation '{action}'.")
+        targets = body.get("Targets")
+        if not isinstance(targets, list) or not targets:
+            raise ODataError(400, "0x80060888", f"The '{action}' operation needs a non-empty 'Targets' collection.")
+        wanted = f"{NAMESPACE}.{schema.logical_name}"
+        for i, target in enumerate(targets):
+            if not isinstance(target, dict):
+                raise ODataError(400, "0x80060888", f"Targets[{i}] must be a JSON object.")
+            typ = target.get("@odata.type")
+            if not isinstance(typ, str):
+                # The parameter is a collection of the abstract crmbaseentity: an untyped item cannot be read.
+                raise ODataError(400, "0x80060888", f"Targets[{i}] has no '@odata.type' annotation: every item of "
+                                 f"the Targets parameter must name its type (expected '{wanted}').")
+            if typ.lstrip("#") != wanted:
+                raise ODataError(400, "0x80060888", f"Targets[{i}] is of type '{typ.lstrip('#')}': every record of "
+                                 f"'{action}' on '{schema.entity_set}' must be of type '{wanted}'.")
+        ids: list[str] = []
+        for target in targets:
+            if action == "CreateMultiple":
+                values, lookup_types = self._prepare(schema, target, req.base)
+                ids.append(self._create(schema, values, lookup_types, None, caller, txn))
+            elif action == "UpdateMultiple":
+                values, lookup_types = self._prepare(schema, target, req.base)
+                pid = values.pop(schema.primary_id, None)
+                row = self._find(schema, str(pid).lower()) if pid is not None else None
+                if row is None:
+                    raise _not_found(schema.logical_name, str(pid))
+                self._update(schema, row, values, lookup_types, caller, txn)
+            else:
+                self._upsert_target(req, schema, target, caller, txn)
+        if action == "CreateMultiple":
+            return self._json(200, {"@odata.context": f"{req.base}{API_PREFIX}$metadata#{NAMESPACE}."
+                                    "CreateMultipleResponse", "Ids": ids})
+        return _ApiResponse(204, {"OData-Version": "4.0"})
+
+    def _upsert_target(self, req: _ApiRequest, schema: TableSchema, target: Mapping[str, Any], caller: _Caller,
+                       txn: _Txn) -> None:
+        """One UpsertMultiple item: identified by `@odata.id` (a key URL, alternate keys allowed), else by its
+        primary id or a complete alternate key in the body; created when no record matches."""
+        values, lookup_types = self._prepare(schema, target, req.base)
+        key: str | dict[str, Any] | None = None
+        ref = target.get("@odata.id")
+        if ref is not None:
+            text = str(ref)
+            text = text.split(API_PREFIX, 1)[1] if API_PREFIX in text else text.lstrip("/")
+            m = _SEGMENT_RE.match(text)
+            if m is None or m.group("name") != schema.entity_set or m.group("key") is None:
+                raise ODataError(400, "0x80060888", f"The @odata.id '{ref}' does not identify a record of "
+                                 f"'{schema.entity_set}'.")
+            key = _parse_key_predicate(m.group("key"))
+        elif values.get(schema.primary_id) is not None:
+            key = str(values[schema.primary_id]).lower()
+        else:
+            cols = next((k for k in schema.alternate_keys if all(values.get(c) is not None for c in k)), None)
+            if cols is not None:
+                key = {c: values[c] for c in cols}
+        row = self._find(schema, key) if key is not None else None
+        if row is None:
+            seed: dict[str, Any] = {}
+            new_key: str | None = None
+            if isinstance(key, str):
+                new_key = key
+            elif isinstance(key, dict):
+                for col, v in key.items():
+                    if col == schema.primary_id:
+                        new_key = str(v).lower()
+                    else:
+                        seed[col] = _coerce(schema, col, v)
+            self._create(schema, {**seed, **values}, lookup_types, new_key, caller, txn)
+            return
+        for col in key if isinstance(key, dict) else ():
+            values.pop(col, None)
+        values.pop(schema.primary_id, None)
+        self._update(schema, row, values, lookup_types, caller, txn)
 
     def _delete_request(self, req: _ApiRequest, schema: TableSchema, key: str | dict[str, Any], caller: _Caller,
                         txn: _Txn) -> _ApiResponse:

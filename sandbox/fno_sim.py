@@ -30,6 +30,15 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from sandbox.dataverse_sim import DataverseSimulator
+from sandbox.fno_schema import (
+    ENTITIES,
+    EXTENSION_FIELD,
+    Entity,
+    SchemaViolation,
+    check_body,
+    could_not_find_property,
+    csdl,
+)
 
 DATA_PREFIX = "/data/"
 DEFAULT_COMPANY = "usmf"
@@ -38,20 +47,8 @@ ENUM_NAMESPACE = "Microsoft.Dynamics.DataEntities."
 WRITE_EXCEPTION = "Microsoft.Dynamics.Platform.Integration.Services.OData.AxODataWriteException"
 THROTTLE_MESSAGE = "Number of requests exeeded the limit of {limit} over the time window of {window} seconds."
 
-ENTITY_KEYS: dict[str, tuple[str, ...]] = {
-    "CustomersV3": ("dataAreaId", "CustomerAccount"),
-    "ReleasedProductsV2": ("dataAreaId", "ItemNumber"),
-    "SalesOrderHeadersV2": ("dataAreaId", "SalesOrderNumber"),
-    "SalesOrderLines": ("dataAreaId", "InventoryLotId"),
-    "CustomerGroups": ("dataAreaId", "CustomerGroupId"),
-}
-TABLE_NAMES = {
-    "CustomersV3": ("CustCustomerV3Entity", "Customers"), "ReleasedProductsV2": ("EcoResReleasedProductV2Entity",
-                                                                                 "Released products"),
-    "SalesOrderHeadersV2": ("SalesOrderHeaderV2Entity", "Sales orders"),
-    "SalesOrderLines": ("SalesOrderLineEntity", "Sales lines"), "CustomerGroups": ("CustCustomerGroupEntity",
-                                                                                   "Customer groups"),
-}
+ENTITY_KEYS: dict[str, tuple[str, ...]] = {e.entity_set: e.keys for e in ENTITIES.values()}
+TABLE_NAMES = {e.entity_set: (e.table, e.label) for e in ENTITIES.values()}
 MODIFIED = {"CustomersV3", "SalesOrderHeadersV2"}
 """Entities carrying `ModifiedDateTime` (set by the simulator on every write)."""
 CUSTOMER_EVENT = "CustCustomerChangedBusinessEvent"
@@ -62,24 +59,12 @@ INVOICE_EVENT = "SalesInvoicePostedBusinessEvent"
 """Sent by `invoice_order`; its contract (InvoiceAccount, InvoiceId, SalesOrderId, ...) is the one in Microsoft's
 business events developer documentation."""
 
-EXTENSION_FIELD = "SynclineSalesforceId"
-"""The extension field a Syncline deployment adds to customers, order headers and lines (the Salesforce Id)."""
 STRING_DEFAULTS: dict[str, tuple[str, ...]] = {
     "CustomersV3": (EXTENSION_FIELD,),
     "SalesOrderHeadersV2": (EXTENSION_FIELD, "CustomersOrderReference"),
     "SalesOrderLines": (EXTENSION_FIELD,),
 }
 """String fields every row returns, "" when never set (F&O string columns are never null)."""
-KNOWN_FIELDS: dict[str, tuple[str, ...]] = {
-    "CustomersV3": (EXTENSION_FIELD, "OrganizationName", "CustomerGroupId", "SalesCurrencyCode", "AddressCity",
-                    "AddressCountryRegionId", "ModifiedDateTime"),
-    "SalesOrderHeadersV2": (EXTENSION_FIELD, "CustomersOrderReference", "RequestedShippingDate",
-                            "OrderingCustomerAccountNumber", "InvoiceCustomerAccountNumber", "CurrencyCode",
-                            "SalesOrderStatus", "ModifiedDateTime"),
-    "SalesOrderLines": (EXTENSION_FIELD, "SalesOrderNumber", "LineNumber", "ItemNumber", "OrderedSalesQuantity",
-                        "SalesPrice", "LineAmount"),
-}
-"""Fields readable and filterable without seeding (the entity's metadata, as far as Syncline uses it)."""
 NUMBER_SEQUENCES: dict[str, tuple[str, str]] = {
     "CustomersV3": ("CustomerAccount", "{prefix}-C{n:05d}"),
     "SalesOrderHeadersV2": ("SalesOrderNumber", "{n:06d}"),
@@ -400,7 +385,10 @@ class FinOpsSimulator:
     """In-memory F&O environment: OData /data entities, Entra ID tokens, throttling, faults, business events."""
 
     def __init__(self, *, page_size: int = MAX_PAGE_SIZE, latency_ms: float = 0.0, event_verify: Any = True,
-                 clock: Callable[[], float] = time.monotonic, event_retry_delay: float = 1.0) -> None:
+                 clock: Callable[[], float] = time.monotonic, event_retry_delay: float = 1.0,
+                 extensions: bool = True) -> None:
+        self.entities: dict[str, Entity] = dict(ENTITIES)
+        self.extensions = extensions
         self.entra = DataverseSimulator(schema={})
         self.tenant_id, self.client_id, self.client_secret = (self.entra.tenant_id, self.entra.client_id,
                                                               self.entra.client_secret)
@@ -419,7 +407,6 @@ class FinOpsSimulator:
         self._event_verify = event_verify
         self._lock = threading.RLock()
         self._tables: dict[str, dict[tuple[str, ...], dict[str, Any]]] = {e: {} for e in ENTITY_KEYS}
-        self._fields: dict[str, set[str]] = {e: {*k, *KNOWN_FIELDS.get(e, ())} for e, k in ENTITY_KEYS.items()}
         self.currencies: dict[str, str] = dict(CURRENCIES)
         """The shared (not per company) currency table: code -> name."""
         self._sequences: Counter[tuple[str, str]] = Counter()
@@ -443,13 +430,21 @@ class FinOpsSimulator:
     # ------------------------------------------------------------------------------------ data helpers
 
     @property
+    def extensions(self) -> bool:
+        """Whether Syncline's extension (the `SynclineSalesforceId` fields) is deployed to the environment."""
+        return self._extensions
+
+    @extensions.setter
+    def extensions(self, deployed: bool) -> None:
+        self._extensions = deployed
+        self._fields: dict[str, set[str]] = {
+            name: set(e.properties(extensions=deployed)) for name, e in self.entities.items()}
+        """Entity set -> its declared properties (from the schema; $select/$filter/$orderby and writes use them)."""
+
+    @property
     def request_count(self) -> int:
         """OData API requests received (token endpoint calls excluded)."""
         return self.request_counts["api"]
-
-    def define_fields(self, entity: str, fields: Iterable[str]) -> None:
-        """Declare an entity's (non-key) fields: $filter/$select on anything else is a 400."""
-        self._fields[entity].update(fields)
 
     def _now_text(self) -> str:
         now = datetime.now(UTC)
@@ -464,9 +459,10 @@ class FinOpsSimulator:
         return 'W/"' + base64.b64encode(f"'1,{self._row_version}'".encode()).decode() + '"'
 
     def insert(self, entity: str, values: Mapping[str, Any], *, emit: bool = False) -> dict[str, Any]:
-        """Add a row directly (seeding; no validation, but F&O's defaults are filled in); `emit` posts the
-        business event like a UI create."""
+        """Add a row directly (seeding; no business validation, but F&O's defaults are filled in, and every field
+        must be one the entity declares); `emit` posts the business event like a UI create."""
         with self._lock:
+            check_body(self.entities[entity], values, extensions=self.extensions)
             row = dict(values)
             row.setdefault("dataAreaId", DEFAULT_COMPANY)
             row["dataAreaId"] = str(row["dataAreaId"]).lower()
@@ -474,7 +470,6 @@ class FinOpsSimulator:
             if entity in MODIFIED:
                 row["ModifiedDateTime"] = self._now_text()
             row["@odata.etag"] = self._etag()
-            self._fields[entity].update(k for k in row if "@" not in k)
             self._tables[entity][self._key_of(entity, row)] = row
             if emit:
                 self._emit(entity, row, None)
@@ -491,8 +486,9 @@ class FinOpsSimulator:
             return [dict(r) for r in self._tables[entity].values()]
 
     def apply_change(self, entity: str, key: tuple[str, ...], values: Mapping[str, Any]) -> dict[str, Any]:
-        """An edit made in the F&O UI: updates the row and posts its business event."""
+        """An edit made in the F&O UI: updates the row and posts its business event (declared fields only)."""
         with self._lock:
+            check_body(self.entities[entity], values, extensions=self.extensions)
             row = self._tables[entity][tuple(k.lower() for k in key)]
             before = dict(row)
             row.update(values)
@@ -525,7 +521,7 @@ class FinOpsSimulator:
     def _fill_defaults(self, entity: str, row: dict[str, Any]) -> None:
         """What F&O fills in on create (and what seeded rows would have had)."""
         for name in STRING_DEFAULTS.get(entity, ()):
-            if row.get(name) is None:
+            if name in self._fields[entity] and row.get(name) is None:
                 row[name] = ""
         company = row["dataAreaId"]
         if entity == "SalesOrderHeadersV2":
@@ -719,6 +715,9 @@ class FinOpsSimulator:
             await asyncio.sleep(self.latency_ms / 1000)
         query = parse_qsl(request.url.query, keep_blank_values=True)
         body = await request.body()
+        resource = unquote(raw_path[len(DATA_PREFIX):]) if raw_path.startswith(DATA_PREFIX) else ""
+        if resource in ("$metadata", "") and request.method == "GET":
+            return self._service_documents(resource, str(request.base_url).rstrip("/"))
         try:
             with self._lock:
                 status, headers, payload = self._dispatch(request.method, unquote(raw_path[len(DATA_PREFIX):]),
@@ -733,6 +732,15 @@ class FinOpsSimulator:
         if payload is None:
             return Response(status_code=status, headers=headers)
         return JSONResponse(payload, status_code=status, headers=headers)
+
+    def _service_documents(self, resource: str, base: str) -> Response:
+        """`/data/$metadata` (CSDL from the schema) and the service document `/data/` (the entity sets)."""
+        if resource == "$metadata":
+            return Response(csdl(self.entities, extensions=self.extensions), media_type="application/xml",
+                            headers={"OData-Version": "4.0"})
+        return JSONResponse({"@odata.context": f"{base}/data/$metadata", "value": [
+            {"name": name, "kind": "EntitySet", "url": name} for name in self.entities]},
+            headers={"OData-Version": "4.0"})
 
     def _throttle(self) -> ODataError | None:
         limit = self.throttling.limit
@@ -790,8 +798,7 @@ class FinOpsSimulator:
         select = [s.strip() for s in query["$select"].split(",")] if query.get("$select") else None
         for name in select or []:
             if name not in self._fields[entity]:
-                raise ODataError(400, f"Could not find a property named '{name}' on type "
-                                      f"'Microsoft.Dynamics.DataEntities.{entity}'.")
+                raise ODataError(400, could_not_find_property(self.entities[entity], name))
         if key is not None:
             ktuple = tuple(key[k].lower() for k in ENTITY_KEYS[entity])
             row = table.get(ktuple)
@@ -812,6 +819,7 @@ class FinOpsSimulator:
                 return 204, {}, None
             if method == "PATCH":
                 changes = self._json(body)
+                self._check_body(entity, changes)
                 for name in ENTITY_KEYS[entity]:
                     if name in changes and str(changes[name]).lower() != str(row[name]).lower():
                         raise ODataError(400, f"Key property '{name}' cannot be changed.")
@@ -825,12 +833,12 @@ class FinOpsSimulator:
                 if entity in MODIFIED:
                     row["ModifiedDateTime"] = self._now_text()
                 row["@odata.etag"] = self._etag()
-                self._fields[entity].update(changes)
                 self._emit(entity, row, before)
                 return 204, {"ETag": row["@odata.etag"]}, None
             raise ODataError(405, f"The HTTP method '{method}' is not allowed on a key URL.")
         if method == "POST":
             values = self._json(body)
+            self._check_body(entity, values)
             values.setdefault("dataAreaId", DEFAULT_COMPANY)
             values["dataAreaId"] = str(values["dataAreaId"]).lower()
             self._fill_defaults(entity, values)
@@ -858,14 +866,13 @@ class FinOpsSimulator:
             raise ODataError(405, f"The HTTP method '{method}' is not allowed on an entity set.")
         rows = [r for r in table.values() if cross or r["dataAreaId"] == DEFAULT_COMPANY]
         if query.get("$filter"):
-            node = FilterParser(query["$filter"], self._fields[entity], entity).parse()
+            node = FilterParser(query["$filter"], self._fields[entity], self.entities[entity].type_name).parse()
             rows = [r for r in rows if evaluate(node, r)]
         rows.sort(key=lambda r: self._key_of(entity, r))
         for part in reversed([p.strip() for p in query.get("$orderby", "").split(",") if p.strip()]):
             name, _, direction = part.partition(" ")
             if name not in self._fields[entity]:
-                raise ODataError(400, f"Could not find a property named '{name}' on type "
-                                      f"'Microsoft.Dynamics.DataEntities.{entity}'.")
+                raise ODataError(400, could_not_find_property(self.entities[entity], name))
             def order(r: dict[str, Any], n: str = name) -> tuple[bool, str]:
                 return r.get(n) is not None, str(r.get(n) or "")
 
@@ -888,6 +895,15 @@ class FinOpsSimulator:
             params = [(k, v) for k, v in query.items() if k != "$skip"] + [("$skip", str(skip + size))]
             payload["@odata.nextLink"] = f"{base}/data/{entity}?{urlencode(params, quote_via=quote)}"
         return 200, {}, payload
+
+    def _check_body(self, entity: str, body: Mapping[str, Any]) -> None:
+        """ODataLib reads the body against the entity type before F&O sees it: an undeclared property (a typo, an
+        extension that is not deployed) or a value of the wrong type is a 400, and nothing is written."""
+        try:
+            check_body(self.entities[entity], body, extensions=self.extensions)
+        except SchemaViolation as exc:
+            raise ODataError(400, "An error has occurred.", inner={
+                "message": str(exc), "type": "Microsoft.OData.ODataException", "stacktrace": ""}) from exc
 
     @staticmethod
     def _json(body: bytes) -> dict[str, Any]:
@@ -983,15 +999,6 @@ def seed_fno(sim: FinOpsSimulator, *, customers: int = 40, products: int = 30,
     has no name.
     """
     rng = random.Random(42)
-    sim.define_fields("CustomersV3", ["OrganizationName", "CustomerGroupId", "SalesCurrencyCode", "AddressCity",
-                                      "AddressState", "AddressCountryRegionId", "CreditLimit", "IsCustomerOnHold",
-                                      "PrimaryContactEmail", "ModifiedDateTime"])
-    sim.define_fields("ReleasedProductsV2", ["ProductName", "ProductType", "ItemModelGroupId", "SalesPrice",
-                                             "IsPhantom"])
-    sim.define_fields("SalesOrderHeadersV2", ["OrderingCustomerAccountNumber", "SalesOrderStatus", "CurrencyCode",
-                                              "ModifiedDateTime"])
-    sim.define_fields("SalesOrderLines", ["SalesOrderNumber", "ItemNumber", "OrderedSalesQuantity", "SalesPrice",
-                                          "LineNumber"])
     for company in companies:
         prefix = company[:2].upper()
         currency = "USD" if company.startswith("us") else "EUR"

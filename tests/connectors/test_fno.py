@@ -260,6 +260,21 @@ async def test_cross_company_reads_and_paging_across_next_links(
     assert {row["dataAreaId"] for row in default_only.json()["value"]} == {"usmf"}
 
 
+async def test_extension_not_deployed_fails_the_write_naming_the_property(
+        fno: FinOpsClient, fno_sim: FinOpsSimulator) -> None:
+    """Without Syncline's F&O extension the real /data refuses SynclineSalesforceId (400, ODataLib's "does not exist
+    on type"): the op fails alone, permanently, with a message that names the property, and nothing is written."""
+    fno_sim.extensions = False
+    try:
+        results = await fno.write([customer_op("x1", "usmf|SYN-NOEXT", SynclineSalesforceId="001000000000009AAA")])
+    finally:
+        fno_sim.extensions = True
+    assert not results[0].ok
+    assert isinstance(results[0].error, RejectedError)
+    assert "The property 'SynclineSalesforceId' does not exist on type" in results[0].error.detail
+    assert fno_sim.get("CustomersV3", "usmf", "SYN-NOEXT") is None
+
+
 async def test_create_then_replay_patches_no_duplicate(fno: FinOpsClient, fno_sim: FinOpsSimulator) -> None:
     first = await fno.write([customer_op("c1", "demf|SYN-100", CreditLimit=1000.0)])
     assert first[0].ok

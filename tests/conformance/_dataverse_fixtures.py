@@ -1,0 +1,88 @@
+"""Fixtures of the Dataverse conformance tests: the simulator over TLS, a raw Web API client, Microsoft's SDK."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import httpx
+import pytest
+
+from sandbox.dataverse_sim import API_PREFIX, DataverseSimulator
+from sandbox.server import RunningServer
+from sandbox.server import TestCA as SandboxCA
+
+WEB_API_HEADERS = {"Accept": "application/json", "OData-MaxVersion": "4.0", "OData-Version": "4.0",
+                   "If-None-Match": "null", "Content-Type": "application/json; charset=utf-8"}
+"""The request headers of Microsoft's Web API guide ("Compose HTTP requests and handle errors": HTTP headers)."""
+
+
+@dataclass
+class DataverseEnv:
+    sim: DataverseSimulator
+    server: RunningServer
+    ca: SandboxCA
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    @property
+    def api(self) -> str:
+        return self.server.url + API_PREFIX.rstrip("/")
+
+
+def client_credentials_token(env: DataverseEnv) -> str:
+    """An access token from the simulator's Entra ID endpoint (OAuth 2.0 client credentials, v2.0 endpoint)."""
+    resp = httpx.post(f"{env.url}/{env.sim.tenant_id}/oauth2/v2.0/token", verify=str(env.ca.ca_path), data={
+        "client_id": env.sim.client_id, "client_secret": env.sim.client_secret,
+        "grant_type": "client_credentials", "scope": f"{env.url}/.default"})
+    resp.raise_for_status()
+    return str(resp.json()["access_token"])
+
+
+@pytest.fixture(scope="module")
+def dataverse_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DataverseEnv]:
+    ca = SandboxCA.create(tmp_path_factory.mktemp("dataverse-conformance-ca"))
+    sim = DataverseSimulator()
+    server = RunningServer(sim.app, ca=ca).start()
+    yield DataverseEnv(sim, server, ca)
+    server.stop()
+    sim.close()
+
+
+@pytest.fixture
+def dataverse(dataverse_env: DataverseEnv) -> DataverseEnv:
+    dataverse_env.sim.reset()
+    return dataverse_env
+
+
+@pytest.fixture
+def web_api(dataverse: DataverseEnv) -> Iterator[httpx.Client]:
+    """Raw OData v4 requests written from Microsoft's Web API guide (no Syncline code involved)."""
+    token = client_credentials_token(dataverse)
+    with httpx.Client(base_url=dataverse.api + "/", verify=str(dataverse.ca.ca_path), timeout=30.0,
+                      headers={**WEB_API_HEADERS, "Authorization": f"Bearer {token}"}) as client:
+        yield client
+
+
+@pytest.fixture
+def sdk(dataverse: DataverseEnv, monkeypatch: pytest.MonkeyPatch) -> Iterator[object]:
+    """Microsoft's `PowerPlatform-Dataverse-Client` pointed at the simulator's TLS URL.
+
+    The SDK builds every URL as `{base_url}/api/data/v9.2/...` on `requests`; `REQUESTS_CA_BUNDLE` makes requests
+    trust the simulator's test CA. Tokens come from azure-identity's ClientSecretCredential with the simulator as
+    its authority (instance discovery off: login.microsoftonline.com cannot vouch for a local authority).
+    """
+    from azure.identity import ClientSecretCredential
+    from PowerPlatform.Dataverse.client import DataverseClient
+
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(dataverse.ca.ca_path))
+    credential = ClientSecretCredential(dataverse.sim.tenant_id, dataverse.sim.client_id,
+                                        dataverse.sim.client_secret, authority=dataverse.url,
+                                        disable_instance_discovery=True,
+                                        connection_verify=str(dataverse.ca.ca_path))
+    client = DataverseClient(dataverse.url, credential)
+    yield client
+    client.close()
+    credential.close()

@@ -1,0 +1,68 @@
+"""Fixtures of the F&O conformance tests: the simulator over TLS and a raw OData client written from the guides."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import httpx
+import pytest
+
+from sandbox.fno_sim import FinOpsSimulator, seed_fno
+from sandbox.server import RunningServer
+from sandbox.server import TestCA as SandboxCA
+
+HEADERS = {"Accept": "application/json", "OData-MaxVersion": "4.0", "OData-Version": "4.0",
+           "Content-Type": "application/json"}
+
+
+@dataclass
+class FnoEnv:
+    sim: FinOpsSimulator
+    server: RunningServer
+    ca: SandboxCA
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+
+def fno_token(env: FnoEnv) -> str:
+    """Entra ID client credentials against the simulator's authority, scope `{environment URL}/.default`."""
+    resp = httpx.post(f"{env.url}/{env.sim.tenant_id}/oauth2/v2.0/token", verify=str(env.ca.ca_path), data={
+        "client_id": env.sim.client_id, "client_secret": env.sim.client_secret,
+        "grant_type": "client_credentials", "scope": f"{env.url}/.default"})
+    resp.raise_for_status()
+    return str(resp.json()["access_token"])
+
+
+def serve(sim: FinOpsSimulator, ca: SandboxCA) -> FnoEnv:
+    return FnoEnv(sim, RunningServer(sim.app, ca=ca).start(), ca)
+
+
+def odata_client(env: FnoEnv) -> httpx.Client:
+    """Raw OData v4 against `{environment}/data/` (Microsoft Learn: "Open Data Protocol (OData)" for F&O)."""
+    return httpx.Client(base_url=f"{env.url}/data/", verify=str(env.ca.ca_path), timeout=30.0,
+                        headers={**HEADERS, "Authorization": f"Bearer {fno_token(env)}"})
+
+
+@pytest.fixture(scope="module")
+def fno_ca(tmp_path_factory: pytest.TempPathFactory) -> SandboxCA:
+    return SandboxCA.create(tmp_path_factory.mktemp("fno-conformance-ca"))
+
+
+@pytest.fixture
+def fno(fno_ca: SandboxCA) -> Iterator[FnoEnv]:
+    """A seeded environment with Syncline's extension deployed (what a Syncline installation requires)."""
+    sim = FinOpsSimulator()
+    seed_fno(sim, customers=3, products=3)
+    env = serve(sim, fno_ca)
+    yield env
+    env.server.stop()
+    sim.close()
+
+
+@pytest.fixture
+def fno_http(fno: FnoEnv) -> Iterator[httpx.Client]:
+    with odata_client(fno) as client:
+        yield client
