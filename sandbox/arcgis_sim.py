@@ -52,7 +52,7 @@ from shared.core.ports import GEOMETRY_KEY
 
 TOKEN_PATH = "/sharing/rest/oauth2/token"
 SHARING_PATH = "/sharing/rest"
-"""The portal (sharing) API root: `info`, `portals/self`, `community/self`, `generateToken`, `oauth2/token`."""
+"""The portal (sharing) API root: the simulator serves `info`, `portals/self` and `oauth2/token` under it."""
 DEFAULT_ORG_ID = "Sy9cL1neD0TsIgn5"
 DEFAULT_SERVICE_NAME = "DOT_Signs"
 PORTAL_VERSION = "2025.3"
@@ -321,7 +321,8 @@ class WhereParser:
             pattern = self._operand()
             if pattern[0] != "lit" or pattern[2] != "str" or self._kind(left) != "str":
                 raise _invalid_query("LIKE compares a text field with a string pattern")
-            regex = "".join(".*" if c == "%" else "." if c == "_" else re.escape(c) for c in pattern[1])
+            # Values compare casefolded (hosted data's case-insensitive collation), so the pattern must be too.
+            regex = "".join(".*" if c == "%" else "." if c == "_" else re.escape(c) for c in pattern[1].casefold())
             return ("like", left, re.compile(f"^{regex}$", re.DOTALL), negated)
         if self._kw("BETWEEN"):
             low = self._operand()
@@ -1128,8 +1129,6 @@ class ArcGISSimulator:
                 return JSONResponse(self._portal_info())
             if resource == "portals/self":
                 return JSONResponse(self._portal_self(self._portal_caller(params, headers)))
-            if resource == "community/self":
-                return JSONResponse(self._community_self(self._portal_caller(params, headers)))
         except RestError as err:
             return JSONResponse(err.body())
         return JSONResponse(RestError(400, "Invalid URL", ["Invalid URL"]).body())
@@ -1175,11 +1174,6 @@ class ArcGISSimulator:
                           "appOwner": user, "orgId": self.org_id, "appTitle": "Syncline",
                           "privileges": list(APP_PRIVILEGES)}
         return out
-
-    def _community_self(self, caller: tuple[str, str, str] | None) -> dict[str, Any]:
-        if caller is None:
-            raise RestError(499, "Token Required", ["Token Required"], message_code="GWM_0003")
-        raise RestError(400, "Unable to complete operation.", ["An application token has no user."])
 
     # ------------------------------------------------------------------------------------ http
 
