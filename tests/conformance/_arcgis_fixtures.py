@@ -1,4 +1,4 @@
-"""Fixtures of the ArcGIS conformance tests: the simulator, raw REST calls, Esri's `arcgis` package (no Syncline code)."""
+"""Fixtures of the ArcGIS conformance tests: the simulator, raw REST calls and Esri's `arcgis` package."""
 
 from __future__ import annotations
 
