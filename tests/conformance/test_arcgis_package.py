@@ -3,7 +3,8 @@
 What the package sends was read from its requests to the simulator (arcgis 2.4.4), not assumed:
 - `GIS(url, client_id=, client_secret=)`: POST `/sharing/rest/oauth2/token` (grant_type=client_credentials, form, a
   new token before each request), GET `/sharing/rest/portals/self?f=json` (twice) and `/sharing/rest/?f=json`, the
-  token in `X-Esri-Authorization: Bearer`; with REQUESTS_CA_BUNDLE its pre-flight probe also GETs `/sharing/rest/info`.
+  token in `X-Esri-Authorization: Bearer`; with REQUESTS_CA_BUNDLE its pre-flight probe also GETs `/sharing/rest/info`
+  (and `/sharing/info`, `/sharing/sharing/rest/info`, `/sharing/rest/services`, reading only `WWW-Authenticate`).
 - `FeatureLayer.properties`: POST `{layer}?f=json`. `edit_features`: multipart POST `{layer}/applyEdits`
   (adds/updates/deletes, useGlobalIds, rollbackOnFailure). `query`: GET `{layer}/query`, then `returnCountOnly`;
   past `maxRecordCount` either `resultOffset` pages (with `orderByFields`) or `returnIdsOnly` followed by
