@@ -112,18 +112,18 @@ class Portal:
 
 
 @pytest.fixture(scope="session")
-def test_ca(tmp_path_factory: pytest.TempPathFactory) -> TestCA:
+def arcgis_ca(tmp_path_factory: pytest.TempPathFactory) -> TestCA:
     return TestCA.create(Path(tmp_path_factory.mktemp("arcgis-tls")))
 
 
 @pytest.fixture
-def portal(test_ca: TestCA, monkeypatch: pytest.MonkeyPatch) -> Iterator[Portal]:
+def portal(arcgis_ca: TestCA, monkeypatch: pytest.MonkeyPatch) -> Iterator[Portal]:
     require_arcgis()
-    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(test_ca.ca_path))
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(arcgis_ca.ca_path))
     sim = ArcGISSimulator()
-    server = RunningServer(sim.app, ca=test_ca).start()
+    server = RunningServer(sim.app, ca=arcgis_ca).start()
     sim.base_url = server.url
-    sandbox = Portal(sim, server.url, test_ca)
+    sandbox = Portal(sim, server.url, arcgis_ca)
     try:
         yield sandbox
     finally:
