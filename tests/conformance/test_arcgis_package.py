@@ -111,6 +111,18 @@ def test_api_key_signs_in_and_edits_are_recorded_for_its_user(portal: Portal) ->
     assert (row["Creator"], row["Editor"]) == (DEFAULT_API_KEY_USERNAME, DEFAULT_API_KEY_USERNAME)
 
 
+def test_anonymous_gis_gets_the_public_view_and_the_private_layer_asks_for_a_token(portal: Portal) -> None:
+    from arcgis.gis import GIS
+
+    gis = GIS(portal.url, ca_bundles=str(portal.ca.ca_path), set_active=False)
+    portal.signed_in.append(gis)
+    assert "appInfo" not in gis.properties
+    assert "id" not in gis.properties
+    with pytest.raises(Exception, match=r"Token Required[\s\S]*\(Error Code: 499\)"):
+        _ = signs_layer(portal, gis).properties
+    assert portal.sim.request_count["token"] == 0
+
+
 # ------------------------------------------------------------------------------------------- layer resource
 
 
