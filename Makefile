@@ -3,14 +3,19 @@ PYTHON ?= python3.11
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+# Esri's `arcgis` package drives the ArcGIS simulator in the conformance suite. Installed without its declared
+# dependencies (pandas, pyarrow, dask, ...: ~560 MB the tests never import); what it does import is the
+# `arcgis-conformance` extra. Not a runtime dependency: requirements.txt (the deployed app) does not have it.
+ARCGIS := arcgis==2.4.4
 
 .PHONY: venv demo test lint typecheck bench chaos clean
 
-$(STAMP): pyproject.toml requirements.txt
+$(STAMP): pyproject.toml requirements.txt Makefile
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found (Python 3.11 is required)"; exit 1; }
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev,arcgis-conformance]'
+	$(PY) -m pip install --quiet --no-deps '$(ARCGIS)'
 	@touch $(STAMP)
 
 venv: $(STAMP)

@@ -51,8 +51,13 @@ from sandbox.webhook_delivery import Deliverer
 from shared.core.ports import GEOMETRY_KEY
 
 TOKEN_PATH = "/sharing/rest/oauth2/token"
+SHARING_PATH = "/sharing/rest"
+"""The portal (sharing) API root: the simulator serves `info`, `portals/self` and `oauth2/token` under it."""
 DEFAULT_ORG_ID = "Sy9cL1neD0TsIgn5"
 DEFAULT_SERVICE_NAME = "DOT_Signs"
+PORTAL_VERSION = "2025.3"
+APP_PRIVILEGES = ("features:user:edit", "portal:user:viewOrgItems")
+"""What the default app's item is granted in `appInfo.privileges` (feature editing, reading org items)."""
 DEFAULT_CLIENT_ID = "SynclineSimApp01"
 DEFAULT_CLIENT_SECRET = "sim-arcgis-secret-7f3c1e9a5b2d4c6e"  # a fixed test secret
 DEFAULT_APP_USERNAME = "syncline_app"
@@ -316,7 +321,8 @@ class WhereParser:
             pattern = self._operand()
             if pattern[0] != "lit" or pattern[2] != "str" or self._kind(left) != "str":
                 raise _invalid_query("LIKE compares a text field with a string pattern")
-            regex = "".join(".*" if c == "%" else "." if c == "_" else re.escape(c) for c in pattern[1])
+            # Values compare casefolded (hosted data's case-insensitive collation), so the pattern must be too.
+            regex = "".join(".*" if c == "%" else "." if c == "_" else re.escape(c) for c in pattern[1].casefold())
             return ("like", left, re.compile(f"^{regex}$", re.DOTALL), negated)
         if self._kw("BETWEEN"):
             low = self._operand()
@@ -702,6 +708,9 @@ class ArcGISSimulator:
       probe of the hook URL is not simulated.
     """
 
+    APP_ITEM_ID = "5f0c6d3e2b8a4e71a9d4c3b2a1f0e9d8"
+    """Item id of the registered app in the portal (`appInfo.itemId`)."""
+
     def __init__(
         self,
         layers: Sequence[LayerDef] | None = None,
@@ -753,6 +762,8 @@ class ArcGISSimulator:
         self._apps: dict[str, tuple[str, str]] = {client_id: (client_secret, app_username)}
         self._api_keys: dict[str, str] = {api_key: api_key_username} if api_key else {}
         self._tokens: dict[str, tuple[str, float]] = {}
+        self._token_apps: dict[str, str] = {}
+        """OAuth token -> the client_id it was issued to (the portal's `appInfo`)."""
         self._lock = threading.RLock()
         self._layers: dict[int, _Layer] = {d.id: _Layer(d, max_record_count)
                                            for d in (layers if layers is not None else dot_layers())}
@@ -1061,6 +1072,7 @@ class ArcGISSimulator:
     def _expire_tokens(self) -> None:
         with self._lock:
             self._tokens.clear()
+            self._token_apps.clear()
 
     def _authenticate(self, params: Mapping[str, str], headers: Mapping[str, str]) -> str:
         token = params.get("token") or ""
@@ -1098,7 +1110,70 @@ class ArcGISSimulator:
         token = secrets.token_urlsafe(48)
         with self._lock:
             self._tokens[token] = (app[1], time.monotonic() + lifetime)
+            self._token_apps[token] = client_id
         return {"access_token": token, "expires_in": lifetime}
+
+    # ------------------------------------------------------------------------------------ portal (sharing API)
+
+    def _portal_endpoint(self, request: Request, path: str, params: Mapping[str, str]) -> Response:
+        """The few portal resources a portal-first client (the `arcgis` package) reads before it opens a layer."""
+        resource = "/".join(p for p in path[len(SHARING_PATH):].split("/") if p).lower()
+        self.request_count["portal." + (resource or "root")] += 1
+        if params.get("f", "html").lower() not in ("json", "pjson"):
+            return Response("<html><body>ArcGIS Portal Directory (use f=json)</body></html>", media_type="text/html")
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        try:
+            if resource == "":
+                return JSONResponse({"currentVersion": PORTAL_VERSION})
+            if resource == "info":
+                return JSONResponse(self._portal_info())
+            if resource == "portals/self":
+                return JSONResponse(self._portal_self(self._portal_caller(params, headers)))
+        except RestError as err:
+            return JSONResponse(err.body())
+        return JSONResponse(RestError(400, "Invalid URL", ["Invalid URL"]).body())
+
+    def _portal_caller(self, params: Mapping[str, str], headers: Mapping[str, str]) -> tuple[str, str, str] | None:
+        """(kind "app" | "apikey", client id or key, username) of the request's token; None when anonymous."""
+        token = params.get("token") or ""
+        for header in ("x-esri-authorization", "authorization"):
+            value = headers.get(header, "")
+            if not token and value.lower().startswith("bearer "):
+                token = value[7:].strip()
+        if not token:
+            return None
+        user = self._authenticate({"token": token}, {})
+        with self._lock:
+            client_id = self._token_apps.get(token)
+        return ("app", client_id, user) if client_id is not None else ("apikey", token, user)
+
+    def _portal_info(self) -> dict[str, Any]:
+        # ArcGIS Online's `/sharing/rest/info` (the portal "Info" resource): token-based security, generateToken.
+        base = self._public_base()
+        return {"owningSystemUrl": base,
+                "authInfo": {"tokenServicesUrl": f"{base}{SHARING_PATH}/generateToken", "isTokenBasedSecurity": True}}
+
+    def _portal_self(self, caller: tuple[str, str, str] | None) -> dict[str, Any]:
+        """`portals/self`: the organisation as the caller sees it; an app token adds `appInfo`, no `user`."""
+        host = self._public_base().split("://", 1)[-1]
+        out: dict[str, Any] = {
+            "access": "private", "allSSL": True, "canSearchPublic": True, "canSharePublic": True,
+            "created": 1392336986000, "culture": "en", "currentVersion": PORTAL_VERSION,
+            "customBaseUrl": host, "id": self.org_id, "isPortal": False, "name": "Syncline DOT (simulated)",
+            "portalHostname": host, "portalMode": "multitenant", "portalName": "ArcGIS Online",
+            "region": "WO", "supportsHostedServices": True, "supportsOAuth": True, "units": "english",
+            "urlKey": "syncline-dot", "useStandardizedQuery": True, "httpPort": 80, "httpsPort": 443,
+            "maxTokenExpirationMinutes": -1, "helperServices": {}, "portalProperties": {},
+        }
+        if caller is None:
+            return {key: out[key] for key in ("access", "allSSL", "currentVersion", "isPortal", "portalHostname",
+                                              "portalMode", "portalName", "supportsOAuth", "culture", "region",
+                                              "helperServices", "httpPort", "httpsPort")}
+        kind, ident, user = caller
+        out["appInfo"] = {"appId": ident if kind == "app" else "", "itemId": self.APP_ITEM_ID,
+                          "appOwner": user, "orgId": self.org_id, "appTitle": "Syncline",
+                          "privileges": list(APP_PRIVILEGES)}
+        return out
 
     # ------------------------------------------------------------------------------------ http
 
@@ -1119,6 +1194,8 @@ class ArcGISSimulator:
         self._seen_base = str(request.base_url).rstrip("/")
         if path == TOKEN_PATH:
             return await self._token_endpoint(request.method, path, params)
+        if path.lower().startswith(SHARING_PATH + "/") or path.lower() == SHARING_PATH:
+            return self._portal_endpoint(request, path, params)
         admin = path.lower().startswith(self.admin_path.lower())
         if not admin and not path.lower().startswith(self.service_path.lower()):
             return JSONResponse(RestError(400, "Invalid URL", ["Invalid URL"]).body())

@@ -1,8 +1,7 @@
 """ArcGIS feature-service simulator driven by raw REST calls written from Esri's ArcGIS REST API reference.
 
-The `arcgis` Python package is not used: it is ~645 MB installed (pandas, pyarrow, matplotlib, ...) and, even for
-one FeatureLayer with a token, it first calls the portal (`/sharing/rest/info`, `/sharing/rest/portals/self`, and
-www.arcgis.com when no GIS is given), which a feature-service simulator does not serve (see docs/simulators/arcgis.md).
+Esri's `arcgis` Python package drives the same simulator in test_arcgis_package.py; these requests pin the wire
+format that the package hides (error objects, per-edit result codes, domains as served).
 
 Sources (developers.arcgis.com/rest/services-reference/enterprise/):
 - "Layer (Feature Service)" (layer-feature-service): `fields[]` with name, type, alias, sqlType, nullable, editable,
