@@ -182,3 +182,26 @@ async def test_past_the_most_failed_changes_a_cycle_may_hold_it_ends_and_the_res
     assert [await world.attempts(e) for e in bad] == [1, 1]
     depth = await world.harness.queue.depth()
     assert depth.active == len(BAD) + len(GOOD)  # the held ones were released, nothing was lost or settled
+
+
+async def test_what_a_drain_remembers_is_bounded_by_the_batch_not_the_backlog(world: World):
+    """A drain remembers a message only until it is settled for good (the failing ones are held to the end): a
+    cycle of 100,000 changes must not keep 100,000 sequence numbers (issue 14's memory target)."""
+    bad = [sign(key, f"SGN-B{n}") for n, key in enumerate(BAD)]
+    good = [sign(key, f"SGN-G{n}") for n, key in enumerate(GOOD)]
+    await world.send([*bad, *good])
+    controller = world.controller(batch_size=2)
+    remembered: list[int] = []
+    receive = controller.queue.receive
+
+    async def counting_receive(max_messages: int, **kwargs: float) -> list:
+        remembered.append(len(controller._seen))
+        return await receive(max_messages, **kwargs)
+
+    controller.queue.receive = counting_receive  # type: ignore[method-assign]
+
+    report = await controller.drain()
+
+    assert report.statuses == {"written": len(GOOD), "failed": len(BAD)}, report
+    assert len(remembered) >= 4  # several receives: the backlog is several batches
+    assert max(remembered) <= len(BAD) + 2, remembered  # the held failures and at most one batch in flight
