@@ -470,18 +470,7 @@ class Controller:
         await self._complete(held)
         if not parsed:
             return
-        parsed, unreadable = await self._refresh_replays(parsed)
         to_complete: list[ReceivedMessage] = []
-        failed = [(msg, Outcome(env, "failed", error=error)) for msg, env, error in unreadable]
-        if failed:
-            self.metrics.record_outcomes([o for _, o in failed], self.flowset)
-        for msg, outcome in failed:
-            # Its current record could not be read: it fails alone (retried, or dead-lettered with the reason).
-            with correlated([outcome.envelope.correlation_id]):
-                await self._settle(msg, outcome.envelope, outcome, report, statuses, dead, to_complete)
-        if not parsed:
-            await self._complete(to_complete)
-            return
         # Each flow group is settled as soon as the engine is done with it (parents' flows first, as the engine
         # orders them): a crash later in the batch leaves only the changes not yet worked to come back.
         self._in_flight = [m for m, _ in parsed]
@@ -489,8 +478,19 @@ class Controller:
         # them and one to release them, where each group would pay that again). Leases only: a webhook of this
         # process that wants one of them is told it is busy rather than waiting for the whole batch.
         async with self.engine.hold([env for _, env in parsed], wait=False):
-            for group in self._flow_groups(parsed):
-                outcomes = await self.engine.process([env for _, env in group])
+            for received in self._flow_groups(parsed):
+                # Replays and resubmissions are read as their group comes, not as the batch came: a parent's
+                # cascade earlier in this batch may have changed them (a deferred task it closed in Dataverse
+                # would otherwise be created open in ArcGIS, after the cascade found nothing there to close).
+                group, unreadable = await self._refresh_replays(received)
+                failed = [(msg, Outcome(env, "failed", error=error)) for msg, env, error in unreadable]
+                if failed:
+                    self.metrics.record_outcomes([o for _, o in failed], self.flowset)
+                for msg, outcome in failed:
+                    # Its current record could not be read: it fails alone (retried, or dead-lettered with the reason).
+                    with correlated([outcome.envelope.correlation_id]):
+                        await self._settle(msg, outcome.envelope, outcome, report, statuses, dead, to_complete)
+                outcomes = await self.engine.process([env for _, env in group]) if group else []
                 self.metrics.record_outcomes(outcomes, self.flowset)
                 by_env = {id(o.envelope): o for o in outcomes}
                 for msg, env in group:
@@ -498,7 +498,7 @@ class Controller:
                         await self._settle(msg, env, by_env[id(env)], report, statuses, dead, to_complete)
                 await self._complete(to_complete)
                 to_complete = []
-                done = {id(m) for m, _ in group}
+                done = {id(m) for m, _ in received}
                 self._in_flight = [m for m in self._in_flight if id(m) not in done]
 
     def _flow_groups(self, parsed: list[tuple[ReceivedMessage, ChangeEnvelope]],
