@@ -287,7 +287,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds allowed per child run")
     parser.add_argument("--report", type=Path, default=ROOT / "reports" / "bench-azure.json")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--memory", action="store_true",
+                        help=f"peak memory of drains of --memory-sizes changes over --memory-records records, per "
+                             f"runtime, no latency (issue 14: the largest <= {MEMORY_RATIO}x the smallest, "
+                             f"< {PEAK_RSS_MB} MB)")
+    parser.add_argument("--memory-sizes", type=_record_counts, default=list(MEMORY_SIZES),
+                        help="drain sizes for --memory (default 10000,100000)")
+    parser.add_argument("--memory-records", type=int, default=MEMORY_RECORDS,
+                        help=f"records the --memory changes are spread over (default {MEMORY_RECORDS})")
+    parser.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.memory_child:
+        print(json.dumps(asyncio.run(memory_child(args.changes, args.records[0]))))
+        return 0
+    if args.memory:
+        return memory_main(args.memory_sizes, args.memory_records,
+                           [r.strip() for r in args.runtimes.split(",") if r.strip()], args.timeout,
+                           args.report if args.report != ROOT / "reports" / "bench-azure.json"
+                           else ROOT / "reports" / "bench-memory.json")
     if args.full:
         args.changes, args.records = FULL_CHANGES, list(FULL_RECORDS)
     if args.child:
@@ -397,6 +414,164 @@ def _problems(figures: dict[str, Any]) -> list[str]:
     if done < figures["changes"]:
         found.append(f"only {done} of {figures['changes']} changes written or skipped: {figures['statuses']}")
     return found
+
+
+# ----------------------------------------------------------------------------------------- memory
+
+MEMORY_SIZES = (10_000, 100_000)
+MEMORY_RECORDS = 1_000
+MEMORY_RATIO = 1.2
+"""Issue 14: the peak memory of a 100,000-message drain is at most this times a 10,000-message drain's."""
+
+
+def _rss_kb(field_name: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field_name + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def _reset_peak_rss() -> bool:
+    """Start VmHWM again from the current RSS (Linux: `5` into clear_refs), so the drain's peak is its own."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+async def memory_child(changes: int, records: int) -> dict[str, Any]:
+    """Queue `changes` edits over `records` records in chunks (set-up memory stays flat), then drain them all
+    and report the drain's peak RSS (VmHWM reset after the set-up) beside the RSS it started from."""
+    from shared.bootstrap import build_services
+
+    services = build_services()
+    signs: list[Any] = []
+    async for page in services.sources["dataverse"].scan("dot_signassets"):
+        signs.extend(page)
+    signs = [s for s in signs if s.values.get("dot_mutcdcode") and s.values.get("dot_signtype") != 100000009]
+    if len(signs) < records:
+        raise SystemExit(f"the simulator holds {len(signs)} good signs, {records} needed")
+    signs = signs[:records]
+    links, first = _envelopes(len(signs), signs)
+    await services.state.put_links(links)
+    chunk = 1_000
+    for start in range(0, changes, chunk):
+        # The throughput bench's edits (change i on record i mod R, version i), built a chunk at a time.
+        envelopes = [first[i % records].model_copy(update={
+            "source_version": str(i), "source_modified": first[0].source_modified + timedelta(seconds=i),
+            "payload": {**first[i % records].payload, "CONDITION": ("GOOD", "FAIR", "POOR", "DAMAGED")[i % 4],
+                        "RETRO_READING": float(100 + i % 300)}})
+            for i in range(start, min(start + chunk, changes))]
+        await services.queue.send([e.to_message() for e in envelopes])
+        del envelopes
+    del signs, links, first
+    import gc
+
+    gc.collect()
+    before_mb = _rss_kb("VmRSS") / 1024
+    reset = _reset_peak_rss()
+    statuses: dict[str, int] = {}
+    dead: dict[str, int] = {}
+    received = cycles = 0
+    started = time.perf_counter()
+    while cycles < MAX_DRAIN_CYCLES:
+        report = await services.controller.drain()
+        cycles += 1
+        received += report.received
+        for key, count in report.statuses.items():
+            statuses[key] = statuses.get(key, 0) + count
+        for key, count in report.dead_lettered.items():
+            dead[key] = dead.get(key, 0) + count
+        done = sum(n for status, n in statuses.items() if status.startswith(("written", "skipped")))
+        if report.received == 0 or done + sum(dead.values()) >= changes:
+            break
+    seconds = time.perf_counter() - started
+    peak_mb = _rss_kb("VmHWM") / 1024
+    depth = await services.queue.depth()
+    await services.aclose()
+    return {"changes": changes, "records": records, "seconds": round(seconds, 1),
+            "changes_per_second": round(changes / seconds, 1) if seconds else 0.0, "cycles": cycles,
+            "received": received, "statuses": statuses, "dead_lettered": dead,
+            "left_on_queue": {"active": depth.active, "scheduled": depth.scheduled, "dead_letter": depth.dead_letter},
+            "rss_before_drain_mb": round(before_mb, 1), "drain_peak_rss_mb": round(peak_mb, 1),
+            "peak_is_the_drains_own": reset}
+
+
+def memory_main(sizes: Sequence[int], records: int, runtimes: Sequence[str], timeout: float, report: Path) -> int:
+    """Peak memory of a drain of each size, per runtime, side by side, and the issue's ratio and ceiling."""
+    from sandbox import dataverse_sim as dvs
+    from sandbox.bench import dataverse_only_environment
+    from sandbox.dataverse_seed import seed_dataverse
+    from sandbox.server import RunningServer, TestCA
+    from shared.settings import queue_max_delivery_count
+
+    started = time.perf_counter()
+    columns: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        ca = TestCA.create(Path(tmp) / "tls")
+        sim = dvs.DataverseSimulator(latency_ms=0)
+        seed_dataverse(sim, signs=records + 10, work_orders=0)
+        server = RunningServer(sim.app, ca=ca).start()
+        emulators = Emulators(0).start() if "azure" in runtimes else None
+        base = {**os.environ, **dataverse_only_environment(str(ca.ca_path), server.url),
+                "SYNCLINE_EMULATOR_LATENCY_MS": "0"}
+        max_count = queue_max_delivery_count(int(base.get("SYNCLINE_MAX_DELIVERY_COUNT", "10")))
+        print(f"memory: drains of {', '.join(map(str, sizes))} changes over {records} records, no latency; "
+              f"runtimes: {', '.join(runtimes)}", flush=True)
+        try:
+            for runtime in runtimes:
+                for size in sizes:
+                    env = {**base, "SYNCLINE_STATE_DIR": str(Path(tmp) / f"{runtime}-{size}")}
+                    if runtime == "azure":
+                        assert emulators is not None
+                        env.update(emulators.environment(max_count))
+                    print(f"  {runtime}, {size} changes ...", flush=True)
+                    columns[f"{runtime} {size}"] = _memory_child_run(size, records, env, timeout)
+        finally:
+            if emulators is not None:
+                emulators.stop()
+            server.stop()
+            sim.close()
+    rows = (("drain peak RSS (MB)", "drain_peak_rss_mb"), ("RSS before the drain (MB)", "rss_before_drain_mb"),
+            ("seconds", "seconds"), ("changes/second", "changes_per_second"), ("drain cycles", "cycles"),
+            ("dead-lettered", "dead"), ("left on queue", "left"))
+    print(f"\n{'':28}" + "".join(f"{name:>18}" for name in columns))
+    for label, key in rows:
+        print(f"{label:28}" + "".join(f"{_cell(figures, key):>18}" for figures in columns.values()))
+    targets: dict[str, bool] = {}
+    small, large = min(sizes), max(sizes)
+    for runtime in runtimes:
+        low, high = columns[f"{runtime} {small}"], columns[f"{runtime} {large}"]
+        ratio = high["drain_peak_rss_mb"] / low["drain_peak_rss_mb"]
+        print(f"{runtime}: peak of {large} / peak of {small} = {ratio:.2f}")
+        targets[f"{runtime}: {large} peak <= {MEMORY_RATIO}x {small} peak"] = ratio <= MEMORY_RATIO
+        targets[f"{runtime}: {large} peak < {PEAK_RSS_MB} MB"] = high["drain_peak_rss_mb"] < PEAK_RSS_MB
+    for name, met in targets.items():
+        print(f"target {name}: {'met' if met else 'NOT met'}")
+    problems = [f"{name}: {what}" for name, figures in columns.items() for what in _problems(figures)]
+    for problem in problems:
+        print(f"problem: {problem}")
+    report.parent.mkdir(parents=True, exist_ok=True)
+    report.write_text(json.dumps({
+        "command": "python -m sandbox.bench_azure --memory " + " ".join(sys.argv[2:]),
+        "wall_seconds": round(time.perf_counter() - started, 1), "columns": columns, "targets": targets,
+        "problems": problems}, indent=2))
+    print(f"figures written to {report}")
+    return 1 if problems else 0
+
+
+def _memory_child_run(changes: int, records: int, env: dict[str, str], timeout: float) -> dict[str, Any]:
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "sandbox.bench_azure", "--memory-child", "--changes", str(changes), "--records",
+             str(records)], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        raise SystemExit(f"memory child ({changes} changes) did not finish within {timeout:.0f} s") from None
+    if done.returncode != 0:
+        raise SystemExit(f"memory child ({changes} changes) failed with exit code {done.returncode}: "
+                         f"{done.stderr[-2000:]}")
+    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
 
 
 if __name__ == "__main__":

@@ -235,17 +235,44 @@ def start_host(box: Sandbox) -> None:
                                     headers={"x-syncline-key": WEBHOOK_SECRET})
 
 
+STALL_SECONDS = 120.0
+"""A flush gives up when the simulators answered no API call for this long (deliveries stalled), not after a fixed
+time: on the Azure runtime at the default sizes the initial load's thousands of Dataverse webhooks take minutes to
+deliver, each a direct write through Table Storage, and a fixed limit ended a demo that was making progress."""
+
+
+def _api_calls(box: Sandbox) -> int:
+    """Requests every simulator has served so far: while it grows, webhooks are being worked."""
+    total = box.dv.request_count + sum(box.ag.request_count.values())
+    for sim in (box.fno, box.sf, box.sap):
+        if sim is not None:
+            total += sim.request_count
+    return int(total)
+
+
+async def _until_delivered(box: Sandbox, deliver: Any) -> None:
+    """Await `deliver(timeout)` again for as long as the sandbox makes progress (see `STALL_SECONDS`)."""
+    while True:
+        before = _api_calls(box)
+        try:
+            await deliver(STALL_SECONDS)
+            return
+        except TimeoutError:
+            if _api_calls(box) == before:
+                raise
+
+
 async def flush(box: Sandbox) -> None:
     """Wait until both simulators delivered every webhook they queued."""
     for _ in range(3):  # deliveries cause writes that cause deliveries
-        await box.dv.flush_webhooks(timeout=300)
-        await box.ag.flush_webhooks(timeout=300)
+        await _until_delivered(box, lambda t: box.dv.flush_webhooks(timeout=t))
+        await _until_delivered(box, lambda t: box.ag.flush_webhooks(timeout=t))
         if box.fno is not None:
-            await box.fno.flush_events(timeout=300)
+            await _until_delivered(box, lambda t: box.fno.flush_events(timeout=t))
         if box.sf is not None:
-            await asyncio.to_thread(box.sf.flush_events, 300)
+            await asyncio.to_thread(box.sf.flush_events, 300)  # delivers on a thread; never raises on time
         if box.sap is not None:
-            await box.sap.flush_events(timeout=300)
+            await _until_delivered(box, lambda t: box.sap.flush_events(timeout=t))
 
 
 # ------------------------------------------------------------------------------------------ activity

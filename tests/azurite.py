@@ -13,6 +13,7 @@ import contextlib
 import ctypes
 import fcntl
 import json
+import os
 import shutil
 import signal
 import socket
@@ -33,6 +34,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 INSTALL_DIR = REPO_ROOT / ".cache" / "azurite"
 HOST = "127.0.0.1"
 START_TIMEOUT_SECONDS = 30.0
+AZURITE_KEEP_ALIVE_SECONDS = 120
+"""Longer than any client keeps an idle connection (aiohttp: 15 s), so the server never closes one under a request."""
+KEEP_ALIVE_PRELOAD = Path(__file__).with_name("azurite_keepalive.cjs")
 INSTALL_TIMEOUT_SECONDS = 600
 
 
@@ -131,11 +135,17 @@ class AzuriteTable:
             "--inMemoryPersistence",  # nothing on disk, and nothing to clean up
             "--disableTelemetry",  # on by default: never phone home from tests
         ]
+        # Azurite closes an idle connection after 5 s, aiohttp reuses one for 15 s: a request sent as it closes is
+        # reset, and azure-core retries no POST, so an entity group transaction ($batch) failed outright (the
+        # demo's cycles crashed on it). Azure's own front ends keep idle connections for minutes. Azurite's option
+        # for it is not read by azurite-table 3.35, hence the preloaded script.
+        env = {**os.environ, "SYNCLINE_AZURITE_KEEP_ALIVE_SECONDS": str(AZURITE_KEEP_ALIVE_SECONDS),
+               "NODE_OPTIONS": f"{os.environ.get('NODE_OPTIONS', '')} --require {KEEP_ALIVE_PRELOAD}".strip()}
         started = time.monotonic()
         self.log_path = self.log_path.with_name(f"azurite-table-{port}.log")
         with self.log_path.open("wb") as log:
             self._process = subprocess.Popen(
-                command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                 # PR_SET_PDEATHSIG follows the *thread* that forks: start Azurite from a long-lived thread
                 # (pytest's main thread), never from a short-lived worker such as asyncio.to_thread.
                 preexec_fn=_die_with_parent if _PRCTL is not None else None,

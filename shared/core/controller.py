@@ -227,6 +227,12 @@ class Controller:
         self._clear_after_complete: list[str] = []
         """Message ids with failed attempts on record whose messages are being completed."""
         self._audit: list[AuditEntry] = []
+        self._seen: set[int] = set()
+        """Sequence numbers received in the cycle under way and not settled for good (in flight, held, or whose lock
+        was lost): one coming back in the same cycle is held, not tried again."""
+        self._settled: set[int] = set()
+        """Sequence numbers of the batch's messages settled for good (completed or dead-lettered): the drain
+        forgets them, so what it remembers per cycle is bounded by what is in flight or held, not the backlog."""
         self._cleared: list[str] = []
         """Per-message ledger entries and failure counts to clear (dead letters, replays), stored per flow group in
         one call each (`_flush`) rather than one call per message."""
@@ -348,6 +354,7 @@ class Controller:
         """
         report = report or CycleReport(started_at=self.clock().isoformat())
         seen: set[int] = set()
+        self._seen = seen
         statuses: Counter[str] = Counter(report.statuses)
         dead: Counter[str] = Counter(report.dead_lettered)
         self._held, self._in_flight = [], []
@@ -376,7 +383,10 @@ class Controller:
                 stale_rounds = 0
                 seen.update(m.sequence_number for m in fresh)
                 report.received += len(fresh)
+                self._settled.clear()
                 await self._process_batch(fresh, report, statuses, dead)
+                seen -= self._settled  # settled messages never come back: a cycle's memory does not grow with them
+                self._settled.clear()
                 if self.progress:
                     self.progress("drain", len(fresh))
         finally:
@@ -460,18 +470,7 @@ class Controller:
         await self._complete(held)
         if not parsed:
             return
-        parsed, unreadable = await self._refresh_replays(parsed)
         to_complete: list[ReceivedMessage] = []
-        failed = [(msg, Outcome(env, "failed", error=error)) for msg, env, error in unreadable]
-        if failed:
-            self.metrics.record_outcomes([o for _, o in failed], self.flowset)
-        for msg, outcome in failed:
-            # Its current record could not be read: it fails alone (retried, or dead-lettered with the reason).
-            with correlated([outcome.envelope.correlation_id]):
-                await self._settle(msg, outcome.envelope, outcome, report, statuses, dead, to_complete)
-        if not parsed:
-            await self._complete(to_complete)
-            return
         # Each flow group is settled as soon as the engine is done with it (parents' flows first, as the engine
         # orders them): a crash later in the batch leaves only the changes not yet worked to come back.
         self._in_flight = [m for m, _ in parsed]
@@ -479,8 +478,19 @@ class Controller:
         # them and one to release them, where each group would pay that again). Leases only: a webhook of this
         # process that wants one of them is told it is busy rather than waiting for the whole batch.
         async with self.engine.hold([env for _, env in parsed], wait=False):
-            for group in self._flow_groups(parsed):
-                outcomes = await self.engine.process([env for _, env in group])
+            for received in self._flow_groups(parsed):
+                # Replays and resubmissions are read as their group comes, not as the batch came: a parent's
+                # cascade earlier in this batch may have changed them (a deferred task it closed in Dataverse
+                # would otherwise be created open in ArcGIS, after the cascade found nothing there to close).
+                group, unreadable = await self._refresh_replays(received)
+                failed = [(msg, Outcome(env, "failed", error=error)) for msg, env, error in unreadable]
+                if failed:
+                    self.metrics.record_outcomes([o for _, o in failed], self.flowset)
+                for msg, outcome in failed:
+                    # Its current record could not be read: it fails alone (retried, or dead-lettered with the reason).
+                    with correlated([outcome.envelope.correlation_id]):
+                        await self._settle(msg, outcome.envelope, outcome, report, statuses, dead, to_complete)
+                outcomes = await self.engine.process([env for _, env in group]) if group else []
                 self.metrics.record_outcomes(outcomes, self.flowset)
                 by_env = {id(o.envelope): o for o in outcomes}
                 for msg, env in group:
@@ -488,7 +498,7 @@ class Controller:
                         await self._settle(msg, env, by_env[id(env)], report, statuses, dead, to_complete)
                 await self._complete(to_complete)
                 to_complete = []
-                done = {id(m) for m, _ in group}
+                done = {id(m) for m, _ in received}
                 self._in_flight = [m for m in self._in_flight if id(m) not in done]
 
     def _flow_groups(self, parsed: list[tuple[ReceivedMessage, ChangeEnvelope]],
@@ -721,9 +731,15 @@ class Controller:
                 await many(messages)
             except LockLostError as exc:
                 log.warning("locks lost before completion (the messages will be redelivered): %s", exc)
+                # A batch settlement names the lost ones (the rest were settled); otherwise assume none was.
+                lost = {id(m) for m in getattr(exc, "lost", messages)}
+                self._settled.update(m.sequence_number for m in messages if id(m) not in lost)
+            else:
+                self._settled.update(m.sequence_number for m in messages)
             return
         for m in messages:
-            await self._settle_quietly(self.queue.complete, m)
+            if await self._settle_quietly(self.queue.complete, m):
+                self._settled.add(m.sequence_number)
 
     async def _retry(self, msg: ReceivedMessage, env: ChangeEnvelope, outcome: Outcome) -> bool:
         """Abandon for another attempt, or dead-letter once the attempts are spent (returns True then)."""
@@ -753,6 +769,8 @@ class Controller:
             f"{self.max_attempts}) in {msg.delivery_count} deliveries; last error {error.reason}: {error.detail}")
         settled = await self._settle_quietly(self.queue.dead_letter, msg, reason=reason,
                                              description=description[:4000])
+        if settled:
+            self._settled.add(msg.sequence_number)
         if settled and (exhausted or msg.delivery_count > 1):
             self._cleared.append(msg.message_id)
         self._audit.append(AuditEntry(

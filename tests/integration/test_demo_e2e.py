@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from rich.console import Console
 
 from sandbox.demo import run_demo
@@ -86,3 +87,31 @@ async def test_demo_on_the_azure_runtime_azurite_and_the_service_bus_test_broker
     assert report["webhook_failures"] == []
     assert sorted(d["reason"] for d in report["dead_letters"]) == [
         "REQUIRED_FIELD_MISSING", "REQUIRED_FIELD_MISSING", "UNMAPPED_CHOICE"]
+
+
+async def test_a_flush_waits_while_deliveries_make_progress_and_fails_only_when_they_stall(monkeypatch):
+    """The demo's flush is bounded by a stall, not a fixed time: at the default sizes on the Azure runtime the
+    initial load's Dataverse webhooks take minutes (each a direct write through Table Storage)."""
+    from types import SimpleNamespace
+
+    from sandbox import demo
+
+    monkeypatch.setattr(demo, "STALL_SECONDS", 0.01)
+    box = SimpleNamespace(dv=SimpleNamespace(request_count=0), ag=SimpleNamespace(request_count={}),
+                          fno=None, sf=None, sap=None)
+    rounds = []
+
+    async def busy(timeout: float) -> None:  # times out three times, serving requests all along, then is done
+        rounds.append(timeout)
+        if len(rounds) <= 3:
+            box.dv.request_count += 5
+            raise TimeoutError("still delivering")
+
+    await demo._until_delivered(box, busy)
+    assert len(rounds) == 4
+
+    async def stalled(timeout: float) -> None:
+        raise TimeoutError("nothing moves")
+
+    with pytest.raises(TimeoutError, match="nothing moves"):
+        await demo._until_delivered(box, stalled)

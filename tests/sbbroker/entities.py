@@ -90,6 +90,12 @@ class Queue:
     session_states: dict[str, bytes] = field(default_factory=dict)
     _locks: dict[uuid.UUID, StoredMessage] = field(default_factory=dict)
     _last_sequence_number: int = 0
+    _by_session: dict[str | None, dict[int, StoredMessage]] = field(default_factory=dict)
+    """`active` per session id, in sequence order: a session receiver's next message, or the next available session,
+    is found without scanning (and sorting) the whole queue at every delivery, which made a backlog of thousands
+    cost the broker thread (and the test process, through the GIL) quadratic time."""
+    _expiring: set[int] = field(default_factory=set)
+    """Sequence numbers of active messages with a time to live (the only ones `tick` must look at)."""
 
     # ------------------------------------------------------------------------------------------ enqueue
 
@@ -107,14 +113,18 @@ class Queue:
             self._last_sequence_number, raw, session_id, enqueued_at=visible, visible_at=visible,
             expires_at=visible + ttl if ttl is not None else None,
         )
+        # sequence numbers only grow, so `active` (and each `_by_session` entry) stays in sequence order
         self.active[message.sequence_number] = message
+        self._by_session.setdefault(session_id, {})[message.sequence_number] = message
+        if message.expires_at is not None:
+            self._expiring.add(message.sequence_number)
         return message
 
     def cancel_scheduled(self, sequence_numbers: Iterable[int], now: float) -> None:
         for number in sequence_numbers:
             message = self.active.get(number)
             if message is not None and message.visible_at > now:
-                del self.active[number]
+                self._remove_active(number)
 
     # ------------------------------------------------------------------------------------------- time
 
@@ -125,9 +135,10 @@ class Queue:
         for message in [m for m in self._locks.values() if m.holder is not None and m.holder.session is None]:
             if message.locked_until <= now:
                 self._release(message, now, counted=True)
-        for number, message in list(self.active.items()):
+        for number in list(self._expiring):
+            message = self.active[number]
             if message.expires_at is not None and message.expires_at <= now and message.lock_token is None:
-                del self.active[number]
+                self._remove_active(number)
 
     # -------------------------------------------------------------------------------------- deliveries
 
@@ -140,10 +151,7 @@ class Queue:
             lock = consumer.session
             if lock is None or lock.lost:
                 return None  # a non-session link on a session entity only browses (see broker.py)
-            return next(
-                (m for m in self._deliverable(now) if m.session_id == lock.session_id),
-                None,
-            )
+            return next(self._deliverable(now, self._by_session.get(lock.session_id, {})), None)
         return next(self._deliverable(now), None)
 
     def lock(self, message: StoredMessage, consumer: Consumer, now: float) -> uuid.UUID:
@@ -165,7 +173,10 @@ class Queue:
         message = self.held(token, now)
         if outcome == "complete":
             self._unlock(message)
-            (self.dead if message.dead_letter else self.active).pop(message.sequence_number, None)
+            if message.dead_letter:
+                self.dead.pop(message.sequence_number, None)
+            else:
+                self._remove_active(message.sequence_number)
         elif outcome == "dead-letter":
             if message.dead_letter is not None:
                 raise ValueError("a message in the dead-letter sub-queue cannot be dead-lettered again")
@@ -234,12 +245,17 @@ class Queue:
         """
         self.tick(now)
         if requested is None:
-            requested = next(
-                (m.session_id for m in self._deliverable(now) if m.session_id and m.session_id not in self.sessions),
-                None,
-            )
-            if requested is None:
+            oldest: StoredMessage | None = None
+            for session_id, messages in self._by_session.items():
+                if not session_id or session_id in self.sessions:
+                    continue
+                first = next(self._deliverable(now, messages), None)
+                if first is not None and (oldest is None or first.sequence_number < oldest.sequence_number):
+                    oldest = first
+            if oldest is None:
                 return None
+            requested = oldest.session_id
+            assert requested is not None
         elif requested in self.sessions:
             raise LockLost(SESSION_CANNOT_BE_LOCKED, f"the session {requested!r} is locked by another receiver")
         lock = SessionLock(requested, consumer, now + self.lock_duration)
@@ -269,10 +285,22 @@ class Queue:
         # a dead-lettered message keeps its number, so the DLQ's insertion order is not its sequence order
         return [messages[n] for n in sorted(messages)]
 
-    def _deliverable(self, now: float) -> Iterator[StoredMessage]:
-        for message in self._ordered(self.active):
+    def _deliverable(self, now: float, messages: dict[int, StoredMessage] | None = None) -> Iterator[StoredMessage]:
+        """Deliverable messages of `messages` (default: the whole queue), in sequence order (their insertion order)."""
+        for message in (self.active if messages is None else messages).values():
             if message.visible_at <= now and not message.deferred and message.lock_token is None:
                 yield message
+
+    def _remove_active(self, number: int) -> None:
+        message = self.active.pop(number, None)
+        if message is None:
+            return
+        self._expiring.discard(number)
+        messages = self._by_session.get(message.session_id)
+        if messages is not None:
+            messages.pop(number, None)
+            if not messages:
+                del self._by_session[message.session_id]
 
     def _unlock(self, message: StoredMessage) -> None:
         if message.lock_token is not None:
@@ -297,7 +325,7 @@ class Queue:
             self._move_to_dead_letter(message, MAX_DELIVERY_COUNT_EXCEEDED, description)
 
     def _move_to_dead_letter(self, message: StoredMessage, reason: str, description: str) -> None:
-        self.active.pop(message.sequence_number, None)
+        self._remove_active(message.sequence_number)
         message.dead_letter = (reason, description)
         message.deferred = False
         self.dead[message.sequence_number] = message
