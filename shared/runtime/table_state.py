@@ -95,8 +95,8 @@ DEFAULT_CONCURRENCY: Final = 32
 QUERY_PAGE: Final = 1000
 #: Keys of one partition read together: from this many on, range queries replace point reads (see `_read_rows`).
 RANGE_MIN_KEYS: Final = 8
-#: A page of a range read must settle at least this many wanted keys to be worth its request (and its rows);
-#: fewer, and the rest of the keys are point reads and the partition is read by point reads for a while.
+#: A page of a range read must settle at least this many wanted keys per 1,000 rows (and at least one) to be
+#: worth its request and its rows; fewer, and the rest are point reads, as are the partition's for a while.
 RANGE_MIN_HITS: Final = 10
 #: Wanted keys per range query: a batch's keys are cut into runs of about this many, read concurrently.
 RANGE_RUN_KEYS: Final = 128
@@ -532,6 +532,7 @@ class TableStateStore:
         if not 1 <= query_page <= QUERY_PAGE:
             raise ValueError(f"query_page must be 1-{QUERY_PAGE}, got {query_page}")
         self._query_page = query_page
+        self._min_hits = max(1, RANGE_MIN_HITS * query_page // QUERY_PAGE)
         self._sparse_until: dict[tuple[str, str], float] = {}
         """(table, partition) -> until when (monotonic) its reads are point reads: a range read found it sparse.
         Advice on cost only: whichever way a key is read, it is read from the service now."""
@@ -697,7 +698,7 @@ class TableStateStore:
             # The next page starts after this one's last row: every wanted key up to it is settled.
             now_settled = bisect.bisect_right(wanted, str(rows[-1]["RowKey"]))
             hits, settled = now_settled - settled, now_settled
-            if hits < RANGE_MIN_HITS:
+            if hits < self._min_hits:
                 return found, wanted[settled:]
 
     async def _submit(self, table: TableClient, chunks: Sequence[Sequence[TableOp]]) -> None:
