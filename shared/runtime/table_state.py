@@ -36,7 +36,8 @@ docs/state-tables.md shows the same design with examples.
 
 Transactions hold at most 100 operations of ONE partition and stay under 4 MiB: `plan_transactions` does the
 split in our code (Azurite answers a 101-operation batch with a malformed response instead of an error).
-Point reads run concurrently, at most `concurrency` requests at a time per store.
+Many keys of one partition are read with range queries when they are dense in it, else with concurrent point
+reads (`_read_rows`); at most `concurrency` requests at a time per store.
 """
 
 from __future__ import annotations
@@ -96,8 +97,10 @@ QUERY_PAGE: Final = 1000
 #: Keys of one partition read together: from this many on, range queries replace point reads (see `_read_rows`).
 RANGE_MIN_KEYS: Final = 8
 #: A page of a range read must settle at least this many wanted keys per 1,000 rows (and at least one) to be
-#: worth its request and its rows; fewer, and the rest are point reads, as are the partition's for a while.
-RANGE_MIN_HITS: Final = 10
+#: worth its request and its rows; fewer, and the rest are point reads, as are the partition's for a while. At 20,
+#: a key read by range costs at most 50 entities of the partition's throughput (about 2,000 a second) where a
+#: point read costs one (docs/state-tables.md, "Reads").
+RANGE_MIN_HITS: Final = 20
 #: Wanted keys per range query: a batch's keys are cut into runs of about this many, read concurrently.
 RANGE_RUN_KEYS: Final = 128
 #: How long a partition found sparse (too few wanted keys per page) is read by point reads only.
