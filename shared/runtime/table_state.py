@@ -639,8 +639,8 @@ class TableStateStore:
         The service has no multi-key read. A range query (`RowKey ge first and RowKey le last`, no OR: the service
         walks exactly the rows it returns) returns every row between two wanted keys, up to a page at a time; a
         key it passes over is absent *at that moment*, as a point read would have found it. So a batch whose keys
-        are dense in their partition (a tenth or more of a page of rows between them) costs one request per page
-        instead of one per key, and a sparse one falls back to point reads after one page. Nothing is kept
+        are dense in their partition (at least `RANGE_MIN_HITS` per 1,000 rows between them) costs one request per
+        page instead of one per key, and a sparse one falls back to point reads after one page. Nothing is kept
         between calls but that cost advice: every key is read from the service on every call.
 
         Only ASCII row keys take the range path: the service orders keys by UTF-16 code units and Python by code
@@ -674,7 +674,7 @@ class TableStateStore:
     async def _read_range(self, table: TableClient, partition: str,
                           wanted: list[str]) -> tuple[dict[str, TableEntity], list[str]]:
         """Read the sorted ASCII row keys `wanted` with one range query, page by page; returns the rows found and
-        the keys it left unsettled (a page past the first settled too few of them: point-read those)."""
+        the keys it left unsettled (a page that settled too few of them stops it: point-read those)."""
         pages = cast(AsyncPageIterator[TableEntity], table.query_entities(
             "PartitionKey eq @pk and RowKey ge @low and RowKey le @high",
             parameters={"pk": partition, "low": wanted[0], "high": wanted[-1]},
