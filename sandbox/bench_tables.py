@@ -5,7 +5,8 @@ state store (`TableStateStore`) sent; `TableRequestCounter` counts them on the w
 N new sign assets enqueued (the poll path: dedup, snapshot walk, audit) and drained; the same N changed (updates:
 write-ahead marks, links re-put, snapshots); the same N again unchanged (echoes); N new work orders under those
 signs (children: parent links, the session walk); then both changed again, mixed in every batch (two flow
-groups). Run: `python -m sandbox.bench_tables [--records 1000]`.
+groups). Run: `python -m sandbox.bench_tables [--records 1000] [--latency-ms 20]` (with a latency, the seconds of
+a phase are what its state requests cost at a cloud round trip).
 """
 
 from __future__ import annotations
@@ -174,6 +175,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--lease-partitions", type=int, default=None,
                         help="partitions of the leases table (default: the store's, 16)")
     parser.add_argument("--connection-string", help="a storage account to measure instead of a fresh Azurite")
+    parser.add_argument("--latency-ms", type=float, default=0.0,
+                        help="delay each Table Storage request this much (sandbox.latency_proxy in front of Azurite),"
+                             " so the seconds per phase model a cloud round trip (default 0)")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON too")
     args = parser.parse_args(argv)
     if str(ROOT) not in sys.path:
@@ -187,8 +191,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.connection_string:
         phases = run(args.connection_string)
     else:
+        from sandbox.latency_proxy import LatencyProxy
+        from shared.runtime.table_state import azurite_connection_string
+
         with running_azurite() as azurite:
-            phases = run(azurite.connection_string)
+            if args.latency_ms:
+                proxy = LatencyProxy(azurite.port, latency_ms=args.latency_ms).start()
+                try:
+                    phases = run(azurite_connection_string(proxy.port))
+                finally:
+                    proxy.stop()
+            else:
+                phases = run(azurite.connection_string)
     print_table(phases)
     if args.json:
         print(json.dumps([p.row() for p in phases], indent=1))

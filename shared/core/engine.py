@@ -324,7 +324,13 @@ class SyncEngine:
         work = _Work()
         keys = [e.source_key for e in envs]
         src, tgt = flow.source, flow.target
-        work.links = await self.state.get_links(flow.entity, src.system, keys, tgt.system)
+        # What needs no link is read at once, side by side: each is a round trip (or several) to the state store.
+        links, work.src_snaps, work.parents = await asyncio.gather(
+            self.state.get_links(flow.entity, src.system, keys, tgt.system),
+            read_snapshots(self.state, flow.entity, src.system, src.table, keys, self._old_layout),
+            self._parent_links(flow, [e.payload for e in envs]),
+        )
+        work.links = links
         work.stored_links = dict(work.links)
         # A source record that names its target record (a written-back id, or the id of the record it was made
         # from) is linked to it even when the link was never stored (an ambiguous create, a crash before it).
@@ -333,10 +339,8 @@ class SyncEngine:
             known = next((v for f in named_by if isinstance(v := env.payload.get(f), str) and v.strip()), None)
             if env.source_key not in work.links and known is not None:
                 work.links[env.source_key] = _canonical_key(tgt.system, known)
-        work.src_snaps = await read_snapshots(self.state, flow.entity, src.system, src.table, keys, self._old_layout)
         work.tgt_snaps = await read_snapshots(self.state, flow.entity, tgt.system, tgt.table,
                                               sorted(set(work.links.values())), self._old_layout)
-        work.parents = await self._parent_links(flow, [e.payload for e in envs])
         if flow.lines is not None:
             work.lines = await self._read_lines(flow, [e for e in envs if e.operation != "delete"], work.read_errors)
             line_flow = self._line_flows[flow.name]
@@ -347,12 +351,14 @@ class SyncEngine:
     async def _parent_links(self, flow: FlowSpec, payloads: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, str]]:
         parents: dict[str, dict[str, str]] = {}
         src, tgt = flow.source, flow.target
+        asks: list[tuple[str, Awaitable[dict[str, str]]]] = []
         for lk in flow.lookups:
             parent = self.flowset.flow(lk.parent_flow)
             parent_keys = sorted({str(p[lk.source]) for p in payloads if not _blank(p.get(lk.source))})
             parent_keys = [_canonical_key(src.system, k) for k in parent_keys]
-            found = await self.state.get_links(parent.entity, src.system, parent_keys, tgt.system)
-            parents.setdefault(lk.source, {}).update(found)
+            asks.append((lk.source, self.state.get_links(parent.entity, src.system, parent_keys, tgt.system)))
+        for field_name, found in zip([f for f, _ in asks], await asyncio.gather(*(a for _, a in asks)), strict=True):
+            parents.setdefault(field_name, {}).update(found)
         return parents
 
     async def _ensure_parents(self, flow: FlowSpec, envs: Sequence[ChangeEnvelope], work: _Work) -> None:

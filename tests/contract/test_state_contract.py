@@ -92,6 +92,29 @@ async def test_many_links_in_one_batch(state_factory: StateFactory) -> None:
     assert backward == {f"d-{k}": k for k in keys}
 
 
+async def test_many_keys_read_exactly_what_is_stored_now(state_factory: StateFactory) -> None:
+    """A batch's reads of many keys (present, absent and in between) see every write made before them by any
+    client: nothing decides on a stale or missing link or snapshot (a missed link would create a twin record)."""
+    store, other = await state_factory(), await state_factory()
+    keys = [f"{{{n:08X}-0000-4000-8000-{n:012X}}}" for n in range(300)]
+    stored = keys[::3]
+    await store.put_links([Link("parcel", "arcgis", k, "dataverse", f"d{k}") for k in stored])
+    await store.put_snapshots([snapshot(k) for k in stored])
+    assert await store.get_links("parcel", "arcgis", keys, "dataverse") == {k: f"d{k}" for k in stored}
+    assert set(await store.get_snapshots("arcgis", "parcels", keys)) == set(stored)
+
+    await other.put_links([Link("parcel", "arcgis", keys[1], "dataverse", "new"),  # a key that had none
+                           Link("parcel", "arcgis", keys[4], "dataverse", f"d{keys[3]}")])  # takes keys[3]'s partner
+    await other.put_snapshots([snapshot(keys[1]), snapshot(keys[0], version=2)])
+    await other.delete_snapshots("arcgis", "parcels", [keys[6]])
+
+    links = await store.get_links("parcel", "arcgis", keys, "dataverse")
+    assert links == {**{k: f"d{k}" for k in stored if k != keys[3]}, keys[1]: "new", keys[4]: f"d{keys[3]}"}
+    snaps = await store.get_snapshots("arcgis", "parcels", keys)
+    assert set(snaps) == ({*stored, keys[1]} - {keys[6]})
+    assert snaps[keys[0]] == snapshot(keys[0], version=2)
+
+
 # ------------------------------------------------------------------------------------------ snapshots
 
 

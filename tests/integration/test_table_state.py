@@ -9,6 +9,8 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from shared.core.ports import AuditEntry, Link, Snapshot
 from shared.runtime.sqlite_state import SqliteStateStore
@@ -266,3 +268,138 @@ async def test_a_long_audit_detail_is_kept_whole(tables: TableStateStore) -> Non
     await tables.append_audit([entry])
 
     assert await tables.read_audit() == [entry]
+
+
+# --------------------------------------------------------------------- reading many keys: range queries
+
+#: Keys that sort differently by code point (Python) and by UTF-16 unit (the service), escape to `~XX`, or mix case.
+RANGE_ALPHABET = "AZaz09-_.~|/ %'AZaz09é\u00a0\uffef😀"
+
+
+def _kinds(store: TableStateStore) -> dict[str, int]:
+    return {kind: n for (table, kind), n in store.requests.counts.items() if table.endswith(("links", "snapshots"))}
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    universe=st.lists(st.text(RANGE_ALPHABET, max_size=4), min_size=10, max_size=60, unique=True),
+    data=st.data(),
+    page=st.sampled_from([1, 3, 7, 1000]),
+)
+def test_many_keys_read_exactly_what_is_stored_across_pages_and_odd_keys(
+        request: pytest.FixtureRequest, universe: list[str], data: st.DataObject, page: int) -> None:
+    """Whatever the keys and the page size, a key is found iff it is stored: a key passed over by a range query is
+    absent, never a stored key missed (that would create a twin record in the target)."""
+    stored = data.draw(st.lists(st.sampled_from(universe), unique=True), label="stored")
+    # from 8 keys on, a partition's keys are read with range queries
+    wanted = data.draw(st.lists(st.sampled_from(universe), min_size=8, unique=True), label="wanted")
+    conn_str = tables_connection_string(request)
+
+    async def scenario() -> None:
+        store = TableStateStore.from_connection_string(conn_str, table_prefix=fresh_prefix(), query_page=page)
+        try:
+            snaps = [Snapshot("arcgis", "parcels", key, {"k": key}, f"h{key}", None) for key in stored]
+            await store.put_snapshots(snaps)
+            await store.put_links([Link("parcel", "arcgis", key, "dataverse", f"d{key}") for key in stored])
+            assert await store.get_snapshots("arcgis", "parcels", wanted) == {s.key: s for s in snaps
+                                                                              if s.key in wanted}
+            assert await store.get_links("parcel", "arcgis", wanted, "dataverse") == {
+                key: f"d{key}" for key in stored if key in wanted}
+            assert await store.get_links("parcel", "dataverse", [f"d{key}" for key in wanted], "arcgis") == {
+                f"d{key}": key for key in stored if key in wanted}
+        finally:
+            names = store.table_names
+            await store.close()
+            await drop_tables(conn_str, names)
+
+    asyncio.run(scenario())
+
+
+async def test_a_dense_batch_costs_a_query_per_page_not_a_read_per_key(request: pytest.FixtureRequest) -> None:
+    conn_str = tables_connection_string(request)
+    store = TableStateStore.from_connection_string(conn_str, table_prefix=fresh_prefix(), query_page=100)
+    try:
+        keys = [f"{{{n:08X}-0000-4000-8000-{n:012X}}}" for n in range(1000)]
+        await store.put_snapshots([Snapshot("arcgis", "parcels", k, {"n": n}, "h", None) for n, k in enumerate(keys)])
+        wanted = [*keys[::4], "{absent}", "{zzz}"]  # every fourth row: 25 wanted per page of 100
+        store.requests.reset()
+
+        found = await store.get_snapshots("arcgis", "parcels", wanted)
+
+        assert sorted(found) == sorted(keys[::4])
+        kinds = _kinds(store)
+        assert "read" not in kinds, kinds
+        assert kinds["query"] <= 1000 // 100 + 2, kinds  # the pages of the range, plus a partial one per run
+    finally:
+        names = store.table_names
+        await store.close()
+        await drop_tables(conn_str, names)
+
+
+async def test_a_sparse_batch_falls_back_to_point_reads_after_one_page(request: pytest.FixtureRequest) -> None:
+    conn_str = tables_connection_string(request)
+    store = TableStateStore.from_connection_string(conn_str, table_prefix=fresh_prefix(), query_page=200)
+    try:
+        keys = [f"k{n:05d}" for n in range(3000)]
+        await store.put_snapshots([Snapshot("arcgis", "parcels", k, {"n": n}, "h", None) for n, k in enumerate(keys)])
+        wanted = [*keys[::300], "k99999"]  # a page of 200 rows settles one wanted key: under 10 per 1,000 rows
+        store.requests.reset()
+
+        assert sorted(await store.get_snapshots("arcgis", "parcels", wanted)) == keys[::300]
+        first = _kinds(store)
+        # one page, then a point read for each key the page did not reach (not 12 pages of mostly other rows)
+        assert first.get("query") == 1, first
+        assert first.get("read", 0) >= len(wanted) - 2, first
+
+        store.requests.reset()
+        assert sorted(await store.get_snapshots("arcgis", "parcels", wanted)) == keys[::300]
+        # the partition is known to be sparse for a while: straight to point reads, no wasted page
+        assert _kinds(store) == {"read": len(wanted)}, _kinds(store)
+    finally:
+        names = store.table_names
+        await store.close()
+        await drop_tables(conn_str, names)
+
+
+async def test_a_read_sees_every_write_before_it(request: pytest.FixtureRequest) -> None:
+    """Nothing is cached between calls: a link or snapshot written, replaced or removed between two reads of a
+    batch's keys shows in the second read (each read goes to the service)."""
+    conn_str = tables_connection_string(request)
+    store = TableStateStore.from_connection_string(conn_str, table_prefix=fresh_prefix(), query_page=5)
+    other = TableStateStore.from_connection_string(conn_str, table_prefix=store.table_names[0][:-len("links")])
+    try:
+        keys = [f"g{n:03d}" for n in range(40)]
+        await store.put_links([Link("parcel", "arcgis", k, "dataverse", f"d{k}") for k in keys[::2]])
+        assert len(await store.get_links("parcel", "arcgis", keys, "dataverse")) == 20
+
+        await other.put_links([Link("parcel", "arcgis", keys[1], "dataverse", "new"),
+                               Link("parcel", "arcgis", "x", "dataverse", f"d{keys[0]}")])  # re-links g000's partner
+
+        found = await store.get_links("parcel", "arcgis", keys, "dataverse")
+        assert found[keys[1]] == "new"
+        assert keys[0] not in found
+        assert len(found) == 20
+    finally:
+        names = store.table_names
+        await other.close()
+        await store.close()
+        await drop_tables(conn_str, names)
+
+
+async def test_keys_the_service_orders_otherwise_than_python_are_never_passed_over(
+        request: pytest.FixtureRequest) -> None:
+    """By UTF-16 unit (the service) an astral character sorts before U+FFEF, by code point (Python) after it: a
+    range query bounded by Python's order would pass over a stored key and report it absent."""
+    conn_str = tables_connection_string(request)
+    store = TableStateStore.from_connection_string(conn_str, table_prefix=fresh_prefix(), query_page=3)
+    try:
+        keys = [*(f"k{n}" for n in range(8)), "\uffefx", "😀x", "\uffef", "😀", "é"]
+        await store.put_links([Link("parcel", "arcgis", k, "dataverse", f"d{n}") for n, k in enumerate(keys)])
+        await store.put_snapshots([Snapshot("arcgis", "parcels", k, {"n": n}, "h", None) for n, k in enumerate(keys)])
+
+        assert await store.get_links("parcel", "arcgis", keys, "dataverse") == {k: f"d{n}" for n, k in enumerate(keys)}
+        assert sorted(await store.get_snapshots("arcgis", "parcels", keys)) == sorted(keys)
+    finally:
+        names = store.table_names
+        await store.close()
+        await drop_tables(conn_str, names)
