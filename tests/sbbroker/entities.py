@@ -188,6 +188,17 @@ class Queue:
             raise LockLost(SESSION_LOCK_LOST, f"the session lock of {session.session_id!r} was lost")
         return message
 
+    def held_in_session(self, token: uuid.UUID, session_id: str | None, now: float) -> StoredMessage:
+        """`held`, for a settlement through the management node: a message received under a session lock is
+        settled there only with that session's `session-id` (which the SDKs send); another session's token, or
+        one without the session, is refused as a lost lock."""
+        message = self.held(token, now)
+        lock = message.holder.session if message.holder is not None else None
+        if lock is not None and session_id != lock.session_id:
+            raise LockLost(MESSAGE_LOCK_LOST, f"the lock {token} is held by session {lock.session_id!r}, "
+                                              f"not {session_id!r}")
+        return message
+
     def renew(self, token: uuid.UUID, now: float) -> float:
         message = self.held(token, now)
         if message.holder is not None and message.holder.session is not None:
