@@ -53,9 +53,6 @@ _LOCK_LOST = (MessageLockLostError, SessionLockLostError, MessageAlreadySettled)
 _PEEK_PAGE = 250
 _PENDING_CAP = 500
 """A session with this many messages received but not handed out is not read further until some are."""
-_READ_AHEAD = 250
-"""The least a session read asks for (when the receive asks for as many): a bucket comes in one or two flows
-rather than one per `receive`."""
 SETTLE_BATCH = 250
 """Lock tokens per `com.microsoft:update-disposition` request (docs/sessions.md, "Batched settlement")."""
 BATCH_SETTLEMENT_CHECKED = "7.15.0"
@@ -327,11 +324,10 @@ class ServiceBusQueue:
         waited = False
         while (short := max_messages - len(self._eligible(max_messages))) > 0:
             readers = [s for s in self._sessions.values() if not s.drained and len(s.pending) < _PENDING_CAP]
-            # Read ahead when the caller takes big batches (a drain): pending messages are handed out by its
-            # next receives, and a read costs a flow (a round trip) whatever it brings. Not past what one
-            # receive asks for: a message read is a delivery counted if its session is released unread.
-            budget = max(-(-short // len(readers)), min(_READ_AHEAD, max_messages)) if readers else 0
-            if readers and await self._read(readers, budget):
+            # No read-ahead past the receive's share: with no prefetch, the SDK releases (one settlement each,
+            # and a redelivery) whatever arrives after its receive call returned, which a big read's tail does
+            # under load; and a message read is a delivery counted if its session is released unread.
+            if readers and await self._read(readers, -(-short // len(readers))):
                 continue
             # A session read ahead still takes its slot while it has messages to hand out (not those behind a
             # record being worked or held: a failing record does not take a slot to the end of the cycle).

@@ -54,6 +54,7 @@ from proton import (
     Array,
     Condition,
     Data,
+    DataException,
     Delivery,
     Described,
     Endpoint,
@@ -461,7 +462,7 @@ class _Broker(Handler):
         path = _entity_path(link.remote_target.address)
         try:
             messages = split_messages(b"".join(chunks))
-        except (ValueError, KeyError) as exc:
+        except (ValueError, KeyError, DataException) as exc:  # undecodable: refused, not the broker's end
             problem = exc  # `exc` is unbound after the handler; the delayed answer needs it
             self.later("send", lambda: self._answer(delivery, problem))
             return
