@@ -304,7 +304,8 @@ async def test_a_sessions_settlements_go_in_one_management_request(queues: Queue
     await queue.complete_many(batch[:28])
     await queue.dead_letter_many(batch[28:], reason="TARGET_REJECTED", description="refused")
     spent = operations_since(broker, before)
-    assert spent.get("management:update-disposition") == 2 and "settle" not in spent, spent
+    assert spent.get("management:update-disposition") == 2, spent
+    assert "settle" not in spent, spent
 
     assert [(m.message_id, m.dead_letter_reason) for m in await queue.peek_dead_letters()] == [
         (m.message_id, "TARGET_REJECTED") for m in batch[28:]]
@@ -324,7 +325,8 @@ async def test_without_the_sdks_internal_call_each_message_is_settled_on_its_lin
     before = broker.operations()
     await queue.complete_many(batch)
     spent = operations_since(broker, before)
-    assert spent.get("settle") == 5 and "management:update-disposition" not in spent, spent
+    assert spent.get("settle") == 5, spent
+    assert "management:update-disposition" not in spent, spent
     assert (await queue.depth()).active == 0
 
 
@@ -332,20 +334,19 @@ async def test_a_partly_lost_batch_completes_the_rest_and_raises_exactly_the_los
     queues: Queues, broker: BrokerHandle,
 ) -> None:
     queue = queues.make(session_buckets=4)
-    records: dict[str, list[str]] = defaultdict(list)
+    by_bucket: dict[str, list[str]] = defaultdict(list)
     n = 0
-    while len(records) < 2 or min(len(v) for v in records.values()) < 3:  # 3+ records in each of 2 buckets
+    while sum(len(v) >= 3 for v in by_bucket.values()) < 2:  # three records in each of two buckets
         record = f"arcgis:SignAssets:{n}"
-        records[session_bucket(record, 4)].append(record)
+        by_bucket[session_bucket(record, 4)].append(record)
         n += 1
-        records = defaultdict(list, {b: v for b, v in list(records.items())[:2]})
-    keys = [r for rs in records.values() for r in rs[:3]]
+    lost_bucket, kept_bucket = [b for b, v in by_bucket.items() if len(v) >= 3][:2]
+    keys = by_bucket[lost_bucket][:3] + by_bucket[kept_bucket][:3]
     await queue.send([change(r, 0) for r in keys])
     batch: list[ReceivedMessage] = []
     async with asyncio.timeout(30):
         while len(batch) < len(keys):
             batch += await queue.receive(len(keys) - len(batch))
-    lost_bucket, kept_bucket = list(records)
     in_lost = [m for m in batch if session_bucket(m.session_id or "", 4) == lost_bucket]
     in_kept = [m for m in batch if session_bucket(m.session_id or "", 4) == kept_bucket]
     entity = broker._broker.queues[queue.name]  # the broker's own state, changed on its thread
