@@ -647,10 +647,12 @@ class ServiceBusQueue:
         loses every message of the session. Without the SDK's internal call, each message is settled on its
         link as before.
         """
-        known = [m for m in group if m.lock_token in self._held]
-        lost.extend(m for m in group if m.lock_token not in self._held)
-        for start in range(0, len(known), SETTLE_BATCH):
-            chunk = known[start:start + SETTLE_BATCH]
+        for start in range(0, len(group), SETTLE_BATCH):
+            # (settled or lost meanwhile, e.g. with its session by the chunk before)
+            lost.extend(m for m in group[start:start + SETTLE_BATCH] if m.lock_token not in self._held)
+            chunk = [m for m in group[start:start + SETTLE_BATCH] if m.lock_token in self._held]
+            if not chunk:
+                continue
             if len(chunk) > 1 and await self._settle_batch(chunk, outcome, details, lost):
                 continue
             for message in chunk:

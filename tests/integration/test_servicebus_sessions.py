@@ -407,3 +407,33 @@ async def test_after_finding_no_free_session_fewer_are_probed_at_once(queues: Qu
             await queue.complete_many(batch)
     assert len(got) == 40
     assert queue._probe == 1  # the last receive found none again
+
+
+async def test_a_batch_is_settled_in_requests_of_settle_batch_and_a_lost_session_loses_all_of_them(
+    queues: Queues, broker: BrokerHandle, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from shared.runtime import servicebus_queue
+
+    monkeypatch.setattr(servicebus_queue, "SETTLE_BATCH", 2)
+    queue = queues.make(session_buckets=1)
+    await queue.send([change(f"r{n}", 0) for n in range(6)])
+    batch = await queue.receive(6)
+    before = broker.operations()
+    await queue.complete_many(batch)
+    assert operations_since(broker, before).get("management:update-disposition") == 3
+
+    await queue.send([change(f"s{n}", 0) for n in range(6)])
+    batch = await queue.receive(6)
+    [bucket] = {session_bucket(m.session_id or "", 1) for m in batch}
+    entity = broker._broker.queues[queue.name]
+    broker._call(lambda: entity._lose_session(entity.sessions[bucket], broker.clock.now()))  # its lock ran out
+    before = broker.operations()
+    with pytest.raises(LockLostBatchError) as raised:
+        await queue.complete_many(batch)
+    assert [m.message_id for m in raised.value.lost] == [m.message_id for m in batch]
+    # one request told the session was lost; the other chunks were not sent
+    assert operations_since(broker, before).get("management:update-disposition") == 1
+    again = await queue.receive(6)
+    assert sorted(m.message_id for m in again) == sorted(m.message_id for m in batch)
+    assert all(m.delivery_count == 2 for m in again)
+    await queue.complete_many(again)

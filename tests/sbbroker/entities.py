@@ -89,6 +89,9 @@ class Queue:
     """Sessions locked right now, by session id."""
     session_states: dict[str, bytes] = field(default_factory=dict)
     _locks: dict[uuid.UUID, StoredMessage] = field(default_factory=dict)
+    _expired_sessions: dict[uuid.UUID, str] = field(default_factory=dict)
+    """Lock tokens of messages released because their session's lock expired: settling one is refused as a
+    lost session lock (as Service Bus answers), not as a lost message lock."""
     _last_sequence_number: int = 0
 
     # ------------------------------------------------------------------------------------------ enqueue
@@ -181,6 +184,8 @@ class Queue:
         """The message locked under `token`, if that lock is still valid; else `LockLost`."""
         self.tick(now)
         message = self._locks.get(token)
+        if message is None and token in self._expired_sessions:
+            raise LockLost(SESSION_LOCK_LOST, f"the session lock of {self._expired_sessions[token]!r} was lost")
         if message is None or message.holder is None:
             raise LockLost(MESSAGE_LOCK_LOST, f"the lock {token} was lost: unknown, released or settled")
         session = message.holder.session
@@ -317,4 +322,6 @@ class Queue:
         lock.lost = True
         del self.sessions[lock.session_id]
         for message in [m for m in self._locks.values() if m.holder is lock.holder]:
+            if message.lock_token is not None:
+                self._expired_sessions[message.lock_token] = lock.session_id
             self._release(message, now, counted=True)
