@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import inspect
+import logging
+import time
 import uuid
 from collections import Counter
 from collections.abc import Sequence
@@ -26,6 +29,7 @@ from azure.servicebus.exceptions import (
     MessageLockLostError,
     MessageSizeExceededError,
     OperationTimeoutError,
+    ServiceBusError,
     SessionLockLostError,
 )
 
@@ -49,6 +53,14 @@ _LOCK_LOST = (MessageLockLostError, SessionLockLostError, MessageAlreadySettled)
 _PEEK_PAGE = 250
 _PENDING_CAP = 500
 """A session with this many messages received but not handed out is not read further until some are."""
+SETTLE_BATCH = 250
+"""Lock tokens per `com.microsoft:update-disposition` request (docs/sessions.md, "Batched settlement")."""
+BATCH_SETTLEMENT_CHECKED = "7.15.0"
+"""azure-servicebus release whose private `_settle_message_via_mgmt_link` `_settle_batch` was checked against."""
+_MANAGEMENT_DISPOSITIONS = {"complete": "completed", "dead-letter": "suspended"}
+"""Our settlements as the management operation's `disposition-status` values (the protocol guide's)."""
+
+_log = logging.getLogger(__name__)
 
 DepthSource = Literal["admin", "peek"]
 
@@ -85,6 +97,9 @@ class _Session:
     released: list[str | None] = field(default_factory=list)
     """Record sessions of messages abandoned while others were outstanding: released when it closes (their
     records wait until then)."""
+    renewed_at: float = field(default_factory=time.monotonic)
+    """When its lock was last taken or renewed (monotonic), and how long the lock was then good for."""
+    lock_span: float = 0.0
 
 
 class ServiceBusQueue:
@@ -163,6 +178,10 @@ class ServiceBusQueue:
         self._sessions: dict[ServiceBusReceiver, _Session] = {}
         self._busy: Counter[str] = Counter()
         """Record sessions with messages handed out and unsettled (their later messages wait)."""
+        self._probe = max_concurrent_sessions
+        """Sessions to try to accept at once: halved when a round finds fewer free, doubled when it finds all."""
+        self._batch_settlement: bool | None = None
+        """Whether this SDK has the private management-link settlement `_settle_batch` uses (checked once)."""
         self._receive_lock = asyncio.Lock()
         # The SDK's sender is not safe for concurrent use (its link opening races): one send at a time.
         self._send_lock = asyncio.Lock()
@@ -305,17 +324,30 @@ class ServiceBusQueue:
         waited = False
         while (short := max_messages - len(self._eligible(max_messages))) > 0:
             readers = [s for s in self._sessions.values() if not s.drained and len(s.pending) < _PENDING_CAP]
+            # No read-ahead past the receive's share: with no prefetch, the SDK releases (one settlement each,
+            # and a redelivery) whatever arrives after its receive call returned, which a big read's tail does
+            # under load; and a message read is a delivery counted if its session is released unread.
             if readers and await self._read(readers, -(-short // len(readers))):
                 continue
-            reading = sum(1 for s in self._sessions.values() if not s.drained)
-            slots = min(self.max_concurrent_sessions - reading, short)
+            # A session read ahead still takes its slot while it has messages to hand out (not those behind a
+            # record being worked or held: a failing record does not take a slot to the end of the cycle).
+            ready = {id(s) for _, s in self._eligible(len(self._sessions) * _PENDING_CAP)}
+            reading = sum(1 for s in self._sessions.values() if not s.drained or id(s) in ready)
+            # A probe that finds no free session costs a connection, a token and two links: after a round that
+            # found fewer than it tried, try fewer at once.
+            slots = min(self.max_concurrent_sessions - reading, short, self._probe)
             if slots <= 0:
                 break  # every slot holds a session that still has messages, behind records being worked
             # When the caller waits longer than a probe does, one session first takes that wait (the rest
             # would all wait it out), then further ones are probed.
             long = wait > self._wait and not waited and not self._eligible(1)
             waited = waited or long
-            accepted = await self._accept_sessions(client, 1 if long else slots, wait if long else self._wait)
+            tried = 1 if long else slots
+            accepted = await self._accept_sessions(client, tried, wait if long else self._wait)
+            if len(accepted) < tried:
+                self._probe = max(1, len(accepted))
+            else:
+                self._probe = min(self.max_concurrent_sessions, self._probe * 2)
             if not accepted:
                 break
             for receiver in accepted:
@@ -323,12 +355,16 @@ class ServiceBusQueue:
         return self._hand_out(max_messages)
 
     async def _refresh_idle(self) -> None:
-        """Renew the sessions nobody renewed since the last receive (nothing of theirs is outstanding)."""
-        idle = [s for s in self._sessions.values() if not s.outstanding]
+        """Renew the sessions nobody renews (nothing of theirs is outstanding) once half their lock has passed.
+
+        Their pending messages are about to be handed out under that lock, and the controller renews it from
+        then on; a lock renewed less than half a lock ago is good for longer than the controller's period."""
+        now = time.monotonic()
+        idle = [s for s in self._sessions.values() if not s.outstanding and now - s.renewed_at >= s.lock_span / 2]
 
         async def renew(session: _Session) -> None:
             try:
-                await session.receiver.session.renew_lock()
+                self._renewed(session, await session.receiver.session.renew_lock())
             except _LOCK_LOST:
                 self._lose(session)
 
@@ -338,7 +374,17 @@ class ServiceBusQueue:
         session_id = str(receiver.session.session_id)
         for stale in [s for s in self._sessions.values() if s.session_id == session_id]:
             self._lose(stale)  # Service Bus gave its session to us again: that receiver's lock is gone
-        self._sessions[receiver] = _Session(receiver, session_id)
+        session = _Session(receiver, session_id)
+        self._renewed(session, receiver.session.locked_until_utc)
+        self._sessions[receiver] = session
+
+    @staticmethod
+    def _renewed(session: _Session, locked_until: datetime | None) -> None:
+        session.renewed_at = time.monotonic()
+        # Measured against our clock, so a skewed one shortens or lengthens it by the skew; half of it is the
+        # margin. Unknown: 0, renewed at every receive as before.
+        left = (locked_until - datetime.now(UTC)).total_seconds() if locked_until is not None else 0.0
+        session.lock_span = max(left, 0.0)
 
     async def _read(self, readers: list[_Session], budget: int) -> bool:
         """Read up to `budget` more messages from each of `readers` at once; True if any brought some."""
@@ -501,7 +547,7 @@ class ServiceBusQueue:
                 await self._settle(message, held.receiver.abandon_message(held.message))
             return
         try:  # the lock must still be ours, as for any settlement
-            await session.receiver.session.renew_lock()
+            self._renewed(session, await session.receiver.session.renew_lock())
         except _LOCK_LOST as exc:
             self._lose(session)
             raise LockLostError(f"lock lost for message {messages[0].sequence_number}: {exc}") from exc
@@ -529,6 +575,7 @@ class ServiceBusQueue:
         try:
             if session is not None:
                 until = await held.receiver.session.renew_lock()
+                self._renewed(session, until)
             else:
                 until = await held.receiver.renew_message_lock(held.message)
         except _LOCK_LOST as exc:
@@ -567,20 +614,107 @@ class ServiceBusQueue:
             raise LockLostBatchError(lost)
 
     async def complete_many(self, messages: Sequence[ReceivedMessage]) -> None:
-        """Complete each message, the sessions' in parallel (each on its own link, in order); the ones whose
-        lock was lost are raised together as `LockLostBatchError`."""
+        """Complete the messages with one management request per receiver (session) and `SETTLE_BATCH` of
+        them, the sessions' in parallel (`_settle_batch`); the ones whose lock was lost are raised together as
+        `LockLostBatchError`, the others are completed."""
         lost: list[ReceivedMessage] = []
+        await asyncio.gather(*(self._settle_group(group, "complete", lost) for group in self._by_receiver(messages)))
+        if lost:
+            raise LockLostBatchError(lost)
 
-        async def complete(group: Sequence[ReceivedMessage]) -> None:
-            for message in group:
+    async def dead_letter_many(self, messages: Sequence[ReceivedMessage], *, reason: str, description: str) -> None:
+        """Dead-letter the messages with one reason, batched like `complete_many` (lost locks likewise); a
+        message received from the DLQ cannot be (`ValueError`, and nothing is settled)."""
+        for message in messages:
+            held = self._held.get(message.lock_token)
+            if held is not None and held.dead:
+                raise ValueError(f"message {message.sequence_number} is in the dead-letter sub-queue already; "
+                                 "complete or abandon it instead")
+        lost: list[ReceivedMessage] = []
+        details = (wire_text(reason), wire_text(description))
+        await asyncio.gather(*(self._settle_group(group, "dead-letter", lost, details)
+                               for group in self._by_receiver(messages)))
+        if lost:
+            raise LockLostBatchError(lost)
+
+    async def _settle_group(self, group: Sequence[ReceivedMessage], outcome: str, lost: list[ReceivedMessage],
+                            details: tuple[str, str] | None = None) -> None:
+        """Settle messages of one receiver, `SETTLE_BATCH` per request; lost locks are added to `lost`.
+
+        A request refused for a lost message lock is repeated message by message to tell which (the service
+        answers for the whole request; whether it applied the others first is not documented, so one it did
+        apply is reported lost too, which only costs a log line: it is gone either way). A lost session lock
+        loses every message of the session. Without the SDK's internal call, each message is settled on its
+        link as before.
+        """
+        for start in range(0, len(group), SETTLE_BATCH):
+            # (settled or lost meanwhile, e.g. with its session by the chunk before)
+            lost.extend(m for m in group[start:start + SETTLE_BATCH] if m.lock_token not in self._held)
+            chunk = [m for m in group[start:start + SETTLE_BATCH] if m.lock_token in self._held]
+            if not chunk:
+                continue
+            if len(chunk) > 1 and await self._settle_batch(chunk, outcome, details, lost):
+                continue
+            for message in chunk:
                 try:
-                    await self.complete(message)
+                    if outcome == "complete":
+                        await self.complete(message)
+                    else:
+                        assert details is not None
+                        await self.dead_letter(message, reason=details[0], description=details[1])
                 except LockLostError:
                     lost.append(message)
 
-        await asyncio.gather(*(complete(group) for group in self._by_receiver(messages)))
-        if lost:
-            raise LockLostBatchError(lost)
+    async def _settle_batch(self, chunk: Sequence[ReceivedMessage], outcome: str, details: tuple[str, str] | None,
+                            lost: list[ReceivedMessage]) -> bool:
+        """One `update-disposition` request for `chunk` (all of one receiver); False: settle it one by one."""
+        helds = [self._held[m.lock_token] for m in chunk]
+        receiver = helds[0].receiver
+        settle = self._management_settlement(receiver)
+        if settle is None:
+            return False
+        dead_letter = {"deadletter-reason": details[0], "deadletter-description": details[1]} if details else None
+        try:
+            # The session receiver adds its `session-id`, as the service requires for session messages.
+            await settle(_MANAGEMENT_DISPOSITIONS[outcome], [h.message.lock_token for h in helds],
+                         dead_letter_details=dead_letter)
+        except SessionLockLostError:
+            session = self._sessions.get(receiver)
+            if session is not None:
+                self._lose(session)
+            for message in chunk:
+                self._forget(message.lock_token)
+            lost.extend(chunk)
+            return True
+        except (MessageLockLostError, MessageAlreadySettled):
+            return False  # which of them: one by one
+        except ServiceBusError as exc:  # e.g. a timeout: one by one (with the SDK's own retries)
+            _log.info("a batched settlement of %d messages failed (%s); settling them one by one", len(chunk), exc)
+            return False
+        for message in chunk:
+            self._forget(message.lock_token)
+        return True
+
+    def _management_settlement(self, receiver: ServiceBusReceiver) -> Any:
+        """The receiver's private `_settle_message_via_mgmt_link(settlement, lock_tokens, dead_letter_details)`
+        (azure-servicebus, checked against `BATCH_SETTLEMENT_CHECKED`), or None if this SDK has no such call.
+
+        The SDK has no public batch settlement; it uses this call for deferred messages and as the fallback
+        when a message cannot be settled on its link. Looked up in this one place, with its parameters checked,
+        so an SDK that renames or reshapes it settles one message at a time instead of failing.
+        """
+        settle = getattr(receiver, "_settle_message_via_mgmt_link", None)
+        if self._batch_settlement is None:
+            try:
+                parameters = list(inspect.signature(settle).parameters) if callable(settle) else []
+            except (TypeError, ValueError):
+                parameters = []
+            self._batch_settlement = parameters[:3] == ["settlement", "lock_tokens", "dead_letter_details"]
+            if not self._batch_settlement:
+                _log.warning("azure-servicebus has no `_settle_message_via_mgmt_link(settlement, lock_tokens, "
+                             "dead_letter_details)` (checked against %s): settling one message per request",
+                             BATCH_SETTLEMENT_CHECKED)
+        return settle if self._batch_settlement else None
 
     async def abandon_many(self, messages: Sequence[ReceivedMessage]) -> None:
         """Abandon each message (e.g. at the end of a cycle), the sessions' in parallel; a session whose every

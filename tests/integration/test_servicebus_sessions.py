@@ -23,6 +23,7 @@ from shared.runtime.servicebus_queue import (
     ServiceBusQueue,
     session_bucket,
 )
+from shared.runtime.sqlite_queue import LockLostBatchError
 from tests.sbbroker import BrokerHandle, start_broker
 
 WAIT = 0.1  # loopback: a free session is offered within milliseconds
@@ -286,3 +287,153 @@ async def _drain_past_a_failing_record(queues: Queues, tmp_path: Path, max_messa
         await queue.abandon(again)
     finally:
         await state.close()
+
+
+def operations_since(broker: BrokerHandle, before: dict[str, int]) -> dict[str, int]:
+    now = broker.operations()
+    return {kind: now[kind] - before.get(kind, 0) for kind in now if now[kind] != before.get(kind, 0)}
+
+
+async def test_a_sessions_settlements_go_in_one_management_request(queues: Queues, broker: BrokerHandle) -> None:
+    queue = queues.make(session_buckets=1)
+    await queue.send([change(f"r{n % 10}", n) for n in range(30)])
+    batch = await queue.receive(30)
+    assert len(batch) == 30  # every record's changes, in order (one receive hands out several of a record)
+
+    before = broker.operations()
+    await queue.complete_many(batch[:28])
+    await queue.dead_letter_many(batch[28:], reason="TARGET_REJECTED", description="refused")
+    spent = operations_since(broker, before)
+    assert spent.get("management:update-disposition") == 2, spent
+    assert "settle" not in spent, spent
+
+    assert [(m.message_id, m.dead_letter_reason) for m in await queue.peek_dead_letters()] == [
+        (m.message_id, "TARGET_REJECTED") for m in batch[28:]]
+    assert (await queue.depth()).active == 0
+
+
+async def test_without_the_sdks_internal_call_each_message_is_settled_on_its_link(
+    queues: Queues, broker: BrokerHandle, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from azure.servicebus.aio import ServiceBusReceiver
+
+    monkeypatch.delattr(ServiceBusReceiver, "_settle_message_via_mgmt_link")
+    queue = queues.make(session_buckets=1)
+    await queue.send([change(f"r{n}", n) for n in range(5)])
+    batch = await queue.receive(5)
+
+    before = broker.operations()
+    await queue.complete_many(batch)
+    spent = operations_since(broker, before)
+    assert spent.get("settle") == 5, spent
+    assert "management:update-disposition" not in spent, spent
+    assert (await queue.depth()).active == 0
+
+
+async def test_a_partly_lost_batch_completes_the_rest_and_raises_exactly_the_lost_ones(
+    queues: Queues, broker: BrokerHandle,
+) -> None:
+    queue = queues.make(session_buckets=4)
+    by_bucket: dict[str, list[str]] = defaultdict(list)
+    n = 0
+    while sum(len(v) >= 3 for v in by_bucket.values()) < 2:  # three records in each of two buckets
+        record = f"arcgis:SignAssets:{n}"
+        by_bucket[session_bucket(record, 4)].append(record)
+        n += 1
+    lost_bucket, kept_bucket = [b for b, v in by_bucket.items() if len(v) >= 3][:2]
+    keys = by_bucket[lost_bucket][:3] + by_bucket[kept_bucket][:3]
+    await queue.send([change(r, 0) for r in keys])
+    batch: list[ReceivedMessage] = []
+    async with asyncio.timeout(30):
+        while len(batch) < len(keys):
+            batch += await queue.receive(len(keys) - len(batch))
+    in_lost = [m for m in batch if session_bucket(m.session_id or "", 4) == lost_bucket]
+    in_kept = [m for m in batch if session_bucket(m.session_id or "", 4) == kept_bucket]
+    entity = broker._broker.queues[queue.name]  # the broker's own state, changed on its thread
+
+    def lose() -> None:
+        now = broker.clock.now()
+        entity._lose_session(entity.sessions[lost_bucket], now)  # one session's lock runs out
+        entity.settle(uuid.UUID(in_kept[0].lock_token), "complete", now)  # one message of the other is settled
+    broker._call(lose)
+
+    with pytest.raises(LockLostBatchError) as raised:
+        await queue.complete_many(batch)
+    assert sorted(m.message_id for m in raised.value.lost) == sorted(m.message_id for m in [*in_lost, in_kept[0]])
+    # the rest were completed: only the lost session's messages come back
+    again: list[ReceivedMessage] = []
+    async with asyncio.timeout(30):
+        while len(again) < len(in_lost):
+            again += await queue.receive(10)
+    assert sorted(m.message_id for m in again) == sorted(m.message_id for m in in_lost)
+    await queue.complete_many(again)
+    assert (await queue.depth()).active == 0
+
+
+async def test_a_held_session_is_renewed_only_once_half_its_lock_has_passed(
+    queues: Queues, broker: BrokerHandle,
+) -> None:
+    queue = queues.make(session_buckets=1)
+    await queue.send([change("a", n) for n in range(6)] + [change(f"b{n}", 0) for n in range(6)])
+    before = broker.operations()
+    first = await queue.receive(3)  # a's first change and two b's; a's later ones wait, read (pending)
+    await queue.complete_many(first)
+    second = await queue.receive(3)
+    await queue.complete_many(second)
+    assert "management:renew-session-lock" not in operations_since(broker, before)
+
+    for session in queue._sessions.values():
+        session.renewed_at -= session.lock_span  # as if half the lock had passed meanwhile
+    before = broker.operations()
+    third = await queue.receive(3)
+    assert operations_since(broker, before).get("management:renew-session-lock") == 1
+    await queue.complete_many(third)
+
+
+async def test_after_finding_no_free_session_fewer_are_probed_at_once(queues: Queues, broker: BrokerHandle) -> None:
+    queue = queues.make(max_concurrent_sessions=4)
+    before = broker.operations()
+    assert await queue.receive(10) == []
+    assert operations_since(broker, before).get("connect") == 4  # four probes at once, none found a session
+    before = broker.operations()
+    assert await queue.receive(10) == []
+    assert operations_since(broker, before).get("connect") == 1  # then one
+
+    await queue.send([change(f"r{n}", 0) for n in range(40)])
+    got: list[ReceivedMessage] = []
+    async with asyncio.timeout(60):
+        while batch := await queue.receive(40):
+            got += batch
+            await queue.complete_many(batch)
+    assert len(got) == 40
+    assert queue._probe == 1  # the last receive found none again
+
+
+async def test_a_batch_is_settled_in_requests_of_settle_batch_and_a_lost_session_loses_all_of_them(
+    queues: Queues, broker: BrokerHandle, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from shared.runtime import servicebus_queue
+
+    monkeypatch.setattr(servicebus_queue, "SETTLE_BATCH", 2)
+    queue = queues.make(session_buckets=1)
+    await queue.send([change(f"r{n}", 0) for n in range(6)])
+    batch = await queue.receive(6)
+    before = broker.operations()
+    await queue.complete_many(batch)
+    assert operations_since(broker, before).get("management:update-disposition") == 3
+
+    await queue.send([change(f"s{n}", 0) for n in range(6)])
+    batch = await queue.receive(6)
+    [bucket] = {session_bucket(m.session_id or "", 1) for m in batch}
+    entity = broker._broker.queues[queue.name]
+    broker._call(lambda: entity._lose_session(entity.sessions[bucket], broker.clock.now()))  # its lock ran out
+    before = broker.operations()
+    with pytest.raises(LockLostBatchError) as raised:
+        await queue.complete_many(batch)
+    assert [m.message_id for m in raised.value.lost] == [m.message_id for m in batch]
+    # one request told the session was lost; the other chunks were not sent
+    assert operations_since(broker, before).get("management:update-disposition") == 1
+    again = await queue.receive(6)
+    assert sorted(m.message_id for m in again) == sorted(m.message_id for m in batch)
+    assert all(m.delivery_count == 2 for m in again)
+    await queue.complete_many(again)

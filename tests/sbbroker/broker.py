@@ -15,7 +15,11 @@ One proton `Container` runs in a daemon thread and owns every entity; other thre
   rejected with `com.microsoft:dead-letter` = dead-letter (echoed without the error, which would mean
   failure), released = not processed; a lost lock is echoed as rejected with `message-lock-lost` /
   `session-lock-lost`;
-* `<entity>/$management` request/response operations, status in the `statusCode` application property.
+* `<entity>/$management` request/response operations, status in the `statusCode` application property;
+  `update-disposition` settles many lock tokens in one request, link-received ones too (as the SDKs' fallbacks
+  use it), each of them still locked and, for a session message, of the request's `session-id`; one that is
+  not fails the request with 410 and the condition of the lost lock. All or nothing: nothing is applied then
+  (the service documents no partial outcome; the adapter does not rely on either, docs/sessions.md).
 
 Latency (`start_broker(latency_ms=...)`, `BrokerHandle.latency_ms`, or `SYNCLINE_EMULATOR_LATENCY_MS`; 0 by
 default): every operation a client waits for is answered that much later, as a cloud round trip would be, without
@@ -50,6 +54,7 @@ from proton import (
     Array,
     Condition,
     Data,
+    DataException,
     Delivery,
     Described,
     Endpoint,
@@ -457,7 +462,7 @@ class _Broker(Handler):
         path = _entity_path(link.remote_target.address)
         try:
             messages = split_messages(b"".join(chunks))
-        except (ValueError, KeyError) as exc:
+        except (ValueError, KeyError, DataException) as exc:  # undecodable: refused, not the broker's end
             problem = exc  # `exc` is unbound after the handler; the delayed answer needs it
             self.later("send", lambda: self._answer(delivery, problem))
             return
@@ -617,8 +622,13 @@ class _Broker(Handler):
                    "suspended": "dead-letter"}[str(body["disposition-status"])]
         now = self.clock.now()
         tokens = _tokens(body)
-        for token in tokens:
-            entity.held(token, now)  # all or nothing
+        if len(set(tokens)) < len(tokens):
+            raise ValueError("a lock token is named twice")
+        session_id = body.get("session-id")
+        for token in tokens:  # all or nothing: every token is checked before any is applied
+            message = entity.held_in_session(token, str(session_id) if session_id is not None else None, now)
+            if outcome == "dead-letter" and message.dead_letter is not None:
+                raise ValueError("a message in the dead-letter sub-queue cannot be dead-lettered again")
         for token in tokens:
             entity.settle(token, outcome, now, reason=str(body.get("deadletter-reason") or ""),
                           description=str(body.get("deadletter-description") or ""))

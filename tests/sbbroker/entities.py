@@ -89,6 +89,9 @@ class Queue:
     """Sessions locked right now, by session id."""
     session_states: dict[str, bytes] = field(default_factory=dict)
     _locks: dict[uuid.UUID, StoredMessage] = field(default_factory=dict)
+    _expired_sessions: dict[uuid.UUID, str] = field(default_factory=dict)
+    """Lock tokens of messages released because their session's lock expired: settling one is refused as a
+    lost session lock (as Service Bus answers), not as a lost message lock."""
     _last_sequence_number: int = 0
     _by_session: dict[str | None, dict[int, StoredMessage]] = field(default_factory=dict)
     """`active` per session id, in sequence order: a session receiver's next message, or the next available session,
@@ -192,11 +195,24 @@ class Queue:
         """The message locked under `token`, if that lock is still valid; else `LockLost`."""
         self.tick(now)
         message = self._locks.get(token)
+        if message is None and token in self._expired_sessions:
+            raise LockLost(SESSION_LOCK_LOST, f"the session lock of {self._expired_sessions[token]!r} was lost")
         if message is None or message.holder is None:
             raise LockLost(MESSAGE_LOCK_LOST, f"the lock {token} was lost: unknown, released or settled")
         session = message.holder.session
         if session is not None and self.sessions.get(session.session_id) is not session:
             raise LockLost(SESSION_LOCK_LOST, f"the session lock of {session.session_id!r} was lost")
+        return message
+
+    def held_in_session(self, token: uuid.UUID, session_id: str | None, now: float) -> StoredMessage:
+        """`held`, for a settlement through the management node: a message received under a session lock is
+        settled there only with that session's `session-id` (which the SDKs send); another session's token, or
+        one without the session, is refused as a lost lock."""
+        message = self.held(token, now)
+        lock = message.holder.session if message.holder is not None else None
+        if lock is not None and session_id != lock.session_id:
+            raise LockLost(MESSAGE_LOCK_LOST, f"the lock {token} is held by session {lock.session_id!r}, "
+                                              f"not {session_id!r}")
         return message
 
     def renew(self, token: uuid.UUID, now: float) -> float:
@@ -334,4 +350,6 @@ class Queue:
         lock.lost = True
         del self.sessions[lock.session_id]
         for message in [m for m in self._locks.values() if m.holder is lock.holder]:
+            if message.lock_token is not None:
+                self._expired_sessions[message.lock_token] = lock.session_id
             self._release(message, now, counted=True)

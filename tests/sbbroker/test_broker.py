@@ -10,9 +10,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from azure.servicebus import NEXT_AVAILABLE_SESSION, ServiceBusMessage
+from azure.servicebus import NEXT_AVAILABLE_SESSION, ServiceBusMessage, ServiceBusSubQueue
 from azure.servicebus.aio import ServiceBusClient
-from azure.servicebus.exceptions import ServiceBusError
+from azure.servicebus.exceptions import MessageLockLostError, ServiceBusError
 
 from shared.core.envelope import QueueMessage
 from shared.core.ports import QueueDepth
@@ -172,3 +172,41 @@ async def test_the_latency_knob_is_off_by_default_and_read_from_the_environment(
     monkeypatch.setenv(LATENCY_VARIABLE, "fast")
     with pytest.raises(ValueError, match=LATENCY_VARIABLE):
         start_broker()
+
+
+async def test_update_disposition_settles_many_tokens_of_one_session_and_refuses_a_batch_with_any_other(
+    broker: BrokerHandle,
+) -> None:
+    broker.create_queue("batched", requires_session=True, lock_duration=30)
+    client = ServiceBusClient.from_connection_string(broker.connection_string, retry_total=0)
+    async with asyncio.timeout(60), client:
+        async with client.get_queue_sender("batched") as sender:
+            await sender.send_messages([ServiceBusMessage(f"{s}{n}", session_id=s) for s in "ab" for n in range(3)])
+        a = client.get_queue_receiver("batched", session_id="a", max_wait_time=1)
+        b = client.get_queue_receiver("batched", session_id="b", max_wait_time=1)
+        async with a, b:
+            got_a = await a.receive_messages(10, max_wait_time=1)
+            got_b = await b.receive_messages(10, max_wait_time=1)
+            assert (len(got_a), len(got_b)) == (3, 3)
+            before = broker.operations().get("management:update-disposition", 0)
+
+            # a token of session b among a's: the request is refused as a lost lock, and none of it applied
+            with pytest.raises(MessageLockLostError):
+                await a._settle_message_via_mgmt_link("completed", [m.lock_token for m in (*got_a, got_b[0])])
+            # a token settled already (lost): likewise
+            tokens = [m.lock_token for m in got_a]
+            await a.complete_message(got_a[0])
+            with pytest.raises(MessageLockLostError):
+                await a._settle_message_via_mgmt_link("completed", tokens)
+            # the rest of a's in one request, link-received as they are
+            await a._settle_message_via_mgmt_link("completed", tokens[1:])
+            # b's dead-lettered in one request, with the reason
+            await b._settle_message_via_mgmt_link(
+                "suspended", [m.lock_token for m in got_b],
+                dead_letter_details={"deadletter-reason": "TARGET_REJECTED", "deadletter-description": "no"})
+            assert broker.operations()["management:update-disposition"] - before == 4
+        async with client.get_queue_receiver("batched") as browser:
+            assert await browser.peek_messages(10, sequence_number=1) == []
+        async with client.get_queue_receiver("batched", sub_queue=ServiceBusSubQueue.DEAD_LETTER) as dead:
+            letters = await dead.peek_messages(10, sequence_number=1)
+            assert [(str(m), m.dead_letter_reason) for m in letters] == [(f"b{n}", "TARGET_REJECTED") for n in range(3)]
