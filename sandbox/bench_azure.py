@@ -72,6 +72,28 @@ def _envelopes(changes: int, records: list[Any]) -> tuple[list[Any], list[Any]]:
     return links, envelopes
 
 
+async def _drain(services: Any, changes: int) -> tuple[dict[str, int], dict[str, int], int, int, float]:
+    """Drain cycles until every change is written, skipped or dead-lettered, or a cycle receives nothing.
+
+    Returns statuses, dead-letter reasons, messages received, cycles and the seconds they took."""
+    statuses: dict[str, int] = {}
+    dead: dict[str, int] = {}
+    received = cycles = 0
+    started = time.perf_counter()
+    while cycles < MAX_DRAIN_CYCLES:
+        report = await services.controller.drain()
+        cycles += 1
+        received += report.received
+        for key, count in report.statuses.items():
+            statuses[key] = statuses.get(key, 0) + count
+        for key, count in report.dead_lettered.items():
+            dead[key] = dead.get(key, 0) + count
+        done = sum(n for status, n in statuses.items() if status.startswith(("written", "skipped")))
+        if report.received == 0 or done + sum(dead.values()) >= changes:
+            break
+    return statuses, dead, received, cycles, time.perf_counter() - started
+
+
 async def child(changes: int, records: int) -> dict[str, Any]:
     """Queue the work, tell the parent, wait for its go, drain, and return the figures."""
     from sandbox.bench_sap import peak_rss_mb
@@ -93,22 +115,7 @@ async def child(changes: int, records: int) -> dict[str, Any]:
     if sys.stdin.readline().strip() != GO:
         raise SystemExit("the parent did not say go")
     before = services.counter.snapshot().get("dataverse", 0)
-    statuses: dict[str, int] = {}
-    dead: dict[str, int] = {}
-    received = cycles = 0
-    started = time.perf_counter()
-    while cycles < MAX_DRAIN_CYCLES:
-        report = await services.controller.drain()
-        cycles += 1
-        received += report.received
-        for key, count in report.statuses.items():
-            statuses[key] = statuses.get(key, 0) + count
-        for key, count in report.dead_lettered.items():
-            dead[key] = dead.get(key, 0) + count
-        done = sum(n for status, n in statuses.items() if status.startswith(("written", "skipped")))
-        if report.received == 0 or done + sum(dead.values()) >= changes:
-            break
-    seconds = time.perf_counter() - started
+    statuses, dead, received, cycles, seconds = await _drain(services, changes)
     dataverse = services.counter.snapshot().get("dataverse", 0) - before
     peak = peak_rss_mb()
     depth = await services.queue.depth()
@@ -471,22 +478,7 @@ async def memory_child(changes: int, records: int) -> dict[str, Any]:
     gc.collect()
     before_mb = _rss_kb("VmRSS") / 1024
     reset = _reset_peak_rss()
-    statuses: dict[str, int] = {}
-    dead: dict[str, int] = {}
-    received = cycles = 0
-    started = time.perf_counter()
-    while cycles < MAX_DRAIN_CYCLES:
-        report = await services.controller.drain()
-        cycles += 1
-        received += report.received
-        for key, count in report.statuses.items():
-            statuses[key] = statuses.get(key, 0) + count
-        for key, count in report.dead_lettered.items():
-            dead[key] = dead.get(key, 0) + count
-        done = sum(n for status, n in statuses.items() if status.startswith(("written", "skipped")))
-        if report.received == 0 or done + sum(dead.values()) >= changes:
-            break
-    seconds = time.perf_counter() - started
+    statuses, dead, received, cycles, seconds = await _drain(services, changes)
     peak_mb = _rss_kb("VmHWM") / 1024
     depth = await services.queue.depth()
     await services.aclose()

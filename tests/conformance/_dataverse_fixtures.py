@@ -9,6 +9,7 @@ import httpx
 import pytest
 
 from sandbox.dataverse_sim import API_PREFIX, DataverseSimulator
+from sandbox.fno_sim import FinOpsSimulator
 from sandbox.server import RunningServer
 from sandbox.server import TestCA as SandboxCA
 
@@ -32,13 +33,19 @@ class DataverseEnv:
         return self.server.url + API_PREFIX.rstrip("/")
 
 
-def client_credentials_token(env: DataverseEnv) -> str:
-    """An access token from the simulator's Entra ID endpoint (OAuth 2.0 client credentials, v2.0 endpoint)."""
-    resp = httpx.post(f"{env.url}/{env.sim.tenant_id}/oauth2/v2.0/token", verify=str(env.ca.ca_path), data={
-        "client_id": env.sim.client_id, "client_secret": env.sim.client_secret,
-        "grant_type": "client_credentials", "scope": f"{env.url}/.default"})
+def entra_token(url: str, sim: DataverseSimulator | FinOpsSimulator, ca: SandboxCA) -> str:
+    """An access token from a simulator's Entra ID endpoint (OAuth 2.0 client credentials, v2.0 endpoint), scope
+    `{environment URL}/.default` (Dataverse and F&O alike)."""
+    resp = httpx.post(f"{url}/{sim.tenant_id}/oauth2/v2.0/token", verify=str(ca.ca_path), data={
+        "client_id": sim.client_id, "client_secret": sim.client_secret,
+        "grant_type": "client_credentials", "scope": f"{url}/.default"})
     resp.raise_for_status()
     return str(resp.json()["access_token"])
+
+
+def client_credentials_token(env: DataverseEnv) -> str:
+    """An access token for the Dataverse simulator."""
+    return entra_token(env.url, env.sim, env.ca)
 
 
 @pytest.fixture(scope="module")

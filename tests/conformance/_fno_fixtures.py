@@ -11,6 +11,7 @@ import pytest
 from sandbox.fno_sim import FinOpsSimulator, seed_fno
 from sandbox.server import RunningServer
 from sandbox.server import TestCA as SandboxCA
+from tests.conformance._dataverse_fixtures import entra_token
 
 HEADERS = {"Accept": "application/json", "OData-MaxVersion": "4.0", "OData-Version": "4.0",
            "Content-Type": "application/json"}
@@ -29,11 +30,7 @@ class FnoEnv:
 
 def fno_token(env: FnoEnv) -> str:
     """Entra ID client credentials against the simulator's authority, scope `{environment URL}/.default`."""
-    resp = httpx.post(f"{env.url}/{env.sim.tenant_id}/oauth2/v2.0/token", verify=str(env.ca.ca_path), data={
-        "client_id": env.sim.client_id, "client_secret": env.sim.client_secret,
-        "grant_type": "client_credentials", "scope": f"{env.url}/.default"})
-    resp.raise_for_status()
-    return str(resp.json()["access_token"])
+    return entra_token(env.url, env.sim, env.ca)
 
 
 def serve(sim: FinOpsSimulator, ca: SandboxCA) -> FnoEnv:
