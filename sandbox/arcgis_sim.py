@@ -1075,11 +1075,7 @@ class ArcGISSimulator:
             self._token_apps.clear()
 
     def _authenticate(self, params: Mapping[str, str], headers: Mapping[str, str]) -> str:
-        token = params.get("token") or ""
-        for header in ("x-esri-authorization", "authorization"):
-            value = headers.get(header, "")
-            if not token and value.lower().startswith("bearer "):
-                token = value[7:].strip()
+        token = _request_token(params, headers)
         if not token:
             raise RestError(499, "Token Required", ["Token Required"], message_code="GWM_0003")
         with self._lock:
@@ -1135,11 +1131,7 @@ class ArcGISSimulator:
 
     def _portal_caller(self, params: Mapping[str, str], headers: Mapping[str, str]) -> tuple[str, str, str] | None:
         """(kind "app" | "apikey", client id or key, username) of the request's token; None when anonymous."""
-        token = params.get("token") or ""
-        for header in ("x-esri-authorization", "authorization"):
-            value = headers.get(header, "")
-            if not token and value.lower().startswith("bearer "):
-                token = value[7:].strip()
+        token = _request_token(params, headers)
         if not token:
             return None
         user = self._authenticate({"token": token}, {})
@@ -2077,3 +2069,13 @@ def _sort_key(name: str, kind: str) -> Callable[[_Feature], tuple[bool, Any]]:
         return (value is not None, _comparable(value, kind) if value is not None else 0)
 
     return key
+
+
+def _request_token(params: Mapping[str, str], headers: Mapping[str, str]) -> str:
+    """The request's token: the `token` parameter, else a bearer in `X-Esri-Authorization` or `Authorization`."""
+    token = params.get("token") or ""
+    for header in ("x-esri-authorization", "authorization"):
+        value = headers.get(header, "")
+        if not token and value.lower().startswith("bearer "):
+            token = value[7:].strip()
+    return token
