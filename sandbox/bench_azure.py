@@ -72,6 +72,17 @@ def _envelopes(changes: int, records: list[Any]) -> tuple[list[Any], list[Any]]:
     return links, envelopes
 
 
+async def _good_signs(services: Any, records: int) -> list[Any]:
+    """The first `records` signs of the Dataverse simulator that map cleanly (the seeds' bad ones left out)."""
+    signs: list[Any] = []
+    async for page in services.sources["dataverse"].scan("dot_signassets"):
+        signs.extend(page)
+    signs = [s for s in signs if s.values.get("dot_mutcdcode") and s.values.get("dot_signtype") != 100000009]
+    if len(signs) < records:
+        raise SystemExit(f"the simulator holds {len(signs)} good signs, {records} needed")
+    return signs[:records]
+
+
 async def _drain(services: Any, changes: int) -> tuple[dict[str, int], dict[str, int], int, int, float]:
     """Drain cycles until every change is written, skipped or dead-lettered, or a cycle receives nothing.
 
@@ -100,13 +111,8 @@ async def child(changes: int, records: int) -> dict[str, Any]:
     from shared.bootstrap import build_services
 
     services = build_services()
-    signs: list[Any] = []
-    async for page in services.sources["dataverse"].scan("dot_signassets"):
-        signs.extend(page)
-    signs = [s for s in signs if s.values.get("dot_mutcdcode") and s.values.get("dot_signtype") != 100000009]
-    if len(signs) < records:
-        raise SystemExit(f"the simulator holds {len(signs)} good signs, {records} needed")
-    links, envelopes = _envelopes(changes, signs[:records])
+    signs = await _good_signs(services, records)
+    links, envelopes = _envelopes(changes, signs)
     await services.state.put_links(links)
     for start in range(0, len(envelopes), 500):
         await services.queue.send([e.to_message() for e in envelopes[start:start + 500]])
@@ -453,13 +459,7 @@ async def memory_child(changes: int, records: int) -> dict[str, Any]:
     from shared.bootstrap import build_services
 
     services = build_services()
-    signs: list[Any] = []
-    async for page in services.sources["dataverse"].scan("dot_signassets"):
-        signs.extend(page)
-    signs = [s for s in signs if s.values.get("dot_mutcdcode") and s.values.get("dot_signtype") != 100000009]
-    if len(signs) < records:
-        raise SystemExit(f"the simulator holds {len(signs)} good signs, {records} needed")
-    signs = signs[:records]
+    signs = await _good_signs(services, records)
     links, first = _envelopes(len(signs), signs)
     await services.state.put_links(links)
     chunk = 1_000
