@@ -9,7 +9,7 @@ import logging
 import time
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal, TypeVar
@@ -231,15 +231,7 @@ class SyncEngine:
                 yield
             finally:
                 _LEASED.reset(token)
-                renewer.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await renewer
-                if held:
-                    try:
-                        await self.state.release_leases(sorted(held), owner)
-                    except Exception as exc:  # the leases expire by themselves; the outcomes stand
-                        log.warning("releasing %d record leases failed (%s); they expire in %ss",
-                                    len(held), type(exc).__name__, self.lease_seconds)
+                await self._end_leases(renewer, held, owner, "record")
         finally:
             for k in reversed(locked):
                 locks[k].release()
@@ -248,6 +240,22 @@ class SyncEngine:
                 if self._lock_users[k] <= 0:
                     del self._lock_users[k]
                     self._locks.pop(k, None)
+
+    async def _end_leases(
+        self, renewer: asyncio.Task[None] | None, keys: Collection[str], owner: str, kind: str
+    ) -> None:
+        """Stop renewing and release the leases; a failed release is logged (they expire by themselves, and the
+        outcomes stand)."""
+        if renewer is not None:
+            renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewer
+        if keys:
+            try:
+                await self.state.release_leases(sorted(keys), owner)
+            except Exception as exc:
+                log.warning("releasing %d %s leases failed (%s); they expire in %ss",
+                            len(keys), kind, type(exc).__name__, self.lease_seconds)
 
     async def _renew_leases(self, keys: list[str], owner: str) -> None:
         """Extend the batch's leases while it runs (a batch may outlast one lease period)."""
@@ -473,16 +481,7 @@ class SyncEngine:
                 renewer = asyncio.create_task(self._renew_leases(sorted(leased), owner))
             yield [k for k in keys if k not in busy], busy
         finally:
-            if renewer is not None:
-                renewer.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await renewer
-            if leased:
-                try:
-                    await self.state.release_leases(sorted(leased), owner)
-                except Exception as exc:  # the leases expire by themselves
-                    log.warning("releasing %d parent leases failed (%s); they expire in %ss",
-                                len(leased), type(exc).__name__, self.lease_seconds)
+            await self._end_leases(renewer, leased, owner, "parent")
             for _, lock in reversed(locks):
                 lock.release()
             for k in wanted:
