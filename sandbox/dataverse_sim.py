@@ -32,6 +32,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from sandbox.dataverse_schema import BULK_MESSAGES, EDM, csdl, entity_metadata_id, key_metadata, supports_bulk
+from sandbox.server import strict_json
 from sandbox.webhook_delivery import Deliverer
 
 API_PREFIX = "/api/data/v9.2/"
@@ -2921,7 +2922,7 @@ class DataverseSimulator:
 
     def _load_body(self, req: _ApiRequest) -> Any:
         try:
-            return json.loads(req.body or b"{}")
+            return strict_json(req.body or b"{}")
         except ValueError as exc:
             raise ODataError(400, "0x80060888", f"The request body is not valid JSON: {exc}") from exc
 

@@ -39,6 +39,7 @@ from sandbox.fno_schema import (
     could_not_find_property,
     csdl,
 )
+from sandbox.server import strict_json
 
 DATA_PREFIX = "/data/"
 DEFAULT_COMPANY = "usmf"
@@ -908,7 +909,7 @@ class FinOpsSimulator:
     @staticmethod
     def _json(body: bytes) -> dict[str, Any]:
         try:
-            data = json.loads(body or b"{}")
+            data = strict_json(body or b"{}")
         except ValueError as exc:
             raise ODataError(400, "The request body is not valid JSON.") from exc
         if not isinstance(data, dict):

@@ -32,6 +32,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from sandbox import salesforce_schema as schema
+from sandbox.server import strict_json
 
 API_VERSION = "63.0"
 API_PREFIX = f"/services/data/v{API_VERSION}/"
@@ -1433,8 +1434,8 @@ def _json_body(body: bytes, content_type: str) -> Any:
     if not body or not content_type.startswith("application/json"):
         return None
     try:
-        return json.loads(body)
-    except json.JSONDecodeError as exc:
+        return strict_json(body)
+    except ValueError as exc:
         raise SalesforceFault(400, "JSON_PARSER_ERROR", f"Unexpected character: {exc}") from exc
 
 

@@ -96,6 +96,7 @@ from sandbox.sap_schema import (
     TYPES,
     metadata,
 )
+from sandbox.server import strict_json
 from sandbox.webhook_delivery import Deliverer
 
 SERVICE_PREFIX = "/sap/opu/odata/sap/"
@@ -1659,7 +1660,7 @@ class SapSimulator:
     @staticmethod
     def _json(body: bytes, entity: str) -> dict[str, Any]:
         try:
-            data = json.loads(body or b"{}")
+            data = strict_json(body or b"{}")
         except ValueError:
             raise _bad("/IWBEP/CM_MGW_RT/013", "Malformed request body: the JSON cannot be parsed") from None
         if not isinstance(data, dict):

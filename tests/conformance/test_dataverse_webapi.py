@@ -301,3 +301,14 @@ async def test_bulk_messages_fire_the_per_record_create_and_update_steps(web_api
     ids = created.json()["Ids"]
     third = next(a["accountid"] for a in dataverse.sim.all("accounts") if a["name"] == "C")
     assert seen == sorted([("Create", ids[0]), ("Create", ids[1]), ("Update", ids[0]), ("Create", third)])
+
+
+@pytest.mark.parametrize("number", ["NaN", "Infinity", "-Infinity", "1e400"])
+def test_a_number_json_cannot_hold_is_a_400_and_creates_nothing(web_api: httpx.Client, dataverse: DataverseEnv,
+                                                               number: str) -> None:
+    """RFC 8259 §6: NaN and infinities are not JSON; ODataLib refuses the payload (Python's json module reads it)."""
+    resp = web_api.post("accounts", content=f'{{"name": "Not a number", "revenue": {number}}}',
+                        headers={"Content-Type": "application/json"})
+    assert resp.status_code == 400, resp.text
+    assert "not valid JSON" in _error(resp)["message"]
+    assert dataverse.sim.all("accounts") == []

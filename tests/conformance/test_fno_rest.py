@@ -157,3 +157,15 @@ def test_any_undeclared_property_is_refused_on_every_entity(fno: FnoEnv, fno_htt
         assert resp.status_code == 400, resp.text
         assert "does not exist on type" in resp.json()["error"]["innererror"]["message"]
         assert len(fno.sim.all(entity.entity_set)) == before
+
+
+@pytest.mark.parametrize("number", ["NaN", "Infinity", "1e400"])
+def test_a_number_json_cannot_hold_is_a_400_and_creates_nothing(fno_http: httpx.Client, fno: FnoEnv,
+                                                               number: str) -> None:
+    body = '{"dataAreaId": "usmf", "CustomerAccount": "CONF-NAN", "OrganizationName": "NaN Ltd", ' \
+           f'"CustomerGroupId": "10", "SalesCurrencyCode": "USD", "CreditLimit": {number}}}'
+    before = len(fno.sim.all("CustomersV3"))
+    resp = fno_http.post("CustomersV3", content=body, headers={"Content-Type": "application/json"})
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["error"]["message"] == "The request body is not valid JSON."
+    assert len(fno.sim.all("CustomersV3")) == before

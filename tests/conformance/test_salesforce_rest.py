@@ -360,3 +360,14 @@ def test_whatever_a_client_sends_is_answered_2xx_or_4xx(rest: Rest, path: str, m
     answer = rest.send(method, path, body)
     assert answer.status_code < 500, answer.text
     answer.json()
+
+
+@pytest.mark.parametrize("number", ["NaN", "Infinity", "1e400"])
+def test_a_number_json_cannot_hold_is_json_parser_error_and_creates_nothing(rest: Rest, sf_org: SalesforceOrg,
+                                                                            number: str) -> None:
+    before = sf_org.sim.count("Account")
+    answer = rest.session.post(rest.url("sobjects/Account"), timeout=10, headers={"Content-Type": "application/json"},
+                               data=f'{{"Name": "Not a number", "AnnualRevenue": {number}}}')
+    assert answer.status_code == 400
+    assert answer.json()[0]["errorCode"] == "JSON_PARSER_ERROR"
+    assert sf_org.sim.count("Account") == before

@@ -8,6 +8,7 @@ import uuid
 from decimal import Decimal
 from urllib.parse import quote
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from lxml import etree
@@ -294,3 +295,15 @@ def test_function_import_without_format_is_xml(sap_gateway: SapGateway) -> None:
     quantity = record.find(f"{{{D}}}AvailableQuantityInBaseUnit")
     assert quantity.get(f"{{{M}}}type") == "Edm.Decimal"
     assert Decimal(quantity.text) == sap_gateway.sim.stock[("PV-VALVE-50", "1710")]
+
+
+@pytest.mark.parametrize("number", ["NaN", "Infinity", "1e400"])
+def test_a_number_json_cannot_hold_is_malformed_and_creates_nothing(sap_gateway: SapGateway, number: str) -> None:
+    session = sap_gateway.write_session(BP_ROOT)
+    before = len(sap_gateway.sim.all("A_BusinessPartner"))
+    answer = session.post(sap_gateway.root(BP_ROOT) + "A_BusinessPartner",
+                          headers={"Accept": "application/json", "Content-Type": "application/json"},
+                          data=f'{{"BusinessPartnerCategory": "2", "OrganizationBPName1": "NaN", "X": {number}}}')
+    assert answer.status_code == 400
+    assert answer.json()["error"]["code"] == "/IWBEP/CM_MGW_RT/013"
+    assert len(sap_gateway.sim.all("A_BusinessPartner")) == before
