@@ -83,6 +83,11 @@ param sessionBuckets int = 64
 @maxValue(64)
 param maxConcurrentSessions int = 8
 
+@description('SYNCLINE_LEASE_PARTITIONS: Table Storage partitions of the record leases (fewer: fewer requests per batch). Every instance must use the same value: change it only with every instance stopped; see docs/state-tables.md.')
+@minValue(1)
+@maxValue(100)
+param leasePartitions int = 16
+
 @description('SYNCLINE_INLINE_RETRIES: short retries of a direct write before it goes to the queue.')
 @minValue(0)
 @maxValue(5)
@@ -329,6 +334,7 @@ module functionApp 'modules/functionapp.bicep' = {
     inlineRetries: inlineRetries
     sessionBuckets: sessionBuckets
     maxConcurrentSessions: maxConcurrentSessions
+    leasePartitions: leasePartitions
     inboundQueueName: serviceBus.outputs.queueName
     tablePrefix: tablePrefix
     dataverseUrl: dataverseUrl

@@ -256,9 +256,11 @@ def _azure_runtime(settings: Settings, state: StateStore | None, queue: InboundQ
     if state is None:
         if tables.connectionString.get_secret_value():
             state = TableStateStore.from_connection_string(tables.connectionString.get_secret_value(),
-                                                           table_prefix=tables.tablePrefix)
+                                                           table_prefix=tables.tablePrefix,
+                                                           lease_partitions=settings.syncline_lease_partitions)
         elif tables.endpoint:
-            state = TableStateStore.from_endpoint(tables.endpoint, table_prefix=tables.tablePrefix)
+            state = TableStateStore.from_endpoint(tables.endpoint, table_prefix=tables.tablePrefix,
+                                                  lease_partitions=settings.syncline_lease_partitions)
         else:
             raise SpecError("SYNCLINE_RUNTIME=azure needs SYNCLINE_TABLES__endpoint (or a connectionString for "
                             "Azurite)", reason="SPEC_INVALID")

@@ -156,6 +156,10 @@ class Settings(BaseSettings):
     of releases before it (messages in either shape drain whatever it is)."""
     syncline_max_concurrent_sessions: int = Field(default=8, ge=1, le=64)
     """Service Bus sessions (one connection each) a controller reads at once."""
+    syncline_lease_partitions: int = Field(default=16, ge=1, le=100)
+    """Table Storage partitions the record leases are spread over (docs/state-tables.md, "Lease partitions"): a
+    batch takes and releases its leases in one transaction per partition it touches (per 100 records), so fewer
+    cost fewer requests. Every instance must use the same value: change it only with every instance stopped."""
     syncline_inline_retries: int = Field(default=2, ge=0, le=5)
     """Short retries of an outbound direct write before it is scheduled on the queue."""
     syncline_http_timeout_seconds: float = Field(default=30.0, gt=0, le=300)

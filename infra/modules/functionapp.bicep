@@ -58,6 +58,9 @@ param inlineRetries int
 @description('SYNCLINE_SESSION_BUCKETS.')
 param sessionBuckets int
 
+@description('SYNCLINE_LEASE_PARTITIONS.')
+param leasePartitions int
+
 @description('SYNCLINE_MAX_CONCURRENT_SESSIONS.')
 param maxConcurrentSessions int
 
@@ -291,6 +294,7 @@ resource appSettings 'Microsoft.Web/sites/config@2024-04-01' = {
     SYNCLINE_LOCK_SECONDS: string(lockSeconds)
     SYNCLINE_INLINE_RETRIES: string(inlineRetries)
     SYNCLINE_SESSION_BUCKETS: string(sessionBuckets)
+    SYNCLINE_LEASE_PARTITIONS: string(leasePartitions)
     SYNCLINE_MAX_CONCURRENT_SESSIONS: string(maxConcurrentSessions)
     SYNCLINE_INBOUND_QUEUE: inboundQueueName
     SYNCLINE_SERVICEBUS__fullyQualifiedNamespace: serviceBusFullyQualifiedNamespace

@@ -224,6 +224,8 @@ class Controller:
         """Messages of changes that failed in this cycle: kept locked until it ends, then abandoned."""
         self._in_flight: list[ReceivedMessage] = []
         """Messages of the batch being worked that are not settled yet (their locks are renewed)."""
+        self._prefetched: list[ReceivedMessage] = []
+        """The next batch, received while the current one is worked (their locks are renewed too)."""
         self._clear_after_complete: list[str] = []
         """Message ids with failed attempts on record whose messages are being completed."""
         self._audit: list[AuditEntry] = []
@@ -357,20 +359,14 @@ class Controller:
         self._seen = seen
         statuses: Counter[str] = Counter(report.statuses)
         dead: Counter[str] = Counter(report.dead_lettered)
-        self._held, self._in_flight = [], []
-        renewer = asyncio.create_task(self._renew_locks(lambda: [*self._in_flight, *self._held]))
+        self._held, self._in_flight, self._prefetched = [], [], []
+        renewer = asyncio.create_task(self._renew_locks(
+            lambda: [*self._in_flight, *self._prefetched, *self._held]))
         stale_rounds = 0
+        prefetch: asyncio.Task[list[ReceivedMessage]] | None = None
         try:
-            while max_messages is None or report.received < max_messages:
-                if len(self._held) >= self.max_held:
-                    log.warning("%d failed changes held until the end of the cycle (the most allowed); the rest "
-                                "of the queue waits for the next cycle", len(self._held))
-                    break
-                want = self.batch_size if max_messages is None else min(self.batch_size,
-                                                                         max_messages - report.received)
-                batch = await self.queue.receive(want)
-                if not batch:
-                    break
+            batch = await self._receive_next(report, max_messages)
+            while batch:
                 fresh = [m for m in batch if m.sequence_number not in seen]
                 # Tried already in this cycle and its lock was lost meanwhile: hold it too. Abandoning it now would
                 # spend a delivery, and it would only come straight back.
@@ -379,25 +375,61 @@ class Controller:
                     stale_rounds += 1
                     if stale_rounds >= STALE_ROUNDS:
                         break
+                    batch = await self._receive_next(report, max_messages)
                     continue
                 stale_rounds = 0
                 seen.update(m.sequence_number for m in fresh)
                 report.received += len(fresh)
+                # The next batch is received while this one is worked (the queue hands out nothing more of a record
+                # with a change in flight, so it holds no later change of this batch's records): a round trip to
+                # the broker per batch overlaps the work instead of adding to it. Its locks are renewed meanwhile.
+                if len(self._held) >= self.max_held:
+                    log.warning("%d failed changes held until the end of the cycle (the most allowed); the rest "
+                                "of the queue waits for the next cycle", len(self._held))
+                else:
+                    prefetch = asyncio.create_task(self._receive_next(report, max_messages, renew=True))
                 self._settled.clear()
                 await self._process_batch(fresh, report, statuses, dead)
                 seen -= self._settled  # settled messages never come back: a cycle's memory does not grow with them
                 self._settled.clear()
                 if self.progress:
                     self.progress("drain", len(fresh))
+                if prefetch is None:
+                    break
+                batch, prefetch = await prefetch, None
+                self._prefetched = []
+                if len(self._held) >= self.max_held:
+                    # Received ahead, before this batch's failures filled the cycle's hold: released unworked (a
+                    # delivery, not a failed attempt), to come back next cycle.
+                    self._held.extend(batch)
+                    log.warning("%d failed changes held until the end of the cycle (the most allowed); the rest "
+                                "of the queue waits for the next cycle", len(self._held) - len(batch))
+                    break
         finally:
+            if prefetch is not None:  # the cycle failed while the next batch was being received: release it
+                prefetch.cancel()
+                with contextlib.suppress(BaseException):
+                    self._held.extend(await prefetch)
             renewer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await renewer
-            held, self._held, self._in_flight = self._held, [], []
+            held, self._held, self._in_flight, self._prefetched = self._held, [], [], []
             await self._release(held)
             await self._release_sessions()
         report.statuses, report.dead_lettered = dict(statuses), dict(dead)
         return report
+
+    async def _receive_next(self, report: CycleReport, max_messages: int | None, *,
+                            renew: bool = False) -> list[ReceivedMessage]:
+        """The next batch (empty once the cycle's `max_messages` are received); `renew`: received ahead, its locks
+        are renewed until it is worked."""
+        want = self.batch_size if max_messages is None else min(self.batch_size, max_messages - report.received)
+        if want <= 0:
+            return []
+        batch = await self.queue.receive(want)
+        if renew:
+            self._prefetched = list(batch)
+        return batch
 
     async def _release(self, held: Sequence[ReceivedMessage]) -> None:
         """Abandon the messages held to the end of the cycle (their next delivery is their next attempt)."""

@@ -704,11 +704,15 @@ class TableStateStore:
             if hits < self._min_hits:
                 return found, wanted[settled:]
 
-    async def _submit(self, table: TableClient, chunks: Sequence[Sequence[TableOp]]) -> None:
-        """Submit planned transactions: one partition's in order, different partitions concurrently."""
+    async def _submit(self, table: TableClient, chunks: Sequence[Sequence[TableOp]], *, ordered: bool = True) -> None:
+        """Submit planned transactions: one partition's in order, different partitions concurrently.
+
+        `ordered=False` when no row is in two chunks (the caller deduplicated them): then a partition's chunks go
+        concurrently too, since no order between them can matter (a batch of snapshots in one partition is
+        several round trips at once rather than one after another)."""
         by_partition: dict[str, list[Sequence[TableOp]]] = {}
         for chunk in chunks:
-            by_partition.setdefault(chunk[0].partition, []).append(chunk)
+            by_partition.setdefault(chunk[0].partition if ordered else str(id(chunk)), []).append(chunk)
 
         async def run(partition_chunks: list[Sequence[TableOp]]) -> None:
             for chunk in partition_chunks:
@@ -984,7 +988,7 @@ class TableStateStore:
             latest[(partition, row)] = TableOp("upsert", entity)
         if latest:
             client = await self._table("snapshots")
-            await self._submit(client, plan_transactions([op] for op in latest.values()))
+            await self._submit(client, plan_transactions([op] for op in latest.values()), ordered=False)
 
     async def delete_snapshots(self, system: str, table: str, keys: Sequence[str]) -> None:
         """Forget snapshots (after a delete); unknown keys are ignored."""
@@ -1185,7 +1189,7 @@ class TableStateStore:
         stamp = _plain_utc(datetime.now(UTC))
         ops = [TableOp("upsert", {"PartitionKey": partition, "RowKey": table_key(key), "remembered_at": stamp})
                for key in unique]
-        await self._submit(table, plan_transactions([op] for op in ops))
+        await self._submit(table, plan_transactions([op] for op in ops), ordered=False)
 
     async def forget_remembered(self, before: datetime) -> int:
         """Drop dedup keys remembered before `before` (retention); returns how many were dropped.
@@ -1232,7 +1236,7 @@ class TableStateStore:
             if entry.reason is not None:
                 entity["reason"] = entry.reason
             ops.append(TableOp("create", entity))
-        await self._submit(table, plan_transactions([op] for op in ops))
+        await self._submit(table, plan_transactions([op] for op in ops), ordered=False)
 
     async def read_audit(
         self, *, limit: int = 100, correlation_id: str | None = None, decision: str | None = None

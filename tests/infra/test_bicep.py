@@ -67,6 +67,7 @@ PARAM_SETTINGS = {
     "inlineRetries": ("syncline_inline_retries", "SYNCLINE_INLINE_RETRIES"),
     "sessionBuckets": ("syncline_session_buckets", "SYNCLINE_SESSION_BUCKETS"),
     "maxConcurrentSessions": ("syncline_max_concurrent_sessions", "SYNCLINE_MAX_CONCURRENT_SESSIONS"),
+    "leasePartitions": ("syncline_lease_partitions", "SYNCLINE_LEASE_PARTITIONS"),
     "inboundQueueName": ("syncline_inbound_queue", "SYNCLINE_INBOUND_QUEUE"),
     "tablePrefix": ("syncline_tables.tablePrefix", "SYNCLINE_TABLES__tablePrefix"),
     "dataverseBatchSize": ("dataverse.batch_size", "DATAVERSE__BATCH_SIZE"),
