@@ -239,3 +239,43 @@ async def test_a_resubmitted_child_in_the_batch_of_its_parents_cascade_is_writte
     assert world.dv.tables["dot_workordertasks"][task_id]["dot_status"] == 100000003  # closed by the cascade
     [field_task] = world.ag.tables["WorkOrderTasks"].values()
     assert field_task["STATUS"] == "CLOSED", field_task
+
+
+async def test_the_next_batch_is_received_while_the_current_one_is_worked(world: World):
+    """A round trip to the broker per batch overlaps the batch's work instead of adding to it; the batch received
+    ahead is worked next, once, with every change written and none delivered twice."""
+    order = work_order(ORDERS[0], GOOD[0])
+    world.dv.put("dot_workorders", order.source_key, dict(order.payload))
+    first = [sign(GOOD[0], "SGN-G0"), order]  # one batch: its work order's write hangs
+    ahead = [sign(key, f"SGN-G{n}") for n, key in enumerate(GOOD[1:3], start=1)]
+    await world.send([*first, *ahead])
+    controller = world.controller(batch_size=2)
+    received: list[list[str]] = []
+    receive = controller.queue.receive
+
+    async def recording_receive(max_messages: int, **kwargs: float) -> list:
+        got = await receive(max_messages, **kwargs)
+        received.append(sorted(m.application_properties["key"] for m in got))
+        return got
+
+    controller.queue.receive = recording_receive  # type: ignore[method-assign]
+    world.ag.hang.clear()
+    drain = asyncio.create_task(controller.drain())
+    await asyncio.wait_for(world.ag.hanging.wait(), 30)
+    for _ in range(300):  # the receive ahead runs beside the hanging write
+        if len(received) >= 2:
+            break
+        await asyncio.sleep(0.05)
+
+    assert received[:2] == [sorted([GOOD[0], ORDERS[0]]), sorted(GOOD[1:3])]
+    assert "SignAssets" not in world.ag.tables or not {GOOD[1], GOOD[2]} & {
+        row["DV_ID"] for row in world.ag.tables["SignAssets"].values()}  # received, not worked yet
+
+    world.ag.hang.set()
+    report = await asyncio.wait_for(drain, 60)
+
+    assert report.statuses == {"written": 4}, report
+    assert report.retried == 0 and report.received == 4
+    assert {row["DV_ID"] for row in world.ag.tables["SignAssets"].values()} == set(GOOD[:3])
+    depth = await world.harness.queue.depth()
+    assert (depth.active, depth.scheduled, depth.dead_letter) == (0, 0, 0)
