@@ -7,7 +7,9 @@ per operation, so the Azure runtime pays a modelled cloud round trip rather than
 process builds the services, queues the K ArcGIS edits and links the records (untimed), then waits for the parent
 to read its counters; it then drains through `Controller.drain` (again while changes are unsettled, all timed)
 and reports. The parent counts Service Bus operations at the broker and Table Storage requests at the proxy, between
-the child's "ready" and "done" (the drain alone: queueing is set-up). Peak memory is the child's VmHWM.
+the child's "ready" and "done" (the drain alone: queueing is set-up). Peak memory is the child's VmHWM; drain CPU is
+the child's own CPU time during the drain (`time.process_time`: this process only, not the emulators' or the
+simulators'), the floor of a runtime's speed on one core whatever the latency.
 
 `--variant NAME:KEY=VALUE,...` adds an Azure column run with extra environment (e.g. a session setting), so the
 old and new session shapes can be printed side by side in one run; `--baseline NAME` names the variant that is
@@ -121,7 +123,9 @@ async def child(changes: int, records: int) -> dict[str, Any]:
     if sys.stdin.readline().strip() != GO:
         raise SystemExit("the parent did not say go")
     before = services.counter.snapshot().get("dataverse", 0)
+    cpu = time.process_time()
     statuses, dead, received, cycles, seconds = await _drain(services, changes)
+    cpu = time.process_time() - cpu
     dataverse = services.counter.snapshot().get("dataverse", 0) - before
     peak = peak_rss_mb()
     depth = await services.queue.depth()
@@ -132,7 +136,7 @@ async def child(changes: int, records: int) -> dict[str, Any]:
             "left_on_queue": {"active": depth.active, "scheduled": depth.scheduled,
                               "dead_letter": depth.dead_letter},
             "dataverse_requests": dataverse, "dataverse_requests_per_change": round(dataverse / changes, 4),
-            "peak_rss_mb": round(peak, 1)}
+            "cpu_ms_per_change": round(cpu * 1000 / changes, 3), "peak_rss_mb": round(peak, 1)}
 
 
 # ------------------------------------------------------------------------------------------ parent
@@ -262,7 +266,7 @@ ROWS = (("changes/second", "changes_per_second"), ("seconds", "seconds"), ("drai
         ("SB operations/change", "servicebus_operations_per_change"),
         ("Table requests/change", "table_requests_per_change"),
         ("Dataverse requests/change", "dataverse_requests_per_change"), ("dead-lettered", "dead"),
-        ("left on queue", "left"), ("peak RSS (MB)", "peak_rss_mb"))
+        ("left on queue", "left"), ("drain CPU (ms/change)", "cpu_ms_per_change"), ("peak RSS (MB)", "peak_rss_mb"))
 
 
 def _cell(figures: dict[str, Any], key: str) -> str:

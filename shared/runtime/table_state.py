@@ -103,7 +103,8 @@ RANGE_MIN_KEYS: Final = 8
 RANGE_MIN_HITS: Final = 20
 #: Wanted keys per range query: a batch's keys are cut into runs of about this many, read concurrently.
 RANGE_RUN_KEYS: Final = 128
-#: How long a partition found sparse (too few wanted keys per page) is read by point reads only.
+#: How long a partition found sparse (too few wanted keys per page) is read by point reads only, by calls of fewer
+#: than twice the keys of the call that found it so.
 RANGE_SPARSE_SECONDS: Final = 600.0
 
 AZURITE_ACCOUNT: Final = "devstoreaccount1"
@@ -536,7 +537,8 @@ class TableStateStore:
             raise ValueError(f"query_page must be 1-{QUERY_PAGE}, got {query_page}")
         self._query_page = query_page
         self._min_hits = max(1, RANGE_MIN_HITS * query_page // QUERY_PAGE)
-        self._sparse_until: dict[tuple[str, str], float] = {}
+        self._sparse: dict[tuple[str, str], tuple[float, int]] = {}
+        """Partitions found sparse: until when, and how many keys the call that found it read (see `_read_rows`)."""
         """(table, partition) -> until when (monotonic) its reads are point reads: a range read found it sparse.
         Advice on cost only: whichever way a key is read, it is read from the service now."""
 
@@ -651,7 +653,10 @@ class TableStateStore:
         point = [key for key in unique if not key.isascii()]
         where = (table.table_name, partition)
         now = time.monotonic()
-        if self._sparse_until.get(where, now) > now or len(ranged) < RANGE_MIN_KEYS:
+        until, keys_then = self._sparse.get(where, (now, 0))
+        # Sparse for a call of that many keys: a call with at least twice as many is twice as dense in the same
+        # rows and tries the range again (a small batch at the end of a drain must not condemn the big ones).
+        if (until > now and len(ranged) < 2 * keys_then) or len(ranged) < RANGE_MIN_KEYS:
             point, ranged = unique, []
         found: dict[str, TableEntity] = {}
         if ranged:
@@ -662,10 +667,11 @@ class TableStateStore:
             for rows, unsettled in results:
                 found.update(rows)
                 point += unsettled
-            if any(unsettled for _, unsettled in results):
-                self._sparse_until[where] = time.monotonic() + RANGE_SPARSE_SECONDS
+            # One sparse run among dense ones is a local gap in the keys, not a sparse partition.
+            if 2 * sum(1 for _, unsettled in results if unsettled) > len(results):
+                self._sparse[where] = (time.monotonic() + RANGE_SPARSE_SECONDS, len(ranged))
             else:
-                self._sparse_until.pop(where, None)
+                self._sparse.pop(where, None)
         if point:
             singles = await self._read_many(table, ((partition, key) for key in point))
             found.update((address[1], entity) for address, entity in singles.items())

@@ -275,7 +275,8 @@ async def test_the_next_batch_is_received_while_the_current_one_is_worked(world:
     report = await asyncio.wait_for(drain, 60)
 
     assert report.statuses == {"written": 4}, report
-    assert report.retried == 0 and report.received == 4
+    assert report.retried == 0
+    assert report.received == 4
     assert {row["DV_ID"] for row in world.ag.tables["SignAssets"].values()} == set(GOOD[:3])
     depth = await world.harness.queue.depth()
     assert (depth.active, depth.scheduled, depth.dead_letter) == (0, 0, 0)

@@ -361,6 +361,34 @@ async def test_a_sparse_batch_falls_back_to_point_reads_after_one_page(request: 
         await drop_tables(conn_str, names)
 
 
+async def test_a_partition_found_sparse_by_a_small_batch_is_read_by_range_for_a_big_dense_one(
+        request: pytest.FixtureRequest) -> None:
+    """A small batch (the tail of a drain) finding a partition sparse must not send the big batches that follow,
+    dense in the same rows, to a point read per key for the next ten minutes (issue 14's 10,000-record bench)."""
+    conn_str = tables_connection_string(request)
+    store = TableStateStore.from_connection_string(conn_str, table_prefix=fresh_prefix(), query_page=200)
+    try:
+        keys = [f"k{n:05d}" for n in range(3000)]
+        await store.put_snapshots([Snapshot("arcgis", "parcels", k, {"n": n}, "h", None) for n, k in enumerate(keys)])
+        sparse = keys[::300]
+        assert sorted(await store.get_snapshots("arcgis", "parcels", sparse)) == sparse
+        store.requests.reset()
+
+        dense = keys[1000:1400:2]  # 200 keys, one row in two: twice the keys of the sparse call, and dense
+        assert sorted(await store.get_snapshots("arcgis", "parcels", dense)) == dense
+        kinds = _kinds(store)
+        assert kinds.get("read", 0) == 0, kinds
+        assert 2 <= kinds.get("query", 0) <= 6, kinds
+
+        store.requests.reset()
+        assert sorted(await store.get_snapshots("arcgis", "parcels", sparse)) == sparse
+        assert _kinds(store) == {"query": 1, "read": len(sparse) - 1}  # dense again: the small one probes again
+    finally:
+        names = store.table_names
+        await store.close()
+        await drop_tables(conn_str, names)
+
+
 async def test_a_read_sees_every_write_before_it(request: pytest.FixtureRequest) -> None:
     """Nothing is cached between calls: a link or snapshot written, replaced or removed between two reads of a
     batch's keys shows in the second read (each read goes to the service)."""
