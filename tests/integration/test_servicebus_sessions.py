@@ -21,6 +21,7 @@ from shared.runtime.servicebus_queue import (
     SESSION_PROPERTY,
     SESSIONLESS_PREFIX,
     ServiceBusQueue,
+    _buffered,
     session_bucket,
 )
 from shared.runtime.sqlite_queue import LockLostBatchError
@@ -437,3 +438,30 @@ async def test_a_batch_is_settled_in_requests_of_settle_batch_and_a_lost_session
     assert sorted(m.message_id for m in again) == sorted(m.message_id for m in batch)
     assert all(m.delivery_count == 2 for m in again)
     await queue.complete_many(again)
+
+
+async def test_a_message_arriving_after_a_read_returned_is_kept_for_the_next_read_not_released(
+        queues: Queues, broker: BrokerHandle) -> None:
+    """A read's credit (its budget) stays open after the call returns. The SDK, with no prefetch, releases what
+    arrives on it meanwhile (a settlement and a redelivery, a delivery counted for nothing); the adapter has it kept
+    for the session's next read instead (`_keep_late_arrivals`)."""
+    queue = queues.make(session_buckets=1)
+    await queue.send([change("r1", 1)])
+    [first] = await queue.receive(10)  # fewer than asked: the call returns with credit still open
+    [session] = queue._sessions.values()
+    before = broker.operations()
+
+    await queue.send([change("r2", 2)])  # the broker sends it on that credit while no read is under way
+    for _ in range(150):  # the SDK's keep-alive reads the connection every few seconds
+        spent = operations_since(broker, before)
+        if _buffered(session.receiver) or "settle" in spent:
+            break
+        await asyncio.sleep(0.1)
+
+    assert "settle" not in operations_since(broker, before)  # not released
+    assert _buffered(session.receiver) == 1
+    got = await queue.receive(10)
+    assert [of(m) for m in got] == [("r2", 2)]
+    assert got[0].delivery_count == 1
+    await queue.complete_many([first, *got])
+    assert (await queue.depth()).active == 0
