@@ -326,9 +326,9 @@ class ServiceBusQueue:
             # A drained session is read again when messages of its last read's credit arrived after it returned.
             readers = [s for s in self._sessions.values()
                        if (not s.drained or _buffered(s.receiver)) and len(s.pending) < _PENDING_CAP]
-            # No read-ahead past the receive's share: with no prefetch, the SDK releases (one settlement each,
-            # and a redelivery) whatever arrives after its receive call returned, which a big read's tail does
-            # under load; and a message read is a delivery counted if its session is released unread.
+            # No read-ahead past the receive's share: a message read is a delivery counted if its session is
+            # released unread (what arrives on a read's credit after it returned is kept for the next read,
+            # `_keep_late_arrivals`, but counted all the same).
             if readers and await self._read(readers, -(-short // len(readers))):
                 continue
             # A session read ahead still takes its slot while it has messages to hand out (not those behind a
