@@ -6,6 +6,7 @@ import asyncio
 import json
 import sqlite3
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
@@ -120,6 +121,10 @@ class _TextSafeConnection:
         return getattr(self._conn, name)  # total_changes, executescript, ...: unchanged
 
 
+#: How long a new connection retries setting up a file another process is setting up at the same moment.
+_SETUP_SECONDS = 30.0
+
+
 class SqliteDatabase:
     """One SQLite connection in WAL mode, shared by the embedded adapters and serialised by a lock.
 
@@ -138,10 +143,29 @@ class SqliteDatabase:
         # process on the same file waits up front (busy timeout) instead of failing on a lock upgrade.
         self._conn = sqlite3.connect(target, isolation_level=None, check_same_thread=False, timeout=30.0)
         self._lock = threading.Lock()
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        # FULL: a commit survives power loss too; a lost link would make the next sync create a duplicate.
-        self._conn.execute("PRAGMA synchronous=FULL")
-        self._conn.executescript(schema)
+        self._set_up(schema)
+
+    def _set_up(self, schema: str) -> None:
+        """WAL mode and the schema, retried while another process sets up the same new file.
+
+        Switching a new file to WAL needs its exclusive lock, and SQLite answers "database is locked" at once,
+        without the busy timeout, when two connections collide on it (a webhook and the controller starting
+        together on a fresh state directory did: tests/integration/test_record_race.py, 1 run in ~10 here). Both
+        statements are idempotent (the mode is stored in the file; the schema says IF NOT EXISTS)."""
+        deadline = time.monotonic() + _SETUP_SECONDS
+        delay = 0.01
+        while True:
+            try:
+                self._conn.execute("PRAGMA journal_mode=WAL")
+                # FULL: a commit survives power loss too; a lost link would make the next sync create a duplicate.
+                self._conn.execute("PRAGMA synchronous=FULL")
+                self._conn.executescript(schema)
+                return
+            except sqlite3.OperationalError as exc:
+                if ("locked" not in str(exc) and "busy" not in str(exc)) or time.monotonic() >= deadline:
+                    raise
+                time.sleep(delay)  # the constructor is synchronous: called once per process at start
+                delay = min(delay * 2, 0.5)
 
     def _run(self, begin: str, work: Callable[[sqlite3.Connection], T]) -> T:
         with self._lock:
