@@ -47,9 +47,9 @@ from sandbox.arcgis_schema import (
 from sandbox.arcgis_schema import (
     coded_domain as coded_domain,
 )
-from sandbox.server import strict_json
 from sandbox.webhook_delivery import Deliverer
 from shared.core.ports import GEOMETRY_KEY
+from shared.payloads import strict_loads
 
 TOKEN_PATH = "/sharing/rest/oauth2/token"
 SHARING_PATH = "/sharing/rest"
@@ -159,7 +159,7 @@ def _wkid_of(raw: Any) -> int | None:
     text = str(raw).strip()
     if text.startswith("{"):
         try:
-            return _wkid_of(strict_json(text))
+            return _wkid_of(strict_loads(text))
         except ValueError:
             return None
     return int(text) if text.isdigit() else None
@@ -1379,7 +1379,7 @@ class ArcGISSimulator:
         if given("changeTypes"):
             raw = p["changeTypes"].strip()
             try:
-                parsed = strict_json(raw) if raw.startswith("[") else [t.strip() for t in raw.split(",")]
+                parsed = strict_loads(raw) if raw.startswith("[") else [t.strip() for t in raw.split(",")]
             except ValueError as exc:
                 raise _bad_request("'changeTypes' must be a JSON array or a comma-separated list.") from exc
             types = frozenset(str(t) for t in parsed if str(t))
@@ -1397,7 +1397,7 @@ class ArcGISSimulator:
         schedule: dict[str, Any] | None = current.schedule_info if current else None
         if given("scheduleInfo"):
             try:
-                schedule = strict_json(p["scheduleInfo"])
+                schedule = strict_loads(p["scheduleInfo"])
             except ValueError as exc:
                 raise _bad_request("'scheduleInfo' must be a JSON object.") from exc
         for other in self._webhooks:
@@ -1849,14 +1849,14 @@ class ArcGISSimulator:
         gens: dict[int, tuple[int, int]] = {}
         if p.get("layerServerGens"):
             try:
-                entries = strict_json(p["layerServerGens"])
+                entries = strict_loads(p["layerServerGens"])
                 for item in entries:
                     gens[int(item["id"])] = (int(item["serverGen"]), self._gen)
             except (ValueError, TypeError, KeyError) as exc:
                 raise RestError(400, "Unable to complete operation.", ["Invalid layerServerGens."]) from exc
         elif p.get("serverGens"):
             try:
-                low, high = (int(v) for v in strict_json(p["serverGens"]))
+                low, high = (int(v) for v in strict_loads(p["serverGens"]))
             except (ValueError, TypeError) as exc:
                 raise RestError(400, "Unable to complete operation.", ["Invalid serverGens."]) from exc
             gens = dict.fromkeys(layer_ids, (low, high))
@@ -2007,7 +2007,7 @@ def _int_list(raw: str, name: str) -> set[int] | None:
         return None
     if raw.startswith("["):
         with contextlib.suppress(ValueError):
-            return {int(v) for v in strict_json(raw)}
+            return {int(v) for v in strict_loads(raw)}
         raise RestError(400, "Unable to complete operation.", [f"Invalid '{name}' parameter."])
     parts = [v.strip() for v in raw.split(",") if v.strip()]
     if not all(v.isdigit() for v in parts):
@@ -2025,7 +2025,7 @@ def _json_list(p: Mapping[str, str], name: str) -> list[Any]:
     if not raw:
         return []
     try:
-        value = strict_json(raw)
+        value = strict_loads(raw)
     except ValueError as exc:
         raise RestError(400, "Unable to complete operation.", [f"Invalid JSON in '{name}'."]) from exc
     if not isinstance(value, list):

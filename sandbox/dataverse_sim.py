@@ -32,8 +32,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from sandbox.dataverse_schema import BULK_MESSAGES, EDM, csdl, entity_metadata_id, key_metadata, supports_bulk
-from sandbox.server import strict_json
 from sandbox.webhook_delivery import Deliverer
+from shared.payloads import strict_loads
 
 API_PREFIX = "/api/data/v9.2/"
 NAMESPACE = "Microsoft.Dynamics.CRM"
@@ -2922,7 +2922,7 @@ class DataverseSimulator:
 
     def _load_body(self, req: _ApiRequest) -> Any:
         try:
-            return strict_json(req.body or b"{}")
+            return strict_loads(req.body or b"{}")
         except ValueError as exc:
             raise ODataError(400, "0x80060888", f"The request body is not valid JSON: {exc}") from exc
 

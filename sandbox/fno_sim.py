@@ -39,7 +39,7 @@ from sandbox.fno_schema import (
     could_not_find_property,
     csdl,
 )
-from sandbox.server import strict_json
+from shared.payloads import strict_loads
 
 DATA_PREFIX = "/data/"
 DEFAULT_COMPANY = "usmf"
@@ -909,7 +909,7 @@ class FinOpsSimulator:
     @staticmethod
     def _json(body: bytes) -> dict[str, Any]:
         try:
-            data = strict_json(body or b"{}")
+            data = strict_loads(body or b"{}")
         except ValueError as exc:
             raise ODataError(400, "The request body is not valid JSON.") from exc
         if not isinstance(data, dict):

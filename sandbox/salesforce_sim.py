@@ -32,7 +32,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from sandbox import salesforce_schema as schema
-from sandbox.server import strict_json
+from shared.payloads import strict_loads
 
 API_VERSION = "63.0"
 API_PREFIX = f"/services/data/v{API_VERSION}/"
@@ -1434,7 +1434,7 @@ def _json_body(body: bytes, content_type: str) -> Any:
     if not body or not content_type.startswith("application/json"):
         return None
     try:
-        return strict_json(body)
+        return strict_loads(body)
     except ValueError as exc:
         raise SalesforceFault(400, "JSON_PARSER_ERROR", f"Unexpected character: {exc}") from exc
 

@@ -96,8 +96,8 @@ from sandbox.sap_schema import (
     TYPES,
     metadata,
 )
-from sandbox.server import strict_json
 from sandbox.webhook_delivery import Deliverer
+from shared.payloads import strict_loads
 
 SERVICE_PREFIX = "/sap/opu/odata/sap/"
 TOKEN_PATH = "/sap/bc/sec/oauth2/token"
@@ -1660,7 +1660,7 @@ class SapSimulator:
     @staticmethod
     def _json(body: bytes, entity: str) -> dict[str, Any]:
         try:
-            data = strict_json(body or b"{}")
+            data = strict_loads(body or b"{}")
         except ValueError:
             raise _bad("/IWBEP/CM_MGW_RT/013", "Malformed request body: the JSON cannot be parsed") from None
         if not isinstance(data, dict):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import socket
 import threading
 import time
@@ -12,26 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import uvicorn
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON value")
-
-
-def _finite(text: str) -> float:
-    value = float(text)
-    if value in (float("inf"), float("-inf")):
-        raise ValueError(f"{text} is out of range for a double")
-    return value
-
-
-def strict_json(text: str | bytes) -> Any:
-    """Parse JSON the way the real services do: `NaN`, `Infinity` and `-Infinity` are not JSON (RFC 8259 §6).
-
-    Python's `json.loads` accepts them; ODataLib, Jackson (Salesforce) and ArcGIS's parser refuse them, so a
-    simulator must too, and a number too large for a double (`1e400`) is refused rather than read as infinity.
-    Raises `ValueError` (as `json.loads` does on malformed input)."""
-    return json.loads(text, parse_constant=_no_constant, parse_float=_finite)
 
 
 def free_port() -> int:

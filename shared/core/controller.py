@@ -384,8 +384,7 @@ class Controller:
                 # with a change in flight, so it holds no later change of this batch's records): a round trip to
                 # the broker per batch overlaps the work instead of adding to it. Its locks are renewed meanwhile.
                 if len(self._held) >= self.max_held:
-                    log.warning("%d failed changes held until the end of the cycle (the most allowed); the rest "
-                                "of the queue waits for the next cycle", len(self._held))
+                    self._warn_hold_full(len(self._held))
                 else:
                     prefetch = asyncio.create_task(self._receive_next(report, max_messages, renew=True))
                 self._settled.clear()
@@ -401,9 +400,8 @@ class Controller:
                 if len(self._held) >= self.max_held:
                     # Received ahead, before this batch's failures filled the cycle's hold: released unworked (a
                     # delivery, not a failed attempt), to come back next cycle.
+                    self._warn_hold_full(len(self._held))
                     self._held.extend(batch)
-                    log.warning("%d failed changes held until the end of the cycle (the most allowed); the rest "
-                                "of the queue waits for the next cycle", len(self._held) - len(batch))
                     break
         finally:
             if prefetch is not None:  # the cycle failed while the next batch was being received: release it
@@ -418,6 +416,11 @@ class Controller:
             await self._release_sessions()
         report.statuses, report.dead_lettered = dict(statuses), dict(dead)
         return report
+
+    @staticmethod
+    def _warn_hold_full(held: int) -> None:
+        log.warning("%d failed changes held until the end of the cycle (the most allowed); the rest of the queue "
+                    "waits for the next cycle", held)
 
     async def _receive_next(self, report: CycleReport, max_messages: int | None, *,
                             renew: bool = False) -> list[ReceivedMessage]:
