@@ -6,7 +6,7 @@ import asyncio
 import logging
 import random
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 import httpx
@@ -49,15 +49,29 @@ class RetryPolicy:
         return float(base * (0.5 + random.random() / 2))
 
 
-def retry_after_seconds(response: httpx.Response) -> float | None:
-    """Parse a Retry-After header given in seconds (the form Dataverse and F&O send)."""
-    raw = response.headers.get("Retry-After")
+def retry_after_value(raw: str | None) -> float | None:
+    """A Retry-After value given in seconds (the form Dataverse, F&O and SAP send); None when absent or a date."""
     if raw is None:
         return None
     try:
         return max(0.0, float(raw))
     except ValueError:
         return None
+
+
+def retry_after_seconds(response: httpx.Response) -> float | None:
+    """Parse a Retry-After header given in seconds (the form Dataverse and F&O send)."""
+    return retry_after_value(response.headers.get("Retry-After"))
+
+
+def rewrap(exc: RetriableError, context: str) -> RetriableError:
+    """The same retriable kind (and Retry-After) with `context` before its text: says which call failed."""
+    detail = f"{context}: {exc.detail}"
+    if isinstance(exc, ThrottledError):
+        return ThrottledError(detail, retry_after=exc.retry_after)
+    if isinstance(exc, AmbiguousWriteError):
+        return AmbiguousWriteError(detail)
+    return TransientError(detail)
 
 
 async def send_with_retry(
@@ -116,6 +130,33 @@ async def send_with_retry(
             await sleep(policy.backoff(attempt))
     assert last_error is not None
     raise last_error
+
+
+async def request_with_retry(
+    http: httpx.AsyncClient,
+    method: str,
+    url: str,
+    *,
+    what: str,
+    system: str,
+    policy: RetryPolicy,
+    sleep: Callable[[float], Awaitable[None]],
+    retriable_status: frozenset[int],
+    idempotent: bool = True,
+    headers: dict[str, str],
+    params: Mapping[str, str] | None = None,
+    content: bytes | None = None,
+) -> httpx.Response:
+    """One request through `send_with_retry`; a failure that outlived the retries names the call (`what`)."""
+
+    async def attempt() -> httpx.Response:
+        return await http.request(method, url, params=params, content=content, headers=headers)
+
+    try:
+        return await send_with_retry(attempt, system=system, policy=policy, sleep=sleep,
+                                     retriable_status=retriable_status, idempotent=idempotent)
+    except RetriableError as exc:
+        raise rewrap(exc, f"{system} {what}") from exc
 
 
 def not_attempted(cause: SyncError, what: str) -> SyncError:

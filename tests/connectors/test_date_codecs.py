@@ -15,6 +15,9 @@ from hypothesis import HealthCheck, given, settings
 
 from sandbox.sap_sim import SapSimulator
 from shared.connectors import arcgis, dataverse, fno, salesforce, sap
+from shared.connectors.fno import changes as fno_changes
+from shared.connectors.fno import codecs as fno_codecs
+from shared.connectors.sap import codecs as sap_codecs
 from shared.core.errors import EnvelopeError, MappingError
 from tests.connectors.test_dataverse_webhook import doc_sample
 from tests.connectors.test_fno import HEXALITH_EVENT
@@ -37,8 +40,8 @@ def _utc_or_none(value: Any) -> bool:
 
 @pytest.mark.parametrize("value", OUT_OF_RANGE_WCF + OUT_OF_RANGE_ISO)
 def test_fno_dates_out_of_range_read_as_none(value: str) -> None:
-    assert fno._wcf_date(value) is None  # ValueError "year 3170843 is out of range" before
-    assert fno._parse_datetime(value) is None  # an aware year-1 +01:00 value before (OverflowError later)
+    assert fno_changes._wcf_date(value) is None  # ValueError "year 3170843 is out of range" before
+    assert fno_codecs._parse_datetime(value) is None  # an aware year-1 +01:00 value before (OverflowError later)
 
 
 def test_fno_business_event_with_an_out_of_range_time_is_an_envelope_error() -> None:
@@ -91,7 +94,7 @@ def test_dataverse_modifiedon_out_of_range_reads_as_none(value: str) -> None:
 
 @pytest.mark.parametrize("value", OUT_OF_RANGE_WCF + OUT_OF_RANGE_ISO)
 def test_sap_datetimes_out_of_range_read_as_none(value: str) -> None:
-    assert sap._parse_sap_datetime(value) is None
+    assert sap_codecs._parse_sap_datetime(value) is None
 
 
 @pytest.mark.parametrize("value", [*OUT_OF_RANGE_WCF, "PT99H00M00S", "PT12H99M00S", "PT123456789H"])
@@ -101,8 +104,8 @@ def test_sap_values_out_of_range_are_kept_raw(value: str) -> None:
 
 
 def test_sap_times() -> None:
-    assert sap._parse_sap_time("PT12H30M00S") == time(12, 30)
-    assert sap._parse_sap_time("PT25H00M00S") is None  # ValueError "hour must be in 0..23" before
+    assert sap_codecs._parse_sap_time("PT12H30M00S") == time(12, 30)
+    assert sap_codecs._parse_sap_time("PT25H00M00S") is None  # ValueError "hour must be in 0..23" before
     assert sap.plain_value("PT12H30M00S") == "12:30:00"
 
 
@@ -148,11 +151,11 @@ def test_arcgis_epoch_out_of_range_reads_as_none(value: int) -> None:
 @PROPERTY
 @given(_anything)
 def test_every_connector_codec_gives_utc_in_range_none_or_the_raw_value(value: Any) -> None:
-    assert _utc_or_none(fno._parse_datetime(value))
-    assert _utc_or_none(fno._wcf_date(value))
+    assert _utc_or_none(fno_codecs._parse_datetime(value))
+    assert _utc_or_none(fno_changes._wcf_date(value))
     assert _utc_or_none(dataverse._parse_datetime(value))
-    assert _utc_or_none(sap._parse_sap_datetime(value))
-    assert sap._parse_sap_time(value) is None or isinstance(sap._parse_sap_time(value), time)
+    assert _utc_or_none(sap_codecs._parse_sap_datetime(value))
+    assert sap_codecs._parse_sap_time(value) is None or isinstance(sap_codecs._parse_sap_time(value), time)
     assert _utc_or_none(salesforce.parse_sf_datetime(value))
     if isinstance(value, int | float) and not isinstance(value, bool):
         assert _utc_or_none(arcgis.epoch_ms_to_datetime(value))

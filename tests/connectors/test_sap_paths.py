@@ -22,10 +22,10 @@ from shared.connectors.sap import (
     PRODUCT_AVAILABILITY,
     BasicAuth,
     SapClient,
-    _HashCheckpoint,
     flatten_nested,
     nest_dotted,
 )
+from shared.connectors.sap.changes import _HashCheckpoint
 from shared.core.errors import MappingError, RejectedError
 from shared.core.ports import Lines, LineWrite, SourceRecord, WriteOp
 from shared.mapping.engine import same

@@ -1,0 +1,65 @@
+"""SAP S/4HANA OData v2 connector: business partners, sales orders and the ProductAvailability read model."""
+
+from shared.connectors.sap.auth import BasicAuth, OAuthClientCredentials, SapAuth
+from shared.connectors.sap.batch import decode_batch, encode_batch
+from shared.connectors.sap.changes import EVENT_OBJECTS, SapEvent, parse_event
+from shared.connectors.sap.codecs import (
+    DATE_FIELDS,
+    DATETIMEOFFSET_FIELDS,
+    DECIMAL_FIELDS,
+    ENTITY_SETS,
+    ITEM_MATCH_FIELD,
+    PARTNER_MATCH_FIELD,
+    PRODUCT_AVAILABILITY,
+    SYSTEM,
+    WRITABLE,
+    EntitySet,
+    build_filter,
+    filter_literal,
+    flatten_nested,
+    format_key,
+    key_path,
+    nest_dotted,
+    parse_key,
+    plain_value,
+    quote_string,
+    same_value,
+    wire_value,
+)
+from shared.connectors.sap.connector import SapClient
+from shared.connectors.sap.errors import error_for, gateway_error
+
+__all__ = [
+    "DATETIMEOFFSET_FIELDS",
+    "DATE_FIELDS",
+    "DECIMAL_FIELDS",
+    "ENTITY_SETS",
+    "EVENT_OBJECTS",
+    "ITEM_MATCH_FIELD",
+    "PARTNER_MATCH_FIELD",
+    "PRODUCT_AVAILABILITY",
+    "SYSTEM",
+    "WRITABLE",
+    "BasicAuth",
+    "EntitySet",
+    "OAuthClientCredentials",
+    "SapAuth",
+    "SapClient",
+    "SapEvent",
+    "build_filter",
+    "decode_batch",
+    "encode_batch",
+    "error_for",
+    "filter_literal",
+    "flatten_nested",
+    "format_key",
+    "gateway_error",
+    "key_path",
+    "nest_dotted",
+    "parse_event",
+    "parse_key",
+    "plain_value",
+    "quote_string",
+    "same_value",
+    "wire_value",
+]
