@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from datetime import date, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
 
+from shared.core.dates import iso_z
 from shared.core.errors import RejectedError, SyncError, TransientError
 
 
@@ -42,3 +44,25 @@ def not_in_values(name: str, values: Sequence[Any], *, system: str, ident: Calla
     if isinstance(values, str | bytes):
         raise RejectedError(f"{system}: not_in[{name!r}] must be a list of values, not a string")
     return [v for v in values if v is not None]
+
+
+def not_in_clauses(not_in: Mapping[str, Sequence[Any]] | None, *, system: str, ident: Callable[[str, str], str],
+                   literal: Callable[[Any, str], str]) -> list[str]:
+    """`(F ne a and F ne b)` per `not_in` entry of a `select` (OData has no `not in`); all-null entries are left out."""
+    clauses: list[str] = []
+    for name, values in (not_in or {}).items():
+        items = not_in_values(name, values, system=system, ident=ident)
+        if items:
+            clauses.append("(" + " and ".join(f"{name} ne {literal(v, name)}" for v in items) + ")")
+    return clauses
+
+
+def v4_literal(value: Any, field_name: str, *, system: str) -> str:
+    """The OData v4 literal of a datetime (ISO-8601 UTC), a date or a string; any other type is refused."""
+    if isinstance(value, datetime):
+        return iso_z(value)
+    if isinstance(value, date):
+        return value.isoformat()
+    if isinstance(value, str):
+        return quote_text(value)
+    raise RejectedError(f"{system}: cannot filter {field_name} on a {type(value).__name__} value")

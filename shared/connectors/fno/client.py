@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from shared.connectors._http import RetryPolicy, request_with_retry
-from shared.connectors._odata import json_object, not_in_values, rebase_link
+from shared.connectors._odata import json_object, not_in_clauses, rebase_link
 from shared.connectors.dataverse import TokenProvider
 from shared.connectors.fno.codecs import (
     _RETRIABLE_CREATE,
@@ -160,10 +160,7 @@ class FinOpsHttp:
                 clauses.append("(" + " or ".join(f"{name} eq {literal}" for literal in literals) + ")")
             else:
                 clauses.append(f"{name} eq {filter_literal(value, name)}")
-        for name, values in (not_in or {}).items():
-            items = not_in_values(name, values, system=SYSTEM, ident=_ident)
-            if items:
-                clauses.append("(" + " and ".join(f"{name} ne {filter_literal(v, name)}" for v in items) + ")")
+        clauses += not_in_clauses(not_in, system=SYSTEM, ident=_ident, literal=filter_literal)
         return " and ".join(clauses)
 
     async def select(self, table: str, *, equals: Mapping[str, Any],

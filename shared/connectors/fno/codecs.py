@@ -11,7 +11,7 @@ from decimal import Decimal
 from typing import Any
 from urllib.parse import quote
 
-from shared.connectors._odata import quote_text
+from shared.connectors._odata import quote_text, v4_literal
 from shared.core.dates import iso_z, parse_iso
 from shared.core.errors import RejectedError
 from shared.core.ports import join_key, split_key
@@ -49,13 +49,7 @@ _AMBIGUOUS_CREATE = frozenset({502, 504})
 def format_key(entity: str, values: Mapping[str, Any]) -> str:
     """Canonical key of a row (or key dict): key field values in `ENTITY_KEYS` order joined by `|`."""
     fields = _key_fields(entity)
-    parts = []
-    for name in fields:
-        value = values.get(name)
-        if value is None or value == "":
-            raise RejectedError(f"{SYSTEM}: {entity} key field {name!r} is missing (keys are {', '.join(fields)})")
-        parts.append(str(value))
-    return join_key(parts)
+    return join_key([str(value) for _, value in _key_values(entity, values, f" (keys are {', '.join(fields)})")])
 
 
 def parse_key(entity: str, key: str) -> dict[str, str]:
@@ -79,19 +73,22 @@ def _key_fields(entity: str) -> tuple[str, ...]:
     return fields
 
 
-_quote_text = quote_text
-"""An OData string literal: single quotes doubled (a value can never close the literal)."""
+def _key_values(entity: str, values: Mapping[str, Any], why: str) -> list[tuple[str, Any]]:
+    """(field, value) of every key field in `ENTITY_KEYS` order; a missing one is refused, `why` says more."""
+    out = []
+    for name in _key_fields(entity):
+        value = values.get(name)
+        if value is None or value == "":
+            raise RejectedError(f"{SYSTEM}: {entity} key field {name!r} is missing{why}")
+        out.append((name, value))
+    return out
 
 
 def key_path(entity: str, key: Mapping[str, Any]) -> str:
     """`CustomersV3(dataAreaId='usmf',CustomerAccount='US-001')`, every key field given, literals URL-encoded."""
-    fields = _key_fields(entity)
     parts = []
-    for name in fields:
-        value = key.get(name)
-        if value is None or value == "":
-            raise RejectedError(f"{SYSTEM}: {entity} key field {name!r} is missing; F&O needs every key field")
-        literal = str(value) if isinstance(value, int) and not isinstance(value, bool) else _quote_text(str(value))
+    for name, value in _key_values(entity, key, "; F&O needs every key field"):
+        literal = str(value) if isinstance(value, int) and not isinstance(value, bool) else quote_text(str(value))
         parts.append(f"{name}={quote(literal, safe=chr(39))}")
     return f"{entity}({','.join(parts)})"
 
@@ -130,13 +127,7 @@ def filter_literal(value: Any, field_name: str = "value") -> str:
         if not math.isfinite(float(value)):
             raise RejectedError(f"{SYSTEM}: cannot filter {field_name} on non-finite number {value}")
         return str(value) if isinstance(value, Decimal) else repr(value)
-    if isinstance(value, datetime):
-        return _utc_text(value)
-    if isinstance(value, date):
-        return value.isoformat()
-    if isinstance(value, str):
-        return _quote_text(value)
-    raise RejectedError(f"{SYSTEM}: cannot filter {field_name} on a {type(value).__name__} value")
+    return v4_literal(value, field_name, system=SYSTEM)
 
 
 def _jsonable(value: Any) -> Any:

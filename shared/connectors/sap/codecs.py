@@ -12,7 +12,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any, Literal
 from urllib.parse import quote
 
-from shared.connectors._odata import not_in_values, quote_text
+from shared.connectors._odata import not_in_clauses, quote_text
 from shared.core.dates import from_epoch_ms, iso_z, parse_duration_time, parse_iso, to_epoch_ms, utc
 from shared.core.errors import MappingError, RejectedError
 from shared.core.ports import join_key, split_key
@@ -213,10 +213,7 @@ def build_filter(equals: Mapping[str, Any], not_in: Mapping[str, Sequence[Any]] 
             clauses.append(f"({chain})" if len(items) > 1 else chain)
         else:
             clauses.append(f"{name} eq {filter_literal(value, name)}")
-    for name, values in (not_in or {}).items():
-        items = not_in_values(name, values, system=SYSTEM, ident=_ident)
-        if items:
-            clauses.append("(" + " and ".join(f"{name} ne {filter_literal(v, name)}" for v in items) + ")")
+    clauses += not_in_clauses(not_in, system=SYSTEM, ident=_ident, literal=filter_literal)
     return " and ".join(clauses)
 
 
