@@ -15,9 +15,6 @@ from shared.connectors._http import RetryPolicy, request_with_retry
 from shared.connectors._odata import json_object, not_in_clauses, rebase_link
 from shared.connectors.dataverse import TokenProvider
 from shared.connectors.fno.codecs import (
-    _RETRIABLE_CREATE,
-    _RETRIABLE_READ,
-    _RETRIABLE_WRITE,
     DATA_PATH,
     MAX_PAGE_SIZE,
     MODIFIED_FIELDS,
@@ -36,6 +33,12 @@ from shared.core.errors import AuthError, RejectedError
 from shared.core.ports import SourceRecord
 
 log = logging.getLogger(__name__)
+
+_RETRIABLE_READ = frozenset({408, 429, 500, 502, 503, 504})
+_RETRIABLE_WRITE = frozenset({408, 429, 502, 503})
+"""A write answered 500 may be a validation failure (not worth retrying); 504 may have been applied."""
+_RETRIABLE_CREATE = frozenset({408, 429, 503})
+"""A create is resent only when F&O refused it unprocessed: a 502 or 504 may come after it was applied."""
 
 
 class FinOpsHttp:
@@ -143,8 +146,6 @@ class FinOpsHttp:
 
     async def _query(self, entity: str, params: Mapping[str, str] | None, what: str) -> list[SourceRecord]:
         return [r async for page in self._pages(entity, params, what) for r in page]
-
-    # ------------------------------------------------------------------------------------ reads
 
     @staticmethod
     def build_filter(equals: Mapping[str, Any], not_in: Mapping[str, Sequence[Any]] | None = None) -> str:

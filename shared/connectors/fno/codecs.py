@@ -38,12 +38,6 @@ MODIFIED_FIELDS: dict[str, str] = {
 """Entities polled by modification time; the others are change-detected by full-scan comparison."""
 
 _IDENT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_RETRIABLE_READ = frozenset({408, 429, 500, 502, 503, 504})
-_RETRIABLE_WRITE = frozenset({408, 429, 502, 503})
-"""A write answered 500 may be a validation failure (not worth retrying); 504 may have been applied."""
-_RETRIABLE_CREATE = frozenset({408, 429, 503})
-"""A create is resent only when F&O refused it unprocessed: a 502 or 504 may come after it was applied."""
-_AMBIGUOUS_CREATE = frozenset({502, 504})
 
 
 def format_key(entity: str, values: Mapping[str, Any]) -> str:

@@ -13,7 +13,6 @@ import httpx
 from shared.connectors._http import not_attempted
 from shared.connectors.fno.client import FinOpsHttp
 from shared.connectors.fno.codecs import (
-    _AMBIGUOUS_CREATE,
     SYSTEM,
     _ident,
     _jsonable,
@@ -28,6 +27,8 @@ from shared.core.errors import AmbiguousWriteError, AuthError, RejectedError, Sy
 from shared.core.ports import LineWrite, SourceRecord, WriteOp, WriteResult
 
 log = logging.getLogger(__name__)
+
+_AMBIGUOUS_CREATE = frozenset({502, 504})
 
 
 class FinOpsWrites(FinOpsHttp):

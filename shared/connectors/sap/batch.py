@@ -28,7 +28,6 @@ class _Req:
     """If-Match value (None: no precondition)."""
 
 
-
 @dataclass
 class _Part:
     """One answer inside a $batch response."""

@@ -167,7 +167,6 @@ class _HashCheckpoint:
         return "v1:" + base64.b64encode(zlib.compress(json.dumps(data, separators=(",", ":")).encode(), 9)).decode()
 
 
-
 class SapChanges(SapReads):
     """`changes_since`: change-time polls (orders, partners) and content-hash polls (ProductAvailability)."""
 
@@ -182,7 +181,7 @@ class SapChanges(SapReads):
         return " or ".join(f"({p})" for p in parts)
 
     async def changes_since(self, table: str, checkpoint: str | None) -> AsyncIterator[tuple[list[SourceRecord], str]]:
-        """Records changed since the checkpoint (see the module docstring), with the checkpoint after each page."""
+        """Records changed since the checkpoint ("Change detection" in `connector.py`), with it after each page."""
         kind = _entity(table).changes
         if kind is None:
             raise RejectedError(f"{SYSTEM}: {table} has no change timestamp; read its records through their parent "

@@ -20,8 +20,6 @@ from shared.connectors._odata import json_object, rebase_link
 from shared.connectors.sap.auth import SapAuth
 from shared.connectors.sap.batch import _Answer, _query, _Req, decode_batch, encode_batch
 from shared.connectors.sap.codecs import (
-    _RETRIABLE_READ,
-    _RETRIABLE_WRITE,
     SERVICE_PATH,
     SYSTEM,
     _entity,
@@ -38,6 +36,11 @@ from shared.core.errors import AmbiguousWriteError, AuthError, SyncError, Transi
 from shared.core.ports import SourceRecord
 
 log = logging.getLogger(__name__)
+
+_RETRIABLE_READ = frozenset({408, 429, 500, 502, 503, 504})
+_RETRIABLE_WRITE = frozenset({429, 503})
+"""A write answered 429/503 was refused before processing; anything else may have run in the backend."""
+
 
 class SapHttp:
     """The connection to one S/4HANA system: every request of the reads and writes goes through `_send`."""

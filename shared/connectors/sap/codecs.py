@@ -27,7 +27,7 @@ AVAILABILITY_SERVICE = "API_PRODUCT_AVAILY_INFO_BASIC"
 """Technical name of API_PRODUCT_AVAILABILITY_INFO_BASIC (SAP cuts service names to 30 characters)."""
 AVAILABILITY_FUNCTION = "DetermineAvailabilityAt"
 PRODUCT_AVAILABILITY = "ProductAvailability"
-"""The composed product read model (see the module docstring); not an SAP entity set."""
+"""The composed product read model (see `sap/products.py`); not an SAP entity set."""
 ITEM_MATCH_FIELD = "PurchaseOrderByCustomer"
 """Recommended A_SalesOrderItem field for `LineWrite.match` (writable, CHAR 35)."""
 PARTNER_MATCH_FIELD = "BusinessPartnerIDByExtSystem"
@@ -104,12 +104,8 @@ _IDENT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _DATE_RE = re.compile(r"^/Date\((?P<ms>-?\d{1,30})(?P<off>[+-]\d{4})?\)/$")
 _TIME_RE = re.compile(r"^PT(?:(?P<h>\d+)H)?(?:(?P<m>\d+)M)?(?:(?P<s>\d+)(?:\.\d+)?S)?$")
 _ISO_DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}(T\d{2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]\d{2}:\d{2})?)?$")
-_RETRIABLE_READ = frozenset({408, 429, 500, 502, 503, 504})
-_RETRIABLE_WRITE = frozenset({429, 503})
-"""A write answered 429/503 was refused before processing; anything else may have run in the backend."""
 _FETCH_CHUNK = 40
 """Keys per `fetch` query (an `or` chain; keeps the URL well under Gateway's limits)."""
-
 
 
 def _ident(name: str, what: str) -> str:
@@ -215,9 +211,6 @@ def build_filter(equals: Mapping[str, Any], not_in: Mapping[str, Sequence[Any]] 
             clauses.append(f"{name} eq {filter_literal(value, name)}")
     clauses += not_in_clauses(not_in, system=SYSTEM, ident=_ident, literal=filter_literal)
     return " and ".join(clauses)
-
-
-# ============================================================================================ values
 
 
 def _parse_sap_datetime(value: Any) -> datetime | None:

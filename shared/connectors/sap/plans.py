@@ -50,12 +50,12 @@ class _Plan:
     """More changes follow once SAP has reacted to these (a new customer role creates the customer): re-read."""
 
 
-
 def _plan(op: WriteOp, current: dict[str, Any] | None) -> _Plan:
     _writable(op)
     if op.table == "A_SalesOrder":
         return _plan_order(op, current)
     return _plan_partner(op, current)
+
 
 def _patch(table: str, key: Mapping[str, str], wanted: Mapping[str, Any], current: Mapping[str, Any],
            what: str) -> list[_Req]:
@@ -67,6 +67,7 @@ def _patch(table: str, key: Mapping[str, str], wanted: Mapping[str, Any], curren
     etag = meta.get("etag") if isinstance(meta, dict) else None
     return [_Req("PATCH", key_path(table, key), what, wire_value("", changes), str(etag or "*"))]
 
+
 def _line_values(line: LineWrite, lines: Lines, header: Mapping[str, Any]) -> dict[str, Any]:
     values = {k: v for k, v in line.values.items() if k != "SalesOrder"}
     values.update(line.match)
@@ -74,6 +75,7 @@ def _line_values(line: LineWrite, lines: Lines, header: Mapping[str, Any]) -> di
         if header.get(header_field) not in (None, ""):
             values[line_field] = header[header_field]
     return values
+
 
 def _plan_order(op: WriteOp, current: dict[str, Any] | None) -> _Plan:
     what = f"A_SalesOrder create (op {op.op_id})"
@@ -115,6 +117,7 @@ def _plan_order(op: WriteOp, current: dict[str, Any] | None) -> _Plan:
         requests += _plan_items(number, op.lines, {**_plain_row(current), **header}, current, what)
     return _Plan("A_SalesOrder", what, number, requests)
 
+
 def _plan_items(number: str, lines: Lines, header: Mapping[str, Any], order: Mapping[str, Any],
                 what: str) -> list[_Req]:
     items = _nav_rows(order.get(ITEMS))
@@ -140,6 +143,7 @@ def _plan_items(number: str, lines: Lines, header: Mapping[str, Any], order: Map
                                                           if k != "SalesOrderItem"}, existing, item_what)
     return requests
 
+
 def _partner_values(op: WriteOp) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]],
                                             dict[str, Any] | None, list[dict[str, Any]]]:
     """(header fields, addresses, roles, customer fields, sales areas) of a partner op, dotted paths nested."""
@@ -158,6 +162,7 @@ def _partner_values(op: WriteOp) -> tuple[dict[str, Any], list[dict[str, Any]], 
                             f"{op.op_id}); addresses, roles and customer data are")
     return values, addresses, roles, customer, areas
 
+
 def _address_body(address: Mapping[str, Any]) -> dict[str, Any]:
     """An address for a deep insert: its phone numbers and e-mail addresses as `{"results": [...]}`."""
     body: dict[str, Any] = {}
@@ -172,6 +177,7 @@ def _address_body(address: Mapping[str, Any]) -> dict[str, Any]:
         else:
             body[name] = value
     return body
+
 
 def _plan_partner(op: WriteOp, current: dict[str, Any] | None) -> _Plan:
     what = f"A_BusinessPartner create (op {op.op_id})"
@@ -246,6 +252,7 @@ def _plan_partner(op: WriteOp, current: dict[str, Any] | None) -> _Plan:
         plan.requests += _patch("A_CustomerSalesArea", target_key, area, target,
                                      f"{what}, sales area {label}")
     return plan
+
 
 def _plan_addresses(number: str, wanted: list[dict[str, Any]], current: list[dict[str, Any]],
                     what: str) -> list[_Req]:

@@ -52,8 +52,6 @@ class SapReads(SapProducts):
                 found.update((r.key, r) for r in page)
         return found
 
-    # ------------------------------------------------------------------------------------ ChangeSource
-
     async def scan(self, table: str) -> AsyncIterator[list[SourceRecord]]:
         """Every record of a table, page by page."""
         if table == PRODUCT_AVAILABILITY:

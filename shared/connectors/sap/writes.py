@@ -29,16 +29,16 @@ from shared.core.ports import WriteOp, WriteResult
 
 log = logging.getLogger(__name__)
 
+
 class _StaleError(Exception):
     """A request of a plan was answered 412: the target changed since it was read."""
-
 
 
 class SapWrites(SapHttp):
     """`write` (RecordSink)."""
 
     async def write(self, ops: Sequence[WriteOp]) -> list[WriteResult]:
-        """Apply ops; one result per op, in order (see "Writes" and "$batch" in the module docstring).
+        """Apply ops; one result per op, in order (see "Writes" and "$batch" in `sap/connector.py`).
 
         Every failure fails only its own op. Auth failures and throttling that outlived the in-call retries are
         SAP's conditions, not a record's: the ops still unsent are not attempted (failed with the same retriable
