@@ -14,7 +14,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 
 from sandbox.sap_sim import SapSimulator
-from shared.connectors import arcgis, dataverse, fno, salesforce, sap
+from shared.connectors import dataverse, fno, salesforce, sap
+from shared.connectors.arcgis import codecs as arcgis
 from shared.core.errors import EnvelopeError, MappingError
 from tests.connectors.test_dataverse_webhook import doc_sample
 from tests.connectors.test_fno import HEXALITH_EVENT
