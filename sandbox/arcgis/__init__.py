@@ -1,15 +1,16 @@
 """Simulator of an ArcGIS Online org: one hosted feature service, its portal and token endpoint, webhooks, faults."""
 
-from sandbox.arcgis.app import DEFAULT_ORG_ID, DEFAULT_SERVICE_NAME, ArcGISSimulator
-from sandbox.arcgis.auth import (
+from sandbox.arcgis.app import (
     DEFAULT_API_KEY,
     DEFAULT_API_KEY_USERNAME,
     DEFAULT_APP_USERNAME,
     DEFAULT_CLIENT_ID,
     DEFAULT_CLIENT_SECRET,
-    SHARING_PATH,
-    TOKEN_PATH,
+    DEFAULT_ORG_ID,
+    DEFAULT_SERVICE_NAME,
+    ArcGISSimulator,
 )
+from sandbox.arcgis.auth import SHARING_PATH, TOKEN_PATH
 from sandbox.arcgis.codecs import lonlat_to_mercator, mercator_to_lonlat
 from sandbox.arcgis.errors import EditError, RestError
 from sandbox.arcgis.faults import Faults

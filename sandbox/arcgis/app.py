@@ -18,26 +18,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from sandbox.arcgis.auth import (
-    DEFAULT_API_KEY,
-    DEFAULT_API_KEY_USERNAME,
-    DEFAULT_APP_USERNAME,
-    DEFAULT_CLIENT_ID,
-    DEFAULT_CLIENT_SECRET,
-    SHARING_PATH,
-    TOKEN_PATH,
-    SimAuth,
-)
+from sandbox.arcgis.auth import SHARING_PATH, TOKEN_PATH, SimAuth
 from sandbox.arcgis.changes import SimChanges
 from sandbox.arcgis.codecs import WEB_MERCATOR, canonical_guid
 from sandbox.arcgis.edits import SimEdits
 from sandbox.arcgis.errors import _MESSAGES, RestError
 from sandbox.arcgis.faults import Faults, _Fault
 from sandbox.arcgis.query import SimQuery
-from sandbox.arcgis.schema import (
-    LayerDef,
-    dot_layers,
-)
+from sandbox.arcgis.schema import LayerDef, dot_layers
 from sandbox.arcgis.store import EDIT_FIELDS, _Change, _Feature, _Layer
 from sandbox.arcgis.webhooks import SimWebhooks, WebhookDelivery, WebhookRegistration
 from sandbox.webhook_delivery import Deliverer
@@ -45,6 +33,12 @@ from shared.core.ports import GEOMETRY_KEY
 
 DEFAULT_ORG_ID = "Sy9cL1neD0TsIgn5"
 DEFAULT_SERVICE_NAME = "DOT_Signs"
+DEFAULT_CLIENT_ID = "SynclineSimApp01"
+DEFAULT_CLIENT_SECRET = "sim-arcgis-secret-7f3c1e9a5b2d4c6e"  # a fixed test secret
+DEFAULT_APP_USERNAME = "syncline_app"
+"""Editor/Creator recorded for edits made with the default app's tokens (Syncline's own writes)."""
+DEFAULT_API_KEY = "AAPKsimSyncline0123456789abcdefApiKey"
+DEFAULT_API_KEY_USERNAME = "syncline_apikey"
 
 
 class ArcGISSimulator(SimAuth, SimWebhooks, SimQuery, SimEdits, SimChanges):

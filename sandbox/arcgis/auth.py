@@ -21,12 +21,6 @@ SHARING_PATH = "/sharing/rest"
 PORTAL_VERSION = "2025.3"
 APP_PRIVILEGES = ("features:user:edit", "portal:user:viewOrgItems")
 """What the default app's item is granted in `appInfo.privileges` (feature editing, reading org items)."""
-DEFAULT_CLIENT_ID = "SynclineSimApp01"
-DEFAULT_CLIENT_SECRET = "sim-arcgis-secret-7f3c1e9a5b2d4c6e"  # a fixed test secret
-DEFAULT_APP_USERNAME = "syncline_app"
-"""Editor/Creator recorded for edits made with the default app's tokens (Syncline's own writes)."""
-DEFAULT_API_KEY = "AAPKsimSyncline0123456789abcdefApiKey"
-DEFAULT_API_KEY_USERNAME = "syncline_apikey"
 
 
 class SimAuth(FeatureStore):

@@ -9,17 +9,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from sandbox.arcgis.errors import EditError, RestError
-from sandbox.arcgis.schema import (
-    _NUMERIC,
-    DATE,
-    DOUBLE,
-    GLOBALID,
-    GUID,
-    INTEGER,
-    SMALLINT,
-    STRING,
-    FieldDef,
-)
+from sandbox.arcgis.schema import _NUMERIC, DATE, DOUBLE, GLOBALID, GUID, INTEGER, SMALLINT, STRING, FieldDef
 from shared.payloads import strict_loads
 
 EARTH_RADIUS = 6378137.0

@@ -20,10 +20,7 @@ from sandbox.arcgis.codecs import (
     lonlat_to_mercator,
 )
 from sandbox.arcgis.errors import EditError, RestError
-from sandbox.arcgis.schema import (
-    GLOBALID,
-    OID,
-)
+from sandbox.arcgis.schema import GLOBALID, OID
 from sandbox.arcgis.store import EDIT_FIELDS, FeatureStore, _Attachment, _Change, _Feature, _Layer, _Tombstone
 
 

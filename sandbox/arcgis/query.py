@@ -8,9 +8,7 @@ from typing import Any
 
 from sandbox.arcgis.codecs import _bool, _field_kind, _int_list, _nonneg, _out_wkid, _sr_json, canonical_guid
 from sandbox.arcgis.errors import RestError
-from sandbox.arcgis.schema import (
-    FieldDef,
-)
+from sandbox.arcgis.schema import FieldDef
 from sandbox.arcgis.store import FeatureStore, _Feature, _Layer
 from sandbox.arcgis.where import WhereParser, _comparable, evaluate
 

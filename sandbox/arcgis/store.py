@@ -9,15 +9,7 @@ from typing import Any
 
 from sandbox.arcgis.codecs import mercator_to_lonlat
 from sandbox.arcgis.errors import RestError
-from sandbox.arcgis.schema import (
-    DATE,
-    GLOBALID,
-    GUID,
-    OID,
-    FieldDef,
-    LayerDef,
-    _text,
-)
+from sandbox.arcgis.schema import DATE, GLOBALID, GUID, OID, FieldDef, LayerDef, _text
 
 EDIT_FIELDS = {"creationDateField": "CreationDate", "creatorField": "Creator",
                "editDateField": "EditDate", "editorField": "Editor"}

@@ -11,9 +11,7 @@ from typing import Any
 
 from sandbox.arcgis.codecs import _field_kind, canonical_guid
 from sandbox.arcgis.errors import RestError
-from sandbox.arcgis.schema import (
-    FieldDef,
-)
+from sandbox.arcgis.schema import FieldDef
 
 _TOKEN_RE = re.compile(r"""
     (?P<ws>\s+)

@@ -12,9 +12,7 @@ import httpx
 from shared.connectors._http import RetryPolicy, send_with_retry
 from shared.connectors.arcgis.codecs import SYSTEM
 from shared.connectors.arcgis.errors import _error_text, _json_body
-from shared.core.errors import (
-    AuthError,
-)
+from shared.core.errors import AuthError
 
 DEFAULT_POLICY = RetryPolicy()
 

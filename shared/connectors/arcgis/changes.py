@@ -12,14 +12,8 @@ from typing import Any
 from shared.connectors.arcgis.client import ArcGISServiceClient, _exceeded
 from shared.connectors.arcgis.codecs import _timestamp_literal, canonical_guid, epoch_ms_to_datetime
 from shared.connectors.arcgis.schema import LayerInfo
-from shared.core.errors import (
-    EnvelopeError,
-    SpecError,
-    TransientError,
-)
-from shared.core.ports import (
-    SourceRecord,
-)
+from shared.core.errors import EnvelopeError, SpecError, TransientError
+from shared.core.ports import SourceRecord
 
 log = logging.getLogger(__name__)
 
@@ -58,13 +52,7 @@ class ArcGISChanges(ArcGISServiceClient):
         oid_field = layer.object_id_field
         while True:
             where = f"{oid_field} > {last_oid}"
-            form = {"f": "json", "where": where, "outFields": "*", "orderByFields": f"{oid_field} ASC",
-                    "returnGeometry": "false" if layer.is_table else "true",
-                    "resultRecordCount": str(self._page_size(layer))}
-            if self.out_sr:
-                form["outSR"] = str(self.out_sr)
-            body = await self._request("POST", f"{self._layer_url(layer)}/query", data=form,
-                                       what=f"initial read of {layer.name}")
+            body = await self._keyset_page(layer, where, f"{oid_field} ASC", what=f"initial read of {layer.name}")
             features = body.get("features") or []
             sr = body.get("spatialReference") or layer.spatial_reference
             records = [self._record(layer, feat, sr) for feat in features]
@@ -78,6 +66,15 @@ class ArcGISChanges(ArcGISServiceClient):
                 return
         async for page in self._extract_changes(layer, start_gen):
             yield page
+
+    async def _keyset_page(self, layer: LayerInfo, where: str, order_by: str, *, what: str) -> Any:
+        """One page of a keyset read (the where clause moves, no resultOffset): up to a page of rows."""
+        form = {"f": "json", "where": where, "outFields": "*", "orderByFields": order_by,
+                "returnGeometry": "false" if layer.is_table else "true",
+                "resultRecordCount": str(self._page_size(layer))}
+        if self.out_sr:
+            form["outSR"] = str(self.out_sr)
+        return await self._request("POST", f"{self._layer_url(layer)}/query", data=form, what=what)
 
     async def _current_server_gen(self, layer: LayerInfo) -> int:
         body = await self._request("GET", self.service_url, params={"f": "json"},
@@ -188,7 +185,6 @@ class ArcGISChanges(ArcGISServiceClient):
         watermark, boundary = since, set(emitted)
         cursor: tuple[int | None, int] | None = None
         last_yielded = checkpoint
-        size = self._page_size(layer)
         while True:
             if cursor is None:
                 where = f"{ed} >= {_timestamp_literal(since)}" if since is not None else "1=1"
@@ -197,12 +193,8 @@ class ArcGISChanges(ArcGISServiceClient):
             else:
                 stamp = _timestamp_literal(cursor[0])
                 where = f"({ed} = {stamp} AND {oid_field} > {cursor[1]}) OR {ed} > {stamp}"
-            form = {"f": "json", "where": where, "outFields": "*", "orderByFields": f"{ed} ASC, {oid_field} ASC",
-                    "returnGeometry": "false" if layer.is_table else "true", "resultRecordCount": str(size)}
-            if self.out_sr:
-                form["outSR"] = str(self.out_sr)
-            body = await self._request("POST", f"{self._layer_url(layer)}/query", data=form,
-                                       what=f"read {layer.name} edited since {since}")
+            body = await self._keyset_page(layer, where, f"{ed} ASC, {oid_field} ASC",
+                                           what=f"read {layer.name} edited since {since}")
             features = body.get("features") or []
             sr = body.get("spatialReference") or layer.spatial_reference
             records: list[SourceRecord] = []

@@ -24,19 +24,8 @@ from shared.connectors.arcgis.codecs import (
 )
 from shared.connectors.arcgis.errors import _body_error_code, _error_from_body, _json_body, _token_problem
 from shared.connectors.arcgis.schema import _LAYER_NAMES, FieldInfo, LayerInfo, ServiceInfo, _service_name
-from shared.core.errors import (
-    AmbiguousWriteError,
-    AuthError,
-    MappingError,
-    RejectedError,
-    SpecError,
-    TransientError,
-)
-from shared.core.ports import (
-    GEOMETRY_KEY,
-    AttachmentRef,
-    SourceRecord,
-)
+from shared.core.errors import AmbiguousWriteError, AuthError, MappingError, RejectedError, SpecError, TransientError
+from shared.core.ports import GEOMETRY_KEY, AttachmentRef, SourceRecord
 
 log = logging.getLogger(__name__)
 

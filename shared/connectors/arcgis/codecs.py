@@ -10,13 +10,8 @@ from typing import Any
 
 from shared.connectors.arcgis.schema import FieldInfo, LayerInfo
 from shared.core.dates import from_epoch_ms
-from shared.core.errors import (
-    MappingError,
-)
-from shared.core.ports import (
-    Attachment,
-    AttachmentRef,
-)
+from shared.core.errors import MappingError
+from shared.core.ports import Attachment, AttachmentRef
 
 SYSTEM = "arcgis"
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)

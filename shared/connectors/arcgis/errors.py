@@ -8,14 +8,7 @@ from typing import Any
 
 import httpx
 
-from shared.core.errors import (
-    AmbiguousWriteError,
-    AuthError,
-    RejectedError,
-    SyncError,
-    ThrottledError,
-    TransientError,
-)
+from shared.core.errors import AmbiguousWriteError, AuthError, RejectedError, SyncError, ThrottledError, TransientError
 
 _TOKEN_ERRORS = frozenset({498, 499})
 

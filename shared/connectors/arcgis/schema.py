@@ -7,9 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from shared.core.errors import (
-    SpecError,
-)
+from shared.core.errors import SpecError
 
 _SERVICE_NAME_RE = re.compile(r"/services/([^/]+)/FeatureServer", re.IGNORECASE)
 _NUMERIC_TYPES = frozenset({"esriFieldTypeOID", "esriFieldTypeInteger", "esriFieldTypeSmallInteger",

@@ -20,16 +20,8 @@ from shared.connectors.arcgis.codecs import (
     epoch_ms_to_datetime,
 )
 from shared.connectors.arcgis.schema import _LAYER_NAMES
-from shared.core.errors import (
-    EnvelopeError,
-    SpecError,
-    TransientError,
-)
-from shared.core.ports import (
-    GEOMETRY_KEY,
-    AttachmentRef,
-    SourceRecord,
-)
+from shared.core.errors import EnvelopeError, SpecError, TransientError
+from shared.core.ports import GEOMETRY_KEY, AttachmentRef, SourceRecord
 from shared.payloads import (
     MAX_BODY_BYTES,
     MAX_JSON_DEPTH,

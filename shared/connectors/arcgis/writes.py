@@ -24,12 +24,7 @@ from shared.core.errors import (
     TransientError,
     ValidationError,
 )
-from shared.core.ports import (
-    ATTACHMENTS_KEY,
-    GEOMETRY_KEY,
-    WriteOp,
-    WriteResult,
-)
+from shared.core.ports import ATTACHMENTS_KEY, GEOMETRY_KEY, WriteOp, WriteResult
 
 log = logging.getLogger(__name__)
 
