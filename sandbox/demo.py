@@ -171,7 +171,7 @@ def start_sandbox(workdir: Path, *, latency_ms: float = 0.0, max_record_count: i
     """Start both simulators (TLS from a throwaway CA) and return the settings that point at them.
 
     `faults` (a `sandbox.faults.FaultPlan`) wraps every simulator in one fault-injection middleware."""
-    from sandbox.arcgis_sim import ArcGISSimulator
+    from sandbox.arcgis import ArcGISSimulator
 
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)

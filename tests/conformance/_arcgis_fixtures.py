@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from sandbox.arcgis_sim import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, ArcGISSimulator
+from sandbox.arcgis import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, ArcGISSimulator
 from sandbox.server import RunningServer, TestCA
 
 

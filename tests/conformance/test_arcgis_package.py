@@ -23,13 +23,13 @@ from typing import Any
 
 import pytest
 
-from sandbox.arcgis_schema import dot_layers
-from sandbox.arcgis_sim import (
+from sandbox.arcgis import (
     DEFAULT_API_KEY,
     DEFAULT_API_KEY_USERNAME,
     DEFAULT_APP_USERNAME,
     DEFAULT_CLIENT_ID,
     DEFAULT_CLIENT_SECRET,
+    dot_layers,
 )
 from tests.conformance import _arcgis_fixtures as fx
 from tests.conformance._arcgis_fixtures import Portal

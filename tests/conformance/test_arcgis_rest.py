@@ -26,7 +26,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from sandbox.arcgis_schema import dot_layers
+from sandbox.arcgis import dot_layers
 from tests.conformance import _arcgis_fixtures as fx
 from tests.conformance._arcgis_fixtures import FeatureService
 

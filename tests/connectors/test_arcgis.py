@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from sandbox.arcgis_sim import (
+from sandbox.arcgis import (
     DEFAULT_API_KEY,
     DEFAULT_API_KEY_USERNAME,
     DEFAULT_APP_USERNAME,

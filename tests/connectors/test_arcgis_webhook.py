@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from sandbox.arcgis_sim import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, ArcGISSimulator
+from sandbox.arcgis import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, ArcGISSimulator
 from sandbox.server import RunningServer
 from shared.connectors._http import RetryPolicy
 from shared.connectors.arcgis import (

@@ -14,7 +14,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 
 from sandbox.sap_sim import SapSimulator
-from shared.connectors import arcgis, dataverse, fno, salesforce, sap
+from shared.connectors import dataverse, fno, salesforce, sap
+from shared.connectors.arcgis import codecs as arcgis
 from shared.connectors.fno import changes as fno_changes
 from shared.connectors.fno import codecs as fno_codecs
 from shared.connectors.sap import codecs as sap_codecs
