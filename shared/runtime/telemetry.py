@@ -29,7 +29,7 @@ METER_NAME = "syncline"
 REDACTED = "***"
 CLIENT_REQUEST_ID_HEADER = "x-ms-client-request-id"
 
-# ============================================================================================ correlation
+# ============================================================================================ correlation headers
 
 
 def dataverse_correlation_hook() -> Callable[[httpx.Request], Awaitable[None]]:

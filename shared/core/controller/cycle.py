@@ -1,4 +1,4 @@
-"""The controller: polls change feeds into the queue, drains the queue through the engine, settles every message."""
+"""The controller's cycle: poll, drain the queue batch by batch through the engine, settle, report the cycle."""
 
 from __future__ import annotations
 
