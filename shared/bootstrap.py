@@ -15,8 +15,8 @@ from shared.core.engine import SyncEngine
 from shared.core.errors import SpecError
 from shared.core.ports import ChangeSource, InboundQueue, RecordSink, StateStore
 from shared.mapping.spec import FlowSet, load_spec, parse_spec
+from shared.runtime.telemetry import Metrics, configure_logging, configure_telemetry, dataverse_correlation_hook
 from shared.settings import Settings, queue_max_delivery_count
-from shared.telemetry import Metrics, configure_logging, configure_telemetry, dataverse_correlation_hook
 
 log = logging.getLogger(__name__)
 

@@ -17,9 +17,9 @@ from shared.bootstrap import Services
 from shared.core.controller import ENQUEUED, LAST_CYCLE, POLL_HINT, envelopes_for, to_messages
 from shared.core.envelope import ChangeEnvelope, QueueMessage
 from shared.core.errors import AuthError, EnvelopeError, RejectedError, SyncError, TransientError
+from shared.core.observe import correlated
 from shared.core.ports import AuditEntry, SourceRecord
 from shared.payloads import read_json
-from shared.telemetry import correlated
 
 log = logging.getLogger(__name__)
 

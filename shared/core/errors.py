@@ -25,7 +25,7 @@ in `REASONS`; the operations runbook has one entry per code.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 #: Every reason code the code base can produce, with a one-line meaning (the runbook expands each).
 REASONS: dict[str, str] = {
@@ -53,6 +53,12 @@ class SyncError(Exception):
     retriable: ClassVar[bool] = False
     default_reason: ClassVar[str] = "TRANSIENT"
 
+    def __init_subclass__(cls, *, reason: str | None = None, **kwargs: Any) -> None:
+        # A kind of failure is its place in the tree and its code: `class X(Parent, reason="CODE")`.
+        super().__init_subclass__(**kwargs)
+        if reason is not None:
+            cls.default_reason = reason
+
     def __init__(self, detail: str, *, reason: str | None = None) -> None:
         super().__init__(detail)
         self.reason = reason or self.default_reason
@@ -64,91 +70,65 @@ class SyncError(Exception):
         return f"{self.reason}: {self.detail}"
 
 
-class RetriableError(SyncError):
+class RetriableError(SyncError, reason="TRANSIENT"):
     """The failure is expected to clear by itself; the change is retried later."""
 
     retriable = True
-    default_reason = "TRANSIENT"
 
 
-class ThrottledError(RetriableError):
+class ThrottledError(RetriableError, reason="THROTTLED"):
     """The target throttled us; `retry_after` holds the server's advice in seconds, when given."""
-
-    default_reason = "THROTTLED"
 
     def __init__(self, detail: str, *, retry_after: float | None = None, reason: str | None = None) -> None:
         super().__init__(detail, reason=reason)
         self.retry_after = retry_after
 
 
-class TransientError(RetriableError):
+class TransientError(RetriableError, reason="TRANSIENT"):
     """A network error, timeout or server-side 5xx."""
 
-    default_reason = "TRANSIENT"
 
-
-class AmbiguousWriteError(RetriableError):
+class AmbiguousWriteError(RetriableError, reason="AMBIGUOUS_WRITE"):
     """The write may have been applied; the retry path must look the record up before writing again."""
 
-    default_reason = "AMBIGUOUS_WRITE"
 
-
-class ParentPendingError(RetriableError):
+class ParentPendingError(RetriableError, reason="PARENT_PENDING"):
     """A parent has no target id yet; the child is deferred, not failed."""
 
-    default_reason = "PARENT_PENDING"
 
-
-class RecordBusyError(RetriableError):
+class RecordBusyError(RetriableError, reason="RECORD_BUSY"):
     """Another process holds the record's lease: nothing was done; retried shortly, never a failed attempt."""
 
-    default_reason = "RECORD_BUSY"
 
-
-class AuthError(RetriableError):
+class AuthError(RetriableError, reason="AUTH_FAILED"):
     """Credentials were rejected even after a refresh; retried with the queue's backoff, alarmed when sustained."""
 
-    default_reason = "AUTH_FAILED"
 
-
-class PermanentError(SyncError):
+class PermanentError(SyncError, reason="TARGET_REJECTED"):
     """Retrying cannot help; the change is dead-lettered with its reason."""
 
     retriable = False
-    default_reason = "TARGET_REJECTED"
 
 
-class SpecError(PermanentError):
+class SpecError(PermanentError, reason="SPEC_INVALID"):
     """A flow spec is invalid; the message names the file, the path inside it and the problem."""
 
-    default_reason = "SPEC_INVALID"
 
-
-class EnvelopeError(PermanentError):
+class EnvelopeError(PermanentError, reason="ENVELOPE_INVALID"):
     """A queue message or webhook body is malformed."""
 
-    default_reason = "ENVELOPE_INVALID"
 
-
-class MappingError(PermanentError):
+class MappingError(PermanentError, reason="MAPPING_FAILED"):
     """A value cannot be translated into the target's representation."""
 
-    default_reason = "MAPPING_FAILED"
 
-
-class ValidationError(PermanentError):
+class ValidationError(PermanentError, reason="REQUIRED_FIELD_MISSING"):
     """A record breaks a rule of the flow (for example a required field is empty)."""
 
-    default_reason = "REQUIRED_FIELD_MISSING"
 
-
-class RejectedError(PermanentError):
+class RejectedError(PermanentError, reason="TARGET_REJECTED"):
     """The target system refused the record."""
 
-    default_reason = "TARGET_REJECTED"
 
-
-class ParentMissingError(PermanentError):
+class ParentMissingError(PermanentError, reason="PARENT_MISSING"):
     """The parent never arrived within the wait budget."""
-
-    default_reason = "PARENT_MISSING"

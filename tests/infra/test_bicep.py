@@ -729,7 +729,7 @@ def test_the_alerts_watch_dead_letters_and_the_controller():
     assert "controller cycle failed" in failed
     # The log lines the queries look for are the ones the controller writes.
     controller_source = (ROOT / "shared" / "triggers" / "controller.py").read_text()
-    core_source = (ROOT / "shared" / "core" / "controller.py").read_text()
+    core_source = (ROOT / "shared" / "core" / "controller" / "cycle.py").read_text()
     assert '"controller cycle %s in' in controller_source
     assert "controller cycle failed" in core_source
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-PURE = sorted((ROOT / "shared" / "core").glob("*.py")) + sorted((ROOT / "shared" / "mapping").glob("*.py"))
+PURE = sorted((ROOT / "shared" / "core").rglob("*.py")) + sorted((ROOT / "shared" / "mapping").glob("*.py"))
 FORBIDDEN = ("azure", "httpx", "requests", "sqlite3", "socket", "aiohttp", "simple_salesforce", "urllib")
 
 

@@ -17,17 +17,16 @@ from shared.core.controller import CycleReport
 from shared.core.engine import Outcome
 from shared.core.envelope import ChangeEnvelope
 from shared.core.errors import TransientError, ValidationError
+from shared.core.observe import correlated, current_correlation_id
 from shared.mapping.spec import load_spec
-from shared.settings import Settings
-from shared.telemetry import (
+from shared.runtime.telemetry import (
     CLIENT_REQUEST_ID_HEADER,
     Metrics,
     RedactingFilter,
     configure_logging,
     configure_telemetry,
-    correlated,
-    current_correlation_id,
 )
+from shared.settings import Settings
 
 SPEC = load_spec(Path(__file__).resolve().parents[2] / "flows" / "dot-signs.yaml")
 

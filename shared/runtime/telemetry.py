@@ -1,19 +1,19 @@
-"""Telemetry: Azure Monitor export, Syncline's OpenTelemetry metrics, correlation ids in logs, log redaction."""
+"""Telemetry adapter: Azure Monitor export, Syncline's OpenTelemetry metrics, correlation ids in logs, log redaction."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import re
 import threading
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
-from contextvars import ContextVar
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, quote_plus
 
 from opentelemetry import metrics as otel_metrics
+
+from shared.core.observe import current_correlation_id
 
 if TYPE_CHECKING:
     import httpx
@@ -29,33 +29,7 @@ METER_NAME = "syncline"
 REDACTED = "***"
 CLIENT_REQUEST_ID_HEADER = "x-ms-client-request-id"
 
-# ============================================================================================ correlation
-
-_correlation_id: ContextVar[str | None] = ContextVar("syncline_correlation_id", default=None)
-
-
-def current_correlation_id() -> str | None:
-    """The correlation id of the change being processed in this task, if exactly one applies."""
-    return _correlation_id.get()
-
-
-@contextlib.contextmanager
-def correlated(ids: Iterable[str | None]) -> Iterator[str | None]:
-    """Scope the correlation id for logs and outbound requests when every change in scope shares one.
-
-    A batch mixing several changes has no single id: the outer scope (if any) is kept rather than
-    attributing every line to one arbitrary change.
-    """
-    distinct = {i for i in ids if i}
-    if len(distinct) != 1:
-        yield _correlation_id.get()
-        return
-    (cid,) = distinct
-    token = _correlation_id.set(cid)
-    try:
-        yield cid
-    finally:
-        _correlation_id.reset(token)
+# ============================================================================================ correlation headers
 
 
 def dataverse_correlation_hook() -> Callable[[httpx.Request], Awaitable[None]]:
@@ -66,7 +40,7 @@ def dataverse_correlation_hook() -> Callable[[httpx.Request], Awaitable[None]]:
     """
 
     async def _hook(request: httpx.Request) -> None:
-        cid = _correlation_id.get()
+        cid = current_correlation_id()
         if cid and CLIENT_REQUEST_ID_HEADER not in request.headers and _is_guid(cid):
             request.headers[CLIENT_REQUEST_ID_HEADER] = cid
 
@@ -147,7 +121,7 @@ def prepare_record(record: logging.LogRecord, redactor: RedactingFilter) -> None
     if getattr(record, "_syncline_prepared", False):
         return
     record._syncline_prepared = True
-    cid = _correlation_id.get()
+    cid = current_correlation_id()
     if not hasattr(record, "correlation_id"):
         record.correlation_id = cid or ""
     try:
