@@ -100,7 +100,6 @@ class PreparedWrite:
     key_desc: str
 
 
-
 def batch_body(items: Sequence[PreparedWrite], boundary: str) -> bytes:
     chunks: list[bytes] = []
     for n, item in enumerate(items, start=1):

@@ -88,7 +88,6 @@ def rewrap(exc: RetriableError, context: str) -> RetriableError:
     return TransientError(detail)
 
 
-
 class DataverseHttp:
     """The conversation with one environment: authenticated calls, table metadata (cached), paged queries."""
 

@@ -89,8 +89,8 @@ def quote_text(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
-
 def filter_literal(info: TableInfo, field_name: str, value: Any) -> str:
+    """The typed OData literal of `value` in `field eq <literal>` (GUID fields take unquoted GUIDs)."""
     guid_field = field_name == info.primary_id or bool(LOOKUP_VALUE_RE.match(field_name))
     if value is None:
         return "null"
@@ -113,7 +113,9 @@ def filter_literal(info: TableInfo, field_name: str, value: Any) -> str:
         return quote_text(value)
     raise RejectedError(f"{SYSTEM}: cannot filter {field_name} on a {type(value).__name__} value")
 
+
 def in_literal(info: TableInfo, field_name: str, value: Any) -> str:
+    """The string literal of `value` inside a `Microsoft.Dynamics.CRM.In`/`NotIn` list."""
     # Microsoft.Dynamics.CRM.In/NotIn take every value as a string literal.
     guid_field = field_name == info.primary_id or bool(LOOKUP_VALUE_RE.match(field_name))
     if guid_field:
@@ -123,6 +125,7 @@ def in_literal(info: TableInfo, field_name: str, value: Any) -> str:
     if isinstance(value, int | str):
         return quote_text(str(value))
     raise RejectedError(f"{SYSTEM}: cannot use a {type(value).__name__} value in a list filter on {field_name}")
+
 
 def any_of(info: TableInfo, field_name: str, values: Sequence[Any]) -> str:
     """A filter clause true when the field equals any of `values` (None meaning a null field)."""
