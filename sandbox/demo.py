@@ -134,7 +134,7 @@ def start_azure_emulators(box: Sandbox) -> None:
 def start_sales_side(box: Sandbox, ca: TestCA) -> None:
     """F&O and Salesforce simulators (the second seed's lead-to-cash reference data)."""
     from sandbox.fno_sim import FinOpsSimulator
-    from sandbox.salesforce_sim import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, SalesforceSimulator
+    from sandbox.salesforce import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, SalesforceSimulator
 
     box.fno, box.sf = FinOpsSimulator(), SalesforceSimulator()
     fno_server = RunningServer(_app(box, box.fno.app, "fno"), ca=ca).start()
@@ -374,7 +374,7 @@ def seed_sales_side(box: Sandbox, customers: int) -> dict[str, Any]:
     accounts and contacts (Customer 360)."""
     from sandbox.dataverse_seed import seed_crm
     from sandbox.fno_sim import seed_fno
-    from sandbox.salesforce_sim import seed_customer360
+    from sandbox.salesforce import seed_customer360
 
     seed_fno(box.fno, customers=customers, products=max(20, customers // 2))  # per legal entity
     box.sales["crm"] = seed_crm(box.dv, accounts=30, contacts_per_account=2)
@@ -384,7 +384,7 @@ def seed_sales_side(box: Sandbox, customers: int) -> dict[str, Any]:
 
 def lead_to_cash_activity(box: Sandbox, summary: Counter[str], opportunities: int) -> None:
     """Sales at work: new accounts for the ERP, a pipeline with closed-won deals and activated orders."""
-    from sandbox.salesforce_sim import seed_new_accounts, seed_sales_pipeline
+    from sandbox.salesforce import seed_new_accounts, seed_sales_pipeline
 
     new = seed_new_accounts(box.sf, n=20)
     box.sales["new_accounts"] = new

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import requests
 
-from sandbox.salesforce_sim import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, SalesforceSimulator
+from sandbox.salesforce import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, SalesforceSimulator
 from sandbox.server import RunningServer
 from sandbox.server import TestCA as SandboxCA
 

@@ -25,7 +25,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sandbox import salesforce_schema as schema
+from sandbox.salesforce import schema
 from tests.conformance import _salesforce_fixtures as fx
 from tests.conformance._salesforce_fixtures import Rest, SalesforceOrg
 

@@ -11,7 +11,7 @@ from decimal import Decimal
 import pytest
 import requests
 
-from sandbox.salesforce_sim import (
+from sandbox.salesforce import (
     DEFAULT_CLIENT_ID,
     DEFAULT_CLIENT_SECRET,
     DROP,

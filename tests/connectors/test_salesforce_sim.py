@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from sandbox.salesforce_sim import (
+from sandbox.salesforce import (
     LEGAL_ENTITY_COMPANY,
     PAYMENT_TERMS,
     UNMAPPED_CURRENCY,

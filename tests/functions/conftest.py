@@ -13,7 +13,7 @@ from sandbox.dataverse_seed import seed_dataverse
 from sandbox.demo import Sandbox, environment, start_sandbox
 from sandbox.fno_sim import seed_fno
 from sandbox.funchost import registered_functions
-from sandbox.salesforce_sim import seed_salesforce
+from sandbox.salesforce import seed_salesforce
 from sandbox.sap_sim import seed_sap
 from shared.bootstrap import Services, build_services, set_services
 from shared.settings import Settings

@@ -12,7 +12,7 @@ import pytest
 
 from sandbox.demo import Sandbox, environment, settle, start_sandbox
 from sandbox.fno_sim import seed_fno
-from sandbox.salesforce_sim import seed_new_accounts
+from sandbox.salesforce import seed_new_accounts
 from shared.bootstrap import build_services
 from shared.core.controller import envelopes_for
 from shared.settings import Settings

@@ -17,7 +17,7 @@ import pytest
 
 from sandbox.demo import environment
 from sandbox.fno_sim import UNMAPPED_CURRENCY, FinOpsSimulator, seed_fno
-from sandbox.salesforce_sim import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, SalesforceSimulator
+from sandbox.salesforce import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, SalesforceSimulator
 from sandbox.server import RunningServer
 from sandbox.server import TestCA as SandboxCA
 from shared.bootstrap import build_services

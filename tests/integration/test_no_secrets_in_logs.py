@@ -12,7 +12,7 @@ from rich.console import Console
 
 import sandbox.demo as demo
 from sandbox import dataverse_sim as dvs
-from sandbox import salesforce_sim as sfs
+from sandbox import salesforce as sfs
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s [%(correlation_id)s] %(message)s"
 
