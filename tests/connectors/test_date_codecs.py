@@ -14,10 +14,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 
 from sandbox.sap_sim import SapSimulator
-from shared.connectors import dataverse, fno, salesforce, sap
+from shared.connectors import dataverse, fno, sap
 from shared.connectors.arcgis import codecs as arcgis
+from shared.connectors.dataverse import changes as dataverse_changes
+from shared.connectors.dataverse import codecs as dataverse_codecs
 from shared.connectors.fno import changes as fno_changes
 from shared.connectors.fno import codecs as fno_codecs
+from shared.connectors.salesforce import codecs as salesforce_codecs
 from shared.connectors.sap import codecs as sap_codecs
 from shared.core.errors import EnvelopeError, MappingError
 from tests.connectors.test_dataverse_webhook import doc_sample
@@ -87,7 +90,7 @@ def test_dataverse_webhook_operation_time_out_of_range_is_an_envelope_error() ->
 
 @pytest.mark.parametrize("value", OUT_OF_RANGE_ISO)
 def test_dataverse_modifiedon_out_of_range_reads_as_none(value: str) -> None:
-    assert dataverse._parse_datetime(value) is None
+    assert dataverse_codecs.parse_datetime(value) is None
 
 
 # ----------------------------------------------------------------------------------------------- SAP
@@ -129,14 +132,14 @@ def test_sap_wire_value_of_a_datetime_that_leaves_the_range_in_utc() -> None:
 
 @pytest.mark.parametrize("value", [*OUT_OF_RANGE_ISO, 1e30, -1e30, float("nan"), float("inf"), 99999999999999999])
 def test_salesforce_datetimes_out_of_range_read_as_none(value: Any) -> None:
-    assert salesforce.parse_sf_datetime(value) is None  # OverflowError / ValueError before for the numbers
+    assert salesforce_codecs.parse_sf_datetime(value) is None  # OverflowError / ValueError before for the numbers
 
 
 def test_salesforce_record_with_an_unreadable_modstamp_keeps_its_row() -> None:
-    record = salesforce._to_record({"Id": "001A", "SystemModstamp": "0001-01-01T00:00:00.000+0100", "Name": "x"})
+    record = salesforce_codecs.to_record({"Id": "001A", "SystemModstamp": "0001-01-01T00:00:00.000+0100", "Name": "x"})
     assert record.modified is None
     assert record.values["Name"] == "x"
-    assert salesforce.parse_sf_datetime("2026-01-01T00:00:00.000+0000") == datetime(2026, 1, 1, tzinfo=UTC)
+    assert salesforce_codecs.parse_sf_datetime("2026-01-01T00:00:00.000+0000") == datetime(2026, 1, 1, tzinfo=UTC)
 
 
 @pytest.mark.parametrize("value", [99999999999999999, -99999999999999999, 10**30])
@@ -154,10 +157,10 @@ def test_arcgis_epoch_out_of_range_reads_as_none(value: int) -> None:
 def test_every_connector_codec_gives_utc_in_range_none_or_the_raw_value(value: Any) -> None:
     assert _utc_or_none(fno_codecs._parse_datetime(value))
     assert _utc_or_none(fno_changes._wcf_date(value))
-    assert _utc_or_none(dataverse._parse_datetime(value))
+    assert _utc_or_none(dataverse_codecs.parse_datetime(value))
     assert _utc_or_none(sap_codecs._parse_sap_datetime(value))
     assert sap_codecs._parse_sap_time(value) is None or isinstance(sap_codecs._parse_sap_time(value), time)
-    assert _utc_or_none(salesforce.parse_sf_datetime(value))
+    assert _utc_or_none(salesforce_codecs.parse_sf_datetime(value))
     if isinstance(value, int | float) and not isinstance(value, bool):
         assert _utc_or_none(arcgis.epoch_ms_to_datetime(value))
     if isinstance(value, str):
@@ -166,7 +169,7 @@ def test_every_connector_codec_gives_utc_in_range_none_or_the_raw_value(value: A
         with contextlib.suppress(MappingError):
             sap.wire_value("RequestedDeliveryDate", value)
         with contextlib.suppress(EnvelopeError):
-            dataverse._canonical("col", value, "Target", ())
+            dataverse_changes._canonical("col", value, "Target", ())
 
 
 # ----------------------------------------------------------------------------- against the SAP simulator

@@ -12,8 +12,8 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from shared.connectors._http import RETRIABLE_STATUS, RetryPolicy, send_with_retry
-from shared.connectors._odata import json_object, rebase_link
+from shared.connectors._http import RETRIABLE_STATUS, RetryPolicy, request_with_retry, retry_after_value
+from shared.connectors._odata import json_object, not_in_values, quote_text, rebase_link
 from shared.connectors.dataverse.auth import TokenProvider
 from shared.connectors.dataverse.codecs import (
     API_PATH,
@@ -30,13 +30,11 @@ from shared.connectors.dataverse.codecs import (
     in_literal,
     is_guid,
     parse_datetime,
-    quote_text,
 )
 from shared.core.errors import (
     AmbiguousWriteError,
     AuthError,
     RejectedError,
-    RetriableError,
     SyncError,
     ThrottledError,
     TransientError,
@@ -62,14 +60,7 @@ def error_parts(body: bytes | str) -> tuple[str, str]:
 def map_status(status: int, detail: str, headers: Mapping[str, str] | httpx.Headers) -> SyncError:
     """Map a failed HTTP status to the error tree (callers refine 404/504 by context)."""
     if status == 429:
-        raw = headers.get("Retry-After")
-        retry = None
-        if raw is not None:
-            try:
-                retry = max(0.0, float(raw))
-            except ValueError:
-                retry = None
-        return ThrottledError(detail, retry_after=retry)
+        return ThrottledError(detail, retry_after=retry_after_value(headers.get("Retry-After")))
     if status == 504:
         return AmbiguousWriteError(detail)
     if status in RETRIABLE_STATUS or status >= 500:
@@ -77,15 +68,6 @@ def map_status(status: int, detail: str, headers: Mapping[str, str] | httpx.Head
     if status in (401, 403):
         return AuthError(detail)
     return RejectedError(detail)
-
-
-def rewrap(exc: RetriableError, context: str) -> RetriableError:
-    detail = f"{context}: {exc.detail}"
-    if isinstance(exc, ThrottledError):
-        return ThrottledError(detail, retry_after=exc.retry_after)
-    if isinstance(exc, AmbiguousWriteError):
-        return AmbiguousWriteError(detail)
-    return TransientError(detail)
 
 
 class DataverseHttp:
@@ -140,7 +122,7 @@ class DataverseHttp:
         headers: Mapping[str, str] | None = None,
         write: bool = False,
     ) -> httpx.Response:
-        """One logical call: bearer auth (one refresh-and-replay on 401) and short retries via send_with_retry.
+        """One logical call: bearer auth (one refresh-and-replay on 401) and short retries via request_with_retry.
 
         A write answered 504 is not retried here: it may have been applied (AmbiguousWriteError).
         """
@@ -160,14 +142,9 @@ class DataverseHttp:
                 all_headers["Content-Type"] = "application/json"
             all_headers.update(headers or {})
 
-            async def attempt(h: dict[str, str] = all_headers) -> httpx.Response:
-                return await self._http.request(method, url, params=params, content=content, headers=h)
-
-            try:
-                response = await send_with_retry(attempt, system=SYSTEM, policy=self._policy, sleep=self._sleep,
-                                                  retriable_status=retriable)
-            except RetriableError as exc:
-                raise rewrap(exc, f"{SYSTEM} {what}") from exc
+            response = await request_with_retry(self._http, method, url, what=what, system=SYSTEM,
+                                                policy=self._policy, sleep=self._sleep, retriable_status=retriable,
+                                                headers=all_headers, params=params, content=content)
             if response.status_code == 401:
                 if refreshed:
                     challenge = response.headers.get("WWW-Authenticate", "")
@@ -357,10 +334,7 @@ class DataverseHttp:
                 name = await self._filter_name(info, name, [value])
                 clauses.append(f"{name} eq {filter_literal(info, name, value)}")
         for name, values in (not_in or {}).items():
-            check_ident(name, "filter field")
-            if isinstance(values, str | bytes):
-                raise RejectedError(f"{SYSTEM}: not_in[{name!r}] must be a list of values, not a string")
-            items = [v for v in values if v is not None]
+            items = not_in_values(name, values, system=SYSTEM, ident=check_ident)
             if not items:
                 continue
             name = await self._filter_name(info, name, items)

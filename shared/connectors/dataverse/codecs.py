@@ -12,6 +12,7 @@ from decimal import Decimal
 from typing import Any
 from urllib.parse import quote
 
+from shared.connectors._odata import quote_text, v4_literal
 from shared.core.dates import iso_z, parse_iso
 from shared.core.errors import RejectedError
 from shared.core.ports import WriteOp
@@ -84,11 +85,6 @@ def jsonable(value: Any, column: str) -> Any:
     return value
 
 
-def quote_text(value: str) -> str:
-    """An OData string literal: single quotes doubled (never let a value close the literal)."""
-    return "'" + value.replace("'", "''") + "'"
-
-
 def filter_literal(info: TableInfo, field_name: str, value: Any) -> str:
     """The typed OData literal of `value` in `field eq <literal>` (GUID fields take unquoted GUIDs)."""
     guid_field = field_name == info.primary_id or bool(LOOKUP_VALUE_RE.match(field_name))
@@ -105,13 +101,7 @@ def filter_literal(info: TableInfo, field_name: str, value: Any) -> str:
         if not math.isfinite(number):
             raise RejectedError(f"{SYSTEM}: cannot filter {field_name} on non-finite number {value}")
         return repr(number)
-    if isinstance(value, datetime):
-        return utc_text(value)
-    if isinstance(value, date):
-        return value.isoformat()
-    if isinstance(value, str):
-        return quote_text(value)
-    raise RejectedError(f"{SYSTEM}: cannot filter {field_name} on a {type(value).__name__} value")
+    return v4_literal(value, field_name, system=SYSTEM)
 
 
 def in_literal(info: TableInfo, field_name: str, value: Any) -> str:

@@ -9,8 +9,9 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
+from shared.connectors._http import rewrap
 from shared.connectors.dataverse.batch import PartResponse, PreparedWrite, batch_body, parse_batch_response
-from shared.connectors.dataverse.client import DataverseHttp, error_parts, map_status, rewrap
+from shared.connectors.dataverse.client import DataverseHttp, error_parts, map_status
 from shared.connectors.dataverse.codecs import (
     API_PATH,
     ENTITY_ID_RE,

@@ -23,7 +23,7 @@ import requests
 from simple_salesforce.api import Salesforce
 from urllib3.exceptions import NewConnectionError
 
-from shared.connectors._http import RetryPolicy
+from shared.connectors._http import RetryPolicy, retry_after_value
 from shared.connectors.salesforce.auth import open_session, request_token
 from shared.connectors.salesforce.codecs import (
     ID_RE,
@@ -60,11 +60,7 @@ def _content(response: requests.Response) -> Any:
 
 
 def _retry_after(response: requests.Response) -> float | None:
-    raw = response.headers.get("Retry-After")
-    try:
-        return max(0.0, float(raw)) if raw is not None else None
-    except ValueError:
-        return None
+    return retry_after_value(response.headers.get("Retry-After"))
 
 
 def _unsent(exc: requests.RequestException) -> bool:
