@@ -3,6 +3,7 @@
 from sandbox.dataverse.app import DataverseSimulator
 from sandbox.dataverse.knobs import Faults, ServiceProtection
 from sandbox.dataverse.metadata import entity_metadata_id
+from sandbox.dataverse.platform import WebhookFailure, WebhookRegistration
 from sandbox.dataverse.protocol import (
     API_PREFIX,
     APP_USER_ID,
@@ -13,6 +14,7 @@ from sandbox.dataverse.protocol import (
     ODataError,
 )
 from sandbox.dataverse.query import parse_filter
+from sandbox.dataverse.rows import Row
 from sandbox.dataverse.schema import (
     EDM,
     SAP_UNMAPPED_OPTIONS,
@@ -38,8 +40,6 @@ from sandbox.dataverse.seed import (
     seed_sap_accounts,
     seed_sap_orders,
 )
-from sandbox.dataverse.store import Row
-from sandbox.dataverse.webhooks import WebhookFailure, WebhookRegistration
 
 __all__ = [
     "API_PREFIX", "APP_USER_ID", "DEFAULT_CLIENT_ID", "DEFAULT_CLIENT_SECRET", "DEFAULT_TENANT_ID", "EDM",

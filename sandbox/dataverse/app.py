@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import threading
 import time
@@ -19,9 +20,9 @@ from starlette.routing import Route
 
 from sandbox.dataverse.auth import _EntraId
 from sandbox.dataverse.batch import _Batch
-from sandbox.dataverse.knobs import Faults, ServiceProtection, _Protection
+from sandbox.dataverse.knobs import Faults, ServiceProtection, _Fault
 from sandbox.dataverse.metadata import _EntityDefinitions, csdl
-from sandbox.dataverse.platform import SDK_MESSAGES, system_schema
+from sandbox.dataverse.platform import SDK_MESSAGES, WebhookFailure, WebhookRegistration, system_schema
 from sandbox.dataverse.protocol import (
     API_PREFIX,
     APP_USER_ID,
@@ -44,15 +45,16 @@ from sandbox.dataverse.protocol import (
 )
 from sandbox.dataverse.query import _SEGMENT_RE, _parse_key_predicate, _split_segments
 from sandbox.dataverse.reads import _Reads
+from sandbox.dataverse.rows import Row, _ColumnIndex
 from sandbox.dataverse.rules import _Rules
 from sandbox.dataverse.schema import TableSchema, default_schema
-from sandbox.dataverse.store import Row, _ColumnIndex, _Store
-from sandbox.dataverse.webhooks import WebhookFailure, WebhookRegistration, _Webhooks
+from sandbox.dataverse.store import _Store
+from sandbox.dataverse.webhooks import _Webhooks
 from sandbox.dataverse.writes import _Writes
 from sandbox.webhook_delivery import Deliverer
 
 
-class DataverseSimulator(_Store, _Rules, _Protection, _EntraId, _Webhooks, _Reads, _Writes, _Batch, _EntityDefinitions):
+class DataverseSimulator(_Store, _Rules, _EntraId, _Webhooks, _Reads, _Writes, _Batch, _EntityDefinitions):
     """In-memory Dataverse environment with the Web API, Entra ID token endpoint, webhooks and fault knobs.
 
     Serve `.app` with `sandbox.server.RunningServer(sim.app, ca=TestCA...)` (TLS is needed for MSAL); the
@@ -257,6 +259,42 @@ class DataverseSimulator(_Store, _Rules, _Protection, _EntraId, _Webhooks, _Read
             return resp
         finally:
             self._in_flight -= 1
+
+    def _check_limits(self) -> ODataError | None:
+        limits = self.limits
+        if limits.max_concurrent is not None and self._in_flight >= limits.max_concurrent:
+            return ODataError(429, "0x80072326",
+                              f"Number of concurrent requests exceeded the limit of {limits.max_concurrent}.",
+                              {"Retry-After": str(math.ceil(limits.concurrency_retry_after))})
+        if limits.max_requests is not None:
+            now = self.clock()
+            with self._lock:
+                while self._window and self._window[0] <= now - limits.window_seconds:
+                    self._window.popleft()
+                if len(self._window) >= limits.max_requests:
+                    wait = max(1, math.ceil(self._window[0] + limits.window_seconds - now))
+                    return ODataError(
+                        429, "0x80072322",
+                        f"Number of requests exceeded the limit of {limits.max_requests} over time window of "
+                        f"{int(limits.window_seconds)} seconds.", {"Retry-After": str(wait)})
+                self._window.append(now)
+        return None
+
+    def _fault_response(self, fault: _Fault) -> _ApiResponse:
+        status = fault.status
+        headers = {"Retry-After": f"{fault.retry_after:g}"} if fault.retry_after is not None else {}
+        if status == 429:
+            err = ODataError(429, "0x80072322", "Number of requests exceeded the limit of 6000 over time window of "
+                             "300 seconds.", headers)
+        elif status == 401:
+            return _ApiResponse(401, {"WWW-Authenticate": "Bearer error=invalid_token", **headers})
+        elif status >= 500:
+            message = {503: "Service Unavailable", 504: "The request timed out at the gateway.",
+                       502: "Bad Gateway"}.get(status, "An unexpected error occurred.")
+            err = ODataError(status, "0x80040216", message, headers)
+        else:
+            err = ODataError(status, "0x80040265", f"Simulated failure (HTTP {status}).", headers)
+        return _error_response(err)
 
     def _dispatch_safely(self, req: _ApiRequest, caller: _Caller, txn: _Txn) -> _ApiResponse:
         try:

@@ -15,8 +15,10 @@ from urllib.parse import parse_qsl
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from sandbox.dataverse.state import _State
 
-class _EntraId:
+
+class _EntraId(_State):
     """The tenant's token endpoint and the Web API's bearer-token check.
 
     A part of `DataverseSimulator` (app.py), which holds the state these methods use.

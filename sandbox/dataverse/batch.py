@@ -22,6 +22,7 @@ from sandbox.dataverse.protocol import (
     _Txn,
 )
 from sandbox.dataverse.query import _SEGMENT_RE, _split_segments
+from sandbox.dataverse.state import _State
 
 
 def _boundary(content_type: str) -> str | None:
@@ -86,7 +87,7 @@ def _part_bytes(http_message: bytes, content_id: str | None) -> bytes:
     return (head + "\r\n").encode() + http_message + b"\r\n"
 
 
-class _Batch:
+class _Batch(_State):
     """A `$batch` request: its parts run in order; a changeset's writes commit or roll back together.
 
     A part of `DataverseSimulator` (app.py), which holds the state these methods use.

@@ -1,4 +1,4 @@
-"""Value codecs: column coercion, dates, money, URL segments and key predicates, comparable forms."""
+"""Value codecs: column coercion, dates, money, comparable forms; attribute lists and query strings."""
 
 from __future__ import annotations
 

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import math
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-
-from sandbox.dataverse.protocol import ODataError, _ApiResponse, _error_response
 
 
 @dataclass
@@ -77,46 +74,3 @@ class Faults:
                         bucket.remove(fault)
                     return fault
         return None
-
-
-class _Protection:
-    """Service protection (429 by request budget and concurrency) and the answers of queued faults.
-
-    A part of `DataverseSimulator` (app.py), which holds the state these methods use.
-    """
-
-    def _check_limits(self) -> ODataError | None:
-        limits = self.limits
-        if limits.max_concurrent is not None and self._in_flight >= limits.max_concurrent:
-            return ODataError(429, "0x80072326",
-                              f"Number of concurrent requests exceeded the limit of {limits.max_concurrent}.",
-                              {"Retry-After": str(math.ceil(limits.concurrency_retry_after))})
-        if limits.max_requests is not None:
-            now = self.clock()
-            with self._lock:
-                while self._window and self._window[0] <= now - limits.window_seconds:
-                    self._window.popleft()
-                if len(self._window) >= limits.max_requests:
-                    wait = max(1, math.ceil(self._window[0] + limits.window_seconds - now))
-                    return ODataError(
-                        429, "0x80072322",
-                        f"Number of requests exceeded the limit of {limits.max_requests} over time window of "
-                        f"{int(limits.window_seconds)} seconds.", {"Retry-After": str(wait)})
-                self._window.append(now)
-        return None
-
-    def _fault_response(self, fault: _Fault) -> _ApiResponse:
-        status = fault.status
-        headers = {"Retry-After": f"{fault.retry_after:g}"} if fault.retry_after is not None else {}
-        if status == 429:
-            err = ODataError(429, "0x80072322", "Number of requests exceeded the limit of 6000 over time window of "
-                             "300 seconds.", headers)
-        elif status == 401:
-            return _ApiResponse(401, {"WWW-Authenticate": "Bearer error=invalid_token", **headers})
-        elif status >= 500:
-            message = {503: "Service Unavailable", 504: "The request timed out at the gateway.",
-                       502: "Bad Gateway"}.get(status, "An unexpected error occurred.")
-            err = ODataError(status, "0x80040216", message, headers)
-        else:
-            err = ODataError(status, "0x80040265", f"Simulated failure (HTTP {status}).", headers)
-        return _error_response(err)

@@ -10,6 +10,7 @@ from xml.sax.saxutils import quoteattr
 from sandbox.dataverse.protocol import API_PREFIX, NAMESPACE, ODataError, _ApiRequest, _ApiResponse
 from sandbox.dataverse.query import _SEGMENT_RE, _evaluate, _parse_key_predicate, parse_filter
 from sandbox.dataverse.schema import EDM, TableSchema
+from sandbox.dataverse.state import _State
 
 ALIAS = "mscrm"
 CONTAINER = "System"
@@ -112,7 +113,7 @@ ATTRIBUTE_TYPES = {
 }
 
 
-class _EntityDefinitions:
+class _EntityDefinitions(_State):
     """`EntityDefinitions` reads: tables, attributes, alternate keys and option sets.
 
     A part of `DataverseSimulator` (app.py), which holds the state these methods use.

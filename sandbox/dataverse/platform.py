@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 from sandbox.dataverse.schema import ChoiceColumn, LookupColumn, TableSchema
 
@@ -112,3 +113,24 @@ def parse_settings(authvalue: str) -> list[tuple[str, str]]:
             raise ValueError("every <setting> needs a name")
         pairs.append((name, node.get("value") or ""))
     return pairs
+
+
+@dataclass
+class WebhookRegistration:
+    """A registered service endpoint (webhook)."""
+
+    url: str
+    headers: dict[str, str]
+    tables: set[str] | None
+
+
+@dataclass
+class WebhookFailure:
+    """A webhook that was not accepted (after the one retry the service makes on 502/503/504)."""
+
+    url: str
+    message_name: str
+    entity: str
+    key: str
+    status: int | None
+    error: str

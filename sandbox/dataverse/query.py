@@ -9,8 +9,8 @@ from typing import Any
 
 from sandbox.dataverse.codecs import _GUID_RE, _norm
 from sandbox.dataverse.protocol import ODataError
+from sandbox.dataverse.rows import Row
 from sandbox.dataverse.schema import EDM
-from sandbox.dataverse.store import Row
 
 
 def _split_segments(path: str) -> list[str]:

@@ -22,11 +22,12 @@ from sandbox.dataverse.protocol import (
     _prefer,
 )
 from sandbox.dataverse.query import _evaluate, _RowView, _sort_key, parse_filter
+from sandbox.dataverse.rows import Row
 from sandbox.dataverse.schema import TableSchema
-from sandbox.dataverse.store import Row
+from sandbox.dataverse.state import _State
 
 
-class _Reads:
+class _Reads(_State):
     """GET on an entity set or a record: rendering, filtering (index fast path), pages and change tracking.
 
     A part of `DataverseSimulator` (app.py), which holds the state these methods use.

@@ -28,8 +28,9 @@ from sandbox.dataverse.protocol import (
     _not_found,
 )
 from sandbox.dataverse.query import _SEGMENT_RE, _parse_key_predicate
+from sandbox.dataverse.rows import Row
 from sandbox.dataverse.schema import TableSchema
-from sandbox.dataverse.store import Row
+from sandbox.dataverse.state import _State
 
 AUTONUMBER_SEED = 1001
 """The first `{SEQNUM}` an auto-number column hands out."""
@@ -37,7 +38,7 @@ AUTONUMBER_CHARS = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"
 """`{RANDSTRING}` characters (no 0/O or 1/I lookalikes)."""
 
 
-class _Rules:
+class _Rules(_State):
     """What a write must satisfy and what the platform derives on it (names, numbers, states).
 
     A part of `DataverseSimulator` (app.py), which holds the state these methods use.

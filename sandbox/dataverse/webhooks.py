@@ -6,7 +6,6 @@ import functools
 import json
 import uuid
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
@@ -22,34 +21,16 @@ from sandbox.dataverse.platform import (
     IMAGE_BOTH,
     IMAGE_POST,
     IMAGE_PRE,
+    WebhookFailure,
+    WebhookRegistration,
     parse_settings,
 )
 from sandbox.dataverse.protocol import BUSINESS_UNIT_ID, ORGANIZATION_ID, XRM_CONTRACTS, _Event
 from sandbox.dataverse.schema import TableSchema
+from sandbox.dataverse.state import _State
 
 
-@dataclass
-class WebhookRegistration:
-    """A registered service endpoint (webhook)."""
-
-    url: str
-    headers: dict[str, str]
-    tables: set[str] | None
-
-
-@dataclass
-class WebhookFailure:
-    """A webhook that was not accepted (after the one retry the service makes on 502/503/504)."""
-
-    url: str
-    message_name: str
-    entity: str
-    key: str
-    status: int | None
-    error: str
-
-
-class _Webhooks:
+class _Webhooks(_State):
     """Who gets which change (helper registrations and Web API steps), and posting it out.
 
     A part of `DataverseSimulator` (app.py), which holds the state these methods use.

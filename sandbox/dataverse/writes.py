@@ -24,12 +24,13 @@ from sandbox.dataverse.protocol import (
     _Txn,
 )
 from sandbox.dataverse.query import _SEGMENT_RE, _parse_key_predicate
+from sandbox.dataverse.rows import Row
 from sandbox.dataverse.schema import TableSchema
-from sandbox.dataverse.store import Row
+from sandbox.dataverse.state import _State
 from shared.payloads import strict_loads
 
 
-class _Writes:
+class _Writes(_State):
     """POST/PATCH/DELETE and the bound CreateMultiple/UpdateMultiple/UpsertMultiple actions.
 
     A part of `DataverseSimulator` (app.py), which holds the state these methods use.
