@@ -66,6 +66,9 @@ class DataverseSimulator(_Store, _Rules, _EntraId, _Webhooks, _Reads, _Writes, _
     that endpoint. Those deliver to the endpoint's URL with its auth applied (HttpHeader settings as
     headers, WebhookKey as `?code=`, HttpQueryString settings as query parameters), honour the Update
     step's `filteringattributes`, and carry the step's images with only their `attributes`.
+
+    The class is assembled from one part per concern (store, rules, auth, webhooks, reads, writes, $batch,
+    EntityDefinitions; each a `_State` subclass in its own module); here live the state, routes and request entry.
     """
 
     def __init__(

@@ -1,4 +1,4 @@
-"""The record store: rows, alternate-key and column indexes, versions, parent/child links and rollups."""
+"""The record store: rows with their key and column indexes kept in step, versions, child links, rollups."""
 
 from __future__ import annotations
 
