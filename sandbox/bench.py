@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def dataverse_only_environment(ca_bundle: str, dataverse_url: str) -> dict[str, str]:
     """Settings of a child that drains queued ArcGIS edits into the Dataverse simulator and nothing else."""
-    from sandbox import dataverse_sim as dvs
+    from sandbox import dataverse as dvs
 
     return {"SYNCLINE_CA_BUNDLE": ca_bundle, "DATAVERSE__URL": dataverse_url,
             "DATAVERSE__AUTHORITY_HOST": dataverse_url, "DATAVERSE__TENANT_ID": dvs.DEFAULT_TENANT_ID,
@@ -157,8 +157,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(asyncio.run(child(args.child, args.records, args.batch))))
         return 0
 
-    from sandbox import dataverse_sim as dvs
-    from sandbox.dataverse_seed import seed_dataverse
+    from sandbox import dataverse as dvs
+    from sandbox.dataverse import seed_dataverse
     from sandbox.server import RunningServer, TestCA
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -333,9 +333,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.baseline and args.baseline not in {name for name, _ in args.variant}:
         parser.error(f"--baseline {args.baseline!r} is not one of the --variant names")
 
-    from sandbox import dataverse_sim as dvs
+    from sandbox import dataverse as dvs
     from sandbox.bench import dataverse_only_environment
-    from sandbox.dataverse_seed import seed_dataverse
+    from sandbox.dataverse import seed_dataverse
     from sandbox.server import RunningServer, TestCA
     from shared.settings import queue_max_delivery_count
 
@@ -496,9 +496,9 @@ async def memory_child(changes: int, records: int) -> dict[str, Any]:
 
 def memory_main(sizes: Sequence[int], records: int, runtimes: Sequence[str], timeout: float, report: Path) -> int:
     """Peak memory of a drain of each size, per runtime, side by side, and the issue's ratio and ceiling."""
-    from sandbox import dataverse_sim as dvs
+    from sandbox import dataverse as dvs
     from sandbox.bench import dataverse_only_environment
-    from sandbox.dataverse_seed import seed_dataverse
+    from sandbox.dataverse import seed_dataverse
     from sandbox.server import RunningServer, TestCA
     from shared.settings import queue_max_delivery_count
 

@@ -116,7 +116,7 @@ def order_catalogue(dv: Any, sap: Any) -> dict[str, tuple[list[int], list[int]]]
 
 async def prepare(env: dict[str, str], dv: Any, sap: Any, orders: int) -> dict[str, Any]:
     """Untimed: SAP seed, ERP accounts, products from SAP, accounts made partners, then the bulk orders."""
-    from sandbox.dataverse_seed import bulk_sap_orders, seed_sap_accounts
+    from sandbox.dataverse import bulk_sap_orders, seed_sap_accounts
     from sandbox.demo import environment
     from sandbox.sap_sim import seed_sap
     from shared.bootstrap import build_services
@@ -188,7 +188,7 @@ def verify(dv: Any, sap: Any, order_ids: Sequence[str]) -> dict[str, int]:
 def run_path(path: str, orders: int, sap_batch: int, latency_ms: float, op_latency_ms: float,
              tmp: Path) -> dict[str, Any]:
     """Fresh simulators, prepared with `orders` submitted orders; one timed child against them."""
-    from sandbox import dataverse_sim as dvs
+    from sandbox import dataverse as dvs
     from sandbox.sap_sim import SapSimulator
     from sandbox.server import RunningServer, TestCA
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from sandbox import demo
-from sandbox.dataverse_seed import seed_dataverse
+from sandbox.dataverse import seed_dataverse
 from sandbox.faults import KINDS, FaultPlan, expire_all_tokens
 
 ROOT = Path(__file__).resolve().parent.parent

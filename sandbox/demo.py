@@ -20,7 +20,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from sandbox import dataverse_sim as dvs
+from sandbox import dataverse as dvs
 from sandbox.server import RunningServer, TestCA
 
 WEBHOOK_SECRET = "demo-webhook-secret-7f3a"
@@ -372,7 +372,7 @@ def _tiny_jpeg() -> bytes:
 def seed_sales_side(box: Sandbox, customers: int) -> dict[str, Any]:
     """Before go-live: F&O masters customers and products, Dynamics 365 Sales and Salesforce hold their own CRM
     accounts and contacts (Customer 360)."""
-    from sandbox.dataverse_seed import seed_crm
+    from sandbox.dataverse import seed_crm
     from sandbox.fno_sim import seed_fno
     from sandbox.salesforce import seed_customer360
 
@@ -480,7 +480,7 @@ def lead_to_cash_figures(box: Sandbox) -> dict[str, int]:
 def seed_sap_side(box: Sandbox) -> dict[str, Any]:
     """Before go-live: SAP holds business partners, materials and orders; Dynamics holds its ERP customers, one of
     them migrated without webhooks (it becomes an SAP partner only when its first order needs one)."""
-    from sandbox.dataverse_seed import seed_sap_accounts
+    from sandbox.dataverse import seed_sap_accounts
     from sandbox.sap_sim import seed_sap
 
     seed_sap(box.sap, partners=12, orders=8)
@@ -490,7 +490,7 @@ def seed_sap_side(box: Sandbox) -> dict[str, Any]:
 
 def sap_order_activity(box: Sandbox, summary: Counter[str], orders: int) -> None:
     """Sales takes orders in Dynamics for SAP materials and submits them (the webhook sends each to SAP)."""
-    from sandbox.dataverse_seed import seed_sap_orders
+    from sandbox.dataverse import seed_sap_orders
 
     units = {100000000: "PC", 100000001: "EA", 100000002: "KG"}
     plants = {100000000: "1710", 100000001: "1720"}
@@ -609,7 +609,7 @@ async def run_demo(console: Console, *, report_path: Path, signs: int = 2000, wo
                    sap: bool = True, sap_orders: int = 40) -> bool:
     """The whole demo; returns True when both directions synced with zero drift and exactly the bad records
     ended in the dead-letter queue. `quiet_logs=False` leaves logger levels alone (tests capturing logs)."""
-    from sandbox.dataverse_seed import seed_dataverse
+    from sandbox.dataverse import seed_dataverse
     from shared.bootstrap import build_services
     from shared.intake import initial_load
     from shared.reconcile import reconcile

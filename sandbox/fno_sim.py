@@ -29,7 +29,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from sandbox.dataverse_sim import DataverseSimulator
+from sandbox.dataverse import DataverseSimulator
 from sandbox.fno_schema import (
     ENTITIES,
     EXTENSION_FIELD,

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import httpx
 import pytest
 
-from sandbox.dataverse_sim import API_PREFIX, DataverseSimulator
+from sandbox.dataverse import API_PREFIX, DataverseSimulator
 from sandbox.fno_sim import FinOpsSimulator
 from sandbox.server import RunningServer
 from sandbox.server import TestCA as SandboxCA

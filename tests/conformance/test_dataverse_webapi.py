@@ -20,7 +20,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from sandbox.dataverse_schema import EDM, entity_metadata_id
+from sandbox.dataverse import EDM, entity_metadata_id
 from sandbox.server import RunningServer
 from tests.conformance import _dataverse_fixtures as fixtures
 from tests.conformance._dataverse_fixtures import DataverseEnv

@@ -18,8 +18,7 @@ import httpx
 import pytest
 import yaml
 
-from sandbox.dataverse_seed import UNMAPPED_SIGN_TYPE, seed_dataverse
-from sandbox.dataverse_sim import DataverseSimulator, ServiceProtection, dot_schema
+from sandbox.dataverse import UNMAPPED_SIGN_TYPE, DataverseSimulator, ServiceProtection, dot_schema, seed_dataverse
 from sandbox.server import RunningServer
 from sandbox.server import TestCA as SandboxCA
 from shared.connectors._http import RetryPolicy

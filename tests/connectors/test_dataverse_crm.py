@@ -20,8 +20,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from sandbox.dataverse_seed import seed_crm
-from sandbox.dataverse_sim import DataverseSimulator, crm_schema
+from sandbox.dataverse import DataverseSimulator, crm_schema, seed_crm
 from sandbox.server import RunningServer
 from sandbox.server import TestCA as SandboxCA
 from shared.connectors.dataverse import DataverseClient, parse_remote_execution_context

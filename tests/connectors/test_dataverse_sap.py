@@ -18,24 +18,22 @@ import yaml
 from starlette.applications import Starlette
 from starlette.routing import Route
 
-from sandbox.dataverse_seed import (
+from sandbox.dataverse import (
+    SAP_UNMAPPED_OPTIONS,
     UNMAPPED_CURRENCY,
     UNMAPPED_PLANT,
     UNMAPPED_SALES_ORG,
     UNMAPPED_UNIT,
-    bulk_sap_orders,
-    seed_sap_accounts,
-    seed_sap_orders,
-)
-from sandbox.dataverse_sim import (
-    SAP_UNMAPPED_OPTIONS,
     ChoiceColumn,
     DataverseSimulator,
     TableSchema,
+    bulk_sap_orders,
     crm_schema,
     default_schema,
     merge_schemas,
     sap_schema,
+    seed_sap_accounts,
+    seed_sap_orders,
 )
 from sandbox.server import RunningServer
 from sandbox.server import TestCA as SandboxCA

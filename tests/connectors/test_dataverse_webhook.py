@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from sandbox.dataverse_sim import DataverseSimulator
+from sandbox.dataverse import DataverseSimulator
 from sandbox.server import RunningServer
 from sandbox.server import TestCA as SandboxCA
 from shared.connectors.dataverse import DataverseClient, parse_remote_execution_context

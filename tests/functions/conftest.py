@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from sandbox.dataverse_seed import seed_dataverse
+from sandbox.dataverse import seed_dataverse
 from sandbox.demo import Sandbox, environment, start_sandbox
 from sandbox.fno_sim import seed_fno
 from sandbox.funchost import registered_functions

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from sandbox.dataverse_seed import seed_dataverse
+from sandbox.dataverse import seed_dataverse
 from sandbox.demo import Sandbox, environment, start_sandbox
 from shared.bootstrap import Services, build_services
 from shared.settings import Settings

@@ -11,7 +11,7 @@ from io import StringIO
 from rich.console import Console
 
 import sandbox.demo as demo
-from sandbox import dataverse_sim as dvs
+from sandbox import dataverse as dvs
 from sandbox import salesforce as sfs
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s [%(correlation_id)s] %(message)s"

@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
-from sandbox.dataverse_sim import DataverseSimulator
+from sandbox.dataverse.app import DataverseSimulator
 
 # Routes with a rough start point (lat, lon) and bearing across Virginia, and their length in miles.
 ROUTES: list[tuple[str, float, float, float, float]] = [
@@ -347,6 +347,17 @@ def _valid_products(products: Mapping[str, tuple[Sequence[int], Sequence[int]]])
     return valid
 
 
+def _checked_order_inputs(orders: int, accounts: Sequence[str],
+                          products: Mapping[str, tuple[Sequence[int], Sequence[int]]]) -> dict[str, tuple[list[int],
+                                                                                                    list[int]]]:
+    """The arguments both order seeds take, checked; returns `_valid_products(products)`."""
+    if orders < 0:
+        raise ValueError("orders must be >= 0")
+    if not accounts:
+        raise ValueError("accounts must name at least one account")
+    return _valid_products(products)
+
+
 def seed_sap_orders(sim: DataverseSimulator, *, accounts: Sequence[str],
                     products: Mapping[str, tuple[Sequence[int], Sequence[int]]], orders: int = 40,
                     seed: int = 22) -> dict[str, list[str]]:
@@ -362,11 +373,7 @@ def seed_sap_orders(sim: DataverseSimulator, *, accounts: Sequence[str],
     category: "submitted" (good ones only), "draft", "bad_sales_org", "bad_plant", "bad_unit" and "lines"
     (every line of every order).
     """
-    if orders < 0:
-        raise ValueError("orders must be >= 0")
-    if not accounts:
-        raise ValueError("accounts must name at least one account")
-    valid = _valid_products(products)
+    valid = _checked_order_inputs(orders, accounts, products)
     product_ids = list(valid)
     rng = random.Random(seed)
     submit = set(rng.sample(range(orders), round(orders * SUBMITTED_SHARE)))
@@ -417,11 +424,7 @@ def bulk_sap_orders(sim: DataverseSimulator, *, accounts: Sequence[str],
     Like `DataverseSimulator.insert`: no validation and no webhooks, but the platform's derived columns
     (order number, line numbers, amounts, totals, statuscode In Progress) are there. Returns the order ids.
     """
-    if orders < 0:
-        raise ValueError("orders must be >= 0")
-    if not accounts:
-        raise ValueError("accounts must name at least one account")
-    valid = _valid_products(products)
+    valid = _checked_order_inputs(orders, accounts, products)
     product_ids = list(valid)
     account_ids = [a.lower() for a in accounts]
     currency = {a: (sim.get("accounts", a) or {}).get("syn_currencycode") or "USD" for a in account_ids}
