@@ -466,7 +466,7 @@ class Chaos:
 
     async def run(self) -> dict[str, Any]:
         from shared.bootstrap import build_services
-        from shared.intake import initial_load
+        from shared.ops import initial_load
         from shared.settings import Settings
 
         o = self.o
@@ -563,7 +563,7 @@ class Chaos:
 
     async def verify(self, elapsed: float) -> dict[str, Any]:
         from shared.bootstrap import build_services
-        from shared.reconcile import reconcile
+        from shared.ops import reconcile
         from shared.settings import Settings
 
         box = self.box

@@ -611,8 +611,7 @@ async def run_demo(console: Console, *, report_path: Path, signs: int = 2000, wo
     ended in the dead-letter queue. `quiet_logs=False` leaves logger levels alone (tests capturing logs)."""
     from sandbox.dataverse_seed import seed_dataverse
     from shared.bootstrap import build_services
-    from shared.intake import initial_load
-    from shared.reconcile import reconcile
+    from shared.ops import initial_load, reconcile
     from shared.settings import Settings
 
     started = time.monotonic()

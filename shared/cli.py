@@ -19,7 +19,7 @@ from rich.table import Table
 from shared.core.errors import SyncError
 
 if TYPE_CHECKING:
-    from shared.registration import DataverseAuth, RegistrationReport
+    from shared.ops import DataverseAuth, RegistrationReport
 
 app = typer.Typer(help="Syncline: governed sync between Dynamics 365, ArcGIS Online, Salesforce and SAP.",
                   no_args_is_help=True, add_completion=False)
@@ -97,7 +97,7 @@ def status() -> None:
 
     async def go() -> dict[str, Any]:
         from shared.bootstrap import build_services
-        from shared.intake import health
+        from shared.ops import health
 
         services = build_services()
         try:
@@ -144,7 +144,7 @@ def dlq_replay(
 
     async def go() -> list[str]:
         from shared.bootstrap import build_services
-        from shared.intake import replay_dead_letters
+        from shared.ops import replay_dead_letters
 
         services = build_services()
         try:
@@ -217,7 +217,7 @@ def dataverse_register_webhook(
 
     async def go() -> RegistrationReport:
         from shared.bootstrap import build_services
-        from shared.registration import register_dataverse_webhook
+        from shared.ops import register_dataverse_webhook
         from shared.settings import Settings
 
         settings = Settings()
@@ -255,7 +255,7 @@ def arcgis_register_webhook(
     async def go() -> RegistrationReport:
         from shared.bootstrap import build_services
         from shared.connectors.arcgis import ArcGISFeatureServiceClient
-        from shared.registration import DEFAULT_CHANGE_TYPES, register_arcgis_webhook
+        from shared.ops import DEFAULT_CHANGE_TYPES, register_arcgis_webhook
         from shared.settings import Settings
 
         settings = Settings()
