@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sandbox import demo
+from sandbox.demo.scenario import _tiny_jpeg
 
 
 def _pick(rng: random.Random, rows: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
@@ -56,7 +57,7 @@ def field_activity(box: demo.Sandbox, rng: random.Random, n: int, rnd: int, acti
     for asg in _pick(rng, assignments, n // 12):
         ag.field_edit("Assignments", asg["GlobalID"], {"status": 2}, user="crew05")
         activity["field assignment status changes"] += 1
-    photo = demo._tiny_jpeg()
+    photo = _tiny_jpeg()
     for sign in _pick(rng, signs, n // 6):
         ag.survey123_submit({"INSPECTION_DATE": int(datetime(2026, 11, 21, 10, tzinfo=UTC).timestamp() * 1000),
                              "INSPECTOR": rng.choice(["J. Alvarez", "K. Osei", "M. Chen"]),
