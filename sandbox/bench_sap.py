@@ -100,7 +100,7 @@ def run_child(path: str, env: dict[str, str]) -> dict[str, Any]:
 
 
 def order_catalogue(dv: Any, sap: Any) -> dict[str, tuple[list[int], list[int]]]:
-    """productid -> (syn_unit options, syn_plant options) SAP accepts for its material (as sandbox/demo/scenario.py does)."""
+    """productid -> (syn_unit options, syn_plant options) SAP accepts for its material (as the demo scenario does)."""
     materials = sap.customizing.materials
     combos: dict[str, tuple[list[int], list[int]]] = {}
     for product in dv.all("products"):
