@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml requirements.txt Makefile
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/syncline demo
+	$(PY) -m sandbox.demo
 
 test: $(STAMP)
 	$(PY) -m ruff check shared sandbox tests function_app.py

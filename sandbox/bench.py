@@ -144,14 +144,21 @@ def run_child(path: str, records: int, batch: int, env: dict[str, str]) -> dict[
     return dict(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--records", type=int, default=10_000)
-    parser.add_argument("--naive-records", type=int, default=1_000)
+def bench_parser(description: str | None, *, records: int, naive_records: int, batch: int,
+                 report: str) -> argparse.ArgumentParser:
+    """The options a batched-vs-naive bench takes (this one and the Salesforce one), with its own defaults."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--records", type=int, default=records)
+    parser.add_argument("--naive-records", type=int, default=naive_records)
     parser.add_argument("--latency-ms", type=float, default=20.0)
-    parser.add_argument("--batch", type=int, default=1000)
-    parser.add_argument("--report", type=Path, default=ROOT / "reports" / "bench.json")
+    parser.add_argument("--batch", type=int, default=batch)
+    parser.add_argument("--report", type=Path, default=ROOT / "reports" / report)
     parser.add_argument("--child", choices=["batched", "naive"])
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = bench_parser(__doc__, records=10_000, naive_records=1_000, batch=1000, report="bench.json")
     args = parser.parse_args(argv)
     if args.child:
         print(json.dumps(asyncio.run(child(args.child, args.records, args.batch))))

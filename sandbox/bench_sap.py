@@ -56,7 +56,7 @@ def peak_rss_mb() -> float:
 async def child(path: str) -> dict[str, Any]:
     """Run one initial load against the simulators named in the environment; return its figures."""
     from shared.bootstrap import build_services
-    from shared.intake import initial_load
+    from shared.ops import initial_load
     from shared.settings import Settings
 
     settings = Settings()
@@ -100,7 +100,7 @@ def run_child(path: str, env: dict[str, str]) -> dict[str, Any]:
 
 
 def order_catalogue(dv: Any, sap: Any) -> dict[str, tuple[list[int], list[int]]]:
-    """productid -> (syn_unit options, syn_plant options) SAP accepts for its material (as demo.py does)."""
+    """productid -> (syn_unit options, syn_plant options) SAP accepts for its material (as the demo scenario does)."""
     materials = sap.customizing.materials
     combos: dict[str, tuple[list[int], list[int]]] = {}
     for product in dv.all("products"):
@@ -120,7 +120,7 @@ async def prepare(env: dict[str, str], dv: Any, sap: Any, orders: int) -> dict[s
     from sandbox.demo import environment
     from sandbox.sap_sim import seed_sap
     from shared.bootstrap import build_services
-    from shared.intake import initial_load
+    from shared.ops import initial_load
     from shared.settings import Settings
 
     seed_sap(sap)

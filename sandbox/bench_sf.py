@@ -10,7 +10,6 @@ same engine, flow and mapping; only the Salesforce write differs: sObject Collec
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import os
@@ -156,13 +155,9 @@ def run_path(path: str, records: int, batch: int, latency_ms: float, tmp: Path) 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--records", type=int, default=100_000)
-    parser.add_argument("--naive-records", type=int, default=2_000)
-    parser.add_argument("--latency-ms", type=float, default=20.0)
-    parser.add_argument("--batch", type=int, default=5000)
-    parser.add_argument("--report", type=Path, default=ROOT / "reports" / "bench-salesforce.json")
-    parser.add_argument("--child", choices=["batched", "naive"])
+    from sandbox.bench import bench_parser
+
+    parser = bench_parser(__doc__, records=100_000, naive_records=2_000, batch=5000, report="bench-salesforce.json")
     args = parser.parse_args(argv)
     if args.child:
         print(json.dumps(asyncio.run(child(args.child, args.batch))))

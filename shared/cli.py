@@ -1,25 +1,24 @@
-"""The `syncline` command line: demo, run, status, dlq list/replay, validate, webhook registration."""
+"""The `syncline` command line: run, status, dlq list/replay, validate, webhook registration (over shared.ops)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
-import os
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import TYPE_CHECKING, TypeVar, cast
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from shared.core.errors import SyncError
+from shared.progress import progress_bar
 
 if TYPE_CHECKING:
-    from shared.registration import DataverseAuth, RegistrationReport
+    from shared.ops import DataverseAuth, RegistrationReport
 
 app = typer.Typer(help="Syncline: governed sync between Dynamics 365, ArcGIS Online, Salesforce and SAP.",
                   no_args_is_help=True, add_completion=False)
@@ -46,47 +45,14 @@ def _run(factory: Callable[[], Awaitable[T]]) -> T:
 
 
 @app.command()
-def demo(
-    report: Path = typer.Option(Path("reports/demo-report.json"), help="Where to write the JSON report."),
-    signs: int = typer.Option(2000, min=10, help="Sign assets to seed."),
-    work_orders: int = typer.Option(500, min=5, help="Work orders to seed."),
-    runtime: str = typer.Option("embedded", help="embedded (SQLite) or azure (Azurite + local Service Bus broker)."),
-    customers: int = typer.Option(1000, min=5, help="F&O customers per legal entity (products: half as many)."),
-    opportunities: int = typer.Option(300, min=5, help="Salesforce opportunities (orders: a fifth as many)."),
-    sap_orders: int = typer.Option(40, min=1, help="Dynamics orders for SAP."),
-    sales: bool = typer.Option(True, help="Include F&O, Salesforce and Customer 360."),
-    sap: bool = typer.Option(True, help="Include SAP S/4HANA."),
-) -> None:
-    """Start the simulators, seed, deliver webhooks, run controller cycles, reconcile and report."""
-    from sandbox.demo import run_demo
-
-    if runtime not in ("embedded", "azure"):
-        console.print(f"[red]error[/red] --runtime must be embedded or azure, not {runtime!r}")
-        raise typer.Exit(2)
-    ok = asyncio.run(run_demo(console, report_path=report, signs=signs, work_orders=work_orders, runtime=runtime,
-                              customers=customers, opportunities=opportunities, sap_orders=sap_orders, sales=sales,
-                              sap=sap))
-    raise typer.Exit(0 if ok else 1)
-
-
-@app.command()
 def run(no_poll: bool = typer.Option(False, "--no-poll", help="Only drain the queue.")) -> None:
     """Run one controller cycle against the configured systems."""
+    from shared.ops import run_cycle
 
-    async def go() -> dict[str, Any]:
-        from shared.bootstrap import build_services
-
-        services = build_services()
-        with _progress() as progress:
-            task = progress.add_task("messages", total=None)
-            services.controller.progress = lambda phase, n: progress.update(task, advance=n, description=phase)
-            try:
-                report = await services.controller.run_cycle(poll=not no_poll)
-            finally:
-                await services.aclose()
-        return report.__dict__
-
-    result = _run(go)
+    with progress_bar(console) as progress:
+        task = progress.add_task("messages", total=None)
+        result = _run(lambda: run_cycle(
+            poll=not no_poll, progress=lambda phase, n: progress.update(task, advance=n, description=phase)))
     console.print_json(json.dumps(result))
     raise typer.Exit(0 if result["outcome"] == "ok" else 1)
 
@@ -94,38 +60,17 @@ def run(no_poll: bool = typer.Option(False, "--no-poll", help="Only drain the qu
 @app.command()
 def status() -> None:
     """Health of the configured systems, queue depths and the last cycle."""
+    from shared.ops import system_status
 
-    async def go() -> dict[str, Any]:
-        from shared.bootstrap import build_services
-        from shared.intake import health
-
-        services = build_services()
-        try:
-            return await health(services)
-        finally:
-            await services.aclose()
-
-    console.print_json(json.dumps(_run(go), default=str))
+    console.print_json(json.dumps(_run(system_status), default=str))
 
 
 @dlq_app.command("list")
 def dlq_list(limit: int = typer.Option(50, min=1, max=1000)) -> None:
     """List dead-lettered messages with their reasons."""
+    from shared.ops import list_dead_letters
 
-    async def go() -> list[dict[str, Any]]:
-        from shared.bootstrap import build_services
-
-        services = build_services()
-        try:
-            messages = await services.queue.peek_dead_letters(limit)
-        finally:
-            await services.aclose()
-        return [{"message_id": m.message_id, "flow": m.application_properties.get("flow"),
-                 "key": m.application_properties.get("key"), "reason": m.dead_letter_reason,
-                 "description": m.dead_letter_description, "enqueued_at": m.enqueued_at.isoformat()}
-                for m in messages]
-
-    rows = _run(go)
+    rows = _run(lambda: list_dead_letters(limit))
     table = Table("message id", "flow", "key", "reason", "description", title=f"dead letters ({len(rows)})")
     for r in rows:
         table.add_row(r["message_id"], str(r["flow"]), str(r["key"]), str(r["reason"]), str(r["description"]))
@@ -142,17 +87,9 @@ def dlq_replay(
         console.print("[red]error[/red] give a message id or --all")
         raise typer.Exit(2)
 
-    async def go() -> list[str]:
-        from shared.bootstrap import build_services
-        from shared.intake import replay_dead_letters
+    from shared.ops import replay
 
-        services = build_services()
-        try:
-            return await replay_dead_letters(services, message_id=None if all_ else message_id)
-        finally:
-            await services.aclose()
-
-    replayed = _run(go)
+    replayed = _run(lambda: replay(None if all_ else message_id))
     if message_id and not all_ and not replayed:
         console.print(f"[red]error[/red] no dead-lettered message with id {message_id}")
         raise typer.Exit(2)
@@ -174,18 +111,6 @@ def validate(path: Path = typer.Argument(Path("flows"), help="A spec file or a d
         table.add_row(f.name, f.entity, f"{f.source.system}:{f.source.table}", f"{f.target.system}:{f.target.table}",
                       f.mode, str(len(f.fields)))
     console.print(table)
-
-
-def _secret(env_name: str | None, configured: str, what: str) -> str:
-    """A secret from the named environment variable, else the configured setting; secrets are never CLI args."""
-    if env_name:
-        value = os.environ.get(env_name, "")
-        if not value:
-            raise ValueError(f"environment variable {env_name} (--secret-from-env) is not set or empty")
-        return value
-    if not configured:
-        raise ValueError(f"no {what} configured; set it or pass --secret-from-env NAME")
-    return configured
 
 
 def _print_registration(report: RegistrationReport) -> None:
@@ -215,27 +140,11 @@ def dataverse_register_webhook(
         console.print(f"[red]error[/red] --auth must be header, webhookkey or querystring, not {auth!r}")
         raise typer.Exit(2)
 
-    async def go() -> RegistrationReport:
-        from shared.bootstrap import build_services
-        from shared.registration import register_dataverse_webhook
-        from shared.settings import Settings
+    from shared.ops import register_dataverse
 
-        settings = Settings()
-        configured = settings.syncline_webhook_secret.get_secret_value()
-        if auth != "header" and not secret_from_env:
-            raise ValueError(f"--auth {auth} sends the function key as ?code=: pass --secret-from-env NAME")
-        secret = _secret(secret_from_env, configured if auth == "header" else "", "SYNCLINE_WEBHOOK_SECRET")
-        if auth != "header" and configured:
-            console.print("[yellow]warning[/yellow] SYNCLINE_WEBHOOK_SECRET is set, so the function also expects "
-                          f"an x-syncline-key header, which --auth {auth} does not send")
-        services = build_services(settings)
-        try:
-            return await register_dataverse_webhook(services, endpoint_url=endpoint_url,
-                                                    auth=cast("DataverseAuth", auth), secret=secret, name=name)
-        finally:
-            await services.aclose()
-
-    _print_registration(_run(go))
+    _print_registration(_run(lambda: register_dataverse(
+        endpoint_url=endpoint_url, auth=cast("DataverseAuth", auth), secret_from_env=secret_from_env, name=name,
+        warn=lambda text: console.print(f"[yellow]warning[/yellow] {text}"))))
 
 
 @arcgis_app.command("register-webhook")
@@ -251,32 +160,10 @@ def arcgis_register_webhook(
                                           "AttachmentsCreated."),
 ) -> None:
     """Register (or bring up to date) the feature-service webhook, signed with the signature key."""
+    from shared.ops import register_arcgis
 
-    async def go() -> RegistrationReport:
-        from shared.bootstrap import build_services
-        from shared.connectors.arcgis import ArcGISFeatureServiceClient
-        from shared.registration import DEFAULT_CHANGE_TYPES, register_arcgis_webhook
-        from shared.settings import Settings
-
-        settings = Settings()
-        key = _secret(secret_from_env, settings.arcgis.webhook_signature_key.get_secret_value(),
-                      "ARCGIS__WEBHOOK_SIGNATURE_KEY")
-        services = build_services(settings)
-        try:
-            client = services.sinks.get("arcgis")
-            if not isinstance(client, ArcGISFeatureServiceClient):
-                raise ValueError("ArcGIS is not configured (ARCGIS__SERVICE_URL is empty)")
-            return await register_arcgis_webhook(client, hook_url=endpoint_url, signature_key=key, name=name,
-                                                 change_types=tuple(change_type or DEFAULT_CHANGE_TYPES))
-        finally:
-            await services.aclose()
-
-    _print_registration(_run(go))
-
-
-def _progress() -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=console, transient=True)
+    _print_registration(_run(lambda: register_arcgis(endpoint_url=endpoint_url, secret_from_env=secret_from_env,
+                                                     name=name, change_types=change_type)))
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ from typing import Any
 import azure.functions as func
 
 from shared.core.errors import AuthError, PermanentError, SyncError
-from shared.intake import Unauthorized
+from shared.ops import Unauthorized
 
 log = logging.getLogger("syncline.triggers")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import azure.functions as func
 
 from shared.bootstrap import get_services
-from shared.intake import health
+from shared.ops import health
 from shared.triggers._common import error_response, json_response
 
 bp = func.Blueprint()  # type: ignore[no-untyped-call]

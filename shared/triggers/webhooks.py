@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 import azure.functions as func
 
 from shared.bootstrap import Services, get_services
-from shared.intake import (
+from shared.ops import (
     IntakeResult,
     check_shared_secret,
     handle_arcgis_webhook,

@@ -27,7 +27,7 @@ from shared.connectors.dataverse import DataverseClient, parse_remote_execution_
 from shared.core.errors import RejectedError
 from shared.core.ports import Bind, WriteOp
 from shared.mapping.spec import load_spec
-from shared.registration import mapped_columns, register_dataverse_webhook
+from shared.ops import mapped_columns, register_dataverse_webhook
 from tests.connectors.test_dataverse import DataverseEnv, Factory, Recorder, Wire
 
 FLOWS = Path(__file__).resolve().parents[2] / "flows" / "customer-360.yaml"

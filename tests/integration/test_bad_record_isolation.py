@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from shared.core.controller import to_messages
 from shared.core.envelope import ChangeEnvelope
 from shared.core.errors import TransientError
-from shared.intake import initial_load
+from shared.ops import initial_load
 
 BAD_KEY = "SGN-0042"  # not a Dataverse GUID: the connector refuses to query it (a hand-edited resubmission, say)
 

@@ -8,8 +8,7 @@ from typing import Any
 
 from shared.bootstrap import Services, build_services
 from shared.core.engine import SyncEngine
-from shared.intake import initial_load
-from shared.reconcile import reconcile
+from shared.ops import initial_load, reconcile
 from shared.settings import Settings
 
 DV_OPEN, DV_CLOSED = 100000000, 100000003

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from sandbox.chaos import ChaosOptions, duplicates, half_applied_cascades, lost_changes, run_chaos
-from shared.intake import initial_load
+from shared.ops import initial_load
 
 SHORT = {
     "embedded": {"kills": 3, "signs": 60, "work_orders": 12, "changes": 60, "customers": 8, "opportunities": 8,

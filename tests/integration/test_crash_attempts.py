@@ -10,7 +10,7 @@ import sqlite3
 import time
 from pathlib import Path
 
-from shared.intake import initial_load
+from shared.ops import initial_load
 from tests.integration.test_crash_recovery import controller_process
 
 ATTEMPTS = 3

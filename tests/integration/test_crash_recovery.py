@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from shared.intake import initial_load
+from shared.ops import initial_load
 
 ROOT = Path(__file__).resolve().parents[2]
 

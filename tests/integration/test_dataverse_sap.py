@@ -15,7 +15,7 @@ import pytest
 from sandbox.demo import Sandbox, environment, start_sandbox
 from sandbox.sap_sim import seed_sap
 from shared.bootstrap import build_services
-from shared.intake import initial_load
+from shared.ops import initial_load
 from shared.settings import Settings
 
 UNITS = {"PC": 100000000, "EA": 100000001, "KG": 100000002}

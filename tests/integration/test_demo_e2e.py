@@ -94,7 +94,7 @@ async def test_a_flush_waits_while_deliveries_make_progress_and_fails_only_when_
     initial load's Dataverse webhooks take minutes (each a direct write through Table Storage)."""
     from types import SimpleNamespace
 
-    from sandbox import demo
+    from sandbox.demo import scenario as demo
 
     monkeypatch.setattr(demo, "STALL_SECONDS", 0.01)
     box = SimpleNamespace(dv=SimpleNamespace(request_count=0), ag=SimpleNamespace(request_count={}),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from shared.intake import initial_load, replay_dead_letters
+from shared.ops import initial_load, replay_dead_letters
 
 
 async def test_fix_then_replay_writes_the_record_exactly_once(seeded):

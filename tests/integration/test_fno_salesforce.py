@@ -169,7 +169,7 @@ async def test_spent_daily_allocation_pauses_salesforce_and_loses_nothing(sims, 
         assert depth.active == 0
         assert depth.scheduled == first.held  # parked, not retried into the dead-letter queue
 
-        from shared.intake import health
+        from shared.ops import health
 
         status = await health(services)
         assert status["status"] == "degraded"

@@ -26,7 +26,7 @@ async def test_a_debug_logged_demo_run_leaks_no_secret(tmp_path, monkeypatch):
         boxes.append(box)
         return box
 
-    monkeypatch.setattr(demo, "start_sandbox", start_and_keep)
+    monkeypatch.setattr("sandbox.demo.run.start_sandbox", start_and_keep)
     buffer = StringIO()
     handler = logging.StreamHandler(buffer)
     handler.setLevel(logging.DEBUG)

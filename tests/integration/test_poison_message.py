@@ -4,7 +4,7 @@ writes it exactly once."""
 from __future__ import annotations
 
 from shared.bootstrap import build_services
-from shared.intake import initial_load, replay_dead_letters
+from shared.ops import initial_load, replay_dead_letters
 from shared.settings import Settings
 
 

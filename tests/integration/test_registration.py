@@ -28,7 +28,7 @@ from shared.connectors.dataverse import DataverseClient, parse_remote_execution_
 from shared.core.errors import RejectedError
 from shared.core.ports import Bind, WriteOp
 from shared.mapping.spec import FlowSet, parse_spec
-from shared.registration import (
+from shared.ops import (
     mapped_columns,
     register_arcgis_webhook,
     register_dataverse_webhook,

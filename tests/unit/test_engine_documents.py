@@ -11,7 +11,7 @@ from shared.core.envelope import ChangeEnvelope
 from shared.core.errors import SpecError
 from shared.core.ports import Link
 from shared.mapping.spec import parse_spec
-from shared.reconcile import reconcile
+from shared.ops import reconcile
 from shared.runtime.sqlite_state import SqliteStateStore
 from tests.fakes import FakeSystem
 

@@ -16,7 +16,7 @@ from shared.core.errors import AmbiguousWriteError, SyncError, ThrottledError, T
 from shared.core.ports import Link, Snapshot, WriteOp, WriteResult
 from shared.mapping.engine import values_hash
 from shared.mapping.spec import FlowSet
-from shared.reconcile import reconcile
+from shared.ops import reconcile
 from shared.runtime.sqlite_state import SqliteStateStore
 from tests.fakes import FakeSystem
 

@@ -1,27 +1,25 @@
-"""Application services behind the triggers: webhook intake, outbound direct writes, health, DLQ replay."""
+"""Webhook intake behind the HTTP triggers: authenticate, parse, deduplicate, then write directly or enqueue."""
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
 import json
 import logging
-from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from shared.bootstrap import Services
-from shared.core.controller import ENQUEUED, LAST_CYCLE, POLL_HINT, envelopes_for, to_messages
+from shared.core.controller import POLL_HINT, envelopes_for
 from shared.core.envelope import ChangeEnvelope, QueueMessage
 from shared.core.errors import AuthError, EnvelopeError, RejectedError, SyncError, TransientError
 from shared.core.observe import correlated
-from shared.core.ports import AuditEntry, SourceRecord
+from shared.core.ports import SourceRecord
+from shared.ops.writes import IntakeResult, enqueue_new, write_direct
 from shared.payloads import read_json
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class Unauthorized(Exception):
@@ -38,60 +36,9 @@ def check_shared_secret(services: Services, presented: str | None) -> None:
         raise Unauthorized("missing or wrong x-syncline-key header")
 
 
-@dataclass
-class IntakeResult:
-    """What a webhook invocation did, returned to the caller as JSON."""
-
-    accepted: int = 0
-    written: int = 0
-    skipped: int = 0
-    queued: int = 0
-    statuses: dict[str, int] = field(default_factory=dict)
-    correlation_id: str | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"accepted": self.accepted, "written": self.written, "skipped": self.skipped,
-                "queued": self.queued, "statuses": self.statuses, "correlation_id": self.correlation_id}
-
-
-AUTH_RETRY_SECONDS = 120
-"""Delay before the queue retries a direct write refused for credentials (time for a rotation to land)."""
-
-
 def _json_body(body: bytes) -> Any:
     # Bounded (size, nesting, finite numbers, real text) for every endpoint; see shared.payloads.
     return read_json(body, "request body")
-
-
-async def enqueue_new(services: Services, envelopes: list[ChangeEnvelope], *,
-                      delay_seconds: float = 0) -> list[ChangeEnvelope]:
-    """Enqueue the envelopes whose change was never enqueued before; returns those sent.
-
-    The message ids are remembered only once the messages are durably on the queue, so a failed send (or a
-    crash before it) leaves nothing behind (a claim is not a remembered key) and the sender's retry goes
-    through. Two deliveries racing past the check both enqueue: harmless, the engine finds the second one a no-op.
-    """
-    if not envelopes:
-        return []
-    ids = [e.message_id() for e in envelopes]
-    known = await services.state.claim(ENQUEUED, ids)
-    fresh: list[ChangeEnvelope] = []
-    batch: set[str] = set()
-    dropped: list[AuditEntry] = []
-    now = datetime.now(UTC)
-    for env, mid in zip(envelopes, ids, strict=True):
-        if mid in known or mid in batch:
-            dropped.append(AuditEntry(now, env.correlation_id, env.flow, "duplicate_dropped", env.source_system,
-                                      env.source_table, env.source_key, f"change already enqueued as {mid}"))
-            continue
-        batch.add(mid)
-        fresh.append(env)
-    if fresh:
-        await enqueue(services, fresh, delay_seconds=delay_seconds)
-        await services.state.confirm(ENQUEUED, [e.message_id() for e in fresh])
-    if dropped:
-        await services.state.append_audit(dropped)
-    return fresh
 
 
 async def handle_dataverse_webhook(services: Services, body: bytes) -> IntakeResult:
@@ -150,106 +97,6 @@ def _dataverse_date_columns(services: Services) -> frozenset[str]:
     cols |= {fm.target for f in services.flowset.flows if f.target.system == "dataverse"
              for fm in f.fields if fm.transform == "epoch_ms_to_date"}
     return frozenset(cols)
-
-
-async def write_direct(services: Services, envelopes: list[ChangeEnvelope], result: IntakeResult) -> None:
-    """Outbound direct write with short inline retries; leftovers go to the queue (never lost).
-
-    Whatever the failure (a target's refusal, our credentials refused after a refresh, even a fault of ours),
-    the change ends up on the queue; only a queue that cannot take it makes the caller answer 503.
-    """
-    pending = envelopes
-    statuses: Counter[str] = Counter()
-    for attempt in range(services.settings.syncline_inline_retries + 1):
-        try:
-            outcomes = await services.engine.process(pending)
-        except Exception as exc:  # a fault of ours must not lose the change: the queue keeps it
-            log.error("direct write failed unexpectedly (%s); the changes go to the queue", type(exc).__name__,
-                      exc_info=exc)
-            for env in pending:
-                await enqueue(services, [env.model_copy(update={"origin": "resubmit"})], delay_seconds=30)
-                result.queued += 1
-                statuses["failed"] += 1
-            break
-        services.metrics.record_outcomes(outcomes, services.flowset)
-        retry: list[ChangeEnvelope] = []
-        for o in outcomes:
-            statuses[o.status] += 1
-            if o.status in ("written", "deleted"):
-                result.written += 1
-            elif o.status in ("skipped_echo", "skipped_noop"):
-                result.skipped += 1
-            elif o.status == "failed" and o.error is not None and o.error.retriable and \
-                    not isinstance(o.error, AuthError) and attempt < services.settings.syncline_inline_retries:
-                # Credentials refused after a refresh will not heal in a second: those wait on the queue instead.
-                retry.append(o.envelope)
-            else:
-                env = o.envelope.model_copy(update={"origin": "resubmit"})
-                await enqueue(services, [env], delay_seconds=_queue_delay(o.status, o.error))
-                result.queued += 1
-        if not retry:
-            break
-        pending = retry
-        await asyncio.sleep(0.2 * (attempt + 1))
-    for name, count in statuses.items():
-        result.statuses[name] = result.statuses.get(name, 0) + count
-    services.metrics.record_api_call_totals(services.counter.snapshot())
-
-
-def _queue_delay(status: str, error: SyncError | None) -> float:
-    """When the queue should try a change the direct write left over.
-
-    Deferred (parent pending) and permanent failures go now: the controller re-checks the parent or
-    dead-letters with the reason. Transient failures wait a little; credentials refused even after a token
-    refresh wait longer (a secret rotation or a consent takes minutes to land), then the controller tries
-    again like any delivery, so only a sustained refusal dead-letters it (AUTH_FAILED, alarmed on).
-    """
-    if status != "failed" or error is None:
-        return 0
-    if isinstance(error, AuthError):
-        return AUTH_RETRY_SECONDS
-    return 30 if error.retriable else 0
-
-
-async def initial_load(services: Services, *, progress: Callable[[str, int], None] | None = None) -> IntakeResult:
-    """Push every record of the direct flows' source tables through the engine, parents first.
-
-    This is the bulk form of the outbound direct write (first go-live, or after a long outage): the
-    same engine, batched; anything that fails lands on the queue exactly like a webhook would.
-    """
-    result = IntakeResult()
-    flows = sorted((f for f in services.flowset.flows if f.mode == "direct"), key=services.flowset.depth)
-    for flow in flows:
-        source = services.sources.get(flow.source.system)
-        if source is None:
-            continue
-        async for page in source.scan(flow.source.table):
-            envelopes = [e for e in envelopes_for(services.flowset, flow.source.system, flow.source.table, page,
-                                                  origin="initial", mode="direct") if e.flow == flow.name]
-            for start in range(0, len(envelopes), services.settings.syncline_batch_size):
-                chunk = envelopes[start:start + services.settings.syncline_batch_size]
-                result.accepted += len(chunk)
-                await write_direct(services, chunk, result)
-                if progress:
-                    progress(flow.name, len(chunk))
-    return result
-
-
-async def enqueue(services: Services, envelopes: list[ChangeEnvelope], *, delay_seconds: float = 0) -> None:
-    """Put envelopes on the inbound queue (optionally scheduled) and audit it."""
-    when = datetime.now(UTC) + timedelta(seconds=delay_seconds) if delay_seconds > 0 else None
-    messages = await to_messages(services.flowset, services.state, envelopes)
-    try:
-        await services.queue.send(messages, scheduled_at=when)
-    except Exception as exc:  # the queue is down: nothing was accepted, the sender must try again (503)
-        log.error("the inbound queue refused %d message(s): %s", len(messages), type(exc).__name__, exc_info=exc)
-        raise TransientError(f"the inbound queue is unavailable ({type(exc).__name__}); nothing was accepted, "
-                             "send the change again") from exc
-    now = datetime.now(UTC)
-    await services.state.append_audit([
-        AuditEntry(now, e.correlation_id, e.flow, "enqueued", e.source_system, e.source_table, e.source_key,
-                   f"origin {e.origin}" + (f", due in {delay_seconds:.0f}s" if delay_seconds else ""))
-        for e in envelopes])
 
 
 async def handle_arcgis_webhook(services: Services, body: bytes, content_type: str,
@@ -339,12 +186,7 @@ async def handle_sap_events(services: Services, body: bytes) -> IntakeResult:
     the record read back in full through OData, enqueued for the flows reading it."""
     from shared.connectors.sap import SapClient, parse_event
 
-    data = _json_body(body)
-    items = data if isinstance(data, list) else [data]
-    if not items:
-        raise EnvelopeError("sap event: the array is empty")
-    events = [parse_event(item) if isinstance(item, dict) else _not_an_object("sap event", index, item)
-              for index, item in enumerate(items)]
+    events = _json_objects(body, "sap event: the array is empty", "sap event", parse_event)
     sap = services.sinks.get("sap")
     if not isinstance(sap, SapClient):
         raise EnvelopeError("SAP is not configured (SAP__BASE_URL is empty)")
@@ -375,6 +217,16 @@ async def handle_sap_events(services: Services, body: bytes) -> IntakeResult:
     return result
 
 
+def _json_objects(body: bytes, empty: str, what: str, parse: Callable[[dict[str, Any]], T]) -> list[T]:
+    """A JSON object or an array of them, each parsed; an empty array or a non-object item refuses the body."""
+    data = _json_body(body)
+    items = data if isinstance(data, list) else [data]
+    if not items:
+        raise EnvelopeError(empty)
+    return [parse(item) if isinstance(item, dict) else _not_an_object(what, index, item)
+            for index, item in enumerate(items)]
+
+
 def _not_an_object(what: str, index: int, item: Any) -> Any:
     raise EnvelopeError(f"{what} [{index}]: expected a JSON object, got {type(item).__name__}")
 
@@ -384,12 +236,8 @@ async def handle_salesforce_change_events(services: Services, body: bytes) -> In
     id, or transaction key), the records read back in full, enqueued for the flows reading that object."""
     from shared.connectors.salesforce import SalesforceClient, parse_cdc_event
 
-    data = _json_body(body)
-    bodies = data if isinstance(data, list) else [data]
-    if not bodies:
-        raise EnvelopeError("salesforce: the array of CDC events is empty")
-    changes = [parse_cdc_event(raw) if isinstance(raw, dict) else _not_an_object("salesforce: CDC event", i, raw)
-               for i, raw in enumerate(bodies)]
+    changes = _json_objects(body, "salesforce: the array of CDC events is empty", "salesforce: CDC event",
+                            parse_cdc_event)
     sf = services.sinks.get("salesforce")
     if not isinstance(sf, SalesforceClient):
         raise EnvelopeError("Salesforce is not configured (SALESFORCE__MY_DOMAIN_URL is empty)")
@@ -425,67 +273,3 @@ async def handle_salesforce_change_events(services: Services, body: bytes) -> In
                                              origin="webhook", mode="queue")))
     await _accept_events(services, namespace, pending, result)
     return result
-
-
-async def health(services: Services) -> dict[str, Any]:
-    """Reachability of each configured system, queue and dead-letter depth, the last cycle.
-
-    A paused system (its API allocation spent) is reported with the time it resumes and is not pinged:
-    a health probe must not spend the allocation the pause is saving.
-    """
-    systems: dict[str, Any] = {}
-    paused: dict[str, str] = {}
-    for name, sink in services.sinks.items():
-        until = await services.controller.paused_until(name)
-        if until is not None:
-            paused[name] = until.isoformat()
-            systems[name] = {"reachable": None, "paused_until": until.isoformat()}
-            continue
-        ping = getattr(sink, "ping", None)
-        try:
-            if ping is not None:
-                await asyncio.wait_for(ping(), timeout=10)
-            systems[name] = {"reachable": True}
-        except (SyncError, TimeoutError) as exc:
-            systems[name] = {"reachable": False, "error": str(exc)}
-    depth = await services.queue.depth()
-    last = await services.state.get_checkpoint(LAST_CYCLE)
-    last_cycle = json.loads(last.value) if last else None
-    healthy = (all(s["reachable"] for s in systems.values() if "paused_until" not in s) and not paused
-               and (last_cycle is None or last_cycle["outcome"] == "ok"))
-    return {
-        "status": "healthy" if healthy else "degraded",
-        "systems": systems,
-        "queue": {"active": depth.active, "scheduled": depth.scheduled, "dead_letter": depth.dead_letter},
-        "last_cycle": last_cycle,
-    }
-
-
-async def replay_dead_letters(services: Services, *, message_id: str | None = None,
-                              limit: int = 1000) -> list[str]:
-    """Send dead-lettered messages back to the queue (all, or one by message id); returns the ids replayed."""
-    replayed: list[str] = []
-    while len(replayed) < limit:
-        batch = await services.queue.receive_dead_letters(min(100, limit - len(replayed)))
-        if not batch:
-            break
-        keep = []
-        for msg in batch:
-            if message_id is not None and msg.message_id != message_id:
-                keep.append(msg)
-                continue
-            try:
-                env = ChangeEnvelope.from_body(msg.body)
-                out = env.model_copy(update={"origin": "replay", "waits": 0}).to_message()
-            except EnvelopeError:
-                out = QueueMessage(body=msg.body, message_id=msg.message_id, session_id=msg.session_id,
-                                   correlation_id=msg.correlation_id,
-                                   application_properties=dict(msg.application_properties))
-            await services.queue.send([out])
-            await services.queue.complete(msg)
-            replayed.append(msg.message_id)
-        for msg in keep:
-            await services.queue.abandon(msg)
-        if message_id is not None and (replayed or keep):
-            break
-    return replayed

@@ -31,7 +31,7 @@ DataverseAuth = Literal["header", "webhookkey", "querystring"]
 AUTH_TYPES: dict[str, int] = {"webhookkey": 4, "header": 5, "querystring": 6}
 """serviceendpoint.authtype per auth option: WebhookKey 4, HttpHeader 5, HttpQueryString 6."""
 HEADER_NAME = "x-syncline-key"
-"""The header `shared.intake.check_shared_secret` reads (HttpHeader auth)."""
+"""The header `shared.ops.intake.check_shared_secret` reads (HttpHeader auth)."""
 QUERY_NAME = "code"
 """The Functions host's function-key parameter (HttpQueryString auth; WebhookKey always uses `code`)."""
 CONTRACT_WEBHOOK = 8

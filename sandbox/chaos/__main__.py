@@ -1,0 +1,7 @@
+"""`python -m sandbox.chaos`."""
+
+import sys
+
+from sandbox.chaos.cli import main
+
+sys.exit(main())

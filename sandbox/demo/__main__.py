@@ -1,0 +1,5 @@
+"""`python -m sandbox.demo`."""
+
+from sandbox.demo.cli import main
+
+main()

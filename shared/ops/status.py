@@ -1,0 +1,45 @@
+"""Health of the configured systems, the queue and the last controller cycle (GET /api/health, `syncline status`)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from shared.bootstrap import Services
+from shared.core.controller import LAST_CYCLE
+from shared.core.errors import SyncError
+
+
+async def health(services: Services) -> dict[str, Any]:
+    """Reachability of each configured system, queue and dead-letter depth, the last cycle.
+
+    A paused system (its API allocation spent) is reported with the time it resumes and is not pinged:
+    a health probe must not spend the allocation the pause is saving.
+    """
+    systems: dict[str, Any] = {}
+    paused: dict[str, str] = {}
+    for name, sink in services.sinks.items():
+        until = await services.controller.paused_until(name)
+        if until is not None:
+            paused[name] = until.isoformat()
+            systems[name] = {"reachable": None, "paused_until": until.isoformat()}
+            continue
+        ping = getattr(sink, "ping", None)
+        try:
+            if ping is not None:
+                await asyncio.wait_for(ping(), timeout=10)
+            systems[name] = {"reachable": True}
+        except (SyncError, TimeoutError) as exc:
+            systems[name] = {"reachable": False, "error": str(exc)}
+    depth = await services.queue.depth()
+    last = await services.state.get_checkpoint(LAST_CYCLE)
+    last_cycle = json.loads(last.value) if last else None
+    healthy = (all(s["reachable"] for s in systems.values() if "paused_until" not in s) and not paused
+               and (last_cycle is None or last_cycle["outcome"] == "ok"))
+    return {
+        "status": "healthy" if healthy else "degraded",
+        "systems": systems,
+        "queue": {"active": depth.active, "scheduled": depth.scheduled, "dead_letter": depth.dead_letter},
+        "last_cycle": last_cycle,
+    }
