@@ -12,7 +12,7 @@ import pytest
 from azure.data.tables.aio import TableServiceClient
 
 from shared.core.ports import StateStore
-from shared.runtime.table_state import TableStateStore, default_transport
+from shared.runtime.azure import TableStateStore, default_transport
 from tests.contract.adapters import STATE_BUILDERS
 
 #: A storage account connection string to run the suite against instead of Azurite.

@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 
 from shared.core.ports import InboundQueue, StateStore
-from shared.runtime.sqlite_queue import SqliteQueue
-from shared.runtime.sqlite_state import SqliteStateStore
+from shared.runtime.embedded import SqliteQueue, SqliteStateStore
 from tests.contract.adapters import QUEUE_BUILDERS, STATE_BUILDERS
 
 

@@ -13,9 +13,9 @@ from typing import Any
 
 from shared.core.envelope import QueueMessage, ReceivedMessage, wire_text
 from shared.core.ports import LockLostError, QueueDepth
-from shared.runtime.sqlite_state import SqliteDatabase, to_utc
+from shared.runtime.common import MAX_DELIVERY_EXCEEDED, LockLostBatchError, to_utc
+from shared.runtime.embedded.database import SqliteDatabase
 
-MAX_DELIVERY_EXCEEDED = "MAX_DELIVERY_EXCEEDED"
 _POLL_SECONDS = 0.05
 
 # Times are integer microseconds since the epoch: compared on every receive, and integers compare and index
@@ -90,18 +90,6 @@ def _to_us(value: datetime) -> int:
 
 def _from_us(value: int) -> datetime:
     return _EPOCH + value * _MICROSECOND
-
-
-class LockLostBatchError(LockLostError):
-    """Some messages of a batch settlement had lost their lock; `lost` lists them, the rest were settled."""
-
-    def __init__(self, lost: Sequence[ReceivedMessage]) -> None:
-        self.lost = tuple(lost)
-        numbers = ", ".join(str(m.sequence_number) for m in self.lost)
-        super().__init__(
-            f"{len(self.lost)} message(s) had lost their lock (sequence numbers {numbers}); they will be "
-            "redelivered, every other message of the batch was settled"
-        )
 
 
 class SqliteQueue:
