@@ -154,6 +154,21 @@ class SqliteQueue:
             why = "it was settled already"
         raise LockLostError(f"lock lost for message {message.sequence_number} ({message.message_id}): {why}")
 
+    def _still_locked(
+        self, conn: sqlite3.Connection, messages: Sequence[ReceivedMessage], now: int
+    ) -> tuple[list[ReceivedMessage], list[ReceivedMessage]]:
+        """(held, lost): `messages` split by `_check_lock`, each list in the order given."""
+        held: list[ReceivedMessage] = []
+        lost: list[ReceivedMessage] = []
+        for message in messages:
+            try:
+                self._check_lock(conn, message, now)
+            except LockLostError:
+                lost.append(message)
+            else:
+                held.append(message)
+        return held, lost
+
     # ------------------------------------------------------------------------------------------ send
 
     async def send(self, messages: Sequence[QueueMessage], *, scheduled_at: datetime | None = None) -> None:
@@ -296,15 +311,8 @@ class SqliteQueue:
         def work(conn: sqlite3.Connection) -> tuple[list[ReceivedMessage], datetime]:
             now = self._now_us()
             until = now + self._lock_us
-            held: list[tuple[int, int]] = []
-            lost: list[ReceivedMessage] = []
-            for message in messages:
-                try:
-                    self._check_lock(conn, message, now)
-                except LockLostError:
-                    lost.append(message)
-                else:
-                    held.append((until, message.sequence_number))
+            kept, lost = self._still_locked(conn, messages, now)
+            held = [(until, message.sequence_number) for message in kept]
             conn.executemany("UPDATE queue_messages SET locked_until_us = ? WHERE seq = ?", held)
             return lost, _from_us(until)
 
@@ -334,16 +342,8 @@ class SqliteQueue:
     async def _settle_many(self, messages: Sequence[ReceivedMessage], statement: str) -> None:
         def work(conn: sqlite3.Connection) -> list[ReceivedMessage]:
             now = self._now_us()
-            held: list[tuple[int]] = []
-            lost: list[ReceivedMessage] = []
-            for message in messages:
-                try:
-                    self._check_lock(conn, message, now)
-                except LockLostError:
-                    lost.append(message)
-                else:
-                    held.append((message.sequence_number,))
-            conn.executemany(statement, held)
+            kept, lost = self._still_locked(conn, messages, now)
+            conn.executemany(statement, [(message.sequence_number,) for message in kept])
             return lost
 
         # raised after the commit: the messages still held must stay settled

@@ -10,14 +10,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import cast
 
-from shared.core.ports import (
-    AuditDecision,
-    AuditEntry,
-    Checkpoint,
-    CheckpointConflictError,
-    Link,
-    Snapshot,
-)
+from shared.core.ports import AuditDecision, AuditEntry, Checkpoint, CheckpointConflictError, Link, Snapshot
 from shared.runtime.embedded.database import SqliteDatabase, chunked, from_iso, in_list, to_iso
 
 _SCHEMA = """
@@ -95,6 +88,16 @@ CREATE TABLE IF NOT EXISTS leases (
 """
 
 _AUDIT_COLUMNS = 'at, correlation_id, flow, decision, system, "table", key, detail, reason'
+
+
+def _remembered(conn: sqlite3.Connection, namespace: str, keys: Sequence[str]) -> set[str]:
+    """The subset of `keys` with a dedup row in `namespace`, in chunks the SQL variable limit allows."""
+    found: set[str] = set()
+    for chunk in chunked(keys):
+        sql = "SELECT key FROM dedup WHERE namespace = ?"
+        rows = conn.execute(f"{sql} AND key IN {in_list(len(chunk))}", (namespace, *chunk))
+        found.update(key for (key,) in rows)
+    return found
 
 
 class SqliteStateStore:
@@ -298,11 +301,7 @@ class SqliteStateStore:
         stamp = to_iso(datetime.now(UTC))
 
         def work(conn: sqlite3.Connection) -> set[str]:
-            seen: set[str] = set()
-            for chunk in chunked(unique):
-                sql = "SELECT key FROM dedup WHERE namespace = ?"
-                rows = conn.execute(f"{sql} AND key IN {in_list(len(chunk))}", (namespace, *chunk))
-                seen.update(key for (key,) in rows)
+            seen = _remembered(conn, namespace, unique)
             conn.executemany(
                 "INSERT INTO dedup (namespace, key, remembered_at) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
                 [(namespace, key, stamp) for key in unique if key not in seen],
@@ -316,12 +315,7 @@ class SqliteStateStore:
         unique = list(dict.fromkeys(keys))
 
         def work(conn: sqlite3.Connection) -> set[str]:
-            found: set[str] = set()
-            for chunk in chunked(unique):
-                sql = "SELECT key FROM dedup WHERE namespace = ?"
-                rows = conn.execute(f"{sql} AND key IN {in_list(len(chunk))}", (namespace, *chunk))
-                found.update(key for (key,) in rows)
-            return found
+            return _remembered(conn, namespace, unique)
 
         return await self._db.read(work) if unique else set()
 

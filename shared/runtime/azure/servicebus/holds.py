@@ -9,16 +9,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from azure.servicebus import (
-    ServiceBusReceivedMessage,
-)
+from azure.servicebus import ServiceBusReceivedMessage
 from azure.servicebus.aio import ServiceBusClient, ServiceBusReceiver, ServiceBusSender
 from azure.servicebus.aio.management import ServiceBusAdministrationClient
-from azure.servicebus.exceptions import (
-    MessageAlreadySettled,
-    MessageLockLostError,
-    SessionLockLostError,
-)
+from azure.servicebus.exceptions import MessageAlreadySettled, MessageLockLostError, SessionLockLostError
 
 from shared.core.envelope import ReceivedMessage
 from shared.core.ports import LockLostError

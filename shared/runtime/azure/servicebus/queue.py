@@ -9,17 +9,10 @@ from datetime import datetime
 from typing import Any, Literal
 
 from azure.core.credentials_async import AsyncTokenCredential
-from azure.servicebus import (
-    ServiceBusMessage,
-    ServiceBusMessageState,
-    ServiceBusReceivedMessage,
-    ServiceBusSubQueue,
-)
+from azure.servicebus import ServiceBusMessage, ServiceBusMessageState, ServiceBusReceivedMessage, ServiceBusSubQueue
 from azure.servicebus.aio import ServiceBusClient, ServiceBusReceiver, ServiceBusSender
 from azure.servicebus.aio.management import ServiceBusAdministrationClient
-from azure.servicebus.exceptions import (
-    MessageSizeExceededError,
-)
+from azure.servicebus.exceptions import MessageSizeExceededError
 
 from shared.core.envelope import QueueMessage, ReceivedMessage
 from shared.core.ports import QueueDepth
@@ -190,8 +183,7 @@ class ServiceBusQueue(_Receiving, _Settling):
             self._sender = self._client.get_queue_sender(self.name)
         return self._sender
 
-    # --------------------------------------------------------------------------------------- receive
-
+    # ---------------------------------------------------------------------------------- dead letters
 
     async def peek_dead_letters(self, max_messages: int = 100) -> list[ReceivedMessage]:
         """Browse the DLQ in sequence order without locking (lock_token is "")."""

@@ -5,20 +5,13 @@ from __future__ import annotations
 import asyncio
 import time
 
-from azure.servicebus import (
-    NEXT_AVAILABLE_SESSION,
-    ServiceBusReceivedMessage,
-)
+from azure.servicebus import NEXT_AVAILABLE_SESSION, ServiceBusReceivedMessage
 from azure.servicebus.aio import ServiceBusClient, ServiceBusReceiver
-from azure.servicebus.exceptions import (
-    OperationTimeoutError,
-)
+from azure.servicebus.exceptions import OperationTimeoutError
 
 from shared.core.envelope import ReceivedMessage
 from shared.runtime.azure.servicebus.holds import _LOCK_LOST, _buffered, _Holds, _keep_late_arrivals, _Session
-from shared.runtime.azure.servicebus.wire import (
-    _own_session,
-)
+from shared.runtime.azure.servicebus.wire import _own_session
 
 _PENDING_CAP = 500
 """A session with this many messages received but not handed out is not read further until some are."""

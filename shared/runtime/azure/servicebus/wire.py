@@ -6,9 +6,7 @@ import hashlib
 from datetime import UTC, datetime
 from typing import Any
 
-from azure.servicebus import (
-    ServiceBusReceivedMessage,
-)
+from azure.servicebus import ServiceBusReceivedMessage
 
 from shared.core.envelope import ReceivedMessage
 from shared.runtime.common import MAX_DELIVERY_EXCEEDED

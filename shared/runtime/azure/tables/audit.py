@@ -10,19 +10,9 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any, cast
 
 from shared.core.ports import AuditDecision, AuditEntry
-from shared.runtime.azure.tables.client import (
-    TablesBase,
-    _plain_utc,
-)
-from shared.runtime.azure.tables.keys import (
-    _utf8,
-    join_string,
-    split_string,
-)
-from shared.runtime.azure.tables.transactions import (
-    TableOp,
-    plan_transactions,
-)
+from shared.runtime.azure.tables.client import TablesBase, _plain_utc
+from shared.runtime.azure.tables.keys import _utf8, join_string, split_string
+from shared.runtime.azure.tables.transactions import TableOp, plan_transactions
 from shared.runtime.common import to_utc
 
 _MAX_TICKS = 3_155_378_975_999_999_999  # .NET DateTime.MaxValue.Ticks: inverted ticks stay positive

@@ -5,22 +5,12 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from azure.core import MatchConditions
-from azure.core.exceptions import (
-    HttpResponseError,
-    ResourceExistsError,
-    ResourceModifiedError,
-    ResourceNotFoundError,
-)
+from azure.core.exceptions import HttpResponseError, ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
 from azure.data.tables import UpdateMode
 
 from shared.core.ports import Checkpoint, CheckpointConflictError
-from shared.runtime.azure.tables.client import (
-    TablesBase,
-    _plain_utc,
-)
-from shared.runtime.azure.tables.keys import (
-    table_key,
-)
+from shared.runtime.azure.tables.client import TablesBase, _plain_utc
+from shared.runtime.azure.tables.keys import table_key
 
 _CHECKPOINT_PARTITION = "checkpoint"
 

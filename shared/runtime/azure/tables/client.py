@@ -12,16 +12,12 @@ from typing import Any, Final, TypeVar, cast
 
 from azure.core.async_paging import AsyncPageIterator
 from azure.core.credentials_async import AsyncTokenCredential
-from azure.core.exceptions import (
-    ResourceNotFoundError,
-)
+from azure.core.exceptions import ResourceNotFoundError
 from azure.data.tables import TableEntity, TableTransactionError
 from azure.data.tables.aio import TableClient, TableServiceClient
 
 from shared.runtime.azure.tables.requests import TableRequestCounter
-from shared.runtime.azure.tables.transactions import (
-    TableOp,
-)
+from shared.runtime.azure.tables.transactions import TableOp
 from shared.runtime.common import to_utc
 
 T = TypeVar("T")

@@ -6,25 +6,12 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 
 from azure.core import MatchConditions
-from azure.core.exceptions import (
-    ResourceExistsError,
-    ResourceModifiedError,
-    ResourceNotFoundError,
-)
+from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
 from azure.data.tables import UpdateMode
 
-from shared.runtime.azure.tables.client import (
-    _LINK_RETRIES,
-    TablesBase,
-    _plain_utc,
-)
-from shared.runtime.azure.tables.keys import (
-    table_key,
-)
-from shared.runtime.azure.tables.transactions import (
-    TableOp,
-    plan_transactions,
-)
+from shared.runtime.azure.tables.client import _LINK_RETRIES, TablesBase, _plain_utc
+from shared.runtime.azure.tables.keys import table_key
+from shared.runtime.azure.tables.transactions import TableOp, plan_transactions
 
 _CLAIMED = "claimed"
 """Dedup row property: the key is only claimed (`claim`), not remembered."""

@@ -9,26 +9,12 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from azure.core import MatchConditions
-from azure.core.exceptions import (
-    ResourceExistsError,
-    ResourceModifiedError,
-    ResourceNotFoundError,
-)
+from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
 from azure.data.tables import TableTransactionError, UpdateMode
 
-from shared.runtime.azure.tables.client import (
-    _LINK_RETRIES,
-    TablesBase,
-    _plain_utc,
-    _settle,
-)
-from shared.runtime.azure.tables.keys import (
-    table_key,
-)
-from shared.runtime.azure.tables.transactions import (
-    TableOp,
-    plan_transactions,
-)
+from shared.runtime.azure.tables.client import _LINK_RETRIES, TablesBase, _plain_utc, _settle
+from shared.runtime.azure.tables.keys import table_key
+from shared.runtime.azure.tables.transactions import TableOp, plan_transactions
 
 _FAILURE_ROW = "count"
 

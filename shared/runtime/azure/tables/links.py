@@ -11,20 +11,9 @@ from azure.data.tables import TableTransactionError
 from azure.data.tables.aio import TableClient
 
 from shared.core.ports import Link
-from shared.runtime.azure.tables.client import (
-    _LINK_RETRIES,
-    TablesBase,
-)
-from shared.runtime.azure.tables.keys import (
-    prefix_range,
-    split_key,
-    table_key,
-)
-from shared.runtime.azure.tables.transactions import (
-    OpKind,
-    TableOp,
-    plan_transactions,
-)
+from shared.runtime.azure.tables.client import _LINK_RETRIES, TablesBase
+from shared.runtime.azure.tables.keys import prefix_range, split_key, table_key
+from shared.runtime.azure.tables.transactions import OpKind, TableOp, plan_transactions
 
 _Row = tuple[str, str, str, str]
 """A link row: (entity, system, key, other_system); its value is the other key."""

@@ -8,19 +8,9 @@ from datetime import datetime
 from typing import Any
 
 from shared.core.ports import Snapshot
-from shared.runtime.azure.tables.client import (
-    TablesBase,
-    _plain_utc,
-)
-from shared.runtime.azure.tables.keys import (
-    join_string,
-    split_string,
-    table_key,
-)
-from shared.runtime.azure.tables.transactions import (
-    TableOp,
-    plan_transactions,
-)
+from shared.runtime.azure.tables.client import TablesBase, _plain_utc
+from shared.runtime.azure.tables.keys import join_string, split_string, table_key
+from shared.runtime.azure.tables.transactions import TableOp, plan_transactions
 from shared.runtime.common import to_utc
 
 

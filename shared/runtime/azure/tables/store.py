@@ -47,11 +47,7 @@ from azure.data.tables.aio import TableServiceClient
 
 from shared.runtime.azure.tables.audit import AuditTables
 from shared.runtime.azure.tables.checkpoints import CheckpointTables
-from shared.runtime.azure.tables.client import (
-    DEFAULT_CONCURRENCY,
-    LEASE_PARTITIONS,
-    QUERY_PAGE,
-)
+from shared.runtime.azure.tables.client import DEFAULT_CONCURRENCY, LEASE_PARTITIONS, QUERY_PAGE
 from shared.runtime.azure.tables.connection import default_transport
 from shared.runtime.azure.tables.dedup import DedupTables
 from shared.runtime.azure.tables.leases import LeaseTables
@@ -66,7 +62,6 @@ class TableStateStore(LinkTables, SnapshotTables, CheckpointTables, DedupTables,
     Links are one-to-one per (entity, system pair) exactly as in `SqliteStateStore`: putting a link for a key
     that is already linked elsewhere removes the old link in both directions, in the same transaction.
     """
-
 
     @classmethod
     def from_connection_string(
@@ -112,6 +107,7 @@ class TableStateStore(LinkTables, SnapshotTables, CheckpointTables, DedupTables,
                                      raw_request_hook=counter)
         return cls(service, table_prefix=table_prefix, concurrency=concurrency, owned_credential=owned,
                    requests=counter, lease_partitions=lease_partitions)
+
     async def close(self) -> None:
         """Close the HTTP transport (and the credential the store created itself)."""
         await self._service.close()
