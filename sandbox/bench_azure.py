@@ -178,7 +178,7 @@ class Emulators:
 
     def environment(self, max_delivery_count: int) -> dict[str, str]:
         """A fresh queue and table prefix for one run (nothing left over from the previous one)."""
-        from shared.runtime.table_state import azurite_connection_string
+        from shared.runtime.azure import azurite_connection_string
 
         name = f"bench-{uuid.uuid4().hex[:10]}"
         self.broker.create_queue(name, requires_session=True, lock_duration=QUEUE_LOCK_SECONDS,

@@ -72,13 +72,13 @@ async def measure(conn_str: str, records: int, *, batch_size: int = 500, prefix:
     from shared.core.controller import Controller, remember_enqueued, to_messages
     from shared.core.engine import SyncEngine
     from shared.core.envelope import ChangeEnvelope
-    from shared.runtime.sqlite_queue import SqliteQueue
-    from shared.runtime.table_state import TableStateStore
+    from shared.runtime.azure import TableStateStore
+    from shared.runtime.embedded import SqliteQueue
     from tests.fakes import FakeSystem
     from tests.unit.test_engine import SPEC, T0, sign_payload
 
     prefix = prefix or f"bench{uuid.uuid4().hex[:12]}"
-    from shared.runtime.table_state import LEASE_PARTITIONS
+    from shared.runtime.azure import LEASE_PARTITIONS
 
     state = TableStateStore.from_connection_string(conn_str, table_prefix=prefix,
                                                    lease_partitions=lease_partitions or LEASE_PARTITIONS)
@@ -192,7 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         phases = run(args.connection_string)
     else:
         from sandbox.latency_proxy import LatencyProxy
-        from shared.runtime.table_state import azurite_connection_string
+        from shared.runtime.azure import azurite_connection_string
 
         with running_azurite() as azurite:
             if args.latency_ms:

@@ -216,8 +216,7 @@ def build_services(
     if settings.syncline_runtime == "azure":
         state, queue = _azure_runtime(settings, state, queue, closers)
     if state is None or queue is None:
-        from shared.runtime.sqlite_queue import SqliteQueue
-        from shared.runtime.sqlite_state import SqliteStateStore
+        from shared.runtime.embedded import SqliteQueue, SqliteStateStore
 
         state_dir = Path(settings.syncline_state_dir)
         state_dir.mkdir(parents=True, exist_ok=True)
@@ -248,8 +247,7 @@ def build_services(
 def _azure_runtime(settings: Settings, state: StateStore | None, queue: InboundQueue | None,
                    closers: list[Callable[[], None]]) -> tuple[StateStore, InboundQueue]:
     """Table Storage state and Service Bus queue: identity-based in Azure, connection strings for emulators."""
-    from shared.runtime.servicebus_queue import ServiceBusQueue
-    from shared.runtime.table_state import TableStateStore
+    from shared.runtime.azure import ServiceBusQueue, TableStateStore
 
     tables, bus = settings.syncline_tables, settings.syncline_servicebus
     credential = None

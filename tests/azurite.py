@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from sandbox.latency_proxy import LatencyProxy, latency_from_environment
-from shared.runtime.table_state import azurite_connection_string
+from shared.runtime.azure import azurite_connection_string
 
 #: 3.36+ needs Node >= 21; CI machines have Node 20.
 AZURITE_VERSION = "3.35.0"

@@ -89,7 +89,7 @@ def start_azure_emulators(box: Sandbox) -> None:
     tables = azurite.connection_string
     # SYNCLINE_EMULATOR_LATENCY_MS: each Table Storage request and broker operation costs a cloud round trip
     from sandbox.latency_proxy import LatencyProxy, latency_from_environment
-    from shared.runtime.table_state import azurite_connection_string
+    from shared.runtime.azure import azurite_connection_string
 
     latency = latency_from_environment()
     if latency > 0:

@@ -102,7 +102,7 @@ def test_the_walk_sees_the_codes_raised_outside_errors_py():
     assert "shared/mapping/spec.py" in produced["UNKNOWN_FLOW"]
     assert "shared/mapping/engine.py" in produced["UNMAPPED_CHOICE"]
     assert "shared/core/controller/settlement.py" in produced["MAX_DELIVERY_EXCEEDED"]
-    assert "shared/runtime/sqlite_queue.py" in produced["MAX_DELIVERY_EXCEEDED"]
+    assert "shared/runtime/common.py" in produced["MAX_DELIVERY_EXCEEDED"]
     assert "shared/core/errors.py" in produced["PARENT_MISSING"]
 
 

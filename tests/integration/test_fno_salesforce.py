@@ -144,7 +144,7 @@ async def test_business_event_delivered_twice_produces_one_write_and_own_cdc_wri
 async def test_spent_daily_allocation_pauses_salesforce_and_loses_nothing(sims, tmp_path):
     from datetime import UTC, datetime, timedelta
 
-    from shared.runtime.sqlite_queue import SqliteQueue
+    from shared.runtime.embedded import SqliteQueue
 
     fno, sf = sims
     now = [datetime.now(UTC)]

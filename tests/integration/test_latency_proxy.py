@@ -14,7 +14,7 @@ import pytest
 from azure.data.tables.aio import TableServiceClient
 
 from sandbox.latency_proxy import LATENCY_VARIABLE, LatencyProxy, latency_from_environment, running
-from shared.runtime.table_state import azurite_connection_string, default_transport
+from shared.runtime.azure import azurite_connection_string, default_transport
 from tests.azurite import AzuriteTable, AzuriteUnavailableError, ensure_installed
 
 LATENCY_MS = 50.0

@@ -16,15 +16,15 @@ from azure.servicebus import ServiceBusMessage
 from azure.servicebus.aio import ServiceBusClient
 
 from shared.core.envelope import QueueMessage, ReceivedMessage
-from shared.runtime.servicebus_queue import (
+from shared.runtime.azure.servicebus import (
     BUCKET_PREFIX,
     SESSION_PROPERTY,
     SESSIONLESS_PREFIX,
     ServiceBusQueue,
-    _buffered,
     session_bucket,
 )
-from shared.runtime.sqlite_queue import LockLostBatchError
+from shared.runtime.azure.servicebus.holds import _buffered
+from shared.runtime.embedded import LockLostBatchError
 from tests.sbbroker import BrokerHandle, start_broker
 
 WAIT = 0.1  # loopback: a free session is offered within milliseconds
@@ -244,7 +244,7 @@ async def _drain_past_a_failing_record(queues: Queues, tmp_path: Path, max_messa
     from shared.core.engine import SyncEngine
     from shared.core.envelope import ChangeEnvelope
     from shared.core.errors import TransientError
-    from shared.runtime.sqlite_state import SqliteStateStore
+    from shared.runtime.embedded import SqliteStateStore
     from tests.fakes import FakeSystem
     from tests.unit.test_engine import SPEC, T0, sign_payload
 
@@ -413,7 +413,7 @@ async def test_after_finding_no_free_session_fewer_are_probed_at_once(queues: Qu
 async def test_a_batch_is_settled_in_requests_of_settle_batch_and_a_lost_session_loses_all_of_them(
     queues: Queues, broker: BrokerHandle, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from shared.runtime import servicebus_queue
+    from shared.runtime.azure.servicebus import settlement as servicebus_queue
 
     monkeypatch.setattr(servicebus_queue, "SETTLE_BATCH", 2)
     queue = queues.make(session_buckets=1)

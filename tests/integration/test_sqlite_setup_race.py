@@ -16,7 +16,7 @@ pytestmark = pytest.mark.integration
 
 
 def _open_together(path: str, barrier: Barrier, results: mp.Queue[str]) -> None:
-    from shared.runtime.sqlite_state import SqliteStateStore  # imported before the barrier: only the open races
+    from shared.runtime.embedded import SqliteStateStore  # imported before the barrier: only the open races
 
     barrier.wait(timeout=60)
     try:

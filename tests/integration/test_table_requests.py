@@ -15,8 +15,8 @@ from shared.core.engine import SyncEngine, snapshot_table
 from shared.core.envelope import ChangeEnvelope
 from shared.core.errors import RejectedError
 from shared.core.ports import Snapshot
-from shared.runtime.sqlite_queue import SqliteQueue
-from shared.runtime.table_state import TableStateStore
+from shared.runtime.azure import TableStateStore
+from shared.runtime.embedded import SqliteQueue
 from tests.contract.adapters.azure_tables import drop_tables, fresh_prefix, tables_connection_string
 from tests.fakes import FakeSystem
 from tests.unit.test_engine import SPEC, T0, sign_payload

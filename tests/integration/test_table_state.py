@@ -13,8 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from shared.core.ports import AuditEntry, Link, Snapshot
-from shared.runtime.sqlite_state import SqliteStateStore
-from shared.runtime.table_state import TableStateStore
+from shared.runtime.azure import TableStateStore
+from shared.runtime.embedded import SqliteStateStore
 from tests.contract.adapters.azure_tables import drop_tables, fresh_prefix, tables_connection_string
 
 pytestmark = pytest.mark.integration

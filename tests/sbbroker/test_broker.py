@@ -16,8 +16,8 @@ from azure.servicebus.exceptions import MessageLockLostError, ServiceBusError
 
 from shared.core.envelope import QueueMessage
 from shared.core.ports import QueueDepth
-from shared.runtime.servicebus_queue import ServiceBusQueue
-from shared.runtime.sqlite_queue import MAX_DELIVERY_EXCEEDED, LockLostBatchError
+from shared.runtime.azure import ServiceBusQueue
+from shared.runtime.embedded import MAX_DELIVERY_EXCEEDED, LockLostBatchError
 from tests.sbbroker import LATENCY_VARIABLE, BrokerHandle, latency_from_environment, start_broker
 
 

@@ -9,8 +9,7 @@ from pathlib import Path
 from shared.core.controller import Controller
 from shared.core.engine import SyncEngine
 from shared.core.envelope import ChangeEnvelope
-from shared.runtime.sqlite_queue import SqliteQueue
-from shared.runtime.sqlite_state import SqliteStateStore
+from shared.runtime.embedded import SqliteQueue, SqliteStateStore
 from tests.fakes import FakeSystem
 from tests.unit.test_engine import SPEC, T0, sign_payload
 

@@ -10,7 +10,7 @@ import pytest
 from shared.core.engine import SyncEngine
 from shared.core.envelope import ChangeEnvelope
 from shared.mapping.spec import load_spec
-from shared.runtime.sqlite_state import SqliteStateStore
+from shared.runtime.embedded import SqliteStateStore
 from tests.fakes import FakeSystem
 
 SPEC = load_spec(Path(__file__).resolve().parents[2] / "flows" / "customer-360.yaml")

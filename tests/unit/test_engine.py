@@ -11,7 +11,7 @@ from shared.core.engine import SyncEngine
 from shared.core.envelope import ChangeEnvelope
 from shared.core.ports import GEOMETRY_KEY
 from shared.mapping.spec import load_spec
-from shared.runtime.sqlite_state import SqliteStateStore
+from shared.runtime.embedded import SqliteStateStore
 from tests.fakes import FakeSystem
 
 SPEC = load_spec(Path(__file__).resolve().parents[2] / "flows" / "dot-signs.yaml")

@@ -12,7 +12,7 @@ from shared.core.errors import SpecError
 from shared.core.ports import Link
 from shared.mapping.spec import parse_spec
 from shared.ops import reconcile
-from shared.runtime.sqlite_state import SqliteStateStore
+from shared.runtime.embedded import SqliteStateStore
 from tests.fakes import FakeSystem
 
 SPEC_TEXT = """

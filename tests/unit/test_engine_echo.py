@@ -17,7 +17,7 @@ from shared.core.ports import Link, Snapshot, WriteOp, WriteResult
 from shared.mapping.engine import values_hash
 from shared.mapping.spec import FlowSet
 from shared.ops import reconcile
-from shared.runtime.sqlite_state import SqliteStateStore
+from shared.runtime.embedded import SqliteStateStore
 from tests.fakes import FakeSystem
 
 FLOWS = Path(__file__).resolve().parents[2] / "flows"

@@ -11,7 +11,7 @@ from shared.core.envelope import ChangeEnvelope
 from shared.core.errors import TransientError
 from shared.core.ports import Link, WriteOp, WriteResult
 from shared.mapping.spec import parse_spec
-from shared.runtime.sqlite_state import SqliteStateStore
+from shared.runtime.embedded import SqliteStateStore
 from tests.fakes import FakeSystem
 from tests.unit.test_engine_documents import SPEC_TEXT, T0, deal, env
 

@@ -8,8 +8,7 @@ from pathlib import Path
 from shared.core.controller import DEDUP_RETENTION, HOUSEKEEPING, Controller
 from shared.core.engine import SyncEngine
 from shared.mapping.spec import load_spec
-from shared.runtime.sqlite_queue import SqliteQueue
-from shared.runtime.sqlite_state import SqliteStateStore
+from shared.runtime.embedded import SqliteQueue, SqliteStateStore
 
 SPEC = load_spec(Path(__file__).resolve().parents[2] / "flows" / "dot-signs.yaml")
 

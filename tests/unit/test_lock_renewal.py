@@ -12,8 +12,7 @@ from shared.core.controller import Controller
 from shared.core.engine import SyncEngine
 from shared.core.envelope import ChangeEnvelope
 from shared.core.ports import WriteOp, WriteResult
-from shared.runtime.sqlite_queue import SqliteQueue
-from shared.runtime.sqlite_state import SqliteStateStore
+from shared.runtime.embedded import SqliteQueue, SqliteStateStore
 from shared.settings import Settings
 from tests.fakes import FakeSystem
 from tests.unit.test_engine import SIGN_ID, SPEC, T0, sign_payload

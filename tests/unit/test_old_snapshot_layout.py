@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from shared.core.engine import OLD_LAYOUT_RECHECK_SECONDS, OldLayout, SyncEngine
 from shared.core.envelope import ChangeEnvelope
 from shared.core.ports import Snapshot
-from shared.runtime.sqlite_state import SqliteStateStore
+from shared.runtime.embedded import SqliteStateStore
 from tests.fakes import FakeSystem
 from tests.unit.test_engine import SPEC, T0, sign_payload
 

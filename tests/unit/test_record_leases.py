@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from shared.core.engine import SyncEngine
 from shared.core.ports import WriteOp, WriteResult
-from shared.runtime.sqlite_state import SqliteStateStore
+from shared.runtime.embedded import SqliteStateStore
 from tests.fakes import FakeSystem
 from tests.unit.test_engine import SIGN_ID, SPEC, env, sign_payload
 

@@ -8,7 +8,7 @@ from shared.core.controller import to_messages
 from shared.core.envelope import ChangeEnvelope
 from shared.core.ports import Snapshot
 from shared.mapping.spec import load_spec
-from shared.runtime.sqlite_state import SqliteStateStore
+from shared.runtime.embedded import SqliteStateStore
 
 SPEC = load_spec(Path(__file__).resolve().parents[2] / "flows" / "dot-signs.yaml")
 

@@ -13,7 +13,7 @@ import pytest
 from shared.core.envelope import QueueMessage, ReceivedMessage
 from shared.core.errors import REASONS
 from shared.core.ports import InboundQueue, LockLostError, QueueDepth
-from shared.runtime.sqlite_queue import MAX_DELIVERY_EXCEEDED, LockLostBatchError, SqliteQueue
+from shared.runtime.embedded import MAX_DELIVERY_EXCEEDED, LockLostBatchError, SqliteQueue
 from tests.contract.conftest import FakeClock
 
 LOCK = 30.0

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from shared.core.ports import AuditEntry, Link, Snapshot, StateStore
-from shared.runtime.sqlite_state import SqliteStateStore
+from shared.runtime.embedded import SqliteStateStore
 
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 

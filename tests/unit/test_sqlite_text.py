@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from shared.core.ports import Link, Snapshot
-from shared.runtime.sqlite_state import SqliteStateStore
+from shared.runtime.embedded import SqliteStateStore
 
 # Surrogates are drawn on purpose: st.text() leaves them out by default.
 _any_text = st.text(st.characters(codec=None, exclude_categories=()), max_size=12)

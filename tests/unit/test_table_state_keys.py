@@ -13,7 +13,7 @@ from azure.core.exceptions import ResourceNotFoundError
 from azure.data.tables import UpdateMode
 
 from shared.core.ports import AuditEntry, Link, Snapshot
-from shared.runtime.table_state import (
+from shared.runtime.azure.tables import (
     MAX_KEY_UNITS,
     MAX_STRING_UNITS,
     MAX_TRANSACTION_OPS,

@@ -7,13 +7,14 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import cast
 
 import pytest
 from azure.data.tables.aio import TableServiceClient
 
 from shared.core.ports import StateStore
-from shared.runtime.table_state import TableStateStore, default_transport
-from tests.contract.adapters import STATE_BUILDERS
+from shared.runtime.azure import TableStateStore, default_transport
+from tests.contract.adapters import STATE_BUILDERS, opened_states
 
 #: A storage account connection string to run the suite against instead of Azurite.
 ACCOUNT_ENV = "SYNCLINE_TEST_TABLES_CONNECTION_STRING"
@@ -52,20 +53,14 @@ async def drop_tables(conn_str: str, names: Sequence[str]) -> None:
 async def azure_tables_state(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[object]:
     conn_str = tables_connection_string(request)
     prefix = fresh_prefix()
-    opened: list[TableStateStore] = []
 
-    async def make() -> StateStore:
-        store = TableStateStore.from_connection_string(conn_str, table_prefix=prefix)
-        opened.append(store)
-        return store
-
-    try:
-        yield make
-    finally:
-        for store in opened:
-            await store.close()
+    async def drop(opened: list[StateStore]) -> None:
         if opened:
-            await drop_tables(conn_str, opened[0].table_names)
+            await drop_tables(conn_str, cast(TableStateStore, opened[0]).table_names)
+
+    async with opened_states(lambda: TableStateStore.from_connection_string(conn_str, table_prefix=prefix),
+                             drop) as make:
+        yield make
 
 
 STATE_BUILDERS["azure-tables"] = azure_tables_state

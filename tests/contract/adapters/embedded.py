@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from shared.core.ports import InboundQueue, StateStore
-from shared.runtime.sqlite_queue import SqliteQueue
-from shared.runtime.sqlite_state import SqliteStateStore
-from tests.contract.adapters import QUEUE_BUILDERS, STATE_BUILDERS
+from shared.core.ports import InboundQueue
+from shared.runtime.embedded import SqliteQueue, SqliteStateStore
+from tests.contract.adapters import QUEUE_BUILDERS, STATE_BUILDERS, opened_states
 
 
 @asynccontextmanager
@@ -40,18 +39,8 @@ async def embedded_queue(request: pytest.FixtureRequest, tmp_path: Path) -> Asyn
 
 @asynccontextmanager
 async def embedded_state(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[object]:
-    opened: list[StateStore] = []
-
-    async def make() -> StateStore:
-        store = SqliteStateStore(tmp_path / "state.db")
-        opened.append(store)
-        return store
-
-    try:
+    async with opened_states(lambda: SqliteStateStore(tmp_path / "state.db")) as make:
         yield make
-    finally:
-        for store in opened:
-            await store.close()
 
 
 QUEUE_BUILDERS["embedded"] = embedded_queue

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.runtime.servicebus_queue import ServiceBusQueue
+from shared.runtime.azure import ServiceBusQueue
 from tests.contract.adapters import QUEUE_BUILDERS
 from tests.sbbroker import BrokerHandle, start_broker
 

@@ -13,9 +13,9 @@ from typing import Any
 
 from shared.core.envelope import QueueMessage, ReceivedMessage, wire_text
 from shared.core.ports import LockLostError, QueueDepth
-from shared.runtime.sqlite_state import SqliteDatabase, to_utc
+from shared.runtime.common import MAX_DELIVERY_EXCEEDED, LockLostBatchError, to_utc
+from shared.runtime.embedded.database import SqliteDatabase
 
-MAX_DELIVERY_EXCEEDED = "MAX_DELIVERY_EXCEEDED"
 _POLL_SECONDS = 0.05
 
 # Times are integer microseconds since the epoch: compared on every receive, and integers compare and index
@@ -92,18 +92,6 @@ def _from_us(value: int) -> datetime:
     return _EPOCH + value * _MICROSECOND
 
 
-class LockLostBatchError(LockLostError):
-    """Some messages of a batch settlement had lost their lock; `lost` lists them, the rest were settled."""
-
-    def __init__(self, lost: Sequence[ReceivedMessage]) -> None:
-        self.lost = tuple(lost)
-        numbers = ", ".join(str(m.sequence_number) for m in self.lost)
-        super().__init__(
-            f"{len(self.lost)} message(s) had lost their lock (sequence numbers {numbers}); they will be "
-            "redelivered, every other message of the batch was settled"
-        )
-
-
 class SqliteQueue:
     """`InboundQueue` on a local SQLite file, with Azure Service Bus semantics.
 
@@ -165,6 +153,21 @@ class SqliteQueue:
         else:
             why = "it was settled already"
         raise LockLostError(f"lock lost for message {message.sequence_number} ({message.message_id}): {why}")
+
+    def _still_locked(
+        self, conn: sqlite3.Connection, messages: Sequence[ReceivedMessage], now: int
+    ) -> tuple[list[ReceivedMessage], list[ReceivedMessage]]:
+        """(held, lost): `messages` split by `_check_lock`, each list in the order given."""
+        held: list[ReceivedMessage] = []
+        lost: list[ReceivedMessage] = []
+        for message in messages:
+            try:
+                self._check_lock(conn, message, now)
+            except LockLostError:
+                lost.append(message)
+            else:
+                held.append(message)
+        return held, lost
 
     # ------------------------------------------------------------------------------------------ send
 
@@ -308,15 +311,8 @@ class SqliteQueue:
         def work(conn: sqlite3.Connection) -> tuple[list[ReceivedMessage], datetime]:
             now = self._now_us()
             until = now + self._lock_us
-            held: list[tuple[int, int]] = []
-            lost: list[ReceivedMessage] = []
-            for message in messages:
-                try:
-                    self._check_lock(conn, message, now)
-                except LockLostError:
-                    lost.append(message)
-                else:
-                    held.append((until, message.sequence_number))
+            kept, lost = self._still_locked(conn, messages, now)
+            held = [(until, message.sequence_number) for message in kept]
             conn.executemany("UPDATE queue_messages SET locked_until_us = ? WHERE seq = ?", held)
             return lost, _from_us(until)
 
@@ -346,16 +342,8 @@ class SqliteQueue:
     async def _settle_many(self, messages: Sequence[ReceivedMessage], statement: str) -> None:
         def work(conn: sqlite3.Connection) -> list[ReceivedMessage]:
             now = self._now_us()
-            held: list[tuple[int]] = []
-            lost: list[ReceivedMessage] = []
-            for message in messages:
-                try:
-                    self._check_lock(conn, message, now)
-                except LockLostError:
-                    lost.append(message)
-                else:
-                    held.append((message.sequence_number,))
-            conn.executemany(statement, held)
+            kept, lost = self._still_locked(conn, messages, now)
+            conn.executemany(statement, [(message.sequence_number,) for message in kept])
             return lost
 
         # raised after the commit: the messages still held must stay settled
