@@ -109,7 +109,7 @@ async def child(path: str, records: int, batch: int) -> dict[str, Any]:
     await services.state.put_links(links)
     await services.queue.send([e.to_message() for e in envelopes])
     if path == "naive":
-        from shared.connectors.dataverse import dataverse_token_provider
+        from shared.bootstrap import dataverse_token_provider
 
         tokens = dataverse_token_provider(settings.dataverse, ca_bundle=settings.syncline_ca_bundle or None)
         naive = NaiveDataverseSink(tokens, services.clients[0], settings.dataverse.url)

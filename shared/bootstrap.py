@@ -6,17 +6,19 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 from shared.connectors._http import CallCounter, RetryPolicy
+from shared.connectors.dataverse import AzureIdentityTokenProvider, client_secret_token_provider
 from shared.core.controller import Controller
 from shared.core.engine import SyncEngine
 from shared.core.errors import SpecError
 from shared.core.ports import ChangeSource, InboundQueue, RecordSink, StateStore
 from shared.mapping.spec import FlowSet, load_spec, parse_spec
 from shared.runtime.telemetry import Metrics, configure_logging, configure_telemetry, dataverse_correlation_hook
-from shared.settings import Settings, queue_max_delivery_count
+from shared.settings import DataverseSettings, Settings, queue_max_delivery_count
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +94,32 @@ def _client(system: str, counter: CallCounter, settings: Settings,
     )
 
 
+def dataverse_token_provider(
+    settings: DataverseSettings, *, ca_bundle: str | None = None
+) -> AzureIdentityTokenProvider:
+    """Dataverse's (and F&O's) Entra ID tokens: client secret when configured, else DefaultAzureCredential.
+
+    The scope is `{settings.url}/.default`; `settings.authority_host` (the sandbox's https token endpoint) and
+    `ca_bundle` (its test CA) are passed through for local runs.
+    """
+    scope = settings.url.rstrip("/") + "/.default"
+    authority = settings.authority_host or None
+    secret = settings.client_secret.get_secret_value()
+    if secret:
+        return client_secret_token_provider(settings.tenant_id, settings.client_id, secret, scope,
+                                            authority_host=authority, ca_bundle=ca_bundle)
+    from azure.identity import DefaultAzureCredential
+
+    kwargs: dict[str, Any] = {}
+    if authority is not None:
+        kwargs["authority"] = authority
+    if ca_bundle is not None:
+        kwargs["connection_verify"] = ca_bundle
+    if settings.client_id:
+        kwargs["managed_identity_client_id"] = settings.client_id
+    return AzureIdentityTokenProvider(DefaultAzureCredential(**kwargs), scope)
+
+
 def build_services(
     settings: Settings | None = None,
     *,
@@ -113,7 +141,7 @@ def build_services(
     policy = RetryPolicy()
 
     if settings.dataverse.url:
-        from shared.connectors.dataverse import DataverseClient, dataverse_token_provider
+        from shared.connectors.dataverse import DataverseClient
 
         http = _client("dataverse", counter, settings, transports)
         clients.append(http)
@@ -177,7 +205,6 @@ def build_services(
         sources["salesforce"] = sf
 
     if settings.fno.environment_url:
-        from shared.connectors.dataverse import dataverse_token_provider
         from shared.connectors.fno import FinOpsClient
         from shared.settings import DataverseSettings
 

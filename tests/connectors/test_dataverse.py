@@ -722,7 +722,7 @@ async def test_composition_root_helper_builds_a_working_provider(
 ) -> None:
     from pydantic import SecretStr
 
-    from shared.connectors.dataverse import dataverse_token_provider
+    from shared.bootstrap import dataverse_token_provider
     from shared.settings import DataverseSettings
 
     settings = DataverseSettings(url=dataverse_env.url, tenant_id=dataverse_sim.tenant_id,

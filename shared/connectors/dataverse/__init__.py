@@ -4,7 +4,6 @@ from shared.connectors.dataverse.auth import (
     AzureIdentityTokenProvider,
     TokenProvider,
     client_secret_token_provider,
-    dataverse_token_provider,
 )
 from shared.connectors.dataverse.batch import parse_batch_response
 from shared.connectors.dataverse.changes import DataverseWebhookChange, parse_remote_execution_context
@@ -14,6 +13,6 @@ from shared.connectors.dataverse.writes import ANNOTATION_MARKER
 
 __all__ = [
     "ANNOTATION_MARKER", "AzureIdentityTokenProvider", "DataverseClient", "DataverseWebhookChange", "TableInfo",
-    "TokenProvider", "client_secret_token_provider", "dataverse_token_provider", "parse_batch_response",
+    "TokenProvider", "client_secret_token_provider", "parse_batch_response",
     "parse_remote_execution_context",
 ]

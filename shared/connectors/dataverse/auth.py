@@ -13,7 +13,6 @@ from shared.core.errors import AuthError, SyncError, TransientError
 if TYPE_CHECKING:
     from azure.core.credentials import TokenCredential
 
-    from shared.settings import DataverseSettings
 
 
 class TokenProvider(Protocol):
@@ -119,31 +118,5 @@ def client_secret_token_provider(
         kwargs["connection_verify"] = ca_bundle
     credential = ClientSecretCredential(tenant_id, client_id, client_secret, **kwargs)
     return AzureIdentityTokenProvider(credential, scope)
-
-
-def dataverse_token_provider(
-    settings: DataverseSettings, *, ca_bundle: str | None = None
-) -> AzureIdentityTokenProvider:
-    """The composition root's provider: client secret when configured, else DefaultAzureCredential (managed id).
-
-    The scope is `{settings.url}/.default`; `settings.authority_host` (the sandbox's https token endpoint) and
-    `ca_bundle` (its test CA) are passed through for local runs.
-    """
-    scope = settings.url.rstrip("/") + "/.default"
-    authority = settings.authority_host or None
-    secret = settings.client_secret.get_secret_value()
-    if secret:
-        return client_secret_token_provider(settings.tenant_id, settings.client_id, secret, scope,
-                                            authority_host=authority, ca_bundle=ca_bundle)
-    from azure.identity import DefaultAzureCredential
-
-    kwargs: dict[str, Any] = {}
-    if authority is not None:
-        kwargs["authority"] = authority
-    if ca_bundle is not None:
-        kwargs["connection_verify"] = ca_bundle
-    if settings.client_id:
-        kwargs["managed_identity_client_id"] = settings.client_id
-    return AzureIdentityTokenProvider(DefaultAzureCredential(**kwargs), scope)
 
 
