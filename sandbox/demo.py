@@ -152,7 +152,7 @@ def start_sales_side(box: Sandbox, ca: TestCA) -> None:
 
 def start_sap_side(box: Sandbox, ca: TestCA) -> None:
     """The SAP S/4HANA simulator (the third seed's ERP), basic authentication with a communication user."""
-    from sandbox.sap_sim import SapSimulator
+    from sandbox.sap import SapSimulator
 
     box.sap = SapSimulator(event_verify=str(ca.ca_path))
     server = RunningServer(_app(box, box.sap.app, "sap"), ca=ca).start()
@@ -481,7 +481,7 @@ def seed_sap_side(box: Sandbox) -> dict[str, Any]:
     """Before go-live: SAP holds business partners, materials and orders; Dynamics holds its ERP customers, one of
     them migrated without webhooks (it becomes an SAP partner only when its first order needs one)."""
     from sandbox.dataverse_seed import seed_sap_accounts
-    from sandbox.sap_sim import seed_sap
+    from sandbox.sap import seed_sap
 
     seed_sap(box.sap, partners=12, orders=8)
     box.sales["sap_accounts"] = seed_sap_accounts(box.dv, accounts=12)
@@ -577,7 +577,7 @@ def expected_bad(box: Sandbox) -> Counter[tuple[str, str]]:
         expected[("orders_to_fno", "UNMAPPED_CHOICE")] = len(pipeline.get("bad_order_legal_entity", []))
         expected[("crm_accounts_from_salesforce", "UNMAPPED_CHOICE")] = len(c360.get("bad_payment_terms", []))
     if box.sap is not None:
-        from sandbox.sap_sim import BAD_PARTNER_CURRENCY, BAD_PARTNER_NO_NAME
+        from sandbox.sap import BAD_PARTNER_CURRENCY, BAD_PARTNER_NO_NAME
 
         accounts, orders = box.sales.get("sap_accounts", {}), box.sales.get("sap_orders", {})
         expected[("accounts_to_sap", "UNMAPPED_CHOICE")] = len(accounts.get("bad_currency", []))

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-from sandbox.sap_sim import SapSimulator
+from sandbox.sap import SapSimulator
 from shared.connectors import arcgis, dataverse, fno, salesforce, sap
 from shared.core.errors import EnvelopeError, MappingError
 from tests.connectors.test_dataverse_webhook import doc_sample
