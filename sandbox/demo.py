@@ -133,7 +133,7 @@ def start_azure_emulators(box: Sandbox) -> None:
 
 def start_sales_side(box: Sandbox, ca: TestCA) -> None:
     """F&O and Salesforce simulators (the second seed's lead-to-cash reference data)."""
-    from sandbox.fno_sim import FinOpsSimulator
+    from sandbox.fno import FinOpsSimulator
     from sandbox.salesforce_sim import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, SalesforceSimulator
 
     box.fno, box.sf = FinOpsSimulator(), SalesforceSimulator()
@@ -373,7 +373,7 @@ def seed_sales_side(box: Sandbox, customers: int) -> dict[str, Any]:
     """Before go-live: F&O masters customers and products, Dynamics 365 Sales and Salesforce hold their own CRM
     accounts and contacts (Customer 360)."""
     from sandbox.dataverse_seed import seed_crm
-    from sandbox.fno_sim import seed_fno
+    from sandbox.fno import seed_fno
     from sandbox.salesforce_sim import seed_customer360
 
     seed_fno(box.fno, customers=customers, products=max(20, customers // 2))  # per legal entity
@@ -548,7 +548,7 @@ def sap_fulfilment_activity(box: Sandbox, rng: random.Random, summary: Counter[s
 
 def sales_activity(box: Sandbox, summary: Counter[str]) -> None:
     """A customer renamed in F&O (business event) and a phone number typed into Salesforce (CDC)."""
-    from sandbox.fno_sim import UNMAPPED_CURRENCY
+    from sandbox.fno import UNMAPPED_CURRENCY
 
     customer = next(c for c in box.fno.all("CustomersV3") if c["SalesCurrencyCode"] != UNMAPPED_CURRENCY)
     box.fno.apply_change("CustomersV3", (customer["dataAreaId"], customer["CustomerAccount"]),
@@ -562,7 +562,7 @@ def sales_activity(box: Sandbox, summary: Counter[str]) -> None:
 
 def expected_bad(box: Sandbox) -> Counter[tuple[str, str]]:
     """The deliberately bad records of every seed, as (flow, reason) counts."""
-    from sandbox.fno_sim import UNMAPPED_CURRENCY
+    from sandbox.fno import UNMAPPED_CURRENCY
 
     expected = Counter(EXPECTED_BAD)
     if box.fno is not None:

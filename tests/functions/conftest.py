@@ -11,7 +11,7 @@ import pytest
 
 from sandbox.dataverse_seed import seed_dataverse
 from sandbox.demo import Sandbox, environment, start_sandbox
-from sandbox.fno_sim import seed_fno
+from sandbox.fno import seed_fno
 from sandbox.funchost import registered_functions
 from sandbox.salesforce_sim import seed_salesforce
 from sandbox.sap import seed_sap
