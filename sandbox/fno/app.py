@@ -36,7 +36,6 @@ from sandbox.fno.odata import (
     DEFAULT_COMPANY,
     ENTITY_KEYS,
     MAX_PAGE_SIZE,
-    MODIFIED,
     NUMBER_SEQUENCES,
     TABLE_NAMES,
     THROTTLE_MESSAGE,
@@ -270,12 +269,7 @@ class FinOpsSimulator(FnoEvents, FnoStore):
                         {"OrderedSalesQuantity", "SalesPrice"} & set(changes):
                     changes["LineAmount"] = merged["LineAmount"] = _line_amount(merged)
                 self._validate(entity, merged, creating=False)
-                before = dict(row)
-                row.update(changes)
-                if entity in MODIFIED:
-                    row["ModifiedDateTime"] = self._now_text()
-                row["@odata.etag"] = self._etag()
-                self._emit(entity, row, before)
+                self._change(entity, row, changes)
                 return 204, {"ETag": row["@odata.etag"]}, None
             raise ODataError(405, f"The HTTP method '{method}' is not allowed on a key URL.")
         if method == "POST":

@@ -26,6 +26,7 @@ from sandbox.fno.schema import (
     SchemaViolation,
     check_body,
 )
+from sandbox.odata import next_stamp
 from shared.payloads import strict_loads
 
 
@@ -45,12 +46,8 @@ class FnoStore:
         """Entity set -> its declared properties (from the schema; $select/$filter/$orderby and writes use them)."""
 
     def _now_text(self) -> str:
-        now = datetime.now(UTC)
-        now = now.replace(microsecond=now.microsecond // 1000 * 1000)
-        if now <= self._last_modified:
-            now = self._last_modified + timedelta(milliseconds=1)
-        self._last_modified = now
-        return now.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+        self._last_modified = next_stamp(self._last_modified)
+        return self._last_modified.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
     def _etag(self) -> str:
         self._row_version += self._rng.randint(1, 40)
@@ -88,13 +85,17 @@ class FnoStore:
         with self._lock:
             check_body(self.entities[entity], values, extensions=self.extensions)
             row = self._tables[entity][tuple(k.lower() for k in key)]
-            before = dict(row)
-            row.update(values)
-            if entity in MODIFIED:
-                row["ModifiedDateTime"] = self._now_text()
-            row["@odata.etag"] = self._etag()
-            self._emit(entity, row, before)
+            self._change(entity, row, values)
             return dict(row)
+
+    def _change(self, entity: str, row: dict[str, Any], values: Mapping[str, Any]) -> None:
+        """Write changes into a stored row as F&O does: modified stamp, new ETag, business event."""
+        before = dict(row)
+        row.update(values)
+        if entity in MODIFIED:
+            row["ModifiedDateTime"] = self._now_text()
+        row["@odata.etag"] = self._etag()
+        self._emit(entity, row, before)
 
     def _key_of(self, entity: str, row: Mapping[str, Any]) -> tuple[str, ...]:
         return tuple(str(row.get(k, "")).lower() for k in ENTITY_KEYS[entity])

@@ -1,14 +1,14 @@
-"""OData v2 $filter: tokenizer, recursive-descent parser to a tuple AST, evaluation on stored rows."""
+"""OData v2 $filter: literals, the parser on the shared grammar (sandbox.odata), evaluation on stored rows."""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
+from sandbox.odata import DescentParser, Tok, compare, scan, walk
 from sandbox.sap.codecs import _parse_iso, _parse_time
 from sandbox.sap.gateway import _bad
 from sandbox.sap.schema import (
@@ -26,29 +26,16 @@ _TOKEN_RE = re.compile(r"""
   | (?P<paren>[()])
   | (?P<ident>[A-Za-z_]\w*)
 """, re.VERBOSE)
-_COMPARE = frozenset({"eq", "ne", "gt", "ge", "lt", "le"})
-
-
-@dataclass(frozen=True)
-class _Tok:
-    kind: str
-    text: str
-    value: Any = None
-
-
-def tokenize(text: str) -> list[_Tok]:
+def tokenize(text: str) -> list[Tok]:
     """Tokens of an OData v2 $filter (a syntax error is a Gateway 400)."""
-    out: list[_Tok] = []
-    pos = 0
-    while pos < len(text):
-        m = _TOKEN_RE.match(text, pos)
-        if m is None:
-            raise _bad("/IWBEP/CM_MGW_RT/021", f"Invalid filter expression: '{text}' (syntax error at position {pos})")
-        pos = m.end()
+    out: list[Tok] = []
+
+    def syntax_error(pos: int) -> Exception:
+        return _bad("/IWBEP/CM_MGW_RT/021", f"Invalid filter expression: '{text}' (syntax error at position {pos})")
+
+    for m in scan(_TOKEN_RE, text, syntax_error):
         kind = m.lastgroup or ""
         raw = m.group(0)
-        if kind == "ws":
-            continue
         if m.group("typed"):
             tname, tval = m.group("tname"), m.group("tval")
             try:
@@ -56,86 +43,43 @@ def tokenize(text: str) -> list[_Tok]:
                               else _parse_time(tval) if tname == "time" else tval)
             except ValueError:
                 raise _bad("/IWBEP/CM_MGW_RT/021", f"Invalid {tname} literal '{tval}' in filter '{text}'") from None
-            out.append(_Tok("lit", raw, value))
+            out.append(Tok("lit", raw, value))
         elif kind == "string":
-            out.append(_Tok("lit", raw, raw[1:-1].replace("''", "'")))
+            out.append(Tok("lit", raw, raw[1:-1].replace("''", "'")))
         elif kind == "decimal":
-            out.append(_Tok("lit", raw, Decimal(raw[:-1])))
+            out.append(Tok("lit", raw, Decimal(raw[:-1])))
         elif kind == "number":
             body = raw.rstrip("dDfFlL")
-            out.append(_Tok("lit", raw, Decimal(body)))
+            out.append(Tok("lit", raw, Decimal(body)))
         elif kind == "ident" and raw in ("true", "false", "null"):
-            out.append(_Tok("lit", raw, {"true": True, "false": False, "null": None}[raw]))
+            out.append(Tok("lit", raw, {"true": True, "false": False, "null": None}[raw]))
         else:
-            out.append(_Tok(kind, raw))
+            out.append(Tok(kind, raw))
     return out
 
 
-class FilterParser:
-    """Recursive descent: or > and > not > comparison | (expr). Builds a tuple AST, never evaluates text."""
+_SYNTAX = {"end": "unexpected end", "paren": "')' expected"}
+
+
+class FilterParser(DescentParser):
+    """The shared grammar with OData v2 literals, the entity's properties and the Gateway's error texts."""
 
     def __init__(self, text: str, entity: str) -> None:
-        self.text = text
-        self.toks = tokenize(text)
-        self.i = 0
+        super().__init__(text, tokenize(text))
         self.entity = entity
         self.fields = set(ENTITIES[entity].fields)
 
-    def _peek(self) -> _Tok | None:
-        return self.toks[self.i] if self.i < len(self.toks) else None
+    def error(self, what: str, tok: Tok | None) -> Exception:
+        if what == "unexpected":
+            detail = f"unexpected '{tok.text if tok else ''}'"
+        elif what == "operator":
+            detail = f"operator expected, got '{tok.text if tok else ''}'"
+        else:
+            detail = _SYNTAX[what]
+        return _bad("/IWBEP/CM_MGW_RT/021", f"Invalid filter expression: '{self.text}' ({detail})")
 
-    def _take(self) -> _Tok:
-        tok = self._peek()
-        if tok is None:
-            raise _bad("/IWBEP/CM_MGW_RT/021", f"Invalid filter expression: '{self.text}' (unexpected end)")
-        self.i += 1
-        return tok
-
-    def _is(self, word: str) -> bool:
-        tok = self._peek()
-        return tok is not None and tok.kind == "ident" and tok.text == word
-
-    def parse(self) -> tuple[Any, ...]:
-        node = self._or()
-        if self._peek() is not None:
-            raise _bad("/IWBEP/CM_MGW_RT/021", f"Invalid filter expression: '{self.text}' (unexpected "
-                                               f"'{self._take().text}')")
-        return node
-
-    def _or(self) -> tuple[Any, ...]:
-        node = self._and()
-        while self._is("or"):
-            self._take()
-            node = ("or", node, self._and())
-        return node
-
-    def _and(self) -> tuple[Any, ...]:
-        node = self._not()
-        while self._is("and"):
-            self._take()
-            node = ("and", node, self._not())
-        return node
-
-    def _not(self) -> tuple[Any, ...]:
-        if self._is("not"):
-            self._take()
-            return ("not", self._not())
-        tok = self._peek()
-        if tok is not None and tok.text == "(":
-            self._take()
-            node = self._or()
-            if self._take().text != ")":
-                raise _bad("/IWBEP/CM_MGW_RT/021", f"Invalid filter expression: '{self.text}' (')' expected)")
-            return node
-        left = self._operand()
-        op = self._take()
-        if op.kind != "ident" or op.text not in _COMPARE:
-            raise _bad("/IWBEP/CM_MGW_RT/021", f"Invalid filter expression: '{self.text}' (operator expected, "
-                                               f"got '{op.text}')")
-        return ("cmp", op.text, left, self._operand())
-
-    def _operand(self) -> tuple[Any, ...]:
-        tok = self._take()
+    def operand(self) -> tuple[Any, ...]:
+        tok = self.take()
         if tok.kind == "ident":
             if tok.text not in self.fields:
                 raise _bad("/IWBEP/CM_MGW_RT/022", f"Property '{tok.text}' not found in type "
@@ -180,12 +124,10 @@ def _any_of(node: tuple[Any, ...]) -> tuple[str, set[Any]] | None:
 
 def evaluate(node: tuple[Any, ...], row: Mapping[str, Any]) -> bool:
     """Evaluate a parsed filter on a stored row (ABAP compares strings case-sensitively)."""
-    if node[0] == "or":
-        return evaluate(node[1], row) or evaluate(node[2], row)
-    if node[0] == "and":
-        return evaluate(node[1], row) and evaluate(node[2], row)
-    if node[0] == "not":
-        return not evaluate(node[1], row)
+    return walk(node, row, _compare)
+
+
+def _compare(node: tuple[Any, ...], row: Mapping[str, Any]) -> bool:
     _, op, left_node, right_node = node
     name = left_node[1] if left_node[0] == "field" else right_node[1] if right_node[0] == "field" else None
 
@@ -195,13 +137,4 @@ def evaluate(node: tuple[Any, ...], row: Mapping[str, Any]) -> bool:
     left, right = value_of(left_node), value_of(right_node)
     if isinstance(left, datetime) and isinstance(right, datetime):
         left, right = left.astimezone(UTC), right.astimezone(UTC)
-    if op == "eq":
-        return bool(left == right)
-    if op == "ne":
-        return bool(left != right)
-    if left is None or right is None:
-        return False
-    try:
-        return bool({"gt": left > right, "ge": left >= right, "lt": left < right, "le": left <= right}[op])
-    except TypeError:
-        return False
+    return compare(op, left, right)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, time, timedelta
+from datetime import UTC, datetime, time
 from decimal import Decimal
 from typing import Any
 
+from sandbox.odata import next_stamp
 from sandbox.sap.codecs import _decimal_text, _sort_key
 from sandbox.sap.gateway import (
     _CONDITION_FIELDS,
@@ -220,12 +221,8 @@ class SapStore:
             return dict(order)
 
     def _now(self) -> datetime:
-        now = datetime.now(UTC)
-        now = now.replace(microsecond=now.microsecond // 1000 * 1000)
-        if now <= self._last_stamp:
-            now = self._last_stamp + timedelta(milliseconds=1)
-        self._last_stamp = now
-        return now
+        self._last_stamp = next_stamp(self._last_stamp)
+        return self._last_stamp
 
     def _bp_stamp(self, row: dict[str, Any], *, created: bool) -> None:
         # BUT000 keeps dates and times to the second. The ETag adds the milliseconds of the (strictly increasing)
