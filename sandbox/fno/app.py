@@ -16,7 +16,6 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qsl, quote, unquote, urlencode
@@ -27,8 +26,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from sandbox.dataverse_sim import DataverseSimulator
-from sandbox.faults import DROP, SLOW, Dropped, FaultKnobs
-from sandbox.fno.events import FnoEvents, _Delivery
+from sandbox.faults import DROP, SLOW, Dropped
 from sandbox.fno.filters import FilterParser, evaluate, tokenize
 from sandbox.fno.odata import (
     CURRENCIES,
@@ -49,15 +47,8 @@ from sandbox.fno.schema import (
     could_not_find_property,
     csdl,
 )
+from sandbox.fno.state import FnoFaults, Throttling, _Delivery
 from sandbox.fno.store import FnoStore
-
-
-@dataclass
-class Throttling:
-    """User-based service protection: at most `limit` requests per sliding `window_seconds` (None = off)."""
-
-    limit: int | None = None
-    window_seconds: int = 300
 
 
 def _fault_response(status: int) -> Response:
@@ -66,19 +57,7 @@ def _fault_response(status: int) -> Response:
     return JSONResponse({"error": {"code": "", "message": "An error has occurred."}}, status_code=status)
 
 
-class FnoFaults(FaultKnobs):
-    """The shared fault knobs, and token expiry through the composed Entra simulator."""
-
-    def __init__(self, sim: FinOpsSimulator) -> None:
-        super().__init__()
-        self._sim = sim
-
-    def expire_tokens(self) -> None:
-        """Invalidate every access token issued so far (the next API call gets 401)."""
-        self._sim.entra.faults.expire_tokens()
-
-
-class FinOpsSimulator(FnoEvents, FnoStore):
+class FinOpsSimulator(FnoStore):
     """In-memory F&O environment: OData /data entities, Entra ID tokens, throttling, faults, business events."""
 
     def __init__(self, *, page_size: int = MAX_PAGE_SIZE, latency_ms: float = 0.0, event_verify: Any = True,

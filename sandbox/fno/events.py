@@ -7,22 +7,16 @@ import threading
 import time
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import httpx
 
 from sandbox.fno.odata import CUSTOMER_EVENT, SALES_STATUS_EVENT, _wcf_date
+from sandbox.fno.state import FnoState, _Delivery
 
 
-@dataclass
-class _Delivery:
-    url: str
-    body: bytes
-
-
-class FnoEvents:
+class FnoEvents(FnoState):
     """Business events out: a background thread delivers them, 3 attempts each."""
 
     def register_business_event_endpoint(self, url: str) -> None:

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
+from sandbox.fno.events import FnoEvents
 from sandbox.fno.filters import _parse_dt
 from sandbox.fno.odata import (
     DEFAULT_COMPANY,
@@ -30,7 +31,7 @@ from sandbox.odata import next_stamp
 from shared.payloads import strict_loads
 
 
-class FnoStore:
+class FnoStore(FnoEvents):
     """Entity rows by key, what F&O fills in and checks on writes, and the knobs tests use."""
 
     @property

@@ -4,22 +4,16 @@ from __future__ import annotations
 
 import base64
 import secrets
-from dataclasses import dataclass
 from urllib.parse import parse_qsl
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from sandbox.sap.gateway import MODIFYING, SAP_CLIENT, SESSION_COOKIE, SYSTEM_ID, GatewayError
+from sandbox.sap.state import SapState, _Session
 
 
-@dataclass
-class _Session:
-    user: str
-    token: str
-
-
-class SapAuth:
+class SapAuth(SapState):
     """Who is calling, and whether a modifying request carries its session's CSRF token."""
 
     def expire_csrf_tokens(self) -> None:

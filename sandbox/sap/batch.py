@@ -11,6 +11,7 @@ from urllib.parse import parse_qsl, unquote
 
 from sandbox.sap.codecs import _json_text
 from sandbox.sap.gateway import SERVICE_PREFIX, GatewayError, _bad
+from sandbox.sap.resources import SapResources
 from sandbox.sap.rows import _Rows
 from sandbox.sap.schema import (
     ENTITIES,
@@ -105,7 +106,7 @@ def _http_part(answer: _Answer, content_id: str | None = None) -> bytes:
     return ("\r\n".join(lines) + "\r\n\r\n" + "\r\n".join(response) + "\r\n\r\n").encode() + answer.body
 
 
-class SapBatch:
+class SapBatch(SapResources):
     """$batch requests: retrieve parts and changesets."""
 
     def _batch(self, service: str, headers: Mapping[str, str], body: bytes, base: str) -> tuple[bytes, str, int]:

@@ -11,9 +11,10 @@ from typing import Any
 import httpx
 
 from sandbox.sap.gateway import EVENT_SOURCE
+from sandbox.sap.state import SapState
 
 
-class SapEvents:
+class SapEvents(SapState):
     """CloudEvents out: endpoints, buffering inside a changeset, background delivery."""
 
     def register_event_endpoint(self, url: str, *, headers: Mapping[str, str] | None = None) -> None:

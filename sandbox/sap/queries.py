@@ -17,10 +17,11 @@ from sandbox.sap.schema import (
     AVAILABILITY_SERVICE,
     ENTITIES,
 )
+from sandbox.sap.store import SapStore
 from shared.payloads import strict_loads
 
 
-class SapQueries:
+class SapQueries(SapStore):
     """Answers to GET requests, and the request-body checks writes share."""
 
     def _availability(self, query: Mapping[str, str]) -> tuple[int, dict[str, str], Any]:

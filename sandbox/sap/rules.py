@@ -25,9 +25,10 @@ from sandbox.sap.rows import _blank
 from sandbox.sap.schema import (
     ENTITIES,
 )
+from sandbox.sap.store import SapStore
 
 
-class SapRules:
+class SapRules(SapStore):
     """What S/4HANA checks and derives on each create, update and delete."""
 
     def _fields(self, entity: str, values: Mapping[str, Any]) -> dict[str, Any]:

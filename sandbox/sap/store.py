@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, time
 from decimal import Decimal
 from typing import Any
 
 from sandbox.odata import next_stamp
 from sandbox.sap.codecs import _decimal_text, _sort_key
+from sandbox.sap.events import SapEvents
 from sandbox.sap.gateway import (
     _CONDITION_FIELDS,
     _PRODUCT_FIELDS,
@@ -26,37 +26,10 @@ from sandbox.sap.rows import _blank
 from sandbox.sap.schema import (
     ENTITIES,
 )
+from sandbox.sap.state import Material
 
 
-@dataclass
-class Material:
-    """Customizing of one material: allowed sales units, plants, list price."""
-
-    number: str
-    text: str
-    base_unit: str
-    units: frozenset[str]
-    plants: frozenset[str]
-    price: Decimal
-    group: str = "P001"
-
-
-@dataclass
-class Customizing:
-    """The organisational data validation checks against."""
-
-    sales_areas: set[tuple[str, str, str]] = field(default_factory=set)
-    plants: set[str] = field(default_factory=set)
-    materials: dict[str, Material] = field(default_factory=dict)
-    units: set[str] = field(default_factory=lambda: {"PC", "EA", "KG", "G", "L", "M", "ST", "BOX"})
-    countries: set[str] = field(default_factory=lambda: {"US", "CA", "MX", "DE", "GB", "FR", "NL", "CH", "JP"})
-    currencies: set[str] = field(default_factory=lambda: {"USD", "EUR", "CAD", "MXN", "GBP", "CHF", "JPY"})
-    order_types: set[str] = field(default_factory=lambda: {"OR", "TA", "CBFD"})
-    groupings: set[str] = field(default_factory=lambda: {"BP01", "BP02", "BP03"})
-    roles: set[str] = field(default_factory=lambda: {"FLCU00", "FLCU01", "FLVN00", "FLVN01", "BUP001", "BUP002"})
-
-
-class SapStore:
+class SapStore(SapEvents):
     """Rows by entity set, the customizing they are validated against, and the knobs tests use."""
 
     def add_sales_area(self, sales_org: str, channel: str, division: str) -> None:
