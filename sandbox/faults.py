@@ -1,5 +1,7 @@
-"""Fault injection for the simulators: the random middleware (429, 5xx, resets, timeouts, 504 after the write)
-and the per-simulator knobs tests aim at the next requests."""
+"""Fault injection for the simulators: the random middleware, and the knobs tests aim at the next requests.
+
+The middleware (`FaultPlan`) fails a fraction of all calls (429, 5xx, resets, timeouts, 504 after the write);
+the knobs (`FaultKnobs`) fail or stall chosen requests, each simulator answering in its own protocol's shape."""
 
 from __future__ import annotations
 

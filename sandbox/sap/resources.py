@@ -110,5 +110,3 @@ class SapResources(SapQueries, SapRules):
         if method != "GET":
             raise GatewayError(405, "/IWBEP/CM_MGW_RT/004", f"Method {method} not allowed on an entity set")
         return self._collection(entity, None, query, base, rest)
-
-    # ------------------------------------------------------------------------------------ $batch

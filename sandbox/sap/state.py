@@ -1,4 +1,4 @@
-"""The state every part of the SAP simulator shares: declared here, set by `SapSimulator.__init__`."""
+"""The state every part of the SAP simulator shares (set by `SapSimulator.__init__`), customizing included."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The S/4HANA data: customizing, stored rows and their stamps, relations, number ranges."""
+"""The S/4HANA data: stored rows and their stamps, relations, number ranges, customizing and stock knobs."""
 
 from __future__ import annotations
 
