@@ -118,7 +118,7 @@ async def prepare(env: dict[str, str], dv: Any, sap: Any, orders: int) -> dict[s
     """Untimed: SAP seed, ERP accounts, products from SAP, accounts made partners, then the bulk orders."""
     from sandbox.dataverse import bulk_sap_orders, seed_sap_accounts
     from sandbox.demo import environment
-    from sandbox.sap_sim import seed_sap
+    from sandbox.sap import seed_sap
     from shared.bootstrap import build_services
     from shared.ops import initial_load
     from shared.settings import Settings
@@ -189,7 +189,7 @@ def run_path(path: str, orders: int, sap_batch: int, latency_ms: float, op_laten
              tmp: Path) -> dict[str, Any]:
     """Fresh simulators, prepared with `orders` submitted orders; one timed child against them."""
     from sandbox import dataverse as dvs
-    from sandbox.sap_sim import SapSimulator
+    from sandbox.sap import SapSimulator
     from sandbox.server import RunningServer, TestCA
 
     ca = TestCA.create(tmp / f"tls-{path}")

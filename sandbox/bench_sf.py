@@ -123,7 +123,7 @@ def run_child(path: str, batch: int, env: dict[str, str]) -> dict[str, Any]:
 
 def run_path(path: str, records: int, batch: int, latency_ms: float, tmp: Path) -> dict[str, Any]:
     """Serve a fresh F&O (`records` good customers, two companies) and Salesforce org; run one child against them."""
-    from sandbox.fno_sim import FinOpsSimulator, seed_fno
+    from sandbox.fno import FinOpsSimulator, seed_fno
     from sandbox.salesforce import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, SalesforceSimulator
     from sandbox.server import RunningServer, TestCA
 

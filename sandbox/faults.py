@@ -1,4 +1,7 @@
-"""One ASGI fault-injection middleware for every simulator: 429, 5xx, resets, timeouts, 504 after the write."""
+"""Fault injection for the simulators: the random middleware, and the knobs tests aim at the next requests.
+
+The middleware (`FaultPlan`) fails a fraction of all calls (429, 5xx, resets, timeouts, 504 after the write);
+the knobs (`FaultKnobs`) fail or stall chosen requests, each simulator answering in its own protocol's shape."""
 
 from __future__ import annotations
 
@@ -7,9 +10,11 @@ import random
 import re
 import threading
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from starlette.responses import Response
 
 KINDS = ("throttle", "error500", "unavailable503", "reset", "reset_after_apply", "timeout", "gateway504_after_apply")
 """Every fault the middleware can inject; `FaultPlan.kinds` picks the ones in play (uniformly)."""
@@ -154,3 +159,94 @@ def expire_all_tokens(sims: Iterable[Any]) -> int:
                 fn()
                 done += 1
     return done
+
+
+# ------------------------------------------------------------------------------------ per-simulator knobs
+
+DROP = 0
+"""`fail_next` status meaning "the connection is dropped": the client sees a reset, not an HTTP status."""
+SLOW = -1
+"""Status of a `slow_next` fault: answered normally, only late."""
+
+
+@dataclass
+class KnobFault:
+    """One armed fault: which request it strikes and how it answers."""
+
+    status: int
+    path_contains: str | None = None
+    method: str | None = None
+    retry_after: float | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    after_apply: bool = False
+    delay: float = 0.0
+    skip: int = 0
+    """Matching requests let through untouched before this fault strikes."""
+
+
+class FaultKnobs:
+    """Fault knobs of one simulator: the next N API requests (optionally by path text / method) fail or stall.
+
+    The simulator asks `take` on each request and shapes the answer in its own protocol's error format."""
+
+    def __init__(self) -> None:
+        self._fail: list[KnobFault] = []
+        self._lock = threading.Lock()
+
+    def fail_next(self, n: int, status: int, path_contains: str | None = None, *, method: str | None = None,
+                  retry_after: float | None = None, headers: Mapping[str, str] | None = None,
+                  after_apply: bool = False, skip: int = 0) -> None:
+        """Fail the next `n` matching API requests with `status` (`DROP`: the connection is dropped; 429/503
+        carry `Retry-After` when given).
+
+        `headers` go on the response, e.g. `{"x-csrf-token": "Required"}` with 403 for a CSRF rejection that
+        survives a fresh token. `after_apply`: the request is served (applied) first and only its answer is
+        lost: `status` replaces it (a gateway 504 after the write; `DROP`: a reset after the commit). `skip`:
+        that many matching requests go through first (the fault strikes in the middle of a call).
+        """
+        with self._lock:
+            self._fail.extend(KnobFault(status, path_contains, method.upper() if method else None, retry_after,
+                                        dict(headers or {}), after_apply, skip=skip if i == 0 else 0)
+                              for i in range(n))
+
+    def throttle_next(self, n: int, *, status: int = 429, retry_after: float = 1.0, method: str | None = None) -> None:
+        """Answer the next `n` API requests with 429 (or 503) and `Retry-After: retry_after`."""
+        self.fail_next(n, status, method=method, retry_after=retry_after)
+
+    def slow_next(self, n: int, seconds: float, path_contains: str | None = None, *,
+                  method: str | None = None) -> None:
+        """Hold the next `n` matching requests `seconds` before applying and answering them normally: a client
+        with a shorter timeout gives up, and the write still lands (late), as on an overloaded server."""
+        with self._lock:
+            self._fail.extend(KnobFault(SLOW, path_contains, method.upper() if method else None, after_apply=True,
+                                        delay=seconds) for _ in range(n))
+
+    def clear(self) -> None:
+        with self._lock:
+            self._fail.clear()
+
+    def take(self, method: str, path: str, *, after_apply: bool | None = None) -> KnobFault | None:
+        """The first armed fault matching this request, disarmed (None: serve it normally). `after_apply`
+        None matches faults of either timing."""
+        with self._lock:
+            for i, fault in enumerate(self._fail):
+                if (fault.path_contains is None or fault.path_contains in path) and \
+                        (fault.method is None or fault.method == method) and \
+                        (after_apply is None or fault.after_apply == after_apply):
+                    if fault.skip:
+                        fault.skip -= 1
+                        return None
+                    return self._fail.pop(i)
+        return None
+
+
+class Dropped(Response):
+    """A response that starts and never finishes: the server closes the connection mid-answer (a reset)."""
+
+    def __init__(self) -> None:
+        super().__init__(status_code=200)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", b"4096")]})
+        raise ConnectionAbortedError("connection dropped by the simulator's fault knob")

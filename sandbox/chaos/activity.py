@@ -76,7 +76,7 @@ def field_activity(box: demo.Sandbox, rng: random.Random, n: int, rnd: int, acti
 
 def fno_activity(box: demo.Sandbox, rng: random.Random, n: int, rnd: int, activity: Counter[str]) -> None:
     """Finance renames customers in F&O (business events to Salesforce)."""
-    from sandbox.fno_sim import UNMAPPED_CURRENCY
+    from sandbox.fno import UNMAPPED_CURRENCY
 
     customers = [c for c in box.fno.all("CustomersV3") if c["SalesCurrencyCode"] != UNMAPPED_CURRENCY]
     for customer in _pick(rng, customers, n):

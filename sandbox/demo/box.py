@@ -111,7 +111,7 @@ def start_azure_emulators(box: Sandbox) -> None:
 
 def start_sales_side(box: Sandbox, ca: TestCA) -> None:
     """F&O and Salesforce simulators (the second seed's lead-to-cash reference data)."""
-    from sandbox.fno_sim import FinOpsSimulator
+    from sandbox.fno import FinOpsSimulator
     from sandbox.salesforce import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, SalesforceSimulator
 
     box.fno, box.sf = FinOpsSimulator(), SalesforceSimulator()
@@ -130,7 +130,7 @@ def start_sales_side(box: Sandbox, ca: TestCA) -> None:
 
 def start_sap_side(box: Sandbox, ca: TestCA) -> None:
     """The SAP S/4HANA simulator (the third seed's ERP), basic authentication with a communication user."""
-    from sandbox.sap_sim import SapSimulator
+    from sandbox.sap import SapSimulator
 
     box.sap = SapSimulator(event_verify=str(ca.ca_path))
     server = RunningServer(_app(box, box.sap.app, "sap"), ca=ca).start()

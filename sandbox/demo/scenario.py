@@ -162,7 +162,7 @@ def seed_sales_side(box: Sandbox, customers: int) -> dict[str, Any]:
     """Before go-live: F&O masters customers and products, Dynamics 365 Sales and Salesforce hold their own CRM
     accounts and contacts (Customer 360)."""
     from sandbox.dataverse import seed_crm
-    from sandbox.fno_sim import seed_fno
+    from sandbox.fno import seed_fno
     from sandbox.salesforce import seed_customer360
 
     seed_fno(box.fno, customers=customers, products=max(20, customers // 2))  # per legal entity
@@ -270,7 +270,7 @@ def seed_sap_side(box: Sandbox) -> dict[str, Any]:
     """Before go-live: SAP holds business partners, materials and orders; Dynamics holds its ERP customers, one of
     them migrated without webhooks (it becomes an SAP partner only when its first order needs one)."""
     from sandbox.dataverse import seed_sap_accounts
-    from sandbox.sap_sim import seed_sap
+    from sandbox.sap import seed_sap
 
     seed_sap(box.sap, partners=12, orders=8)
     box.sales["sap_accounts"] = seed_sap_accounts(box.dv, accounts=12)
@@ -337,7 +337,7 @@ def sap_fulfilment_activity(box: Sandbox, rng: random.Random, summary: Counter[s
 
 def sales_activity(box: Sandbox, summary: Counter[str]) -> None:
     """A customer renamed in F&O (business event) and a phone number typed into Salesforce (CDC)."""
-    from sandbox.fno_sim import UNMAPPED_CURRENCY
+    from sandbox.fno import UNMAPPED_CURRENCY
 
     customer = next(c for c in box.fno.all("CustomersV3") if c["SalesCurrencyCode"] != UNMAPPED_CURRENCY)
     box.fno.apply_change("CustomersV3", (customer["dataAreaId"], customer["CustomerAccount"]),
@@ -351,7 +351,7 @@ def sales_activity(box: Sandbox, summary: Counter[str]) -> None:
 
 def expected_bad(box: Sandbox) -> Counter[tuple[str, str]]:
     """The deliberately bad records of every seed, as (flow, reason) counts."""
-    from sandbox.fno_sim import UNMAPPED_CURRENCY
+    from sandbox.fno import UNMAPPED_CURRENCY
 
     expected = Counter(EXPECTED_BAD)
     if box.fno is not None:
@@ -366,7 +366,7 @@ def expected_bad(box: Sandbox) -> Counter[tuple[str, str]]:
         expected[("orders_to_fno", "UNMAPPED_CHOICE")] = len(pipeline.get("bad_order_legal_entity", []))
         expected[("crm_accounts_from_salesforce", "UNMAPPED_CHOICE")] = len(c360.get("bad_payment_terms", []))
     if box.sap is not None:
-        from sandbox.sap_sim import BAD_PARTNER_CURRENCY, BAD_PARTNER_NO_NAME
+        from sandbox.sap import BAD_PARTNER_CURRENCY, BAD_PARTNER_NO_NAME
 
         accounts, orders = box.sales.get("sap_accounts", {}), box.sales.get("sap_orders", {})
         expected[("accounts_to_sap", "UNMAPPED_CHOICE")] = len(accounts.get("bad_currency", []))

@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from sandbox.dataverse import API_PREFIX, DataverseSimulator
-from sandbox.fno_sim import FinOpsSimulator
+from sandbox.fno import FinOpsSimulator
 from sandbox.server import RunningServer
 from sandbox.server import TestCA as SandboxCA
 

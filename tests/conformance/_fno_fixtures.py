@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import httpx
 import pytest
 
-from sandbox.fno_sim import FinOpsSimulator, seed_fno
+from sandbox.fno import FinOpsSimulator, seed_fno
 from sandbox.server import RunningServer
 from sandbox.server import TestCA as SandboxCA
 from tests.conformance._dataverse_fixtures import entra_token

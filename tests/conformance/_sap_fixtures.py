@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import pytest
 import requests
 
-from sandbox.sap_sim import SERVICE_PREFIX, SapSimulator, seed_sap
+from sandbox.sap import SERVICE_PREFIX, SapSimulator, seed_sap
 from sandbox.server import RunningServer
 
 SO_ROOT = "API_SALES_ORDER_SRV"

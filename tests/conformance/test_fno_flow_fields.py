@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
-from sandbox.fno_schema import ENTITIES, EXTENSION_FIELD
+from sandbox.fno.schema import ENTITIES, EXTENSION_FIELD
 
 FLOWS = Path(__file__).resolve().parents[2] / "flows"
 

@@ -19,8 +19,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sandbox.fno_schema import ENTITIES, ENUMS, EXTENSION_FIELD
-from sandbox.fno_sim import FinOpsSimulator
+from sandbox.fno import FinOpsSimulator
+from sandbox.fno.schema import ENTITIES, ENUMS, EXTENSION_FIELD
 from tests.conformance import _fno_fixtures as fixtures
 from tests.conformance._fno_fixtures import FnoEnv, odata_client, serve
 

@@ -13,8 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from lxml import etree
 
-from sandbox.sap_schema import ENTITIES, SERVICE_SETS
-from sandbox.sap_sim import SESSION_COOKIE
+from sandbox.sap import SESSION_COOKIE
+from sandbox.sap.schema import ENTITIES, SERVICE_SETS
 from tests.conformance import _sap_fixtures
 from tests.conformance._sap_fixtures import BP_ROOT, SO_ROOT, SapGateway
 

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from pyodata.exceptions import HttpError, PyODataException
 
-from sandbox.sap_schema import ENTITIES, SERVICE_SETS, SERVICES
+from sandbox.sap.schema import ENTITIES, SERVICE_SETS, SERVICES
 from tests.conformance import _sap_fixtures
 from tests.conformance._sap_fixtures import BP_ROOT, SO_ROOT, SapGateway
 

@@ -7,8 +7,8 @@ from decimal import Decimal
 
 import pytest
 
-from sandbox.sap_schema import BOOL, DEC, DT, DTO, ENTITIES, GUID, STRING, TM
-from sandbox.sap_sim import SapSimulator, seed_sap
+from sandbox.sap import SapSimulator, seed_sap
+from sandbox.sap.schema import BOOL, DEC, DT, DTO, ENTITIES, GUID, STRING, TM
 
 PYTHON_TYPES: dict[str, tuple[type, ...]] = {STRING: (str,), DT: (datetime,), DTO: (datetime,), TM: (time,),
                                              DEC: (str,), BOOL: (bool,), GUID: (str,)}

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-from sandbox.sap_sim import SapSimulator
+from sandbox.sap import SapSimulator
 from shared.connectors import dataverse, fno, sap
 from shared.connectors.arcgis import codecs as arcgis
 from shared.connectors.dataverse import changes as dataverse_changes

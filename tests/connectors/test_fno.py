@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from sandbox.fno_sim import (
+from sandbox.fno import (
     CUSTOMER_EVENT,
     UNMAPPED_CURRENCY,
     FilterParser,

@@ -13,7 +13,7 @@ from urllib.parse import unquote_plus
 import httpx
 import pytest
 
-from sandbox.fno_sim import DROP, INVOICE_EVENT, PACKING_SLIP_EVENT, FinOpsSimulator
+from sandbox.fno import DROP, INVOICE_EVENT, PACKING_SLIP_EVENT, FinOpsSimulator
 from shared.connectors.fno import FinOpsClient, parse_business_events
 from shared.core.errors import AuthError, RejectedError, RetriableError, ThrottledError, TransientError
 from shared.core.ports import Lines, LineWrite, WriteOp, WriteResult

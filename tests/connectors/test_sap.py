@@ -18,8 +18,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-import sandbox.sap_sim as sap_sim_module
-from sandbox.sap_sim import (
+import sandbox.sap.queries as sap_sim_module
+from sandbox.sap import (
     BAD_ORDER,
     BAD_PARTNER_CURRENCY,
     BAD_PARTNER_NO_NAME,

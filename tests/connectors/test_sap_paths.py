@@ -12,7 +12,7 @@ from urllib.parse import unquote
 import httpx
 import pytest
 
-from sandbox.sap_sim import DROP, SapSimulator, seed_sap
+from sandbox.sap import DROP, SapSimulator, seed_sap
 from sandbox.server import RunningServer
 from sandbox.server import TestCA as SandboxCA
 from shared.connectors._http import RetryPolicy

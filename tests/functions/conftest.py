@@ -11,10 +11,10 @@ import pytest
 
 from sandbox.dataverse import seed_dataverse
 from sandbox.demo import Sandbox, environment, start_sandbox
-from sandbox.fno_sim import seed_fno
+from sandbox.fno import seed_fno
 from sandbox.funchost import registered_functions
 from sandbox.salesforce import seed_salesforce
-from sandbox.sap_sim import seed_sap
+from sandbox.sap import seed_sap
 from shared.bootstrap import Services, build_services, set_services
 from shared.settings import Settings
 from tests.functions.harness import Harness

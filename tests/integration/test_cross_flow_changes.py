@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from sandbox.demo import Sandbox, environment, settle, start_sandbox
-from sandbox.fno_sim import seed_fno
+from sandbox.fno import seed_fno
 from sandbox.salesforce import seed_new_accounts
 from shared.bootstrap import build_services
 from shared.core.controller import envelopes_for

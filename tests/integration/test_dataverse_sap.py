@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from sandbox.demo import Sandbox, environment, start_sandbox
-from sandbox.sap_sim import seed_sap
+from sandbox.sap import seed_sap
 from shared.bootstrap import build_services
 from shared.ops import initial_load
 from shared.settings import Settings

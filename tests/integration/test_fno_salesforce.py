@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from sandbox.demo import environment
-from sandbox.fno_sim import UNMAPPED_CURRENCY, FinOpsSimulator, seed_fno
+from sandbox.fno import UNMAPPED_CURRENCY, FinOpsSimulator, seed_fno
 from sandbox.salesforce import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, SalesforceSimulator
 from sandbox.server import RunningServer
 from sandbox.server import TestCA as SandboxCA

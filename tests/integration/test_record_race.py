@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from sandbox.demo import Sandbox, start_sandbox
-from sandbox.sap_sim import seed_sap
+from sandbox.sap import seed_sap
 
 ROOT = Path(__file__).resolve().parents[2]
 SAP_LATENCY_MS = 300  # the find-then-create of each writer takes >= 0.6 s: the two windows overlap

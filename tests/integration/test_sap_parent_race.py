@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from sandbox.demo import Sandbox, environment, start_sandbox
-from sandbox.sap_sim import seed_sap
+from sandbox.sap import seed_sap
 from shared.bootstrap import Services, build_services
 from shared.core.controller import envelopes_for
 from shared.core.engine import Outcome
