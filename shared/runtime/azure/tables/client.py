@@ -103,9 +103,8 @@ class TablesBase:
         self._query_page = query_page
         self._min_hits = max(1, RANGE_MIN_HITS * query_page // QUERY_PAGE)
         self._sparse: dict[tuple[str, str], tuple[float, int]] = {}
-        """Partitions found sparse: until when, and how many keys the call that found it read (see `_read_rows`)."""
-        """(table, partition) -> until when (monotonic) its reads are point reads: a range read found it sparse.
-        Advice on cost only: whichever way a key is read, it is read from the service now."""
+        """(table, partition) -> until when (monotonic) its reads are point reads, and how many keys the call that
+        found it sparse read (see `_read_rows`). Advice on cost only: whichever way a key is read, it is read now."""
 
     @property
     def table_names(self) -> list[str]:
