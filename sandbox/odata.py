@@ -1,4 +1,5 @@
-"""What the OData simulators (SAP, F&O) share: the $filter grammar's skeleton, comparisons, the change clock.
+"""What the OData simulators (SAP, F&O, Dataverse) share: the $filter grammar's skeleton, comparisons, the
+change clock; `scan` (a regex tokenizer) serves ArcGIS's where clauses too.
 
 Each simulator keeps its own literals, operands and error wording (they differ by protocol version and
 product); only the parts that are the same logic live here."""
