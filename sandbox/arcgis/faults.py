@@ -15,8 +15,7 @@ class _Fault(CountdownFault):
 
 class Faults(CountdownKnobs[_Fault]):
     """Fault knobs: failures (HTTP-200 error bodies or real statuses), slow answers, applied-then-504 writes
-    (applyEdits, attachments), expired OAuth tokens (the next calls get `498 Invalid token`; API keys stay valid).
-    Token requests are hit only by faults named by path."""
+    (applyEdits, attachments), expired OAuth tokens (the next calls get `498 Invalid token`; API keys stay valid)."""
 
     def fail_next(self, n: int, status_or_error_code: int, path_contains: str | None = None,
                   as_http_200_error: bool = True, retry_after: float | None = None) -> None:
