@@ -1,7 +1,9 @@
 """Fault injection for the simulators: the random middleware, and the knobs tests aim at the next requests.
 
 The middleware (`FaultPlan`) fails a fraction of all calls (429, 5xx, resets, timeouts, 504 after the write);
-the knobs (`FaultKnobs`) fail or stall chosen requests, each simulator answering in its own protocol's shape."""
+the knobs fail or stall chosen requests, each simulator answering in its own protocol's shape: `FaultKnobs`
+(a queue of single faults: SAP, F&O, Salesforce) or `CountdownKnobs` (a fault striking the next N matching
+requests: ArcGIS, Dataverse)."""
 
 from __future__ import annotations
 
@@ -10,9 +12,9 @@ import random
 import re
 import threading
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from starlette.responses import Response
 
@@ -250,3 +252,70 @@ class Dropped(Response):
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", b"4096")]})
         raise ConnectionAbortedError("connection dropped by the simulator's fault knob")
+
+
+@dataclass
+class CountdownFault:
+    """One armed countdown fault: it strikes the next `remaining` matching requests."""
+
+    remaining: int
+    status: int = 0
+    path_contains: str | None = None
+    retry_after: float | None = None
+    seconds: float = 0.0
+
+
+F = TypeVar("F", bound=CountdownFault)
+"""The simulator's failure fault (a subclass carries what its protocol's answer needs)."""
+T = TypeVar("T", bound=CountdownFault)
+
+
+class CountdownKnobs(Generic[F]):
+    """Fault knobs that count down: each armed fault strikes the next N requests whose path contains a text.
+
+    Here are slow answers, applied-then-504 writes and token expiry; failures (`fail_next`) are each simulator's
+    own, their answer being its protocol's. Which requests are writes, and what an expired token answers, each
+    simulator says."""
+
+    def __init__(self, expire_tokens: Callable[[], None]) -> None:
+        self._expire_tokens = expire_tokens
+        self._lock = threading.Lock()
+        self._fail: list[F] = []
+        self._timeouts: list[CountdownFault] = []
+        self._ambiguous: list[CountdownFault] = []
+
+    def timeout_next(self, n: int, seconds: float, path_contains: str | None = None) -> None:
+        """Hold the next `n` matching requests for `seconds` before processing them (they still apply)."""
+        self._arm(self._timeouts, CountdownFault(n, path_contains=path_contains, seconds=seconds))
+
+    def apply_then_504(self, n: int, path_contains: str | None = None) -> None:
+        """Apply the next `n` matching write requests, then answer 504 Gateway Timeout."""
+        self._arm(self._ambiguous, CountdownFault(n, 504, path_contains))
+
+    def expire_tokens(self) -> None:
+        """Invalidate every access token issued so far (the next API call is refused)."""
+        self._expire_tokens()
+
+    def clear(self) -> None:
+        """Drop every pending fault."""
+        with self._lock:
+            self._fail.clear()
+            self._timeouts.clear()
+            self._ambiguous.clear()
+
+    def _arm(self, bucket: list[T], fault: T) -> None:
+        with self._lock:
+            bucket.append(fault)
+
+    def _take(self, bucket: list[T], path: str, *, aimed_only: bool = False) -> T | None:
+        # `aimed_only`: a request only faults aimed at its path strike (a token request, a $batch part): the
+        # unaimed ones are for the API's own requests.
+        with self._lock:
+            for fault in bucket:
+                aimed = not aimed_only if fault.path_contains is None else fault.path_contains in path
+                if fault.remaining > 0 and aimed:
+                    fault.remaining -= 1
+                    if fault.remaining == 0:
+                        bucket.remove(fault)
+                    return fault
+        return None

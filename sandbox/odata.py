@@ -1,4 +1,5 @@
-"""What the OData simulators (SAP, F&O) share: the $filter grammar's skeleton, comparisons, the change clock.
+"""What the OData simulators (SAP, F&O, Dataverse) share: the $filter grammar's skeleton, comparisons, the
+buckets of equality indexes, the change clock; `scan` (a regex tokenizer) serves ArcGIS's where clauses too.
 
 Each simulator keeps its own literals, operands and error wording (they differ by protocol version and
 product); only the parts that are the same logic live here."""
@@ -9,11 +10,12 @@ import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 COMPARE = frozenset({"eq", "ne", "gt", "ge", "lt", "le"})
 
 Node = tuple[Any, ...]
+K = TypeVar("K")
 
 
 @dataclass(frozen=True)
@@ -129,6 +131,15 @@ def compare(op: str, left: Any, right: Any) -> bool:
         return bool({"gt": left > right, "ge": left >= right, "lt": left < right, "le": left <= right}[op])
     except TypeError:
         return False
+
+
+def unfile(buckets: dict[Any, set[K]], value: Any, key: K) -> None:
+    """Take `key` out of the bucket of `value` in an equality index, dropping the bucket once empty."""
+    bucket = buckets.get(value)
+    if bucket is not None:
+        bucket.discard(key)
+        if not bucket:
+            del buckets[value]
 
 
 def next_stamp(last: datetime) -> datetime:

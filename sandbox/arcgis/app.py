@@ -116,7 +116,7 @@ class ArcGISSimulator(SimAuth, SimWebhooks, SimQuery, SimEdits, SimChanges):
         """Epoch milliseconds for editor tracking."""
         self.base_url = base_url.rstrip("/") if base_url else None
         """Public base URL used in webhook `changesUrl`s (default: the last request's base URL)."""
-        self.faults = Faults(self)
+        self.faults = Faults(self._expire_tokens)
         self.request_count: Counter[str] = Counter()
         """Requests per operation: token, service, layer, query, applyEdits, extractChanges, attachments, ..."""
         self.peak_in_flight: Counter[str] = Counter()
@@ -399,7 +399,7 @@ class ArcGISSimulator(SimAuth, SimWebhooks, SimQuery, SimEdits, SimChanges):
 
     async def _token_endpoint(self, method: str, path: str, params: Mapping[str, str]) -> Response:
         self.request_count["token"] += 1
-        fault = self.faults._take(self.faults._fail, path, token_endpoint=True)
+        fault = self.faults._take(self.faults._fail, path, aimed_only=True)
         if fault is not None:
             return self._fault_response(fault)
         if method != "POST":
@@ -427,9 +427,9 @@ class ArcGISSimulator(SimAuth, SimWebhooks, SimQuery, SimEdits, SimChanges):
         return "attachment"
 
     def _fault_response(self, fault: _Fault) -> Response:
-        body = RestError(fault.code, None, [_MESSAGES.get(fault.code, "Simulated failure.")]).body()
+        body = RestError(fault.status, None, [_MESSAGES.get(fault.status, "Simulated failure.")]).body()
         headers = {"Retry-After": f"{fault.retry_after:g}"} if fault.retry_after is not None else None
-        return JSONResponse(body, status_code=200 if fault.as_http_200 else fault.code, headers=headers)
+        return JSONResponse(body, status_code=200 if fault.as_http_200 else fault.status, headers=headers)
 
     def _dispatch(self, method: str, rest: list[str], params: dict[str, str],
                   files: dict[str, tuple[str, str, bytes]], user: str, changes: list[_Change]) -> Any:

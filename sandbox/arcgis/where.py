@@ -12,6 +12,7 @@ from typing import Any
 from sandbox.arcgis.codecs import _field_kind, canonical_guid
 from sandbox.arcgis.errors import RestError
 from sandbox.arcgis.schema import FieldDef
+from sandbox.odata import scan
 
 _TOKEN_RE = re.compile(r"""
     (?P<ws>\s+)
@@ -35,17 +36,8 @@ class _Tok:
 
 
 def _tokenize(text: str) -> list[_Tok]:
-    out: list[_Tok] = []
-    pos = 0
-    while pos < len(text):
-        m = _TOKEN_RE.match(text, pos)
-        if m is None:
-            raise _invalid_query(f"unexpected character {text[pos]!r} at position {pos}")
-        kind = m.lastgroup or ""
-        if kind != "ws":
-            out.append(_Tok(kind, m.group(), pos))
-        pos = m.end()
-    return out
+    return [_Tok(m.lastgroup or "", m.group(), m.start()) for m in scan(
+        _TOKEN_RE, text, lambda pos: _invalid_query(f"unexpected character {text[pos]!r} at position {pos}"))]
 
 
 def _invalid_query(why: str) -> RestError:

@@ -20,7 +20,7 @@ from starlette.routing import Route
 
 from sandbox.dataverse.auth import _EntraId
 from sandbox.dataverse.batch import _Batch
-from sandbox.dataverse.knobs import Faults, ServiceProtection, _Fault
+from sandbox.dataverse.knobs import Faults, ServiceProtection
 from sandbox.dataverse.metadata import _EntityDefinitions, csdl
 from sandbox.dataverse.platform import SDK_MESSAGES, WebhookFailure, WebhookRegistration, system_schema
 from sandbox.dataverse.protocol import (
@@ -51,6 +51,7 @@ from sandbox.dataverse.schema import TableSchema, default_schema
 from sandbox.dataverse.store import _Store
 from sandbox.dataverse.webhooks import _Webhooks
 from sandbox.dataverse.writes import _Writes
+from sandbox.faults import CountdownFault
 from sandbox.webhook_delivery import Deliverer
 
 
@@ -283,7 +284,7 @@ class DataverseSimulator(_Store, _Rules, _EntraId, _Webhooks, _Reads, _Writes, _
                 self._window.append(now)
         return None
 
-    def _fault_response(self, fault: _Fault) -> _ApiResponse:
+    def _fault_response(self, fault: CountdownFault) -> _ApiResponse:
         status = fault.status
         headers = {"Retry-After": f"{fault.retry_after:g}"} if fault.retry_after is not None else {}
         if status == 429:

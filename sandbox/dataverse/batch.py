@@ -187,7 +187,7 @@ class _Batch(_State):
                 text_body = text_body.replace(f'"{ref}"', json.dumps(target))
             sub = _ApiRequest(method, unquote(path), dict(parse_qsl(split.query, keep_blank_values=True)),
                               {k.lower(): v for k, v in part_headers.items()}, text_body.encode(), outer.base)
-            fault = self.faults._take(self.faults._fail, API_PREFIX + sub.path, in_batch=True)
+            fault = self.faults._take(self.faults._fail, API_PREFIX + sub.path, aimed_only=True)
             if fault is not None:
                 resp = self._fault_response(fault)
             else:

@@ -11,6 +11,7 @@ from sandbox.dataverse.codecs import _GUID_RE, _norm
 from sandbox.dataverse.protocol import ODataError
 from sandbox.dataverse.rows import Row
 from sandbox.dataverse.schema import EDM
+from sandbox.odata import compare
 
 
 def _split_segments(path: str) -> list[str]:
@@ -307,17 +308,7 @@ def _evaluate(node: tuple[Any, ...], row: Mapping[str, Any] | _RowView, types: M
         def val(n: tuple[Any, ...], typ: str | None) -> Any:
             return _norm(row.get(n[1]) if n[0] == "prop" else n[1], typ or None)
 
-        a, b = val(left, ltype), val(right, rtype)
-        if op == "eq":
-            return bool(a == b)
-        if op == "ne":
-            return bool(a != b)
-        if a is None or b is None:
-            return False
-        try:
-            return bool({"gt": a > b, "ge": a >= b, "lt": a < b, "le": a <= b}[op])
-        except TypeError:
-            return False
+        return compare(op, val(left, ltype), val(right, rtype))
     raise ValueError(f"bad filter node {kind}")
 
 

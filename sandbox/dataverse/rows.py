@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sandbox.dataverse.codecs import _norm
+from sandbox.odata import unfile
 
 
 @dataclass
@@ -51,11 +52,7 @@ class _ColumnIndex:
         if not ok:
             self.odd.discard(key)
             return
-        bucket = self.buckets.get(normed)
-        if bucket is not None:
-            bucket.discard(key)
-            if not bucket:
-                del self.buckets[normed]
+        unfile(self.buckets, normed, key)
 
     def probe(self, wanted: Iterable[Any]) -> set[str] | None:
         """Keys whose value may equal one of `wanted` (already normalised); None if a value cannot be looked up."""

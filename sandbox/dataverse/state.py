@@ -8,11 +8,12 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from sandbox.dataverse.knobs import Faults, ServiceProtection, _Fault
+from sandbox.dataverse.knobs import Faults, ServiceProtection
 from sandbox.dataverse.platform import WebhookFailure, WebhookRegistration
 from sandbox.dataverse.protocol import _ApiRequest, _ApiResponse, _Caller, _Event, _Txn
 from sandbox.dataverse.rows import Row, _ColumnIndex
 from sandbox.dataverse.schema import Rollup, TableSchema
+from sandbox.faults import CountdownFault
 from sandbox.webhook_delivery import Deliverer
 
 
@@ -71,7 +72,7 @@ class _State:
 
         def _emit(self, events: Iterable[_Event]) -> None: ...
 
-        def _fault_response(self, fault: _Fault) -> _ApiResponse: ...
+        def _fault_response(self, fault: CountdownFault) -> _ApiResponse: ...
 
         def _find(self, schema: TableSchema, key: str | dict[str, Any]) -> Row | None: ...
 

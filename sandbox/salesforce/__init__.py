@@ -1,7 +1,8 @@
 """Protocol-faithful simulator of the Salesforce REST API v63.0: the app, its org store, SOQL, CDC and seeds."""
 
+from sandbox.faults import DROP
 from sandbox.salesforce.app import SalesforceSimulator
-from sandbox.salesforce.faults import DROP, Faults, Limits
+from sandbox.salesforce.faults import Faults, Limits
 from sandbox.salesforce.model import (
     API_VERSION,
     DEFAULT_CLIENT_ID,

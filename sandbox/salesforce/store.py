@@ -62,7 +62,7 @@ class SalesforceStore(ChangeEvents):
             self._tokens: set[str] = set()
             self.faults.expired = set()
             self.faults.reject_sessions = False
-            self.faults.failing = []
+            self.faults.clear()
             self.limits.used = 0
             self.request_count = 0
             self.requests: list[tuple[str, str, dict[str, str]]] = []

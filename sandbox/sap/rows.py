@@ -6,6 +6,7 @@ from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Any
 
+from sandbox.odata import unfile
 from sandbox.sap.filters import _comparable
 
 _ODD = object()
@@ -50,11 +51,7 @@ class _FieldIndex:
         if value is _ODD:
             self.odd.discard(key)
             return
-        bucket = self.buckets.get(value)
-        if bucket is not None:
-            bucket.discard(key)
-            if not bucket:
-                del self.buckets[value]
+        unfile(self.buckets, value, key)
 
     def probe(self, value: Any) -> set[tuple[str, ...]] | None:
         """Keys of the rows whose field may equal `value` (comparable form); None if it cannot be looked up."""
