@@ -168,7 +168,7 @@ def expire_all_tokens(sims: Iterable[Any]) -> int:
 DROP = 0
 """`fail_next` status meaning "the connection is dropped": the client sees a reset, not an HTTP status."""
 SLOW = -1
-"""Status of a `slow_next` fault: answered normally, only late."""
+"""Status of a `slow_next` fault (F&O's knobs): answered normally, only late."""
 
 
 @dataclass
@@ -214,14 +214,6 @@ class FaultKnobs:
     def throttle_next(self, n: int, *, status: int = 429, retry_after: float = 1.0, method: str | None = None) -> None:
         """Answer the next `n` API requests with 429 (or 503) and `Retry-After: retry_after`."""
         self.fail_next(n, status, method=method, retry_after=retry_after)
-
-    def slow_next(self, n: int, seconds: float, path_contains: str | None = None, *,
-                  method: str | None = None) -> None:
-        """Hold the next `n` matching requests `seconds` before applying and answering them normally: a client
-        with a shorter timeout gives up, and the write still lands (late), as on an overloaded server."""
-        with self._lock:
-            self._fail.extend(KnobFault(SLOW, path_contains, method.upper() if method else None, after_apply=True,
-                                        delay=seconds) for _ in range(n))
 
     def clear(self) -> None:
         with self._lock:

@@ -12,7 +12,7 @@ from datetime import datetime
 from typing import Any
 
 from sandbox.dataverse import DataverseSimulator
-from sandbox.faults import FaultKnobs
+from sandbox.faults import SLOW, FaultKnobs, KnobFault
 from sandbox.fno.schema import Entity
 
 
@@ -40,6 +40,14 @@ class FnoFaults(FaultKnobs):
     def expire_tokens(self) -> None:
         """Invalidate every access token issued so far (the next API call gets 401)."""
         self._sim.entra.faults.expire_tokens()
+
+    def slow_next(self, n: int, seconds: float, path_contains: str | None = None, *,
+                  method: str | None = None) -> None:
+        """Hold the next `n` matching requests `seconds` before applying and answering them normally: a client
+        with a shorter timeout gives up, and the write still lands (late), as on an overloaded server."""
+        with self._lock:
+            self._fail.extend(KnobFault(SLOW, path_contains, method.upper() if method else None, after_apply=True,
+                                        delay=seconds) for _ in range(n))
 
 
 class FnoState:
