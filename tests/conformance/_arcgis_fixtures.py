@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -111,19 +110,14 @@ class Portal:
             gis._con._session.close()
 
 
-@pytest.fixture(scope="session")
-def arcgis_ca(tmp_path_factory: pytest.TempPathFactory) -> TestCA:
-    return TestCA.create(Path(tmp_path_factory.mktemp("arcgis-tls")))
-
-
 @pytest.fixture
-def portal(arcgis_ca: TestCA, monkeypatch: pytest.MonkeyPatch) -> Iterator[Portal]:
+def portal(sandbox_ca: TestCA, monkeypatch: pytest.MonkeyPatch) -> Iterator[Portal]:
     require_arcgis()
-    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(arcgis_ca.ca_path))
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(sandbox_ca.ca_path))
     sim = ArcGISSimulator()
-    server = RunningServer(sim.app, ca=arcgis_ca).start()
+    server = RunningServer(sim.app, ca=sandbox_ca).start()
     sim.base_url = server.url
-    sandbox = Portal(sim, server.url, arcgis_ca)
+    sandbox = Portal(sim, server.url, sandbox_ca)
     try:
         yield sandbox
     finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import closing
 from dataclasses import dataclass
 
 import httpx
@@ -10,8 +11,8 @@ import pytest
 
 from sandbox.dataverse import API_PREFIX, DataverseSimulator
 from sandbox.fno import FinOpsSimulator
-from sandbox.server import RunningServer
 from sandbox.server import TestCA as SandboxCA
+from tests.served import Served, serve
 
 WEB_API_HEADERS = {"Accept": "application/json", "OData-MaxVersion": "4.0", "OData-Version": "4.0",
                    "If-None-Match": "null", "Content-Type": "application/json; charset=utf-8"}
@@ -19,15 +20,7 @@ WEB_API_HEADERS = {"Accept": "application/json", "OData-MaxVersion": "4.0", "ODa
 
 
 @dataclass
-class DataverseEnv:
-    sim: DataverseSimulator
-    server: RunningServer
-    ca: SandboxCA
-
-    @property
-    def url(self) -> str:
-        return self.server.url
-
+class DataverseEnv(Served[DataverseSimulator]):
     @property
     def api(self) -> str:
         return self.server.url + API_PREFIX.rstrip("/")
@@ -49,13 +42,10 @@ def client_credentials_token(env: DataverseEnv) -> str:
 
 
 @pytest.fixture(scope="module")
-def dataverse_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DataverseEnv]:
-    ca = SandboxCA.create(tmp_path_factory.mktemp("dataverse-conformance-ca"))
+def dataverse_env(sandbox_ca: SandboxCA) -> Iterator[DataverseEnv]:
     sim = DataverseSimulator()
-    server = RunningServer(sim.app, ca=ca).start()
-    yield DataverseEnv(sim, server, ca)
-    server.stop()
-    sim.close()
+    with closing(sim), serve(sim.app, sandbox_ca) as server:
+        yield DataverseEnv(sim, server, sandbox_ca)
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import httpx
 import pytest
@@ -12,20 +11,14 @@ from sandbox.fno import FinOpsSimulator, seed_fno
 from sandbox.server import RunningServer
 from sandbox.server import TestCA as SandboxCA
 from tests.conformance._dataverse_fixtures import entra_token
+from tests.served import Served
 
 HEADERS = {"Accept": "application/json", "OData-MaxVersion": "4.0", "OData-Version": "4.0",
            "Content-Type": "application/json"}
 
 
-@dataclass
-class FnoEnv:
-    sim: FinOpsSimulator
-    server: RunningServer
-    ca: SandboxCA
-
-    @property
-    def url(self) -> str:
-        return self.server.url
+class FnoEnv(Served[FinOpsSimulator]):
+    """The F&O simulator over TLS."""
 
 
 def fno_token(env: FnoEnv) -> str:
@@ -43,17 +36,12 @@ def odata_client(env: FnoEnv) -> httpx.Client:
                         headers={**HEADERS, "Authorization": f"Bearer {fno_token(env)}"})
 
 
-@pytest.fixture(scope="module")
-def fno_ca(tmp_path_factory: pytest.TempPathFactory) -> SandboxCA:
-    return SandboxCA.create(tmp_path_factory.mktemp("fno-conformance-ca"))
-
-
 @pytest.fixture
-def fno(fno_ca: SandboxCA) -> Iterator[FnoEnv]:
+def fno(sandbox_ca: SandboxCA) -> Iterator[FnoEnv]:
     """A seeded environment with Syncline's extension deployed (what a Syncline installation requires)."""
     sim = FinOpsSimulator()
     seed_fno(sim, customers=3, products=3)
-    env = serve(sim, fno_ca)
+    env = serve(sim, sandbox_ca)
     yield env
     env.server.stop()
     sim.close()

@@ -3,24 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
 import requests
 
 from sandbox.salesforce import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, SalesforceSimulator
-from sandbox.server import RunningServer
 from sandbox.server import TestCA as SandboxCA
+from tests.served import Served, serve
 
 VERSION = "63.0"
 
 
-@dataclass
-class SalesforceOrg:
-    sim: SalesforceSimulator
-    server: RunningServer
-    ca: SandboxCA
+class SalesforceOrg(Served[SalesforceSimulator]):
+    """The Salesforce simulator over TLS (its My Domain and instance on one server)."""
 
 
 class Rest:
@@ -57,14 +53,10 @@ class Rest:
 
 
 @pytest.fixture(scope="module")
-def sf_org(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SalesforceOrg]:
-    ca = SandboxCA.create(tmp_path_factory.mktemp("sf-conformance-ca"))
+def sf_org(sandbox_ca: SandboxCA) -> Iterator[SalesforceOrg]:
     sim = SalesforceSimulator()
-    server = RunningServer(sim.app, ca=ca).start()
-    try:
-        yield SalesforceOrg(sim, server, ca)
-    finally:
-        server.stop()
+    with serve(sim.app, sandbox_ca) as server:
+        yield SalesforceOrg(sim, server, sandbox_ca)
 
 
 @pytest.fixture

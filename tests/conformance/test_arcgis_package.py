@@ -43,7 +43,6 @@ pytestmark = [
 ]
 
 portal = fx.portal
-arcgis_ca = fx.arcgis_ca
 
 SIGNS = 0
 POINT = {"x": -93.0936, "y": 44.9537, "spatialReference": {"wkid": 4326}}

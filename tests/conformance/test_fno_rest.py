@@ -24,7 +24,7 @@ from sandbox.fno.schema import ENTITIES, ENUMS, EXTENSION_FIELD
 from tests.conformance import _fno_fixtures as fixtures
 from tests.conformance._fno_fixtures import FnoEnv, odata_client, serve
 
-fno_ca, fno, fno_http = fixtures.fno_ca, fixtures.fno, fixtures.fno_http
+fno, fno_http = fixtures.fno, fixtures.fno_http
 
 pytestmark = pytest.mark.integration
 
@@ -72,10 +72,10 @@ def test_valid_create_answers_201_with_the_entity_and_a_key_location(fno: FnoEnv
     assert again.json()[EXTENSION_FIELD] == "001000000000001AAA"
 
 
-def test_extension_field_is_refused_until_the_extension_is_deployed(fno_ca: Any) -> None:
+def test_extension_field_is_refused_until_the_extension_is_deployed(sandbox_ca: Any) -> None:
     """`SynclineSalesforceId` is not a standard property: without Syncline's extension deployed F&O refuses every
     write that names it (the reason the installation guide makes deploying the extension a prerequisite)."""
-    env = serve(FinOpsSimulator(extensions=False), fno_ca)
+    env = serve(FinOpsSimulator(extensions=False), sandbox_ca)
     try:
         env.sim.insert("CustomerGroups", {"dataAreaId": "usmf", "CustomerGroupId": "10"})
         with odata_client(env) as http:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import ssl
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,6 @@ import pytest
 import yaml
 
 from sandbox.dataverse import UNMAPPED_SIGN_TYPE, DataverseSimulator, ServiceProtection, dot_schema, seed_dataverse
-from sandbox.server import RunningServer
 from sandbox.server import TestCA as SandboxCA
 from shared.connectors._http import RetryPolicy
 from shared.connectors.dataverse import (
@@ -30,34 +29,39 @@ from shared.connectors.dataverse import (
 )
 from shared.core.errors import AmbiguousWriteError, AuthError, RejectedError, ThrottledError, TransientError
 from shared.core.ports import Attachment, Bind, ChangeSource, RecordSink, WriteOp
+from tests.served import Receiver, Recorder, Served, endpoint, serve, tls_context
 
 FLOWS = Path(__file__).resolve().parents[2] / "flows" / "dot-signs.yaml"
 SIGN = {"dot_mutcdcode": "R1-1", "dot_signtype": 100000000}
 
 
 @dataclass
-class DataverseEnv:
-    sim: DataverseSimulator
-    server: RunningServer
-    ca: SandboxCA
-
-    @property
-    def url(self) -> str:
-        return self.server.url
-
+class DataverseEnv(Served[DataverseSimulator]):
     @property
     def scope(self) -> str:
         return f"{self.server.url}/.default"
 
 
-@pytest.fixture(scope="module")
-def dataverse_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DataverseEnv]:
-    ca = SandboxCA.create(tmp_path_factory.mktemp("dataverse-ca"))
+@contextmanager
+def served_dataverse(ca: SandboxCA) -> Iterator[DataverseEnv]:
+    """A fresh Dataverse simulator over TLS until the block ends (each module gets its own)."""
     sim = DataverseSimulator()
-    server = RunningServer(sim.app, ca=ca).start()
-    yield DataverseEnv(sim, server, ca)
-    server.stop()
-    sim.close()
+    with closing(sim), serve(sim.app, ca) as server:
+        yield DataverseEnv(sim, server, ca)
+
+
+@contextmanager
+def dataverse_with_hooks(ca: SandboxCA) -> Iterator[tuple[DataverseEnv, Receiver, str]]:
+    """A Dataverse simulator over TLS and a webhook receiver on loopback: (env, receiver, the receiver's URL)."""
+    receiver = Receiver()
+    with served_dataverse(ca) as env, endpoint("/hook", receiver.endpoint) as url:
+        yield env, receiver, url
+
+
+@pytest.fixture(scope="module")
+def dataverse_env(sandbox_ca: SandboxCA) -> Iterator[DataverseEnv]:
+    with served_dataverse(sandbox_ca) as env:
+        yield env
 
 
 @pytest.fixture
@@ -65,21 +69,6 @@ def dataverse_sim(dataverse_env: DataverseEnv) -> DataverseSimulator:
     dataverse_env.sim.reset()
     dataverse_env.sim.clock = time.monotonic
     return dataverse_env.sim
-
-
-@dataclass
-class Recorder:
-    """Injected sleep: records the delays the client asked for (and can advance a fake clock) without waiting."""
-
-    delays: list[float] = field(default_factory=list)
-    now: float = 1000.0
-
-    async def sleep(self, seconds: float) -> None:
-        self.delays.append(seconds)
-        self.now += seconds
-
-    def clock(self) -> float:
-        return self.now
 
 
 @dataclass
@@ -102,8 +91,8 @@ def dataverse_wire() -> Wire:
 
 @pytest.fixture
 async def dataverse_http(dataverse_env: DataverseEnv, dataverse_wire: Wire) -> AsyncIterator[httpx.AsyncClient]:
-    ctx = ssl.create_default_context(cafile=str(dataverse_env.ca.ca_path))
-    async with httpx.AsyncClient(verify=ctx, timeout=5.0, event_hooks={"request": [dataverse_wire.hook]}) as http:
+    async with httpx.AsyncClient(verify=tls_context(dataverse_env.ca), timeout=5.0,
+                                 event_hooks={"request": [dataverse_wire.hook]}) as http:
         yield http
 
 
@@ -559,8 +548,7 @@ async def test_5xx_is_retried_then_becomes_transient(
 async def test_timeouts_become_transient(
     dataverse_factory: Factory, dataverse_env: DataverseEnv, dataverse_sim: DataverseSimulator
 ) -> None:
-    ctx = ssl.create_default_context(cafile=str(dataverse_env.ca.ca_path))
-    async with httpx.AsyncClient(verify=ctx, timeout=0.25) as http:
+    async with httpx.AsyncClient(verify=tls_context(dataverse_env.ca), timeout=0.25) as http:
         client = dataverse_factory.client(http, policy=RetryPolicy(max_attempts=2, initial_backoff=0))
         await client.ping()  # token + warm connection
         dataverse_sim.faults.timeout_next(2, 0.6, path_contains="WhoAmI")

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
-import ssl
-import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -15,43 +13,22 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import httpx
 import pytest
 import yaml
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import Response
-from starlette.routing import Route
 
 from sandbox.dataverse import DataverseSimulator, crm_schema, seed_crm
-from sandbox.server import RunningServer
 from sandbox.server import TestCA as SandboxCA
 from shared.connectors.dataverse import DataverseClient, parse_remote_execution_context
 from shared.core.errors import RejectedError
 from shared.core.ports import Bind, WriteOp
 from shared.mapping.spec import load_spec
 from shared.ops import mapped_columns, register_dataverse_webhook
-from tests.connectors.test_dataverse import DataverseEnv, Factory, Recorder, Wire
+from tests.connectors.test_dataverse import DataverseEnv, Factory, Wire, dataverse_with_hooks
+from tests.served import Receiver, Recorder, tls_context
 
 FLOWS = Path(__file__).resolve().parents[2] / "flows" / "customer-360.yaml"
 SF_ACCOUNT = "001Dn00000AbCdEIAZ"
 SF_ACCOUNT_2 = "001Dn00000XyZ12IAB"
 SF_CONTACT = "003Dn00000QrStUIA1"
 SECRET = "crm-hook-secret-51c2"
-
-
-@dataclass
-class Receiver:
-    """A webhook endpoint on loopback that records the headers and body of every POST."""
-
-    posts: list[tuple[dict[str, str], bytes]] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    async def endpoint(self, request: Request) -> Response:
-        body = await request.body()
-        with self.lock:
-            self.posts.append(({k.lower(): v for k, v in request.headers.items()}, body))
-        return Response(status_code=200)
-
-    def bodies(self) -> list[dict[str, Any]]:
-        return [json.loads(body) for _, body in self.posts]
 
 
 @dataclass
@@ -79,30 +56,29 @@ class Crm:
 
 
 @pytest.fixture(scope="module")
-def crm_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[DataverseEnv, Receiver, str]]:
-    ca = SandboxCA.create(tmp_path_factory.mktemp("dataverse-crm-ca"))
-    sim = DataverseSimulator()
-    server = RunningServer(sim.app, ca=ca).start()
-    receiver = Receiver()
-    hook_server = RunningServer(Starlette(routes=[Route("/hook", receiver.endpoint, methods=["POST"])])).start()
-    yield DataverseEnv(sim, server, ca), receiver, f"{hook_server.url}/hook"
-    server.stop()
-    hook_server.stop()
-    sim.close()
+def crm_env(sandbox_ca: SandboxCA) -> Iterator[tuple[DataverseEnv, Receiver, str]]:
+    with dataverse_with_hooks(sandbox_ca) as env:
+        yield env
 
 
-@pytest.fixture
-async def crm(crm_env: tuple[DataverseEnv, Receiver, str]) -> AsyncIterator[Crm]:
-    env, receiver, url = crm_env
+@asynccontextmanager
+async def open_crm(served: tuple[DataverseEnv, Receiver, str]) -> AsyncIterator[Crm]:
+    """A reset simulator and receiver, and a connector over a recorded TLS client, for one test."""
+    env, receiver, url = served
     env.sim.reset()
     receiver.posts.clear()
     wire = Wire()
-    ctx = ssl.create_default_context(cafile=str(env.ca.ca_path))
-    async with httpx.AsyncClient(verify=ctx, timeout=5.0, event_hooks={"request": [wire.hook]}) as http:
+    async with httpx.AsyncClient(verify=tls_context(env.ca), timeout=5.0, event_hooks={"request": [wire.hook]}) as http:
         factory = Factory(env, http, Recorder())
         yield Crm(env.sim, factory.client(), http, wire, factory, receiver, url)
         for provider in factory.providers:
             provider.close()
+
+
+@pytest.fixture
+async def crm(crm_env: tuple[DataverseEnv, Receiver, str]) -> AsyncIterator[Crm]:
+    async with open_crm(crm_env) as session:
+        yield session
 
 
 def account_op(op_id: str, sf_id: str, **values: Any) -> WriteOp:

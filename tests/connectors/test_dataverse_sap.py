@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import ssl
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
@@ -12,11 +11,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-import httpx
 import pytest
 import yaml
-from starlette.applications import Starlette
-from starlette.routing import Route
 
 from sandbox.dataverse import (
     SAP_UNMAPPED_OPTIONS,
@@ -35,13 +31,13 @@ from sandbox.dataverse import (
     seed_sap_accounts,
     seed_sap_orders,
 )
-from sandbox.server import RunningServer
 from sandbox.server import TestCA as SandboxCA
 from shared.connectors.dataverse import parse_remote_execution_context
 from shared.core.errors import RejectedError
 from shared.core.ports import Bind, WriteOp
-from tests.connectors.test_dataverse import DataverseEnv, Factory, Recorder, Wire, raw_batch
-from tests.connectors.test_dataverse_crm import Crm, Receiver, batch_bodies, filters
+from tests.connectors.test_dataverse import DataverseEnv, dataverse_with_hooks, raw_batch
+from tests.connectors.test_dataverse_crm import Crm, batch_bodies, filters, open_crm
+from tests.served import Receiver
 
 SPEC_FILE = Path(__file__).resolve().parents[2] / "flows" / "sap.yaml"
 SPEC = yaml.safe_load(SPEC_FILE.read_text())
@@ -50,31 +46,16 @@ UNITS, PLANTS = (100000000, 100000001, 100000002), (100000000, 100000001)
 
 
 @pytest.fixture(scope="module")
-def sap_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[DataverseEnv, Receiver, str]]:
-    ca = SandboxCA.create(tmp_path_factory.mktemp("dataverse-sap-ca"))
-    sim = DataverseSimulator()
-    server = RunningServer(sim.app, ca=ca).start()
-    receiver = Receiver()
-    hook_server = RunningServer(Starlette(routes=[Route("/hook", receiver.endpoint, methods=["POST"])])).start()
-    yield DataverseEnv(sim, server, ca), receiver, f"{hook_server.url}/hook"
-    server.stop()
-    hook_server.stop()
-    sim.close()
+def sap_env(sandbox_ca: SandboxCA) -> Iterator[tuple[DataverseEnv, Receiver, str]]:
+    with dataverse_with_hooks(sandbox_ca) as env:
+        yield env
 
 
 @pytest.fixture
 async def crm(sap_env: tuple[DataverseEnv, Receiver, str]) -> AsyncIterator[Crm]:
-    env, receiver, url = sap_env
-    env.sim.reset()
-    receiver.posts.clear()
-    wire = Wire()
-    ctx = ssl.create_default_context(cafile=str(env.ca.ca_path))
-    async with httpx.AsyncClient(verify=ctx, timeout=5.0, event_hooks={"request": [wire.hook]}) as http:
-        factory = Factory(env, http, Recorder())
-        yield Crm(env.sim, factory.client(), http, wire, factory, receiver, url)
-        await env.sim.flush_webhooks()  # a late delivery must not land in the next test's receiver
-        for provider in factory.providers:
-            provider.close()
+    async with open_crm(sap_env) as session:
+        yield session
+        await session.sim.flush_webhooks()  # a late delivery must not land in the next test's receiver
 
 
 def _value_map(name: str) -> dict[int, str]:

@@ -3,63 +3,31 @@
 from __future__ import annotations
 
 import json
-import ssl
-import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import httpx
 import pytest
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import Response
-from starlette.routing import Route
 
 from sandbox.dataverse import DataverseSimulator
-from sandbox.server import RunningServer
 from sandbox.server import TestCA as SandboxCA
 from shared.connectors.dataverse import DataverseClient, parse_remote_execution_context
 from shared.core.errors import EnvelopeError
 from shared.core.ports import Bind, WriteOp
-from tests.connectors.test_dataverse import DataverseEnv, Factory, Recorder
+from tests.connectors.test_dataverse import DataverseEnv, Factory, dataverse_with_hooks
+from tests.served import Receiver, Recorder, tls_context
 
 SIGN_VALUES = {"dot_mutcdcode": "W1-2", "dot_signtype": 100000001, "dot_installdate": "2019-06-14",
                "dot_lastinspectedon": "2026-02-11T15:42:05Z", "dot_milepost": 12.345, "dot_route": "VA-7"}
 
 
-@dataclass
-class Receiver:
-    """A webhook endpoint that records what it got and answers statuses from a script (then 200)."""
-
-    script: list[int] = field(default_factory=list)
-    posts: list[tuple[dict[str, str], bytes]] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    async def endpoint(self, request: Request) -> Response:
-        body = await request.body()
-        with self.lock:
-            self.posts.append(({k.lower(): v for k, v in request.headers.items()}, body))
-            status = self.script.pop(0) if self.script else 200
-        return Response(status_code=status)
-
-    def bodies(self) -> list[dict[str, Any]]:
-        return [json.loads(body) for _, body in self.posts]
-
-
 @pytest.fixture(scope="module")
-def dataverse_webhook_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[DataverseEnv, Receiver, str]]:
-    ca = SandboxCA.create(tmp_path_factory.mktemp("dataverse-webhook-ca"))
-    sim = DataverseSimulator()
-    server = RunningServer(sim.app, ca=ca).start()
-    receiver = Receiver()
-    hook_server = RunningServer(Starlette(routes=[Route("/hook", receiver.endpoint, methods=["POST"])])).start()
-    yield DataverseEnv(sim, server, ca), receiver, f"{hook_server.url}/hook"
-    server.stop()
-    hook_server.stop()
-    sim.close()
+def dataverse_webhook_env(sandbox_ca: SandboxCA) -> Iterator[tuple[DataverseEnv, Receiver, str]]:
+    with dataverse_with_hooks(sandbox_ca) as env:
+        yield env
 
 
 @dataclass
@@ -76,8 +44,7 @@ async def dataverse_hooks(dataverse_webhook_env: tuple[DataverseEnv, Receiver, s
     env.sim.reset()
     receiver.posts.clear()
     receiver.script.clear()
-    ctx = ssl.create_default_context(cafile=str(env.ca.ca_path))
-    async with httpx.AsyncClient(verify=ctx, timeout=5.0) as http:
+    async with httpx.AsyncClient(verify=tls_context(env.ca), timeout=5.0) as http:
         factory = Factory(env, http, Recorder())
         yield Hooks(env.sim, receiver, url, factory.client())
         for provider in factory.providers:

@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import json
-import ssl
 from collections.abc import AsyncIterator, Iterator
+from contextlib import closing
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote
 
 import httpx
 import pytest
-from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
 
 from sandbox.fno import (
     CUSTOMER_EVENT,
@@ -25,7 +23,6 @@ from sandbox.fno import (
     evaluate,
     seed_fno,
 )
-from sandbox.server import RunningServer
 from sandbox.server import TestCA as SandboxCA
 from shared.connectors._http import RetryPolicy
 from shared.connectors.dataverse import AzureIdentityTokenProvider, client_secret_token_provider
@@ -42,6 +39,7 @@ from shared.connectors.fno import (
 )
 from shared.core.errors import AuthError, EnvelopeError, RejectedError, ThrottledError, TransientError
 from shared.core.ports import ChangeSource, RecordSink, WriteOp
+from tests.served import Recorder, Served, endpoint, serve, tls_context
 
 CUSTOMERS = 12
 HEXALITH_EVENT = {
@@ -65,31 +63,18 @@ class Inbox:
 
 
 @dataclass
-class FnoEnv:
-    sim: FinOpsSimulator
-    server: RunningServer
-    ca: SandboxCA
+class FnoEnv(Served[FinOpsSimulator]):
     inbox: Inbox
-    inbox_server: RunningServer
-
-    @property
-    def url(self) -> str:
-        return self.server.url
 
 
 @pytest.fixture(scope="module")
-def fno_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FnoEnv]:
-    ca = SandboxCA.create(tmp_path_factory.mktemp("fno-ca"))
+def fno_env(sandbox_ca: SandboxCA) -> Iterator[FnoEnv]:
     sim = FinOpsSimulator(event_retry_delay=0.01)
     seed_fno(sim, customers=CUSTOMERS, products=8)
-    server = RunningServer(sim.app, ca=ca).start()
     inbox = Inbox()
-    inbox_server = RunningServer(Starlette(routes=[Route("/events", inbox.receive, methods=["POST"])])).start()
-    sim.register_business_event_endpoint(f"{inbox_server.url}/events")
-    yield FnoEnv(sim, server, ca, inbox, inbox_server)
-    server.stop()
-    inbox_server.stop()
-    sim.close()
+    with closing(sim), serve(sim.app, sandbox_ca) as server, endpoint("/events", inbox.receive) as events:
+        sim.register_business_event_endpoint(events)
+        yield FnoEnv(sim, server, sandbox_ca, inbox)
 
 
 @pytest.fixture
@@ -100,21 +85,6 @@ def fno_sim(fno_env: FnoEnv) -> FinOpsSimulator:
     sim.page_size = 10000
     sim.requests.clear()
     return sim
-
-
-@dataclass
-class Recorder:
-    """Injected sleep: records requested delays and advances a fake clock (shared with the simulator)."""
-
-    delays: list[float] = field(default_factory=list)
-    now: float = 1000.0
-
-    async def sleep(self, seconds: float) -> None:
-        self.delays.append(seconds)
-        self.now += seconds
-
-    def clock(self) -> float:
-        return self.now
 
 
 @dataclass
@@ -136,8 +106,7 @@ class Factory:
 
 @pytest.fixture
 async def fno_http(fno_env: FnoEnv) -> AsyncIterator[httpx.AsyncClient]:
-    ctx = ssl.create_default_context(cafile=str(fno_env.ca.ca_path))
-    async with httpx.AsyncClient(verify=ctx, timeout=5.0) as http:
+    async with httpx.AsyncClient(verify=tls_context(fno_env.ca), timeout=5.0) as http:
         yield http
 
 

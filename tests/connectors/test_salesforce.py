@@ -32,27 +32,22 @@ from shared.core.errors import (
     TransientError,
 )
 from shared.core.ports import ChangeSource, RecordSink, WriteOp
+from tests.served import Served, serve
 
 EXT = "Dynamics_Account__c"
 
 
 @dataclass
-class SalesforceEnv:
-    sim: SalesforceSimulator
-    server: RunningServer
+class SalesforceEnv(Served[SalesforceSimulator]):
     api_server: RunningServer
-    ca: SandboxCA
 
 
 @pytest.fixture(scope="module")
-def sf_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SalesforceEnv]:
-    ca = SandboxCA.create(tmp_path_factory.mktemp("salesforce-ca"))
+def sf_env(sandbox_ca: SandboxCA) -> Iterator[SalesforceEnv]:
     sim = SalesforceSimulator()
-    server = RunningServer(sim.app, ca=ca).start()  # "My Domain" (token endpoint)
-    api_server = RunningServer(sim.app, ca=ca).start()  # the instance the token response points to
-    yield SalesforceEnv(sim, server, api_server, ca)
-    server.stop()
-    api_server.stop()
+    with serve(sim.app, sandbox_ca) as server, serve(sim.app, sandbox_ca) as api_server:
+        # `server` is "My Domain" (the token endpoint), `api_server` the instance the token response points to
+        yield SalesforceEnv(sim, server, sandbox_ca, api_server)
 
 
 @pytest.fixture

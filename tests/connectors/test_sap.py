@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import ssl
 from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import closing
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time
 from decimal import Decimal
@@ -13,10 +14,8 @@ from urllib.parse import quote, unquote
 
 import httpx
 import pytest
-from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
 
 import sandbox.sap.queries as sap_sim_module
 from sandbox.sap import (
@@ -32,7 +31,6 @@ from sandbox.sap import (
     SapSimulator,
     seed_sap,
 )
-from sandbox.server import RunningServer
 from sandbox.server import TestCA as SandboxCA
 from shared.connectors._http import RetryPolicy
 from shared.connectors.sap import (
@@ -62,6 +60,7 @@ from shared.core.errors import (
     TransientError,
 )
 from shared.core.ports import ChangeSource, Lines, LineWrite, RecordSink, WriteOp
+from tests.served import Recorder, Served, endpoint, serve, tls_context
 
 PARTNERS = 12
 ORDERS = 8
@@ -84,31 +83,18 @@ class Inbox:
 
 
 @dataclass
-class SapEnv:
-    sim: SapSimulator
-    server: RunningServer
-    ca: SandboxCA
+class SapEnv(Served[SapSimulator]):
     inbox: Inbox
-    inbox_server: RunningServer
-
-    @property
-    def url(self) -> str:
-        return self.server.url
 
 
 @pytest.fixture(scope="module")
-def sap_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SapEnv]:
-    ca = SandboxCA.create(tmp_path_factory.mktemp("sap-ca"))
+def sap_env(sandbox_ca: SandboxCA) -> Iterator[SapEnv]:
     sim = SapSimulator()
     seed_sap(sim, partners=PARTNERS, orders=ORDERS)
-    server = RunningServer(sim.app, ca=ca).start()
     inbox = Inbox()
-    inbox_server = RunningServer(Starlette(routes=[Route("/events", inbox.receive, methods=["POST"])])).start()
-    sim.register_event_endpoint(f"{inbox_server.url}/events")
-    yield SapEnv(sim, server, ca, inbox, inbox_server)
-    server.stop()
-    inbox_server.stop()
-    sim.close()
+    with closing(sim), serve(sim.app, sandbox_ca) as server, endpoint("/events", inbox.receive) as events:
+        sim.register_event_endpoint(events)
+        yield SapEnv(sim, server, sandbox_ca, inbox)
 
 
 @pytest.fixture
@@ -118,16 +104,6 @@ def sap_sim(sap_env: SapEnv) -> SapSimulator:
     sim.page_size = 1000
     sim.requests.clear()
     return sim
-
-
-@dataclass
-class Recorder:
-    """Injected sleep: records the delays the connector asked for."""
-
-    delays: list[float] = field(default_factory=list)
-
-    async def sleep(self, seconds: float) -> None:
-        self.delays.append(seconds)
 
 
 class Hooked(httpx.AsyncBaseTransport):
@@ -160,7 +136,7 @@ class Factory:
     clients: list[SapClient] = field(default_factory=list)
 
     def ssl_context(self) -> ssl.SSLContext:
-        return ssl.create_default_context(cafile=str(self.env.ca.ca_path))
+        return tls_context(self.env.ca)
 
     def transport(self) -> Hooked:
         return Hooked(httpx.AsyncHTTPTransport(verify=self.ssl_context()))

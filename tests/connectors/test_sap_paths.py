@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import ssl
 from collections.abc import AsyncIterator, Iterator
+from contextlib import closing
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote
@@ -13,7 +14,6 @@ import httpx
 import pytest
 
 from sandbox.sap import DROP, SapSimulator, seed_sap
-from sandbox.server import RunningServer
 from sandbox.server import TestCA as SandboxCA
 from shared.connectors._http import RetryPolicy
 from shared.connectors.sap import (
@@ -29,29 +29,24 @@ from shared.connectors.sap.changes import _HashCheckpoint
 from shared.core.errors import MappingError, RejectedError
 from shared.core.ports import Lines, LineWrite, SourceRecord, WriteOp
 from shared.mapping.engine import same
-from tests.connectors.test_sap import Hooked, Recorder
+from tests.connectors.test_sap import Hooked
+from tests.served import Recorder, Served, serve, tls_context
 
 BP = "/sap/opu/odata/sap/API_BUSINESS_PARTNER/"
 SO = "/sap/opu/odata/sap/API_SALES_ORDER_SRV/"
 AVAILABILITY = "/sap/opu/odata/sap/API_PRODUCT_AVAILY_INFO_BASIC/"
 
 
-@dataclass
-class Env:
-    sim: SapSimulator
-    server: RunningServer
-    ca: SandboxCA
+class Env(Served[SapSimulator]):
+    pass
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
-    ca = SandboxCA.create(tmp_path_factory.mktemp("sap-paths-ca"))
+def env(sandbox_ca: SandboxCA) -> Iterator[Env]:
     sim = SapSimulator()
     seed_sap(sim)
-    server = RunningServer(sim.app, ca=ca).start()
-    yield Env(sim, server, ca)
-    server.stop()
-    sim.close()
+    with closing(sim), serve(sim.app, sandbox_ca) as server:
+        yield Env(sim, server, sandbox_ca)
 
 
 @pytest.fixture
@@ -68,8 +63,7 @@ class Clients:
     made: list[SapClient] = field(default_factory=list)
 
     def transport(self) -> Hooked:
-        context = ssl.create_default_context(cafile=str(self.env.ca.ca_path))
-        return Hooked(httpx.AsyncHTTPTransport(verify=context))
+        return Hooked(httpx.AsyncHTTPTransport(verify=tls_context(self.env.ca)))
 
     def client(self, *, transport: httpx.AsyncBaseTransport | None = None, **kwargs: Any) -> SapClient:
         kwargs.setdefault("policy", RetryPolicy(max_attempts=3, initial_backoff=0.01, max_backoff=0.02))

@@ -17,14 +17,13 @@ from shared.core.envelope import ChangeEnvelope
 from shared.core.errors import TransientError
 from shared.core.ports import StateStore
 from shared.settings import queue_max_delivery_count
-from tests.contract.adapters import QUEUE_BUILDERS, STATE_BUILDERS
+from tests.contract.adapters import RUNTIMES, runtime_adapters
 from tests.contract.conftest import QueueHarness
 from tests.fakes import FakeSystem
 from tests.unit.test_engine import SIGN_ID, SPEC, T0, sign_payload
 
 ATTEMPTS = 2
 LOCK_SECONDS = 30.0
-RUNTIMES = {"embedded": ("embedded", "embedded"), "azure": ("servicebus", "azure-tables")}
 
 
 @dataclass
@@ -59,13 +58,9 @@ def message_id() -> str:
 
 @pytest.fixture(params=sorted(RUNTIMES), ids=sorted(RUNTIMES))
 async def world(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[World]:
-    queue_kind, state_kind = RUNTIMES[request.param]
-    async with QUEUE_BUILDERS[queue_kind](request, tmp_path) as make_queue, \
-            STATE_BUILDERS[state_kind](request, tmp_path) as make_state:
-        # The production wiring: the queue's own count is only a backstop above the attempts.
-        harness = await make_queue(lock_duration_seconds=LOCK_SECONDS,
-                                   max_delivery_count=queue_max_delivery_count(ATTEMPTS))
-        state = await make_state()
+    # The production wiring: the queue's own count is only a backstop above the attempts.
+    async with runtime_adapters(request, tmp_path, lock_duration_seconds=LOCK_SECONDS,
+                                max_delivery_count=queue_max_delivery_count(ATTEMPTS)) as (harness, state):
         dv, ag = FakeSystem("dataverse"), FakeSystem("arcgis", key_style="globalid")
         dv.put("dot_signassets", SIGN_ID, sign_payload())
         systems = {"dataverse": dv, "arcgis": ag}

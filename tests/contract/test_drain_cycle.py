@@ -19,14 +19,13 @@ from shared.core.envelope import ChangeEnvelope
 from shared.core.errors import TransientError
 from shared.core.ports import StateStore, WriteOp, WriteResult
 from shared.settings import queue_max_delivery_count
-from tests.contract.adapters import QUEUE_BUILDERS, STATE_BUILDERS
+from tests.contract.adapters import RUNTIMES, runtime_adapters
 from tests.contract.conftest import QueueHarness
 from tests.fakes import FakeSystem
 from tests.unit.test_engine import SPEC, T0, sign_payload
 
 ATTEMPTS = 3
 LOCK_SECONDS = 30.0
-RUNTIMES = {"embedded": ("embedded", "embedded"), "azure": ("servicebus", "azure-tables")}
 BAD = ["bad00000-0000-0000-0000-000000000001", "bad00000-0000-0000-0000-000000000002"]
 GOOD = [f"900d0000-0000-0000-0000-00000000000{n}" for n in range(1, 6)]
 ORDERS = [f"0dde0000-0000-0000-0000-00000000000{n}" for n in range(1, 3)]
@@ -93,17 +92,14 @@ def work_order(key: str, sign_key: str) -> ChangeEnvelope:
 
 @pytest.fixture(params=sorted(RUNTIMES), ids=sorted(RUNTIMES))
 async def world(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[World]:
-    queue_kind, state_kind = RUNTIMES[request.param]
-    async with QUEUE_BUILDERS[queue_kind](request, tmp_path) as make_queue, \
-            STATE_BUILDERS[state_kind](request, tmp_path) as make_state:
-        harness = await make_queue(lock_duration_seconds=LOCK_SECONDS,
-                                   max_delivery_count=queue_max_delivery_count(ATTEMPTS))
+    async with runtime_adapters(request, tmp_path, lock_duration_seconds=LOCK_SECONDS,
+                                max_delivery_count=queue_max_delivery_count(ATTEMPTS)) as (harness, state):
         dv, ag = FakeSystem("dataverse"), FieldMaps()
         for n, key in enumerate([*BAD, *GOOD]):
             dv.put("dot_signassets", key, sign_payload(dot_signassetid=key, dot_assettag=f"SGN-{n:06d}"))
         for key in BAD:
             ag.fail_match[key] = TransientError("arcgis answered 503")  # type: ignore[assignment]
-        yield World(harness, await make_state(), dv, ag)
+        yield World(harness, state, dv, ag)
 
 
 async def test_failing_changes_ahead_cost_one_attempt_and_one_delivery_per_cycle_and_block_nothing(world: World):

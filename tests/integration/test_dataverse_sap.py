@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +23,12 @@ UNITS = {"PC": 100000000, "EA": 100000001, "KG": 100000002}
 PLANTS = {"1710": 100000000, "1720": 100000001}
 
 
-@pytest.fixture
-def box(tmp_path: Path) -> Iterator[Sandbox]:
-    sandbox = start_sandbox(tmp_path / "box", sap=True)
-    seed_sap(sandbox.sap, partners=4, orders=2)
+@contextmanager
+def sap_box(directory: Path, *, partners: int, orders: int, runtime: str = "embedded") -> Iterator[Sandbox]:
+    """The sandbox with SAP, seeded, and Syncline's environment pointing at it with the SAP flows."""
+    sandbox = start_sandbox(directory, sap=True, runtime=runtime)
+    assert sandbox.sap is not None
+    seed_sap(sandbox.sap, partners=partners, orders=orders)
     try:
         env = {**{k: v for k, v in os.environ.items() if k.startswith("SYNCLINE_")}, **sandbox.env,
                "SYNCLINE_FLOWS": str(Path(__file__).resolve().parents[2] / "flows" / "sap.yaml")}
@@ -33,6 +36,12 @@ def box(tmp_path: Path) -> Iterator[Sandbox]:
             yield sandbox
     finally:
         sandbox.stop()
+
+
+@pytest.fixture
+def box(tmp_path: Path) -> Iterator[Sandbox]:
+    with sap_box(tmp_path / "box", partners=4, orders=2) as sandbox:
+        yield sandbox
 
 
 def account(box: Sandbox, number: str, **over: Any) -> str:

@@ -5,21 +5,19 @@ as SAP numbers partners itself and has no upsert."""
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from sandbox.demo import Sandbox, environment, start_sandbox
-from sandbox.sap import seed_sap
+from sandbox.demo import Sandbox
 from shared.bootstrap import Services, build_services
 from shared.core.controller import envelopes_for
 from shared.core.engine import Outcome
 from shared.core.envelope import ChangeEnvelope
 from shared.settings import Settings
-from tests.integration.test_dataverse_sap import account, order, sap_orders_for
+from tests.integration.test_dataverse_sap import account, order, sap_box, sap_orders_for
 
 SAP_LATENCY_MS = 300  # each side's find-then-create takes >= 0.6 s in SAP: the two windows overlap
 RETRIES = 100
@@ -27,16 +25,8 @@ RETRIES = 100
 
 @pytest.fixture(params=["embedded", "azure"])
 def box(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Sandbox]:
-    sandbox = start_sandbox(tmp_path / "box", sap=True, runtime=request.param)
-    assert sandbox.sap is not None
-    seed_sap(sandbox.sap, partners=2, orders=0)
-    try:
-        env = {**{k: v for k, v in os.environ.items() if k.startswith("SYNCLINE_")}, **sandbox.env,
-               "SYNCLINE_FLOWS": str(Path(__file__).resolve().parents[2] / "flows" / "sap.yaml")}
-        with environment(env):
-            yield sandbox
-    finally:
-        sandbox.stop()
+    with sap_box(tmp_path / "box", partners=2, orders=0, runtime=request.param) as sandbox:
+        yield sandbox
 
 
 async def change(services: Services, flow: str, table: str, key: str) -> ChangeEnvelope:

@@ -16,6 +16,21 @@ Builder = Callable[[pytest.FixtureRequest, Path], AbstractAsyncContextManager[An
 QUEUE_BUILDERS: dict[str, Builder] = {}
 STATE_BUILDERS: dict[str, Builder] = {}
 
+RUNTIMES = {"embedded": ("embedded", "embedded"), "azure": ("servicebus", "azure-tables")}
+"""Each runtime's (queue builder, state builder): SQLite queue + state, Service Bus + Table Storage."""
+
+
+@asynccontextmanager
+async def runtime_adapters(request: pytest.FixtureRequest, tmp_path: Path, *, lock_duration_seconds: float,
+                           max_delivery_count: int) -> AsyncIterator[tuple[Any, StateStore]]:
+    """The queue harness and a state store of the runtime `request.param` names (a RUNTIMES key)."""
+    queue_kind, state_kind = RUNTIMES[request.param]
+    async with QUEUE_BUILDERS[queue_kind](request, tmp_path) as make_queue, \
+            STATE_BUILDERS[state_kind](request, tmp_path) as make_state:
+        harness = await make_queue(lock_duration_seconds=lock_duration_seconds,
+                                   max_delivery_count=max_delivery_count)
+        yield harness, await make_state()
+
 
 @asynccontextmanager
 async def opened_states(
@@ -45,4 +60,5 @@ def _load() -> None:
 
 
 _load()
-__all__ = ["QUEUE_BUILDERS", "STATE_BUILDERS", "AsyncIterator", "Builder", "opened_states"]
+__all__ = ["QUEUE_BUILDERS", "RUNTIMES", "STATE_BUILDERS", "AsyncIterator", "Builder", "opened_states",
+           "runtime_adapters"]
