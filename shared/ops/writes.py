@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from shared.bootstrap import Services
-from shared.core.controller import ENQUEUED, envelopes_for, to_messages
+from shared.core.controller import ENQUEUED, envelopes_for, split_duplicates, to_messages
 from shared.core.envelope import ChangeEnvelope
 from shared.core.errors import AuthError, SyncError, TransientError
 from shared.core.ports import AuditEntry
@@ -49,19 +49,8 @@ async def enqueue_new(services: Services, envelopes: list[ChangeEnvelope], *,
     """
     if not envelopes:
         return []
-    ids = [e.message_id() for e in envelopes]
-    known = await services.state.claim(ENQUEUED, ids)
-    fresh: list[ChangeEnvelope] = []
-    batch: set[str] = set()
-    dropped: list[AuditEntry] = []
-    now = datetime.now(UTC)
-    for env, mid in zip(envelopes, ids, strict=True):
-        if mid in known or mid in batch:
-            dropped.append(AuditEntry(now, env.correlation_id, env.flow, "duplicate_dropped", env.source_system,
-                                      env.source_table, env.source_key, f"change already enqueued as {mid}"))
-            continue
-        batch.add(mid)
-        fresh.append(env)
+    known = await services.state.claim(ENQUEUED, [e.message_id() for e in envelopes])
+    fresh, dropped = split_duplicates(envelopes, known, datetime.now(UTC))
     if fresh:
         await enqueue(services, fresh, delay_seconds=delay_seconds)
         await services.state.confirm(ENQUEUED, [e.message_id() for e in fresh])

@@ -7,6 +7,7 @@ from shared.core.controller.enqueue import (
     drop_duplicates,
     envelopes_for,
     remember_enqueued,
+    split_duplicates,
     to_messages,
 )
 from shared.core.controller.locks import MAX_HELD
@@ -31,5 +32,6 @@ __all__ = [
     "drop_duplicates",
     "envelopes_for",
     "remember_enqueued",
+    "split_duplicates",
     "to_messages",
 ]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import asdict
 from datetime import datetime
 from typing import Any
@@ -52,6 +52,24 @@ def envelopes_for(
     return out
 
 
+def split_duplicates(envelopes: Sequence[ChangeEnvelope], known: Collection[str],
+                     now: datetime) -> tuple[list[ChangeEnvelope], list[AuditEntry]]:
+    """The envelopes to send (message id neither `known` nor earlier in the batch), and the audit entries of the
+    others; the caller decides when to write those (before or after its send)."""
+    fresh: list[ChangeEnvelope] = []
+    batch_ids: set[str] = set()
+    dropped: list[AuditEntry] = []
+    for env in envelopes:
+        mid = env.message_id()
+        if mid in known or mid in batch_ids:
+            dropped.append(AuditEntry(now, env.correlation_id, env.flow, "duplicate_dropped", env.source_system,
+                                      env.source_table, env.source_key, f"change already enqueued as {mid}"))
+            continue
+        batch_ids.add(mid)
+        fresh.append(env)
+    return fresh, dropped
+
+
 async def drop_duplicates(
     state: StateStore, envelopes: Sequence[ChangeEnvelope], now: datetime
 ) -> list[ChangeEnvelope]:
@@ -66,17 +84,7 @@ async def drop_duplicates(
     if not envelopes:
         return []
     seen = await state.claim(ENQUEUED, [e.message_id() for e in envelopes])
-    fresh: list[ChangeEnvelope] = []
-    batch_ids: set[str] = set()
-    dropped: list[AuditEntry] = []
-    for env in envelopes:
-        mid = env.message_id()
-        if mid in seen or mid in batch_ids:
-            dropped.append(AuditEntry(now, env.correlation_id, env.flow, "duplicate_dropped", env.source_system,
-                                      env.source_table, env.source_key, f"change already enqueued as {mid}"))
-            continue
-        batch_ids.add(mid)
-        fresh.append(env)
+    fresh, dropped = split_duplicates(envelopes, seen, now)
     if dropped:
         await state.append_audit(dropped)
     return fresh
