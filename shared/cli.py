@@ -1,4 +1,4 @@
-"""The `syncline` command line: run, status, dlq list/replay, validate, webhook registration (over shared.ops)."""
+"""The `syncline` command line: run, status, dlq list/replay, validate, docs, webhook registration (over shared.ops)."""
 
 from __future__ import annotations
 
@@ -111,6 +111,33 @@ def validate(path: Path = typer.Argument(Path("flows"), help="A spec file or a d
         table.add_row(f.name, f.entity, f"{f.source.system}:{f.source.table}", f"{f.target.system}:{f.target.table}",
                       f.mode, str(len(f.fields)))
     console.print(table)
+
+
+@app.command()
+def docs(
+    flows: Path = typer.Option(Path("flows"), "--flows", help="A spec file or a directory of specs."),
+    output: Path = typer.Option(Path("docs/flows.md"), "--output", help="The Markdown file to write."),
+    check: bool = typer.Option(False, "--check", help="Write nothing; exit 1 when the file is not current."),
+) -> None:
+    """Generate the flow inventory (docs/flows.md) from the flow specs."""
+    from shared.ops.inventory import generate
+
+    try:
+        text = generate(flows)
+    except SyncError as exc:
+        console.print(f"[red]error[/red] {exc.reason}: {exc.detail}", soft_wrap=True)
+        raise typer.Exit(2) from None
+    if check:
+        current = output.read_text(encoding="utf-8") if output.is_file() else None
+        if current != text:
+            console.print(f"{output} is not current: run `syncline docs --flows {flows} --output {output}`",
+                          soft_wrap=True)
+            raise typer.Exit(1)
+        console.print(f"{output} is current")
+        return
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(text, encoding="utf-8")
+    console.print(f"wrote {output} ({text.count(chr(10))} lines)")
 
 
 def _print_registration(report: RegistrationReport) -> None:
