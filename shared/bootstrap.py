@@ -6,12 +6,11 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
 from shared.connectors._http import CallCounter, RetryPolicy
-from shared.connectors.dataverse import AzureIdentityTokenProvider, client_secret_token_provider
 from shared.core.controller import Controller
 from shared.core.engine import SyncEngine
 from shared.core.errors import SpecError
@@ -19,6 +18,9 @@ from shared.core.ports import ChangeSource, InboundQueue, RecordSink, StateStore
 from shared.mapping.spec import FlowSet, load_spec, parse_spec
 from shared.runtime.telemetry import Metrics, configure_logging, configure_telemetry, dataverse_correlation_hook
 from shared.settings import DataverseSettings, Settings, queue_max_delivery_count
+
+if TYPE_CHECKING:
+    from shared.connectors.dataverse import AzureIdentityTokenProvider
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +104,9 @@ def dataverse_token_provider(
     The scope is `{settings.url}/.default`; `settings.authority_host` (the sandbox's https token endpoint) and
     `ca_bundle` (its test CA) are passed through for local runs.
     """
+    # Imported here, like every connector: a function instance loads only the systems it is configured for.
+    from shared.connectors.dataverse import AzureIdentityTokenProvider, client_secret_token_provider
+
     scope = settings.url.rstrip("/") + "/.default"
     authority = settings.authority_host or None
     secret = settings.client_secret.get_secret_value()
@@ -206,7 +211,6 @@ def build_services(
 
     if settings.fno.environment_url:
         from shared.connectors.fno import FinOpsClient
-        from shared.settings import DataverseSettings
 
         http = _client("fno", counter, settings, transports)
         clients.append(http)
