@@ -188,8 +188,3 @@ class CallCounter:
 
     def snapshot(self) -> dict[str, int]:
         return dict(self.counts)
-
-
-def is_retriable(error: BaseException) -> bool:
-    """True for errors the queue should retry."""
-    return isinstance(error, RetriableError)
