@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, TypeVar, cast
 
 import typer
 from rich.console import Console
+from rich.padding import Padding
 from rich.table import Table
 
 from shared.core.errors import SyncError
@@ -29,7 +30,26 @@ app.add_typer(dataverse_app, name="dataverse")
 arcgis_app = typer.Typer(help="ArcGIS Online feature-service administration.", no_args_is_help=True)
 app.add_typer(arcgis_app, name="arcgis")
 console = Console()
+notes = Console(stderr=True)
+"""Side remarks (which state a command uses) go to stderr: stdout stays parseable with --json."""
 T = TypeVar("T")
+
+
+@app.callback()
+def _options(
+    state: Path | None = typer.Option(None, "--state", metavar="DIR", help="Work on the state in DIR: a directory the "
+                               "demo left (its syncline.env points every command at the demo's state and "
+                               "simulators), or an embedded runtime's state directory."),
+) -> None:
+    if state is None:
+        return
+    from shared.ops.commands import use_state
+
+    try:
+        notes.print(use_state(state), style="dim")
+    except ValueError as exc:
+        console.print(f"[red]error[/red] {exc}", soft_wrap=True)
+        raise typer.Exit(2) from None
 
 
 def _run(factory: Callable[[], Awaitable[T]]) -> T:
@@ -66,15 +86,22 @@ def status() -> None:
 
 
 @dlq_app.command("list")
-def dlq_list(limit: int = typer.Option(50, min=1, max=1000)) -> None:
+def dlq_list(limit: int = typer.Option(50, min=1, max=1000),
+             as_json: bool = typer.Option(False, "--json", help="Print JSON rows instead of a table.")) -> None:
     """List dead-lettered messages with their reasons."""
     from shared.ops import list_dead_letters
 
     rows = _run(lambda: list_dead_letters(limit))
-    table = Table("message id", "flow", "key", "reason", "description", title=f"dead letters ({len(rows)})")
+    if as_json:
+        console.print_json(json.dumps(rows))
+        return
+    console.print(f"[bold]dead letters ({len(rows)})[/bold]")
+    # One block per message, ids and keys whole: they are what an operator copies into `dlq replay` and `trace`,
+    # and a five-column table squeezes the description into a sliver on an 80-column terminal.
     for r in rows:
-        table.add_row(r["message_id"], str(r["flow"]), str(r["key"]), str(r["reason"]), str(r["description"]))
-    console.print(table)
+        console.print(f"[bold]{r['message_id']}[/bold]  {r['reason']}  {r['enqueued_at']}", soft_wrap=True)
+        console.print(f"  flow {r['flow']}  key {r['key']}", soft_wrap=True)
+        console.print(Padding(str(r["description"]), (0, 0, 0, 4)))
 
 
 @dlq_app.command("replay")

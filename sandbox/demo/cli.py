@@ -25,6 +25,8 @@ def demo(
     sap_orders: int = typer.Option(40, min=1, help="Dynamics orders for SAP."),
     sales: bool = typer.Option(True, help="Include F&O, Salesforce and Customer 360."),
     sap: bool = typer.Option(True, help="Include SAP S/4HANA."),
+    serve: bool = typer.Option(False, "--serve", help="Keep the simulators up after the report (until Ctrl-C), "
+                               "so `syncline --state .syncline/demo status|reconcile|check` can reach them."),
 ) -> None:
     """Start the simulators, seed, deliver webhooks, run controller cycles, reconcile and report."""
     if runtime not in ("embedded", "azure"):
@@ -32,7 +34,7 @@ def demo(
         raise typer.Exit(2)
     ok = asyncio.run(run_demo(console, report_path=report, signs=signs, work_orders=work_orders, runtime=runtime,
                               customers=customers, opportunities=opportunities, sap_orders=sap_orders, sales=sales,
-                              sap=sap))
+                              sap=sap, serve=serve))
     raise typer.Exit(0 if ok else 1)
 
 

@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from sandbox.demo.box import environment, start_host, start_sandbox
+from sandbox.demo.next_steps import leave_settings, next_commands, print_next_steps, serve_until_stopped
 from sandbox.demo.scenario import (
     SALES_CUSTOMERS,
     SALES_FLOWS,
@@ -41,9 +42,10 @@ from shared.progress import progress_bar
 async def run_demo(console: Console, *, report_path: Path, signs: int = 2000, work_orders: int = 500,
                    workdir: Path = Path(".syncline/demo"), runtime: str = "embedded", quiet_logs: bool = True,
                    sales: bool = True, customers: int = SALES_CUSTOMERS, opportunities: int = 300,
-                   sap: bool = True, sap_orders: int = 40) -> bool:
+                   sap: bool = True, sap_orders: int = 40, serve: bool = False) -> bool:
     """The whole demo; returns True when both directions synced with zero drift and exactly the bad records
-    ended in the dead-letter queue. `quiet_logs=False` leaves logger levels alone (tests capturing logs)."""
+    ended in the dead-letter queue. `quiet_logs=False` leaves logger levels alone (tests capturing logs).
+    `serve=True` keeps the simulators and the functions host up after the report until SIGINT/SIGTERM."""
     from sandbox.dataverse import seed_dataverse
     from shared.bootstrap import build_services
     from shared.ops import initial_load, reconcile
@@ -82,6 +84,7 @@ async def run_demo(console: Console, *, report_path: Path, signs: int = 2000, wo
                               f"sales orders; Dynamics: {len(box.sales['sap_accounts']['accounts']) + 1} ERP "
                               "customer accounts")
             start_host(box)
+            leave_settings(workdir, box.env)
             services = build_services(Settings())
             try:
                 with progress_bar(console) as progress:
@@ -182,6 +185,10 @@ async def run_demo(console: Console, *, report_path: Path, signs: int = 2000, wo
         console.print(f"report written to {report_path}")
         console.print("[bold green]demo OK[/bold green]: both directions synced, zero drift, bad records "
                       "dead-lettered" if ok else "[bold red]demo FAILED[/bold red]: see the report")
+        sources = {f.name: f.source.system for f in services.flowset.flows}
+        print_next_steps(console, next_commands(workdir, dead_rows, sources), serving=serve, runtime=runtime)
+        if serve:
+            await serve_until_stopped()
         return ok
     finally:
         box.stop()

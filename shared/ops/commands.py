@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from shared.bootstrap import build_services
@@ -17,6 +18,48 @@ from shared.ops.registration import (
 )
 from shared.ops.status import health
 from shared.settings import Settings
+
+STATE_ENV_FILE = "syncline.env"
+"""The settings file a state directory may carry (the demo writes one): KEY=VALUE lines, # comments."""
+
+
+def use_state(directory: Path) -> str:
+    """Point this process's settings at the state in `directory`; returns a line saying what it did.
+
+    A directory with a `syncline.env` (the demo's) gets every setting from it, so the commands reach the same
+    state, queue and systems the demo used; any other directory is taken as an embedded runtime's state.
+    """
+    if not directory.is_dir():
+        raise ValueError(f"--state {directory}: no such directory")
+    env_file = directory / STATE_ENV_FILE
+    if not env_file.is_file():
+        os.environ["SYNCLINE_STATE_DIR"] = str(directory)
+        return f"state: {directory} (embedded runtime)"
+    values: dict[str, str] = {}
+    for number, line in enumerate(env_file.read_text(encoding="utf-8").splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, sep, value = line.partition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"{env_file}:{number}: expected NAME=VALUE")
+        values[name.strip()] = value.strip()
+    os.environ.update(values)
+    return f"state: {directory} (settings from {env_file.name}, runtime {values.get('SYNCLINE_RUNTIME', 'embedded')})"
+
+
+def write_state_env(directory: Path, values: dict[str, str]) -> Path:
+    """Write `values` as the directory's syncline.env, readable by its owner only (it holds credentials)."""
+    for name, value in values.items():
+        if "\n" in value or "\n" in name:
+            raise ValueError(f"setting {name} spans lines; syncline.env holds one line per setting")
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / STATE_ENV_FILE
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as out:
+        out.write("# Written by the Syncline demo: `syncline --state DIR ...` reads it.\n")
+        out.writelines(f"{name}={value}\n" for name, value in sorted(values.items()))
+    return path
 
 
 async def run_cycle(*, poll: bool, progress: Callable[[str, int], None]) -> dict[str, Any]:
