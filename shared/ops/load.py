@@ -268,12 +268,12 @@ async def load_flow(services: Services, flow_name: str, *, since: str | None = N
         raise ValueError(f"flow {flow.name}: the load in progress was started with --since {previous.since}; "
                          "resume it without --since, or use --restart")
     now = clock().isoformat()
-    if previous is not None and previous.position > 0:
-        run.state = previous
-        resumed_at: int | None = previous.position
+    resumed_at: int | None = None
+    if previous is not None and (previous.position > 0 or since_at is None):
+        run.state = previous  # its --since too: a resume loads the same window
+        resumed_at = previous.position or None
     else:
         run.state = LoadState(flow.name, since_at.isoformat() if since_at else None, started_at=now)
-        resumed_at = None
     if not run.state.started_at:
         run.state.started_at = now
     window = datetime.fromisoformat(run.state.since) if run.state.since else None
@@ -324,6 +324,8 @@ async def _run(services: Services, run: _Load, window: datetime | None, skip: in
                 if index == skip and record.key != state.last_key:
                     replay = True
                     break
+                if index == skip:
+                    _tell(progress, state, started, skip)  # skipped up to the checkpoint: the bar starts there
                 continue
             if _in_window(record, window):
                 buffer.append(record)

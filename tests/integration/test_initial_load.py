@@ -190,3 +190,31 @@ async def test_kill_9_mid_load_then_resume_loads_each_record_exactly_once(sandbo
     done = await read_checkpoint(LOAD_PREFIX + FLOW)
     assert done is not None
     assert (done.status, done.position, done.loaded) == ("complete", 62, 62)
+
+
+async def test_ctrl_c_stops_cleanly_and_the_rerun_resumes_at_once(sandbox: Sandbox):
+    seed_dataverse(sandbox.dv, signs=40, work_orders=0)
+    env = {**os.environ, **sandbox.env, "SYNCLINE_BATCH_SIZE": "5", "ARCGIS__BATCH_SIZE": "5", "COLUMNS": "200"}
+    sandbox.ag.latency_ms = 120
+    proc = load_process(env)
+    deadline = time.monotonic() + 60
+    while sandbox.ag.request_count["applyEdits"] < 3:
+        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else "load exited early"
+        assert time.monotonic() < deadline, "the load never started writing"
+        await asyncio.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err.decode()[-2000:]
+    stopped = await read_checkpoint(LOAD_PREFIX + FLOW)
+    assert stopped is not None
+    assert stopped.status == "stopped"
+    assert 0 < stopped.position < 42
+    assert out.decode().strip().endswith(f"interrupted after record {stopped.position}; resume with "
+                                         f"`syncline load {FLOW}`")
+
+    sandbox.ag.latency_ms = 0
+    rerun = load_process(env)
+    out, err = rerun.communicate(timeout=120)
+    assert rerun.returncode == 0, err.decode()[-2000:]
+    assert f"flow {FLOW}: resuming at record {stopped.position}" in out.decode()
+    assert len(set(signs_in_field(sandbox))) == len(signs_in_field(sandbox)) == 40
