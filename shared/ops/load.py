@@ -176,8 +176,9 @@ def _in_window(record: SourceRecord, since: datetime | None) -> bool:
     """Inside the --since window: modified at or after it. A record whose modified time the connector could not
     read (modified None) is loaded: re-pushing an in-sync record is a no-op, skipping a changed one is a loss.
     Modified times per system: Dataverse `modifiedon`, ArcGIS editor tracking `EditDate`, Salesforce
-    `SystemModstamp`, F&O the entity's modified field where it has one (else None), SAP the entity's
-    LastChangeDateTime (or LastChangeDate+Time in the system's time zone)."""
+    `SystemModstamp`, F&O the entity's modified field where it has one (else None), SAP sales orders'
+    LastChangeDateTime and business partners' LastChangeDate+Time (else None). docs/operations.md says why the
+    change feeds do not serve here."""
     if record.deleted:
         return False
     return since is None or record.modified is None or record.modified >= since
