@@ -43,11 +43,11 @@ LoadStatus = Literal["running", "stopped", "paused", "complete"]
 STALE_SECONDS = 600.0
 """A load whose checkpoint has not moved for this long is taken as dead: another run may take it over (a load on
 the same host whose process is gone is stale at once). Far longer than the slowest batch with its retries."""
-DEFAULT_MAX_SECONDS = 240.0
-"""Time budget of one admin-function call: well under the Functions timeout, the checkpoint saved before it."""
-MAX_SECONDS = 540.0
-"""The most one admin-function call may run (the Flex Consumption HTTP timeout is 230 s of idle response, the
-function timeout 10 minutes by default; a batch in flight when the budget runs out still finishes)."""
+DEFAULT_MAX_SECONDS = 180.0
+"""Time budget of one admin-function call: the batch in flight when it runs out still finishes, and an HTTP
+trigger must answer within 230 s (the front end's idle timeout, whatever the function timeout)."""
+MAX_SECONDS = 200.0
+"""The most time budget a caller may ask of one admin-function call (see DEFAULT_MAX_SECONDS)."""
 
 Outcome = Literal["complete", "nothing", "already_complete", "partial", "paused", "interrupted"]
 
@@ -455,7 +455,7 @@ class LoadRequest(BaseModel):
             data = json.loads(body)
         except (ValueError, UnicodeDecodeError):
             raise ValueError("the body is not JSON; send {\"since\": \"YYYY-MM-DD\", \"restart\": false, "
-                             "\"max_seconds\": 240} or nothing") from None
+                             "\"max_seconds\": 180} or nothing") from None
         if not isinstance(data, dict):
             raise ValueError("the body must be a JSON object")
         if isinstance(data.get("max_seconds"), int) and not isinstance(data.get("max_seconds"), bool):

@@ -87,8 +87,9 @@ async def world(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
         engine = SyncEngine(SPEC, sinks=systems, sources=systems, state=state)  # type: ignore[arg-type]
         controller = Controller(SPEC, engine=engine, queue=harness.queue, state=state,
                                 sources=systems)  # type: ignore[arg-type]
-        services = Services(settings, SPEC, state, harness.queue, engine, controller, systems,  # type: ignore[arg-type]
-                            systems, CallCounter())  # type: ignore[arg-type]
+        services = Services(settings=settings, flowset=SPEC, state=state, queue=harness.queue, engine=engine,
+                            controller=controller, sinks=systems, sources=systems,  # type: ignore[arg-type]
+                            counter=CallCounter())
         yield World(services, state, dv, ag)
 
 

@@ -218,3 +218,32 @@ async def test_ctrl_c_stops_cleanly_and_the_rerun_resumes_at_once(sandbox: Sandb
     assert rerun.returncode == 0, err.decode()[-2000:]
     assert f"flow {FLOW}: resuming at record {stopped.position}" in out.decode()
     assert len(set(signs_in_field(sandbox))) == len(signs_in_field(sandbox)) == 40
+
+
+def test_the_admin_function_over_http_steps_the_load_to_completion(sandbox: Sandbox):
+    """The function served by the local host (route parameter, function key), called until it is complete."""
+    import httpx
+
+    from sandbox.funchost import build_app
+    from sandbox.server import RunningServer
+    from shared.bootstrap import set_services
+
+    seed_dataverse(sandbox.dv, signs=8, work_orders=0)
+    set_services(None)  # the host builds its own services from the sandbox settings
+    host = RunningServer(build_app(function_key="admin-key")).start()
+    try:
+        url = f"{host.url}/api/admin/load/{FLOW}"
+        with httpx.Client(timeout=60) as client:
+            assert client.post(url, json={}).status_code == 401  # no key
+            first = client.post(url, headers={"x-functions-key": "admin-key"}, json={"max_seconds": 1e-9})
+            assert first.status_code == 202
+            assert (first.json()["complete"], first.json()["next"]) == (False, "call again to continue")
+            done = client.post(url, headers={"x-functions-key": "admin-key"})
+            assert done.status_code == 200
+            assert (done.json()["outcome"], done.json()["loaded"], done.json()["written"]) == ("complete", 10, 8)
+            missing = client.post(f"{host.url}/api/admin/load/nope", headers={"x-functions-key": "admin-key"})
+            assert (missing.status_code, missing.json()["error"]) == (404, "UNKNOWN_FLOW")
+    finally:
+        host.stop()
+        set_services(None)
+    assert len(signs_in_field(sandbox)) == 8
