@@ -35,13 +35,27 @@ def http_routes() -> dict[str, tuple[Any, list[str]]]:
     return routes
 
 
+def _match_template(table: dict[str, tuple[Any, list[str]]], route: str
+                    ) -> tuple[tuple[Any, list[str]] | None, dict[str, str]]:
+    """A route with parameters (`admin/load/{flow}`): the entry and the values of its parameters, as the host has."""
+    parts = route.split("/")
+    for template, entry in table.items():
+        names = template.split("/")
+        if "{" in template and len(names) == len(parts) and all(
+                n == p or (n.startswith("{") and n.endswith("}") and p) for n, p in zip(names, parts, strict=True)):
+            return entry, {n[1:-1]: p for n, p in zip(names, parts, strict=True) if n.startswith("{")}
+    return None, {}
+
+
 def build_app(function_key: str | None = None) -> Starlette:
     """An ASGI app exposing every HTTP trigger under /api; `function_key` emulates auth level FUNCTION."""
     table = http_routes()
 
     async def dispatch(request: Request) -> Response:
         route = request.path_params["route"]
-        entry = table.get(route)
+        entry, route_params = table.get(route), {}
+        if entry is None:
+            entry, route_params = _match_template(table, route)
         if entry is None:
             return Response(status_code=404)
         user_fn, methods = entry
@@ -56,7 +70,7 @@ def build_app(function_key: str | None = None) -> Starlette:
             url=str(request.url),
             headers=dict(request.headers),
             params=dict(request.query_params),
-            route_params={},
+            route_params=route_params,
             body=await request.body(),
         )
         resp = await user_fn(req)

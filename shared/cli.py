@@ -220,6 +220,49 @@ def arcgis_register_webhook(
                                                      name=name, change_types=change_type)))
 
 
+@app.command()
+def load(
+    flow: str = typer.Argument(..., help="The flow to load (see `syncline validate`)."),
+    since: str = typer.Option(None, "--since", metavar="DATE",
+                              help="Only records modified on or after DATE (YYYY-MM-DD or an ISO date-time, UTC)."),
+    restart: bool = typer.Option(False, "--restart", help="Start over instead of resuming from the checkpoint."),
+    json_: bool = typer.Option(False, "--json", help="Print the report as JSON only (no progress bar)."),
+) -> None:
+    """Initial load of one flow: every source record (or those modified since DATE) through the engine, resumable."""
+    from shared.ops.load import LoadBusyError, LoadProgress, run_load
+
+    position = [0]
+
+    def show(text: str) -> None:
+        if not json_:
+            console.print(text, soft_wrap=True)
+
+    with progress_bar(console) as bar:
+        task = bar.add_task(flow, total=None, visible=not json_)
+
+        def advance(p: LoadProgress) -> None:
+            position[0] = p.position
+            bar.update(task, completed=p.position,
+                       description=f"{p.flow}: {p.loaded} loaded, {p.rate:,.0f} records/s")
+
+        try:
+            report = _run(lambda: run_load(flow, since=since, restart=restart, max_seconds=None, progress=advance,
+                                           announce=show))
+        except LoadBusyError as exc:
+            console.print(f"[red]error[/red] {exc}", soft_wrap=True)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            console.print(f"interrupted after record {position[0]}; resume with `syncline load {flow}`",
+                          soft_wrap=True)
+            raise typer.Exit(130) from None
+    if json_:
+        console.print_json(json.dumps(report.as_dict()))
+    else:
+        console.print(report.message + (f" in {report.seconds:.1f} s ({report.rate:,.0f} records/s)"
+                                        if report.this_run else ""), soft_wrap=True)
+    raise typer.Exit(1 if report.outcome == "paused" else 0)
+
+
 def main() -> None:
     """Console-script entry point."""
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
