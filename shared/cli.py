@@ -198,6 +198,8 @@ if TYPE_CHECKING:
 
 
 def _print_provision_plan(plan: ProvisionPlan) -> None:
+    from rich.markup import escape
+
     colours = {"add field": "green", "create domain": "green", "add values": "yellow", "remove values": "red",
                "keep values": "dim"}
     layers = len({s.layer for s in plan.changes})
@@ -206,7 +208,8 @@ def _print_provision_plan(plan: ProvisionPlan) -> None:
     for step in plan.steps:
         colour = colours[step.action]
         values = ", ".join(f"{code} {label}" if str(code) != label else str(code) for code, label in step.values)
-        table.add_row(step.layer, step.field, f"[{colour}]{step.action}[/{colour}]", values or "-", step.detail)
+        table.add_row(escape(step.layer), escape(step.field), f"[{colour}]{step.action}[/{colour}]",
+                      escape(values or "-"), escape(step.detail))
     console.print(table)
 
 
@@ -222,6 +225,8 @@ def arcgis_provision(
 ) -> None:
     """Create or update the layers' coded-value domains from the flows' value maps and add the fields the flows need
     (Esri's `arcgis` package: pip install 'syncline[admin]')."""
+    from rich.markup import escape
+
     from shared.ops.provision import ProvisionError, apply_plan, provisioning
 
     if json_out and not (yes or dry_run):
@@ -234,7 +239,7 @@ def arcgis_provision(
                 if plan.steps:
                     _print_provision_plan(plan)
                 for problem in plan.problems:
-                    console.print(f"[yellow]cannot provision[/yellow] {problem}", soft_wrap=True)
+                    console.print(f"[yellow]cannot provision[/yellow] {escape(problem)}", soft_wrap=True)
             if not plan.changes:
                 report["outcome"] = "up_to_date" if not plan.problems else "problems"
                 if not json_out:
@@ -251,13 +256,13 @@ def arcgis_provision(
                 if not json_out:
                     console.print(f"applied {len(plan.changes)} change(s) to {len(done)} layer(s)")
     except ProvisionError as exc:
-        console.print(f"[red]error[/red] {exc}", soft_wrap=True)
+        console.print(f"[red]error[/red] {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(2) from None
     except SyncError as exc:
-        console.print(f"[red]error[/red] {exc.reason}: {exc.detail}", soft_wrap=True)
+        console.print(f"[red]error[/red] {exc.reason}: {escape(exc.detail)}", soft_wrap=True)
         raise typer.Exit(2) from None
     except ValueError as exc:  # pydantic settings errors are ValueErrors
-        console.print(f"[red]configuration error[/red] {exc}", soft_wrap=True)
+        console.print(f"[red]configuration error[/red] {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(2) from None
     if json_out:
         console.print_json(json.dumps(report, default=str))
