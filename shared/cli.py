@@ -193,26 +193,6 @@ def arcgis_register_webhook(
                                                      name=name, change_types=change_type)))
 
 
-if TYPE_CHECKING:
-    from shared.ops.provision import Plan as ProvisionPlan
-
-
-def _print_provision_plan(plan: ProvisionPlan) -> None:
-    from rich.markup import escape
-
-    colours = {"add field": "green", "create domain": "green", "add values": "yellow", "remove values": "red",
-               "keep values": "dim"}
-    layers = len({s.layer for s in plan.changes})
-    table = Table("layer", "field", "action", "values", "detail",
-                  title=f"ArcGIS provisioning plan: {len(plan.changes)} change(s) on {layers} layer(s)")
-    for step in plan.steps:
-        colour = colours[step.action]
-        values = ", ".join(f"{code} {label}" if str(code) != label else str(code) for code, label in step.values)
-        table.add_row(escape(step.layer), escape(step.field), f"[{colour}]{step.action}[/{colour}]",
-                      escape(values or "-"), escape(step.detail))
-    console.print(table)
-
-
 @arcgis_app.command("provision")
 def arcgis_provision(
     flows: Path = typer.Option(None, "--flows", help="A spec file or a directory of specs (default: SYNCLINE_FLOWS)."),
@@ -228,6 +208,7 @@ def arcgis_provision(
     from rich.markup import escape
 
     from shared.ops.provision import ProvisionError, apply_plan, provisioning
+    from shared.provision_view import print_plan
 
     if json_out and not (yes or dry_run):
         console.print("[red]error[/red] --json needs --yes or --dry-run (a script cannot answer the prompt)")
@@ -236,10 +217,7 @@ def arcgis_provision(
         with provisioning(str(flows) if flows else None, prune=prune) as (admin, plan):
             report: dict[str, object] = {"plan": plan.to_json(), "applied": [], "outcome": "dry_run"}
             if not json_out:
-                if plan.steps:
-                    _print_provision_plan(plan)
-                for problem in plan.problems:
-                    console.print(f"[yellow]cannot provision[/yellow] {escape(problem)}", soft_wrap=True)
+                print_plan(console, plan)
             if not plan.changes:
                 report["outcome"] = "up_to_date" if not plan.problems else "problems"
                 if not json_out:

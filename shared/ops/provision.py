@@ -430,15 +430,17 @@ def apply_plan(admin: ArcGISAdmin, steps: Sequence[Step], *,
 
 
 @contextmanager
-def provisioning(flows: str | None, *, prune: bool) -> Iterator[tuple[ArcGISAdmin, Plan]]:
-    """Settings, the flows (`flows`, default SYNCLINE_FLOWS), the signed-in service and its plan; closed after.
+def provisioning(flows: str | None, *, prune: bool,
+                 settings: Settings | None = None) -> Iterator[tuple[ArcGISAdmin, Plan]]:
+    """The flows (`flows`, default SYNCLINE_FLOWS), the signed-in service and its plan; closed after.
 
     The admin extra is checked first, so a missing package is the one thing reported whatever else is wrong.
+    `settings` default: read from the environment.
     """
     from shared.bootstrap import load_flows
 
     _import_arcgis()
-    settings = Settings()
+    settings = settings or Settings()
     flowset = load_flows(flows or settings.syncline_flows)
     admin = ArcGISAdmin(settings)
     try:
