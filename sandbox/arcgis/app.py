@@ -358,6 +358,8 @@ class ArcGISSimulator(SimAuth, SimWebhooks, SimQuery, SimEdits, SimChanges, SimD
         if not admin and not path.lower().startswith(self.service_path.lower()):
             return JSONResponse(RestError(400, "Invalid URL", ["Invalid URL"]).body())
         rest = [p for p in path[len(self.admin_path if admin else self.service_path):].split("/") if p]
+        if not all(p.isascii() for p in rest):  # "²".isdigit() is true but int("²") fails: ids are ASCII digits
+            return JSONResponse(RestError(400, "Invalid URL", ["Invalid URL"]).body())
         op = self._admin_op_name(rest) if admin else self._op_name(rest)
         self.request_count[op] += 1
         self._in_flight[op] += 1

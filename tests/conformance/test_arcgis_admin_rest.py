@@ -200,3 +200,20 @@ def test_any_definition_gets_success_or_an_error_body_never_a_500(service: Featu
     assert body == {"success": True} or (body["error"]["code"] == 400 and body["error"]["details"])
     layer = service.layer(ASSIGNMENTS)
     assert len({f["name"].lower() for f in layer["fields"]}) == len(layer["fields"])  # never a duplicate name
+
+
+segments = st.lists(st.sampled_from(["3", "0", "77", "²", "٣", "updateDefinition", "addToDefinition", "refresh",
+                                     "WebHooks", "x"]) | st.text(min_size=1, max_size=6), min_size=0, max_size=3)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(parts=segments, post=st.booleans())
+def test_any_admin_path_answers_json_never_a_500(service: FeatureService, parts: list[str], post: bool) -> None:
+    from urllib.parse import quote
+
+    root = service.url.replace("/rest/services/", "/rest/admin/services/")
+    url = "/".join([root, *(quote(p, safe="") for p in parts)])
+    form = {"f": "json", "token": service.token, "updateDefinition": '{"fields": [{"name": "status"}]}'}
+    answer = service.http.post(url, data=form) if post else service.http.get(url, params=form)
+    assert answer.status_code == 200
+    assert isinstance(answer.json(), dict | list)
