@@ -144,7 +144,8 @@ def desired_fields(flowset: FlowSet) -> dict[str, dict[str, DesiredField]]:
             if name.lower() in system:
                 continue
             if fm.value_map is not None:
-                need(layer, name, STRING, None, "", flow.name, fm.value_map)
+                # The codes decide the type; a map without ArcGIS codes leaves text.
+                need(layer, name, STRING, 255, f"value map {fm.value_map} (no arcgis codes)", flow.name, fm.value_map)
             elif fm.transform == "truncate":
                 cut = int(fm.args.get("length", 255))
                 need(layer, name, STRING, cut, f"truncate to {cut}", flow.name)

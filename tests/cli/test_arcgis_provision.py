@@ -221,3 +221,27 @@ def test_a_wrong_secret_or_no_service_is_a_clear_error(arcgis: Callable[..., San
     missing = provision("--dry-run")
     assert (missing.exit_code, missing.output.strip()) == (2, "error ArcGIS is not configured (ARCGIS__SERVICE_URL "
                                                               "is empty)")
+
+
+def test_an_api_key_signs_in_instead_of_app_credentials(arcgis: Callable[..., Sandbox],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from sandbox.arcgis import DEFAULT_API_KEY
+
+    arcgis()
+    monkeypatch.setenv("ARCGIS__CLIENT_ID", "")
+    monkeypatch.setenv("ARCGIS__CLIENT_SECRET", "")
+    monkeypatch.setenv("ARCGIS__API_KEY", DEFAULT_API_KEY)
+    result = provision("--dry-run")
+    assert result.exit_code == 0, result.output
+    assert plan_rows(result.output) == EXPECTED_PLAN
+    assert DEFAULT_API_KEY not in result.output
+
+
+def test_a_broken_flow_spec_is_one_line_and_exit_2(arcgis: Callable[..., Sandbox], tmp_path: Any) -> None:
+    arcgis()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("spec_version: 1\nname: x\n")
+    result = runner.invoke(app, ["arcgis", "provision", "--flows", str(bad), "--dry-run"])
+    assert result.exit_code == 2
+    assert result.output.startswith("error SPEC_INVALID: ")
+    assert "Traceback" not in result.output

@@ -192,3 +192,19 @@ def test_applying_the_plan_leaves_nothing_to_do_and_never_drops_a_code_unless_pr
     else:
         assert set(before) <= set(final)  # nothing a record may hold is removed
     assert len(final) == len(set(final))
+
+
+def test_a_value_map_without_arcgis_codes_adds_a_text_field_and_no_domain() -> None:
+    flowset = parse_spec(yaml.safe_dump({
+        "spec_version": 1, "name": "t", "systems": ["dataverse", "arcgis"],
+        "value_maps": {"dv_only": [{"label": "A", "dataverse": 1}]},
+        "flows": [{"name": "out", "entity": "thing", "mode": "direct",
+                   "source": {"system": "dataverse", "table": "things", "key_field": "thingid"},
+                   "target": {"system": "arcgis", "table": "Layer", "key_field": "GlobalID"},
+                   "link": {"target_field": "DV_ID"},
+                   "fields": [{"source": "dv_kind", "target": "KIND", "transform": "choice",
+                               "value_map": "dv_only"}]}],
+    }), source="test")
+    result = plan(flowset, layer())
+    assert rows(result) == [("Layer", "KIND", "add field", [])]
+    assert result.steps[0].detail == "String(255): value map dv_only (no arcgis codes)"
