@@ -263,6 +263,60 @@ def load(
     raise typer.Exit(1 if report.outcome == "paused" else 0)
 
 
+@arcgis_app.command("provision")
+def arcgis_provision(
+    flows: Path = typer.Option(None, "--flows", help="A spec file or a directory of specs (default: SYNCLINE_FLOWS)."),
+    yes: bool = typer.Option(False, "--yes", help="Apply the plan without asking."),
+    json_out: bool = typer.Option(False, "--json", help="Print the plan and the outcome as JSON (needs --yes or "
+                                  "--dry-run: a script cannot answer the prompt)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Show the plan; change nothing."),
+    prune: bool = typer.Option(False, "--prune", help="Also remove domain codes that no value map has (records may "
+                               "hold them: without --prune they are kept)."),
+) -> None:
+    """Create or update the layers' coded-value domains from the flows' value maps and add the fields the flows need
+    (Esri's `arcgis` package: pip install 'syncline[admin]')."""
+    from rich.markup import escape
+
+    from shared.ops.provision import ProvisionError, apply_plan, provisioning
+    from shared.provision_view import print_plan
+
+    if json_out and not (yes or dry_run):
+        console.print("[red]error[/red] --json needs --yes or --dry-run (a script cannot answer the prompt)")
+        raise typer.Exit(2)
+    try:
+        with provisioning(str(flows) if flows else None, prune=prune) as (admin, plan):
+            report: dict[str, object] = {"plan": plan.to_json(), "applied": [], "outcome": "dry_run"}
+            if not json_out:
+                print_plan(console, plan)
+            if not plan.changes:
+                report["outcome"] = "up_to_date" if not plan.problems else "problems"
+                if not json_out:
+                    console.print("layers are up to date" if not plan.problems else "nothing else to change")
+            elif not dry_run:
+                if not yes and not typer.confirm(f"Apply {len(plan.changes)} change(s) to {admin.service_url}?"):
+                    console.print("cancelled: nothing changed")
+                    raise typer.Exit(1)
+                with progress_bar(console) as progress:
+                    task = progress.add_task("layers", total=len({s.layer_id for s in plan.changes}))
+                    done = apply_plan(admin, plan.changes, progress=lambda _: progress.advance(task))
+                report["applied"] = done
+                report["outcome"] = "applied"
+                if not json_out:
+                    console.print(f"applied {len(plan.changes)} change(s) to {len(done)} layer(s)")
+    except ProvisionError as exc:
+        console.print(f"[red]error[/red] {escape(str(exc))}", soft_wrap=True)
+        raise typer.Exit(2) from None
+    except SyncError as exc:
+        console.print(f"[red]error[/red] {exc.reason}: {escape(exc.detail)}", soft_wrap=True)
+        raise typer.Exit(2) from None
+    except ValueError as exc:  # pydantic settings errors are ValueErrors
+        console.print(f"[red]configuration error[/red] {escape(str(exc))}", soft_wrap=True)
+        raise typer.Exit(2) from None
+    if json_out:
+        console.print_json(json.dumps(report, default=str))
+    raise typer.Exit(1 if plan.problems else 0)
+
+
 def main() -> None:
     """Console-script entry point."""
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")

@@ -21,6 +21,7 @@ from starlette.routing import Route
 from sandbox.arcgis.auth import SHARING_PATH, TOKEN_PATH, SimAuth
 from sandbox.arcgis.changes import SimChanges
 from sandbox.arcgis.codecs import WEB_MERCATOR, canonical_guid
+from sandbox.arcgis.definitions import SimDefinitions
 from sandbox.arcgis.edits import SimEdits
 from sandbox.arcgis.errors import _MESSAGES, RestError
 from sandbox.arcgis.faults import Faults, _Fault
@@ -41,7 +42,7 @@ DEFAULT_API_KEY = "AAPKsimSyncline0123456789abcdefApiKey"
 DEFAULT_API_KEY_USERNAME = "syncline_apikey"
 
 
-class ArcGISSimulator(SimAuth, SimWebhooks, SimQuery, SimEdits, SimChanges):
+class ArcGISSimulator(SimAuth, SimWebhooks, SimQuery, SimEdits, SimChanges, SimDefinitions):
     """An in-memory ArcGIS Online org with one hosted feature service, its token endpoint, webhooks and faults.
 
     Serve `.app` with `sandbox.server.RunningServer(sim.app)`; then `sim.token_url(server.url)` and
@@ -69,7 +70,11 @@ class ArcGISSimulator(SimAuth, SimWebhooks, SimQuery, SimEdits, SimChanges):
       service without ChangeTracking, a sixth webhook, and a hook URL already receiving overlapping events;
       edit keeps absent parameters. Admin-created and `register_webhook` webhooks share one list, count
       against the same limit and deliver alike; inactive ones deliver nothing. The create-time reachability
-      probe of the hook URL is not simulated.
+      probe of the hook URL is not simulated;
+    - layer definitions (admin API, `sandbox/arcgis/definitions.py`): `<admin>/<layer>` answers the definition
+      with `adminLayerInfo`; `addToDefinition` adds fields, `updateDefinition` sets a field's alias or domain
+      (coded values checked against the field's type and length), `refresh` answers success. A refused change
+      applies nothing and answers HTTP 200 `{"error": {"code": 400, ...}}`; accepted ones show in `<layer>?f=json`.
     """
 
     APP_ITEM_ID = "5f0c6d3e2b8a4e71a9d4c3b2a1f0e9d8"
@@ -353,6 +358,8 @@ class ArcGISSimulator(SimAuth, SimWebhooks, SimQuery, SimEdits, SimChanges):
         if not admin and not path.lower().startswith(self.service_path.lower()):
             return JSONResponse(RestError(400, "Invalid URL", ["Invalid URL"]).body())
         rest = [p for p in path[len(self.admin_path if admin else self.service_path):].split("/") if p]
+        if not all(p.isascii() for p in rest):  # "²".isdigit() is true but int("²") fails: ids are ASCII digits
+            return JSONResponse(RestError(400, "Invalid URL", ["Invalid URL"]).body())
         op = self._admin_op_name(rest) if admin else self._op_name(rest)
         self.request_count[op] += 1
         self._in_flight[op] += 1
@@ -381,7 +388,11 @@ class ArcGISSimulator(SimAuth, SimWebhooks, SimQuery, SimEdits, SimChanges):
         try:
             user = self._authenticate(params, headers)
             with self._lock:
-                if op.startswith("admin."):
+                if op == "admin.service":
+                    result = self._admin_service_json()
+                elif op.startswith("admin.") and rest[0].isdigit():
+                    result = self._dispatch_admin_layer(request.method, rest, params)
+                elif op.startswith("admin."):
                     result = self._dispatch_admin(request.method, rest, params, user)
                 else:
                     result = self._dispatch(request.method, rest, params, files, user, changes)
@@ -410,6 +421,8 @@ class ArcGISSimulator(SimAuth, SimWebhooks, SimQuery, SimEdits, SimChanges):
     def _admin_op_name(rest: Sequence[str]) -> str:
         if not rest:
             return "admin.service"
+        if rest[0].isdigit():  # a layer's admin resource: `<admin>/<layer>[/addToDefinition|updateDefinition|...]`
+            return "admin.layer" if len(rest) == 1 else "admin." + rest[-1]
         return "admin." + (rest[-1] if not rest[-1].isdigit() else "webhook")
 
     @staticmethod
