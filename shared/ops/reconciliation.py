@@ -320,7 +320,6 @@ async def _compare_flow(reader: _Reader, state: StateStore, mapper: Mapper, flow
     src, tgt = flow.source, flow.target
     moved = _owned_by_target(flow, reverse)
     async for page in reader.pages(src.system, src.table, f"{flow.entity}: {src.system}"):
-        drift.source_records += len(page)
         redo, redo_back = await _source_page(reader, state, mapper, flow, moved, drift, excluded, page)
         del page
         if resync is not None:
@@ -330,7 +329,6 @@ async def _compare_flow(reader: _Reader, state: StateStore, mapper: Mapper, flow
                 await resync(reverse, redo_back)
         del redo, redo_back
     async for page in reader.pages(tgt.system, tgt.table, f"{flow.entity}: {tgt.system}"):
-        drift.target_records += len(page)
         await _target_page(reader, state, flow, drift, excluded, page)
         del page
 
@@ -346,6 +344,7 @@ async def _source_page(
     wanted = [links[r.key] for r in page if r.key in links and r.key not in excluded
               and all(in_scope(c, r.values) for c in flow.when)]
     targets = await reader.fetch(tgt.system, tgt.table, wanted)
+    drift.source_records += len(page)  # once its targets are read: a page the budget cut short is not counted
     redo: list[tuple[SourceRecord, str]] = []
     redo_back: list[tuple[SourceRecord, str]] = []
     for record in page:
@@ -394,6 +393,7 @@ async def _target_page(reader: _Reader, state: StateStore, flow: FlowSpec, drift
     src, tgt = flow.source, flow.target
     back = await state.get_links(flow.entity, tgt.system, [r.key for r in page], src.system)
     found = await reader.fetch(src.system, src.table, [back[r.key] for r in page if r.key in back])
+    drift.target_records += len(page)
     for record in page:
         skey = back.get(record.key)
         source = found.get(skey) if skey is not None else None
