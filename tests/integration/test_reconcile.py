@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
+from datetime import UTC, datetime
 from collections.abc import Iterator
 
 import pytest
@@ -12,6 +14,7 @@ from azure.functions.timer import TimerRequest
 from typer.testing import CliRunner
 
 from sandbox.dataverse import seed_dataverse
+from sandbox.dataverse.seed import _sign
 from sandbox.demo import Sandbox, environment, start_sandbox
 from sandbox.funchost import registered_functions
 from shared.bootstrap import Services, build_services, set_services
@@ -55,39 +58,44 @@ async def test_drift_is_found_repaired_once_from_its_owning_side_and_fixed_by_th
         box.ag.field_edit("SignAssets", sign["GlobalID"], {"ROUTE": "XX-999"}, user="crew1")
         box.dv.apply_change("dot_signassets", {"dot_condition": 100000004 if sign["CONDITION"] != "MISSING"
                                                else 100000000}, key=sign["DV_ID"])
+        # And a sign created while the webhook was down (never synced).
+        new_sign = box.dv.insert("dot_signassets", _sign(random.Random(5), 900, datetime(2026, 3, 2, tzinfo=UTC)))
 
         found = await run_reconciliation(services)
         [signs] = [e for e in found.entities if e.entity == "sign_asset"]
         assert signs.flow == "sign_assets_to_field"
+        assert signs.missing_in_target == [new_sign]
         assert signs.field_drift == {sign["DV_ID"]: [f"ROUTE: expected {sign['ROUTE']!r}, found 'XX-999'"]}
         assert list(signs.reverse_field_drift) == [sign["GlobalID"]]
         assert signs.reverse_field_drift[sign["GlobalID"]][0].startswith("dot_condition: expected")
-        assert found.total_drift == signs.drift == 2
+        assert found.total_drift == signs.drift == 3
         assert found.enqueued == 0  # reporting enqueues nothing
         assert (await services.queue.depth()).active == 0
 
         repaired = await run_reconciliation(services, repair=True)
-        assert repaired.enqueued == 2  # the Dynamics sign for ROUTE, the ArcGIS sign for CONDITION
-        assert (await services.queue.depth()).active == 2
+        assert repaired.enqueued == 3  # the Dynamics signs (ROUTE, the new one), the ArcGIS sign for CONDITION
+        assert (await services.queue.depth()).active == 3
         audit = await services.state.read_audit(limit=100, decision="enqueued")
         assert {(a.flow, a.key, a.detail) for a in audit if "reconcile" in a.detail} == {
             ("sign_assets_to_field", sign["DV_ID"], "origin reconcile"),
+            ("sign_assets_to_field", new_sign, "origin reconcile"),
             ("sign_assets_from_field", sign["GlobalID"], "origin reconcile")}
         again = await run_reconciliation(services, repair=True)
         assert again.enqueued == 0  # the same drift is not enqueued twice
-        assert again.total_drift == 2
-        assert (await services.queue.depth()).active == 2
+        assert again.total_drift == 3
+        assert (await services.queue.depth()).active == 3
 
         cycle = await services.controller.run_cycle()
         assert cycle.outcome == "ok"
         assert box.ag.get("SignAssets", sign["GlobalID"])["ROUTE"] == sign["ROUTE"]
+        assert [f for f in box.ag.all("SignAssets") if f.get("DV_ID") == new_sign]  # created in ArcGIS
         after = await run_reconciliation(services)
         assert after.total_drift == 0, after.as_dict()
 
         stored = json.loads((await services.state.get_checkpoint(LAST_RECONCILIATION)).value)
         assert stored["status"] == "complete"
         assert stored["total_drift"] == 0
-        assert stored["flows"]["sign_assets_to_field"]["linked"] == signs.linked
+        assert stored["flows"]["sign_assets_to_field"]["linked"] == signs.linked + 1  # the new sign
         report = await health(services)
         assert report["last_reconciliation"]["total_drift"] == 0
         assert report["last_reconciliation"]["when"] == stored["when"]
