@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-from datetime import UTC, datetime
 from collections.abc import Iterator
+from datetime import UTC, datetime
 
 import pytest
 from azure.functions.timer import TimerRequest
