@@ -5,6 +5,7 @@ import azure.functions as func
 from shared.triggers.admin import bp as admin_bp
 from shared.triggers.controller import bp as controller_bp
 from shared.triggers.health import bp as health_bp
+from shared.triggers.reconcile import bp as reconcile_bp
 from shared.triggers.webhooks import bp as webhooks_bp
 
 app = func.FunctionApp(http_auth_level=func.AuthLevel.FUNCTION)
@@ -12,3 +13,4 @@ app.register_functions(webhooks_bp)
 app.register_functions(controller_bp)
 app.register_functions(health_bp)
 app.register_functions(admin_bp)
+app.register_functions(reconcile_bp)

@@ -58,6 +58,13 @@ param maximumInstanceCount int = 100
 @description('SYNCLINE_SCHEDULE: NCRONTAB schedule of the sync_controller timer.')
 param syncSchedule string = '0 */15 * * * *'
 
+@description('SYNCLINE_RECONCILE_SCHEDULE: NCRONTAB schedule of the reconcile timer (daily at 02:00 UTC).')
+param reconcileSchedule string = '0 0 2 * * *'
+
+@description('SYNCLINE_RECONCILE_DAILY_ALLOWANCE: daily API allowance of a system (requests per 24 h); one reconciliation spends at most SYNCLINE_RECONCILE_API_SHARE of it.')
+@minValue(1)
+param reconcileDailyAllowance int = 100000
+
 @description('SYNCLINE_BATCH_SIZE: messages the controller receives per batch.')
 @minValue(1)
 @maxValue(5000)
@@ -328,6 +335,8 @@ module functionApp 'modules/functionapp.bicep' = {
     keyVaultName: keyVault.outputs.name
     maximumInstanceCount: maximumInstanceCount
     syncSchedule: syncSchedule
+    reconcileSchedule: reconcileSchedule
+    reconcileDailyAllowance: reconcileDailyAllowance
     batchSize: batchSize
     maxDeliveryCount: maxDeliveryCount
     lockSeconds: lockSeconds

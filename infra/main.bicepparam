@@ -32,6 +32,7 @@ param sapUser = ''
 
 // Syncline defaults, spelled out for visibility (they equal shared/settings.py).
 param syncSchedule = '0 */15 * * * *'
+param reconcileSchedule = '0 0 2 * * *'
 param maxDeliveryCount = 10
 param lockSeconds = 60
 param inboundQueueName = 'syncline-inbound'

@@ -316,6 +316,28 @@ def arcgis_provision(
         console.print_json(json.dumps(report, default=str))
     raise typer.Exit(1 if plan.problems else 0)
 
+def reconcile(
+    flow: str = typer.Option(None, "--flow", help="Only the entity this flow syncs."),
+    repair: bool = typer.Option(False, "--repair", help="Re-enqueue drifted and missing records from their owning "
+                                "side and complete half-applied cascades."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Compare both sides of every linked pair through the flow maps; exit 0 without drift, 1 with, 2 on error."""
+    from shared.ops.reconcile_run import reconcile_command
+
+    with progress_bar(console) as progress:
+        task = progress.add_task("reconciling", total=None)
+        report = _run(lambda: reconcile_command(
+            flow=flow, repair=repair,
+            progress=lambda what, n: progress.update(task, advance=n, description=f"pages of {what}")))
+    if as_json:
+        console.print_json(json.dumps(report, default=str))
+    else:
+        from shared.ops.reconcile_view import print_reconciliation
+
+        print_reconciliation(console, report)
+    raise typer.Exit(0 if report["total_drift"] == 0 else 1)
+
 
 def main() -> None:
     """Console-script entry point."""

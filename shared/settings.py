@@ -193,3 +193,21 @@ class Settings(BaseSettings):
             self.sap.password, self.sap.client_secret,
         ]
         return [v.get_secret_value() for v in values if v.get_secret_value()]
+
+    # --- issue 17 item 2: scheduled reconciliation -------------------------------------------------------------
+    syncline_reconcile_schedule: str = "0 0 2 * * *"
+    """NCRONTAB schedule of the reconciliation timer (daily at 02:00 UTC by default); read by the host as
+    %SYNCLINE_RECONCILE_SCHEDULE%, listed here so the setting is documented in one place."""
+    syncline_reconcile_api_share: float = Field(default=0.1, gt=0, le=1)
+    """Share of each system's daily API allowance one reconciliation may spend; once spent it stops reading that
+    system and stores a partial report naming it."""
+    syncline_reconcile_daily_allowance: int = Field(default=100_000, ge=1)
+    """A system's daily API allowance when `SYNCLINE_RECONCILE_DAILY_ALLOWANCES` does not name it (requests per
+    24 h; Salesforce's is per org and edition, Dataverse's per licensed user)."""
+    syncline_reconcile_daily_allowances: dict[str, int] = Field(default_factory=dict)
+    """Per-system daily API allowances, JSON, e.g. `{"salesforce": 150000, "sap": 50000}`."""
+
+    def reconcile_max_calls(self, system: str) -> int:
+        """The requests one reconciliation may send to `system`: its allowance times the share (at least 1)."""
+        allowance = self.syncline_reconcile_daily_allowances.get(system, self.syncline_reconcile_daily_allowance)
+        return max(1, int(allowance * self.syncline_reconcile_api_share))

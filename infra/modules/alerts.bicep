@@ -1,4 +1,5 @@
-// Alerts to an existing action group: dead letters, the controller missing or failing a cycle, function failures.
+// Alerts to an existing action group: dead letters, the controller missing or failing a cycle, function failures,
+// reconciliation drift.
 // docs/operations.md ("Alerts") says what each one means and where to look first.
 
 @description('Azure region of the log alerts (metric alerts are global).')
@@ -238,9 +239,73 @@ resource functionFailures 'Microsoft.Insights/scheduledQueryRules@2022-06-15' = 
   }
 }
 
+// ---- Reconciliation found drift (issue 17 item 2) ----------------------------------------------------------------
+
+// The reconcile timer records each flow's drift as the gauge syncline.reconcile_drift and the log line
+// "reconciliation drift <n> in flow <flow>" (shared/runtime/telemetry.py); the latest figure per flow counts, so
+// a later clean run (drift 0) resolves the alert. Either source suffices (traces may be sampled).
+var reconcileDriftQuery = '''
+union
+  (customMetrics | where name == 'syncline.reconcile_drift'
+    | project timestamp, flow = tostring(customDimensions['flow']), drift = toint(value)),
+  (traces | where message startswith 'reconciliation drift '
+    | parse message with 'reconciliation drift ' drift:int ' in flow ' flow:string
+    | project timestamp, flow, drift)
+| summarize arg_max(timestamp, drift) by flow
+| where drift > 0
+'''
+
+resource reconcileDrift 'Microsoft.Insights/scheduledQueryRules@2022-06-15' = {
+  name: '${namePrefix}-reconcile-drift'
+  location: location
+  tags: tags
+  kind: 'LogAlert'
+  properties: {
+    displayName: '${namePrefix}: reconciliation found drift'
+    description: 'The last reconciliation of a flow found records missing, drifted or with a half-applied cascade (dead-lettered records excluded). Run `syncline reconcile --flow <flow>` to see the keys, then `--repair`; docs/operations.md ("Reconciliation drift").'
+    severity: 2
+    enabled: true
+    scopes: [
+      appInsights.id
+    ]
+    evaluationFrequency: 'PT1H'
+    windowSize: 'P1D'
+    criteria: {
+      allOf: [
+        {
+          query: reconcileDriftQuery
+          timeAggregation: 'Count'
+          dimensions: [
+            {
+              name: 'flow'
+              operator: 'Include'
+              values: [
+                '*'
+              ]
+            }
+          ]
+          operator: 'GreaterThan'
+          threshold: 0
+          failingPeriods: {
+            numberOfEvaluationPeriods: 1
+            minFailingPeriodsToAlert: 1
+          }
+        }
+      ]
+    }
+    autoMitigate: true
+    actions: {
+      actionGroups: [
+        actionGroupId
+      ]
+    }
+  }
+}
+
 output alertIds array = [
   deadLetters.id
   controllerSilent.id
   controllerFailed.id
   functionFailures.id
+  reconcileDrift.id
 ]

@@ -43,6 +43,12 @@ param instanceMemoryMB int = 2048
 @description('NCRONTAB schedule of the sync_controller timer (SYNCLINE_SCHEDULE).')
 param syncSchedule string
 
+@description('NCRONTAB schedule of the reconcile timer (SYNCLINE_RECONCILE_SCHEDULE).')
+param reconcileSchedule string
+
+@description('SYNCLINE_RECONCILE_DAILY_ALLOWANCE.')
+param reconcileDailyAllowance int
+
 @description('SYNCLINE_BATCH_SIZE.')
 param batchSize int
 
@@ -288,6 +294,12 @@ resource appSettings 'Microsoft.Web/sites/config@2024-04-01' = {
     // Syncline runtime
     SYNCLINE_RUNTIME: 'azure'
     SYNCLINE_SCHEDULE: syncSchedule
+    // Reconciliation: its schedule, and the share of each system's daily API allowance one run may spend
+    // (per-system allowances as JSON in SYNCLINE_RECONCILE_DAILY_ALLOWANCES, e.g. {"salesforce": 150000}).
+    SYNCLINE_RECONCILE_SCHEDULE: reconcileSchedule
+    SYNCLINE_RECONCILE_API_SHARE: '0.1'
+    SYNCLINE_RECONCILE_DAILY_ALLOWANCE: string(reconcileDailyAllowance)
+    SYNCLINE_RECONCILE_DAILY_ALLOWANCES: '{}'
     SYNCLINE_WEBHOOK_SECRET: '@Microsoft.KeyVault(SecretUri=${secretsUri}${secretNames.webhookSecret})'
     SYNCLINE_BATCH_SIZE: string(batchSize)
     SYNCLINE_MAX_DELIVERY_COUNT: string(maxDeliveryCount)

@@ -18,7 +18,8 @@ SCHEMA_VERSION = 1
 _SURROGATE_IDS = uuid.UUID("6f0b5c1e-2f4d-5a8e-9c3b-5d1e7a9c0b12")
 
 Operation = Literal["create", "update", "upsert", "delete"]
-Origin = Literal["webhook", "poll", "initial", "resubmit", "replay", "cascade", "demo", "bench", "manual"]
+Origin = Literal["webhook", "poll", "initial", "resubmit", "replay", "cascade", "demo", "bench", "manual",
+                 "reconcile"]
 
 
 class ParentRef(BaseModel):
@@ -102,6 +103,10 @@ class ChangeEnvelope(BaseModel):
         """Deterministic id: the same source change always yields the same message id (dedup-friendly)."""
         version = self.source_version or (self.source_modified.isoformat() if self.source_modified else "")
         raw = f"{self.flow}|{self.record_id}|{self.operation}|{version}|{self.waits}"
+        if self.origin == "reconcile":
+            # A repair re-sends a change already enqueued once: its correlation id names the drift it repairs,
+            # so the same drift is enqueued once and a new drift of the same source version again.
+            raw += f"|reconcile|{self.correlation_id}"
         try:
             return str(uuid.uuid5(uuid.NAMESPACE_URL, raw))
         except UnicodeEncodeError:

@@ -58,6 +58,10 @@ class SyncMetrics(Protocol):
         """Running per-system HTTP request totals; the implementation records their increase."""
         ...
 
+    def record_drift(self, flow: str, count: int) -> None:
+        """The drift one reconciliation found in one flow (0 once repaired): what the drift alert watches."""
+        ...
+
 
 class NoMetrics:
     """The metrics of a core built without telemetry: every recording is dropped."""
@@ -72,4 +76,7 @@ class NoMetrics:
         return None
 
     def record_api_call_totals(self, totals: Mapping[str, int]) -> None:
+        return None
+
+    def record_drift(self, flow: str, count: int) -> None:
         return None

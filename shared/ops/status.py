@@ -42,4 +42,16 @@ async def health(services: Services) -> dict[str, Any]:
         "systems": systems,
         "queue": {"active": depth.active, "scheduled": depth.scheduled, "dead_letter": depth.dead_letter},
         "last_cycle": last_cycle,
+        "last_reconciliation": await _last_reconciliation(services),
     }
+
+
+async def _last_reconciliation(services: Services) -> dict[str, Any] | None:
+    """When the last reconciliation ran, whether it was complete, and the drift it found (issue 17 item 2)."""
+    from shared.ops.reconcile_run import last_reconciliation
+
+    last = await last_reconciliation(services)
+    if last is None:
+        return None
+    return {"when": last["when"], "status": last["status"], "total_drift": last["total_drift"],
+            "drift": {flow: c["drift"] for flow, c in last["flows"].items() if c["drift"]}}

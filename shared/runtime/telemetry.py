@@ -218,6 +218,8 @@ class Metrics:
     - `syncline.api_calls` (counter; system): HTTP requests to each system
     - `syncline.cycle_duration` (histogram, s): controller cycle duration
     - `syncline.dead_letter_depth` (gauge): dead-lettered messages after a cycle
+    - `syncline.reconcile_drift` (gauge; flow): drift the last reconciliation found per flow, also logged as
+      "reconciliation drift <n> in flow <flow>", the line the drift alert (infra/modules/alerts.bicep) queries
 
     Callers aggregate per batch: one `add` per (flow, direction) or reason, never one per record.
     """
@@ -235,6 +237,8 @@ class Metrics:
             "syncline.cycle_duration", unit="s", description="Duration of a controller cycle")
         self.dead_letter_depth = meter.create_gauge(
             "syncline.dead_letter_depth", unit="{message}", description="Dead-lettered messages after a cycle")
+        self.reconcile_drift = meter.create_gauge(
+            "syncline.reconcile_drift", unit="{record}", description="Drift found by the last reconciliation")
         self._directions: dict[str, str] = {}
         self._api_lock = threading.Lock()
         self._api_seen: dict[str, int] = {}
@@ -283,6 +287,12 @@ class Metrics:
             delta = {system: total - self._api_seen.get(system, 0) for system, total in totals.items()}
             self._api_seen.update(totals)
         self.record_api_calls(delta)
+
+    def record_drift(self, flow: str, count: int) -> None:
+        """Drift of one flow found by a reconciliation: the gauge, and the log line the drift alert queries."""
+        self.reconcile_drift.set(count, {"flow": flow})
+        # INFO, like "controller cycle ok": the host ships it as a trace, a CLI run keeps its stderr quiet.
+        log.info("reconciliation drift %d in flow %s", count, flow)
 
     def _direction(self, flow: str, flowset: FlowSet) -> str:
         direction = self._directions.get(flow)

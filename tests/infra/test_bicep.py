@@ -61,6 +61,8 @@ NOT_KEY_VAULT = {"APPLICATIONINSIGHTS_CONNECTION_STRING"}
 # main.bicep parameter -> (Settings field path, the app setting it feeds).
 PARAM_SETTINGS = {
     "syncSchedule": ("syncline_schedule", "SYNCLINE_SCHEDULE"),
+    "reconcileSchedule": ("syncline_reconcile_schedule", "SYNCLINE_RECONCILE_SCHEDULE"),
+    "reconcileDailyAllowance": ("syncline_reconcile_daily_allowance", "SYNCLINE_RECONCILE_DAILY_ALLOWANCE"),
     "batchSize": ("syncline_batch_size", "SYNCLINE_BATCH_SIZE"),
     "maxDeliveryCount": ("syncline_max_delivery_count", "SYNCLINE_MAX_DELIVERY_COUNT"),
     "lockSeconds": ("syncline_lock_seconds", "SYNCLINE_LOCK_SECONDS"),
@@ -710,8 +712,10 @@ def test_the_alerts_watch_dead_letters_and_the_controller():
     function_name = literal(alerts_file.params()["controllerFunctionName"].default)
     assert function_name in trigger_decorators()
     assert trigger_decorators()[str(function_name)]["trigger"] == "timer_trigger"
-    for rule in rules.values():
+    for name, rule in rules.items():
         assert [text(n) for n in prop(rule, "properties.actions.actionGroups").named_children] == ["actionGroupId"]
+        if name == "${namePrefix}-reconcile-drift":
+            continue  # watches the reconcile timer's drift, not the controller (its own test)
         query = obj(prop(rule, "properties.criteria.allOf").named_children[0])["query"]
         query_vars = {text(n) for n in walk(query) if n.type == "identifier" and text(n) in variables}
         assert len(query_vars) == 1, text(query)
@@ -755,3 +759,32 @@ def test_the_workbook_is_loaded_from_its_json_and_charts_every_metric():
     assert any(q.startswith("traces") for q in queries)
     assert all(item["content"].get("timeContextFromParameter") == "TimeRange"
                for item in data["items"] if item.get("type") == 3)
+
+
+def test_the_drift_alert_fires_on_the_drift_the_reconcile_timer_records():
+    alerts_file = load("modules/alerts.bicep")
+    rules = {template(prop(r, "name")): r for _, r in resources_of("Microsoft.Insights/scheduledQueryRules")}
+    rule = rules["${namePrefix}-reconcile-drift"]
+    criterion = obj(prop(rule, "properties.criteria.allOf").named_children[0])
+    assert text(criterion["query"]) == "reconcileDriftQuery"
+    assert literal(criterion["operator"]) == "GreaterThan"
+    assert literal(criterion["threshold"]) == 0
+    assert literal(obj(criterion["dimensions"].named_children[0])["name"]) == "flow"
+    kql = template(alerts_file.variables()["reconcileDriftQuery"])
+    # What the query reads is what the telemetry adapter writes (metric name, dimension, log line).
+    telemetry = (ROOT / "shared" / "runtime" / "telemetry.py").read_text()
+    assert "name == 'syncline.reconcile_drift'" in kql
+    assert '"syncline.reconcile_drift"' in telemetry
+    assert "customDimensions['flow']" in kql
+    assert '{"flow": flow}' in telemetry
+    assert "parse message with 'reconciliation drift ' drift:int ' in flow ' flow:string" in kql
+    assert '"reconciliation drift %d in flow %s"' in telemetry
+    assert "arg_max(timestamp, drift) by flow" in kql  # the latest run per flow: a clean run resolves it
+    assert "drift > 0" in kql
+    # The timer's schedule comes from its setting, daily by default.
+    functions = trigger_decorators()
+    assert functions["reconcile"]["trigger"] == "timer_trigger"
+    assert functions["reconcile"]["schedule"] == "%SYNCLINE_RECONCILE_SCHEDULE%"
+    default = literal(main().params()["reconcileSchedule"].default)
+    assert default == model_default("syncline_reconcile_schedule") == sample_values()["SYNCLINE_RECONCILE_SCHEDULE"]
+    assert default == "0 0 2 * * *"

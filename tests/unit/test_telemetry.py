@@ -98,6 +98,19 @@ def test_a_cycle_records_duration_dead_letter_depth_and_api_call_deltas():
     assert "syncline.failures" not in points
 
 
+def test_drift_per_flow_is_a_gauge_and_the_log_line_the_drift_alert_parses(caplog):
+    metrics, reader = _metrics()
+    with caplog.at_level(logging.INFO, logger="shared.runtime.telemetry"):
+        metrics.record_drift("sign_assets_to_field", 3)
+        metrics.record_drift("work_orders_to_field", 0)
+    points = _points(reader)
+    assert sorted(points["syncline.reconcile_drift"], key=str) == sorted(
+        [({"flow": "sign_assets_to_field"}, 3), ({"flow": "work_orders_to_field"}, 0)], key=str)
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records if r.getMessage().startswith("reconciliation drift")]
+    assert lines == [("INFO", "reconciliation drift 3 in flow sign_assets_to_field"),
+                     ("INFO", "reconciliation drift 0 in flow work_orders_to_field")]
+
+
 def test_without_a_connection_string_telemetry_stays_off_and_metrics_are_no_ops():
     assert configure_telemetry(Settings()) is False
     metrics = Metrics()  # the API's global (no-op) provider: recording must simply work

@@ -72,7 +72,8 @@ class _Planning(_EngineBase):
                            detail=f"older than the last synced change of this record ({seen})")
         tsnap = work.tgt_snaps.get(target_key) if target_key else None
         # After an unacknowledged write the target may hold anything: no echo, no "already holds" until rewritten.
-        unknown = tsnap is not None and UNCONFIRMED in tsnap.values
+        # A reconciliation repair found the target differing from what the snapshots say it holds: write it.
+        unknown = (tsnap is not None and UNCONFIRMED in tsnap.values) or env.origin == "reconcile"
         if not is_create and snap is not None and not unknown and _covers(snap.values, projection):
             return Outcome(env, "skipped_echo", target_key=target_key, detail=ECHO_DETAIL)
         # The reverse flow's unanswered write, read back from this record: Syncline's own values, never a change

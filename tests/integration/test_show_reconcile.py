@@ -1,0 +1,30 @@
+"""The demo's reconciliation hook prints the CLI's table and returns the report the demo's `ok` reads."""
+
+from __future__ import annotations
+
+import io
+
+from rich.console import Console
+
+from sandbox.demo.show_reconcile import show_reconcile
+from shared.ops import initial_load
+
+
+async def test_show_reconcile_prints_the_table_and_returns_the_report(seeded):
+    box, _summary, services = seeded
+    await initial_load(services)
+    for _ in range(3):
+        await services.controller.run_cycle()
+    out = io.StringIO()
+    report = await show_reconcile(Console(file=out, width=200), services, box)
+    text = out.getvalue()
+    assert "reconciliation" in text
+    assert "sign_assets_to_field" in text
+    assert "excluded (DLQ)" in text
+    assert report["status"] == "complete"
+    assert report["total_drift"] == 0
+    # The two bad signs of the seed are dead-lettered: excluded, not drift.
+    [signs] = [e for e in report["entities"] if e["entity"] == "sign_asset"]
+    assert signs["counts"]["excluded"] == 2
+    assert signs["drift"] == 0
+    assert "complete: total drift 0" in text
