@@ -316,6 +316,8 @@ def arcgis_provision(
         console.print_json(json.dumps(report, default=str))
     raise typer.Exit(1 if plan.problems else 0)
 
+
+@app.command()
 def reconcile(
     flow: str = typer.Option(None, "--flow", help="Only the entity this flow syncs."),
     repair: bool = typer.Option(False, "--repair", help="Re-enqueue drifted and missing records from their owning "

@@ -317,7 +317,7 @@ class Controller(_Polling, _Pauses, _Settlement, _Locks):
     async def _refresh_replays(
         self, parsed: list[tuple[ReceivedMessage, ChangeEnvelope]]
     ) -> tuple[list[tuple[ReceivedMessage, ChangeEnvelope]], list[tuple[ReceivedMessage, ChangeEnvelope, SyncError]]]:
-        """Replayed and resubmitted changes are applied with the source record as it is now.
+        """Replayed, resubmitted and repair changes are applied with the source record as it is now.
 
         A replay follows an operator's fix; a resubmission (a deferred or failed direct write) may have been
         overtaken by newer edits meanwhile — writing the current state keeps a late copy from undoing them.
@@ -327,7 +327,8 @@ class Controller(_Polling, _Pauses, _Settlement, _Locks):
         """
         wanted: dict[tuple[str, str], set[str]] = {}
         for _, env in parsed:
-            if env.origin in ("replay", "resubmit") and env.operation != "delete" and env.source_system in self.sources:
+            if env.origin in ("replay", "resubmit", "reconcile") and env.operation != "delete" \
+                    and env.source_system in self.sources:
                 wanted.setdefault((env.source_system, env.source_table), set()).add(env.source_key)
         if not wanted:
             return parsed, []

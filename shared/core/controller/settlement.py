@@ -83,7 +83,9 @@ class _Settlement(_ControllerBase):
         return False
 
     async def _defer(self, env: ChangeEnvelope) -> None:
-        waited = env.model_copy(update={"waits": env.waits + 1, "origin": "resubmit"})
+        # A repair stays a repair: its origin is what makes the engine write past the snapshots that say in sync.
+        waited = env.model_copy(update={"waits": env.waits + 1,
+                                        "origin": "reconcile" if env.origin == "reconcile" else "resubmit"})
         delay = self.parent_wait_seconds * min(env.waits + 1, 15)
         await self.queue.send(await to_messages(self.flowset, self.state, [waited]),
                               scheduled_at=self.clock() + timedelta(seconds=delay))

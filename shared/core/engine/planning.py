@@ -33,8 +33,17 @@ class _Planning(_EngineBase):
     ) -> list[int]:
         # Payloads carry full record state, so only the newest change of a record in a batch is written.
         last: dict[str, int] = {}
+        repairs: set[str] = set()
         for i in indexes:
-            last[envelopes[i].source_key] = i
+            key = envelopes[i].source_key
+            # A reconciliation repair must not be dropped for an ordinary copy of the same record (a poll of the
+            # same version would be skipped as an echo, and the drift it repairs would stay). The controller
+            # reads a repair's record afresh, so it is as new as any other change of the record in the batch.
+            if envelopes[i].origin == "reconcile":
+                repairs.add(key)
+                last[key] = i
+            elif key not in repairs:
+                last[key] = i
         keep = set(last.values())
         for i in indexes:
             if i not in keep:
