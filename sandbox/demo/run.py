@@ -36,6 +36,8 @@ from sandbox.demo.scenario import (
     seed_sap_side,
     settle,
 )
+from sandbox.demo.show_reconcile import show_reconcile
+from sandbox.demo.toolkit import tour
 from shared.progress import progress_bar
 
 
@@ -48,7 +50,7 @@ async def run_demo(console: Console, *, report_path: Path, signs: int = 2000, wo
     `serve=True` keeps the simulators and the functions host up after the report until SIGINT/SIGTERM."""
     from sandbox.dataverse import seed_dataverse
     from shared.bootstrap import build_services
-    from shared.ops import initial_load, reconcile
+    from shared.ops import initial_load
     from shared.settings import Settings
 
     started = time.monotonic()
@@ -121,16 +123,14 @@ async def run_demo(console: Console, *, report_path: Path, signs: int = 2000, wo
                     await flush(box)
                 await settle(services, box, cycles)
                 dead = await services.queue.peek_dead_letters(1000)
-                exclude: dict[str, set[str]] = {}
-                for msg in dead:
-                    flow = services.flowset.flow(str(msg.application_properties["flow"]))
-                    exclude.setdefault(flow.entity, set()).add(str(msg.application_properties["key"]))
-                drift = await reconcile(services.flowset, services.sources, services.state, exclude=exclude)
+                console.rule("reconciliation: both sides of every linked pair, page by page (syncline reconcile)")
+                recon = await show_reconcile(console, services, box)  # dead-lettered records are left out
                 written = await services.state.read_audit(limit=1_000_000, decision="written")
                 echoes = await services.state.read_audit(limit=1_000_000, decision="skipped_echo")
                 conflicts = await services.state.read_audit(limit=1_000_000, decision="conflict_resolved")
                 cascaded = await services.state.read_audit(limit=1_000_000, decision="cascaded")
                 depth = await services.queue.depth()
+                toolkit = await tour(console, services, box)
             finally:
                 await services.aclose()
         per_flow = Counter(a.flow for a in written)
@@ -141,9 +141,10 @@ async def run_demo(console: Console, *, report_path: Path, signs: int = 2000, wo
         # new change and dead-letters again; it is still one record to fix.
         got_bad = Counter((flow, reason) for flow, _key, reason in
                           {(str(d["flow"]), str(d["key"]), str(d["reason"])) for d in dead_rows})
-        total_drift = sum(d.drift for d in drift)
+        total_drift = int(recon["total_drift"])
         directions = {f.name: f"{f.source.system} -> {f.target.system}" for f in services.flowset.flows}
-        ok = (total_drift == 0 and not box.dv.webhook_failures and got_bad == expected_bad(box)
+        ok = (total_drift == 0 and recon["status"] == "complete" and not box.dv.webhook_failures
+              and got_bad == expected_bad(box)
               and depth.active == 0
               and any(per_flow[f] for f in per_flow if directions[f].startswith("arcgis"))
               and any(per_flow[f] for f in per_flow if directions[f].startswith("dataverse"))
@@ -151,7 +152,8 @@ async def run_demo(console: Console, *, report_path: Path, signs: int = 2000, wo
               and all(per_flow[f] for f in SAP_FLOWS if box.sap is not None)
               and not sap_figures(box).get("orders_whose_items_differ")
               and (box.sap is None or sap_figures(box).get("migrated_account_made_partner_by_its_order") == 1)
-              and not lead_to_cash_figures(box).get("orders_whose_lines_differ"))
+              and not lead_to_cash_figures(box).get("orders_whose_lines_differ")
+              and not any("error" in part for part in toolkit.values()))
         report_doc = {
             "ok": ok,
             "generated_at": datetime.now(UTC).isoformat(),
@@ -177,7 +179,8 @@ async def run_demo(console: Console, *, report_path: Path, signs: int = 2000, wo
                   for d in box.ag.webhook_deliveries if d.status is None or d.status >= 300),
             ],
             "queue": {"active": depth.active, "scheduled": depth.scheduled, "dead_letter": depth.dead_letter},
-            "reconciliation": {"total_drift": total_drift, "entities": [d.as_dict() for d in drift]},
+            "reconciliation": recon,
+            "toolkit": toolkit,
         }
         report_path.parent.mkdir(parents=True, exist_ok=True)
         report_path.write_text(json.dumps(report_doc, indent=2, default=str))
@@ -199,12 +202,6 @@ def _print_summary(console: Console, doc: dict[str, Any]) -> None:
     for name, row in doc["written_per_flow"].items():
         flows.add_row(name, row["direction"], str(row["records"]))
     console.print(flows)
-    recon = Table("entity", "compared via", "source", "target", "linked", "excluded (DLQ)", "drift",
-                  title="reconciliation")
-    for e in doc["reconciliation"]["entities"]:
-        recon.add_row(e["entity"], e["flow"], str(e["source_records"]), str(e["target_records"]), str(e["linked"]),
-                      str(len(e["excluded"])), str(e["drift"]))
-    console.print(recon)
     dead = Table("flow", "key", "reason", "description", title=f"dead letters ({len(doc['dead_letters'])})")
     for d in doc["dead_letters"]:
         dead.add_row(str(d["flow"]), str(d["key"]), str(d["reason"]), str(d["description"])[:90])

@@ -4,18 +4,25 @@ from __future__ import annotations
 
 from typing import Any
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
 
 def print_reconciliation(console: Console, report: dict[str, Any], *, keys: int = 5) -> None:
     """One row per flow with its counts, then the first `keys` keys of each drift category, then the status."""
-    table = Table("entity", "compared via", "source", "target", "linked", "missing", "orphaned", "drifted",
-                  "excluded (DLQ)", "drift", title="reconciliation")
+    # Ten columns must fit 80: the flow goes under its entity, the counts get short headers and never wrap.
+    table = Table(title="reconciliation", box=box.SIMPLE_HEAD, pad_edge=False,
+                  collapse_padding=True, caption="src/tgt: records read; link: pairs compared; miss: not in the "
+                  "target; orph: target records linked to nothing; diff: fields differ; DLQ: dead-lettered, left out")
+    width = max((len(e["flow"]) + (10 if e["partial"] else 0) for e in report["entities"]), default=6)
+    table.add_column("entity / compared via", overflow="fold", min_width=min(width, 27))
+    for header in ("src", "tgt", "link", "miss", "orph", "diff", "DLQ", "drift"):
+        table.add_column(header, justify="right", no_wrap=True)
     for e in report["entities"]:
         c = e["counts"]
-        table.add_row(e["entity"], e["flow"] + (" (partial)" if e["partial"] else ""), str(c["source"]),
-                      str(c["target"]), str(c["linked"]), str(c["missing"]), str(c["orphaned"]),
+        table.add_row(f"{e['entity']}\n[dim]{e['flow']}{' (partial)' if e['partial'] else ''}[/dim]",
+                      str(c["source"]), str(c["target"]), str(c["linked"]), str(c["missing"]), str(c["orphaned"]),
                       str(c["drifted"] + c["cascade_incomplete"]), str(c["excluded"]),
                       f"[red]{c['drift']}[/red]" if c["drift"] else "0")
     console.print(table)

@@ -162,7 +162,7 @@ def test_the_cli_prints_the_table_with_the_first_keys_and_exits_by_drift(tmp_pat
             clean = runner.invoke(app, ["reconcile"])
             assert clean.exit_code == 0, clean.output
             assert "reconciliation" in clean.output
-            assert "excluded (DLQ)" in clean.output
+            assert " DLQ " in clean.output
             assert "sign_assets_to_field" in clean.output
             assert "work_orders_to_field" in clean.output
             assert "complete: total drift 0" in clean.output

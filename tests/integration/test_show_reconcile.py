@@ -8,6 +8,7 @@ from rich.console import Console
 
 from sandbox.demo.show_reconcile import show_reconcile
 from shared.ops import initial_load
+from shared.ops.reconcile_view import print_reconciliation
 
 
 async def test_show_reconcile_prints_the_table_and_returns_the_report(seeded):
@@ -20,7 +21,7 @@ async def test_show_reconcile_prints_the_table_and_returns_the_report(seeded):
     text = out.getvalue()
     assert "reconciliation" in text
     assert "sign_assets_to_field" in text
-    assert "excluded (DLQ)" in text
+    assert " DLQ " in text
     assert report["status"] == "complete"
     assert report["total_drift"] == 0
     # The two bad signs of the seed are dead-lettered: excluded, not drift.
@@ -28,3 +29,11 @@ async def test_show_reconcile_prints_the_table_and_returns_the_report(seeded):
     assert signs["counts"]["excluded"] == 2
     assert signs["drift"] == 0
     assert "complete: total drift 0" in text
+    # On an 80-column terminal nothing is cut short: every entity and flow name whole, no ellipsis.
+    narrow = io.StringIO()
+    print_reconciliation(Console(file=narrow, width=80), report)
+    assert "…" not in narrow.getvalue()
+    for e in report["entities"]:
+        assert e["flow"] in narrow.getvalue()
+    [row] = [line for line in narrow.getvalue().splitlines() if line.split()[:1] == ["sign_asset"]]
+    assert row.split()[-2:] == ["2", "0"]  # DLQ 2, drift 0
