@@ -2,6 +2,7 @@
 
 import azure.functions as func
 
+from shared.triggers.check import bp as check_bp
 from shared.triggers.controller import bp as controller_bp
 from shared.triggers.health import bp as health_bp
 from shared.triggers.webhooks import bp as webhooks_bp
@@ -10,3 +11,4 @@ app = func.FunctionApp(http_auth_level=func.AuthLevel.FUNCTION)
 app.register_functions(webhooks_bp)
 app.register_functions(controller_bp)
 app.register_functions(health_bp)
+app.register_functions(check_bp)

@@ -58,6 +58,9 @@ param maximumInstanceCount int = 100
 @description('SYNCLINE_SCHEDULE: NCRONTAB schedule of the sync_controller timer.')
 param syncSchedule string = '0 */15 * * * *'
 
+@description('SYNCLINE_CHECK_SCHEDULE: NCRONTAB schedule of the choice_check timer (daily drift check).')
+param checkSchedule string = '0 30 5 * * *'
+
 @description('SYNCLINE_BATCH_SIZE: messages the controller receives per batch.')
 @minValue(1)
 @maxValue(5000)
@@ -328,6 +331,7 @@ module functionApp 'modules/functionapp.bicep' = {
     keyVaultName: keyVault.outputs.name
     maximumInstanceCount: maximumInstanceCount
     syncSchedule: syncSchedule
+    checkSchedule: checkSchedule
     batchSize: batchSize
     maxDeliveryCount: maxDeliveryCount
     lockSeconds: lockSeconds

@@ -43,6 +43,9 @@ param instanceMemoryMB int = 2048
 @description('NCRONTAB schedule of the sync_controller timer (SYNCLINE_SCHEDULE).')
 param syncSchedule string
 
+@description('NCRONTAB schedule of the choice_check timer (SYNCLINE_CHECK_SCHEDULE).')
+param checkSchedule string
+
 @description('SYNCLINE_BATCH_SIZE.')
 param batchSize int
 
@@ -288,6 +291,7 @@ resource appSettings 'Microsoft.Web/sites/config@2024-04-01' = {
     // Syncline runtime
     SYNCLINE_RUNTIME: 'azure'
     SYNCLINE_SCHEDULE: syncSchedule
+    SYNCLINE_CHECK_SCHEDULE: checkSchedule
     SYNCLINE_WEBHOOK_SECRET: '@Microsoft.KeyVault(SecretUri=${secretsUri}${secretNames.webhookSecret})'
     SYNCLINE_BATCH_SIZE: string(batchSize)
     SYNCLINE_MAX_DELIVERY_COUNT: string(maxDeliveryCount)

@@ -61,6 +61,7 @@ NOT_KEY_VAULT = {"APPLICATIONINSIGHTS_CONNECTION_STRING"}
 # main.bicep parameter -> (Settings field path, the app setting it feeds).
 PARAM_SETTINGS = {
     "syncSchedule": ("syncline_schedule", "SYNCLINE_SCHEDULE"),
+    "checkSchedule": ("syncline_check_schedule", "SYNCLINE_CHECK_SCHEDULE"),
     "batchSize": ("syncline_batch_size", "SYNCLINE_BATCH_SIZE"),
     "maxDeliveryCount": ("syncline_max_delivery_count", "SYNCLINE_MAX_DELIVERY_COUNT"),
     "lockSeconds": ("syncline_lock_seconds", "SYNCLINE_LOCK_SECONDS"),
@@ -710,16 +711,24 @@ def test_the_alerts_watch_dead_letters_and_the_controller():
     function_name = literal(alerts_file.params()["controllerFunctionName"].default)
     assert function_name in trigger_decorators()
     assert trigger_decorators()[str(function_name)]["trigger"] == "timer_trigger"
-    for rule in rules.values():
+    function_params = {"${namePrefix}-choice-drift": "checkFunctionName"}
+    for name, rule in rules.items():
         assert [text(n) for n in prop(rule, "properties.actions.actionGroups").named_children] == ["actionGroupId"]
         query = obj(prop(rule, "properties.criteria.allOf").named_children[0])["query"]
         query_vars = {text(n) for n in walk(query) if n.type == "identifier" and text(n) in variables}
         assert len(query_vars) == 1, text(query)
         kql = template(variables[query_vars.pop()])
         # The function name is substituted from the parameter, not typed into the query.
+        param = function_params.get(name, "controllerFunctionName")
         assert "'{FUNCTION}'" in kql
-        assert "controllerFunctionName" in text(query)
-        assert str(function_name) not in kql
+        assert param in text(query)
+        assert str(literal(alerts_file.params()[param].default)) not in kql
+    # The choice drift alert counts the check's own error lines, written by the timer function it names.
+    drift = template(variables["choiceDriftQuery"])
+    assert "startswith 'choice drift:'" in drift
+    assert trigger_decorators()[str(literal(alerts_file.params()["checkFunctionName"].default))]["trigger"] == \
+        "timer_trigger"
+    assert '"choice drift: %s' in (ROOT / "shared" / "ops" / "check.py").read_text()
     silent = template(variables["controllerSilentQuery"])
     assert "success == true" in silent
     assert "ago(silence)" in silent
