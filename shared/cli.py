@@ -214,8 +214,9 @@ def check(
         console.print_json(json.dumps(report.to_dict(), default=str))
         raise typer.Exit(report.exit_code)
     if report.findings:
-        table = Table("system", "table", "field", "value", "label", "problem", "flows",
-                      title=f"choice-domain drift ({len(report.errors)} errors, {len(report.warnings)} warnings)")
+        table = Table(title=f"choice-domain drift ({len(report.errors)} errors, {len(report.warnings)} warnings)")
+        for column in ("system", "table", "field", "value", "label", "problem", "flows"):
+            table.add_column(column, overflow="fold")
         for f in report.findings:
             colour = "red" if f.severity == "error" else "yellow"
             table.add_row(f.system, f.table, f.field, "" if f.value is None else str(f.value), f.label or "",

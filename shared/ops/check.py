@@ -26,9 +26,8 @@ CHECK_LAST = "check:last"
 """Checkpoint: the summary of the last check (what `syncline status` shows)."""
 
 SKIPPED: Mapping[str, str] = {
-    "sap": "SAP's value-mapped fields (sales organisation, channel, plant, unit, currency, payment terms, status "
-           "codes) are Edm.String customizing codes in the OData v2 services, not enumerations in $metadata: no "
-           "flow maps a SAP enumeration, so there is no domain to compare",
+    "sap": "no flow maps a SAP enumeration: the value-mapped SAP fields (sales org, channel, plant, unit, "
+           "currency, payment terms, statuses) are Edm.String codes, with no domain in $metadata",
 }
 """Systems the check does not read, with the reason the report gives."""
 
@@ -208,10 +207,11 @@ def compare(domain: ChoiceDomain, uses: Sequence[FieldUse], flowset: FlowSet,
                 maps_of[key].add(use.value_map)
     for (key, problem), flows in gone.items():
         verb = "deactivated" if problem == "inactive" else "does not have"
+        map_label = next((lab for _, values in per_use if (lab := values.get(key))), None)
         findings.append(Finding(system, table, field_name, key, problem,
                                 f"value map {', '.join(sorted(maps_of[key]))} maps {key!r}, which {domain.source} "
                                 f"{verb}{'' if problem == 'inactive' else ' (any more)'}: records with it fail",
-                                tuple(sorted(set(flows)))))
+                                tuple(sorted(set(flows))), map_label))
 
     all_flows = tuple(sorted({u.flow for u in uses}))
     map_labels = {k: lab for _, values in per_use for k, lab in values.items() if lab}

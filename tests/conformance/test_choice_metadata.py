@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from simple_salesforce import Salesforce
 from simple_salesforce.exceptions import SalesforceResourceNotFound
 
@@ -105,6 +108,20 @@ def test_dataverse_status_columns_cast_to_their_own_metadata_type_and_global_set
             1: "North", 2: "South"}
     finally:
         del dataverse.sim.global_option_sets["syn_region"]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=st.text(max_size=30), cast=st.sampled_from(
+    ["", "/" + PICKLIST, "/Microsoft.Dynamics.CRM.StatusAttributeMetadata", "/Microsoft.Dynamics.CRM.Nope"]))
+def test_any_metadata_url_is_answered_2xx_or_4xx(web_api: httpx.Client, text: str, cast: str):
+    # Percent-encoded as a client sends it (the URL itself must be valid); the simulator decodes it.
+    quoted = quote(text.replace("'", "''"), safe="")
+    text = quote(text, safe="")
+    for path in (f"GlobalOptionSetDefinitions(Name='{quoted}')", f"GlobalOptionSetDefinitions({text})",
+                 f"EntityDefinitions(LogicalName='account')/Attributes(LogicalName='{quoted}'){cast}",
+                 f"EntityDefinitions(LogicalName='{quoted}')/Attributes(LogicalName='name'){cast}"):
+        resp = web_api.get(path, params=EXPAND)
+        assert resp.status_code < 500, (path, resp.text)
 
 
 # ------------------------------------------------------------------------------------------------ ArcGIS

@@ -76,7 +76,7 @@ async def test_the_seeded_sandbox_shows_only_its_deliberate_gaps(services: Servi
     assert [f for f in report.findings if f.problem != "unmapped"] == []
     assert {s: i["status"] for s, i in report.systems.items()} == {
         "arcgis": "ok", "dataverse": "ok", "fno": "ok", "salesforce": "ok", "sap": "skipped"}
-    assert "Edm.String" in report.systems["sap"]["reason"]
+    assert "no flow maps a SAP enumeration" in report.systems["sap"]["reason"]
     assert report.exit_code == 1
     # Text-valued maps (ISO currency codes, F&O customer groups) are reported as not checked, never as drift.
     unchecked = {(u["system"], u["table"], u["field"]) for u in report.unchecked}
@@ -262,3 +262,23 @@ def test_cli_unknown_system_or_flow_is_one_line_and_exit_2(env: dict[str, str]):
     assert result.exit_code == 2
     assert "unknown flow no_such_flow" in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+async def test_the_demo_scene_catches_the_new_option_before_any_record_and_ends_clean(services: Services,
+                                                                                      box: Sandbox):
+    from rich.console import Console
+
+    from sandbox.demo.show_check import show_check
+
+    console = Console(record=True, width=160)
+    figures = await show_check(console, services, box)
+    assert figures["caught"] == ["dataverse dot_signassets.dot_signtype 100000005 (Temporary): unmapped"]
+    assert figures["clean_before"] is True
+    assert figures["clean_after"] is True
+    assert figures["records_carrying"] == 0
+    assert figures["flows"] == ["sign_assets_from_field", "sign_assets_to_field"]
+    text = console.export_text()
+    assert "syncline check: 1 errors, 0 warnings" in text
+    assert "Temporary" in text
+    assert "option removed again: exit 0, no drift" in text
+    assert 100000005 not in box.dv.schema["dot_signassets"].choices["dot_signtype"].options

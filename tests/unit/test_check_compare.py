@@ -51,6 +51,7 @@ def test_a_new_option_is_unmapped_for_the_flow_reading_it_and_a_removed_one_is_m
     assert by_problem[("unmapped", 3)].label == "Blue"
     assert "dead-letters" in by_problem[("unmapped", 3)].detail
     assert by_problem[("missing", 2)].flows == ("from_field", "to_field")
+    assert by_problem[("missing", 2)].label == "Green"  # the map's label: the system has none for it any more
     assert all(f.severity == "error" for f in found)
 
 
