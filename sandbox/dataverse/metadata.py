@@ -190,16 +190,21 @@ class _EntityDefinitions(_State):
                                                                        "UserLocalizedLabel": None},
                     "Color": None, "IsManaged": False, "MetadataId": None, "HasChanged": None}
                    for v, t in sorted(choice.options.items())]
+        option_set: dict[str, Any] = {
+            "Options": options, "IsGlobal": choice.is_global,
+            "Name": choice.option_set_name if choice.is_global else f"{schema.logical_name}_{col}",
+            "OptionSetType": _choice_kind(col),
+            "MetadataId": str(uuid.uuid5(uuid.NAMESPACE_URL, f"gos:{choice.option_set_name}" if choice.is_global
+                                         else f"os:{schema.logical_name}.{col}"))}
         return {
             "@odata.context": "$metadata#EntityDefinitions('" + schema.logical_name + "')/Attributes/"
                               f"Microsoft.Dynamics.CRM.{_choice_kind(col)}AttributeMetadata"
                               "(LogicalName,OptionSet,GlobalOptionSet)/$entity",
             "LogicalName": col,
             "MetadataId": str(uuid.uuid5(uuid.NAMESPACE_URL, f"attr:{schema.logical_name}.{col}")),
-            "OptionSet": {"Options": options, "IsGlobal": False,
-                          "Name": f"{schema.logical_name}_{col}", "OptionSetType": _choice_kind(col),
-                          "MetadataId": str(uuid.uuid5(uuid.NAMESPACE_URL, f"os:{schema.logical_name}.{col}"))},
-            "GlobalOptionSet": None,
+            # A column using a global choice shows the global set under both navigation properties.
+            "OptionSet": option_set,
+            "GlobalOptionSet": option_set if choice.is_global else None,
         }
 
     def _metadata(self, req: _ApiRequest, key_text: str | None, rest: list[str]) -> _ApiResponse:
@@ -299,10 +304,14 @@ class _EntityDefinitions(_State):
 
     def set_choice_option(self, entity_set: str, column: str, value: int, label: str) -> None:
         """Add an option to a choice column, or relabel one (what a maker does in the portal, then publishes).
-        Writes accept the value from now on; the metadata endpoints show it."""
+        Writes accept the value from now on; the metadata endpoints show it. A global choice changes for every
+        column using it."""
         with self._lock:
             table = self._choice_column(entity_set, column)
             choice = table.choices[column]
+            if choice.is_global:
+                choice.options[int(value)] = label
+                return
             table.choices[column] = ChoiceColumn({**choice.options, int(value): label}, choice.option_set_name)
 
     def remove_choice_option(self, entity_set: str, column: str, value: int) -> None:
@@ -312,5 +321,16 @@ class _EntityDefinitions(_State):
             choice = table.choices[column]
             if int(value) not in choice.options:
                 raise KeyError(f"{entity_set}.{column} has no option {value}")
+            if choice.is_global:
+                del choice.options[int(value)]
+                return
             table.choices[column] = ChoiceColumn({v: t for v, t in choice.options.items() if v != int(value)},
                                                  choice.option_set_name)
+
+    def use_global_option_set(self, entity_set: str, column: str, name: str) -> None:
+        """Make a choice column use global choice `name`, created from the column's options if it is new (what a
+        maker does choosing "Sync with global choice")."""
+        with self._lock:
+            table = self._choice_column(entity_set, column)
+            shared = self.global_option_sets.setdefault(name, dict(table.choices[column].options))
+            table.choices[column] = ChoiceColumn(shared, name, is_global=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import threading
 import uuid
@@ -134,8 +135,7 @@ class SalesforceStore(ChangeEvents):
         with self._lock:
             return len(self.records[sobject])
 
-    @staticmethod
-    def _canonical(sobject: str, values: Mapping[str, Any]) -> dict[str, Any]:
+    def _canonical(self, sobject: str, values: Mapping[str, Any]) -> dict[str, Any]:
         """Field names made canonical (API names are case-insensitive) and values checked against the schema."""
         obj = schema.BY_NAME[sobject]
         out: dict[str, Any] = {}
@@ -149,6 +149,9 @@ class SalesforceStore(ChangeEvents):
                                       f"Unable to create/update fields: {f.name}. Please check the security settings "
                                       "of this field and verify that it is read/write for your profile or permission "
                                       "set.", [f.name])
+            changed = self.picklists.get((sobject, f.name))
+            if changed is not None:  # a picklist changed in Setup: its active values are what a write may use
+                f = dataclasses.replace(f, picklist=tuple(e["value"] for e in changed if e["active"]))
             check_value(f, value)
             out[f.name] = value
         return out

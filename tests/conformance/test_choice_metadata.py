@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from simple_salesforce import Salesforce
-from simple_salesforce.exceptions import SalesforceResourceNotFound
+from simple_salesforce.exceptions import SalesforceMalformedRequest, SalesforceResourceNotFound
 
 from tests.conformance import _arcgis_fixtures as afx
 from tests.conformance import _dataverse_fixtures as dfx
@@ -99,15 +99,24 @@ def test_dataverse_status_columns_cast_to_their_own_metadata_type_and_global_set
     assert state.json()["OptionSet"]["OptionSetType"] == "State"
     assert web_api.get("EntityDefinitions(LogicalName='salesorder')/Attributes(LogicalName='statecode')/"
                        f"{PICKLIST}").status_code == 400
-    dataverse.sim.global_option_sets["syn_region"] = {1: "North", 2: "South"}
+    sim = dataverse.sim
+    saved = sim.schema["dot_workorders"].choices["dot_priority"]
+    sim.use_global_option_set("dot_workorders", "dot_priority", "dot_priority")
     try:
-        found = web_api.get("GlobalOptionSetDefinitions(Name='syn_region')")
+        sim.set_choice_option("dot_workorders", "dot_priority", 100000004, "Deferred")
+        found = web_api.get("GlobalOptionSetDefinitions(Name='dot_priority')")
         assert found.status_code == 200
         assert found.json()["IsGlobal"] is True
         assert {o["Value"]: o["Label"]["UserLocalizedLabel"]["Label"] for o in found.json()["Options"]} == {
-            1: "North", 2: "South"}
+            100000000: "Low", 100000001: "Normal", 100000002: "High", 100000003: "Emergency", 100000004: "Deferred"}
+        column = web_api.get("EntityDefinitions(LogicalName='dot_workorder')/Attributes(LogicalName='dot_priority')/"
+                             f"{PICKLIST}", params=EXPAND).json()
+        assert column["GlobalOptionSet"]["Name"] == "dot_priority"
+        assert column["GlobalOptionSet"]["IsGlobal"] is True
+        assert options(column)[100000004] == "Deferred"
     finally:
-        del dataverse.sim.global_option_sets["syn_region"]
+        sim.schema["dot_workorders"].choices["dot_priority"] = saved
+        sim.global_option_sets.clear()
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -168,6 +177,11 @@ def test_simple_salesforce_describe_shows_picklist_values_as_changed_in_setup(re
     assert values == {"US01": ("US01", True), "BR01": ("BR01", False), "FR01": ("Contoso France", True)}
     with pytest.raises(SalesforceResourceNotFound):
         sf.NoSuchObject__c.describe()
+    # The restricted picklist takes the new value and refuses the deactivated one, as the org does.
+    assert sf.Account.create({"Name": "Contoso SAS", "Legal_Entity__c": "FR01"})["success"] is True
+    with pytest.raises(SalesforceMalformedRequest) as refused:
+        sf.Account.create({"Name": "Contoso Ltda", "Legal_Entity__c": "BR01"})
+    assert refused.value.content[0]["errorCode"] == "INVALID_OR_NULL_FOR_RESTRICTED_PICKLIST"
 
 
 # ------------------------------------------------------------------------------------------------ F&O

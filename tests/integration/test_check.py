@@ -120,6 +120,25 @@ def problems(report: Any) -> set[tuple[Any, ...]]:
     return {(f.system, f.field, f.value, f.problem) for f in report.findings}
 
 
+async def test_a_global_choice_is_read_from_the_global_option_set(services: Services, box: Sandbox):
+    dv = services.sinks["dataverse"]
+    saved = box.dv.schema["dot_workorders"].choices["dot_worktype"]
+    box.dv.use_global_option_set("dot_workorders", "dot_worktype", "dot_worktype")
+    box.dv.set_choice_option("dot_workorders", "dot_worktype", 100000005, "Survey")
+    try:
+        domain = await dv.choice_domain("dot_workorders", "dot_worktype")  # type: ignore[attr-defined]
+        assert domain.source == "global option set dot_worktype"
+        assert domain.values[100000005] == "Survey"
+        assert (await dv.global_option_set("dot_worktype")).values == domain.values  # type: ignore[attr-defined]
+        with pytest.raises(RejectedError, match="no global option set named 'dot_nope'"):
+            await dv.global_option_set("dot_nope")  # type: ignore[attr-defined]
+        report = await run_check(services, flows=["work_orders_to_field"])
+        assert problems(report) == {("dataverse", "dot_worktype", 100000005, "unmapped")}
+    finally:
+        box.dv.schema["dot_workorders"].choices["dot_worktype"] = saved
+        box.dv.global_option_sets.clear()
+
+
 async def test_drift_made_in_each_system_is_caught_and_clears_when_undone(services: Services, box: Sandbox):
     flows = [*DOT_FLOWS, "work_orders_to_field", "order_status_to_opportunity", "crm_accounts_from_salesforce"]
     baseline = await run_check(services, flows=flows)
