@@ -228,7 +228,9 @@ def check(
         elif info["status"] in ("skipped", "not configured"):
             console.print(f"[dim]{info['status']}[/dim] {name}{': ' + info['reason'] if 'reason' in info else ''}")
     checked = ", ".join(f"{n} ({i['fields']} fields)" for n, i in report.systems.items() if i["status"] == "ok")
-    if not report.findings and not report.unreachable:
+    if not report.systems:
+        console.print("nothing to check: no flow of a configured system maps values (configure a system's settings)")
+    elif not report.findings and report.exit_code == 0:
         console.print(f"[green]no drift[/green]: {checked or 'no system checked'}")
     else:
         console.print(f"checked: {checked or 'none'}")

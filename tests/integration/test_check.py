@@ -93,6 +93,9 @@ async def test_each_connector_reads_its_systems_domain(services: Services):
     assert sign_type.values == {100000000: "Regulatory", 100000001: "Warning", 100000002: "Guide",
                                 100000003: "Directional", 100000004: "Route marker"}
     assert await dv.choice_domain("accounts", "syn_currencycode") is None  # type: ignore[attr-defined]
+    state = await dv.choice_domain("salesorders", "statecode")  # type: ignore[attr-defined]
+    assert state.source == "option set salesorder_statecode"  # read through StateAttributeMetadata
+    assert 0 in state.values
     with pytest.raises(RejectedError, match="no column 'dot_nope'"):
         await dv.choice_domain("dot_signassets", "dot_nope")  # type: ignore[attr-defined]
     status = await ag.choice_domain("WorkOrders", "STATUS")  # type: ignore[attr-defined]
@@ -276,7 +279,7 @@ def test_cli_unknown_system_or_flow_is_one_line_and_exit_2(env: dict[str, str]):
     result = cli("--system", "sharepoint")
     assert result.exit_code == 2
     assert result.output.strip().splitlines() == [
-        "configuration error unknown system sharepoint; the flows use: arcgis, dataverse, fno, salesforce, sap"]
+        "configuration error unknown system sharepoint; known: arcgis, dataverse, fno, salesforce, sap"]
     result = cli("--flow", "no_such_flow")
     assert result.exit_code == 2
     assert "unknown flow no_such_flow" in result.output
@@ -301,3 +304,19 @@ async def test_the_demo_scene_catches_the_new_option_before_any_record_and_ends_
     assert "Temporary" in text
     assert "option removed again: exit 0, no drift" in text
     assert 100000005 not in box.dv.schema["dot_signassets"].choices["dot_signtype"].options
+
+
+def test_cli_a_system_asked_for_but_not_configured_exits_2_and_nothing_configured_is_said_plainly(
+        box: Sandbox, tmp_path: Path):
+    no_salesforce = {k: v for k, v in box.env.items() if not k.startswith("SALESFORCE__")}
+    with environment({**no_salesforce, "SYNCLINE_STATE_DIR": str(tmp_path / "a")}):
+        result = cli("--system", "salesforce", "--system", "arcgis")
+    assert result.exit_code == 2, result.output
+    assert "not configured salesforce" in result.output
+    assert "checked: arcgis (10 fields)" in result.output
+    bare = {k: v for k, v in box.env.items() if k.startswith("SYNCLINE_")}
+    with environment({**bare, "SYNCLINE_STATE_DIR": str(tmp_path / "b")}):
+        result = cli()
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == (
+        "nothing to check: no flow of a configured system maps values (configure a system's settings)")
