@@ -70,6 +70,9 @@ class _Layer:
             _text("Editor", 128, editable=False),
         ]
         self.by_lower = {f.name.lower(): f for f in self.fields}
+        self.type_id_field: str | None = None
+        self.types: list[dict[str, Any]] = []
+        """Subtypes (`types[]` of the layer resource: id, name, domains per field); none unless a test adds them."""
         self.features: dict[int, _Feature] = {}
         self.by_gid: dict[str, int] = {}
         self.tombstones: list[_Tombstone] = []
@@ -184,3 +187,11 @@ class FeatureStore:
             return [c for c in codes if c["code"] != code]
 
         self._set_codes(layer, field, change)
+
+    def set_subtypes(self, layer: str | int, type_id_field: str | None, types: list[dict[str, Any]]) -> None:
+        """Give a layer subtypes: `type_id_field` and `types` ([{id, name, domains: {field: domain}}]) as the layer
+        resource lists them (a subtype may narrow a field to a coded-value domain of its own)."""
+        with self._lock:
+            lyr = self._layer(layer)
+            lyr.type_id_field = type_id_field
+            lyr.types = [dict(t) for t in types]

@@ -142,6 +142,23 @@ async def test_a_global_choice_is_read_from_the_global_option_set(services: Serv
         box.dv.global_option_sets.clear()
 
 
+async def test_an_arcgis_subtype_domain_counts_as_values_of_the_field(services: Services, box: Sandbox):
+    subtype_domain = {"type": "codedValue", "name": "SignTypeTemporary",
+                      "codedValues": [{"name": "Regulatory", "code": "REG"}, {"name": "Temporary", "code": "TMP"}]}
+    box.ag.set_subtypes("SignAssets", "SIGN_TYPE", [
+        {"id": "TMP", "name": "Temporary signs", "domains": {"SIGN_TYPE": subtype_domain,
+                                                             "CONDITION": {"type": "inherited"}}}])
+    try:
+        domain = await services.sinks["arcgis"].choice_domain("SignAssets", "SIGN_TYPE")  # type: ignore[attr-defined]
+        assert domain.values["TMP"] == "Temporary"
+        assert domain.source == "domain SignType, SignTypeTemporary (subtype Temporary signs)"
+        report = await run_check(services, flows=DOT_FLOWS)
+        assert problems(report) == {("arcgis", "SIGN_TYPE", "TMP", "unmapped")}
+        assert next(iter(report.findings)).flows == ("sign_assets_from_field",)
+    finally:
+        box.ag.set_subtypes("SignAssets", None, [])
+
+
 async def test_drift_made_in_each_system_is_caught_and_clears_when_undone(services: Services, box: Sandbox):
     flows = [*DOT_FLOWS, "work_orders_to_field", "order_status_to_opportunity", "crm_accounts_from_salesforce"]
     baseline = await run_check(services, flows=flows)
