@@ -249,6 +249,9 @@ async def _check_system(system: str, reader: ChoiceMetadataReader, fields: dict[
                         flowset: FlowSet, previous: Mapping[str, str], report: CheckReport,
                         labels: dict[str, str], step: Callable[[int], None]) -> None:
     checked = 0
+    refresh = getattr(reader, "refresh_metadata", None)
+    if callable(refresh):
+        refresh()  # a reader caching a large metadata document (F&O) reads it again for this check
     for (table, field_name), uses in sorted(fields.items()):
         flows = tuple(sorted({u.flow for u in uses}))
         try:

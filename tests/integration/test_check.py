@@ -337,3 +337,15 @@ def test_cli_a_system_asked_for_but_not_configured_exits_2_and_nothing_configure
     assert result.exit_code == 0, result.output
     assert result.output.strip() == (
         "nothing to check: no flow of a configured system maps values (configure a system's settings)")
+
+
+async def test_fno_metadata_is_read_once_per_check(services: Services, box: Sandbox):
+    def metadata_reads() -> int:
+        return sum(1 for method, path in box.fno.requests if method == "GET" and path.endswith("$metadata"))
+
+    before = metadata_reads()
+    report = await run_check(services, systems=["fno"])
+    assert report.systems["fno"] == {"status": "ok", "fields": 7}
+    assert metadata_reads() == before + 1
+    await run_check(services, systems=["fno"])
+    assert metadata_reads() == before + 2  # each check reads it afresh
