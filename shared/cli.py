@@ -203,7 +203,7 @@ def check(
 
     Exit code 1 when a value would fail, 2 when a system could not be read (and nothing else failed), 0 when clean.
     """
-    from shared.ops import choice_check
+    from shared.ops.commands import choice_check
 
     with progress_bar(console) as progress:
         task = progress.add_task("choice domains", total=None)

@@ -1,15 +1,6 @@
 """Operator and application services: webhook intake, direct writes, initial load, health, DLQ replay, reconcile."""
 
-from shared.ops.check import CheckReport, last_check, run_check
-from shared.ops.commands import (
-    choice_check,
-    list_dead_letters,
-    register_arcgis,
-    register_dataverse,
-    replay,
-    run_cycle,
-    system_status,
-)
+from shared.ops.commands import list_dead_letters, register_arcgis, register_dataverse, replay, run_cycle, system_status
 from shared.ops.dlq import replay_dead_letters
 from shared.ops.intake import (
     Unauthorized,
@@ -34,37 +25,10 @@ from shared.ops.status import health
 from shared.ops.writes import IntakeResult, enqueue, enqueue_new, initial_load, write_direct
 
 __all__ = [
-    "DEFAULT_CHANGE_TYPES",
-    "CheckReport",
-    "DataverseAuth",
-    "EntityDrift",
-    "IntakeResult",
-    "RegistrationItem",
-    "RegistrationReport",
-    "Unauthorized",
-    "check_shared_secret",
-    "choice_check",
-    "enqueue",
-    "enqueue_new",
-    "handle_arcgis_webhook",
-    "handle_dataverse_webhook",
-    "handle_fno_business_events",
-    "handle_salesforce_change_events",
-    "handle_sap_events",
-    "health",
-    "initial_load",
-    "last_check",
-    "list_dead_letters",
-    "mapped_columns",
-    "reconcile",
-    "register_arcgis",
-    "register_arcgis_webhook",
-    "register_dataverse",
-    "register_dataverse_webhook",
-    "replay",
-    "replay_dead_letters",
-    "run_check",
-    "run_cycle",
-    "system_status",
-    "write_direct",
+    "DEFAULT_CHANGE_TYPES", "DataverseAuth", "EntityDrift", "IntakeResult", "RegistrationItem", "RegistrationReport",
+    "Unauthorized", "check_shared_secret", "enqueue", "enqueue_new", "handle_arcgis_webhook",
+    "handle_dataverse_webhook", "handle_fno_business_events", "handle_salesforce_change_events", "handle_sap_events",
+    "health", "initial_load", "list_dead_letters", "mapped_columns", "reconcile", "register_arcgis",
+    "register_arcgis_webhook", "register_dataverse", "register_dataverse_webhook", "replay", "replay_dead_letters",
+    "run_cycle", "system_status", "write_direct",
 ]
