@@ -3,6 +3,7 @@
 import azure.functions as func
 
 from shared.triggers.admin import bp as admin_bp
+from shared.triggers.check import bp as check_bp
 from shared.triggers.controller import bp as controller_bp
 from shared.triggers.health import bp as health_bp
 from shared.triggers.reconcile import bp as reconcile_bp
@@ -14,3 +15,4 @@ app.register_functions(controller_bp)
 app.register_functions(health_bp)
 app.register_functions(admin_bp)
 app.register_functions(reconcile_bp)
+app.register_functions(check_bp)

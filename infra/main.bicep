@@ -64,6 +64,8 @@ param reconcileSchedule string = '0 0 2 * * *'
 @description('SYNCLINE_RECONCILE_DAILY_ALLOWANCE: daily API allowance of a system (requests per 24 h); one reconciliation spends at most SYNCLINE_RECONCILE_API_SHARE of it.')
 @minValue(1)
 param reconcileDailyAllowance int = 100000
+@description('SYNCLINE_CHECK_SCHEDULE: NCRONTAB schedule of the choice_check timer (daily drift check).')
+param checkSchedule string = '0 30 5 * * *'
 
 @description('SYNCLINE_BATCH_SIZE: messages the controller receives per batch.')
 @minValue(1)
@@ -337,6 +339,7 @@ module functionApp 'modules/functionapp.bicep' = {
     syncSchedule: syncSchedule
     reconcileSchedule: reconcileSchedule
     reconcileDailyAllowance: reconcileDailyAllowance
+    checkSchedule: checkSchedule
     batchSize: batchSize
     maxDeliveryCount: maxDeliveryCount
     lockSeconds: lockSeconds

@@ -341,6 +341,50 @@ def reconcile(
     raise typer.Exit(0 if report["total_drift"] == 0 else 1)
 
 
+@app.command()
+def check(
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON (for scripts)."),
+    system: list[str] = typer.Option(None, "--system", help="Check only this system (repeatable)."),
+    flow: list[str] = typer.Option(None, "--flow", help="Check only the fields of this flow (repeatable)."),
+) -> None:
+    """Compare the live choice domains (option sets, coded values, picklists, enums) with every flow's value maps.
+
+    Exit code 1 when a value would fail, 2 when a system could not be read (and nothing else failed), 0 when clean.
+    """
+    from shared.ops.commands import choice_check
+
+    with progress_bar(console) as progress:
+        task = progress.add_task("choice domains", total=None)
+        report = _run(lambda: choice_check(
+            systems=system or None, flows=flow or None,
+            progress=lambda done, total: progress.update(task, completed=done, total=total)))
+    if as_json:
+        console.print_json(json.dumps(report.to_dict(), default=str))
+        raise typer.Exit(report.exit_code)
+    if report.findings:
+        table = Table(title=f"choice-domain drift ({len(report.errors)} errors, {len(report.warnings)} warnings)")
+        for column in ("system", "table", "field", "value", "label", "problem", "flows"):
+            table.add_column(column, overflow="fold")
+        for f in report.findings:
+            colour = "red" if f.severity == "error" else "yellow"
+            table.add_row(f.system, f.table, f.field, "" if f.value is None else str(f.value), f.label or "",
+                          f"[{colour}]{f.problem}[/{colour}]", ", ".join(f.flows))
+        console.print(table)
+    for name, info in report.systems.items():
+        if info["status"] == "unreachable":
+            console.print(f"[red]unreachable[/red] {name}: {info.get('error')}")
+        elif info["status"] in ("skipped", "not configured"):
+            console.print(f"[dim]{info['status']}[/dim] {name}{': ' + info['reason'] if 'reason' in info else ''}")
+    checked = ", ".join(f"{n} ({i['fields']} fields)" for n, i in report.systems.items() if i["status"] == "ok")
+    if not report.systems:
+        console.print("nothing to check: no flow of a configured system maps values (configure a system's settings)")
+    elif not report.findings and report.exit_code == 0:
+        console.print(f"[green]no drift[/green]: {checked or 'no system checked'}")
+    else:
+        console.print(f"checked: {checked or 'none'}")
+    raise typer.Exit(report.exit_code)
+
+
 def main() -> None:
     """Console-script entry point."""
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")

@@ -177,6 +177,11 @@ class Settings(BaseSettings):
     fno: FinOpsSettings = Field(default_factory=FinOpsSettings)
     sap: SapSettings = Field(default_factory=SapSettings)
 
+    # ---- issue 17 item 4: the choice-domain drift check
+    syncline_check_schedule: str = "0 30 5 * * *"
+    """NCRONTAB schedule of the choice-domain drift check timer (daily 05:30 UTC; read as
+    %SYNCLINE_CHECK_SCHEDULE%)."""
+
     @field_validator("syncline_flows")
     @classmethod
     def _flows_exist(cls, value: str) -> str:

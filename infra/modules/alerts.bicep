@@ -309,3 +309,54 @@ output alertIds array = [
   functionFailures.id
   reconcileDrift.id
 ]
+
+// ---- Choice-domain drift (issue 17 item 4): the daily check found a value that would fail ---------------------
+
+@description('Name of the choice-domain drift check timer function.')
+param checkFunctionName string = 'choice_check'
+
+// The check logs one "choice drift: ..." line per error (a value without a mapping, a mapping to a value that is
+// gone); it runs daily, so an hourly look at the last hour sees each run once.
+var choiceDriftQuery = '''
+traces
+| where operation_Name == '{FUNCTION}' and message startswith 'choice drift:'
+| project timestamp, message
+'''
+
+resource choiceDrift 'Microsoft.Insights/scheduledQueryRules@2022-06-15' = {
+  name: '${namePrefix}-choice-drift'
+  location: location
+  tags: tags
+  kind: 'LogAlert'
+  properties: {
+    displayName: '${namePrefix}: a choice value would fail a sync'
+    description: 'The ${checkFunctionName} check found an option, coded value, picklist value or enum member without a mapping, or a mapping to a value that no longer exists. Run `syncline check` and follow docs/operations.md (Choice-domain drift).'
+    severity: 2
+    enabled: true
+    scopes: [
+      appInsights.id
+    ]
+    evaluationFrequency: 'PT1H'
+    windowSize: 'PT1H'
+    criteria: {
+      allOf: [
+        {
+          query: replace(choiceDriftQuery, '{FUNCTION}', checkFunctionName)
+          timeAggregation: 'Count'
+          operator: 'GreaterThan'
+          threshold: 0
+          failingPeriods: {
+            numberOfEvaluationPeriods: 1
+            minFailingPeriodsToAlert: 1
+          }
+        }
+      ]
+    }
+    autoMitigate: false
+    actions: {
+      actionGroups: [
+        actionGroupId
+      ]
+    }
+  }
+}

@@ -48,6 +48,8 @@ param reconcileSchedule string
 
 @description('SYNCLINE_RECONCILE_DAILY_ALLOWANCE.')
 param reconcileDailyAllowance int
+@description('NCRONTAB schedule of the choice_check timer (SYNCLINE_CHECK_SCHEDULE).')
+param checkSchedule string
 
 @description('SYNCLINE_BATCH_SIZE.')
 param batchSize int
@@ -300,6 +302,7 @@ resource appSettings 'Microsoft.Web/sites/config@2024-04-01' = {
     SYNCLINE_RECONCILE_API_SHARE: '0.1'
     SYNCLINE_RECONCILE_DAILY_ALLOWANCE: string(reconcileDailyAllowance)
     SYNCLINE_RECONCILE_DAILY_ALLOWANCES: '{}'
+    SYNCLINE_CHECK_SCHEDULE: checkSchedule
     SYNCLINE_WEBHOOK_SECRET: '@Microsoft.KeyVault(SecretUri=${secretsUri}${secretNames.webhookSecret})'
     SYNCLINE_BATCH_SIZE: string(batchSize)
     SYNCLINE_MAX_DELIVERY_COUNT: string(maxDeliveryCount)

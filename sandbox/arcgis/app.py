@@ -558,6 +558,8 @@ class ArcGISSimulator(SimAuth, SimWebhooks, SimQuery, SimEdits, SimChanges, SimD
             "uniqueIdField": {"name": lyr.oid_field, "isSystemMaintained": True},
             "globalIdField": lyr.gid_field,
             "fields": [f.to_json() for f in lyr.fields],
+            "typeIdField": lyr.type_id_field,
+            "types": [dict(t) for t in lyr.types],
             "maxRecordCount": lyr.max_record_count,
             "standardMaxRecordCount": lyr.max_record_count,
             "capabilities": caps,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from sandbox.arcgis.codecs import mercator_to_lonlat
@@ -70,6 +70,9 @@ class _Layer:
             _text("Editor", 128, editable=False),
         ]
         self.by_lower = {f.name.lower(): f for f in self.fields}
+        self.type_id_field: str | None = None
+        self.types: list[dict[str, Any]] = []
+        """Subtypes (`types[]` of the layer resource: id, name, domains per field); none unless a test adds them."""
         self.features: dict[int, _Feature] = {}
         self.by_gid: dict[str, int] = {}
         self.tombstones: list[_Tombstone] = []
@@ -151,3 +154,44 @@ class FeatureStore:
             if lyr.d.name.lower() == str(ref).lower():
                 return lyr
         raise KeyError(f"no layer {ref!r}; layers: {[lyr.d.name for lyr in self._layers.values()]}")
+
+    # ------------------------------------------------------------------ drift (as an admin would cause it)
+
+    def _set_codes(self, layer: str | int, field: str, change: Callable[[list[dict[str, Any]]], list[dict[str, Any]]],
+                   ) -> None:
+        with self._lock:
+            lyr = self._layer(layer)
+            f = lyr.field(field)
+            if f is None or f.codes() is None or f.domain is None:
+                raise KeyError(f"{lyr.d.name}.{field} has no coded-value domain")
+            domain = {**f.domain, "codedValues": change([dict(c) for c in f.domain["codedValues"]])}
+            new = replace(f, domain=domain)
+            lyr.fields = [new if x is f else x for x in lyr.fields]
+            lyr.by_lower[new.name.lower()] = new
+
+    def set_coded_value(self, layer: str | int, field: str, code: Any, name: str) -> None:
+        """Add a code to a field's coded-value domain, or rename one (updateDefinition in the portal): edits accept
+        it from now on and the layer resource shows it."""
+        def change(codes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            if any(c["code"] == code for c in codes):
+                return [{**c, "name": name} if c["code"] == code else c for c in codes]
+            return [*codes, {"name": name, "code": code}]
+
+        self._set_codes(layer, field, change)
+
+    def remove_coded_value(self, layer: str | int, field: str, code: Any) -> None:
+        """Remove a code from a field's coded-value domain."""
+        def change(codes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            if not any(c["code"] == code for c in codes):
+                raise KeyError(f"{layer}.{field} has no code {code!r}")
+            return [c for c in codes if c["code"] != code]
+
+        self._set_codes(layer, field, change)
+
+    def set_subtypes(self, layer: str | int, type_id_field: str | None, types: list[dict[str, Any]]) -> None:
+        """Give a layer subtypes: `type_id_field` and `types` ([{id, name, domains: {field: domain}}]) as the layer
+        resource lists them (a subtype may narrow a field to a coded-value domain of its own)."""
+        with self._lock:
+            lyr = self._layer(layer)
+            lyr.type_id_field = type_id_field
+            lyr.types = [dict(t) for t in types]

@@ -109,6 +109,8 @@ class DataverseSimulator(_Store, _Rules, _EntraId, _Webhooks, _Reads, _Writes, _
         self._apps: dict[str, tuple[str, str]] = {client_id: (client_secret, app_user_id)}
         self._tokens: dict[str, tuple[str, float]] = {}
         self._lock = threading.RLock()
+        self.global_option_sets: dict[str, dict[int, str]] = {}
+        """Global choices by name (`GlobalOptionSetDefinitions`); tests add them."""
         self._tables: dict[str, dict[str, Row]] = {s: {} for s in self.schema}
         self._key_index: dict[str, dict[tuple[str, ...], dict[tuple[Any, ...], str]]] = self._empty_index()
         self._column_index: dict[str, dict[str, _ColumnIndex]] = self._empty_column_index()
@@ -332,6 +334,9 @@ class DataverseSimulator(_Store, _Rules, _EntraId, _Webhooks, _Reads, _Writes, _
         if name == "EntityDefinitions":
             self.request_counts["metadata"] += 1
             return self._metadata(req, key_text, segments[1:])
+        if name == "GlobalOptionSetDefinitions":
+            self.request_counts["metadata"] += 1
+            return self._global_option_set(req, key_text, segments[1:])
         schema = self.schema.get(name)
         if schema is None:
             raise ODataError(404, "0x8006088a", f"Resource not found for the segment '{name}'.")

@@ -9,7 +9,7 @@ from xml.sax.saxutils import quoteattr
 
 from sandbox.dataverse.protocol import API_PREFIX, NAMESPACE, ODataError, _ApiRequest, _ApiResponse
 from sandbox.dataverse.query import _SEGMENT_RE, _evaluate, _parse_key_predicate, parse_filter
-from sandbox.dataverse.schema import EDM, TableSchema
+from sandbox.dataverse.schema import EDM, ChoiceColumn, TableSchema
 from sandbox.dataverse.state import _State
 
 ALIAS = "mscrm"
@@ -113,6 +113,15 @@ ATTRIBUTE_TYPES = {
 }
 
 
+CHOICE_CASTS = {f"Microsoft.Dynamics.CRM.{kind}AttributeMetadata": kind for kind in ("Picklist", "Status", "State")}
+"""The casts an attribute URL may end in to read options, by the AttributeType they apply to."""
+
+
+def _choice_kind(col: str) -> str:
+    # The platform's status pair has attribute types of its own (StateAttributeMetadata, StatusAttributeMetadata).
+    return {"statecode": "State", "statuscode": "Status"}.get(col, "Picklist")
+
+
 class _EntityDefinitions(_State):
     """`EntityDefinitions` reads: tables, attributes, alternate keys and option sets.
 
@@ -130,7 +139,9 @@ class _EntityDefinitions(_State):
     def _attribute_metadata(self, schema: TableSchema, col: str) -> dict[str, Any]:
         typ = schema.columns[col]
         attribute_type = ATTRIBUTE_TYPES[typ]
-        if typ == "lookup" and col == "ownerid":
+        if typ == "choice":
+            attribute_type = _choice_kind(col)
+        elif typ == "lookup" and col == "ownerid":
             attribute_type = "Owner"
         elif typ == "lookup" and sorted(schema.lookups[col].navs.values()) == ["accounts", "contacts"]:
             attribute_type = "Customer"  # parentcustomerid, customerid: the platform's Customer type
@@ -179,16 +190,21 @@ class _EntityDefinitions(_State):
                                                                        "UserLocalizedLabel": None},
                     "Color": None, "IsManaged": False, "MetadataId": None, "HasChanged": None}
                    for v, t in sorted(choice.options.items())]
+        option_set: dict[str, Any] = {
+            "Options": options, "IsGlobal": choice.is_global,
+            "Name": choice.option_set_name if choice.is_global else f"{schema.logical_name}_{col}",
+            "OptionSetType": _choice_kind(col),
+            "MetadataId": str(uuid.uuid5(uuid.NAMESPACE_URL, f"gos:{choice.option_set_name}" if choice.is_global
+                                         else f"os:{schema.logical_name}.{col}"))}
         return {
             "@odata.context": "$metadata#EntityDefinitions('" + schema.logical_name + "')/Attributes/"
-                              "Microsoft.Dynamics.CRM.PicklistAttributeMetadata(LogicalName,OptionSet,GlobalOptionSet)"
-                              "/$entity",
+                              f"Microsoft.Dynamics.CRM.{_choice_kind(col)}AttributeMetadata"
+                              "(LogicalName,OptionSet,GlobalOptionSet)/$entity",
             "LogicalName": col,
             "MetadataId": str(uuid.uuid5(uuid.NAMESPACE_URL, f"attr:{schema.logical_name}.{col}")),
-            "OptionSet": {"Options": options, "IsGlobal": False,
-                          "Name": f"{schema.logical_name}_{col}", "OptionSetType": "Picklist",
-                          "MetadataId": str(uuid.uuid5(uuid.NAMESPACE_URL, f"os:{schema.logical_name}.{col}"))},
-            "GlobalOptionSet": None,
+            # A column using a global choice shows the global set under both navigation properties.
+            "OptionSet": option_set,
+            "GlobalOptionSet": option_set if choice.is_global else None,
         }
 
     def _metadata(self, req: _ApiRequest, key_text: str | None, rest: list[str]) -> _ApiResponse:
@@ -231,10 +247,12 @@ class _EntityDefinitions(_State):
         if attr is None or attr.group("name") != "Attributes":
             raise ODataError(404, "0x8006088a", f"Resource not found for the segment '{rest[0]}'.")
         cast = rest[1] if len(rest) > 1 else None
-        if cast not in (None, "Microsoft.Dynamics.CRM.PicklistAttributeMetadata") or len(rest) > 2:
+        if (cast is not None and cast not in CHOICE_CASTS) or len(rest) > 2:
             raise ODataError(404, "0x8006088a", f"Resource not found for the segment '{cast}'.")
+        kind = CHOICE_CASTS.get(cast or "")
         if attr.group("key") is None:
-            cols = [c for c in schema.columns if cast is None or schema.columns[c] == "choice"]
+            cols = [c for c in schema.columns
+                    if cast is None or (schema.columns[c] == "choice" and _choice_kind(c) == kind)]
             render = self._picklist_metadata if cast else self._attribute_metadata
             return self._json(200, {"value": [render(schema, c) for c in cols]})
         akey = _parse_key_predicate(attr.group("key"))
@@ -244,8 +262,75 @@ class _EntityDefinitions(_State):
                              f"'{schema.logical_name}'.")
         if cast is None:
             return self._json(200, self._attribute_metadata(schema, col))
-        if schema.columns[col] != "choice":
+        actual = _choice_kind(col) if schema.columns[col] == "choice" else ATTRIBUTE_TYPES[schema.columns[col]]
+        if actual != kind:
             raise ODataError(400, "0x80060888", f"The attribute '{col}' is of type "
-                             f"'{ATTRIBUTE_TYPES[schema.columns[col]]}AttributeMetadata' and cannot be cast to "
-                             "'PicklistAttributeMetadata'.")
+                             f"'{actual}AttributeMetadata' and cannot be cast to '{kind}AttributeMetadata'.")
         return self._json(200, self._picklist_metadata(schema, col))
+
+    def _global_option_set(self, req: _ApiRequest, key_text: str | None, rest: list[str]) -> _ApiResponse:
+        """`GlobalOptionSetDefinitions(Name='x')`: a global choice (an `OptionSetMetadata`) by name."""
+        if req.method != "GET":
+            raise ODataError(405, "0x80060888", "Only GET is supported on metadata by the simulator.")
+        key = _parse_key_predicate(key_text) if key_text is not None else None
+        if not isinstance(key, dict) or set(key) != {"Name"} or rest:
+            raise ODataError(400, "0x80060888", "The simulator serves global option sets by Name only: "
+                             "GlobalOptionSetDefinitions(Name='x').")
+        name = str(key["Name"])
+        options = self.global_option_sets.get(name)
+        if options is None:
+            raise ODataError(404, "0x80040217", f"Could not find optionset with name '{name}'.")
+
+        def label(text: str) -> dict[str, Any]:
+            loc = {"Label": text, "LanguageCode": 1033, "IsManaged": False, "MetadataId": None, "HasChanged": None}
+            return {"LocalizedLabels": [loc], "UserLocalizedLabel": loc}
+
+        return self._json(200, {
+            "@odata.context": f"{req.base}{API_PREFIX}$metadata#GlobalOptionSetDefinitions/$entity",
+            "@odata.type": "#Microsoft.Dynamics.CRM.OptionSetMetadata", "Name": name, "IsGlobal": True,
+            "OptionSetType": "Picklist", "MetadataId": str(uuid.uuid5(uuid.NAMESPACE_URL, f"gos:{name}")),
+            "Options": [{"Value": v, "Label": label(t), "Description": {"LocalizedLabels": [],
+                                                                         "UserLocalizedLabel": None},
+                         "Color": None, "IsManaged": False, "MetadataId": None, "HasChanged": None}
+                        for v, t in sorted(options.items())]})
+
+    # ------------------------------------------------------------------------ drift (as an admin would cause it)
+
+    def _choice_column(self, entity_set: str, column: str) -> TableSchema:
+        table = self.schema.get(entity_set)
+        if table is None or column not in table.choices:
+            raise KeyError(f"{entity_set}.{column} is not a choice column of the simulator")
+        return table
+
+    def set_choice_option(self, entity_set: str, column: str, value: int, label: str) -> None:
+        """Add an option to a choice column, or relabel one (what a maker does in the portal, then publishes).
+        Writes accept the value from now on; the metadata endpoints show it. A global choice changes for every
+        column using it."""
+        with self._lock:
+            table = self._choice_column(entity_set, column)
+            choice = table.choices[column]
+            if choice.is_global:
+                choice.options[int(value)] = label
+                return
+            table.choices[column] = ChoiceColumn({**choice.options, int(value): label}, choice.option_set_name)
+
+    def remove_choice_option(self, entity_set: str, column: str, value: int) -> None:
+        """Delete an option from a choice column (records keeping the value keep it, as in Dataverse)."""
+        with self._lock:
+            table = self._choice_column(entity_set, column)
+            choice = table.choices[column]
+            if int(value) not in choice.options:
+                raise KeyError(f"{entity_set}.{column} has no option {value}")
+            if choice.is_global:
+                del choice.options[int(value)]
+                return
+            table.choices[column] = ChoiceColumn({v: t for v, t in choice.options.items() if v != int(value)},
+                                                 choice.option_set_name)
+
+    def use_global_option_set(self, entity_set: str, column: str, name: str) -> None:
+        """Make a choice column use global choice `name`, created from the column's options if it is new (what a
+        maker does choosing "Sync with global choice")."""
+        with self._lock:
+            table = self._choice_column(entity_set, column)
+            shared = self.global_option_sets.setdefault(name, dict(table.choices[column].options))
+            table.choices[column] = ChoiceColumn(shared, name, is_global=True)

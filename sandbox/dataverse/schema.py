@@ -31,6 +31,8 @@ class ChoiceColumn:
 
     options: dict[int, str]
     option_set_name: str = ""
+    is_global: bool = False
+    """The column uses the global choice `option_set_name` (its `options` dict is that global set's)."""
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,7 @@ class _State:
     _apps: dict[str, tuple[str, str]]
     _tokens: dict[str, tuple[str, float]]
     _lock: threading.RLock
+    global_option_sets: dict[str, dict[int, str]]
     _tables: dict[str, dict[str, Row]]
     _key_index: dict[str, dict[tuple[str, ...], dict[tuple[Any, ...], str]]]
     _column_index: dict[str, dict[str, _ColumnIndex]]

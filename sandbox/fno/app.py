@@ -43,6 +43,7 @@ from sandbox.fno.odata import (
 )
 from sandbox.fno.schema import (
     ENTITIES,
+    ENUMS,
     Entity,
     could_not_find_property,
     csdl,
@@ -64,6 +65,8 @@ class FinOpsSimulator(FnoStore):
                  clock: Callable[[], float] = time.monotonic, event_retry_delay: float = 1.0,
                  extensions: bool = True) -> None:
         self.entities: dict[str, Entity] = dict(ENTITIES)
+        self.enums: dict[str, list[tuple[str, int]]] = {n: list(zip(ms, range(len(ms)), strict=True))
+                                                        for n, ms in ENUMS.items()}
         self.extensions = extensions
         self.entra = DataverseSimulator(schema={})
         self.tenant_id, self.client_id, self.client_secret = (self.entra.tenant_id, self.entra.client_id,
@@ -156,8 +159,8 @@ class FinOpsSimulator(FnoStore):
     def _service_documents(self, resource: str, base: str) -> Response:
         """`/data/$metadata` (CSDL from the schema) and the service document `/data/` (the entity sets)."""
         if resource == "$metadata":
-            return Response(csdl(self.entities, extensions=self.extensions), media_type="application/xml",
-                            headers={"OData-Version": "4.0"})
+            return Response(csdl(self.entities, extensions=self.extensions, enums=self.enums),
+                            media_type="application/xml", headers={"OData-Version": "4.0"})
         return JSONResponse({"@odata.context": f"{base}/data/$metadata", "value": [
             {"name": name, "kind": "EntitySet", "url": name} for name in self.entities]},
             headers={"OData-Version": "4.0"})

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from typing import Any
@@ -187,7 +187,8 @@ def check_body(entity: Entity, body: Mapping[str, Any], *, extensions: bool) -> 
 # ============================================================================================ $metadata
 
 
-def csdl(entities: Mapping[str, Entity], *, extensions: bool) -> str:
+def csdl(entities: Mapping[str, Entity], *, extensions: bool,
+         enums: Mapping[str, Sequence[tuple[str, int]]] | None = None) -> str:
     """The OData v4 CSDL (`$metadata`) of the entities: entity types with keys and typed properties, the enum types,
     and one entity set per entity in the `Resources` container."""
     out = ['<?xml version="1.0" encoding="utf-8"?>',
@@ -205,9 +206,10 @@ def csdl(entities: Mapping[str, Entity], *, extensions: bool) -> str:
                 attrs += f' MaxLength="{f.max_length}"'
             out.append(f"<Property {attrs} />")
         out.append("</EntityType>")
-    for name, members in ENUMS.items():
+    declared = enums if enums is not None else {n: [(m, i) for i, m in enumerate(ms)] for n, ms in ENUMS.items()}
+    for name, members in declared.items():
         out.append(f"<EnumType Name={quoteattr(name)}>")
-        out.extend(f"<Member Name={quoteattr(m)} Value=\"{i}\" />" for i, m in enumerate(members))
+        out.extend(f"<Member Name={quoteattr(m)} Value=\"{i}\" />" for m, i in members)
         out.append("</EnumType>")
     out.append(f"<EntityContainer Name={quoteattr(CONTAINER)}>")
     out.extend(f"<EntitySet Name={quoteattr(e.entity_set)} EntityType={quoteattr(e.qualified_type)} />"

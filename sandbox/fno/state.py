@@ -54,6 +54,8 @@ class FnoState:
     """Attribute declarations only: each part (store, events) is a base class of `FinOpsSimulator`."""
 
     entities: dict[str, Entity]
+    enums: dict[str, list[tuple[str, int]]]
+    """Enum type -> (member, value) as `$metadata` shows them (tests add and remove members)."""
     entra: DataverseSimulator
     tenant_id: str
     client_id: str

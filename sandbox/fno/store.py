@@ -263,6 +263,23 @@ class FnoStore(FnoEvents):
                                            "greater than zero.; Warning: validateField failed on field "
                                            f"'{table}.OrderedSalesQuantity'.")
 
+    # ------------------------------------------------------------------ drift (as a developer's deployment causes it)
+
+    def add_enum_member(self, enum: str, member: str) -> None:
+        """Add a member to an enum type (an extension deployed): `$metadata` lists it, next value after the last."""
+        with self._lock:
+            members = self.enums[enum]
+            if all(m != member for m, _ in members):
+                members.append((member, max((v for _, v in members), default=-1) + 1))
+
+    def remove_enum_member(self, enum: str, member: str) -> None:
+        """Remove a member from an enum type as `$metadata` shows it."""
+        with self._lock:
+            members = self.enums[enum]
+            if all(m != member for m, _ in members):
+                raise KeyError(f"enum {enum} has no member {member!r}")
+            members[:] = [(m, v) for m, v in members if m != member]
+
 
 def _is_date(value: Any) -> bool:
     """A date (`2026-11-02`) or a date-time with offset, as OData accepts for F&O date fields."""

@@ -138,7 +138,7 @@ class SalesforceSimulator(TokenEndpoint, Composite, Queries, BulkJobs):
                           for r in list(self.records[sobject].values())[-5:]]
                 return 200, {"objectDescribe": schema.global_entry(obj, API_VERSION), "recentItems": recent}
             if len(parts) == 3 and parts[2] == "describe" and method == "GET":
-                return 200, schema.describe(obj, API_VERSION)
+                return 200, self.describe(obj, API_VERSION)
             if len(parts) == 2 and method == "POST":
                 rid = self._create(sobject, _object(data), origin=origin, user=user)
                 return 201, {"id": rid, "success": True, "errors": []}

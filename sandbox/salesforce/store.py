@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import threading
 import uuid
@@ -73,6 +74,8 @@ class SalesforceStore(ChangeEvents):
             self._jobs: dict[str, BulkJob] = {}
             self._cursors: dict[str, list[dict[str, Any]]] = {}
             self._webhooks: list[tuple[str, dict[str, str]]] = []
+            self.picklists: dict[tuple[str, str], list[dict[str, Any]]] = {}
+            """Picklists changed in Setup since the seed, (sObject, field) -> picklistValues (what describe shows)."""
             # (sObject, External ID field) -> lower-cased value -> ids; several ids when a user copied a value
             self._ext_index: dict[tuple[str, str], dict[str, dict[str, None]]] = {
                 (name, ext): {} for name in SCHEMAS for ext in EXTERNAL_IDS[name]}
@@ -132,8 +135,7 @@ class SalesforceStore(ChangeEvents):
         with self._lock:
             return len(self.records[sobject])
 
-    @staticmethod
-    def _canonical(sobject: str, values: Mapping[str, Any]) -> dict[str, Any]:
+    def _canonical(self, sobject: str, values: Mapping[str, Any]) -> dict[str, Any]:
         """Field names made canonical (API names are case-insensitive) and values checked against the schema."""
         obj = schema.BY_NAME[sobject]
         out: dict[str, Any] = {}
@@ -147,6 +149,9 @@ class SalesforceStore(ChangeEvents):
                                       f"Unable to create/update fields: {f.name}. Please check the security settings "
                                       "of this field and verify that it is read/write for your profile or permission "
                                       "set.", [f.name])
+            changed = self.picklists.get((sobject, f.name))
+            if changed is not None:  # a picklist changed in Setup: its active values are what a write may use
+                f = dataclasses.replace(f, picklist=tuple(e["value"] for e in changed if e["active"]))
             check_value(f, value)
             out[f.name] = value
         return out
@@ -397,3 +402,44 @@ class SalesforceStore(ChangeEvents):
 
     def _json(self, body: Any, status: int = 200) -> Response:
         return JSONResponse(body, status_code=status, headers=self._limit_header())
+
+    # ------------------------------------------------------------------ drift (as an admin would cause it in Setup)
+
+    def _picklist(self, sobject: str, field_name: str) -> list[dict[str, Any]]:
+        obj = schema.sobject(sobject)
+        f = obj.field(field_name) if obj is not None else None
+        if obj is None or f is None or f.type != "picklist":
+            raise KeyError(f"{sobject}.{field_name} is not a picklist of the simulated org")
+        key = (obj.name, f.name)
+        if key not in self.picklists:
+            self.picklists[key] = f.describe()["picklistValues"]
+        return self.picklists[key]
+
+    def set_picklist_value(self, sobject: str, field_name: str, value: str, label: str | None = None, *,
+                           active: bool = True) -> None:
+        """Add a picklist value, relabel it, or (de)activate it; `describe` shows it from now on."""
+        with self._lock:
+            values = self._picklist(sobject, field_name)
+            for entry in values:
+                if entry["value"] == value:
+                    entry.update(label=label or entry["label"], active=active)
+                    return
+            values.append({"active": active, "defaultValue": False, "label": label or value, "validFor": None,
+                           "value": value})
+
+    def remove_picklist_value(self, sobject: str, field_name: str, value: str) -> None:
+        """Delete a picklist value (Setup's Delete: the value is gone from `describe`)."""
+        with self._lock:
+            values = self._picklist(sobject, field_name)
+            if not any(e["value"] == value for e in values):
+                raise KeyError(f"{sobject}.{field_name} has no picklist value {value!r}")
+            values[:] = [e for e in values if e["value"] != value]
+
+    def describe(self, obj: schema.SObjectDef, version: str) -> dict[str, Any]:
+        """`GET /sobjects/<name>/describe`, with the picklists as changed since the seed."""
+        out = schema.describe(obj, version)
+        for f in out["fields"]:
+            changed = self.picklists.get((obj.name, f["name"]))
+            if changed is not None:
+                f["picklistValues"] = [dict(e) for e in changed]
+        return out

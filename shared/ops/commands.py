@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.bootstrap import build_services
+from shared.ops.check import CheckReport, run_check
 from shared.ops.dlq import replay_dead_letters
 from shared.ops.registration import (
     DEFAULT_CHANGE_TYPES,
@@ -150,5 +151,15 @@ async def register_arcgis(*, endpoint_url: str, secret_from_env: str | None, nam
             raise ValueError("ArcGIS is not configured (ARCGIS__SERVICE_URL is empty)")
         return await register_arcgis_webhook(client, hook_url=endpoint_url, signature_key=key, name=name,
                                              change_types=tuple(change_types or DEFAULT_CHANGE_TYPES))
+    finally:
+        await services.aclose()
+
+
+async def choice_check(*, systems: list[str] | None, flows: list[str] | None,
+                       progress: Callable[[int, int], None]) -> CheckReport:
+    """The choice-domain drift check against the configured systems (see `shared.ops.check.run_check`)."""
+    services = build_services()
+    try:
+        return await run_check(services, systems=systems, flows=flows, progress=progress)
     finally:
         await services.aclose()

@@ -9,6 +9,7 @@ from typing import Any
 from shared.bootstrap import Services
 from shared.core.controller import LAST_CYCLE
 from shared.core.errors import SyncError
+from shared.ops.check import last_check
 
 
 async def health(services: Services) -> dict[str, Any]:
@@ -35,6 +36,7 @@ async def health(services: Services) -> dict[str, Any]:
     depth = await services.queue.depth()
     last = await services.state.get_checkpoint(LAST_CYCLE)
     last_cycle = json.loads(last.value) if last else None
+    check = await last_check(services.state)
     healthy = (all(s["reachable"] for s in systems.values() if "paused_until" not in s) and not paused
                and (last_cycle is None or last_cycle["outcome"] == "ok"))
     return {
@@ -43,6 +45,9 @@ async def health(services: Services) -> dict[str, Any]:
         "queue": {"active": depth.active, "scheduled": depth.scheduled, "dead_letter": depth.dead_letter},
         "last_cycle": last_cycle,
         "last_reconciliation": await _last_reconciliation(services),
+        # The last choice-domain drift check (`syncline check`, the daily timer); informative, not health.
+        "last_check": None if check is None else {k: check.get(k) for k in
+                                                  ("checked_at", "exit_code", "errors", "warnings", "unreachable")},
     }
 
 

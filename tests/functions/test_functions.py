@@ -12,7 +12,8 @@ from shared.core.envelope import ChangeEnvelope
 
 def test_functions_are_registered_with_the_expected_triggers(functions):
     assert set(functions) == {"dataverse_webhook", "arcgis_webhook", "fno_webhook", "salesforce_webhook",
-                              "sap_webhook", "sync_controller", "health", "admin_load", "reconcile"}
+                              "sap_webhook", "sync_controller", "health", "admin_load", "reconcile",
+                              "choice_check"}
     timer = functions["sync_controller"].get_trigger().get_dict_repr()
     assert timer["type"] == "timerTrigger"
     assert timer["schedule"] == "%SYNCLINE_SCHEDULE%"

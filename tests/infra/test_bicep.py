@@ -63,6 +63,7 @@ PARAM_SETTINGS = {
     "syncSchedule": ("syncline_schedule", "SYNCLINE_SCHEDULE"),
     "reconcileSchedule": ("syncline_reconcile_schedule", "SYNCLINE_RECONCILE_SCHEDULE"),
     "reconcileDailyAllowance": ("syncline_reconcile_daily_allowance", "SYNCLINE_RECONCILE_DAILY_ALLOWANCE"),
+    "checkSchedule": ("syncline_check_schedule", "SYNCLINE_CHECK_SCHEDULE"),
     "batchSize": ("syncline_batch_size", "SYNCLINE_BATCH_SIZE"),
     "maxDeliveryCount": ("syncline_max_delivery_count", "SYNCLINE_MAX_DELIVERY_COUNT"),
     "lockSeconds": ("syncline_lock_seconds", "SYNCLINE_LOCK_SECONDS"),
@@ -712,6 +713,7 @@ def test_the_alerts_watch_dead_letters_and_the_controller():
     function_name = literal(alerts_file.params()["controllerFunctionName"].default)
     assert function_name in trigger_decorators()
     assert trigger_decorators()[str(function_name)]["trigger"] == "timer_trigger"
+    function_params = {"${namePrefix}-choice-drift": "checkFunctionName"}
     for name, rule in rules.items():
         assert [text(n) for n in prop(rule, "properties.actions.actionGroups").named_children] == ["actionGroupId"]
         if name == "${namePrefix}-reconcile-drift":
@@ -721,9 +723,16 @@ def test_the_alerts_watch_dead_letters_and_the_controller():
         assert len(query_vars) == 1, text(query)
         kql = template(variables[query_vars.pop()])
         # The function name is substituted from the parameter, not typed into the query.
+        param = function_params.get(name, "controllerFunctionName")
         assert "'{FUNCTION}'" in kql
-        assert "controllerFunctionName" in text(query)
-        assert str(function_name) not in kql
+        assert param in text(query)
+        assert str(literal(alerts_file.params()[param].default)) not in kql
+    # The choice drift alert counts the check's own error lines, written by the timer function it names.
+    drift = template(variables["choiceDriftQuery"])
+    assert "startswith 'choice drift:'" in drift
+    assert trigger_decorators()[str(literal(alerts_file.params()["checkFunctionName"].default))]["trigger"] == \
+        "timer_trigger"
+    assert '"choice drift: %s' in (ROOT / "shared" / "ops" / "check.py").read_text()
     silent = template(variables["controllerSilentQuery"])
     assert "success == true" in silent
     assert "ago(silence)" in silent

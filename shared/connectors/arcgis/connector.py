@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from shared.connectors.arcgis.changes import ArcGISChanges
+from shared.connectors.arcgis.metadata import ArcGISMetadata
 from shared.connectors.arcgis.webhooks import ArcGISWebhookAdmin
 from shared.connectors.arcgis.writes import ArcGISWrites
 
 
-class ArcGISFeatureServiceClient(ArcGISWrites, ArcGISChanges, ArcGISWebhookAdmin):
+class ArcGISFeatureServiceClient(ArcGISWrites, ArcGISChanges, ArcGISWebhookAdmin, ArcGISMetadata):
     """RecordSink + ChangeSource over one hosted feature service; layers are addressed by name.
 
     Canonical records: field names as in the layer, dates as epoch milliseconds, GlobalID and GUID fields

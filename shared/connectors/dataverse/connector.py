@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from shared.connectors.dataverse.changes import DataverseChanges
+from shared.connectors.dataverse.metadata import DataverseMetadata
 from shared.connectors.dataverse.writes import DataverseWrites
 
 
-class DataverseClient(DataverseChanges, DataverseWrites):
+class DataverseClient(DataverseChanges, DataverseWrites, DataverseMetadata):
     """Dataverse Web API v9.2 client implementing `RecordSink` and `ChangeSource` (canonical record values).
 
     Canonical values (`SourceRecord.values`): logical attribute names; lookups under the logical name holding

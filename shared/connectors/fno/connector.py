@@ -40,11 +40,12 @@ from __future__ import annotations
 
 from shared.connectors.fno.changes import FinOpsChanges
 from shared.connectors.fno.codecs import SYSTEM
+from shared.connectors.fno.metadata import FinOpsMetadata
 from shared.connectors.fno.writes import FinOpsWrites
 from shared.core.errors import RejectedError
 
 
-class FinOpsClient(FinOpsChanges, FinOpsWrites):
+class FinOpsClient(FinOpsChanges, FinOpsWrites, FinOpsMetadata):
     """F&O OData v4 client implementing `RecordSink` and `ChangeSource` (see the module docstring).
 
     `SourceRecord.values` are the entity's fields as F&O returns them (enums as member names); `version` is the
