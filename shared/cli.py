@@ -362,14 +362,9 @@ def check(
         console.print_json(json.dumps(report.to_dict(), default=str))
         raise typer.Exit(report.exit_code)
     if report.findings:
-        table = Table(title=f"choice-domain drift ({len(report.errors)} errors, {len(report.warnings)} warnings)")
-        for column in ("system", "table", "field", "value", "label", "problem", "flows"):
-            table.add_column(column, overflow="fold")
-        for f in report.findings:
-            colour = "red" if f.severity == "error" else "yellow"
-            table.add_row(f.system, f.table, f.field, "" if f.value is None else str(f.value), f.label or "",
-                          f"[{colour}]{f.problem}[/{colour}]", ", ".join(f.flows))
-        console.print(table)
+        from shared.ops.check_view import findings_table
+
+        console.print(findings_table(report))
     for name, info in report.systems.items():
         if info["status"] == "unreachable":
             console.print(f"[red]unreachable[/red] {name}: {info.get('error')}")

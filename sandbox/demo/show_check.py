@@ -7,11 +7,11 @@ import time
 from typing import Any
 
 from rich.console import Console
-from rich.table import Table
 
 from sandbox.demo.box import Sandbox
 from shared.bootstrap import Services
-from shared.ops.check import CheckReport, field_uses, run_check
+from shared.ops.check import field_uses, run_check
+from shared.ops.check_view import findings_table
 
 ENTITY_SET, COLUMN = "dot_signassets", "dot_signtype"
 NEW_VALUE, NEW_LABEL = 100000005, "Temporary"
@@ -24,21 +24,10 @@ def _flows(services: Services) -> list[str]:
                    if (u.system, u.table, u.field) == ("dataverse", ENTITY_SET, COLUMN)})
 
 
-def _table(report: CheckReport) -> Table:
-    table = Table("system", "table", "field", "value", "label", "problem", "flows",
-                  title=f"syncline check: {len(report.errors)} errors, {len(report.warnings)} warnings")
-    for f in report.findings:
-        colour = "red" if f.severity == "error" else "yellow"
-        table.add_row(f.system, f.table, f.field, str(f.value), f.label or "", f"[{colour}]{f.problem}[/{colour}]",
-                      ", ".join(f.flows))
-    return table
-
-
 async def show_check(console: Console, services: Services, box: Sandbox) -> dict[str, Any]:
     """Add the option (as an admin would), run the check, print what it catches, remove the option, check again."""
     started = time.monotonic()
     flows = _flows(services)
-    console.rule("[bold]Choice-domain drift: caught before a record fails")
     before = await run_check(services, flows=flows)
     console.print(f"check of {', '.join(flows)}: exit {before.exit_code}, {len(before.errors)} errors")
     box.dv.set_choice_option(ENTITY_SET, COLUMN, NEW_VALUE, NEW_LABEL)
@@ -46,7 +35,7 @@ async def show_check(console: Console, services: Services, box: Sandbox) -> dict
         console.print(f"a maker adds option {NEW_VALUE} \"{NEW_LABEL}\" to {ENTITY_SET}.{COLUMN} in Dataverse")
         drifted = await run_check(services, flows=flows)
         carrying = sum(1 for r in box.dv.all(ENTITY_SET) if r.get(COLUMN) == NEW_VALUE)
-        console.print(_table(drifted))
+        console.print(findings_table(drifted))
         console.print(f"records carrying {NEW_VALUE} so far: {carrying}; exit code {drifted.exit_code} "
                       "(the first sign saved with it would dead-letter with UNMAPPED_CHOICE)")
     finally:

@@ -12,14 +12,28 @@ from sandbox.demo.box import Sandbox
 from shared.bootstrap import Services
 
 Hook = Callable[[Console, Services, Sandbox], Awaitable[dict[str, Any]]]
+Expect = Callable[[dict[str, Any]], str | None]
+"""What a part must have shown, or why it did not (the demo is not OK then)."""
 
 
-def _hooks() -> list[tuple[str, str, Hook]]:
+def _check_caught(figures: dict[str, Any]) -> str | None:
+    if not figures.get("caught"):
+        return "check caught no drift"
+    if not (figures.get("clean_before") and figures.get("clean_after")):
+        return "check was not clean before the option was added or after it was removed"
+    if figures.get("records_carrying"):
+        return "a record carried the new option before the check ran"
+    return None
+
+
+def _hooks() -> list[tuple[str, str, Hook, Expect]]:
+    from sandbox.demo.show_check import show_check
     from sandbox.demo.show_provision import show_provision
 
     return [
+        ("check", "choice-domain drift caught before a record fails (syncline check)", show_check, _check_caught),
         ("provision", "ArcGIS layers against the flows' value maps (syncline arcgis provision --dry-run)",
-         show_provision),
+         show_provision, lambda figures: None),
     ]
 
 
@@ -29,7 +43,7 @@ async def tour(console: Console, services: Services, box: Sandbox) -> dict[str, 
     A part that fails does not stop the others (the report says which failed and why); the demo is then not OK.
     """
     figures: dict[str, Any] = {}
-    for name, title, hook in _hooks():
+    for name, title, hook, expect in _hooks():
         console.rule(title)
         started = time.monotonic()
         try:
@@ -37,5 +51,8 @@ async def tour(console: Console, services: Services, box: Sandbox) -> dict[str, 
         except Exception as exc:  # the demo reports it, and the rest of the tour still runs
             console.print(f"[red]{name} failed[/red]: {type(exc).__name__}: {exc}")
             figures[name] = {"error": f"{type(exc).__name__}: {exc}"}
+        if "error" not in figures[name] and (why := expect(figures[name])) is not None:
+            console.print(f"[red]{name}[/red]: {why}")
+            figures[name]["error"] = why
         figures[name]["seconds"] = round(time.monotonic() - started, 1)
     return figures
