@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 
 from shared.ops.trace import Trace
 
@@ -28,16 +27,17 @@ def render_trace(console: Console, trace: Trace) -> None:
     correlations = len({h.correlation_id for h in trace.hops})
     console.print(escape(f"trace of {trace.system} {trace.key}: {sides}; flows {', '.join(trace.flows) or '-'}; "
                          f"{len(trace.hops)} hop(s) in {correlations} change(s)"), soft_wrap=True)
-    table = Table(title="hops (oldest first)", title_justify="left")
-    for column in ("time", "decision", "flow", "system", "key", "origin", "correlation", "detail"):
-        table.add_column(column, overflow="fold")
+    # A timeline rather than a table: keys and details are long, and a table squeezes them into slivers.
+    console.print("hops (oldest first): time  decision  flow  system key  origin  correlation, then the detail")
     for hop in trace.hops:
         colour = _COLOURS.get(hop.decision, "default")
         detail = f"{hop.reason}: {hop.detail}" if hop.reason else hop.detail
-        table.add_row(hop.at.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3], f"[{colour}]{hop.decision}[/{colour}]",
-                      escape(hop.flow), hop.system, escape(hop.key), hop.origin or "",
-                      escape(hop.correlation_id[:12]), escape(detail))
-    console.print(table)
+        head = (f"  {hop.at:%Y-%m-%d %H:%M:%S}.{hop.at.microsecond // 1000:03d}  [{colour}]{hop.decision:<17}"
+                f"[/{colour}] {escape(hop.flow)}  {hop.system} {escape(hop.key)}  origin {hop.origin or '?'}  "
+                f"correlation {escape(hop.correlation_id)}")
+        console.print(head, soft_wrap=True, highlight=False)
+        if detail:
+            console.print(f"      {escape(detail)}", soft_wrap=True, highlight=False)
     console.print("now:")
     if not trace.now:
         console.print("  not on the queue nor in the dead-letter queue (every change about it is settled)")

@@ -19,7 +19,7 @@ QUEUE_SCAN = 1000
 CASCADE_LOOKUPS = 5
 
 _GUID = re.compile(r"^\{?([0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})\}?$")
-_ORIGIN = re.compile(r"^origin (\w+)")
+_ORIGIN = re.compile(r"\borigin (\w+)")
 
 
 class TraceInputError(Exception):
@@ -189,10 +189,8 @@ async def trace_record(state: StateStore, queue: InboundQueue, flowset: FlowSet,
             trace.now.append(place)
     stored |= {(p.system, p.key) for p in trace.now}
 
-    origins = _origins(entries)
-    trace.hops = [Hop(e.at, e.decision, e.flow, e.system, e.table, e.key, e.correlation_id,
-                      origins.get(e.correlation_id), e.detail, e.reason)
-                  for e in entries]
+    trace.hops = [Hop(e.at, e.decision, e.flow, e.system, e.table, e.key, e.correlation_id, origin, e.detail, e.reason)
+                  for e, origin in zip(entries, _origins(entries), strict=True)]
     # the record as stored on each side (the spellings of the asked key that nothing knows are left out)
     trace.records = [(s, k) for s, ks in keys.items() for k in ks if (s, k) in stored] or [(system, key.strip())]
     return trace
@@ -216,17 +214,27 @@ def _merged(first: list[AuditEntry], second: list[AuditEntry]) -> list[AuditEntr
     return sorted(first + second, key=lambda e: (e.at, _STEP.get(e.decision, len(_STEP))))
 
 
-def _origins(entries: list[AuditEntry]) -> dict[str, str]:
-    """Correlation id -> where its change came from: `origin X` of its `enqueued` entry, or replay."""
-    origins: dict[str, str] = {}
+def _origins(entries: list[AuditEntry]) -> list[str | None]:
+    """Where each entry's change came from: `origin X` in its own detail (`enqueued`, a direct `written`), "replay"
+    for `replayed`, else the latest such of its correlation id before it (a replay keeps the correlation id)."""
+    latest: dict[str, str] = {}
+    found: list[str | None] = []
     for e in entries:
-        if e.decision == "enqueued":
-            m = _ORIGIN.match(e.detail)
-            if m:
-                origins.setdefault(e.correlation_id, m.group(1))
-        elif e.decision == "replayed":
-            origins[e.correlation_id] = "replay"
-    return origins
+        own = _own_origin(e)
+        if own is not None:
+            latest[e.correlation_id] = own
+        found.append(own or latest.get(e.correlation_id))
+    return found
+
+
+def _own_origin(entry: AuditEntry) -> str | None:
+    if entry.decision == "replayed":
+        return "replay"
+    if entry.decision in ("enqueued", "written"):
+        m = _ORIGIN.search(entry.detail)
+        if m:
+            return m.group(1)
+    return None
 
 
 async def _cascades(state: StateStore, flowset: FlowSet, entries: list[AuditEntry],

@@ -86,7 +86,7 @@ async def test_a_written_record_traces_from_either_sides_key(world: World) -> No
     assert decisions[0] == ("enqueued", "dataverse", GOOD)  # oldest first
     assert ("written", "arcgis", global_id) in decisions
     written = next(h for h in trace.hops if h.decision == "written")
-    assert written.detail.startswith(f"created arcgis:SignAssets:{global_id}; fields ")
+    assert written.detail.startswith(f"created arcgis:SignAssets:{global_id} (origin webhook); fields ")
     assert "ASSET_TAG" in written.detail
     assert {h.origin for h in trace.hops} == {"webhook"}
     assert len({h.correlation_id for h in trace.hops}) == 1

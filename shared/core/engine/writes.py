@@ -92,7 +92,8 @@ class _Writes(_EngineBase):
                              values_hash(svalues), _latest(prev_s.modified if prev_s else None, env.source_modified))
             snaps += [tsnap, ssnap]
             how = "created" if result.created else "updated"
-            detail = f"{how} {tgt.system}:{tgt.table}:{key}" + _fields_changed(written, prev_t)
+            # the origin too: a direct write (webhook, initial load) has no `enqueued` entry that would tell it
+            detail = f"{how} {tgt.system}:{tgt.table}:{key} (origin {env.origin})" + _fields_changed(written, prev_t)
             if plan.mapped.owned_by_target:
                 detail += f"; left target-owned fields {sorted(plan.mapped.owned_by_target)}"
             audit.append(AuditEntry(now, env.correlation_id, flow.name, "written", tgt.system, tgt.table, key, detail))
