@@ -15,8 +15,6 @@ from shared.mapping.spec import FlowSet
 MAX_RECORDS = 32
 #: Messages browsed on the queue and on the dead-letter queue to find the record's (a peek never locks).
 QUEUE_SCAN = 1000
-#: Correlation ids whose cascades a trace looks up (the latest writes of the record).
-CASCADE_LOOKUPS = 5
 
 _GUID = re.compile(r"^\{?([0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})\}?$")
 _ORIGIN = re.compile(r"\borigin (\w+)")
@@ -135,8 +133,9 @@ async def trace_record(state: StateStore, queue: InboundQueue, flowset: FlowSet,
                        limit: int = 200, queue_scan: int = QUEUE_SCAN) -> Trace:
     """Trace one record from any side's key: resolve it to its keys on every linked side (links of every flow's
     entity and system pair, followed transitively), read the ledger entries of all of them (`read_audit_for`:
-    an index lookup per system, never a scan), the cascades its writes triggered, and the queue and dead-letter
-    messages about it now. `limit` caps the hops (the newest `limit`, shown oldest first)."""
+    an index lookup per system, never a scan; the cascades a parent's writes triggered are entries of the parent
+    too), and the queue and dead-letter messages about it now. `limit` caps the hops (the newest `limit`, shown
+    oldest first)."""
     known = systems_of(flowset)
     if system not in known:
         raise TraceInputError(f"unknown system {system!r}: one of {', '.join(known)}")
@@ -175,7 +174,6 @@ async def trace_record(state: StateStore, queue: InboundQueue, flowset: FlowSet,
     entries = _oldest_first(entries)[-limit:]
     stored = {(e.system, e.key) for e in entries} | {(link.system, link.key) for link in trace.links} | {
         (link.other_system, link.other_key) for link in trace.links}
-    entries = _merged(entries, _oldest_first(await _cascades(state, flowset, entries, keys)))
 
     # 3. where it is now: the queue and the dead-letter queue, matched on the message's system and key
     wanted = {(s, k) for s, ks in keys.items() for k in ks}
@@ -206,12 +204,8 @@ _STEP = {decision: n for n, decision in enumerate((
 def _oldest_first(entries: list[AuditEntry]) -> list[AuditEntry]:
     """`entries` made of newest-first reads, oldest first: by time, then by the step of a change."""
     oldest = list(reversed(entries))  # first, since the sort is stable: equal keys keep the reads' append order
-    return _merged(oldest, [])
-
-
-def _merged(first: list[AuditEntry], second: list[AuditEntry]) -> list[AuditEntry]:
-    """Two oldest-first lists as one (stable: equal keys keep their order)."""
-    return sorted(first + second, key=lambda e: (e.at, _STEP.get(e.decision, len(_STEP))))
+    oldest.sort(key=lambda e: (e.at, _STEP.get(e.decision, len(_STEP))))
+    return oldest
 
 
 def _origins(entries: list[AuditEntry]) -> list[str | None]:
@@ -235,22 +229,6 @@ def _own_origin(entry: AuditEntry) -> str | None:
         if m:
             return m.group(1)
     return None
-
-
-async def _cascades(state: StateStore, flowset: FlowSet, entries: list[AuditEntry],
-                    keys: dict[str, list[str]]) -> list[AuditEntry]:
-    """The `cascaded` entries (on the children) that the record's latest writes triggered, when a cascade has
-    the record's entity as parent: a lookup by correlation id for each of at most CASCADE_LOOKUPS writes."""
-    parents = {c.parent_entity for c in flowset.cascades}
-    flows = {f.name for f in flowset.flows if f.entity in parents}
-    correlations = list(dict.fromkeys(e.correlation_id for e in entries
-                                      if e.decision in ("written", "enqueued") and e.flow in flows))
-    mine = {(s, k) for s, ks in keys.items() for k in ks}
-    found: list[AuditEntry] = []
-    for correlation_id in correlations[:CASCADE_LOOKUPS]:
-        found += [e for e in await state.read_audit(limit=100, correlation_id=correlation_id, decision="cascaded")
-                  if (e.system, e.key) not in mine]
-    return found
 
 
 def _place(message: ReceivedMessage, wanted: set[tuple[str, str]], where: str) -> QueuePlace | None:
