@@ -39,8 +39,11 @@ def render_trace(console: Console, trace: Trace) -> None:
         if detail:
             console.print(f"      {escape(detail)}", soft_wrap=True, highlight=False)
     console.print("now:")
+    for note in trace.notes:
+        console.print(f"  note: {escape(note)}", soft_wrap=True, highlight=False)
     if not trace.now:
-        console.print("  not on the queue nor in the dead-letter queue (every change about it is settled)")
+        console.print("  not on the queue nor in the dead-letter queue (every change about it is settled)"
+                      if not trace.notes else "  not in the dead-letter queue")
     for place in trace.now:
         line = f"  {place.where}: message {place.message_id} ({place.flow}, {place.system} {place.key}), " \
                f"enqueued {place.enqueued_at:%Y-%m-%d %H:%M:%S}, {place.delivery_count} deliveries"

@@ -248,7 +248,8 @@ class InboundQueue(Protocol):
 
     async def peek_messages(self, max_messages: int = 100) -> list[ReceivedMessage]:
         """Browse the main queue (active, locked and scheduled messages) in sequence order without locking; a
-        message not deliverable before a later time has `scheduled_at` set."""
+        message not deliverable before a later time has `scheduled_at` set. May raise where the broker refuses
+        to browse (Service Bus: a session-enabled queue without a session)."""
         ...
 
     async def receive_dead_letters(self, max_messages: int) -> list[ReceivedMessage]:

@@ -81,6 +81,8 @@ class Trace:
     """Oldest first."""
     now: list[QueuePlace] = field(default_factory=list)
     links: list[TraceLink] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    """What the trace could not look at (e.g. a queue the service does not let it browse)."""
 
     @property
     def found(self) -> bool:
@@ -109,6 +111,7 @@ class Trace:
             "hops": [plain(asdict(h)) for h in self.hops],
             "now": [plain(asdict(p)) for p in self.now],
             "links": [asdict(link) for link in self.links],
+            "notes": self.notes,
         }
 
 
@@ -177,7 +180,13 @@ async def trace_record(state: StateStore, queue: InboundQueue, flowset: FlowSet,
 
     # 3. where it is now: the queue and the dead-letter queue, matched on the message's system and key
     wanted = {(s, k) for s, ks in keys.items() for k in ks}
-    for message in await queue.peek_messages(queue_scan):
+    try:
+        peeked = await queue.peek_messages(queue_scan)
+    except Exception as exc:  # Service Bus refuses to browse a session-enabled queue without a session
+        trace.notes.append(f"the queue could not be browsed ({type(exc).__name__}): messages waiting on it for "
+                           "this record are not shown; the dead-letter queue was browsed")
+        peeked = []
+    for message in peeked:
         place = _place(message, wanted, "scheduled" if message.scheduled_at is not None else "active")
         if place is not None:
             trace.now.append(place)

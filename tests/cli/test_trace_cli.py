@@ -98,7 +98,8 @@ def test_json_is_the_documented_shape(synced: dict[str, Any]) -> None:
 
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
-    assert set(data) == {"system", "key", "found", "records", "flows", "hops", "now", "links"}
+    assert set(data) == {"system", "key", "found", "records", "flows", "hops", "now", "links", "notes"}
+    assert data["notes"] == []
     assert data["found"] is True
     assert data["records"] == [{"system": "dataverse", "key": synced["bad"]}]
     assert data["flows"] == ["sign_assets_to_field"]

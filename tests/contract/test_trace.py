@@ -139,7 +139,7 @@ async def test_an_unknown_key_is_not_found_and_an_unknown_system_is_refused(worl
     assert not trace.found
     assert trace.to_json() == {"system": "arcgis", "key": "{00000000-0000-0000-0000-000000000000}", "found": False,
                                "records": [{"system": "arcgis", "key": "{00000000-0000-0000-0000-000000000000}"}],
-                               "flows": [], "hops": [], "now": [], "links": []}
+                               "flows": [], "hops": [], "now": [], "links": [], "notes": []}
     with pytest.raises(TraceInputError, match="unknown system 'arcgsi': one of arcgis, dataverse"):
         await world.trace("arcgsi", GOOD)
 
@@ -149,3 +149,33 @@ def test_key_variants_cover_the_guid_spellings() -> None:
     assert key_variants("arcgis", "6d81597f-0f9f-e711-8122-000d3aa2331c") == [
         "6d81597f-0f9f-e711-8122-000d3aa2331c", "{6D81597F-0F9F-E711-8122-000D3AA2331C}",
         "6D81597F-0F9F-E711-8122-000D3AA2331C", "{6d81597f-0f9f-e711-8122-000d3aa2331c}"]
+
+
+class RefusingBrowse:
+    """The queue as Service Bus shows a session-enabled one to a non-session browse: refused."""
+
+    def __init__(self, queue: Any) -> None:
+        self._queue = queue
+
+    async def peek_messages(self, max_messages: int = 100) -> list[Any]:
+        raise RuntimeError("It is not possible for an entity that requires sessions to create a non-sessionful link")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._queue, name)
+
+
+async def test_a_queue_that_cannot_be_browsed_is_noted_and_the_dead_letters_still_show(world: World) -> None:
+    import io
+
+    from rich.console import Console
+
+    from shared.trace_view import render_trace
+
+    trace = await trace_record(world.state, cast(Any, RefusingBrowse(world.harness.queue)), SPEC, "dataverse", BAD)
+
+    assert trace.notes == ["the queue could not be browsed (RuntimeError): messages waiting on it for this record "
+                           "are not shown; the dead-letter queue was browsed"]
+    assert [p.where for p in trace.now] == ["dead_letter"]
+    out = io.StringIO()
+    render_trace(Console(file=out, width=300), trace)
+    assert "now:\n  note: the queue could not be browsed (RuntimeError)" in out.getvalue()

@@ -203,7 +203,9 @@ class ServiceBusQueue(_Receiving, _Settling):
 
     async def peek_messages(self, max_messages: int = 100) -> list[ReceivedMessage]:
         """Browse the main queue in sequence order without locking (lock_token is ""); scheduled ones carry
-        `scheduled_at` (a session queue is browsed through its plain receiver: peeking needs no session lock)."""
+        `scheduled_at`. Browsed through the plain receiver, as `depth` does without the management API: the
+        development emulator and the test broker allow it on a session-enabled queue, Service Bus refuses it
+        (the SDK's error is raised; `syncline trace` then says it could not browse the queue)."""
         if max_messages < 1:
             return []
         peeked = await self._peek(self._main_receiver(), max_messages)
