@@ -137,3 +137,7 @@ def test_an_unknown_system_is_one_line_and_exit_code_2(synced: dict[str, Any]) -
     assert result.output.startswith("error unknown system 'sharepoint': one of arcgis, dataverse")
     assert result.output.count("\n") == 1
     assert "Traceback" not in result.output
+
+    empty = trace("dataverse", "  ")
+    assert empty.exit_code == 2
+    assert empty.output == "error the key is empty\n"
