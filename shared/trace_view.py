@@ -7,7 +7,8 @@ from rich.markup import escape
 
 from shared.ops.trace import Trace
 
-_COLOURS = {"written": "green", "deleted": "green", "cascaded": "cyan", "id_propagated": "cyan",
+_COLOURS = {"written": "green", "deleted": "green", "cascaded": "cyan", "cascade_triggered": "cyan",
+            "id_propagated": "cyan",
             "dead_lettered": "red", "retry_scheduled": "yellow", "deferred": "yellow", "conflict_resolved": "magenta",
             "skipped_echo": "dim", "skipped_noop": "dim", "duplicate_dropped": "dim"}
 

@@ -26,7 +26,7 @@ async def test_a_polled_field_edit_with_its_cascades_traces_from_the_globalid(se
     written = next(h for h in trace.hops if h.decision == "written" and h.system == "dataverse")
     assert written.key == wo["DV_ID"]
     assert "dot_status" in written.detail  # the field the edit changed is named
-    cascades = [h for h in trace.hops if h.decision == "cascaded"]
+    cascades = [h for h in trace.hops if h.decision == "cascade_triggered"]
     assert {h.system for h in cascades} == {"arcgis", "dataverse"}
     assert all(h.key in (wo["GlobalID"], wo["DV_ID"]) for h in cascades)
     on_dv = next(h for h in cascades if h.system == "dataverse")
