@@ -7,10 +7,10 @@ from rich.markup import escape
 
 from shared.ops.trace import Trace
 
-_COLOURS = {"written": "green", "deleted": "green", "cascaded": "cyan", "cascade_triggered": "cyan",
-            "id_propagated": "cyan",
-            "dead_lettered": "red", "retry_scheduled": "yellow", "deferred": "yellow", "conflict_resolved": "magenta",
-            "skipped_echo": "dim", "skipped_noop": "dim", "duplicate_dropped": "dim"}
+_COLOURS = {"written": "green", "deleted": "green", "id_propagated": "cyan", "cascaded": "cyan",
+            "cascade_triggered": "cyan", "conflict_resolved": "magenta", "deferred": "yellow",
+            "retry_scheduled": "yellow", "dead_lettered": "red", "skipped_echo": "dim", "skipped_noop": "dim",
+            "duplicate_dropped": "dim"}
 
 
 def not_found_line(trace: Trace) -> str:
