@@ -380,6 +380,34 @@ def check(
     raise typer.Exit(report.exit_code)
 
 
+@app.command()
+def trace(
+    system: str = typer.Argument(..., help="The system the key belongs to: dataverse, arcgis, fno, salesforce, sap."),
+    key: str = typer.Argument(..., help="The record's key there (a Dataverse id, an ArcGIS GlobalID, ...)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the trace as JSON (see README, syncline trace)."),
+    limit: int = typer.Option(200, "--limit", min=1, max=10_000, help="The newest N hops at most."),
+) -> None:
+    """Every hop and decision for one record, oldest first; where it is now; its keys on every side."""
+    from rich.markup import escape
+
+    from shared.ops.trace import TraceInputError, trace_command
+    from shared.trace_view import not_found_line, render_trace
+
+    try:
+        found = _run(lambda: trace_command(system, key, limit=limit))
+    except TraceInputError as exc:
+        console.print(f"[red]error[/red] {escape(str(exc))}", soft_wrap=True, highlight=False)
+        raise typer.Exit(2) from None
+    if as_json:
+        console.print_json(json.dumps(found.to_json()))
+    else:
+        render_trace(console, found)
+    if not found.found:
+        if as_json:
+            print(not_found_line(found), file=sys.stderr)
+        raise typer.Exit(1)
+
+
 def main() -> None:
     """Console-script entry point."""
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")

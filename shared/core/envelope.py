@@ -189,3 +189,5 @@ class ReceivedMessage(BaseModel):
     application_properties: dict[str, str | int | float | bool] = Field(default_factory=dict)
     dead_letter_reason: str | None = None
     dead_letter_description: str | None = None
+    scheduled_at: datetime | None = None
+    """Set on a peeked main-queue message that is scheduled: when it becomes deliverable."""

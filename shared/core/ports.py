@@ -62,7 +62,9 @@ class CheckpointConflictError(Exception):
 AuditDecision = Literal[
     "written", "skipped_echo", "skipped_noop", "conflict_resolved", "deferred", "dead_lettered",
     "retry_scheduled", "replayed", "id_propagated", "cascaded", "deleted", "enqueued", "duplicate_dropped",
+    "cascade_triggered",
 ]
+"""`cascaded` is a child a cascade set; `cascade_triggered` is its parent's side (the children it set, named)."""
 
 
 @dataclass(frozen=True)
@@ -152,6 +154,14 @@ class StateStore(Protocol):
         """Newest first."""
         ...
 
+    async def read_audit_for(self, system: str, keys: Sequence[str], *, limit: int = 100) -> list[AuditEntry]:
+        """The ledger entries about records `keys` of `system` (matched exactly), newest first, at most `limit`.
+
+        An indexed lookup on both runtimes (never a scan of the ledger). Entries appended before this method
+        existed may be missing on Table Storage, which indexes entries by record only from then on.
+        """
+        ...
+
     # Failed attempts: a message is dead-lettered for its own failures, never for the locks that crashed
     # processes lost (those raise the broker's delivery count only).
 
@@ -236,6 +246,12 @@ class InboundQueue(Protocol):
 
     async def peek_dead_letters(self, max_messages: int = 100) -> list[ReceivedMessage]:
         """Browse the dead-letter sub-queue without locking."""
+        ...
+
+    async def peek_messages(self, max_messages: int = 100) -> list[ReceivedMessage]:
+        """Browse the main queue (active, locked and scheduled messages) in sequence order without locking; a
+        message not deliverable before a later time has `scheduled_at` set. May raise where the broker refuses
+        to browse (Service Bus: a session-enabled queue without a session)."""
         ...
 
     async def receive_dead_letters(self, max_messages: int) -> list[ReceivedMessage]:

@@ -457,6 +457,34 @@ async def test_depth_counts_active_scheduled_and_dead_lettered(queue_factory: Qu
     assert await h.queue.depth() == QueueDepth(active=1, scheduled=2, dead_letter=1)
 
 
+async def test_peek_messages_browses_active_locked_and_scheduled_messages_without_locking(
+    queue_factory: QueueFactory,
+) -> None:
+    h = await queue_factory()
+    assert await h.queue.peek_messages(10) == []
+    await h.queue.send([message(1), message(2)])
+    due = h.now() + timedelta(hours=1)
+    await h.queue.send([message(3)], scheduled_at=due)
+    [locked] = await h.queue.receive(1)
+    await h.queue.send([message(4)])
+    [dead] = await h.queue.receive(1)
+    await h.queue.dead_letter(dead, reason="TARGET_REJECTED", description="refused")
+
+    peeked = await h.queue.peek_messages(10)
+
+    assert [m.message_id for m in peeked] == ["msg-1", "msg-3", "msg-4"]  # the dead letter is not in the main queue
+    assert [m.lock_token for m in peeked] == ["", "", ""]
+    assert peeked[0].application_properties["flow"] == "parcels"
+    assert peeked[0].correlation_id == "corr-1"
+    assert peeked[0].scheduled_at is None
+    assert peeked[2].scheduled_at is None
+    assert peeked[1].scheduled_at is not None
+    assert abs(peeked[1].scheduled_at - due) < timedelta(seconds=1)
+    assert [m.message_id for m in await h.queue.peek_messages(1)] == ["msg-1"]
+    await h.queue.complete(locked)  # browsing took no lock and changed nothing
+    assert numbers(await h.queue.receive(10)) == [4]
+
+
 # ------------------------------------------------------------------------------------------- waiting
 
 

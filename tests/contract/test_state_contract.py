@@ -396,6 +396,44 @@ async def test_audit_appends_accumulate(state_factory: StateFactory) -> None:
     assert len(await store.read_audit()) == 2
 
 
+async def test_read_audit_for_returns_one_records_entries_newest_first(state_factory: StateFactory) -> None:
+    store = await state_factory()
+    def entry(n: int, system: str, key: str, seconds: int) -> AuditEntry:
+        return AuditEntry(T0 + timedelta(seconds=seconds), f"c-{n}", "parcels", "written", system, "t", key, f"e{n}")
+
+    entries = [
+        entry(1, "arcgis", "{AB-1}", 0), entry(2, "arcgis", "{AB-1}", 2), entry(3, "arcgis", "{AB-10}", 1),
+        entry(4, "dataverse", "{AB-1}", 3), entry(5, "arcgis", "{ab-1}", 4), entry(6, "arcgis", "x|y", 5),
+        entry(7, "arcgis", "{AB-1}", 2),  # the same instant as 2, appended later: newer
+    ]
+    await store.append_audit(entries[:4])
+    await store.append_audit(entries[4:])
+
+    def details(found: list[AuditEntry]) -> list[str]:
+        return [e.detail for e in found]
+
+    assert await store.read_audit_for("arcgis", ["{AB-1}"]) == [entries[6], entries[1], entries[0]]
+    assert details(await store.read_audit_for("arcgis", ["{AB-1}", "{ab-1}"])) == ["e5", "e7", "e2", "e1"]
+    assert details(await store.read_audit_for("arcgis", ["{AB-1}", "{AB-10}"], limit=3)) == ["e7", "e2", "e3"]
+    assert details(await store.read_audit_for("arcgis", ["x|y"])) == ["e6"]  # no prefix of another key
+    assert details(await store.read_audit_for("arcgis", ["x"])) == []
+    assert details(await store.read_audit_for("dataverse", ["{AB-1}"])) == ["e4"]
+    assert await store.read_audit_for("sap", ["{AB-1}"]) == []
+    assert await store.read_audit_for("arcgis", []) == []
+    assert await store.read_audit_for("arcgis", ["{AB-1}"], limit=0) == []
+
+
+async def test_read_audit_for_finds_odd_keys_and_long_details(state_factory: StateFactory) -> None:
+    store = await state_factory()
+    odd = [LONE, "a/b\\c#d?e%f'g~h}", "x" * 300]
+    entries = [AuditEntry(T0, "c", "f", "dead_lettered", "sap", "t", key, "detail " * 9000, "MAPPING_FAILED")
+               for key in odd]
+    await store.append_audit(entries)
+
+    for key, entry in zip(odd, entries, strict=True):
+        assert await store.read_audit_for("sap", [key]) == [entry]
+
+
 async def test_forget_remembered_drops_only_keys_older_than_the_cutoff(state_factory: StateFactory) -> None:
     store = await state_factory()
     await store.remember("webhook", ["old-1", "old-2"])

@@ -72,7 +72,7 @@ class _Polling(_ControllerBase):
                 await remember_enqueued(self.state, envelopes)
                 await self.state.append_audit([
                     AuditEntry(self.clock(), e.correlation_id, e.flow, "enqueued", system, table, e.source_key,
-                               "change feed backfill") for e in envelopes])
+                               "origin poll (change feed)") for e in envelopes])
             total += len(envelopes)
             try:
                 etag = (await self.state.put_checkpoint(name, next_checkpoint, expected_etag=etag)).etag

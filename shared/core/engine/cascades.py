@@ -167,6 +167,11 @@ class _Cascades(_EngineBase):
                                   values_hash(merged), _latest(before, modified)))
             audit.append(AuditEntry(now, correlation_id, flow_name, "cascaded", system, table, child.key,
                                     f"{cascade.name}: parent {parent_key} closed; set {values}"))
+        if done:  # the parent's side of it too, so a trace of the parent finds it by the parent's key
+            named = ", ".join(c.key for c in done[:5]) + (f" (+{len(done) - 5} more)" if len(done) > 5 else "")
+            audit.append(AuditEntry(now, correlation_id, flow_name, "cascade_triggered", system,
+                                    self._table_of(cascade.parent_entity, system) or "", parent_key,
+                                    f"{cascade.name}: set {values} on {len(done)} child(ren) in {table}: {named}"))
         if snaps:
             await self.state.put_snapshots(snaps)
         return errors

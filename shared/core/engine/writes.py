@@ -73,7 +73,8 @@ class _Writes(_EngineBase):
             if work.stored_links.get(env.source_key) != key:
                 links.append(Link(flow.entity, src.system, env.source_key, tgt.system, key))
             prev_t = work.tgt_snaps.get(key)
-            tvalues = {**(dict(prev_t.values) if prev_t else {}), **_written(plan.op)}
+            written = _written(plan.op)
+            tvalues = {**(dict(prev_t.values) if prev_t else {}), **written}
             tvalues.pop(CASCADED, None)  # a new state: its cascades are not done yet
             tvalues.pop(UNCONFIRMED, None)  # acknowledged: the target holds what was just written
             tmod = _latest(prev_t.modified if prev_t else None, env.source_modified)
@@ -91,7 +92,8 @@ class _Writes(_EngineBase):
                              values_hash(svalues), _latest(prev_s.modified if prev_s else None, env.source_modified))
             snaps += [tsnap, ssnap]
             how = "created" if result.created else "updated"
-            detail = f"{how} {tgt.system}:{tgt.table}:{key}"
+            # the origin too: a direct write (webhook, initial load) has no `enqueued` entry that would tell it
+            detail = f"{how} {tgt.system}:{tgt.table}:{key} (origin {env.origin})" + _fields_changed(written, prev_t)
             if plan.mapped.owned_by_target:
                 detail += f"; left target-owned fields {sorted(plan.mapped.owned_by_target)}"
             audit.append(AuditEntry(now, env.correlation_id, flow.name, "written", tgt.system, tgt.table, key, detail))
@@ -222,3 +224,18 @@ class _Writes(_EngineBase):
             audit: list[AuditEntry] = []
             await self._write_back(flow, todo, outcomes, audit, self.clock())
             await self.state.append_audit(audit)
+
+
+FIELDS_NAMED = 12
+"""At most this many changed field names in a `written` audit detail (the rest are counted)."""
+
+
+def _fields_changed(written: Mapping[str, object], before: Snapshot | None) -> str:
+    """"; fields a, b (+3 more)": the target fields whose value differs from the last snapshot (all on a first
+    write), so a trace shows what a write changed without the ledger holding any value."""
+    old = before.values if before is not None else {}
+    names = sorted(k for k, v in written.items() if before is None or not same(old.get(k), v))
+    if not names:
+        return "; fields unchanged"
+    more = f" (+{len(names) - FIELDS_NAMED} more)" if len(names) > FIELDS_NAMED else ""
+    return f"; fields {', '.join(names[:FIELDS_NAMED])}{more}"

@@ -67,6 +67,12 @@ WHERE entity = :entity AND (:browse OR locked_until_us IS NULL OR locked_until_u
 ORDER BY seq LIMIT :limit
 """
 
+_PEEK = """
+SELECT seq, message_id, session_id, correlation_id, content_type, properties, body, enqueued_us,
+       delivery_count, dead_letter_reason, dead_letter_description, visible_us
+FROM queue_messages WHERE entity = :entity ORDER BY seq LIMIT :limit
+"""
+
 _LOCK = (
     "UPDATE queue_messages SET delivery_count = delivery_count + 1, lock_token = ?, locked_until_us = ?"
     " WHERE seq = ?"
@@ -360,6 +366,23 @@ class SqliteQueue:
             params = {"entity": self.dead_letter_name, "browse": True, "now": 0, "limit": max_messages}
             rows = conn.execute(_DEAD_LETTERS, params)
             return [_message(row, lock_token="", delivery_count=row[8], locked_until=None) for row in rows]
+
+        return await self._db.read(work) if max_messages > 0 else []
+
+    async def peek_messages(self, max_messages: int = 100) -> list[ReceivedMessage]:
+        """Browse the main queue in sequence order without locking (lock_token is ""); scheduled ones carry
+        `scheduled_at`."""
+
+        def work(conn: sqlite3.Connection) -> list[ReceivedMessage]:
+            now = self._now_us()
+            rows = conn.execute(_PEEK, {"entity": self.name, "limit": max_messages}).fetchall()
+            peeked = []
+            for row in rows:
+                message = _message(row[:-1], lock_token="", delivery_count=row[8], locked_until=None)
+                if row[-1] > now:
+                    message = message.model_copy(update={"scheduled_at": _from_us(row[-1])})
+                peeked.append(message)
+            return peeked
 
         return await self._db.read(work) if max_messages > 0 else []
 

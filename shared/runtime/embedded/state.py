@@ -65,6 +65,8 @@ CREATE TABLE IF NOT EXISTS audit (
 CREATE INDEX IF NOT EXISTS audit_by_at ON audit (at, id);
 CREATE INDEX IF NOT EXISTS audit_by_correlation ON audit (correlation_id, at, id);
 CREATE INDEX IF NOT EXISTS audit_by_decision ON audit (decision, at, id);
+-- one record's entries (`syncline trace`); created on older files too, so their entries are found as well
+CREATE INDEX IF NOT EXISTS audit_by_record ON audit (system, key, at, id);
 -- the ledger is evidence: the database refuses edits even from a hand-written UPDATE
 CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
 BEGIN SELECT RAISE(ABORT, 'the audit ledger is append-only'); END;
@@ -389,6 +391,28 @@ class SqliteStateStore:
                 )
                 for at, corr, flow, dec, system, table, key, detail, reason in conn.execute(sql, params)
             ]
+
+        return await self._db.read(work)
+
+    async def read_audit_for(self, system: str, keys: Sequence[str], *, limit: int = 100) -> list[AuditEntry]:
+        """The entries about records `keys` of `system`, newest first (by `at`, then insertion), at most `limit`."""
+        unique = list(dict.fromkeys(keys))
+        if limit <= 0 or not unique:
+            return []
+
+        def work(conn: sqlite3.Connection) -> list[AuditEntry]:
+            found: list[tuple[str, int, AuditEntry]] = []
+            for chunk in chunked(unique):
+                # the index (system, key, at, id) answers this: no scan of the ledger
+                sql = (f"SELECT id, {_AUDIT_COLUMNS} FROM audit WHERE system = ? AND key IN {in_list(len(chunk))}"  # noqa: S608
+                       " ORDER BY at DESC, id DESC LIMIT ?")
+                for row_id, at, corr, flow, dec, sys_, table, key, detail, reason in conn.execute(
+                        sql, (system, *chunk, limit)):
+                    entry = AuditEntry(from_iso(at), corr, flow, cast(AuditDecision, dec), sys_, table, key, detail,
+                                       reason)
+                    found.append((at, row_id, entry))
+            found.sort(key=lambda item: (item[0], item[1]), reverse=True)
+            return [entry for _, _, entry in found[:limit]]
 
         return await self._db.read(work)
 

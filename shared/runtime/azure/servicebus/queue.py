@@ -201,6 +201,22 @@ class ServiceBusQueue(_Receiving, _Settling):
             got = await receiver.receive_messages(max_message_count=max_messages, max_wait_time=self._wait)
         return [self._hold(m, receiver, dead=True) for m in got]
 
+    async def peek_messages(self, max_messages: int = 100) -> list[ReceivedMessage]:
+        """Browse the main queue in sequence order without locking (lock_token is ""); scheduled ones carry
+        `scheduled_at`. Browsed through the plain receiver, as `depth` does without the management API: the
+        development emulator and the test broker allow it on a session-enabled queue, Service Bus refuses it
+        (the SDK's error is raised; `syncline trace` then says it could not browse the queue)."""
+        if max_messages < 1:
+            return []
+        peeked = await self._peek(self._main_receiver(), max_messages)
+        found = []
+        for m in peeked:
+            message = _received(m, lock_token="", delivery_count=m.delivery_count or 0, locked_until=None)
+            if m.state == ServiceBusMessageState.SCHEDULED and m.scheduled_enqueue_time_utc is not None:
+                message = message.model_copy(update={"scheduled_at": m.scheduled_enqueue_time_utc})
+            found.append(message)
+        return found
+
     def _dead_letter_receiver(self) -> ServiceBusReceiver:
         if self._dead_receiver is None:
             self._dead_receiver = self._client.get_queue_receiver(self.name, sub_queue=ServiceBusSubQueue.DEAD_LETTER)

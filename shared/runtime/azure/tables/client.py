@@ -66,7 +66,7 @@ def _plain_utc(value: datetime) -> datetime:
 class TablesBase:
     """What every part of `TableStateStore` stands on: its tables, its request bound, reads and submits."""
 
-    TABLES: Final = ("links", "snapshots", "checkpoints", "dedup", "audit", "failures", "leases")
+    TABLES: Final = ("links", "snapshots", "checkpoints", "dedup", "audit", "failures", "leases", "auditkeys")
 
     def __init__(
         self,

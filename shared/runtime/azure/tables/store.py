@@ -1,8 +1,8 @@
 """The Azure `StateStore`: links, snapshots, checkpoints, dedup keys and audit ledger in Azure Table Storage.
 
-Same semantics as `shared.runtime.embedded.SqliteStateStore`, on seven tables named `{prefix}links`,
-`{prefix}snapshots`, `{prefix}checkpoints`, `{prefix}dedup`, `{prefix}audit`, `{prefix}failures` and
-`{prefix}leases` (created on first use).
+Same semantics as `shared.runtime.embedded.SqliteStateStore`, on eight tables named `{prefix}links`,
+`{prefix}snapshots`, `{prefix}checkpoints`, `{prefix}dedup`, `{prefix}audit`, `{prefix}failures`,
+`{prefix}leases` and `{prefix}auditkeys` (created on first use).
 Every key component is escaped with `escape_key` and composite keys are joined with "|" (see below);
 docs/state-tables.md shows the same design with examples.
 
@@ -14,6 +14,7 @@ docs/state-tables.md shows the same design with examples.
     failures     {message id}                         count                                  count, updated_at
     leases       lease{crc32(row) % P:02d} (P=16)       {record id}                            owner, expires
     audit        {99999999-yyyymmdd}_{yyyy-mm-dd}     {inverted ticks}_{inverted seq}_{id}   the AuditEntry
+    auditkeys    audit|{system}                       {key}|{the audit RowKey}               a copy of it
 
 - links: both directions of a link live in ONE partition per (entity, unordered system pair), so a link, its
   reverse row and the removal of the rows it replaces commit in one entity group transaction (a batch of
@@ -33,6 +34,8 @@ docs/state-tables.md shows the same design with examples.
   deletes under the ETag the store wrote, so a lease that expired and was taken over is never deleted.
 - audit: partition and row keys both count down, so the service's natural (PartitionKey, RowKey) order is
   newest first, with appends of the same instant ordered by a per-process sequence, newest first.
+- auditkeys: each audit row's copy, indexed by record: one range query reads a record's entries newest first
+  (`read_audit_for`); rows appended before the index existed are not in it.
 
 Transactions hold at most 100 operations of ONE partition and stay under 4 MiB: `plan_transactions` does the
 split in our code (Azurite answers a 101-operation batch with a malformed response instead of an error).
