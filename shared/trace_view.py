@@ -9,7 +9,8 @@ from shared.ops.trace import Trace
 
 _COLOURS = {"written": "green", "deleted": "green", "id_propagated": "cyan", "cascaded": "cyan",
             "cascade_triggered": "cyan", "conflict_resolved": "magenta", "deferred": "yellow",
-            "retry_scheduled": "yellow", "dead_lettered": "red", "skipped_echo": "dim", "skipped_noop": "dim",
+            "retry_scheduled": "yellow", "rejected": "red", "dead_lettered": "red", "skipped_echo": "dim",
+            "skipped_noop": "dim",
             "duplicate_dropped": "dim"}
 
 

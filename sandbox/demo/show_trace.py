@@ -21,7 +21,7 @@ async def show_trace(console: Console, services: Services, box: Sandbox) -> dict
         return {"traced": None, "hops": 0}
     props = dead[0].application_properties
     system, key = str(props.get("system", "")), str(props.get("key", ""))
-    console.rule(f"syncline trace {system} {key}")
+    console.print(f"[bold]syncline trace {system} {key}[/bold]", soft_wrap=True)
     try:
         trace = await trace_record(services.state, services.queue, services.flowset, system, key)
     except TraceInputError as exc:  # a dead letter that names no system of the flows (a foreign message)

@@ -26,11 +26,19 @@ def _check_caught(figures: dict[str, Any]) -> str | None:
     return None
 
 
+def _traced(figures: dict[str, Any]) -> str | None:
+    if not figures.get("traced"):
+        return "no dead-lettered record was traced"
+    return None if figures.get("hops") else "the trace found no hop of the dead-lettered record"
+
+
 def _hooks() -> list[tuple[str, str, Hook, Expect]]:
     from sandbox.demo.show_check import show_check
     from sandbox.demo.show_provision import show_provision
+    from sandbox.demo.show_trace import show_trace
 
     return [
+        ("trace", "one dead-lettered record, hop by hop (syncline trace)", show_trace, _traced),
         ("check", "choice-domain drift caught before a record fails (syncline check)", show_check, _check_caught),
         ("provision", "ArcGIS layers against the flows' value maps (syncline arcgis provision --dry-run)",
          show_provision, lambda figures: None),

@@ -61,7 +61,7 @@ class CheckpointConflictError(Exception):
 
 AuditDecision = Literal[
     "written", "skipped_echo", "skipped_noop", "conflict_resolved", "deferred", "dead_lettered",
-    "retry_scheduled", "replayed", "id_propagated", "cascaded", "deleted", "enqueued", "duplicate_dropped",
+    "retry_scheduled", "rejected", "replayed", "id_propagated", "cascaded", "deleted", "enqueued", "duplicate_dropped",
     "cascade_triggered",
 ]
 """`cascaded` is a child a cascade set; `cascade_triggered` is its parent's side (the children it set, named)."""

@@ -207,8 +207,8 @@ async def trace_record(state: StateStore, queue: InboundQueue, flowset: FlowSet,
 # batch's entries with one time; one system's read keeps its own append order, which the stable sort keeps).
 _STEP = {decision: n for n, decision in enumerate((
     "enqueued", "duplicate_dropped", "deferred", "skipped_echo", "skipped_noop", "written", "deleted",
-    "conflict_resolved", "id_propagated", "cascade_triggered", "cascaded", "retry_scheduled", "dead_lettered",
-    "replayed"))}
+    "conflict_resolved", "id_propagated", "cascade_triggered", "cascaded", "retry_scheduled", "rejected",
+    "dead_lettered", "replayed"))}
 
 
 def _oldest_first(entries: list[AuditEntry]) -> list[AuditEntry]:

@@ -69,7 +69,9 @@ class _EngineBase:
             "skipped_echo": "skipped_echo",
             "skipped_noop": "skipped_noop",
             "deferred": "deferred",
-            "failed": "retry_scheduled" if outcome.error is not None and outcome.error.retriable else "dead_lettered",
+            # A permanent failure of this attempt: where the change goes next (the queue, then its dead-letter
+            # sub-queue) is the caller's decision, audited by the caller with the message it concerns.
+            "failed": "retry_scheduled" if outcome.error is not None and outcome.error.retriable else "rejected",
         }.get(outcome.status, "written")
         detail = outcome.error.detail if outcome.error is not None else outcome.detail
         return AuditEntry(
