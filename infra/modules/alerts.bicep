@@ -238,9 +238,68 @@ resource functionFailures 'Microsoft.Insights/scheduledQueryRules@2022-06-15' = 
   }
 }
 
+// ---- A circuit breaker opened (issue 17 item 3) ---------------------------------------------------------------
+// The breakers log "circuit breaker of <system> opened until <time>: <cause>" (shared/core/controller/breakers.py)
+// on every opening, from the controller and the webhook functions alike; one alert per system.
+
+var breakerOpenedQuery = '''
+traces
+| where message startswith 'circuit breaker of ' and message has ' opened until '
+| parse message with 'circuit breaker of ' system ' opened until ' probe_at ': ' cause
+| project timestamp, system, probe_at, cause
+'''
+
+resource breakerOpened 'Microsoft.Insights/scheduledQueryRules@2022-06-15' = {
+  name: '${namePrefix}-breaker-opened'
+  location: location
+  tags: tags
+  kind: 'LogAlert'
+  properties: {
+    displayName: '${namePrefix}: a circuit breaker opened'
+    description: 'A connected system failed repeatedly (outage, 5xx, timeouts) or spent its API allocation; Syncline stopped calling it and its changes wait on the queue, scheduled for the probe. See docs/operations.md "Circuit breakers".'
+    severity: 2
+    enabled: true
+    scopes: [
+      appInsights.id
+    ]
+    evaluationFrequency: 'PT5M'
+    windowSize: 'PT15M'
+    criteria: {
+      allOf: [
+        {
+          query: breakerOpenedQuery
+          timeAggregation: 'Count'
+          dimensions: [
+            {
+              name: 'system'
+              operator: 'Include'
+              values: [
+                '*'
+              ]
+            }
+          ]
+          operator: 'GreaterThan'
+          threshold: 0
+          failingPeriods: {
+            numberOfEvaluationPeriods: 1
+            minFailingPeriodsToAlert: 1
+          }
+        }
+      ]
+    }
+    autoMitigate: true
+    actions: {
+      actionGroups: [
+        actionGroupId
+      ]
+    }
+  }
+}
+
 output alertIds array = [
   deadLetters.id
   controllerSilent.id
   controllerFailed.id
   functionFailures.id
+  breakerOpened.id
 ]

@@ -58,6 +58,10 @@ class SyncMetrics(Protocol):
         """Running per-system HTTP request totals; the implementation records their increase."""
         ...
 
+    def record_breaker(self, system: str, state: str) -> None:
+        """A system's circuit breaker moved to `state` ("open", "half_open", "closed")."""
+        ...
+
 
 class NoMetrics:
     """The metrics of a core built without telemetry: every recording is dropped."""
@@ -72,4 +76,7 @@ class NoMetrics:
         return None
 
     def record_api_call_totals(self, totals: Mapping[str, int]) -> None:
+        return None
+
+    def record_breaker(self, system: str, state: str) -> None:
         return None

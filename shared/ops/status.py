@@ -14,8 +14,10 @@ from shared.core.errors import SyncError
 async def health(services: Services) -> dict[str, Any]:
     """Reachability of each configured system, queue and dead-letter depth, the last cycle.
 
-    A paused system (its API allocation spent) is reported with the time it resumes and is not pinged:
-    a health probe must not spend the allocation the pause is saving.
+    A system whose circuit breaker is open (it is down, or its API allocation is spent) is reported with the
+    time of its probe and is not pinged: health must not hammer a system that is down, nor spend the allocation
+    the breaker is saving. Past the cool-down, the check takes the probe (one ping) like any caller.
+    `breakers` shows every system's breaker: state, since, cause, failures, probe time.
     """
     systems: dict[str, Any] = {}
     paused: dict[str, str] = {}
@@ -32,6 +34,7 @@ async def health(services: Services) -> dict[str, Any]:
             systems[name] = {"reachable": True}
         except (SyncError, TimeoutError) as exc:
             systems[name] = {"reachable": False, "error": str(exc)}
+    breakers = await services.controller.breakers.snapshot(sorted(services.sinks))
     depth = await services.queue.depth()
     last = await services.state.get_checkpoint(LAST_CYCLE)
     last_cycle = json.loads(last.value) if last else None
@@ -42,4 +45,5 @@ async def health(services: Services) -> dict[str, Any]:
         "systems": systems,
         "queue": {"active": depth.active, "scheduled": depth.scheduled, "dead_letter": depth.dead_letter},
         "last_cycle": last_cycle,
+        "breakers": breakers,
     }

@@ -218,6 +218,8 @@ class Metrics:
     - `syncline.api_calls` (counter; system): HTTP requests to each system
     - `syncline.cycle_duration` (histogram, s): controller cycle duration
     - `syncline.dead_letter_depth` (gauge): dead-lettered messages after a cycle
+    - `syncline.breaker_transitions` (counter; system, state): circuit breakers opening, half-opening, closing
+    - `syncline.breaker_open` (gauge; system): 1 while a system's breaker is open or half-open, 0 once closed
 
     Callers aggregate per batch: one `add` per (flow, direction) or reason, never one per record.
     """
@@ -235,6 +237,10 @@ class Metrics:
             "syncline.cycle_duration", unit="s", description="Duration of a controller cycle")
         self.dead_letter_depth = meter.create_gauge(
             "syncline.dead_letter_depth", unit="{message}", description="Dead-lettered messages after a cycle")
+        self.breaker_transitions = meter.create_counter(
+            "syncline.breaker_transitions", unit="{transition}", description="Circuit breaker state changes")
+        self.breaker_open = meter.create_gauge(
+            "syncline.breaker_open", unit="1", description="1 while a system's circuit breaker is not closed")
         self._directions: dict[str, str] = {}
         self._api_lock = threading.Lock()
         self._api_seen: dict[str, int] = {}
@@ -283,6 +289,11 @@ class Metrics:
             delta = {system: total - self._api_seen.get(system, 0) for system, total in totals.items()}
             self._api_seen.update(totals)
         self.record_api_calls(delta)
+
+    def record_breaker(self, system: str, state: str) -> None:
+        """A circuit breaker's transition (the breaker-open alert counts the "open" ones)."""
+        self.breaker_transitions.add(1, {"system": system, "state": state})
+        self.breaker_open.set(0 if state == "closed" else 1, {"system": system})
 
     def _direction(self, flow: str, flowset: FlowSet) -> str:
         direction = self._directions.get(flow)

@@ -710,7 +710,9 @@ def test_the_alerts_watch_dead_letters_and_the_controller():
     function_name = literal(alerts_file.params()["controllerFunctionName"].default)
     assert function_name in trigger_decorators()
     assert trigger_decorators()[str(function_name)]["trigger"] == "timer_trigger"
-    for rule in rules.values():
+    for name, rule in rules.items():
+        if name == "${namePrefix}-breaker-opened":
+            continue  # not the controller's: test_an_alert_fires_when_a_circuit_breaker_opens
         assert [text(n) for n in prop(rule, "properties.actions.actionGroups").named_children] == ["actionGroupId"]
         query = obj(prop(rule, "properties.criteria.allOf").named_children[0])["query"]
         query_vars = {text(n) for n in walk(query) if n.type == "identifier" and text(n) in variables}
@@ -732,6 +734,27 @@ def test_the_alerts_watch_dead_letters_and_the_controller():
     core_source = (ROOT / "shared" / "core" / "controller" / "cycle.py").read_text()
     assert '"controller cycle %s in' in controller_source
     assert "controller cycle failed" in core_source
+
+
+def test_an_alert_fires_when_a_circuit_breaker_opens():
+    alerts_file = load("modules/alerts.bicep")
+    rules = {template(prop(r, "name")): r for _, r in resources_of("Microsoft.Insights/scheduledQueryRules")}
+    rule = rules["${namePrefix}-breaker-opened"]
+    assert [text(n) for n in prop(rule, "properties.actions.actionGroups").named_children] == ["actionGroupId"]
+    criterion = obj(prop(rule, "properties.criteria.allOf").named_children[0])
+    assert text(criterion["query"]) == "breakerOpenedQuery"
+    assert literal(criterion["operator"]) == "GreaterThan"
+    assert literal(criterion["threshold"]) == 0
+    dimension = obj(criterion["dimensions"].named_children[0])
+    assert literal(dimension["name"]) == "system"  # one alert per system
+    kql = template(alerts_file.variables()["breakerOpenedQuery"])
+    assert "'circuit breaker of '" in kql
+    assert "' opened until '" in kql
+    assert "system" in kql
+    # The log line the query parses is the one the breakers write.
+    source = (ROOT / "shared" / "core" / "controller" / "breakers.py").read_text()
+    assert '"circuit breaker of %s opened until %s: %s' in source
+    assert "breakerOpened.id" in text(alerts_file.outputs()["alertIds"])
 
 
 # ====================================================================================================== workbook
