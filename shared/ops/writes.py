@@ -12,6 +12,7 @@ from typing import Any
 
 from shared.bootstrap import Services
 from shared.core.controller import ENQUEUED, envelopes_for, split_duplicates, to_messages
+from shared.core.controller.breakers import CLOSED_CACHE_SECONDS
 from shared.core.envelope import ChangeEnvelope
 from shared.core.errors import AuthError, SyncError, TransientError
 from shared.core.ports import AuditEntry
@@ -135,7 +136,8 @@ async def _hold_for_breakers(services: Services, envelopes: list[ChangeEnvelope]
     """Changes whose flow calls a system with an open breaker go to the queue, scheduled for its probe time,
     without calling it; returns the others. (A probe that is due is taken here: see `Breakers.paused_until`.)"""
     systems = {s for e in envelopes for s in _systems(services, e)}
-    until = {s: await services.controller.paused_until(s) for s in sorted(systems)}
+    until = {s: await services.controller.breakers.paused_until(s, max_age_seconds=CLOSED_CACHE_SECONDS)
+             for s in sorted(systems)}
     keep: list[ChangeEnvelope] = []
     now = datetime.now(UTC)
     for env in envelopes:

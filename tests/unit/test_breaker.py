@@ -269,6 +269,8 @@ async def test_a_spent_allocation_opens_until_the_advice_and_the_old_pause_is_mi
     await store.put_checkpoint(PAUSE_PREFIX + "fno", (T0 + timedelta(hours=1)).isoformat(), expected_etag=None)
     await store.put_checkpoint(PAUSE_PREFIX + "sap", (T0 - timedelta(hours=1)).isoformat(), expected_etag=None)
     fresh = Breakers(store, clock=clock)
+    assert await fresh.paused_until("fno") is None  # the per-call check reads the breaker only
+    await fresh.migrate_pauses(["fno", "sap"])  # the controller's first cycle in a process does this
     assert await fresh.paused_until("fno") == T0 + timedelta(hours=1)
     assert (await fresh.get("fno")).state == "open"
     assert await fresh.paused_until("sap") is None
@@ -287,3 +289,42 @@ async def test_a_snapshot_reports_every_breaker_without_probing(store):
         "dataverse": {"state": "closed", "since": None, "cause": "", "failures": 0, "probe_at": None},
     }
     assert sink.pings == 0
+
+
+def test_the_settings_make_the_policy(monkeypatch):
+    from shared.bootstrap import breaker_policy
+    from shared.settings import Settings
+
+    assert breaker_policy(Settings()) == BreakerPolicy()  # the settings' defaults are the policy's
+    for name, value in {"FAILURES": "3", "ERROR_RATE": "0.25", "WINDOW_SECONDS": "120", "MIN_CALLS": "20",
+                        "COOLDOWN_SECONDS": "30", "MAX_COOLDOWN_SECONDS": "600"}.items():
+        monkeypatch.setenv(f"SYNCLINE_BREAKER_{name}", value)
+    assert breaker_policy(Settings()) == BreakerPolicy(consecutive_failures=3, error_rate=0.25, window_seconds=120,
+                                                       min_calls=20, cooldown_seconds=30, max_cooldown_seconds=600)
+    monkeypatch.setenv("SYNCLINE_BREAKER_ERROR_RATE", "1.5")
+    with pytest.raises(ValueError, match="syncline_breaker_error_rate"):
+        Settings()
+
+
+async def test_the_webhook_path_reads_a_closed_breaker_once_every_few_seconds(store, monkeypatch):
+    clock = Clock()
+    breakers = Breakers(store, clock=clock)
+    other = Breakers(store, clock=clock)
+    reads: list[str] = []
+    real = store.get_checkpoint
+
+    async def counted(name: str):
+        reads.append(name)
+        return await real(name)
+
+    monkeypatch.setattr(store, "get_checkpoint", counted)
+    for _ in range(10):
+        assert await breakers.paused_until("arcgis", max_age_seconds=5) is None
+    assert reads == [BREAKER_PREFIX + "arcgis"]
+    await other.trip("arcgis", "outage seen by another instance")
+    clock.advance(4)
+    assert await breakers.paused_until("arcgis", max_age_seconds=5) is None  # seen up to 5 s late
+    clock.advance(1)
+    assert await breakers.paused_until("arcgis", max_age_seconds=5) == T0 + timedelta(seconds=60)
+    assert await breakers.paused_until("arcgis", max_age_seconds=5) == T0 + timedelta(seconds=60)  # open: read
+    assert await breakers.paused_until("arcgis") == T0 + timedelta(seconds=60)  # the default never trusts memory

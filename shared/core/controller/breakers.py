@@ -32,13 +32,15 @@ log = logging.getLogger(__name__)
 
 PAUSE_PREFIX = "pause:"
 """The checkpoint of the pauses before breakers (`pause:<system>`, a UTC time): read once per process and system
-when no breaker is stored, and migrated into `breaker:<system>` when it still lies ahead."""
+by the controller's first cycle, and migrated into `breaker:<system>` when it still lies ahead."""
 
 PAUSE_THRESHOLD_SECONDS = 60.0
 """Throttling advice at least this long (a spent daily API allocation) opens the breaker until then."""
 
 PING_TIMEOUT_SECONDS = 10.0
 SAME_ADVICE_SECONDS = 5.0
+CLOSED_CACHE_SECONDS = 5.0
+"""The webhook path trusts a closed breaker it read this recently (see `Breakers.paused_until`)."""
 NOT_THE_SYSTEM = (SpecError, EnvelopeError, MappingError, ValidationError)
 """Failures decided before any call: they say nothing about the system's health."""
 
@@ -64,19 +66,27 @@ class Breakers:
         self._probing: set[str] = set()
         """Systems whose half-open probe this process holds: its next outcome there closes or re-opens it."""
         self._legacy_checked: set[str] = set()
+        self._read_at: dict[str, datetime] = {}
 
     async def get(self, system: str) -> Breaker:
         return (await self._read(system))[0]
 
     async def _read(self, system: str) -> tuple[Breaker, Checkpoint | None]:
         point = await self.state.get_checkpoint(BREAKER_PREFIX + system)
-        if point is None and system not in self._legacy_checked:
-            self._legacy_checked.add(system)
-            await self._migrate_pause(system)
-            point = await self.state.get_checkpoint(BREAKER_PREFIX + system)
         breaker = Breaker.from_json(point.value) if point is not None else Breaker()
         self._known[system] = breaker
+        self._read_at[system] = self.clock()
         return breaker, point
+
+    async def migrate_pauses(self, systems: Sequence[str]) -> None:
+        """Turn the `pause:<system>` rows of earlier versions that still lie ahead into open breakers.
+
+        Once per process and system, from the controller's cycle (never in the per-batch checks, which stay one
+        read per system); the old rows are left as they are, and read by nothing else."""
+        for system in systems:
+            if system not in self._legacy_checked:
+                self._legacy_checked.add(system)
+                await self._migrate_pause(system)
 
     async def _migrate_pause(self, system: str) -> None:
         legacy = await self.state.get_checkpoint(PAUSE_PREFIX + system)
@@ -97,16 +107,27 @@ class Breakers:
         known = self._known.get(system)
         return known.blocked_until(self.clock()) if known is not None else None
 
-    async def paused_until(self, system: str) -> datetime | None:
+    async def paused_until(self, system: str, *, max_age_seconds: float = 0.0) -> datetime | None:
         """THE question before calling `system`: None means "call it now"; otherwise not before the time returned.
 
         When the cool-down is over, the caller that wins the compare-and-set to half-open probes: with the
         system's ping when its sink has one (its answer closes or re-opens the breaker before this returns),
-        else its own first call is the probe (report its outcome through `record` or `observe`)."""
+        else its own first call is the probe (report its outcome through `record` or `observe`).
+
+        `max_age_seconds`: a breaker this process read as closed that recently is taken as still closed, without a
+        read (the webhook path: one read per system every few seconds, not one per webhook; another instance's
+        opening is seen that much later, and this instance's own at once)."""
         now = self.clock()
-        breaker, point = await self._read(system)
-        if breaker.state == "half_open" and system in self._probing:
+        seen = self._read_at.get(system)
+        known = self._known.get(system)
+        if max_age_seconds > 0 and seen is not None and known is not None and known.state == "closed" and \
+                system not in self._probing and (now - seen).total_seconds() < max_age_seconds:
             return None
+        breaker, point = await self._read(system)
+        if system in self._probing:
+            if breaker.state == "half_open" and breaker.probe_at is not None and breaker.probe_at > now:
+                return None  # our probe (the first change) is under way
+            self._probing.discard(system)  # our lease ran out without an outcome, or another instance moved it
         until = breaker.blocked_until(now)
         if until is not None or breaker.state == "closed":
             return until

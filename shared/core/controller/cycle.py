@@ -114,6 +114,8 @@ class Controller(_Polling, _Breakers, _Settlement, _Locks):
         report = CycleReport(started_at=self.clock().isoformat())
         self._current_report = report
         try:
+            await self.breakers.migrate_pauses(sorted({s for f in self.flowset.flows
+                                                      for s in (f.source.system, f.target.system)}))
             if poll:
                 report.polled = await self.poll()
             await self.drain(report, max_messages=max_messages)
