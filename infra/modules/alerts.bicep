@@ -1,4 +1,5 @@
-// Alerts to an existing action group: dead letters, the controller missing or failing a cycle, function failures.
+// Alerts to an existing action group: dead letters, the controller missing or failing a cycle, function failures,
+// a circuit breaker opening.
 // docs/operations.md ("Alerts") says what each one means and where to look first.
 
 @description('Azure region of the log alerts (metric alerts are global).')

@@ -120,6 +120,8 @@ METRICS = {  # the custom metrics the telemetry emits, with their dimensions
     "syncline.dead_letter_depth": set(),
     "syncline.cycle_duration": set(),
     "syncline.api_calls": {"system"},
+    "syncline.breaker_transitions": {"system", "state"},
+    "syncline.breaker_open": {"system"},
 }
 
 SECRET_TEXT = re.compile(

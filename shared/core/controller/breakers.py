@@ -67,8 +67,10 @@ class Breakers:
         """Systems whose half-open probe this process holds: its next outcome there closes or re-opens it."""
         self._legacy_checked: set[str] = set()
         self._read_at: dict[str, datetime] = {}
+        """When this process last read each system's breaker (the webhook path's short trust in a closed one)."""
 
     async def get(self, system: str) -> Breaker:
+        """The system's breaker as stored now (one read; never probes)."""
         return (await self._read(system))[0]
 
     async def _read(self, system: str) -> tuple[Breaker, Checkpoint | None]:
