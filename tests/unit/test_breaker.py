@@ -328,3 +328,56 @@ async def test_the_webhook_path_reads_a_closed_breaker_once_every_few_seconds(st
     assert await breakers.paused_until("arcgis", max_age_seconds=5) == T0 + timedelta(seconds=60)
     assert await breakers.paused_until("arcgis", max_age_seconds=5) == T0 + timedelta(seconds=60)  # open: read
     assert await breakers.paused_until("arcgis") == T0 + timedelta(seconds=60)  # the default never trusts memory
+
+
+OPS = st.lists(st.tuples(st.sampled_from(["fail", "ok", "ask", "advance", "toggle"]), st.integers(0, 1),
+                         st.integers(1, 40)), max_size=40)
+
+
+@settings(max_examples=60, deadline=None)
+@given(OPS)
+def test_any_interleaving_of_two_instances_keeps_the_breaker_honest(ops):
+    """Two instances share one store; whatever they do, in any order: the system is pinged only when a probe is
+    due and only by the instance that took it, a closed answer is never given while the stored breaker blocks,
+    and a probe that succeeds leaves the breaker closed."""
+    import tempfile
+
+    async def run() -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            store = SqliteStateStore(Path(tmp) / "state.db")
+            try:
+                clock, sink = Clock(), Sink()
+                boards = [board(store, clock, sink, consecutive_failures=2), board(store, clock, sink,
+                                                                                consecutive_failures=2)]
+                for op, who, amount in ops:
+                    me = boards[who]
+                    stored = Breaker.from_json(p.value) if (p := await store.get_checkpoint(
+                        BREAKER_PREFIX + "arcgis")) else Breaker()
+                    if op == "advance":
+                        clock.advance(amount)
+                    elif op == "toggle":
+                        sink.down = not sink.down
+                    elif op in ("fail", "ok"):
+                        await me.record("arcgis", failed=op == "fail", cause="test")
+                    else:
+                        pings = sink.pings
+                        answer = await me.paused_until("arcgis")
+                        after = await me.get("arcgis")
+                        if sink.pings > pings:  # it probed: only when due, once, and the answer is the outcome
+                            assert stored.probe_due(clock.now), stored
+                            assert sink.pings == pings + 1
+                            assert after.state == ("open" if sink.down else "closed")
+                            assert (answer is None) == (not sink.down)
+                        elif answer is None:
+                            assert stored.blocked_until(clock.now) is None, stored
+                        else:
+                            assert answer > clock.now
+                    now_stored = await boards[0].get("arcgis")
+                    if now_stored.state != "closed":
+                        assert now_stored.probe_at is not None
+                        assert now_stored.since is not None
+                        assert now_stored.probe_at >= now_stored.since
+            finally:
+                await store.close()
+
+    asyncio.run(run())
