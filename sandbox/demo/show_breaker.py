@@ -16,7 +16,7 @@ from shared.bootstrap import Services, get_services
 from shared.core.controller import envelopes_for
 from shared.ops.writes import IntakeResult, write_direct
 
-COOL_DOWN = 2.0
+COOL_DOWN = 3.0
 """The demo's cool-down in seconds (production: SYNCLINE_BREAKER_COOLDOWN_SECONDS, 60 by default)."""
 FAILURES = 2
 """Failed calls in a row that open the breaker in the demo (production: SYNCLINE_BREAKER_FAILURES, 5)."""

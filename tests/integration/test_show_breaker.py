@@ -37,7 +37,9 @@ async def test_show_breaker_opens_holds_probes_closes_and_syncs(tmp_path):
                 assert figures["closed"], text
                 assert figures["held"] == 3, text
                 assert figures["synced"] == 3
-                assert figures["cause"].startswith("2 consecutive failures; last: TRANSIENT: arcgis")
+                # (on a slow machine a late webhook may already have probed, and failed, before the print)
+                assert figures["cause"].startswith(("2 consecutive failures; last: TRANSIENT: arcgis",
+                                                    "probe failed: TRANSIENT: arcgis")), figures
                 assert elapsed < 12, elapsed
                 assert "ArcGIS is down: every request answers 503" in text
                 assert "breaker arcgis OPEN" in text
