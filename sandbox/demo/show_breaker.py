@@ -16,11 +16,15 @@ from shared.bootstrap import Services, get_services
 from shared.core.controller import envelopes_for
 from shared.ops.writes import IntakeResult, write_direct
 
-COOL_DOWN = 3.0
+COOL_DOWN = 4.0
 """The demo's cool-down in seconds (production: SYNCLINE_BREAKER_COOLDOWN_SECONDS, 60 by default)."""
-FAILURES = 2
-"""Failed calls in a row that open the breaker in the demo (production: SYNCLINE_BREAKER_FAILURES, 5)."""
-EDITS = 3
+FAILURES = 1
+"""Failed calls in a row that open the breaker in the demo (production: SYNCLINE_BREAKER_FAILURES, 5): each failed
+call costs the connector's in-call retries (about a second), and the outage must end within the cool-down."""
+EDITS = 2
+"""Office edits during the outage. Webhooks that arrive together all pass the still-closed breaker and queue up
+behind ArcGIS's service-definition read, each spending its in-call retries (~1.3 s): the cool-down must outlast
+them, or the last one probes a system that is still down (and re-opens the breaker for twice as long)."""
 ROUTE_SUFFIX = " DETOUR"
 
 
@@ -43,8 +47,8 @@ async def show_breaker(console: Console, services: Services, box: Sandbox) -> di
     routes = {s["dot_arcgisglobalid"]: f"{s.get('dot_route') or ''}{ROUTE_SUFFIX}"[:50] for s in signs}
 
     box.ag.faults.fail_next(1_000_000, 503, as_http_200_error=False)
-    console.print(f"ArcGIS is down: every request answers 503 (breaker: {FAILURES} failed calls in a row open it, "
-                  f"cool-down {COOL_DOWN:g} s)")
+    console.print(f"ArcGIS is down: every request answers 503 (demo breaker: {FAILURES} failed call(s) in a row "
+                  f"open it, cool-down {COOL_DOWN:g} s)")
     for sign in signs:
         box.dv.apply_change("dot_signassets", {"dot_route": routes[sign["dot_arcgisglobalid"]]},
                             key=sign["dot_signassetid"])

@@ -141,7 +141,7 @@ class FailureCounter:
             return None
         self.consecutive += 1
         if self.consecutive >= self.policy.consecutive_failures:
-            return f"{self.consecutive} consecutive failures"
+            return f"{self.consecutive} consecutive failure{'s' if self.consecutive != 1 else ''}"
         calls = len(self.window)
         bad = sum(1 for _, f in self.window if f)
         if calls >= self.policy.min_calls and bad / calls >= self.policy.error_rate:

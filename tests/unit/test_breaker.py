@@ -55,7 +55,7 @@ def test_consecutive_failures_open_exactly_at_the_threshold(calls: list[bool], t
         run = run + 1 if failed else 0
         assert (why is not None) == (run >= threshold), (calls[:n + 1], why)
         if why is not None:
-            assert f"{run} consecutive failures" == why
+            assert why == f"{run} consecutive failure{'s' if run != 1 else ''}"
             counter.reset()
             run = 0
 
@@ -284,7 +284,7 @@ async def test_a_snapshot_reports_every_breaker_without_probing(store):
     clock.advance(300)  # long past the cool-down: a snapshot still does not probe
     snap = await breakers.snapshot(["arcgis", "dataverse"])
     assert snap == {
-        "arcgis": {"state": "open", "since": T0.isoformat(), "cause": "1 consecutive failures; last: outage",
+        "arcgis": {"state": "open", "since": T0.isoformat(), "cause": "1 consecutive failure; last: outage",
                    "failures": 1, "probe_at": (T0 + timedelta(seconds=30)).isoformat()},
         "dataverse": {"state": "closed", "since": None, "cause": "", "failures": 0, "probe_at": None},
     }
