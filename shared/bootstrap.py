@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from shared.connectors._http import CallCounter, RetryPolicy
+from shared.core.breaker import BreakerPolicy
 from shared.core.controller import Controller
 from shared.core.engine import SyncEngine
 from shared.core.errors import SpecError
@@ -270,9 +271,21 @@ def build_services(
                             # three renewals per lock period: one late or failed round still keeps the lock
                             lock_renew_seconds=settings.syncline_lock_seconds / 3,
                             metrics=metrics, api_calls=counter.snapshot,
-                            max_attempts=settings.syncline_max_delivery_count)
+                            max_attempts=settings.syncline_max_delivery_count,
+                            breaker_policy=breaker_policy(settings))
     return Services(settings, flowset, state, queue, engine, controller, sinks, sources, counter, metrics, clients,
                     closers)
+
+
+def breaker_policy(settings: Settings) -> BreakerPolicy:
+    """The circuit breakers' thresholds and cool-downs from the SYNCLINE_BREAKER_* settings."""
+    return BreakerPolicy(consecutive_failures=settings.syncline_breaker_failures,
+                         error_rate=settings.syncline_breaker_error_rate,
+                         window_seconds=settings.syncline_breaker_window_seconds,
+                         min_calls=settings.syncline_breaker_min_calls,
+                         cooldown_seconds=settings.syncline_breaker_cooldown_seconds,
+                         max_cooldown_seconds=max(settings.syncline_breaker_max_cooldown_seconds,
+                                                  settings.syncline_breaker_cooldown_seconds))
 
 
 def _azure_runtime(settings: Settings, state: StateStore | None, queue: InboundQueue | None,

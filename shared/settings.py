@@ -181,6 +181,21 @@ class Settings(BaseSettings):
     syncline_check_schedule: str = "0 30 5 * * *"
     """NCRONTAB schedule of the choice-domain drift check timer (daily 05:30 UTC; read as
     %SYNCLINE_CHECK_SCHEDULE%)."""
+    # --- issue 17 item 3: circuit breakers per system (shared/core/breaker.py)
+    syncline_breaker_failures: int = Field(default=5, ge=1, le=1000)
+    """Retriable failures in a row (outage, 5xx, timeout, throttling; not a record's own error) that open a
+    system's breaker. Counted per function instance, per change outcome or poll."""
+    syncline_breaker_error_rate: float = Field(default=0.5, gt=0, le=1)
+    """Share of failed calls within SYNCLINE_BREAKER_WINDOW_SECONDS that opens the breaker (given
+    SYNCLINE_BREAKER_MIN_CALLS calls at least)."""
+    syncline_breaker_window_seconds: float = Field(default=60.0, gt=0, le=3600)
+    """The sliding window of the error rate."""
+    syncline_breaker_min_calls: int = Field(default=10, ge=1, le=100000)
+    """Calls within the window before the error rate may open the breaker."""
+    syncline_breaker_cooldown_seconds: float = Field(default=60.0, gt=0, le=86400)
+    """How long an opened breaker waits before one probe; its changes are scheduled on the queue for then."""
+    syncline_breaker_max_cooldown_seconds: float = Field(default=900.0, gt=0, le=86400)
+    """Each failed probe doubles the cool-down, up to this."""
 
     @field_validator("syncline_flows")
     @classmethod

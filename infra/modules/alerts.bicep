@@ -1,5 +1,5 @@
 // Alerts to an existing action group: dead letters, the controller missing or failing a cycle, function failures,
-// reconciliation drift.
+// reconciliation drift, a circuit breaker opening, choice-domain drift.
 // docs/operations.md ("Alerts") says what each one means and where to look first.
 
 @description('Azure region of the log alerts (metric alerts are global).')
@@ -302,13 +302,63 @@ resource reconcileDrift 'Microsoft.Insights/scheduledQueryRules@2022-06-15' = {
   }
 }
 
-output alertIds array = [
-  deadLetters.id
-  controllerSilent.id
-  controllerFailed.id
-  functionFailures.id
-  reconcileDrift.id
-]
+// ---- A circuit breaker opened (issue 17 item 3) ---------------------------------------------------------------
+// The breakers log "circuit breaker of <system> opened until <time>: <cause>" (shared/core/controller/breakers.py)
+// on every opening, from the controller and the webhook functions alike; one alert per system.
+
+var breakerOpenedQuery = '''
+traces
+| where message startswith 'circuit breaker of ' and message has ' opened until '
+| parse message with 'circuit breaker of ' system ' opened until ' probe_at ': ' cause
+| project timestamp, system, probe_at, cause
+'''
+
+resource breakerOpened 'Microsoft.Insights/scheduledQueryRules@2022-06-15' = {
+  name: '${namePrefix}-breaker-opened'
+  location: location
+  tags: tags
+  kind: 'LogAlert'
+  properties: {
+    displayName: '${namePrefix}: a circuit breaker opened'
+    description: 'A connected system failed repeatedly (outage, 5xx, timeouts) or spent its API allocation; Syncline stopped calling it and its changes wait on the queue, scheduled for the probe. See docs/operations.md "Circuit breakers".'
+    severity: 2
+    enabled: true
+    scopes: [
+      appInsights.id
+    ]
+    evaluationFrequency: 'PT5M'
+    windowSize: 'PT15M'
+    criteria: {
+      allOf: [
+        {
+          query: breakerOpenedQuery
+          timeAggregation: 'Count'
+          dimensions: [
+            {
+              name: 'system'
+              operator: 'Include'
+              values: [
+                '*'
+              ]
+            }
+          ]
+          operator: 'GreaterThan'
+          threshold: 0
+          failingPeriods: {
+            numberOfEvaluationPeriods: 1
+            minFailingPeriodsToAlert: 1
+          }
+        }
+      ]
+    }
+    autoMitigate: true
+    actions: {
+      actionGroups: [
+        actionGroupId
+      ]
+    }
+  }
+}
 
 // ---- Choice-domain drift (issue 17 item 4): the daily check found a value that would fail ---------------------
 
@@ -360,3 +410,13 @@ resource choiceDrift 'Microsoft.Insights/scheduledQueryRules@2022-06-15' = {
     }
   }
 }
+
+output alertIds array = [
+  deadLetters.id
+  controllerSilent.id
+  controllerFailed.id
+  functionFailures.id
+  reconcileDrift.id
+  breakerOpened.id
+  choiceDrift.id
+]

@@ -312,6 +312,13 @@ resource appSettings 'Microsoft.Web/sites/config@2024-04-01' = {
     SYNCLINE_LEASE_PARTITIONS: string(leasePartitions)
     SYNCLINE_MAX_CONCURRENT_SESSIONS: string(maxConcurrentSessions)
     SYNCLINE_INBOUND_QUEUE: inboundQueueName
+    // Circuit breakers (docs/operations.md "Circuit breakers"): the app's defaults, tuned here when needed.
+    SYNCLINE_BREAKER_FAILURES: '5'
+    SYNCLINE_BREAKER_ERROR_RATE: '0.5'
+    SYNCLINE_BREAKER_WINDOW_SECONDS: '60'
+    SYNCLINE_BREAKER_MIN_CALLS: '10'
+    SYNCLINE_BREAKER_COOLDOWN_SECONDS: '60'
+    SYNCLINE_BREAKER_MAX_COOLDOWN_SECONDS: '900'
     SYNCLINE_SERVICEBUS__fullyQualifiedNamespace: serviceBusFullyQualifiedNamespace
     SYNCLINE_TABLES__endpoint: storage.properties.primaryEndpoints.table
     SYNCLINE_TABLES__tablePrefix: tablePrefix

@@ -62,6 +62,10 @@ class SyncMetrics(Protocol):
         """The drift one reconciliation found in one flow (0 once repaired): what the drift alert watches."""
         ...
 
+    def record_breaker(self, system: str, state: str) -> None:
+        """A system's circuit breaker moved to `state` ("open", "half_open", "closed")."""
+        ...
+
 
 class NoMetrics:
     """The metrics of a core built without telemetry: every recording is dropped."""
@@ -79,4 +83,7 @@ class NoMetrics:
         return None
 
     def record_drift(self, flow: str, count: int) -> None:
+        return None
+
+    def record_breaker(self, system: str, state: str) -> None:
         return None

@@ -15,8 +15,10 @@ from shared.ops.check import last_check
 async def health(services: Services) -> dict[str, Any]:
     """Reachability of each configured system, queue and dead-letter depth, the last cycle.
 
-    A paused system (its API allocation spent) is reported with the time it resumes and is not pinged:
-    a health probe must not spend the allocation the pause is saving.
+    A system whose circuit breaker is open (it is down, or its API allocation is spent) is reported with the
+    time of its probe and is not pinged: health must not hammer a system that is down, nor spend the allocation
+    the breaker is saving. Past the cool-down, the check takes the probe (one ping) like any caller.
+    `breakers` shows every system's breaker: state, since, cause, failures, probe time.
     """
     systems: dict[str, Any] = {}
     paused: dict[str, str] = {}
@@ -33,6 +35,7 @@ async def health(services: Services) -> dict[str, Any]:
             systems[name] = {"reachable": True}
         except (SyncError, TimeoutError) as exc:
             systems[name] = {"reachable": False, "error": str(exc)}
+    breakers = await services.controller.breakers.snapshot(sorted(services.sinks))
     depth = await services.queue.depth()
     last = await services.state.get_checkpoint(LAST_CYCLE)
     last_cycle = json.loads(last.value) if last else None
@@ -48,6 +51,7 @@ async def health(services: Services) -> dict[str, Any]:
         # The last choice-domain drift check (`syncline check`, the daily timer); informative, not health.
         "last_check": None if check is None else {k: check.get(k) for k in
                                                   ("checked_at", "exit_code", "errors", "warnings", "unreachable")},
+        "breakers": breakers,
     }
 
 

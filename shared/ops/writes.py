@@ -12,6 +12,7 @@ from typing import Any
 
 from shared.bootstrap import Services
 from shared.core.controller import ENQUEUED, envelopes_for, split_duplicates, to_messages
+from shared.core.controller.breakers import CLOSED_CACHE_SECONDS
 from shared.core.envelope import ChangeEnvelope
 from shared.core.errors import AuthError, SyncError, TransientError
 from shared.core.ports import AuditEntry
@@ -85,6 +86,9 @@ async def write_direct(services: Services, envelopes: list[ChangeEnvelope], resu
     pending = envelopes
     statuses: Counter[str] = Counter()
     for attempt in range(services.settings.syncline_inline_retries + 1):
+        pending = await _hold_for_breakers(services, pending, result, statuses)
+        if not pending:
+            break
         try:
             outcomes = await services.engine.process(pending)
         except Exception as exc:  # a fault of ours must not lose the change: the queue keeps it
@@ -96,6 +100,7 @@ async def write_direct(services: Services, envelopes: list[ChangeEnvelope], resu
                 statuses["failed"] += 1
             break
         services.metrics.record_outcomes(outcomes, services.flowset)
+        await services.controller.breakers.observe(outcomes, services.flowset)
         retry: list[ChangeEnvelope] = []
         for o in outcomes:
             statuses[o.status] += 1
@@ -109,7 +114,13 @@ async def write_direct(services: Services, envelopes: list[ChangeEnvelope], resu
                 retry.append(o.envelope)
             else:
                 env = o.envelope.model_copy(update={"origin": "resubmit"})
-                await enqueue(services, [env], delay_seconds=_queue_delay(o.status, o.error))
+                delay = _queue_delay(o.status, o.error)
+                # A breaker this outcome (or an earlier one) opened: the change waits for its probe.
+                opened = [t for system in _systems(services, env)
+                          if (t := services.controller.breakers.local_until(system)) is not None]
+                if opened and o.status == "failed" and o.error is not None and o.error.retriable:
+                    delay = max(delay, (max(opened) - datetime.now(UTC)).total_seconds())
+                await enqueue(services, [env], delay_seconds=delay)
                 result.queued += 1
         if not retry:
             break
@@ -118,6 +129,35 @@ async def write_direct(services: Services, envelopes: list[ChangeEnvelope], resu
     for name, count in statuses.items():
         result.statuses[name] = result.statuses.get(name, 0) + count
     services.metrics.record_api_call_totals(services.counter.snapshot())
+
+
+async def _hold_for_breakers(services: Services, envelopes: list[ChangeEnvelope], result: IntakeResult,
+                             statuses: Counter[str]) -> list[ChangeEnvelope]:
+    """Changes whose flow calls a system with an open breaker go to the queue, scheduled for its probe time,
+    without calling it; returns the others. (A probe that is due is taken here: see `Breakers.paused_until`.)"""
+    systems = {s for e in envelopes for s in _systems(services, e)}
+    until = {s: await services.controller.breakers.paused_until(s, max_age_seconds=CLOSED_CACHE_SECONDS)
+             for s in sorted(systems)}
+    keep: list[ChangeEnvelope] = []
+    now = datetime.now(UTC)
+    for env in envelopes:
+        waits = [t for s in _systems(services, env) if (t := until[s]) is not None]
+        if not waits:
+            keep.append(env)
+            continue
+        delay = max((max(waits) - now).total_seconds(), 1.0)
+        await enqueue(services, [env.model_copy(update={"origin": "resubmit"})], delay_seconds=delay)
+        result.queued += 1
+        statuses["held"] += 1
+    return keep
+
+
+def _systems(services: Services, env: ChangeEnvelope) -> tuple[str, ...]:
+    try:
+        flow = services.flowset.flow(env.flow)
+    except SyncError:
+        return ()  # the engine reports the unknown flow
+    return (flow.target.system, flow.source.system)
 
 
 def _queue_delay(status: str, error: SyncError | None) -> float:

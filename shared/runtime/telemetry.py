@@ -220,6 +220,8 @@ class Metrics:
     - `syncline.dead_letter_depth` (gauge): dead-lettered messages after a cycle
     - `syncline.reconcile_drift` (gauge; flow): drift the last reconciliation found per flow, also logged as
       "reconciliation drift <n> in flow <flow>", the line the drift alert (infra/modules/alerts.bicep) queries
+    - `syncline.breaker_transitions` (counter; system, state): circuit breakers opening, half-opening, closing
+    - `syncline.breaker_open` (gauge; system): 1 while a system's breaker is open or half-open, 0 once closed
 
     Callers aggregate per batch: one `add` per (flow, direction) or reason, never one per record.
     """
@@ -239,6 +241,10 @@ class Metrics:
             "syncline.dead_letter_depth", unit="{message}", description="Dead-lettered messages after a cycle")
         self.reconcile_drift = meter.create_gauge(
             "syncline.reconcile_drift", unit="{record}", description="Drift found by the last reconciliation")
+        self.breaker_transitions = meter.create_counter(
+            "syncline.breaker_transitions", unit="{transition}", description="Circuit breaker state changes")
+        self.breaker_open = meter.create_gauge(
+            "syncline.breaker_open", unit="1", description="1 while a system's circuit breaker is not closed")
         self._directions: dict[str, str] = {}
         self._api_lock = threading.Lock()
         self._api_seen: dict[str, int] = {}
@@ -293,6 +299,11 @@ class Metrics:
         self.reconcile_drift.set(count, {"flow": flow})
         # INFO, like "controller cycle ok": the host ships it as a trace, a CLI run keeps its stderr quiet.
         log.info("reconciliation drift %d in flow %s", count, flow)
+
+    def record_breaker(self, system: str, state: str) -> None:
+        """A circuit breaker's transition (the breaker-open alert counts the "open" ones)."""
+        self.breaker_transitions.add(1, {"system": system, "state": state})
+        self.breaker_open.set(0 if state == "closed" else 1, {"system": system})
 
     def _direction(self, flow: str, flowset: FlowSet) -> str:
         direction = self._directions.get(flow)

@@ -44,7 +44,9 @@ async def _intake(
         return error_response(exc)
     log.info("%s: correlation_id=%s accepted=%d written=%d skipped=%d queued=%d", label, result.correlation_id,
              result.accepted, result.written, result.skipped, result.queued)
-    return json_response(result.as_dict(), status)
+    # A change held for an open circuit breaker is accepted, not done: 202 (it is scheduled on the queue).
+    held = result.statuses.get("held", 0) and not result.written
+    return json_response(result.as_dict(), 202 if held else status)
 
 
 @bp.function_name("dataverse_webhook")

@@ -74,3 +74,27 @@ def test_bad_configuration_is_one_line_not_a_traceback(state_dir, monkeypatch):
     assert result.exit_code == 2
     assert "configuration error" in result.output
     assert "Traceback" not in result.output
+
+
+def test_status_shows_an_open_breaker_without_calling_its_system(state_dir, monkeypatch):
+    # ArcGIS configured at an address nothing answers: an open breaker means the status does not even try it.
+    monkeypatch.setenv("ARCGIS__SERVICE_URL", "https://arcgis.invalid/arcgis/rest/services/Signs/FeatureServer")
+    monkeypatch.setenv("ARCGIS__API_KEY", "not-a-real-key")
+
+    async def outage() -> str:
+        services = build_services(Settings())
+        probe_at = await services.controller.breakers.trip("arcgis", "5 consecutive failures; last: TRANSIENT: 503")
+        await services.aclose()
+        return probe_at.isoformat()
+
+    probe_at = asyncio.run(outage())
+    result = runner.invoke(app, ["status"])
+    assert result.exit_code == 0, result.output
+    status = json.loads(result.output)
+    assert status["status"] == "degraded"
+    assert status["systems"] == {"arcgis": {"reachable": None, "paused_until": probe_at}}
+    breaker = status["breakers"]["arcgis"]
+    assert (breaker["state"], breaker["probe_at"], breaker["failures"]) == ("open", probe_at, 0)
+    assert breaker["cause"] == "5 consecutive failures; last: TRANSIENT: 503"
+    assert breaker["since"] is not None
+    assert "not-a-real-key" not in result.output

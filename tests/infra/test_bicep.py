@@ -123,6 +123,8 @@ METRICS = {  # the custom metrics the telemetry emits, with their dimensions
     "syncline.dead_letter_depth": set(),
     "syncline.cycle_duration": set(),
     "syncline.api_calls": {"system"},
+    "syncline.breaker_transitions": {"system", "state"},
+    "syncline.breaker_open": {"system"},
 }
 
 SECRET_TEXT = re.compile(
@@ -715,6 +717,8 @@ def test_the_alerts_watch_dead_letters_and_the_controller():
     assert trigger_decorators()[str(function_name)]["trigger"] == "timer_trigger"
     function_params = {"${namePrefix}-choice-drift": "checkFunctionName"}
     for name, rule in rules.items():
+        if name == "${namePrefix}-breaker-opened":
+            continue  # not the controller's: test_an_alert_fires_when_a_circuit_breaker_opens
         assert [text(n) for n in prop(rule, "properties.actions.actionGroups").named_children] == ["actionGroupId"]
         if name == "${namePrefix}-reconcile-drift":
             continue  # watches the reconcile timer's drift, not the controller (its own test)
@@ -745,6 +749,27 @@ def test_the_alerts_watch_dead_letters_and_the_controller():
     core_source = (ROOT / "shared" / "core" / "controller" / "cycle.py").read_text()
     assert '"controller cycle %s in' in controller_source
     assert "controller cycle failed" in core_source
+
+
+def test_an_alert_fires_when_a_circuit_breaker_opens():
+    alerts_file = load("modules/alerts.bicep")
+    rules = {template(prop(r, "name")): r for _, r in resources_of("Microsoft.Insights/scheduledQueryRules")}
+    rule = rules["${namePrefix}-breaker-opened"]
+    assert [text(n) for n in prop(rule, "properties.actions.actionGroups").named_children] == ["actionGroupId"]
+    criterion = obj(prop(rule, "properties.criteria.allOf").named_children[0])
+    assert text(criterion["query"]) == "breakerOpenedQuery"
+    assert literal(criterion["operator"]) == "GreaterThan"
+    assert literal(criterion["threshold"]) == 0
+    dimension = obj(criterion["dimensions"].named_children[0])
+    assert literal(dimension["name"]) == "system"  # one alert per system
+    kql = template(alerts_file.variables()["breakerOpenedQuery"])
+    assert "'circuit breaker of '" in kql
+    assert "' opened until '" in kql
+    assert "system" in kql
+    # The log line the query parses is the one the breakers write.
+    source = (ROOT / "shared" / "core" / "controller" / "breakers.py").read_text()
+    assert '"circuit breaker of %s opened until %s: %s' in source
+    assert "breakerOpened.id" in text(alerts_file.outputs()["alertIds"])
 
 
 # ====================================================================================================== workbook

@@ -82,6 +82,18 @@ def test_outcomes_become_records_synced_by_flow_and_direction_and_failures_by_re
     ], key=str)
 
 
+def test_breaker_transitions_are_counted_and_the_open_gauge_follows_each_system():
+    metrics, reader = _metrics()
+    for system, state in [("arcgis", "open"), ("salesforce", "open"), ("arcgis", "half_open"), ("arcgis", "closed")]:
+        metrics.record_breaker(system, state)
+    points = _points(reader)
+    assert sorted(points["syncline.breaker_transitions"], key=str) == sorted([
+        ({"system": "arcgis", "state": "open"}, 1), ({"system": "arcgis", "state": "half_open"}, 1),
+        ({"system": "arcgis", "state": "closed"}, 1), ({"system": "salesforce", "state": "open"}, 1)], key=str)
+    assert sorted(points["syncline.breaker_open"], key=str) == sorted(
+        [({"system": "arcgis"}, 0), ({"system": "salesforce"}, 1)], key=str)
+
+
 def test_a_cycle_records_duration_dead_letter_depth_and_api_call_deltas():
     metrics, reader = _metrics()
     metrics.record_cycle(CycleReport(started_at="t", duration_seconds=1.5, outcome="ok"), 3)

@@ -1,5 +1,6 @@
 """The controller: change feeds onto the queue, the queue through the engine, every message settled."""
 
+from shared.core.controller.breakers import PAUSE_PREFIX, PAUSE_THRESHOLD_SECONDS, Breakers
 from shared.core.controller.cycle import STALE_ROUNDS, Controller
 from shared.core.controller.enqueue import (
     ENQUEUED,
@@ -11,7 +12,6 @@ from shared.core.controller.enqueue import (
     to_messages,
 )
 from shared.core.controller.locks import MAX_HELD
-from shared.core.controller.pauses import PAUSE_PREFIX, PAUSE_THRESHOLD_SECONDS
 from shared.core.controller.polling import DEDUP_RETENTION, HOUSEKEEPING
 from shared.core.controller.report import LAST_CYCLE, CycleReport
 from shared.core.controller.settlement import BUSY_RETRY_SECONDS
@@ -27,6 +27,7 @@ __all__ = [
     "PAUSE_THRESHOLD_SECONDS",
     "POLL_HINT",
     "STALE_ROUNDS",
+    "Breakers",
     "Controller",
     "CycleReport",
     "drop_duplicates",

@@ -9,10 +9,13 @@ from typing import TYPE_CHECKING, Any
 from shared.core.controller.report import CycleReport
 from shared.core.engine import SyncEngine
 from shared.core.envelope import ChangeEnvelope, ReceivedMessage
-from shared.core.errors import ThrottledError
+from shared.core.errors import SyncError
 from shared.core.observe import SyncMetrics
 from shared.core.ports import AuditEntry, ChangeSource, InboundQueue, StateStore
 from shared.mapping.spec import FlowSet
+
+if TYPE_CHECKING:
+    from shared.core.controller.breakers import Breakers
 
 
 class _ControllerBase:
@@ -33,6 +36,7 @@ class _ControllerBase:
     max_attempts: int
     busy_retry_seconds: float
     max_held: int
+    breakers: Breakers
     _held: list[ReceivedMessage]
     _in_flight: list[ReceivedMessage]
     _prefetched: list[ReceivedMessage]
@@ -49,7 +53,7 @@ class _ControllerBase:
 
         async def _pause(self, system: str, seconds: float, report: CycleReport) -> datetime: ...
 
-        def _throttled_system(self, env: ChangeEnvelope, error: ThrottledError) -> str: ...
+        def _throttled_system(self, env: ChangeEnvelope, error: SyncError) -> str: ...
 
         async def _reschedule(self, env: ChangeEnvelope, at: datetime) -> None: ...
 

@@ -13,9 +13,11 @@ from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import Any
 
+from shared.core.breaker import BreakerPolicy
+from shared.core.controller.breakers import Breakers
 from shared.core.controller.enqueue import POLL_HINT
 from shared.core.controller.locks import MAX_HELD, _Locks
-from shared.core.controller.pauses import _Pauses
+from shared.core.controller.parking import _Breakers
 from shared.core.controller.polling import _Polling
 from shared.core.controller.report import LAST_CYCLE, CycleReport
 from shared.core.controller.settlement import BUSY_RETRY_SECONDS, _Settlement
@@ -40,7 +42,7 @@ STALE_ROUNDS = 3
 """Receives in a row that bring only changes tried already this cycle (lost locks) before the drain stops."""
 
 
-class Controller(_Polling, _Pauses, _Settlement, _Locks):
+class Controller(_Polling, _Breakers, _Settlement, _Locks):
     """Runs one sync cycle: backfill poll -> enqueue, then drain -> engine -> settle."""
 
     def __init__(
@@ -61,6 +63,7 @@ class Controller(_Polling, _Pauses, _Settlement, _Locks):
         max_attempts: int | None = None,
         busy_retry_seconds: float = BUSY_RETRY_SECONDS,
         max_held: int = MAX_HELD,
+        breaker_policy: BreakerPolicy | None = None,
     ) -> None:
         self.flowset = flowset
         self.engine = engine
@@ -79,6 +82,10 @@ class Controller(_Polling, _Pauses, _Settlement, _Locks):
         delivery count is a higher backstop, so locks lost to crashed processes never dead-letter a change."""
         self.busy_retry_seconds = busy_retry_seconds
         self.max_held = max_held
+        # The breakers read the controller's clock when they run (tests and the demo move it).
+        self.breakers = Breakers(state, clock=lambda: self.clock(), policy=breaker_policy, metrics=self.metrics,
+                                 sinks=engine.sinks)
+        """Each system's circuit breaker (`paused_until` is the one question before calling a system)."""
         self._held: list[ReceivedMessage] = []
         """Messages of changes that failed in this cycle: kept locked until it ends, then abandoned."""
         self._in_flight: list[ReceivedMessage] = []
@@ -107,6 +114,8 @@ class Controller(_Polling, _Pauses, _Settlement, _Locks):
         report = CycleReport(started_at=self.clock().isoformat())
         self._current_report = report
         try:
+            await self.breakers.migrate_pauses(sorted({s for f in self.flowset.flows
+                                                      for s in (f.source.system, f.target.system)}))
             if poll:
                 report.polled = await self.poll()
             await self.drain(report, max_messages=max_messages)
@@ -288,8 +297,11 @@ class Controller(_Polling, _Pauses, _Settlement, _Locks):
                     # Its current record could not be read: it fails alone (retried, or dead-lettered with the reason).
                     with correlated([outcome.envelope.correlation_id]):
                         await self._settle(msg, outcome.envelope, outcome, report, statuses, dead, to_complete)
+                # A breaker opened by an earlier group of this batch holds this group's changes too.
+                group = await self._hold_paused(group, report, statuses, to_complete, local=True)
                 outcomes = await self.engine.process([env for _, env in group]) if group else []
                 self.metrics.record_outcomes(outcomes, self.flowset)
+                await self.breakers.observe(outcomes, self.flowset)
                 by_env = {id(o.envelope): o for o in outcomes}
                 for msg, env in group:
                     with correlated([env.correlation_id]):

@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 from datetime import datetime, timedelta
 
+from shared.core.breaker import counts_against
 from shared.core.controller.base import _ControllerBase
+from shared.core.controller.breakers import PAUSE_THRESHOLD_SECONDS
 from shared.core.controller.enqueue import drop_duplicates, envelopes_for, remember_enqueued, to_messages
-from shared.core.controller.pauses import PAUSE_THRESHOLD_SECONDS
 from shared.core.errors import SyncError, ThrottledError
 from shared.core.ports import AuditEntry, ChangeSource, CheckpointConflictError
 
@@ -38,19 +39,27 @@ class _Polling(_ControllerBase):
             source = self.sources.get(system)
             if source is None:
                 continue
-            if await self.paused_until(system) is not None:
-                log.info("poll of %s %s skipped: %s is paused", system, table, system)
+            until = await self.paused_until(system)
+            if until is not None:
+                log.info("poll of %s %s skipped: its circuit breaker is open until %s", system, table,
+                         until.isoformat())
+                self._current_report.paused[system] = until.isoformat()
                 continue
             try:
                 total += await self._poll_table(system, table, source)
             except ThrottledError as exc:
                 if (exc.retry_after or 0) >= PAUSE_THRESHOLD_SECONDS:
-                    # The allocation is spent: pausing keeps the remaining polls and drains off this system.
+                    # The allocation is spent: opening the breaker keeps the remaining polls and drains off it.
                     await self._pause(system, exc.retry_after or 0, self._current_report)
                     continue
                 self._poll_failed(system, table, exc)
+                await self.breakers.record(system, failed=True, cause=str(exc))
             except SyncError as exc:
                 self._poll_failed(system, table, exc)
+                if counts_against(exc):
+                    await self.breakers.record(system, failed=True, cause=str(exc))
+            else:
+                await self.breakers.record(system, failed=False)
         return total
 
     def _poll_failed(self, system: str, table: str, exc: SyncError) -> None:

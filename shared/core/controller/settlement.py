@@ -5,12 +5,13 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
+from shared.core.breaker import counts_against
 from shared.core.controller.base import _ControllerBase
+from shared.core.controller.breakers import PAUSE_THRESHOLD_SECONDS
 from shared.core.controller.enqueue import to_messages
-from shared.core.controller.pauses import PAUSE_THRESHOLD_SECONDS
 from shared.core.controller.report import CycleReport
 from shared.core.engine import Outcome
 from shared.core.envelope import ChangeEnvelope, ReceivedMessage
@@ -47,6 +48,13 @@ class _Settlement(_ControllerBase):
                 await self._reschedule(env, until)
                 report.held += 1
                 to_complete.append(msg)
+            elif (probe_at := self._breaker_until(env, error)) is not None:
+                # Its system's breaker is open (this failure may have opened it): the change waits for the probe,
+                # scheduled, with no failed attempt counted; an outage never dead-letters a change.
+                report.paused.setdefault(self._throttled_system(env, error), probe_at.isoformat())
+                await self._reschedule(env, probe_at)
+                report.held += 1
+                to_complete.append(msg)
             elif isinstance(error, RecordBusyError):
                 # Not a failure of the change: another process holds the record. A fresh copy comes back
                 # shortly (and is applied with the record as it is then); no attempt is spent.
@@ -67,6 +75,16 @@ class _Settlement(_ControllerBase):
                     self.clock(), env.correlation_id, env.flow, "replayed", env.source_system,
                     env.source_table, env.source_key, f"replayed message {msg.message_id}: {outcome.status}"))
             to_complete.append(msg)
+
+    def _breaker_until(self, env: ChangeEnvelope, error: SyncError) -> datetime | None:
+        """The probe time of the open breaker of the system a retriable failure came from (None: not open)."""
+        if not counts_against(error):
+            return None
+        try:
+            system = self._throttled_system(env, error)
+        except SyncError:
+            return None
+        return self.breakers.local_until(system)
 
     async def _retry(self, msg: ReceivedMessage, env: ChangeEnvelope, outcome: Outcome) -> bool:
         """Abandon for another attempt, or dead-letter once the attempts are spent (returns True then)."""
