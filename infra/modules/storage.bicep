@@ -25,6 +25,7 @@ var tableSuffixes = [
   'checkpoints'
   'dedup'
   'audit'
+  'auditkeys'
   'failures'
   'leases'
 ]
