@@ -11,6 +11,12 @@ from shared.core.controller import LAST_CYCLE
 from shared.core.errors import SyncError
 from shared.ops.check import last_check
 
+NOT_CONFIGURED = (
+    "no system is configured: set at least one system's settings (DATAVERSE__URL, ARCGIS__SERVICE_URL, "
+    "SALESFORCE__MY_DOMAIN_URL, FNO__ENVIRONMENT_URL or SAP__BASE_URL with their credentials; README, "
+    "Configuration), or look at what the demo left: syncline --state .syncline/demo status")
+"""What `status` and /api/health say when no system is configured (the embedded default state of a fresh clone)."""
+
 
 async def health(services: Services) -> dict[str, Any]:
     """Reachability of each configured system, queue and dead-letter depth, the last cycle.
@@ -42,8 +48,12 @@ async def health(services: Services) -> dict[str, Any]:
     check = await last_check(services.state)
     healthy = (all(s["reachable"] for s in systems.values() if "paused_until" not in s) and not paused
                and (last_cycle is None or last_cycle["outcome"] == "ok"))
-    return {
-        "status": "healthy" if healthy else "degraded",
+    report: dict[str, Any] = {}
+    if not services.sinks:
+        # Not "healthy": an app that reaches no system syncs nothing, and a newcomer must not read it as fine.
+        report = {"status": "unconfigured", "message": NOT_CONFIGURED}
+    return report | {
+        "status": report.get("status") or ("healthy" if healthy else "degraded"),
         "systems": systems,
         "queue": {"active": depth.active, "scheduled": depth.scheduled, "dead_letter": depth.dead_letter},
         "last_cycle": last_cycle,

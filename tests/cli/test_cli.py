@@ -66,6 +66,9 @@ def test_run_status_and_dead_letter_commands(state_dir):
     assert "replayed 1 message" in replayed.output
     status = runner.invoke(app, ["status"])
     assert json.loads(status.output)["queue"] == {"active": 1, "scheduled": 0, "dead_letter": 0}
+    # This state has no system configured: status says so rather than "healthy".
+    assert json.loads(status.output)["status"] == "unconfigured"
+    assert "syncline --state .syncline/demo status" in json.loads(status.output)["message"]
 
 
 def test_bad_configuration_is_one_line_not_a_traceback(state_dir, monkeypatch):

@@ -72,7 +72,10 @@ async def test_timer_runs_a_cycle_and_health_reports_it(user_function, bare_serv
                            body=b"")
     resp = await user_function("health")(req)
     report = json.loads(resp.get_body())
-    assert resp.status_code == 200
+    # No system is configured here: said plainly, and not "healthy" (such an app syncs nothing).
+    assert resp.status_code == 503
+    assert report["status"] == "unconfigured"
+    assert report["message"].startswith("no system is configured: set at least one system's settings")
     assert report["queue"]["dead_letter"] == 1
     assert report["last_cycle"]["outcome"] == "ok"
     assert report["last_cycle"]["dead_lettered"] == {"UNKNOWN_FLOW": 1}
