@@ -31,7 +31,6 @@ ROUTE_SUFFIX = " DETOUR"
 async def show_breaker(console: Console, services: Services, box: Sandbox) -> dict[str, Any]:
     """Outage of ArcGIS (its fault knobs answer 503), office edits of signs, the breaker opening and closing."""
     started = time.monotonic()
-    console.rule("circuit breaker: an ArcGIS outage")
     # Every instance that writes to ArcGIS: the demo's and, when it serves webhooks, the function host's.
     instances = [services]
     if box.host_url:
@@ -95,5 +94,5 @@ async def show_breaker(console: Console, services: Services, box: Sandbox) -> di
     table.add_row("probe", closed.state, closed.cause)
     table.add_row("synced", closed.state, f"{synced}/{len(routes)} signs' routes in ArcGIS")
     console.print(table)
-    return {"opened": opened.state == "open", "closed": closed.state == "closed", "held": held,
+    return {"opened": opened.state == "open", "closed": closed.state == "closed", "held": held, "edits": len(routes),
             "synced": synced, "cause": opened.cause, "seconds": round(time.monotonic() - started, 1)}

@@ -32,7 +32,18 @@ def _traced(figures: dict[str, Any]) -> str | None:
     return None if figures.get("hops") else "the trace found no hop of the dead-lettered record"
 
 
+def _breaker_cycled(figures: dict[str, Any]) -> str | None:
+    if not figures.get("opened"):
+        return "the outage did not open the breaker"
+    if not figures.get("closed"):
+        return "the breaker did not close after the outage"
+    if figures.get("synced") != figures.get("edits"):
+        return f"{figures.get('synced')} of {figures.get('edits')} changes held during the outage synced"
+    return None
+
+
 def _hooks() -> list[tuple[str, str, Hook, Expect]]:
+    from sandbox.demo.show_breaker import show_breaker
     from sandbox.demo.show_check import show_check
     from sandbox.demo.show_provision import show_provision
     from sandbox.demo.show_trace import show_trace
@@ -40,6 +51,8 @@ def _hooks() -> list[tuple[str, str, Hook, Expect]]:
     return [
         ("trace", "one dead-lettered record, hop by hop (syncline trace)", show_trace, _traced),
         ("check", "choice-domain drift caught before a record fails (syncline check)", show_check, _check_caught),
+        ("breaker", "a circuit breaker during an ArcGIS outage (syncline status shows it)", show_breaker,
+         _breaker_cycled),
         ("provision", "ArcGIS layers against the flows' value maps (syncline arcgis provision --dry-run)",
          show_provision, lambda figures: None),
     ]

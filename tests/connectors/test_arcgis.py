@@ -588,3 +588,19 @@ async def test_an_apply_edits_retried_after_a_timeout_does_not_duplicate(arcgis_
     assert sim.request_count["applyEdits"] == 2
     [row] = sim.all("SignAssets")
     assert canonical_guid(row["GlobalID"]) == result.key
+
+
+async def test_a_code_added_to_a_domain_while_the_app_runs_is_accepted_once_the_definition_expires(
+        arcgis_env, arcgis_http):
+    # An administrator provisions a new code (syncline arcgis provision) while instances run: each trusts the layer
+    # definition it read for layer_ttl_seconds only, then reads it again.
+    client = app_client(arcgis_env, arcgis_http, layer_ttl_seconds=0.3)
+    [refused] = await client.write([upsert(1, SIGN_TYPE="TMP")])
+    assert isinstance(refused.error, MappingError)
+    arcgis_env.sim.set_coded_value("SignAssets", "SIGN_TYPE", "TMP", "Temporary")
+    [still] = await client.write([upsert(1, SIGN_TYPE="TMP")])
+    assert isinstance(still.error, MappingError)  # within the TTL the definition read before holds
+    await asyncio.sleep(0.35)
+    [accepted] = await client.write([upsert(1, SIGN_TYPE="TMP")])
+    assert accepted.ok, accepted.error
+    assert [f["SIGN_TYPE"] for f in arcgis_env.sim.all("SignAssets")] == ["TMP"]

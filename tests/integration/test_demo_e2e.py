@@ -22,6 +22,23 @@ def why(report: dict) -> str:
     }, indent=1, default=str)
 
 
+def assert_toolkit_shown(report: dict, out: str) -> None:
+    """The tour after the sync: a trace, a drift caught by check, a breaker opening and closing (issue 17)."""
+    tour = report["toolkit"]
+    assert not [name for name, part in tour.items() if "error" in part], tour
+    first = report["dead_letters"][0]
+    assert tour["trace"]["traced"].endswith(first["key"])
+    assert tour["trace"]["hops"] >= 2  # its way into the queue, then the dead letter
+    assert tour["check"]["caught"] == ["dataverse dot_signassets.dot_signtype 100000005 (Temporary): unmapped"]
+    assert tour["check"]["records_carrying"] == 0
+    assert (tour["breaker"]["opened"], tour["breaker"]["closed"]) == (True, True)
+    assert tour["breaker"]["synced"] == tour["breaker"]["edits"] > 0
+    assert "breaker arcgis OPEN" in out
+    assert "breaker arcgis CLOSED" in out
+    assert f"syncline trace {tour['trace']['traced']}" in out
+    assert "--state" in out  # and the demo ends with the next commands to try
+
+
 async def test_demo_syncs_both_ways_with_zero_drift_and_dead_letters_only_the_bad_records(tmp_path):
     report_path = tmp_path / "report.json"
     ok = await run_demo(Console(file=open(tmp_path / "out.txt", "w")), report_path=report_path,  # noqa: SIM115
@@ -30,6 +47,7 @@ async def test_demo_syncs_both_ways_with_zero_drift_and_dead_letters_only_the_ba
     report = json.loads(report_path.read_text())
     assert ok, why(report)
     assert report["reconciliation"]["total_drift"] == 0
+    assert_toolkit_shown(report, (tmp_path / "out.txt").read_text())
     directions = {row["direction"] for row in report["written_per_flow"].values() if row["records"] > 0}
     assert directions == {"dataverse -> arcgis", "arcgis -> dataverse", "fno -> salesforce", "salesforce -> fno",
                           "dataverse -> salesforce", "salesforce -> dataverse", "dataverse -> sap", "sap -> dataverse"}
@@ -84,6 +102,7 @@ async def test_demo_on_the_azure_runtime_azurite_and_the_service_bus_test_broker
     report = json.loads(report_path.read_text())
     assert ok, why(report)
     assert report["reconciliation"]["total_drift"] == 0
+    assert_toolkit_shown(report, (tmp_path / "out.txt").read_text())
     assert report["webhook_failures"] == []
     assert sorted(d["reason"] for d in report["dead_letters"]) == [
         "REQUIRED_FIELD_MISSING", "REQUIRED_FIELD_MISSING", "UNMAPPED_CHOICE"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
@@ -55,6 +56,7 @@ class ArcGISServiceClient:
         page_size: int | None = None,
         include_attachments: bool = True,
         out_sr: int | None = None,
+        layer_ttl_seconds: float = 300.0,
     ) -> None:
         if batch_size < 1 or max_concurrency < 1:
             raise ValueError("batch_size and max_concurrency must be >= 1")
@@ -73,7 +75,10 @@ class ArcGISServiceClient:
         self._info_lock = asyncio.Lock()
         self._refresh_lock = asyncio.Lock()
         self._service_info: ServiceInfo | None = None
-        self._layers: dict[int, LayerInfo] = {}
+        self._layers: dict[int, tuple[float, LayerInfo]] = {}
+        self.layer_ttl_seconds = layer_ttl_seconds
+        """How long a layer definition is trusted: its fields' coded-value domains are checked on every write, and
+        an administrator may change them (syncline arcgis provision) while the app runs."""
         self._oids: dict[tuple[int, str], int] = {}
         self._gids_by_oid: dict[int, dict[int, str]] = {}
 
@@ -89,7 +94,8 @@ class ArcGISServiceClient:
             return self._service_info
 
     async def layer_info(self, table: str) -> LayerInfo:
-        """The definition of the layer or table called `table` (or with that numeric id); cached."""
+        """The definition of the layer or table called `table` (or with that numeric id); cached for
+        `layer_ttl_seconds`."""
         svc = await self.service_info()
         text = str(table).strip()
         layer_id = int(text) if text.isdigit() and int(text) in svc.names else svc.layer_ids.get(text.lower())
@@ -97,12 +103,12 @@ class ArcGISServiceClient:
             raise SpecError(f"arcgis: no layer or table named {table!r} in {self.service_url} "
                             f"(it has: {', '.join(svc.names.values())}); fix the flow spec's table")
         cached = self._layers.get(layer_id)
-        if cached is not None:
-            return cached
+        if cached is not None and time.monotonic() - cached[0] < self.layer_ttl_seconds:
+            return cached[1]
         body = await self._request("GET", f"{self.service_url}/{layer_id}", params={"f": "json"},
                                    what=f"read the definition of layer {table}")
         info = self._parse_layer(layer_id, body, svc)
-        self._layers[layer_id] = info
+        self._layers[layer_id] = (time.monotonic(), info)
         return info
 
     async def layer_name(self, layer_id: int) -> str | None:
