@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar, cast
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.padding import Padding
 from rich.table import Table
@@ -133,7 +134,10 @@ def validate(path: Path = typer.Argument(Path("flows"), help="A spec file or a d
     except SyncError as exc:
         console.print(f"[red]invalid[/red]\n{exc.detail}")
         raise typer.Exit(1) from None
-    table = Table("flow", "entity", "source", "target", "mode", "fields", title=f"{flowset.name}: valid")
+    table = Table(title=f"{flowset.name}: valid", box=box.SIMPLE_HEAD)
+    table.add_column("flow", no_wrap=True)  # the name an operator looks up: whole, on one line
+    for column in ("entity", "source", "target", "mode", "fields"):
+        table.add_column(column, overflow="fold")
     for f in flowset.flows:
         table.add_row(f.name, f.entity, f"{f.source.system}:{f.source.table}", f"{f.target.system}:{f.target.table}",
                       f.mode, str(len(f.fields)))
