@@ -16,7 +16,6 @@ import pytest
 from shared.bootstrap import Services
 from shared.connectors._http import CallCounter
 from shared.core.controller import Controller
-from shared.core.controller.pauses import PAUSE_PREFIX
 from shared.core.engine import SyncEngine
 from shared.core.ports import SourceRecord, StateStore, WriteOp, WriteResult
 from shared.ops.load import LOAD_PREFIX, LoadBusyError, load_flow
@@ -151,7 +150,8 @@ async def test_since_loads_only_the_records_modified_since(world: World):
 
 async def test_a_paused_target_stops_the_load_with_the_checkpoint_saved(world: World):
     until = datetime.now(UTC) + timedelta(hours=1)
-    await world.state.put_checkpoint(PAUSE_PREFIX + "arcgis", until.isoformat(), expected_etag=None)
+    # ArcGIS's breaker open until then (a spent allocation's advice, or an outage's probe time).
+    await world.services.controller.breakers.trip("arcgis", "allocation spent", until=until)
     report = await load_flow(world.services, FLOW)
     assert report.outcome == "paused"
     assert not report.complete
@@ -159,9 +159,7 @@ async def test_a_paused_target_stops_the_load_with_the_checkpoint_saved(world: W
                               f"resume with `syncline load {FLOW}`")
     assert world.ag.write_calls == 0
     assert (await world.checkpoint())["status"] == "paused"
-    pause = await world.state.get_checkpoint(PAUSE_PREFIX + "arcgis")
-    assert pause is not None
-    await world.state.put_checkpoint(PAUSE_PREFIX + "arcgis", "", expected_etag=pause.etag)  # the pause ends
+    await world.services.controller.breakers.close("arcgis")  # the system is back
     report = await load_flow(world.services, FLOW)
     assert report.outcome == "complete"
     assert len(world.loaded()) == SIGNS

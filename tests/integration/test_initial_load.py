@@ -19,7 +19,6 @@ from sandbox.dataverse import seed_dataverse
 from sandbox.demo import Sandbox
 from shared.bootstrap import build_services
 from shared.cli import app
-from shared.core.controller.pauses import PAUSE_PREFIX
 from shared.ops.load import LOAD_PREFIX, LoadState
 from shared.settings import Settings
 
@@ -56,6 +55,21 @@ def put_checkpoint(name: str, value: str) -> None:
             await services.aclose()
 
     asyncio.run(put())
+
+
+def breaker(system: str, until: datetime | None) -> None:
+    """Open `system`'s circuit breaker until `until` (as a spent allocation does), or close it (None)."""
+    async def go() -> None:
+        services = build_services(Settings())
+        try:
+            if until is None:
+                await services.controller.breakers.close(system)
+            else:
+                await services.controller.breakers.trip(system, "allocation spent", until=until)
+        finally:
+            await services.aclose()
+
+    asyncio.run(go())
 
 
 def signs_in_field(box: Sandbox) -> list[str]:
@@ -117,8 +131,9 @@ def test_load_cases_output_and_exit_codes(sandbox: Sandbox):
 
 def test_a_paused_target_stops_the_load_and_a_running_load_refuses_a_second(sandbox: Sandbox):
     seed_dataverse(sandbox.dv, signs=6, work_orders=0)
-    until = (datetime.now(UTC) + timedelta(hours=2)).isoformat()
-    put_checkpoint(PAUSE_PREFIX + "arcgis", until)  # as the controller's pauses store it
+    until_at = datetime.now(UTC) + timedelta(hours=2)
+    until = until_at.isoformat()
+    breaker("arcgis", until_at)
     code, out = cli("load", FLOW)
     assert code == 1
     assert out.strip() == f"arcgis is paused until {until}; stopped at record 0; resume with `syncline load {FLOW}`"
@@ -126,7 +141,7 @@ def test_a_paused_target_stops_the_load_and_a_running_load_refuses_a_second(sand
     state = checkpoint(LOAD_PREFIX + FLOW)
     assert state is not None
     assert state.status == "paused"
-    put_checkpoint(PAUSE_PREFIX + "arcgis", "")
+    breaker("arcgis", None)
 
     # A load of the flow running elsewhere (another host) that made progress a moment ago.
     now = datetime.now(UTC).isoformat()
