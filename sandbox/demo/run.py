@@ -48,17 +48,31 @@ async def run_demo(console: Console, *, report_path: Path, signs: int = 2000, wo
     """The whole demo; returns True when both directions synced with zero drift and exactly the bad records
     ended in the dead-letter queue. `quiet_logs=False` leaves logger levels alone (tests capturing logs).
     `serve=True` keeps the simulators and the functions host up after the report until SIGINT/SIGTERM."""
+    levels = {name: logging.getLogger(name).level for name in ("shared", "asyncio")}
+    if quiet_logs:
+        # Dead-letter warnings are the point of the demo's last table; keep the console for the summary.
+        logging.getLogger("shared").setLevel(logging.ERROR)
+        # The loopback host's clients live as long as its process would; their "unclosed" notes at exit are noise.
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    try:
+        return await _run_demo(console, report_path=report_path, signs=signs, work_orders=work_orders,
+                               workdir=workdir, runtime=runtime, sales=sales, customers=customers,
+                               opportunities=opportunities, sap=sap, sap_orders=sap_orders, serve=serve)
+    finally:
+        # The caller's logging as it was: a test process runs more after the demo, and captures warnings.
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+
+
+async def _run_demo(console: Console, *, report_path: Path, signs: int, work_orders: int, workdir: Path,
+                    runtime: str, sales: bool, customers: int, opportunities: int, sap: bool, sap_orders: int,
+                    serve: bool) -> bool:
     from sandbox.dataverse import seed_dataverse
     from shared.bootstrap import build_services
     from shared.ops import initial_load
     from shared.settings import Settings
 
     started = time.monotonic()
-    if quiet_logs:
-        # Dead-letter warnings are the point of the demo's last table; keep the console for the summary.
-        logging.getLogger("shared").setLevel(logging.ERROR)
-        # The loopback host's clients live as long as its process would; their "unclosed" notes at exit are noise.
-        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     rng = random.Random(2026)
     activity: Counter[str] = Counter()
     console.rule("[bold]Syncline demo[/bold]: Dynamics 365 (Dataverse) <-> ArcGIS Online, on simulators")

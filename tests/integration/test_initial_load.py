@@ -210,7 +210,9 @@ async def test_kill_9_mid_load_then_resume_loads_each_record_exactly_once(sandbo
 async def test_ctrl_c_stops_cleanly_and_the_rerun_resumes_at_once(sandbox: Sandbox):
     seed_dataverse(sandbox.dv, signs=40, work_orders=0)
     env = {**os.environ, **sandbox.env, "SYNCLINE_BATCH_SIZE": "5", "ARCGIS__BATCH_SIZE": "5", "COLUMNS": "200"}
-    sandbox.ag.latency_ms = 120
+    # Slow enough that the 5 batches left after the third take seconds: on a loaded machine the interrupt must
+    # still land mid-load (at 120 ms the load once finished first, exit 0).
+    sandbox.ag.latency_ms = 600
     proc = load_process(env)
     deadline = time.monotonic() + 60
     while sandbox.ag.request_count["applyEdits"] < 3:
