@@ -165,9 +165,16 @@ def test_a_paused_target_stops_the_load_and_a_running_load_refuses_a_second(sand
     assert len(signs_in_field(sandbox)) == 6
 
 
+def _interruptible() -> None:
+    # A child inherits an ignored or blocked SIGINT from its parent (in the whole suite, the pytest process may
+    # have one: the Ctrl-C test then saw the load run to completion); a user's shell never hands that on.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def load_process(env: dict[str, str]) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-m", "shared.cli", "load", FLOW], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=_interruptible)
 
 
 async def test_kill_9_mid_load_then_resume_loads_each_record_exactly_once(sandbox: Sandbox):
@@ -221,7 +228,8 @@ async def test_ctrl_c_stops_cleanly_and_the_rerun_resumes_at_once(sandbox: Sandb
         await asyncio.sleep(0.01)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=30)
-    assert proc.returncode == 130, err.decode()[-2000:]
+    assert proc.returncode == 130, (f"SIGINT in the test process: {signal.getsignal(signal.SIGINT)!r}, blocked "
+                                    f"{signal.pthread_sigmask(signal.SIG_BLOCK, set())}; {err.decode()[-2000:]}")
     stopped = await read_checkpoint(LOAD_PREFIX + FLOW)
     assert stopped is not None
     assert stopped.status == "stopped"
