@@ -302,7 +302,9 @@ async def test_throttling_honours_retry_after_with_injected_sleep(
         await fno.fetch("CustomersV3", ["usmf|US-001"])  # token first
         fno_sim.throttling.window_seconds = 7
         fno_sim.throttling.limit = 2
-        records = await fno.fetch("CustomersV3", ["usmf|US-001", "usmf|US-002", "usmf|US-003"])
+        records = {}
+        for key in ("usmf|US-001", "usmf|US-002", "usmf|US-003"):  # three requests: past the limit of 2
+            records |= await fno.fetch("CustomersV3", [key])
         assert len(records) == 3
         assert 7.0 in factory.recorder.delays
         assert fno_sim.request_counts["429"] >= 1
@@ -505,3 +507,27 @@ def test_simulator_filter_parser_is_a_real_parser() -> None:
         with pytest.raises(ODataError) as caught:
             check(bad)
         assert caught.value.status == 400
+
+
+async def test_fetch_reads_25_keys_of_one_legal_entity_per_request_and_escapes_them(
+        fno: FinOpsClient, fno_sim: FinOpsSimulator) -> None:
+    # A reconciliation page of 60 customers in two legal entities: 3 + 1 filtered reads, not 60 key reads.
+    for i in range(50):
+        fno_sim.insert("CustomersV3", {"dataAreaId": "usmf", "CustomerAccount": f"BATCH-{i:03d}",
+                                       "OrganizationName": f"Batch {i}", "CustomerGroupId": "10",
+                                       "SalesCurrencyCode": "USD"})
+    fno_sim.insert("CustomersV3", {"dataAreaId": "usmf", "CustomerAccount": "O'BRIEN", "OrganizationName": "O'Brien",
+                                   "CustomerGroupId": "10", "SalesCurrencyCode": "USD"})
+    keys = ([f"usmf|BATCH-{i:03d}" for i in range(50)] + ["usmf|O'BRIEN", "usmf|NOPE-404"]
+            + [f"demf|DE-{i:03d}" for i in range(1, 9)])
+    singly = {}
+    for key in keys:
+        singly |= await fno.fetch("CustomersV3", [key])
+    before = fno_sim.request_counts["api"]
+    together = await fno.fetch("CustomersV3", keys)
+    assert fno_sim.request_counts["api"] - before == 4  # usmf: 52 keys, 25 a read (3); demf: 8 keys (1)
+    assert together.keys() == singly.keys()
+    assert "usmf|O'BRIEN" in together  # the quote escaped in the $filter, not a broken query
+    assert "usmf|NOPE-404" not in together
+    assert sum(k.startswith("demf|") for k in together) == 8
+    assert {k: r.values for k, r in together.items()} == {k: r.values for k, r in singly.items()}
